@@ -1,0 +1,2 @@
+//! The m2m-gateway command line.
+fn main() {}

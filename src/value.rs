@@ -1,0 +1,94 @@
+//! Typed point values: the Modbus tables, the data types a point can have, how its
+//! registers are ordered on the wire, and the quality every sample carries.
+//!
+//! Invariants: decoding never panics — a register slice of the wrong length is an error,
+//! never an index out of bounds; scale and offset turn any numeric type into `Float`.
+
+use serde::{Deserialize, Serialize};
+
+/// One of the four Modbus data tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Table {
+    /// Read/write single bits (FC1 read, FC5/FC15 write).
+    Coils,
+    /// Read-only single bits (FC2).
+    Discrete,
+    /// Read/write 16-bit registers (FC3 read, FC6/FC16 write).
+    Holding,
+    /// Read-only 16-bit registers (FC4).
+    Input,
+}
+
+/// The data type of a point, with its width in registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DataType {
+    /// One bit of a coil/discrete table (or a register != 0).
+    Bool,
+    /// Unsigned 16-bit register.
+    U16,
+    /// Signed 16-bit register.
+    I16,
+    /// Unsigned 32-bit over two registers.
+    U32,
+    /// Signed 32-bit over two registers.
+    I32,
+    /// Unsigned 64-bit over four registers.
+    U64,
+    /// Signed 64-bit over four registers.
+    I64,
+    /// IEEE-754 single over two registers.
+    F32,
+    /// IEEE-754 double over four registers.
+    F64,
+    /// One bit (0 = least significant) of a 16-bit register.
+    Bit(u8),
+    /// A fixed-length string of this many bytes (two per register, padding trimmed).
+    Str(u16),
+}
+
+/// Byte and word order of a multi-register value, named after the wire order of the
+/// bytes of the big-endian value `A B C D` (Modbus' own order is ABCD).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WordOrder {
+    /// Big-endian words, big-endian bytes (the Modbus default).
+    #[default]
+    Abcd,
+    /// Little-endian words, little-endian bytes.
+    Dcba,
+    /// Big-endian words, bytes swapped inside each word.
+    Badc,
+    /// Little-endian words ("word swap"), big-endian bytes inside each word.
+    Cdab,
+}
+
+/// A decoded value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Value {
+    /// A bit.
+    Bool(bool),
+    /// A signed integer (all signed types).
+    Int(i64),
+    /// An unsigned integer (all unsigned types).
+    UInt(u64),
+    /// A float (f32/f64, and any type with a scale or offset).
+    Float(f64),
+    /// A string.
+    Text(String),
+}
+
+/// How far a sample can be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quality {
+    /// Read from the device in time.
+    Good,
+    /// Not refreshed within its staleness limit; the value is the last one read.
+    Stale,
+    /// The device or line does not answer; the value is the last one read.
+    CommFail,
+    /// The device answered the read with this Modbus exception code.
+    Exception(u8),
+}
