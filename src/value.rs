@@ -92,3 +92,15 @@ pub enum Quality {
     /// The device answered the read with this Modbus exception code.
     Exception(u8),
 }
+
+/// A value with the time it was read and its quality: what the image keeps per point
+/// and what travels to peers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The value (for a bad quality: the last good value, if any was ever read).
+    pub value: Option<Value>,
+    /// When the device was read (wall clock, carried to peers unchanged).
+    pub at: std::time::SystemTime,
+    /// Quality of the value.
+    pub quality: Quality,
+}
