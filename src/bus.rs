@@ -1,1 +1,550 @@
-//! (to be written)
+//! One serial line, owned by one task: the queue of transactions (polls, writes,
+//! pass-through), their priorities, the line timing, retries, and reopening a port that
+//! went away.
+//!
+//! Invariants:
+//! - exactly one transaction is on the line at a time, and a transaction is never
+//!   cancelled half-way (shutdown is checked between transactions);
+//! - before each request the line has been silent for t3.5 since the last byte seen
+//!   (anything heard meanwhile is stale and discarded);
+//! - bytes that arrive before our request has been written cannot be its reply and are
+//!   discarded; the response timeout runs from the moment the request has left the UART;
+//! - a reply from another unit or for another function, or with a bad CRC, is discarded
+//!   while the timeout keeps running — it is never returned as data;
+//! - the queue is bounded: a full queue refuses new work (`BusError::QueueFull`) instead
+//!   of growing.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout_at};
+use tokio_modbus::{ExceptionCode, Request, Response};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, instrument, warn};
+
+use crate::model::{Bus, Line, Parity};
+use crate::pdu::PduError;
+use crate::rtu::{self, Decoded, SkipReason};
+
+/// Why a transaction did not produce a response.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum BusError {
+    /// The device answered with a Modbus exception (the request was bad, not the line).
+    #[error("device answered exception {0:?}")]
+    Exception(ExceptionCode),
+    /// No valid reply within the timeout, after every retry.
+    #[error("no valid reply after {attempts} attempt(s)")]
+    Timeout {
+        /// Attempts made.
+        attempts: u8,
+    },
+    /// The bus queue is full; the transaction was not queued.
+    #[error("bus queue full")]
+    QueueFull,
+    /// The serial port is not open (unplugged, or failing to open).
+    #[error("serial port is down: {0}")]
+    PortDown(String),
+    /// The request cannot be encoded.
+    #[error("invalid request: {0}")]
+    Invalid(#[from] PduError),
+    /// The bus task has stopped.
+    #[error("bus is shut down")]
+    Closed,
+}
+
+/// Scheduling class of a transaction; lower runs first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    /// Writes (operator or peer commands) before anything else.
+    Write,
+    /// Requests passed through from a master, answered while it waits.
+    PassThrough,
+    /// Polls, earliest deadline first: a fast poll's deadline comes sooner, and a slow
+    /// poll's deadline still arrives, so neither starves.
+    Poll {
+        /// When this poll should have completed.
+        deadline: Instant,
+    },
+}
+
+/// One request for a unit on this bus, with how to run it.
+#[derive(Debug)]
+pub struct Job {
+    /// Unit id (0 = broadcast: sent, never answered).
+    pub unit: u8,
+    /// The request PDU.
+    pub request: Request<'static>,
+    /// Scheduling class.
+    pub priority: Priority,
+    /// Response timeout.
+    pub timeout: Duration,
+    /// Extra pause before sending, for devices that need a longer turnaround.
+    pub turnaround: Duration,
+    /// Retries after a timeout or corrupt reply.
+    pub retries: u8,
+    /// Where the outcome goes.
+    pub reply: oneshot::Sender<Result<Response, BusError>>,
+}
+
+/// Counters of one bus, readable while it runs.
+#[derive(Debug, Default)]
+pub struct BusStats {
+    /// Transactions completed with a response or exception.
+    pub transactions: AtomicU64,
+    /// Attempts that got no valid reply in time.
+    pub timeouts: AtomicU64,
+    /// Frames dropped for a bad CRC.
+    pub crc_errors: AtomicU64,
+    /// Valid frames from other units / functions, or not matching the request.
+    pub foreign_frames: AtomicU64,
+    /// Bytes discarded as noise or stale input.
+    pub noise_bytes: AtomicU64,
+    /// Exception replies.
+    pub exceptions: AtomicU64,
+    /// Times the port was (re)opened.
+    pub opens: AtomicU64,
+    /// Jobs refused because the queue was full.
+    pub queue_full: AtomicU64,
+    /// Nanoseconds the line was busy with transactions.
+    pub busy_ns: AtomicU64,
+}
+
+/// A cheap handle to a running bus task.
+#[derive(Debug, Clone)]
+pub struct BusHandle {
+    name: Arc<str>,
+    tx: mpsc::Sender<Job>,
+    stats: Arc<BusStats>,
+}
+
+impl BusHandle {
+    /// The bus name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The bus counters.
+    pub fn stats(&self) -> &BusStats {
+        &self.stats
+    }
+
+    /// Queues a job; refuses at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), BusError> {
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                self.stats.queue_full.fetch_add(1, Relaxed);
+                BusError::QueueFull
+            }
+            mpsc::error::TrySendError::Closed(_) => BusError::Closed,
+        })
+    }
+
+    /// Runs one request and waits for its outcome.
+    pub async fn transact(
+        &self,
+        unit: u8,
+        request: Request<'static>,
+        priority: Priority,
+        timeout: Duration,
+        retries: u8,
+    ) -> Result<Response, BusError> {
+        let (reply, rx) = oneshot::channel();
+        let turnaround = Duration::ZERO;
+        self.submit(Job { unit, request, priority, timeout, turnaround, retries, reply })?;
+        rx.await.unwrap_or(Err(BusError::Closed))
+    }
+}
+
+/// Something a bus can talk through: a serial port, or (later) a TCP serial server.
+pub trait Port: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Port for T {}
+
+/// Opens the serial port at `path` with the line settings, by path every time, so a
+/// re-plugged adapter (or a re-pointed `/dev/serial/by-id` link) is found again.
+pub fn open_serial(path: &str, line: &Line) -> Result<Box<dyn Port>, String> {
+    let parity = match line.parity {
+        Parity::None => tokio_serial::Parity::None,
+        Parity::Even => tokio_serial::Parity::Even,
+        Parity::Odd => tokio_serial::Parity::Odd,
+    };
+    let data_bits =
+        if line.data_bits == 7 { tokio_serial::DataBits::Seven } else { tokio_serial::DataBits::Eight };
+    let stop_bits = if line.stop_bits == 2 { tokio_serial::StopBits::Two } else { tokio_serial::StopBits::One };
+    let port = tokio_serial::new(path, line.baud)
+        .parity(parity)
+        .data_bits(data_bits)
+        .stop_bits(stop_bits)
+        .flow_control(tokio_serial::FlowControl::None);
+    tokio_serial::SerialStream::open(&port)
+        .map(|s| Box::new(s) as Box<dyn Port>)
+        .map_err(|e| format!("{path}: {e}"))
+}
+
+/// Starts the task that owns `bus`'s line and returns its handle. The task stops when
+/// `shutdown` is cancelled (after the transaction in flight) or every handle is dropped.
+pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task::TaskTracker) -> BusHandle {
+    let (tx, rx) = mpsc::channel(bus.queue_depth.max(1));
+    let stats = Arc::new(BusStats::default());
+    let handle = BusHandle { name: Arc::from(bus.name.as_str()), tx, stats: stats.clone() };
+    let port = bus.port.clone();
+    let line = bus.line;
+    let opener = move || open_serial(&port, &line);
+    let engine = Engine::new(bus.name.clone(), bus.line, bus.queue_depth, bus.reopen_max, stats);
+    tracker.spawn(engine.run(rx, opener, shutdown));
+    handle
+}
+
+/// Heap entry: priority, then submission order.
+struct Queued {
+    priority: Priority,
+    seq: u64,
+    job: Job,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Queued {
+    // BinaryHeap pops the greatest: reverse so the lowest (priority, seq) comes first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.priority, other.seq).cmp(&(self.priority, self.seq))
+    }
+}
+
+/// The bus task's state: the line timing and counters; the port comes and goes.
+pub struct Engine {
+    name: String,
+    line: Line,
+    depth: usize,
+    reopen_max: Duration,
+    stats: Arc<BusStats>,
+    t35: Duration,
+    /// When the line last carried a byte (ours or anyone's).
+    last_activity: Instant,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+enum Attempt {
+    Done(Result<Response, ExceptionCode>),
+    NoReply,
+}
+
+impl Engine {
+    /// A new engine for a line; `depth` bounds the queue.
+    pub fn new(name: String, line: Line, depth: usize, reopen_max: Duration, stats: Arc<BusStats>) -> Self {
+        Self {
+            name,
+            line,
+            depth: depth.max(1),
+            reopen_max,
+            stats,
+            t35: rtu::t35(&line),
+            last_activity: Instant::now(),
+            buf: Vec::with_capacity(512),
+            out: Vec::with_capacity(260),
+        }
+    }
+
+    /// Runs until shutdown: opens the port (by calling `open` again after a failure, with
+    /// back-off), and runs queued jobs one at a time, highest priority first.
+    #[instrument(name = "bus", skip_all, fields(bus = %self.name))]
+    pub async fn run<F>(mut self, mut rx: mpsc::Receiver<Job>, open: F, shutdown: CancellationToken)
+    where
+        F: Fn() -> Result<Box<dyn Port>, String> + Send,
+    {
+        let mut heap = BinaryHeap::new();
+        let mut seq = 0u64;
+        let mut port: Option<Box<dyn Port>> = None;
+        let mut backoff = Duration::from_millis(100);
+        let mut next_open = Instant::now();
+        let mut last_error = String::from("not opened yet");
+        let mut quarantine: HashMap<u8, Instant> = HashMap::new();
+        loop {
+            if port.is_none() && Instant::now() >= next_open {
+                match open() {
+                    Ok(p) => {
+                        self.stats.opens.fetch_add(1, Relaxed);
+                        info!("serial port open");
+                        port = Some(p);
+                        backoff = Duration::from_millis(100);
+                        self.last_activity = Instant::now();
+                    }
+                    Err(e) => {
+                        if e != last_error {
+                            warn!(error = %e, retry_in = ?backoff, "cannot open serial port");
+                        }
+                        last_error = e;
+                        next_open = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(self.reopen_max);
+                    }
+                }
+            }
+            // Take what is waiting, up to the bound, so priorities can act on it.
+            while heap.len() < self.depth {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        seq += 1;
+                        heap.push(Queued { priority: job.priority, seq, job });
+                    }
+                    Err(_) => break,
+                }
+            }
+            // A unit that just timed out may still answer late: hold its next request
+            // until the late reply would have been heard (and discarded), serving the
+            // other units meanwhile.
+            let now = Instant::now();
+            quarantine.retain(|_, until| *until > now);
+            let mut held = Vec::new();
+            let mut picked = None;
+            while let Some(q) = heap.pop() {
+                if quarantine.contains_key(&q.job.unit) {
+                    held.push(q);
+                } else {
+                    picked = Some(q);
+                    break;
+                }
+            }
+            heap.extend(held);
+            let Some(Queued { job, .. }) = picked else {
+                // Idle: wait for work, shutdown, the next reopen attempt or a unit's release.
+                let down = port.is_none();
+                let release = quarantine.values().min().copied();
+                let reopen = async move {
+                    match (down, release) {
+                        (true, Some(r)) => sleep_until(next_open.min(r)).await,
+                        (true, None) => sleep_until(next_open).await,
+                        (false, Some(r)) => sleep_until(r).await,
+                        (false, None) => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    // Cancel-safe: a job not yet received stays in the channel.
+                    job = rx.recv() => match job {
+                        Some(job) => {
+                            seq += 1;
+                            heap.push(Queued { priority: job.priority, seq, job });
+                        }
+                        None => break,
+                    },
+                    () = shutdown.cancelled() => break,
+                    () = reopen => {}
+                }
+                continue;
+            };
+            if shutdown.is_cancelled() {
+                let _ = job.reply.send(Err(BusError::Closed));
+                break;
+            }
+            if job.reply.is_closed() {
+                continue; // nobody waits for it any more
+            }
+            let Some(p) = port.as_mut() else {
+                let _ = job.reply.send(Err(BusError::PortDown(last_error.clone())));
+                continue;
+            };
+            let started = Instant::now();
+            let outcome = self.transaction(p.as_mut(), &job).await;
+            self.stats.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+            let outcome = match outcome {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "serial port failed; reopening");
+                    last_error = format!("{e}");
+                    port = None;
+                    next_open = Instant::now();
+                    Err(BusError::PortDown(last_error.clone()))
+                }
+            };
+            match &outcome {
+                Err(BusError::Timeout { .. }) => {
+                    quarantine.insert(job.unit, Instant::now() + job.timeout);
+                }
+                _ => {
+                    quarantine.remove(&job.unit);
+                }
+            }
+            let _ = job.reply.send(outcome);
+        }
+        // Whatever is still queued learns that the bus is gone (dropping the sender).
+        info!("bus stopped");
+    }
+
+    /// One transaction with its retries. `Err` only for an I/O failure of the port.
+    async fn transaction(&mut self, port: &mut dyn Port, job: &Job) -> std::io::Result<Result<Response, BusError>> {
+        self.out.clear();
+        let mut pdu = Vec::with_capacity(256);
+        if let Err(e) = crate::pdu::encode_request(&job.request, &mut pdu) {
+            return Ok(Err(BusError::Invalid(e)));
+        }
+        rtu::frame(job.unit, &pdu, &mut self.out);
+        let attempts = job.retries.saturating_add(1);
+        for attempt in 1..=attempts {
+            let result = self.attempt(port, job).await?;
+            match result {
+                Attempt::Done(Ok(rsp)) => {
+                    self.stats.transactions.fetch_add(1, Relaxed);
+                    return Ok(Ok(rsp));
+                }
+                Attempt::Done(Err(code)) => {
+                    self.stats.transactions.fetch_add(1, Relaxed);
+                    self.stats.exceptions.fetch_add(1, Relaxed);
+                    debug!(unit = job.unit, ?code, "exception reply");
+                    return Ok(Err(BusError::Exception(code)));
+                }
+                Attempt::NoReply if job.unit == 0 => return Ok(Ok(broadcast_echo(&job.request))),
+                Attempt::NoReply => {
+                    self.stats.timeouts.fetch_add(1, Relaxed);
+                    debug!(unit = job.unit, attempt, "no valid reply");
+                }
+            }
+        }
+        Ok(Err(BusError::Timeout { attempts }))
+    }
+
+    /// Waits until the line has been silent for t3.5 since the last byte and `not_before`
+    /// has passed, discarding anything heard meanwhile (a late reply, noise). Gives up
+    /// waiting — and sends anyway — after `limit`, so a jabbering line cannot stall the
+    /// bus for ever.
+    async fn wait_silence(&mut self, port: &mut dyn Port, not_before: Instant, limit: Duration) -> std::io::Result<()> {
+        let give_up = Instant::now() + limit;
+        let mut scratch = [0u8; 256];
+        loop {
+            let quiet_at = (self.last_activity + self.t35).max(not_before).min(give_up);
+            if Instant::now() >= quiet_at {
+                return Ok(());
+            }
+            match timeout_at(quiet_at, port.read(&mut scratch)).await {
+                Err(_) => return Ok(()),
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(Ok(n)) => {
+                    self.stats.noise_bytes.fetch_add(n as u64, Relaxed);
+                    self.last_activity = Instant::now();
+                }
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn attempt(&mut self, port: &mut dyn Port, job: &Job) -> std::io::Result<Attempt> {
+        // A device that needs a longer turnaround gets it on top of the t3.5 silence.
+        let not_before = Instant::now() + job.turnaround;
+        self.wait_silence(port, not_before, job.timeout.max(self.t35 * 4) + job.turnaround).await?;
+        let write_start = Instant::now();
+        port.write_all(&self.out).await?;
+        let written = Instant::now();
+        // The request has left the UART when its last character is on the wire.
+        let drained = written.max(write_start + rtu::wire_time(&self.line, self.out.len()));
+        self.last_activity = drained;
+        debug!(unit = job.unit, request = ?job.request, "sent");
+        if job.unit == 0 {
+            // Broadcast: nobody answers; give the devices their turnaround to act.
+            sleep_until(drained + self.t35 + job.turnaround).await;
+            return Ok(Attempt::NoReply);
+        }
+        let deadline = drained + job.timeout;
+        self.buf.clear();
+        let mut scratch = [0u8; 256];
+        loop {
+            // Frames we cannot length end at a t3.5 silence.
+            let silence_at = (!self.buf.is_empty()).then(|| self.last_activity + self.t35);
+            let wake = silence_at.map_or(deadline, |s| s.min(deadline));
+            let silent = match timeout_at(wake, port.read(&mut scratch)).await {
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(Ok(n)) => {
+                    self.last_activity = Instant::now();
+                    self.buf.extend_from_slice(&scratch[..n]);
+                    false
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) if Instant::now() >= deadline => return Ok(Attempt::NoReply),
+                Err(_) => true,
+            };
+            loop {
+                match rtu::decode_reply(job.unit, &job.request, &self.buf, silent) {
+                    Decoded::Incomplete => break,
+                    Decoded::Reply { reply, len } => {
+                        if len < self.buf.len() {
+                            self.stats.noise_bytes.fetch_add((self.buf.len() - len) as u64, Relaxed);
+                        }
+                        return Ok(Attempt::Done(reply));
+                    }
+                    Decoded::Skip { len, why } => {
+                        let counter = match why {
+                            SkipReason::Crc => &self.stats.crc_errors,
+                            SkipReason::Foreign | SkipReason::Mismatch => &self.stats.foreign_frames,
+                            SkipReason::Noise => &self.stats.noise_bytes,
+                        };
+                        if why != SkipReason::Noise {
+                            debug!(unit = job.unit, ?why, "frame discarded");
+                        }
+                        counter.fetch_add(if why == SkipReason::Noise { len as u64 } else { 1 }, Relaxed);
+                        self.buf.drain(..len.min(self.buf.len()));
+                        if self.buf.is_empty() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a broadcast "returns": the echo a unit would have sent, so callers see success.
+fn broadcast_echo(req: &Request<'_>) -> Response {
+    match req {
+        Request::WriteSingleCoil(a, v) => Response::WriteSingleCoil(*a, *v),
+        Request::WriteSingleRegister(a, v) => Response::WriteSingleRegister(*a, *v),
+        Request::WriteMultipleCoils(a, v) => Response::WriteMultipleCoils(*a, v.len() as u16),
+        Request::WriteMultipleRegisters(a, v) => Response::WriteMultipleRegisters(*a, v.len() as u16),
+        Request::MaskWriteRegister(a, x, y) => Response::MaskWriteRegister(*a, *x, *y),
+        _ => Response::Custom(req.function_code().value(), bytes::Bytes::new()),
+    }
+}
+
+/// One-line health summary of a bus, for the periodic info log.
+pub fn summary(stats: &BusStats, since: &BusStats, elapsed: Duration) -> String {
+    let d = |a: &AtomicU64, b: &AtomicU64| a.load(Relaxed).saturating_sub(b.load(Relaxed));
+    let tx = d(&stats.transactions, &since.transactions);
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    format!(
+        "{tx} transactions ({:.1}/s), {} timeouts, {} crc errors, {} foreign frames, {} exceptions, line busy {:.1}%",
+        tx as f64 / secs,
+        d(&stats.timeouts, &since.timeouts),
+        d(&stats.crc_errors, &since.crc_errors),
+        d(&stats.foreign_frames, &since.foreign_frames),
+        d(&stats.exceptions, &since.exceptions),
+        d(&stats.busy_ns, &since.busy_ns) as f64 / 1e9 / secs * 100.0,
+    )
+}
+
+impl BusStats {
+    /// A copy of the counters as they are now.
+    pub fn snapshot(&self) -> BusStats {
+        let c = |a: &AtomicU64| AtomicU64::new(a.load(Relaxed));
+        BusStats {
+            transactions: c(&self.transactions),
+            timeouts: c(&self.timeouts),
+            crc_errors: c(&self.crc_errors),
+            foreign_frames: c(&self.foreign_frames),
+            noise_bytes: c(&self.noise_bytes),
+            exceptions: c(&self.exceptions),
+            opens: c(&self.opens),
+            queue_full: c(&self.queue_full),
+            busy_ns: c(&self.busy_ns),
+        }
+    }
+}

@@ -1,1 +1,221 @@
-//! (to be written)
+//! The register image: the latest sample (value, time, quality) of every point, and a
+//! stream of change events for the parts that forward values (peer links, PLC sinks, the
+//! local server).
+//!
+//! Invariants: the lock is a plain `std::sync::RwLock` held only for map look-ups and
+//! copies, never across an `.await`; publishing never blocks the poller — a subscriber
+//! that falls behind sees `RecvError::Lagged` and must resynchronise from [`Image::snapshot`].
+//! A point is registered once and keeps its [`PointId`] for the life of the process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::broadcast;
+
+use crate::value::{Quality, Sample, Value};
+
+/// Index of a registered point: cheap to copy, stable for the life of the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PointId(u32);
+
+/// One batch of changed points, as published to subscribers.
+#[derive(Debug, Clone)]
+pub struct Changes {
+    /// The points whose value or quality changed, with their new sample.
+    pub samples: Vec<(Arc<str>, Sample)>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    name: Arc<str>,
+    sample: Option<Sample>,
+    updated: Instant,
+    stale_after: Duration,
+}
+
+impl Entry {
+    /// The sample as a reader sees it: `Good` turns `Stale` once it is older than allowed.
+    fn current(&self, now: Instant) -> Option<Sample> {
+        let mut s = self.sample.clone()?;
+        if s.quality == Quality::Good && now.duration_since(self.updated) > self.stale_after {
+            s.quality = Quality::Stale;
+        }
+        Some(s)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    index: HashMap<Arc<str>, PointId>,
+    entries: Vec<Entry>,
+}
+
+/// The shared register image. Cheap to share as `Arc<Image>`.
+#[derive(Debug)]
+pub struct Image {
+    inner: RwLock<Inner>,
+    changes: broadcast::Sender<Arc<Changes>>,
+}
+
+/// How many change batches a subscriber may fall behind before it lags.
+const CHANGE_BACKLOG: usize = 4096;
+
+impl Default for Image {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Image {
+    /// An empty image.
+    pub fn new() -> Self {
+        Self { inner: RwLock::default(), changes: broadcast::channel(CHANGE_BACKLOG).0 }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        // A poisoned lock means a panic while holding it; the data is plain values that
+        // are always left consistent, so keep serving them.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a point (idempotent: the same name gets the same id) with the age after
+    /// which a good value reads as stale.
+    pub fn register(&self, name: &str, stale_after: Duration) -> PointId {
+        let mut inner = self.write();
+        if let Some(id) = inner.index.get(name) {
+            let id = *id;
+            inner.entries[id.0 as usize].stale_after = stale_after;
+            return id;
+        }
+        let id = PointId(inner.entries.len() as u32);
+        let name: Arc<str> = Arc::from(name);
+        inner.entries.push(Entry { name: name.clone(), sample: None, updated: Instant::now(), stale_after });
+        inner.index.insert(name, id);
+        id
+    }
+
+    /// The id of a registered point.
+    pub fn id(&self, name: &str) -> Option<PointId> {
+        self.read().index.get(name).copied()
+    }
+
+    /// Stores new samples and publishes the ones whose value or quality changed.
+    /// Returns how many changed.
+    pub fn update(&self, samples: impl IntoIterator<Item = (PointId, Sample)>) -> usize {
+        let now = Instant::now();
+        let mut changed = Vec::new();
+        {
+            let mut inner = self.write();
+            for (id, sample) in samples {
+                let Some(entry) = inner.entries.get_mut(id.0 as usize) else { continue };
+                let differs = entry
+                    .sample
+                    .as_ref()
+                    .is_none_or(|old| old.value != sample.value || old.quality != sample.quality);
+                entry.updated = now;
+                if differs {
+                    changed.push((entry.name.clone(), sample.clone()));
+                }
+                entry.sample = Some(sample);
+            }
+        }
+        let n = changed.len();
+        if n > 0 {
+            // No receiver is not an error: nobody forwards values yet.
+            let _ = self.changes.send(Arc::new(Changes { samples: changed }));
+        }
+        n
+    }
+
+    /// Marks points as failed (comm-fail or exception), keeping their last value.
+    pub fn fail(&self, ids: impl IntoIterator<Item = PointId>, quality: Quality) -> usize {
+        let at = SystemTime::now();
+        let failed: Vec<(PointId, Sample)> = {
+            let inner = self.read();
+            ids.into_iter()
+                .filter_map(|id| {
+                    let entry = inner.entries.get(id.0 as usize)?;
+                    let value = entry.sample.as_ref().and_then(|s| s.value.clone());
+                    Some((id, Sample { value, at, quality }))
+                })
+                .collect()
+        };
+        self.update(failed)
+    }
+
+    /// The current sample of a point by name.
+    pub fn get(&self, name: &str) -> Option<Sample> {
+        let inner = self.read();
+        let id = inner.index.get(name)?;
+        inner.entries[id.0 as usize].current(Instant::now())
+    }
+
+    /// The current value of a point, only if its quality is good.
+    pub fn good_value(&self, name: &str) -> Option<Value> {
+        self.get(name).filter(|s| s.quality == Quality::Good).and_then(|s| s.value)
+    }
+
+    /// Every point that has a sample, in registration order.
+    pub fn snapshot(&self) -> Vec<(Arc<str>, Sample)> {
+        let now = Instant::now();
+        let inner = self.read();
+        inner.entries.iter().filter_map(|e| Some((e.name.clone(), e.current(now)?))).collect()
+    }
+
+    /// Number of registered points.
+    pub fn len(&self) -> usize {
+        self.read().entries.len()
+    }
+
+    /// True when no point is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A stream of change batches from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Changes>> {
+        self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good(v: i64) -> Sample {
+        Sample { value: Some(Value::Int(v)), at: SystemTime::now(), quality: Quality::Good }
+    }
+
+    #[test]
+    fn publishes_only_changes() {
+        let image = Image::new();
+        let a = image.register("d.a", Duration::from_secs(5));
+        let b = image.register("d.b", Duration::from_secs(5));
+        assert_eq!(image.register("d.a", Duration::from_secs(5)), a);
+        let mut rx = image.subscribe();
+        assert_eq!(image.update([(a, good(1)), (b, good(2))]), 2);
+        assert_eq!(image.update([(a, good(1)), (b, good(3))]), 1);
+        assert_eq!(rx.try_recv().expect("first batch").samples.len(), 2);
+        let second = rx.try_recv().expect("second batch");
+        assert_eq!(&*second.samples[0].0, "d.b");
+        assert_eq!(image.fail([a], Quality::CommFail), 1);
+        let s = image.get("d.a").expect("sample");
+        assert_eq!((s.value, s.quality), (Some(Value::Int(1)), Quality::CommFail));
+        assert_eq!(image.good_value("d.b"), Some(Value::Int(3)));
+    }
+
+    #[test]
+    fn good_turns_stale_when_old() {
+        let image = Image::new();
+        let a = image.register("d.a", Duration::ZERO);
+        image.update([(a, good(1))]);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(image.get("d.a").map(|s| s.quality), Some(Quality::Stale));
+        assert_eq!(image.snapshot().len(), 1);
+    }
+}

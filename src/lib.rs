@@ -16,6 +16,7 @@
 pub mod bus;
 pub mod codec;
 pub mod config;
+pub mod commission;
 pub mod gateway;
 pub mod image;
 pub mod link;

@@ -1,2 +1,281 @@
-//! The m2m-gateway command line.
-fn main() {}
+//! The m2m-gateway command line: argument parsing, logging, signals and exit codes.
+//! Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use m2m_gateway::commission::{self, Poll, PollSpec};
+use m2m_gateway::model::{Line, Parity};
+use m2m_gateway::value::{DataType, Table, WordOrder};
+use m2m_gateway::{config, gateway::Gateway, plan};
+
+/// Exit code for a configuration that does not validate.
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "m2m-gateway", version, about = "Point-to-point machine-to-machine gateway")]
+struct Cli {
+    /// More logging (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        /// Configuration file.
+        #[arg(short, long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration and show the polling plan and bus load.
+    Check {
+        /// Configuration file.
+        #[arg(short, long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+    /// Read registers or bits from one device, for commissioning (like mbpoll).
+    Poll(PollArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CliParity {
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CliTable {
+    Coils,
+    Discrete,
+    Holding,
+    Input,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CliType {
+    Bool,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    F32,
+    F64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CliOrder {
+    Abcd,
+    Dcba,
+    Badc,
+    Cdab,
+}
+
+#[derive(Args)]
+struct PollArgs {
+    /// Serial device path.
+    #[arg(long)]
+    port: String,
+    /// Baud rate.
+    #[arg(long, default_value_t = 19200)]
+    baud: u32,
+    /// Parity.
+    #[arg(long, value_enum, default_value = "even")]
+    parity: CliParity,
+    /// Stop bits.
+    #[arg(long, default_value_t = 1)]
+    stop_bits: u8,
+    /// Unit id (1..=247).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=247))]
+    unit: u8,
+    /// Table to read.
+    #[arg(long, value_enum, default_value = "holding")]
+    table: CliTable,
+    /// First address (zero-based, as on the wire).
+    #[arg(long, default_value_t = 0)]
+    address: u16,
+    /// Number of values.
+    #[arg(long, default_value_t = 1)]
+    count: u16,
+    /// Decode registers as this type.
+    #[arg(long = "type", value_enum, default_value = "u16")]
+    data_type: CliType,
+    /// Word/byte order of multi-register types.
+    #[arg(long, value_enum, default_value = "abcd")]
+    order: CliOrder,
+    /// Multiply numbers by this.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Response timeout.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Retries after a timeout.
+    #[arg(long, default_value_t = 0)]
+    retries: u8,
+    /// Read this many times (0 = until Ctrl-C).
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// Pause between repeated reads.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM.
+fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+        }
+        t.cancel();
+    });
+    Ok(token)
+}
+
+fn load(path: &std::path::Path) -> Result<m2m_gateway::model::Model, ExitCode> {
+    config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config } => {
+            let model = match load(&config) {
+                Ok(m) => m,
+                Err(code) => return Ok(code),
+            };
+            let shutdown = shutdown_on_signals()?;
+            Gateway::start(&model, shutdown).shutdown(Duration::from_secs(1)).await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config } => {
+            let model = match load(&config) {
+                Ok(m) => m,
+                Err(code) => return Ok(code),
+            };
+            print!("{}", plan::render(&model, &plan::plan_model(&model)));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Poll(args) => poll(args).await,
+    }
+}
+
+async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
+    let spec = PollSpec {
+        port: a.port,
+        line: Line {
+            baud: a.baud,
+            data_bits: 8,
+            parity: match a.parity {
+                CliParity::None => Parity::None,
+                CliParity::Even => Parity::Even,
+                CliParity::Odd => Parity::Odd,
+            },
+            stop_bits: a.stop_bits,
+        },
+        unit: a.unit,
+        table: match a.table {
+            CliTable::Coils => Table::Coils,
+            CliTable::Discrete => Table::Discrete,
+            CliTable::Holding => Table::Holding,
+            CliTable::Input => Table::Input,
+        },
+        address: a.address,
+        count: a.count,
+        data_type: match a.data_type {
+            CliType::Bool => DataType::Bool,
+            CliType::U16 => DataType::U16,
+            CliType::I16 => DataType::I16,
+            CliType::U32 => DataType::U32,
+            CliType::I32 => DataType::I32,
+            CliType::U64 => DataType::U64,
+            CliType::I64 => DataType::I64,
+            CliType::F32 => DataType::F32,
+            CliType::F64 => DataType::F64,
+        },
+        order: match a.order {
+            CliOrder::Abcd => WordOrder::Abcd,
+            CliOrder::Dcba => WordOrder::Dcba,
+            CliOrder::Badc => WordOrder::Badc,
+            CliOrder::Cdab => WordOrder::Cdab,
+        },
+        scale: a.scale,
+        timeout: a.timeout,
+        retries: a.retries,
+    };
+    spec.request()?;
+    let shutdown = shutdown_on_signals()?;
+    let poll = Poll::open(&spec);
+    let mut failed = false;
+    let mut n = 0u32;
+    while a.repeat == 0 || n < a.repeat {
+        if n > 0 {
+            tokio::select! {
+                () = tokio::time::sleep(a.interval) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
+        n += 1;
+        match poll.read(&spec).await {
+            Ok(r) if a.json => println!("{}", serde_json::to_string(&r)?),
+            Ok(r) => print!("{}", commission::render(&spec, &r)),
+            Err(e) => {
+                failed = true;
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    poll.close().await;
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}

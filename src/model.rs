@@ -13,6 +13,8 @@ pub struct Model {
     pub gateway: Gateway,
     /// Every serial bus with its devices and points.
     pub buses: Vec<Bus>,
+    /// Peer links (`None`: this gateway talks to no peer).
+    pub links: Option<Links>,
 }
 
 /// Gateway-wide settings.
@@ -124,4 +126,141 @@ pub struct Point {
     pub stale_after: Duration,
     /// Engineering unit, for display only.
     pub unit: Option<String>,
+}
+
+/// This gateway's identity and listening socket for peer links.
+#[derive(Debug, Clone)]
+pub struct Links {
+    /// Directory holding `cert.pem` and `key.pem` (made by `m2m-gateway keygen`).
+    pub identity_dir: std::path::PathBuf,
+    /// Directory for the per-peer spools.
+    pub data_dir: std::path::PathBuf,
+    /// Where to listen for peers that dial us; `None`: no listening socket at all.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Source networks allowed to connect (empty: any, the certificate pin still applies).
+    pub allow: Vec<IpNet>,
+    /// The peers.
+    pub peers: Vec<Peer>,
+}
+
+/// An IPv4/IPv6 network in CIDR form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    /// Network address.
+    pub addr: std::net::IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl IpNet {
+    /// True when `ip` is inside this network.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        match (self.addr, ip) {
+            (V4(n), V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (V6(n), V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Which side opens the TCP connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dial {
+    /// We connect to this address (host:port).
+    Connect(String),
+    /// The peer connects to our listening socket.
+    Accept,
+}
+
+/// A peer gateway.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The peer's gateway name (its points appear here as `name/point`).
+    pub name: String,
+    /// SHA-256 fingerprint of the peer's certificate, hex.
+    pub fingerprint: String,
+    /// Who dials.
+    pub dial: Dial,
+    /// Spool file for values bound to this peer.
+    pub spool: std::path::PathBuf,
+    /// Spool bound: bytes.
+    pub spool_max_bytes: u64,
+    /// Spool bound: age of the oldest batch.
+    pub spool_max_age: Duration,
+    /// Heartbeat interval; the link is declared dead after 3 missed heartbeats.
+    pub heartbeat: Duration,
+    /// What is sent to this peer.
+    pub send: Vec<SendRule>,
+    /// What this peer may write here.
+    pub grants: Vec<Grant>,
+    /// Received points that drive writes into local devices.
+    pub writeback: Vec<WriteBack>,
+}
+
+/// Which local points go to a peer, and when.
+#[derive(Debug, Clone)]
+pub struct SendRule {
+    /// Point name globs (`boiler.*`).
+    pub points: Vec<String>,
+    /// When a value is sent.
+    pub mode: SendMode,
+}
+
+/// When a value is sent to a peer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SendMode {
+    /// On change beyond a deadband, and at least every `max_silence`.
+    Change {
+        /// Absolute deadband (0 = any change).
+        deadband: f64,
+        /// Deadband in percent of the last sent value (0 = off).
+        deadband_percent: f64,
+        /// Integrity refresh: re-send an unchanged value after this long.
+        max_silence: Duration,
+    },
+    /// Every `interval`, whether changed or not.
+    Periodic {
+        /// Period.
+        interval: Duration,
+    },
+}
+
+/// A write a peer may make into a local point.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// Local point name glob.
+    pub points: String,
+    /// Smallest value allowed (numbers only).
+    pub min: Option<f64>,
+    /// Largest value allowed (numbers only).
+    pub max: Option<f64>,
+}
+
+/// What a write-back output does when the link is lost.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OnLoss {
+    /// Keep the last value written.
+    Keep,
+    /// Write this value.
+    Fallback(crate::value::Value),
+}
+
+/// A received point that drives a write into a local device point.
+#[derive(Debug, Clone)]
+pub struct WriteBack {
+    /// Point name at the peer (without the `peer/` prefix).
+    pub from: String,
+    /// Local point written (must be a holding register or coil point).
+    pub to: String,
+    /// What happens when the link is down longer than `loss_after`.
+    pub on_loss: OnLoss,
+    /// How long the link may be down before `on_loss` applies.
+    pub loss_after: Duration,
 }

@@ -22,7 +22,7 @@ pub const MAX_RW_WRITE_REGISTERS: u16 = 121;
 pub const MAX_PDU: usize = 253;
 
 /// A request that cannot be put on the wire.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum PduError {
     /// A count outside what the function code allows.
     #[error("function 0x{function:02X}: quantity {quantity} outside 1..={max}")]
