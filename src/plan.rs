@@ -383,11 +383,7 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
             plural(points, "point", "points"),
         );
         if plan.load > 1.0 {
-            let needed = if plan.load.is_finite() {
-                format!("{:.0}%", plan.load * 100.0)
-            } else {
-                "unbounded time".to_string()
-            };
+            let needed = percent(plan.load);
             let _ = writeln!(
                 out,
                 "warning: bus {}: configured intervals cannot fit on the line: {needed} needed; \
@@ -769,7 +765,7 @@ bus field (/dev/ttyUSB0, 9600 baud 8N1, t3.5 3.65 ms)
             "{warning}"
         );
         assert!(
-            warning.contains(&format!("{:.0}% needed", plans[0].load * 100.0)),
+            warning.contains(&format!("{:.1}% needed", plans[0].load * 100.0)),
             "{warning}"
         );
 
