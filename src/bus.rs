@@ -27,9 +27,10 @@ use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
-use crate::model::{Bus, Line, Parity};
+use crate::model::{Bus, Line, Parity, Protocol};
 use crate::pdu::PduError;
-use crate::rtu::{self, Decoded, SkipReason};
+use crate::framing::{Decoded, Framing, SkipReason};
+use crate::rtu;
 
 /// Why a transaction did not produce a response.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -194,7 +195,10 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
     let port = bus.port.clone();
     let line = bus.line;
     let opener = move || open_serial(&port, &line);
-    let engine = Engine::new(bus.name.clone(), bus.line, bus.queue_depth, bus.reopen_max, stats);
+    let framing: Box<dyn Framing> = match bus.protocol {
+        Protocol::ModbusRtu => Box::new(rtu::Rtu),
+    };
+    let engine = Engine::new(bus.name.clone(), bus.line, framing, bus.queue_depth, bus.reopen_max, stats);
     tracker.spawn(engine.run(rx, opener, shutdown));
     handle
 }
@@ -228,6 +232,7 @@ impl Ord for Queued {
 pub struct Engine {
     name: String,
     line: Line,
+    framing: Box<dyn Framing>,
     depth: usize,
     reopen_max: Duration,
     stats: Arc<BusStats>,
@@ -245,10 +250,18 @@ enum Attempt {
 
 impl Engine {
     /// A new engine for a line; `depth` bounds the queue.
-    pub fn new(name: String, line: Line, depth: usize, reopen_max: Duration, stats: Arc<BusStats>) -> Self {
+    pub fn new(
+        name: String,
+        line: Line,
+        framing: Box<dyn Framing>,
+        depth: usize,
+        reopen_max: Duration,
+        stats: Arc<BusStats>,
+    ) -> Self {
         Self {
             name,
             line,
+            framing,
             depth: depth.max(1),
             reopen_max,
             stats,
@@ -386,11 +399,9 @@ impl Engine {
     /// One transaction with its retries. `Err` only for an I/O failure of the port.
     async fn transaction(&mut self, port: &mut dyn Port, job: &Job) -> std::io::Result<Result<Response, BusError>> {
         self.out.clear();
-        let mut pdu = Vec::with_capacity(256);
-        if let Err(e) = crate::pdu::encode_request(&job.request, &mut pdu) {
+        if let Err(e) = self.framing.encode(job.unit, &job.request, &mut self.out) {
             return Ok(Err(BusError::Invalid(e)));
         }
-        rtu::frame(job.unit, &pdu, &mut self.out);
         let attempts = job.retries.saturating_add(1);
         for attempt in 1..=attempts {
             let result = self.attempt(port, job).await?;
@@ -474,7 +485,7 @@ impl Engine {
                 Err(_) => true,
             };
             loop {
-                match rtu::decode_reply(job.unit, &job.request, &self.buf, silent) {
+                match self.framing.decode(job.unit, &job.request, &self.buf, silent) {
                     Decoded::Incomplete => break,
                     Decoded::Reply { reply, len } => {
                         if len < self.buf.len() {

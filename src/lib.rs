@@ -17,6 +17,7 @@ pub mod bus;
 pub mod codec;
 pub mod config;
 pub mod commission;
+pub mod framing;
 pub mod gateway;
 pub mod image;
 pub mod link;

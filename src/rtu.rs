@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
+use crate::framing::{Decoded, Framing, SkipReason};
 use crate::model::{Line, Parity};
+use crate::pdu::PduError;
 
 /// CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF), sent low byte first.
 pub fn crc16(data: &[u8]) -> u16 {
@@ -98,40 +100,6 @@ mod tests {
     }
 }
 
-/// What the bytes received so far say about the reply to a request.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Decoded {
-    /// Not enough bytes yet.
-    Incomplete,
-    /// A complete, valid reply of `len` bytes: a response or a Modbus exception.
-    Reply {
-        /// Bytes the frame took.
-        len: usize,
-        /// The device's answer.
-        reply: Result<tokio_modbus::Response, tokio_modbus::ExceptionCode>,
-    },
-    /// Bytes to throw away, and why (the search for the reply goes on).
-    Skip {
-        /// Bytes to drop from the front of the buffer.
-        len: usize,
-        /// Why they are dropped.
-        why: SkipReason,
-    },
-}
-
-/// Why received bytes were not taken as the reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SkipReason {
-    /// A frame with a bad CRC (one byte dropped to resynchronise).
-    Crc,
-    /// A valid frame from another unit or for another function (someone else's traffic).
-    Foreign,
-    /// A valid frame whose length or echo does not fit the request.
-    Mismatch,
-    /// Bytes that do not start any frame we know.
-    Noise,
-}
-
 /// Finds the reply to `request` sent to `unit` at the start of `buf` (Modbus serial line
 /// spec: frames from other units or for other functions are discarded while the response
 /// timeout keeps running; a CRC error is never data).
@@ -184,6 +152,23 @@ fn echo_matches(req: &tokio_modbus::Request<'_>, rsp: &tokio_modbus::Response) -
         }
         (Q::MaskWriteRegister(a, x, y), R::MaskWriteRegister(b, u, v)) => a == b && x == u && y == v,
         _ => true,
+    }
+}
+
+/// Modbus RTU as a bus framing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rtu;
+
+impl Framing for Rtu {
+    fn encode(&self, unit: u8, request: &tokio_modbus::Request<'_>, out: &mut Vec<u8>) -> Result<(), PduError> {
+        let mut pdu = Vec::with_capacity(256);
+        crate::pdu::encode_request(request, &mut pdu)?;
+        frame(unit, &pdu, out);
+        Ok(())
+    }
+
+    fn decode(&self, unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8], silent: bool) -> Decoded {
+        decode_reply(unit, request, buf, silent)
     }
 }
 
