@@ -54,4 +54,3 @@ pub enum SkipReason {
     /// Bytes that do not start any frame we know.
     Noise,
 }
-

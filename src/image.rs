@@ -70,7 +70,10 @@ impl Default for Image {
 impl Image {
     /// An empty image.
     pub fn new() -> Self {
-        Self { inner: RwLock::default(), changes: broadcast::channel(CHANGE_BACKLOG).0 }
+        Self {
+            inner: RwLock::default(),
+            changes: broadcast::channel(CHANGE_BACKLOG).0,
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -94,7 +97,12 @@ impl Image {
         }
         let id = PointId(inner.entries.len() as u32);
         let name: Arc<str> = Arc::from(name);
-        inner.entries.push(Entry { name: name.clone(), sample: None, updated: Instant::now(), stale_after });
+        inner.entries.push(Entry {
+            name: name.clone(),
+            sample: None,
+            updated: Instant::now(),
+            stale_after,
+        });
         inner.index.insert(name, id);
         id
     }
@@ -112,7 +120,9 @@ impl Image {
         {
             let mut inner = self.write();
             for (id, sample) in samples {
-                let Some(entry) = inner.entries.get_mut(id.0 as usize) else { continue };
+                let Some(entry) = inner.entries.get_mut(id.0 as usize) else {
+                    continue;
+                };
                 let differs = entry
                     .sample
                     .as_ref()
@@ -157,14 +167,20 @@ impl Image {
 
     /// The current value of a point, only if its quality is good.
     pub fn good_value(&self, name: &str) -> Option<Value> {
-        self.get(name).filter(|s| s.quality == Quality::Good).and_then(|s| s.value)
+        self.get(name)
+            .filter(|s| s.quality == Quality::Good)
+            .and_then(|s| s.value)
     }
 
     /// Every point that has a sample, in registration order.
     pub fn snapshot(&self) -> Vec<(Arc<str>, Sample)> {
         let now = Instant::now();
         let inner = self.read();
-        inner.entries.iter().filter_map(|e| Some((e.name.clone(), e.current(now)?))).collect()
+        inner
+            .entries
+            .iter()
+            .filter_map(|e| Some((e.name.clone(), e.current(now)?)))
+            .collect()
     }
 
     /// Number of registered points.
@@ -188,7 +204,11 @@ mod tests {
     use super::*;
 
     fn good(v: i64) -> Sample {
-        Sample { value: Some(Value::Int(v)), at: SystemTime::now(), quality: Quality::Good }
+        Sample {
+            value: Some(Value::Int(v)),
+            at: SystemTime::now(),
+            quality: Quality::Good,
+        }
     }
 
     #[test]
@@ -205,7 +225,10 @@ mod tests {
         assert_eq!(&*second.samples[0].0, "d.b");
         assert_eq!(image.fail([a], Quality::CommFail), 1);
         let s = image.get("d.a").expect("sample");
-        assert_eq!((s.value, s.quality), (Some(Value::Int(1)), Quality::CommFail));
+        assert_eq!(
+            (s.value, s.quality),
+            (Some(Value::Int(1)), Quality::CommFail)
+        );
         assert_eq!(image.good_value("d.b"), Some(Value::Int(3)));
     }
 

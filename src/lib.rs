@@ -15,8 +15,8 @@
 
 pub mod bus;
 pub mod codec;
-pub mod config;
 pub mod commission;
+pub mod config;
 pub mod framing;
 pub mod gateway;
 pub mod image;

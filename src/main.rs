@@ -19,7 +19,11 @@ use m2m_gateway::{config, gateway::Gateway, plan};
 const EXIT_CONFIG: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "m2m-gateway", version, about = "Point-to-point machine-to-machine gateway")]
+#[command(
+    name = "m2m-gateway",
+    version,
+    about = "Point-to-point machine-to-machine gateway"
+)]
 struct Cli {
     /// More logging (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -137,7 +141,10 @@ struct PollArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -161,7 +168,10 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// A token cancelled by the first SIGINT or SIGTERM.
@@ -196,7 +206,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             let shutdown = shutdown_on_signals()?;
-            Gateway::start(&model, shutdown).shutdown(Duration::from_secs(1)).await;
+            Gateway::start(&model, shutdown)
+                .shutdown(Duration::from_secs(1))
+                .await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {
@@ -277,5 +289,9 @@ async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
         }
     }
     poll.close().await;
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -475,6 +475,7 @@ mod tests {
                 reopen_max: Duration::from_secs(30),
                 devices,
             }],
+            links: None,
         }
     }
 

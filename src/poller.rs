@@ -64,10 +64,19 @@ impl Poller {
             .devices
             .iter()
             .map(|d| DeviceState {
-                ids: d.points.iter().map(|p| image.register(&p.name, p.stale_after)).collect(),
+                ids: d
+                    .points
+                    .iter()
+                    .map(|p| image.register(&p.name, p.stale_after))
+                    .collect(),
                 reads: plan::plan_device(d)
                     .into_iter()
-                    .map(|read| ReadState { request: plan::read_request(&read), read, next_due: now, busy: false })
+                    .map(|read| ReadState {
+                        request: plan::read_request(&read),
+                        read,
+                        next_due: now,
+                        busy: false,
+                    })
                     .collect(),
                 device: d.clone(),
                 retries: bus.retries,
@@ -76,7 +85,11 @@ impl Poller {
                 probe_at: now,
             })
             .collect();
-        Self { bus: handle, image, devices }
+        Self {
+            bus: handle,
+            image,
+            devices,
+        }
     }
 
     /// Polls until `shutdown` is cancelled.
@@ -97,13 +110,22 @@ impl Poller {
     }
 
     /// Submits every read that is due; returns when the next one falls due.
-    fn submit_due(&mut self, in_flight: &mut FuturesUnordered<BoxFuture<'static, Outcome>>) -> Instant {
+    fn submit_due(
+        &mut self,
+        in_flight: &mut FuturesUnordered<BoxFuture<'static, Outcome>>,
+    ) -> Instant {
         let now = Instant::now();
         let mut next = now + Duration::from_secs(3600);
         for (d, dev) in self.devices.iter_mut().enumerate() {
             for (r, rs) in dev.reads.iter_mut().enumerate() {
                 // Offline devices are only probed, with their first read.
-                let due_at = if dev.online { rs.next_due } else if r == 0 { dev.probe_at } else { continue };
+                let due_at = if dev.online {
+                    rs.next_due
+                } else if r == 0 {
+                    dev.probe_at
+                } else {
+                    continue;
+                };
                 if rs.busy {
                     continue;
                 }
@@ -115,7 +137,9 @@ impl Poller {
                 let job = Job {
                     unit: dev.device.unit,
                     request: rs.request.clone(),
-                    priority: Priority::Poll { deadline: due_at + rs.read.interval },
+                    priority: Priority::Poll {
+                        deadline: due_at + rs.read.interval,
+                    },
                     timeout: dev.device.timeout,
                     turnaround: dev.device.turnaround,
                     retries: if dev.online { dev.retries } else { 0 },
@@ -132,7 +156,9 @@ impl Poller {
                 match self.bus.submit(job) {
                     Ok(()) => {
                         rs.busy = true;
-                        in_flight.push(Box::pin(async move { (d, r, rx.await.unwrap_or(Err(BusError::Closed))) }));
+                        in_flight.push(Box::pin(async move {
+                            (d, r, rx.await.unwrap_or(Err(BusError::Closed)))
+                        }));
                     }
                     Err(e) => debug!(device = %dev.device.name, error = %e, "poll not queued"),
                 }
@@ -203,13 +229,23 @@ fn decode(dev: &DeviceState, r: usize, rsp: &Response) -> Vec<(PointId, Sample)>
                 Table::Holding | Table::Input => {
                     let width = usize::from(point.data_type.width());
                     words.get(at_off..at_off + width).and_then(|w| {
-                        codec::decode_registers(point.data_type, point.order, point.scale, point.offset, w)
-                            .inspect_err(|e| warn!(point = %point.name, error = %e, "cannot decode"))
-                            .ok()
+                        codec::decode_registers(
+                            point.data_type,
+                            point.order,
+                            point.scale,
+                            point.offset,
+                            w,
+                        )
+                        .inspect_err(|e| warn!(point = %point.name, error = %e, "cannot decode"))
+                        .ok()
                     })
                 }
             };
-            let quality = if value.is_some() { Quality::Good } else { Quality::Exception(0x04) };
+            let quality = if value.is_some() {
+                Quality::Good
+            } else {
+                Quality::Exception(0x04)
+            };
             (dev.ids[slot.point], Sample { value, at, quality })
         })
         .collect()

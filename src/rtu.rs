@@ -103,40 +103,81 @@ mod tests {
 /// Finds the reply to `request` sent to `unit` at the start of `buf` (Modbus serial line
 /// spec: frames from other units or for other functions are discarded while the response
 /// timeout keeps running; a CRC error is never data).
-pub fn decode_reply(unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8], silent: bool) -> Decoded {
-    let [addr, function, ..] = *buf else { return Decoded::Incomplete };
+pub fn decode_reply(
+    unit: u8,
+    request: &tokio_modbus::Request<'_>,
+    buf: &[u8],
+    silent: bool,
+) -> Decoded {
+    let [addr, function, ..] = *buf else {
+        return Decoded::Incomplete;
+    };
     let want = request.function_code().value();
     let len = match crate::pdu::pdu_len(&buf[1..], false) {
         Some(n) => 1 + n + 2,
         // A function we cannot length: the frame ends where the line went silent.
         None if silent && addr == unit && function & 0x7F == want => buf.len(),
-        None if silent || function & 0x7F == 0 => return Decoded::Skip { len: 1, why: SkipReason::Noise },
+        None if silent || function & 0x7F == 0 => {
+            return Decoded::Skip {
+                len: 1,
+                why: SkipReason::Noise,
+            };
+        }
         None => return Decoded::Incomplete,
     };
     if len > 256 {
-        return Decoded::Skip { len: 1, why: SkipReason::Noise };
+        return Decoded::Skip {
+            len: 1,
+            why: SkipReason::Noise,
+        };
     }
     if buf.len() < len {
-        return if silent { Decoded::Skip { len: 1, why: SkipReason::Crc } } else { Decoded::Incomplete };
+        return if silent {
+            Decoded::Skip {
+                len: 1,
+                why: SkipReason::Crc,
+            }
+        } else {
+            Decoded::Incomplete
+        };
     }
     let frame = &buf[..len];
     if !crc_ok(frame) {
-        let why = if addr == unit && function & 0x7F == want { SkipReason::Crc } else { SkipReason::Noise };
+        let why = if addr == unit && function & 0x7F == want {
+            SkipReason::Crc
+        } else {
+            SkipReason::Noise
+        };
         return Decoded::Skip { len: 1, why };
     }
     if addr != unit || function & 0x7F != want {
-        return Decoded::Skip { len, why: SkipReason::Foreign };
+        return Decoded::Skip {
+            len,
+            why: SkipReason::Foreign,
+        };
     }
     let pdu = bytes::Bytes::copy_from_slice(&frame[1..len - 2]);
     if function & 0x80 != 0 {
-        return Decoded::Reply { len, reply: Err(tokio_modbus::ExceptionCode::new(pdu[1])) };
+        return Decoded::Reply {
+            len,
+            reply: Err(tokio_modbus::ExceptionCode::new(pdu[1])),
+        };
     }
     if crate::pdu::expected_response_len(request).is_some_and(|n| n != pdu.len()) {
-        return Decoded::Skip { len, why: SkipReason::Mismatch };
+        return Decoded::Skip {
+            len,
+            why: SkipReason::Mismatch,
+        };
     }
     match tokio_modbus::Response::try_from(pdu) {
-        Ok(rsp) if echo_matches(request, &rsp) => Decoded::Reply { len, reply: Ok(rsp) },
-        _ => Decoded::Skip { len, why: SkipReason::Mismatch },
+        Ok(rsp) if echo_matches(request, &rsp) => Decoded::Reply {
+            len,
+            reply: Ok(rsp),
+        },
+        _ => Decoded::Skip {
+            len,
+            why: SkipReason::Mismatch,
+        },
     }
 }
 
@@ -146,11 +187,15 @@ fn echo_matches(req: &tokio_modbus::Request<'_>, rsp: &tokio_modbus::Response) -
     match (req, rsp) {
         (Q::WriteSingleCoil(a, v), R::WriteSingleCoil(b, w)) => a == b && v == w,
         (Q::WriteSingleRegister(a, v), R::WriteSingleRegister(b, w)) => a == b && v == w,
-        (Q::WriteMultipleCoils(a, v), R::WriteMultipleCoils(b, n)) => a == b && v.len() == usize::from(*n),
+        (Q::WriteMultipleCoils(a, v), R::WriteMultipleCoils(b, n)) => {
+            a == b && v.len() == usize::from(*n)
+        }
         (Q::WriteMultipleRegisters(a, v), R::WriteMultipleRegisters(b, n)) => {
             a == b && v.len() == usize::from(*n)
         }
-        (Q::MaskWriteRegister(a, x, y), R::MaskWriteRegister(b, u, v)) => a == b && x == u && y == v,
+        (Q::MaskWriteRegister(a, x, y), R::MaskWriteRegister(b, u, v)) => {
+            a == b && x == u && y == v
+        }
         _ => true,
     }
 }
@@ -160,14 +205,25 @@ fn echo_matches(req: &tokio_modbus::Request<'_>, rsp: &tokio_modbus::Response) -
 pub struct Rtu;
 
 impl Framing for Rtu {
-    fn encode(&self, unit: u8, request: &tokio_modbus::Request<'_>, out: &mut Vec<u8>) -> Result<(), PduError> {
+    fn encode(
+        &self,
+        unit: u8,
+        request: &tokio_modbus::Request<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), PduError> {
         let mut pdu = Vec::with_capacity(256);
         crate::pdu::encode_request(request, &mut pdu)?;
         frame(unit, &pdu, out);
         Ok(())
     }
 
-    fn decode(&self, unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8], silent: bool) -> Decoded {
+    fn decode(
+        &self,
+        unit: u8,
+        request: &tokio_modbus::Request<'_>,
+        buf: &[u8],
+        silent: bool,
+    ) -> Decoded {
         decode_reply(unit, request, buf, silent)
     }
 }
@@ -187,30 +243,71 @@ mod decode_tests {
     fn finds_reply_after_noise_and_foreign_frames() {
         let req = Request::ReadHoldingRegisters(0, 2);
         let good = adu(1, &[0x03, 0x04, 0x00, 0x01, 0x00, 0x02]);
-        assert_eq!(decode_reply(1, &req, &good[..5], false), Decoded::Incomplete);
-        let Decoded::Reply { len, reply } = decode_reply(1, &req, &good, false) else { panic!() };
-        assert_eq!((len, reply), (9, Ok(Response::ReadHoldingRegisters(vec![1, 2]))));
+        assert_eq!(
+            decode_reply(1, &req, &good[..5], false),
+            Decoded::Incomplete
+        );
+        let Decoded::Reply { len, reply } = decode_reply(1, &req, &good, false) else {
+            panic!()
+        };
+        assert_eq!(
+            (len, reply),
+            (9, Ok(Response::ReadHoldingRegisters(vec![1, 2])))
+        );
         // Another unit's reply: skipped whole.
         let other = adu(2, &[0x03, 0x04, 0x00, 0x01, 0x00, 0x02]);
-        assert_eq!(decode_reply(1, &req, &other, false), Decoded::Skip { len: 9, why: SkipReason::Foreign });
+        assert_eq!(
+            decode_reply(1, &req, &other, false),
+            Decoded::Skip {
+                len: 9,
+                why: SkipReason::Foreign
+            }
+        );
         // Bad CRC: one byte dropped, never data.
         let mut bad = good.clone();
         bad[4] ^= 0xFF;
-        assert_eq!(decode_reply(1, &req, &bad, false), Decoded::Skip { len: 1, why: SkipReason::Crc });
+        assert_eq!(
+            decode_reply(1, &req, &bad, false),
+            Decoded::Skip {
+                len: 1,
+                why: SkipReason::Crc
+            }
+        );
         // Right unit and function but a different register count: not our answer.
         let wrong_len = adu(1, &[0x03, 0x02, 0x00, 0x01]);
-        assert_eq!(decode_reply(1, &req, &wrong_len, false), Decoded::Skip { len: 7, why: SkipReason::Mismatch });
+        assert_eq!(
+            decode_reply(1, &req, &wrong_len, false),
+            Decoded::Skip {
+                len: 7,
+                why: SkipReason::Mismatch
+            }
+        );
         // Exception.
         let exc = adu(1, &[0x83, 0x02]);
-        assert!(matches!(decode_reply(1, &req, &exc, false), Decoded::Reply { len: 5, reply: Err(_) }));
+        assert!(matches!(
+            decode_reply(1, &req, &exc, false),
+            Decoded::Reply {
+                len: 5,
+                reply: Err(_)
+            }
+        ));
     }
 
     #[test]
     fn write_echo_must_match() {
         let req = Request::WriteSingleRegister(5, 7);
         let echo = adu(1, &[0x06, 0x00, 0x05, 0x00, 0x07]);
-        assert!(matches!(decode_reply(1, &req, &echo, false), Decoded::Reply { reply: Ok(_), .. }));
+        assert!(matches!(
+            decode_reply(1, &req, &echo, false),
+            Decoded::Reply { reply: Ok(_), .. }
+        ));
         let other = adu(1, &[0x06, 0x00, 0x06, 0x00, 0x07]);
-        assert!(matches!(decode_reply(1, &req, &other, false), Decoded::Skip { why: SkipReason::Mismatch, .. }));
+        assert!(matches!(
+            decode_reply(1, &req, &other, false),
+            Decoded::Skip {
+                why: SkipReason::Mismatch,
+                ..
+            }
+        ));
     }
 }
