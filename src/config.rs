@@ -11,6 +11,9 @@
 //! Invariants: a [`Model`] is returned only when no problem was found; validation never
 //! panics on any input; every problem carries a position inside the file.
 //!
+//! The shipped `gateway.toml` at the repository root is the commented reference of the
+//! format; each file under `config/` opens with its section's keys and defaults.
+//!
 //! Adding a top-level section (`[[peer]]`, `[server]`, ...) is a new file under `config/`
 //! with its raw type and its `validate`, one field in [`Raw`] and one call in [`parse`].
 
@@ -134,6 +137,9 @@ pub fn parse(text: &str, origin: &str) -> Result<Model, ConfigError> {
     let mut buses = bus::validate(&raw.bus, &mut check);
     device::validate(&raw.device, &mut buses, &mut check);
 
+    // Sections are checked one after the other (overlaps after all points of a device);
+    // list the problems as the reader meets them in the file.
+    check.problems.sort_by_key(|p| (p.line, p.col));
     if check.problems.is_empty() {
         Ok(Model { gateway, buses })
     } else {

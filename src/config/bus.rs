@@ -97,10 +97,7 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
         None | Some(RawProtocol::ModbusRtu) => Protocol::ModbusRtu,
     };
     let data_bits = check.int(r.data_bits.as_ref(), 8, 7..=8, path, "data_bits");
-    if let Some(bits) = &r.data_bits
-        && data_bits == 7
-        && protocol == Protocol::ModbusRtu
-    {
+    if let (Some(bits), 7, Protocol::ModbusRtu) = (&r.data_bits, data_bits, protocol) {
         check.report(
             bits.span(),
             path,

@@ -89,10 +89,11 @@ pub(super) fn validate(raw: &[RawDevice], buses: &mut [Bus], check: &mut Checker
         }
 
         let unit = check.int(Some(&r.unit), 1, 1..=247, &path, "unit");
-        if let Some(b) = bus
-            && (1..=247).contains(r.unit.get_ref())
-            && let Some(other) = units.insert((b, *r.unit.get_ref()), r.name.get_ref())
-        {
+        // Only a valid unit can clash; an invalid one is reported above.
+        let clash = bus
+            .filter(|_| (1..=247).contains(r.unit.get_ref()))
+            .and_then(|b| units.insert((b, *r.unit.get_ref()), r.name.get_ref()));
+        if let Some(other) = clash {
             check.report(
                 r.unit.span(),
                 &path,

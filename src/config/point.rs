@@ -228,14 +228,10 @@ fn resolve(
             }
         }),
     };
-    if let Some(bit) = &r.bit
-        && ty != RawType::Bit
-    {
+    if let Some(bit) = r.bit.as_ref().filter(|_| ty != RawType::Bit) {
         check.report(bit.span(), path, "bit is only for type = \"bit\"");
     }
-    if let Some(length) = &r.length
-        && ty != RawType::Str
-    {
+    if let Some(length) = r.length.as_ref().filter(|_| ty != RawType::Str) {
         check.report(length.span(), path, "length is only for type = \"string\"");
     }
 
@@ -262,9 +258,7 @@ fn resolve(
     let (address, extent) = address(r, width, bits_table, ctx.address_base, path, check);
 
     let scale = finite(r.scale.as_ref(), 1.0, ty, path, "scale", check);
-    if let Some(s) = &r.scale
-        && *s.get_ref() == 0.0
-    {
+    if let Some(s) = r.scale.as_ref().filter(|s| *s.get_ref() == 0.0) {
         check.report(s.span(), path, "scale 0 would turn every value into 0");
     }
     let offset = finite(r.offset.as_ref(), 0.0, ty, path, "offset", check);
