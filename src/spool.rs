@@ -93,6 +93,9 @@ pub enum SpoolError {
     },
 }
 
+/// A stored batch: its seq and its (point, sample) pairs.
+pub type StoredBatch = (u64, Vec<(String, Sample)>);
+
 /// Bounds of one spool. When exceeded on append, the oldest batches are dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpoolLimits {
@@ -359,7 +362,7 @@ impl Spool {
         &self,
         after_seq: u64,
         max_batches: usize,
-    ) -> Result<Vec<(u64, Vec<(String, Sample)>)>, SpoolError> {
+    ) -> Result<Vec<StoredBatch>, SpoolError> {
         self.read_raw_from(after_seq, max_batches)?
             .into_iter()
             .map(|(seq, block)| {
