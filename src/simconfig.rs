@@ -549,3 +549,158 @@ pub fn quick(units: &[u8], registers: u16) -> SimConfig {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Device, Gateway, Point};
+
+    /// The example from the README, in full.
+    const EXAMPLE: &str = r#"
+[line]
+baud = 9600
+parity = "even"
+data_bits = 8
+stop_bits = 1
+turnaround = "2ms"
+
+[[unit]]
+unit = 1
+fault = "late 250ms"
+[[unit.register]]
+table = "holding"
+address = 0
+values = [1, 2, 3]
+[[unit.register]]
+table = "coils"
+address = 0
+values = [true, false, 1]
+[[unit.register]]
+table = "input"
+address = 10
+kind = "sine"
+type = "f32"
+order = "cdab"
+min = -10.0
+max = 10
+period = "30s"
+[[unit.register]]
+table = "input"
+address = 20
+kind = "random-walk"
+min = 0
+max = 1000
+step = 5
+count = 4
+[[unit.register]]
+table = "holding"
+address = 100
+text = "PUMP-7"
+[[unit.register]]
+table = "discrete"
+address = 0
+kind = "toggle"
+period = "1s"
+count = 16
+"#;
+
+    #[test]
+    fn example_parses_and_validates() {
+        let config: SimConfig = toml::from_str(EXAMPLE).expect("parses");
+        config.validate().expect("valid");
+        let line = config.line.expect("line");
+        assert_eq!(line.turnaround, Duration::from_millis(2));
+        assert_eq!(line.line().parity, Parity::Even);
+        assert_eq!(
+            config.units[0].fault,
+            Some(Fault::Late(Duration::from_millis(250)))
+        );
+        assert_eq!(entry_len(&config.units[0].registers[3]), 4);
+        assert_eq!(entry_len(&config.units[0].registers[4]), 3);
+    }
+
+    #[test]
+    fn bad_fault_in_toml_names_the_syntax() {
+        let e = toml::from_str::<SimConfig>("[[unit]]\nunit = 1\nfault = \"sleepy\"\n")
+            .expect_err("bad fault");
+        assert!(e.to_string().contains("wrong-unit <id>"), "{e}");
+    }
+
+    fn point(name: &str, table: Table, address: u16, data_type: DataType) -> Point {
+        Point {
+            name: name.into(),
+            table,
+            address,
+            data_type,
+            order: WordOrder::Cdab,
+            scale: 1.0,
+            offset: 0.0,
+            interval: Duration::from_secs(1),
+            stale_after: Duration::from_secs(10),
+            unit: None,
+        }
+    }
+
+    #[test]
+    fn model_simulation_maps_every_point() {
+        let device = Device {
+            name: "pump".into(),
+            unit: 5,
+            timeout: Duration::from_millis(500),
+            turnaround: Duration::ZERO,
+            max_registers: 125,
+            max_bits: 2000,
+            max_gap: 4,
+            backoff_max: Duration::from_secs(30),
+            points: vec![
+                point("pump.flow", Table::Input, 0, DataType::F32),
+                point("pump.runtime", Table::Holding, 0, DataType::U32),
+                point("pump.alarm", Table::Holding, 4, DataType::Bit(3)),
+                point("pump.tag", Table::Holding, 10, DataType::Str(6)),
+                point("pump.run", Table::Coils, 7, DataType::Bool),
+                point("pump.temp", Table::Input, 5, DataType::I16),
+                point("pump.dup", Table::Input, 1, DataType::U16),
+            ],
+        };
+        let bus = Bus {
+            name: "line1".into(),
+            port: "/dev/ttyUSB0".into(),
+            line: Line {
+                baud: 19200,
+                data_bits: 8,
+                parity: Parity::None,
+                stop_bits: 1,
+            },
+            protocol: crate::model::Protocol::ModbusRtu,
+            timeout: Duration::from_millis(500),
+            retries: 1,
+            queue_depth: 16,
+            reopen_max: Duration::from_secs(30),
+            devices: vec![device],
+        };
+        let model = Model {
+            gateway: Gateway {
+                name: "gw".into(),
+                summary_interval: Duration::from_secs(60),
+            },
+            buses: vec![bus],
+        };
+        let config = SimConfig::from_model(&model);
+        config.validate().expect("valid");
+        assert_eq!(config.line.map(|l| l.baud), Some(19200));
+        let (mut units, _) = build_units(&config);
+        let u = units.get_mut(&5).expect("unit 5");
+        let t = Duration::from_secs(1);
+        // The whole input block 0..=5 reads in one request: the gap 2..=4 is filled.
+        let words = u.read(Table::Input, 0, 6, t).expect("mapped");
+        let flow = f32::from_bits(u32::from(words[1]) << 16 | u32::from(words[0]));
+        assert!((0.0..=100.0).contains(&flow), "flow {flow}");
+        assert!(u.read(Table::Holding, 0, 5, t).is_ok());
+        assert_eq!(
+            u.read(Table::Holding, 10, 3, t),
+            Ok(vec![0x5349, 0x4D20, 0x7075])
+        );
+        assert!(u.read(Table::Coils, 7, 1, t).is_ok());
+        assert!(u.read(Table::Holding, 20, 1, t).is_err());
+    }
+}

@@ -477,3 +477,133 @@ fn add_entry(unit: &mut Unit, r: &RegisterConfig) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(toml_text: &str) -> Unit {
+        let config: SimConfig = toml::from_str(toml_text).expect("parses");
+        let (mut units, problems) = build(&config);
+        assert!(problems.is_empty(), "{problems:?}");
+        units.remove(&1).expect("unit 1")
+    }
+
+    const T: Duration = Duration::from_secs(0);
+
+    #[test]
+    fn word_orders_of_one_f32() {
+        // 1.0f32 = 0x3F80_0000, bytes A B C D = 3F 80 00 00.
+        assert_eq!(encode(1.0, SimType::F32, WordOrder::Abcd), [0x3F80, 0x0000]);
+        assert_eq!(encode(1.0, SimType::F32, WordOrder::Cdab), [0x0000, 0x3F80]);
+        assert_eq!(encode(1.0, SimType::F32, WordOrder::Badc), [0x803F, 0x0000]);
+        assert_eq!(encode(1.0, SimType::F32, WordOrder::Dcba), [0x0000, 0x803F]);
+        assert_eq!(encode(-2.0, SimType::I16, WordOrder::Abcd), [0xFFFE]);
+        assert_eq!(encode(70_000.0, SimType::U16, WordOrder::Abcd), [0xFFFF]);
+        assert_eq!(
+            encode(0x0102_0304 as f64, SimType::U32, WordOrder::Cdab),
+            [0x0304, 0x0102]
+        );
+        assert_eq!(
+            encode(1.0, SimType::F64, WordOrder::Cdab),
+            [0x0000, 0x0000, 0x0000, 0x3FF0]
+        );
+    }
+
+    #[test]
+    fn generators_move_within_bounds() {
+        let mut g = Generator {
+            kind: GenKind::Counter,
+            ty: SimType::U16,
+            order: WordOrder::Abcd,
+            min: 10.0,
+            max: 12.0,
+            period: Duration::from_secs(1),
+            step: 1.0,
+            walk: 11.0,
+            table: Table::Holding,
+            base: 0,
+        };
+        let at = |s| Duration::from_millis(s);
+        let seq: Vec<f64> = [0, 1000, 2000, 3000]
+            .iter()
+            .map(|s| g.value(at(*s)))
+            .collect();
+        assert_eq!(seq, [10.0, 11.0, 12.0, 10.0]);
+        g.kind = GenKind::Toggle;
+        assert_eq!((g.value(at(500)), g.value(at(1500))), (10.0, 12.0));
+        g.kind = GenKind::Ramp;
+        assert_eq!(g.value(at(500)), 11.0);
+        g.kind = GenKind::RandomWalk;
+        for _ in 0..100 {
+            assert!((10.0..=12.0).contains(&g.value(T)));
+        }
+    }
+
+    #[test]
+    fn writing_part_of_a_generated_value_freezes_it() {
+        let mut u = unit(
+            "[[unit]]\nunit = 1\n[[unit.register]]\ntable = \"holding\"\naddress = 0\n\
+             kind = \"counter\"\ntype = \"u32\"\nmin = 65536\nmax = 65540\n",
+        );
+        assert_eq!(u.read(Table::Holding, 0, 2, T), Ok(vec![1, 0]));
+        u.write(Table::Holding, 1, &[7], T).expect("mapped");
+        let later = Duration::from_secs(3);
+        assert_eq!(u.read(Table::Holding, 0, 2, later), Ok(vec![1, 7]));
+    }
+
+    #[test]
+    fn requests_and_their_exceptions() {
+        let mut u = unit(
+            "[[unit]]\nunit = 1\n[[unit.register]]\ntable = \"holding\"\naddress = 0\nvalues = [1, 2]\n\
+             [[unit.register]]\ntable = \"input\"\naddress = 0\ntext = \"ABC\"\n",
+        );
+        let ok = |r: Result<(Vec<u8>, bool), Exception>| r.expect("no exception").0;
+        assert_eq!(
+            ok(execute(&mut u, &[4, 0, 0, 0, 2], T)),
+            [4, 4, 0x41, 0x42, 0x43, 0]
+        );
+        assert_eq!(execute(&mut u, &[3, 0, 1, 0, 2], T), Err(ILLEGAL_ADDRESS));
+        assert_eq!(
+            execute(&mut u, &[3, 0xFF, 0xFF, 0, 2], T),
+            Err(ILLEGAL_ADDRESS)
+        );
+        assert_eq!(
+            execute(&mut u, &[5, 0, 0, 0x12, 0x34], T),
+            Err(ILLEGAL_VALUE)
+        );
+        assert_eq!(
+            execute(&mut u, &[5, 0, 0, 0xFF, 0], T),
+            Err(ILLEGAL_ADDRESS)
+        );
+        assert_eq!(
+            execute(&mut u, &[16, 0, 0, 0, 2, 3, 0, 0, 0], T),
+            Err(ILLEGAL_VALUE)
+        );
+        assert_eq!(execute(&mut u, &[43, 14, 1, 0], T), Err(ILLEGAL_FUNCTION));
+        // Input registers cannot be written: no function code reaches them.
+        assert_eq!(execute(&mut u, &[6, 0, 5, 0, 1], T), Err(ILLEGAL_ADDRESS));
+        assert_eq!(
+            ok(execute(&mut u, &[16, 0, 0, 0, 2, 4, 0, 9, 0, 8], T)),
+            [16, 0, 0, 0, 2]
+        );
+        assert_eq!(u.read(Table::Holding, 0, 2, T), Ok(vec![9, 8]));
+    }
+
+    #[test]
+    fn config_problems_are_all_reported() {
+        let config: SimConfig = toml::from_str(
+            "[line]\nbaud = 0\n[[unit]]\nunit = 1\n[[unit.register]]\ntable = \"holding\"\naddress = 0\n\
+             values = [1]\nkind = \"sine\"\n[[unit.register]]\ntable = \"coils\"\naddress = 0\n\
+             kind = \"sine\"\n[[unit.register]]\ntable = \"holding\"\naddress = 9\nkind = \"sine\"\n\
+             min = 5\nmax = 1\n[[unit]]\nunit = 1\n",
+        )
+        .expect("parses");
+        let (_, problems) = build(&config);
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        assert!(
+            problems[1].starts_with("unit 1 register #1 (holding 0)"),
+            "{problems:?}"
+        );
+    }
+}

@@ -20,25 +20,27 @@
 //!   `std::sync::Mutex` shared by the serve loop and every [`SimHandle`].
 
 use std::path::{Path, PathBuf};
+
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tokio_serial::SerialPortBuilderExt;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_serial::{SerialPort, SerialStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::rtu;
 use crate::value::Table;
 
-// Until lib.rs declares them, the two sibling files are compiled as children of this
-// module. At integration: add `mod simconfig; mod simmap;` to lib.rs, delete these two
-// lines and change `self::` to `crate::` in the four `use` lines below.
+// Until lib.rs declares them, the sibling files are compiled as children of this
+// module. At integration: add `mod simconfig; mod simmap; mod simport;` to lib.rs,
+// delete the three `#[path]` declarations and change `self::` to `crate::` in the `use` lines below.
 #[path = "simconfig.rs"]
 mod simconfig;
 #[path = "simmap.rs"]
 mod simmap;
+#[path = "simport.rs"]
+mod simport;
 
 pub use self::simconfig::{
     Fault, GenKind, InitValue, LineConfig, ParityName, RegisterConfig, SimConfig, SimType,
@@ -47,6 +49,7 @@ pub use self::simconfig::{
 pub(crate) use self::simconfig::{entry_len, table_name};
 pub use self::simmap::{BusStats, UnitStats};
 pub(crate) use self::simmap::{Unit, build as build_units, execute};
+pub use self::simport::{VirtualPort, run_virtual};
 
 /// Most bytes of unframed input kept; older bytes are dropped as garbage.
 pub const INPUT_CAP: usize = 512;
@@ -143,6 +146,8 @@ impl Shared {
 pub struct Simulator {
     shared: Arc<Shared>,
     timing: Option<LineConfig>,
+    /// Pace replies in software (off on a real UART, which paces itself).
+    pace: bool,
 }
 
 /// Control and inspection of a running simulation (tests set values and faults here).
@@ -255,6 +260,7 @@ impl Simulator {
                 epoch: Instant::now(),
             }),
             timing: config.line,
+            pace: true,
         }
     }
 
@@ -329,6 +335,47 @@ impl Simulator {
                 Ok(Err(e)) => return Err(e.into()),
             }
         }
+    }
+
+    /// Serves a real serial device (e.g. a USB adapter cabled to a gateway) with the
+    /// `[line]` settings (9600 8E1 without `[line]`). The UART paces the bytes, so only
+    /// the turnaround and fault delays are applied here.
+    pub async fn serve_device(
+        mut self,
+        path: &Path,
+        shutdown: CancellationToken,
+    ) -> Result<(), SimError> {
+        let line = self.timing.unwrap_or(LineConfig {
+            baud: 9600,
+            parity: ParityName::Even,
+            data_bits: 8,
+            stop_bits: 1,
+            turnaround: Duration::ZERO,
+        });
+        let port = tokio_serial::new(path.to_string_lossy(), line.baud)
+            .data_bits(if line.data_bits == 7 {
+                tokio_serial::DataBits::Seven
+            } else {
+                tokio_serial::DataBits::Eight
+            })
+            .stop_bits(if line.stop_bits == 2 {
+                tokio_serial::StopBits::Two
+            } else {
+                tokio_serial::StopBits::One
+            })
+            .parity(match line.parity {
+                ParityName::None => tokio_serial::Parity::None,
+                ParityName::Even => tokio_serial::Parity::Even,
+                ParityName::Odd => tokio_serial::Parity::Odd,
+            })
+            .open_native_async()
+            .map_err(|e| SimError::Port {
+                what: format!("open {}", path.display()),
+                message: e.to_string(),
+            })?;
+        self.timing = Some(line);
+        self.pace = false;
+        self.serve(port, shutdown).await
     }
 
     fn count_garbage(&self, framer: &mut Framer) {
@@ -414,7 +461,7 @@ impl Simulator {
         let turnaround = self.timing.map_or(Duration::ZERO, |l| l.turnaround);
         let start = Instant::now() + turnaround + out.delay;
         tokio::time::sleep_until(start).await;
-        let Some(line) = self.timing else {
+        let Some(line) = self.timing.filter(|_| self.pace) else {
             io.write_all(&out.bytes).await?;
             io.flush().await?;
             return Ok(());
@@ -541,157 +588,6 @@ impl SimHandle {
     /// The simulated unit ids, ascending.
     pub fn units(&self) -> Vec<u8> {
         self.shared.lock().units.keys().copied().collect()
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Virtual serial port
-// ---------------------------------------------------------------------------------------
-
-/// A pseudo-terminal pair standing in for a serial port: the simulator talks on the
-/// master side, the gateway opens [`VirtualPort::path`]. The slave side is kept open so
-/// the master never sees a hang-up before (or between) the gateway's opens. Optionally a
-/// symlink (a stand-in for `/dev/serial/by-id/...`) points at the slave. The port can
-/// vanish (master closed, link removed) and come back (a new pair, the link re-pointed)
-/// to exercise a gateway's reopen logic. Must be created inside a tokio runtime.
-pub struct VirtualPort {
-    master: Option<SerialStream>,
-    slave: Option<SerialStream>,
-    device: PathBuf,
-    link: Option<PathBuf>,
-    sim: Option<Simulator>,
-    task: Option<(CancellationToken, JoinHandle<()>)>,
-}
-
-fn port_err(what: impl Into<String>, e: impl std::fmt::Display) -> SimError {
-    SimError::Port {
-        what: what.into(),
-        message: e.to_string(),
-    }
-}
-
-fn open_pair() -> Result<(SerialStream, SerialStream, PathBuf), SimError> {
-    let (master, slave) = SerialStream::pair().map_err(|e| port_err("pty pair", e))?;
-    let device = slave
-        .name()
-        .ok_or_else(|| port_err("pty pair", "slave side has no device path"))?;
-    Ok((master, slave, PathBuf::from(device)))
-}
-
-/// Points `link` at `target`, replacing any old link atomically.
-fn point_link(link: &Path, target: &Path) -> Result<(), SimError> {
-    let mut tmp = link.as_os_str().to_owned();
-    tmp.push(".sim-tmp");
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let what = || format!("link {}", link.display());
-    std::os::unix::fs::symlink(target, &tmp).map_err(|e| port_err(what(), e))?;
-    std::fs::rename(&tmp, link).map_err(|e| port_err(what(), e))
-}
-
-impl VirtualPort {
-    /// A new pty pair.
-    pub fn new() -> Result<Self, SimError> {
-        let (master, slave, device) = open_pair()?;
-        Ok(VirtualPort {
-            master: Some(master),
-            slave: Some(slave),
-            device,
-            link: None,
-            sim: None,
-            task: None,
-        })
-    }
-
-    /// A new pty pair reachable through a symlink at `link` (replaced if it exists).
-    pub fn with_link(link: impl Into<PathBuf>) -> Result<Self, SimError> {
-        let mut port = Self::new()?;
-        let link = link.into();
-        point_link(&link, &port.device)?;
-        port.link = Some(link);
-        Ok(port)
-    }
-
-    /// The path a gateway opens: the link if there is one, else the pty device.
-    pub fn path(&self) -> &Path {
-        self.link.as_deref().unwrap_or(&self.device)
-    }
-
-    /// The pty slave device (`/dev/pts/N`) of the current pair.
-    pub fn device_path(&self) -> &Path {
-        &self.device
-    }
-
-    /// The master side, to serve it yourself (then `vanish` cannot close it for you).
-    pub fn take_master(&mut self) -> Option<SerialStream> {
-        self.master.take()
-    }
-
-    /// Serves `sim` on the master side in a background task; it is served again after
-    /// [`VirtualPort::come_back`].
-    pub fn run(&mut self, sim: Simulator) -> Result<(), SimError> {
-        let master = self
-            .master
-            .take()
-            .ok_or_else(|| port_err("run", "master side already taken or port vanished"))?;
-        let token = CancellationToken::new();
-        let task = tokio::spawn({
-            let (sim, token) = (sim.clone(), token.clone());
-            async move {
-                if let Err(e) = sim.serve(master, token).await {
-                    tracing::warn!(error = %e, "simulator stopped");
-                }
-            }
-        });
-        self.sim = Some(sim);
-        self.task = Some((token, task));
-        Ok(())
-    }
-
-    /// True between creation (or `come_back`) and `vanish`.
-    pub fn is_present(&self) -> bool {
-        self.slave.is_some()
-    }
-
-    /// Unplugs the port: stops serving, closes both pty sides (an open gateway side sees
-    /// a hang-up) and removes the link.
-    pub async fn vanish(&mut self) {
-        if let Some((token, task)) = self.task.take() {
-            token.cancel();
-            let _ = task.await;
-        }
-        self.master = None;
-        self.slave = None;
-        if let Some(link) = &self.link {
-            let _ = std::fs::remove_file(link);
-        }
-    }
-
-    /// Plugs the port back in: a new pty pair (usually a different device), the link
-    /// re-pointed at it, and the simulator given to `run` served on it again.
-    pub fn come_back(&mut self) -> Result<(), SimError> {
-        let (master, slave, device) = open_pair()?;
-        if let Some(link) = &self.link {
-            point_link(link, &device)?;
-        }
-        self.master = Some(master);
-        self.slave = Some(slave);
-        self.device = device;
-        if let Some(sim) = self.sim.take() {
-            self.run(sim)?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for VirtualPort {
-    fn drop(&mut self) {
-        if let Some((token, _)) = &self.task {
-            token.cancel();
-        }
-        if let Some(link) = &self.link {
-            let _ = std::fs::remove_file(link);
-        }
     }
 }
 
