@@ -2,6 +2,45 @@
 //! `[[unit.register]]`), fault specs, loading with every problem reported at once, and
 //! the simulations built in code (`quick` for the CLI, `from_bus`/`from_model` for demo).
 //!
+//! ```toml
+//! [line]                 # optional: emulate wire timing; absent = reply at once
+//! baud = 9600
+//! parity = "even"        # none | even | odd            (default even)
+//! data_bits = 8          # 7 | 8                        (default 8)
+//! stop_bits = 1          # 1 | 2                        (default 1)
+//! turnaround = "2ms"     # think time before a reply    (default 0)
+//!
+//! [[unit]]
+//! unit = 1               # 1..=247
+//! fault = "late 300ms"   # optional, see below
+//!
+//! [[unit.register]]      # fixed values, one per register / bit
+//! table = "holding"      # coils | discrete | holding | input
+//! address = 0            # zero-based
+//! values = [1, 2, -3]    # registers: -32768..=65535; bits: 0/1 or false/true
+//!
+//! [[unit.register]]      # a fixed string, 2 bytes a register, high byte first
+//! table = "input"
+//! address = 100
+//! text = "PUMP-7"
+//!
+//! [[unit.register]]      # generators
+//! table = "input"
+//! address = 10
+//! kind = "sine"          # counter | ramp | sine | random-walk | toggle
+//! type = "f32"           # u16 i16 u32 i32 u64 i64 f32 f64 (default u16; not on bit tables)
+//! order = "abcd"         # abcd | cdab | badc | dcba (default abcd)
+//! min = 0.0              # default 0
+//! max = 100.0            # default: type max (counter), 1 (toggle), 100 (others)
+//! period = "60s"         # counter/toggle: per step (default 1s); ramp/sine: per cycle (60s)
+//! step = 1.0             # counter increment / largest random-walk move per read (default 1)
+//! count = 1              # this many generators at consecutive addresses (default 1)
+//! ```
+//!
+//! Bit tables take `values` or `kind = "toggle"`. Faults: `silent`, `late <duration>`,
+//! `corrupt-crc`, `wrong-unit <id>`, `noise <bytes>`, `exception <code>`,
+//! `drop-every <n>`.
+//!
 //! Invariants: raw serde types use `deny_unknown_fields`; a config that passed
 //! [`SimConfig::validate`] compiles into register maps without any entry skipped.
 

@@ -413,8 +413,12 @@ fn add_entry(unit: &mut Unit, r: &RegisterConfig) -> Result<(), String> {
                 (InitValue::Int(n @ 0..=1), true) => n as u16,
                 (InitValue::Int(n @ -32768..=65535), false) => n as u16,
                 (v, _) => {
+                    let v = match v {
+                        InitValue::Bool(b) => b.to_string(),
+                        InitValue::Int(n) => n.to_string(),
+                    };
                     return Err(format!(
-                        "value {v:?} does not fit the {} table",
+                        "value {v} does not fit the {} table",
                         table_name(r.table)
                     ));
                 }

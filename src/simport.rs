@@ -1,7 +1,7 @@
 //! The virtual serial port the simulator usually runs on: a pseudo-terminal pair whose
 //! slave side a gateway opens by path (optionally through a `/dev/serial/by-id`-like
-//! symlink), which can vanish and come back to exercise reopen logic; and a real serial
-//! device served directly.
+//! symlink), which can vanish and come back to exercise reopen logic; and
+//! [`run_virtual`], the whole of `m2m-gateway simulate`.
 //!
 //! Invariants: the slave side is held open for the life of the pair, so the master never
 //! sees a hang-up before or between a gateway's opens; a symlink is only ever replaced
@@ -14,8 +14,6 @@ use tokio_serial::{SerialPort, SerialStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::simulate::{SimError, Simulator};
-
-// ---------------------------------------------------------------------------------------
 
 /// A pseudo-terminal pair standing in for a serial port: the simulator talks on the
 /// master side, the gateway opens [`VirtualPort::path`]. The slave side is kept open so

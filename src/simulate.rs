@@ -1,9 +1,11 @@
 //! Field-device simulator: Modbus-RTU slaves on a half-duplex line, for tests, benchmarks
 //! and `m2m-gateway demo`/`simulate`.
 //!
-//! Owns the simulation config (TOML, see [`SimConfig`]), the register maps of the
-//! simulated units, the RTU slave loop ([`Simulator::serve`]) and the virtual serial port
-//! it usually runs on ([`VirtualPort`]).
+//! This file owns the RTU slave loop ([`Simulator::serve`]): framing the input, applying
+//! faults, pacing replies; and the handle tests use ([`SimHandle`]). Its siblings own the
+//! TOML format (`simconfig.rs`, [`SimConfig`]), the register maps and what a request does
+//! to them (`simmap.rs`), and the pty it usually runs on (`simport.rs`, [`VirtualPort`]);
+//! their public items are re-exported here, so users only ever name `simulate::`.
 //!
 //! Invariants:
 //! - bad input never ends [`Simulator::serve`] and never panics: a frame with a bad CRC
@@ -20,21 +22,22 @@
 //!   `std::sync::Mutex` shared by the serve loop and every [`SimHandle`].
 
 use std::path::{Path, PathBuf};
-
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio_serial::SerialPortBuilderExt;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
+use tokio_serial::SerialPortBuilderExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::rtu;
 use crate::value::Table;
 
-// Until lib.rs declares them, the sibling files are compiled as children of this
-// module. At integration: add `mod simconfig; mod simmap; mod simport;` to lib.rs,
-// delete the three `#[path]` declarations and change `self::` to `crate::` in the `use` lines below.
+// TEMPORARY, until lib.rs declares them: the sibling files compile as children of this
+// module. At integration add `mod simconfig; mod simmap; mod simport;` to lib.rs, delete
+// the three `#[path]` declarations below and change `self::` to `crate::` in the five
+// `use` lines after them. The siblings name each other only as `crate::simulate::...`,
+// so nothing else changes.
 #[path = "simconfig.rs"]
 mod simconfig;
 #[path = "simmap.rs"]
@@ -95,7 +98,7 @@ pub enum SimError {
     #[error("unit {0} is not simulated")]
     UnknownUnit(u8),
     /// A register call on a bit table or a bit call on a register table.
-    #[error("unit {unit}: table {table:?} does not hold {wanted}")]
+    #[error("unit {unit}: table {} does not hold {wanted}", table_name(*table))]
     WrongTable {
         /// Unit.
         unit: u8,
@@ -403,7 +406,7 @@ impl Simulator {
         if id == 0 {
             if broadcastable(function) {
                 for unit in st.units.values_mut() {
-                    if unit.fault == Some(Fault::Silent) {
+                    if matches!(unit.fault, Some(Fault::Silent | Fault::Exception(_))) {
                         continue;
                     }
                     unit.stats.requests += 1;
