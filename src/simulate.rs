@@ -651,6 +651,18 @@ mod tests {
     }
 
     #[test]
+    fn random_input_never_panics_and_stays_bounded() {
+        let mut f = Framer::default();
+        for round in 0..500u32 {
+            let n = rand::random_range(0..300usize);
+            let chunk: Vec<u8> = (0..n).map(|_| rand::random::<u8>() % 32).collect();
+            f.push(&chunk);
+            while f.next(round % 3 == 0).is_some() {}
+            assert!(f.buf.len() <= INPUT_CAP);
+        }
+    }
+
+    #[test]
     fn input_is_capped() {
         let mut f = Framer::default();
         f.push(&[0x10; 2000]);

@@ -569,3 +569,28 @@ fn rig_from(config: SimConfig) -> Rig {
         master,
     }
 }
+
+#[tokio::test]
+async fn a_tokio_modbus_master_is_answered() {
+    use tokio_modbus::prelude::*;
+    let r = rig(MAP);
+    let mut ctx = rtu::attach_slave(r.master, Slave(1));
+    let words = timeout(WAIT, ctx.read_holding_registers(0, 3))
+        .await
+        .expect("in time")
+        .expect("transport")
+        .expect("no exception");
+    assert_eq!(words, [10, 20, 30]);
+    timeout(WAIT, ctx.write_single_register(2, 333))
+        .await
+        .expect("in time")
+        .expect("transport")
+        .expect("no exception");
+    assert_eq!(r.sim.register(1, Table::Holding, 2), Some(333));
+    let e = timeout(WAIT, ctx.read_input_registers(500, 1))
+        .await
+        .expect("in time")
+        .expect("transport");
+    assert_eq!(e, Err(ExceptionCode::IllegalDataAddress));
+    drop(r.port);
+}
