@@ -33,26 +33,14 @@ use tokio_util::sync::CancellationToken;
 use crate::rtu;
 use crate::value::Table;
 
-// TEMPORARY, until lib.rs declares them: the sibling files compile as children of this
-// module. At integration add `mod simconfig; mod simmap; mod simport;` to lib.rs, delete
-// the three `#[path]` declarations below and change `self::` to `crate::` in the five
-// `use` lines after them. The siblings name each other only as `crate::simulate::...`,
-// so nothing else changes.
-#[path = "simconfig.rs"]
-mod simconfig;
-#[path = "simmap.rs"]
-mod simmap;
-#[path = "simport.rs"]
-mod simport;
-
-pub use self::simconfig::{
+pub use crate::simconfig::{
     Fault, GenKind, InitValue, LineConfig, ParityName, RegisterConfig, SimConfig, SimType,
     UnitConfig, load, quick,
 };
-pub(crate) use self::simconfig::{entry_len, table_name};
-pub use self::simmap::{BusStats, UnitStats};
-pub(crate) use self::simmap::{Unit, build as build_units, execute};
-pub use self::simport::{VirtualPort, run_virtual};
+pub(crate) use crate::simconfig::{entry_len, table_name};
+pub use crate::simmap::{BusStats, UnitStats};
+pub(crate) use crate::simmap::{Unit, build as build_units, execute};
+pub use crate::simport::{VirtualPort, run_virtual};
 
 /// Most bytes of unframed input kept; older bytes are dropped as garbage.
 pub const INPUT_CAP: usize = 512;
