@@ -83,20 +83,12 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}: {}",
-            self.origin, self.line, self.col, self.path, self.message
-        )
+        write!(f, "{}:{}:{}: {}: {}", self.origin, self.line, self.col, self.path, self.message)
     }
 }
 
 fn display_problems(problems: &[Problem]) -> String {
-    problems
-        .iter()
-        .map(Problem::to_string)
-        .collect::<Vec<_>>()
-        .join("\n")
+    problems.iter().map(Problem::to_string).collect::<Vec<_>>().join("\n")
 }
 
 /// `file:line:col` or just `file` when the position is unknown.
@@ -116,10 +108,8 @@ impl fmt::Display for Location<'_> {
 
 /// Reads and validates the configuration file at `path`.
 pub fn load(path: &Path) -> Result<Model, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
     parse(&text, &path.display().to_string())
 }
 
@@ -141,11 +131,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Model, ConfigError> {
     // list the problems as the reader meets them in the file.
     check.problems.sort_by_key(|p| (p.line, p.col));
     if check.problems.is_empty() {
-        Ok(Model {
-            gateway,
-            buses,
-            links: None,
-        })
+        Ok(Model { gateway, buses, links: None })
     } else {
         Err(ConfigError::Invalid(check.problems))
     }
@@ -154,9 +140,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Model, ConfigError> {
 /// Serde names the Rust type it wanted (`expected i64`); users wrote TOML, so say so in
 /// TOML's words.
 fn plain_types(message: &str) -> String {
-    message
-        .replace("expected i64", "expected an integer")
-        .replace("expected f64", "expected a number")
+    message.replace("expected i64", "expected an integer").replace("expected f64", "expected a number")
 }
 
 /// The whole file, one field per top-level section.
@@ -184,30 +168,16 @@ struct Checker<'a> {
 
 impl<'a> Checker<'a> {
     fn new(text: &'a str, origin: &'a str) -> Self {
-        let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
-        Checker {
-            origin,
-            text,
-            line_starts,
-            problems: Vec::new(),
-        }
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        Checker { origin, text, line_starts, problems: Vec::new() }
     }
 
     /// 1-based line and column (in characters) of byte `offset`.
     fn position(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
         let line = self.line_starts.partition_point(|&start| start <= offset);
-        let start = self
-            .line_starts
-            .get(line.wrapping_sub(1))
-            .copied()
-            .unwrap_or(0);
-        let col = self
-            .text
-            .get(start..offset)
-            .map_or(offset - start, |s| s.chars().count());
+        let start = self.line_starts.get(line.wrapping_sub(1)).copied().unwrap_or(0);
+        let col = self.text.get(start..offset).map_or(offset - start, |s| s.chars().count());
         (line.max(1), col + 1)
     }
 
@@ -262,11 +232,7 @@ impl<'a> Checker<'a> {
                 self.report(
                     value.span(),
                     path,
-                    format!(
-                        "{key} {v} is out of range {}..={}",
-                        range.start(),
-                        range.end()
-                    ),
+                    format!("{key} {v} is out of range {}..={}", range.start(), range.end()),
                 );
                 default
             }
@@ -304,10 +270,7 @@ impl<'a> Checker<'a> {
                 self.report(
                     value.span(),
                     path,
-                    format!(
-                        "{key} {:?} is not a duration (like \"500ms\" or \"2s\"): {e}",
-                        value.get_ref()
-                    ),
+                    format!("{key} {:?} is not a duration (like \"500ms\" or \"2s\"): {e}", value.get_ref()),
                 );
                 default
             }
@@ -362,13 +325,9 @@ mod tests {
 
     #[test]
     fn syntax_error_has_position() {
-        let err = parse("[gateway]\nname = \"a\"\nbogus = 1\n", "g.toml")
-            .expect_err("unknown key must fail");
+        let err = parse("[gateway]\nname = \"a\"\nbogus = 1\n", "g.toml").expect_err("unknown key must fail");
         let text = err.to_string();
-        assert!(
-            text.starts_with("g.toml:3:1: unknown field `bogus`"),
-            "{text}"
-        );
+        assert!(text.starts_with("g.toml:3:1: unknown field `bogus`"), "{text}");
         assert_eq!(err.exit_code(), 2);
     }
 
@@ -395,9 +354,6 @@ baud = 0
     #[test]
     fn io_error_names_the_file() {
         let err = load(Path::new("/nonexistent/gw.toml")).expect_err("missing file");
-        assert!(
-            err.to_string()
-                .starts_with("cannot read /nonexistent/gw.toml: ")
-        );
+        assert!(err.to_string().starts_with("cannot read /nonexistent/gw.toml: "));
     }
 }

@@ -37,37 +37,22 @@ impl Gateway {
             let poller = Poller::new(bus, handle.clone(), image.clone());
             tracker.spawn(poller.run(shutdown.clone()));
             tracker.spawn(
-                summarise(
-                    handle.clone(),
-                    model.gateway.summary_interval,
-                    shutdown.clone(),
-                )
-                .instrument(info_span!("bus", bus = %bus.name)),
+                summarise(handle.clone(), model.gateway.summary_interval, shutdown.clone())
+                    .instrument(info_span!("bus", bus = %bus.name)),
             );
             buses.push(handle);
         }
         tracker.spawn(sweep(image.clone(), shutdown.clone()));
         info!(gateway = %model.gateway.name, buses = model.buses.len(), points = image.len(), "gateway started");
-        Self {
-            image,
-            buses,
-            shutdown,
-            tracker,
-        }
+        Self { image, buses, shutdown, tracker }
     }
 
     /// Waits for the shutdown token, then for every task to stop (at most `grace`).
     pub async fn shutdown(self, grace: Duration) {
         self.shutdown.cancelled().await;
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                ?grace,
-                "tasks still running after the grace period; leaving them"
-            );
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            warn!(?grace, "tasks still running after the grace period; leaving them");
         }
     }
 }

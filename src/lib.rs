@@ -17,6 +17,7 @@ pub mod bus;
 pub mod codec;
 pub mod commission;
 pub mod config;
+pub mod demo;
 pub mod framing;
 pub mod gateway;
 pub mod image;

@@ -318,19 +318,12 @@ impl<'de> Deserialize<'de> for Fault {
 
 /// Reads and validates a simulation file; every problem is reported at once.
 pub fn load(path: &Path) -> Result<SimConfig, SimError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SimError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let config: SimConfig = toml::from_str(&text).map_err(|e| SimError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| SimError::Read { path: path.to_owned(), source })?;
+    let config: SimConfig = toml::from_str(&text)
+        .map_err(|e| SimError::Parse { path: path.to_owned(), message: e.to_string() })?;
     config.validate().map_err(|e| match e {
-        SimError::Invalid { problems, .. } => SimError::Invalid {
-            path: path.to_owned(),
-            problems,
-        },
+        SimError::Invalid { problems, .. } => SimError::Invalid { path: path.to_owned(), problems },
         other => other,
     })?;
     Ok(config)
@@ -340,14 +333,7 @@ impl SimConfig {
     /// Checks the config; `Err(SimError::Invalid)` lists every problem.
     pub fn validate(&self) -> Result<(), SimError> {
         let (_, problems) = build_units(self);
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(SimError::Invalid {
-                path: PathBuf::new(),
-                problems,
-            })
-        }
+        if problems.is_empty() { Ok(()) } else { Err(SimError::Invalid { path: PathBuf::new(), problems }) }
     }
 
     /// A simulation answering every device and point of one bus with moving values:
@@ -367,10 +353,7 @@ impl SimConfig {
             turnaround: Duration::from_millis(2),
         };
         let units = bus.devices.iter().map(device_unit).collect();
-        SimConfig {
-            line: Some(line),
-            units,
-        }
+        SimConfig { line: Some(line), units }
     }
 
     /// [`SimConfig::from_bus`] for every bus of a gateway config in one simulation (the
@@ -409,11 +392,7 @@ fn device_unit(device: &crate::model::Device) -> UnitConfig {
                 mk(GenKind::Toggle, SimType::U16, 0.0, max, secs(2 + i % 5))
             }
             DataType::F32 | DataType::F64 => {
-                let ty = if p.data_type == DataType::F32 {
-                    SimType::F32
-                } else {
-                    SimType::F64
-                };
+                let ty = if p.data_type == DataType::F32 { SimType::F32 } else { SimType::F64 };
                 mk(GenKind::Sine, ty, 0.0, 100.0, secs(30 + 7 * (i % 5)))
             }
             DataType::Str(n) => {
@@ -456,11 +435,7 @@ fn device_unit(device: &crate::model::Device) -> UnitConfig {
             }
         }
     }
-    UnitConfig {
-        unit: device.unit,
-        fault: None,
-        registers,
-    }
+    UnitConfig { unit: device.unit, fault: None, registers }
 }
 
 pub(crate) fn is_bits(table: Table) -> bool {
@@ -532,27 +507,11 @@ pub fn quick(units: &[u8], registers: u16) -> SimConfig {
         let mut regs = Vec::new();
         for a in 0..registers {
             let period = Duration::from_millis(500 + 250 * u64::from(a % 4));
-            regs.push(mk(
-                Table::Holding,
-                a,
-                GenKind::Counter,
-                SimType::U16,
-                65535.0,
-                period,
-                1,
-            ));
+            regs.push(mk(Table::Holding, a, GenKind::Counter, SimType::U16, 65535.0, period, 1));
         }
         for a in (0..registers / 2).map(|i| 2 * i) {
             let period = secs(20 + 5 * u32::from(a % 8));
-            regs.push(mk(
-                Table::Input,
-                a,
-                GenKind::Sine,
-                SimType::F32,
-                100.0,
-                period,
-                1,
-            ));
+            regs.push(mk(Table::Input, a, GenKind::Sine, SimType::F32, 100.0, period, 1));
         }
         if registers % 2 == 1 {
             let (t, a, p) = (Table::Input, registers - 1, secs(1));
@@ -560,31 +519,11 @@ pub fn quick(units: &[u8], registers: u16) -> SimConfig {
         }
         for a in 0..64u16 {
             let p = secs(1 + u32::from(a % 8));
-            regs.push(mk(
-                Table::Coils,
-                a,
-                GenKind::Toggle,
-                SimType::U16,
-                1.0,
-                p,
-                1,
-            ));
+            regs.push(mk(Table::Coils, a, GenKind::Toggle, SimType::U16, 1.0, p, 1));
             let p = secs(2 + u32::from(a % 5));
-            regs.push(mk(
-                Table::Discrete,
-                a,
-                GenKind::Toggle,
-                SimType::U16,
-                1.0,
-                p,
-                1,
-            ));
+            regs.push(mk(Table::Discrete, a, GenKind::Toggle, SimType::U16, 1.0, p, 1));
         }
-        out.units.push(UnitConfig {
-            unit,
-            fault: None,
-            registers: regs,
-        });
+        out.units.push(UnitConfig { unit, fault: None, registers: regs });
     }
     out
 }
@@ -650,18 +589,15 @@ count = 16
         let line = config.line.expect("line");
         assert_eq!(line.turnaround, Duration::from_millis(2));
         assert_eq!(line.line().parity, Parity::Even);
-        assert_eq!(
-            config.units[0].fault,
-            Some(Fault::Late(Duration::from_millis(250)))
-        );
+        assert_eq!(config.units[0].fault, Some(Fault::Late(Duration::from_millis(250))));
         assert_eq!(entry_len(&config.units[0].registers[3]), 4);
         assert_eq!(entry_len(&config.units[0].registers[4]), 3);
     }
 
     #[test]
     fn bad_fault_in_toml_names_the_syntax() {
-        let e = toml::from_str::<SimConfig>("[[unit]]\nunit = 1\nfault = \"sleepy\"\n")
-            .expect_err("bad fault");
+        let e =
+            toml::from_str::<SimConfig>("[[unit]]\nunit = 1\nfault = \"sleepy\"\n").expect_err("bad fault");
         assert!(e.to_string().contains("wrong-unit <id>"), "{e}");
     }
 
@@ -704,12 +640,7 @@ count = 16
         let bus = Bus {
             name: "line1".into(),
             port: "/dev/ttyUSB0".into(),
-            line: Line {
-                baud: 19200,
-                data_bits: 8,
-                parity: Parity::None,
-                stop_bits: 1,
-            },
+            line: Line { baud: 19200, data_bits: 8, parity: Parity::None, stop_bits: 1 },
             protocol: crate::model::Protocol::ModbusRtu,
             timeout: Duration::from_millis(500),
             retries: 1,
@@ -718,11 +649,9 @@ count = 16
             devices: vec![device],
         };
         let model = Model {
-            gateway: Gateway {
-                name: "gw".into(),
-                summary_interval: Duration::from_secs(60),
-            },
+            gateway: Gateway { name: "gw".into(), summary_interval: Duration::from_secs(60) },
             buses: vec![bus],
+            links: None,
         };
         let config = SimConfig::from_model(&model);
         config.validate().expect("valid");
@@ -735,10 +664,7 @@ count = 16
         let flow = f32::from_bits(u32::from(words[1]) << 16 | u32::from(words[0]));
         assert!((0.0..=100.0).contains(&flow), "flow {flow}");
         assert!(u.read(Table::Holding, 0, 5, t).is_ok());
-        assert_eq!(
-            u.read(Table::Holding, 10, 3, t),
-            Ok(vec![0x5349, 0x4D20, 0x7075])
-        );
+        assert_eq!(u.read(Table::Holding, 10, 3, t), Ok(vec![0x5349, 0x4D20, 0x7075]));
         assert!(u.read(Table::Coils, 7, 1, t).is_ok());
         assert!(u.read(Table::Holding, 20, 1, t).is_err());
     }

@@ -12,9 +12,7 @@ use std::time::Duration;
 use tokio_modbus::Response;
 
 use crate::pdu;
-use crate::simulate::{
-    Fault, GenKind, InitValue, RegisterConfig, SimConfig, SimType, entry_len, table_name,
-};
+use crate::simulate::{Fault, GenKind, InitValue, RegisterConfig, SimConfig, SimType, entry_len, table_name};
 use crate::value::{Table, WordOrder};
 
 /// Exception code: function not supported.
@@ -51,9 +49,7 @@ impl Generator {
         let period = self.period.as_secs_f64().max(1e-3);
         let cycles = t.as_secs_f64() / period;
         match self.kind {
-            GenKind::Counter if span > 0.0 => {
-                self.min + (cycles.floor() * self.step).rem_euclid(span + 1.0)
-            }
+            GenKind::Counter if span > 0.0 => self.min + (cycles.floor() * self.step).rem_euclid(span + 1.0),
             GenKind::Counter => self.min,
             GenKind::Ramp => self.min + span * cycles.fract(),
             GenKind::Sine => self.min + span / 2.0 * (1.0 + (std::f64::consts::TAU * cycles).sin()),
@@ -76,7 +72,9 @@ impl Generator {
     }
 }
 
-/// Encodes `v` as `ty` in `order` (`as` casts saturate; NaN becomes 0).
+/// Encodes `v` as `ty` in `order` (`as` casts saturate; NaN becomes 0). Deliberately
+/// independent of `codec.rs`: the end-to-end decoding tests check the gateway's codec
+/// against this second implementation.
 fn encode(v: f64, ty: SimType, order: WordOrder) -> Vec<u16> {
     let r = v.round();
     let mut b: Vec<u8> = match ty {
@@ -98,9 +96,7 @@ fn encode(v: f64, ty: SimType, order: WordOrder) -> Vec<u16> {
             b.chunks_mut(2).for_each(|c| c.reverse());
         }
     }
-    b.chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]))
-        .collect()
+    b.chunks(2).map(|c| u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])).collect()
 }
 
 fn table_index(t: Table) -> usize {
@@ -180,18 +176,10 @@ impl Unit {
     }
 
     /// Writes `values` from `addr`; all addresses must be mapped (else nothing changes).
-    fn write(
-        &mut self,
-        table: Table,
-        addr: u16,
-        values: &[u16],
-        t: Duration,
-    ) -> Result<(), Exception> {
+    fn write(&mut self, table: Table, addr: u16, values: &[u16], t: Duration) -> Result<(), Exception> {
         let ti = table_index(table);
         let end = u32::from(addr) + values.len() as u32;
-        if end > 0x1_0000
-            || (u32::from(addr)..end).any(|a| !self.tables[ti].contains_key(&(a as u16)))
-        {
+        if end > 0x1_0000 || (u32::from(addr)..end).any(|a| !self.tables[ti].contains_key(&(a as u16))) {
             return Err(ILLEGAL_ADDRESS);
         }
         for (a, v) in (addr..).zip(values) {
@@ -223,24 +211,15 @@ impl Unit {
 }
 
 fn be16(b: &[u8], i: usize) -> u16 {
-    u16::from_be_bytes([
-        b.get(i).copied().unwrap_or(0),
-        b.get(i + 1).copied().unwrap_or(0),
-    ])
+    u16::from_be_bytes([b.get(i).copied().unwrap_or(0), b.get(i + 1).copied().unwrap_or(0)])
 }
 
 fn unpack_bits(bytes: &[u8], n: usize) -> Vec<u16> {
-    (0..n)
-        .map(|i| u16::from(bytes.get(i / 8).is_some_and(|b| b >> (i % 8) & 1 == 1)))
-        .collect()
+    (0..n).map(|i| u16::from(bytes.get(i / 8).is_some_and(|b| b >> (i % 8) & 1 == 1))).collect()
 }
 
 /// Carries out one request PDU; returns the reply PDU and whether it wrote.
-pub(crate) fn execute(
-    unit: &mut Unit,
-    p: &[u8],
-    t: Duration,
-) -> Result<(Vec<u8>, bool), Exception> {
+pub(crate) fn execute(unit: &mut Unit, p: &[u8], t: Duration) -> Result<(Vec<u8>, bool), Exception> {
     let f = p.first().copied().unwrap_or(0);
     let (a, q) = (be16(p, 1), be16(p, 3));
     let mut out = Vec::new();
@@ -248,16 +227,11 @@ pub(crate) fn execute(
     match f {
         1..=4 => {
             let bits = f <= 2;
-            let max = if bits {
-                pdu::MAX_READ_BITS
-            } else {
-                pdu::MAX_READ_REGISTERS
-            };
+            let max = if bits { pdu::MAX_READ_BITS } else { pdu::MAX_READ_REGISTERS };
             if !range_ok(q, max) {
                 return Err(ILLEGAL_VALUE);
             }
-            let table =
-                [Table::Coils, Table::Discrete, Table::Holding, Table::Input][usize::from(f - 1)];
+            let table = [Table::Coils, Table::Discrete, Table::Holding, Table::Input][usize::from(f - 1)];
             let v = unit.read(table, a, q, t)?;
             let rsp = match f {
                 1 => Response::ReadCoils(v.iter().map(|x| *x != 0).collect()),
@@ -288,10 +262,7 @@ pub(crate) fn execute(
             } else {
                 (pdu::MAX_WRITE_REGISTERS, 2 * usize::from(q))
             };
-            if !range_ok(q, max)
-                || p.get(5).map(|b| usize::from(*b)) != Some(bc)
-                || p.len() != 6 + bc
-            {
+            if !range_ok(q, max) || p.get(5).map(|b| usize::from(*b)) != Some(bc) || p.len() != 6 + bc {
                 return Err(ILLEGAL_VALUE);
             }
             let data = &p[6..];
@@ -300,12 +271,7 @@ pub(crate) fn execute(
             } else {
                 data.chunks(2).map(|c| be16(c, 0)).collect()
             };
-            unit.write(
-                if bits { Table::Coils } else { Table::Holding },
-                a,
-                &values,
-                t,
-            )?;
+            unit.write(if bits { Table::Coils } else { Table::Holding }, a, &values, t)?;
             let rsp = if bits {
                 Response::WriteMultipleCoils(a, q)
             } else {
@@ -363,10 +329,7 @@ pub(crate) fn build(config: &SimConfig) -> (BTreeMap<u8, Unit>, Vec<String>) {
             problems.push(format!("unit {u}: defined twice"));
             continue;
         }
-        let mut unit = Unit {
-            fault: uc.fault,
-            ..Unit::default()
-        };
+        let mut unit = Unit { fault: uc.fault, ..Unit::default() };
         for (i, r) in uc.registers.iter().enumerate() {
             if let Err(p) = add_entry(&mut unit, r) {
                 problems.push(format!(
@@ -400,10 +363,7 @@ fn add_entry(unit: &mut Unit, r: &RegisterConfig) -> Result<(), String> {
     }
     let len = u32::from(entry_len(r));
     if len == 0 || u32::from(r.address) + len > 0x1_0000 {
-        return Err(format!(
-            "{len} values from address {} pass 65535",
-            r.address
-        ));
+        return Err(format!("{len} values from address {} pass 65535", r.address));
     }
     if !r.values.is_empty() {
         let mut words = Vec::new();
@@ -417,10 +377,7 @@ fn add_entry(unit: &mut Unit, r: &RegisterConfig) -> Result<(), String> {
                         InitValue::Bool(b) => b.to_string(),
                         InitValue::Int(n) => n.to_string(),
                     };
-                    return Err(format!(
-                        "value {v} does not fit the {} table",
-                        table_name(r.table)
-                    ));
+                    return Err(format!("value {v} does not fit the {} table", table_name(r.table)));
                 }
             });
         }
@@ -504,14 +461,8 @@ mod tests {
         assert_eq!(encode(1.0, SimType::F32, WordOrder::Dcba), [0x0000, 0x803F]);
         assert_eq!(encode(-2.0, SimType::I16, WordOrder::Abcd), [0xFFFE]);
         assert_eq!(encode(70_000.0, SimType::U16, WordOrder::Abcd), [0xFFFF]);
-        assert_eq!(
-            encode(0x0102_0304 as f64, SimType::U32, WordOrder::Cdab),
-            [0x0304, 0x0102]
-        );
-        assert_eq!(
-            encode(1.0, SimType::F64, WordOrder::Cdab),
-            [0x0000, 0x0000, 0x0000, 0x3FF0]
-        );
+        assert_eq!(encode(0x0102_0304 as f64, SimType::U32, WordOrder::Cdab), [0x0304, 0x0102]);
+        assert_eq!(encode(1.0, SimType::F64, WordOrder::Cdab), [0x0000, 0x0000, 0x0000, 0x3FF0]);
     }
 
     #[test]
@@ -529,10 +480,7 @@ mod tests {
             base: 0,
         };
         let at = |s| Duration::from_millis(s);
-        let seq: Vec<f64> = [0, 1000, 2000, 3000]
-            .iter()
-            .map(|s| g.value(at(*s)))
-            .collect();
+        let seq: Vec<f64> = [0, 1000, 2000, 3000].iter().map(|s| g.value(at(*s))).collect();
         assert_eq!(seq, [10.0, 11.0, 12.0, 10.0]);
         g.kind = GenKind::Toggle;
         assert_eq!((g.value(at(500)), g.value(at(1500))), (10.0, 12.0));
@@ -563,34 +511,16 @@ mod tests {
              [[unit.register]]\ntable = \"input\"\naddress = 0\ntext = \"ABC\"\n",
         );
         let ok = |r: Result<(Vec<u8>, bool), Exception>| r.expect("no exception").0;
-        assert_eq!(
-            ok(execute(&mut u, &[4, 0, 0, 0, 2], T)),
-            [4, 4, 0x41, 0x42, 0x43, 0]
-        );
+        assert_eq!(ok(execute(&mut u, &[4, 0, 0, 0, 2], T)), [4, 4, 0x41, 0x42, 0x43, 0]);
         assert_eq!(execute(&mut u, &[3, 0, 1, 0, 2], T), Err(ILLEGAL_ADDRESS));
-        assert_eq!(
-            execute(&mut u, &[3, 0xFF, 0xFF, 0, 2], T),
-            Err(ILLEGAL_ADDRESS)
-        );
-        assert_eq!(
-            execute(&mut u, &[5, 0, 0, 0x12, 0x34], T),
-            Err(ILLEGAL_VALUE)
-        );
-        assert_eq!(
-            execute(&mut u, &[5, 0, 0, 0xFF, 0], T),
-            Err(ILLEGAL_ADDRESS)
-        );
-        assert_eq!(
-            execute(&mut u, &[16, 0, 0, 0, 2, 3, 0, 0, 0], T),
-            Err(ILLEGAL_VALUE)
-        );
+        assert_eq!(execute(&mut u, &[3, 0xFF, 0xFF, 0, 2], T), Err(ILLEGAL_ADDRESS));
+        assert_eq!(execute(&mut u, &[5, 0, 0, 0x12, 0x34], T), Err(ILLEGAL_VALUE));
+        assert_eq!(execute(&mut u, &[5, 0, 0, 0xFF, 0], T), Err(ILLEGAL_ADDRESS));
+        assert_eq!(execute(&mut u, &[16, 0, 0, 0, 2, 3, 0, 0, 0], T), Err(ILLEGAL_VALUE));
         assert_eq!(execute(&mut u, &[43, 14, 1, 0], T), Err(ILLEGAL_FUNCTION));
         // Input registers cannot be written: no function code reaches them.
         assert_eq!(execute(&mut u, &[6, 0, 5, 0, 1], T), Err(ILLEGAL_ADDRESS));
-        assert_eq!(
-            ok(execute(&mut u, &[16, 0, 0, 0, 2, 4, 0, 9, 0, 8], T)),
-            [16, 0, 0, 0, 2]
-        );
+        assert_eq!(ok(execute(&mut u, &[16, 0, 0, 0, 2, 4, 0, 9, 0, 8], T)), [16, 0, 0, 0, 2]);
         assert_eq!(u.read(Table::Holding, 0, 2, T), Ok(vec![9, 8]));
     }
 
@@ -605,9 +535,6 @@ mod tests {
         .expect("parses");
         let (_, problems) = build(&config);
         assert_eq!(problems.len(), 5, "{problems:?}");
-        assert!(
-            problems[1].starts_with("unit 1 register #1 (holding 0)"),
-            "{problems:?}"
-        );
+        assert!(problems[1].starts_with("unit 1 register #1 (holding 0)"), "{problems:?}");
     }
 }

@@ -31,17 +31,12 @@ pub struct VirtualPort {
 }
 
 fn port_err(what: impl Into<String>, e: impl std::fmt::Display) -> SimError {
-    SimError::Port {
-        what: what.into(),
-        message: e.to_string(),
-    }
+    SimError::Port { what: what.into(), message: e.to_string() }
 }
 
 fn open_pair() -> Result<(SerialStream, SerialStream, PathBuf), SimError> {
     let (master, slave) = SerialStream::pair().map_err(|e| port_err("pty pair", e))?;
-    let device = slave
-        .name()
-        .ok_or_else(|| port_err("pty pair", "slave side has no device path"))?;
+    let device = slave.name().ok_or_else(|| port_err("pty pair", "slave side has no device path"))?;
     Ok((master, slave, PathBuf::from(device)))
 }
 

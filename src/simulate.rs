@@ -34,8 +34,8 @@ use crate::rtu;
 use crate::value::Table;
 
 pub use crate::simconfig::{
-    Fault, GenKind, InitValue, LineConfig, ParityName, RegisterConfig, SimConfig, SimType,
-    UnitConfig, load, quick,
+    Fault, GenKind, InitValue, LineConfig, ParityName, RegisterConfig, SimConfig, SimType, UnitConfig, load,
+    quick,
 };
 pub(crate) use crate::simconfig::{entry_len, table_name};
 pub use crate::simmap::{BusStats, UnitStats};
@@ -244,10 +244,7 @@ impl Simulator {
         }
         Simulator {
             shared: Arc::new(Shared {
-                state: Mutex::new(State {
-                    units,
-                    bus: BusStats::default(),
-                }),
+                state: Mutex::new(State { units, bus: BusStats::default() }),
                 epoch: Instant::now(),
             }),
             timing: config.line,
@@ -257,9 +254,7 @@ impl Simulator {
 
     /// A handle on the shared state.
     pub fn handle(&self) -> SimHandle {
-        SimHandle {
-            shared: self.shared.clone(),
-        }
+        SimHandle { shared: self.shared.clone() }
     }
 
     /// The emulated line, if any.
@@ -331,11 +326,7 @@ impl Simulator {
     /// Serves a real serial device (e.g. a USB adapter cabled to a gateway) with the
     /// `[line]` settings (9600 8E1 without `[line]`). The UART paces the bytes, so only
     /// the turnaround and fault delays are applied here.
-    pub async fn serve_device(
-        mut self,
-        path: &Path,
-        shutdown: CancellationToken,
-    ) -> Result<(), SimError> {
+    pub async fn serve_device(mut self, path: &Path, shutdown: CancellationToken) -> Result<(), SimError> {
         let line = self.timing.unwrap_or(LineConfig {
             baud: 9600,
             parity: ParityName::Even,
@@ -463,9 +454,7 @@ impl Simulator {
         while sent < n {
             // Byte k has left the wire at start + (k + 1) * ct.
             let elapsed = Instant::now().saturating_duration_since(start);
-            let due = usize::try_from(elapsed.as_nanos() / ct.as_nanos())
-                .unwrap_or(n)
-                .min(n);
+            let due = usize::try_from(elapsed.as_nanos() / ct.as_nanos()).unwrap_or(n).min(n);
             if due > sent {
                 io.write_all(&out.bytes[sent..due]).await?;
                 io.flush().await?;
@@ -488,11 +477,7 @@ impl Simulator {
 }
 
 impl SimHandle {
-    fn with_unit<T>(
-        &self,
-        unit: u8,
-        f: impl FnOnce(&mut Unit, Duration) -> T,
-    ) -> Result<T, SimError> {
+    fn with_unit<T>(&self, unit: u8, f: impl FnOnce(&mut Unit, Duration) -> T) -> Result<T, SimError> {
         let t = self.shared.epoch.elapsed();
         let mut st = self.shared.lock();
         let u = st.units.get_mut(&unit).ok_or(SimError::UnknownUnit(unit))?;
@@ -504,35 +489,19 @@ impl SimHandle {
             Ok(())
         } else {
             let wanted = if bits { "bits" } else { "registers" };
-            Err(SimError::WrongTable {
-                unit,
-                table,
-                wanted,
-            })
+            Err(SimError::WrongTable { unit, table, wanted })
         }
     }
 
     /// Sets (and maps, if it was not) a holding or input register. A generator the
     /// register belonged to stops; the value stays until written again.
-    pub fn set_register(
-        &self,
-        unit: u8,
-        table: Table,
-        address: u16,
-        value: u16,
-    ) -> Result<(), SimError> {
+    pub fn set_register(&self, unit: u8, table: Table, address: u16, value: u16) -> Result<(), SimError> {
         Self::check(unit, table, false)?;
         self.with_unit(unit, |u, t| u.set(table, address, value, t))
     }
 
     /// Sets (and maps, if it was not) a coil or discrete input.
-    pub fn set_bit(
-        &self,
-        unit: u8,
-        table: Table,
-        address: u16,
-        value: bool,
-    ) -> Result<(), SimError> {
+    pub fn set_bit(&self, unit: u8, table: Table, address: u16, value: bool) -> Result<(), SimError> {
         Self::check(unit, table, true)?;
         self.with_unit(unit, |u, t| u.set(table, address, u16::from(value), t))
     }
@@ -659,15 +628,9 @@ mod tests {
 
     #[test]
     fn fault_specs_round_trip() {
-        for s in [
-            "silent",
-            "late 300ms",
-            "corrupt-crc",
-            "wrong-unit 9",
-            "noise 5",
-            "exception 4",
-            "drop-every 3",
-        ] {
+        for s in
+            ["silent", "late 300ms", "corrupt-crc", "wrong-unit 9", "noise 5", "exception 4", "drop-every 3"]
+        {
             let f: Fault = s.parse().expect("valid spec");
             assert_eq!(f.to_string(), s);
         }

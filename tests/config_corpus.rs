@@ -11,9 +11,7 @@ use m2m_gateway::model::{Model, Parity, Protocol};
 use m2m_gateway::value::{DataType, Table, WordOrder};
 
 fn corpus(kind: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/configs")
-        .join(kind);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs").join(kind);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
         .map(|entry| entry.expect("directory entry").path())
@@ -24,10 +22,7 @@ fn corpus(kind: &str) -> Vec<PathBuf> {
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name()
-        .expect("file name")
-        .to_string_lossy()
-        .into_owned()
+    path.file_name().expect("file name").to_string_lossy().into_owned()
 }
 
 #[test]
@@ -38,10 +33,7 @@ fn bad_configs_fail_with_their_expected_messages() {
     for path in &files {
         let name = file_name(path);
         let text = std::fs::read_to_string(path).expect("read corpus file");
-        let expected: Vec<&str> = text
-            .lines()
-            .filter_map(|line| line.strip_prefix("# expect: "))
-            .collect();
+        let expected: Vec<&str> = text.lines().filter_map(|line| line.strip_prefix("# expect: ")).collect();
         if expected.is_empty() {
             failures.push(format!("{name}: no `# expect:` line"));
             continue;
@@ -89,9 +81,7 @@ fn good_configs_load() {
 }
 
 fn good(name: &str) -> Model {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/configs/good")
-        .join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs/good").join(name);
     config::load(&path).unwrap_or_else(|e| panic!("{name}:\n{e}"))
 }
 
@@ -110,15 +100,9 @@ fn defaults_are_resolved() {
     assert_eq!(bus.queue_depth, 64);
     assert_eq!(bus.reopen_max, Duration::from_secs(30));
     let device = &bus.devices[0];
-    assert_eq!(
-        device.timeout, bus.timeout,
-        "device timeout comes from its bus"
-    );
+    assert_eq!(device.timeout, bus.timeout, "device timeout comes from its bus");
     assert_eq!(device.turnaround, Duration::ZERO);
-    assert_eq!(
-        (device.max_registers, device.max_bits, device.max_gap),
-        (125, 2000, 8)
-    );
+    assert_eq!((device.max_registers, device.max_bits, device.max_gap), (125, 2000, 8));
     assert_eq!(device.backoff_max, Duration::from_secs(60));
     let [register, coil] = &device.points[..] else {
         panic!("two points expected");
@@ -151,18 +135,12 @@ fn address_base_and_overrides_are_applied() {
     assert_eq!(first.points[0].stale_after, Duration::from_millis(750));
     assert_eq!(first.points[1].data_type, DataType::Bit(15));
     assert_eq!(first.points[2].data_type, DataType::Str(5));
-    assert_eq!(
-        first.points[2].address, 65_532,
-        "5 bytes: 3 registers below the flag"
-    );
+    assert_eq!(first.points[2].address, 65_532, "5 bytes: 3 registers below the flag");
     assert_eq!(first.points[3].scale, 0.5);
     assert_eq!(first.points[3].unit.as_deref(), Some("m3/h"));
     let second = &bus.devices[1];
     assert_eq!(second.timeout, bus.timeout);
-    assert_eq!(
-        second.points[0].address, 65_535,
-        "base 0: address is the wire address"
-    );
+    assert_eq!(second.points[0].address, 65_535, "base 0: address is the wire address");
     assert_eq!(second.points[0].order, WordOrder::Dcba);
 }
 
@@ -180,15 +158,8 @@ fn shipped_gateway_toml_loads() {
     let all = bus.devices.iter().flat_map(|d| &d.points);
     assert!(all.clone().any(|p| p.name == "boiler.flow_temp"));
     let meter = &bus.devices[1];
-    assert_eq!(
-        meter.points[0].address, 0,
-        "the meter is configured 1-based"
-    );
+    assert_eq!(meter.points[0].address, 0, "the meter is configured 1-based");
     let pump = &bus.devices[2];
-    let bits = pump
-        .points
-        .iter()
-        .filter(|p| matches!(p.data_type, DataType::Bit(_)))
-        .count();
+    let bits = pump.points.iter().filter(|p| matches!(p.data_type, DataType::Bit(_))).count();
     assert_eq!(bits, 3);
 }
