@@ -46,6 +46,7 @@ impl Gateway {
             );
             buses.push(handle);
         }
+        tracker.spawn(sweep(image.clone(), shutdown.clone()));
         info!(gateway = %model.gateway.name, buses = model.buses.len(), points = image.len(), "gateway started");
         Self {
             image,
@@ -84,5 +85,17 @@ async fn summarise(bus: BusHandle, every: Duration, shutdown: CancellationToken)
         info!("{}", bus::summary(bus.stats(), &last, now - last_at));
         last = bus.stats().snapshot();
         last_at = now;
+    }
+}
+
+/// Publishes good-to-stale transitions once a second.
+async fn sweep(image: Arc<Image>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => { image.sweep_stale(); }
+            () = shutdown.cancelled() => return,
+        }
     }
 }

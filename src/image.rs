@@ -158,6 +158,34 @@ impl Image {
         self.update(failed)
     }
 
+    /// Marks every good sample older than its staleness limit as stale, and publishes
+    /// those transitions so forwarders learn of them. Returns how many went stale.
+    pub fn sweep_stale(&self) -> usize {
+        let now = Instant::now();
+        let stale: Vec<(Arc<str>, Sample)> = {
+            let mut inner = self.write();
+            inner
+                .entries
+                .iter_mut()
+                .filter_map(|e| {
+                    let current = e.current(now)?;
+                    let sample = e.sample.as_mut()?;
+                    (current.quality == Quality::Stale && sample.quality == Quality::Good).then(
+                        || {
+                            sample.quality = Quality::Stale;
+                            (e.name.clone(), sample.clone())
+                        },
+                    )
+                })
+                .collect()
+        };
+        let n = stale.len();
+        if n > 0 {
+            let _ = self.changes.send(Arc::new(Changes { samples: stale }));
+        }
+        n
+    }
+
     /// The current sample of a point by name.
     pub fn get(&self, name: &str) -> Option<Sample> {
         let inner = self.read();
@@ -240,5 +268,12 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         assert_eq!(image.get("d.a").map(|s| s.quality), Some(Quality::Stale));
         assert_eq!(image.snapshot().len(), 1);
+        let mut rx = image.subscribe();
+        assert_eq!(image.sweep_stale(), 1);
+        assert_eq!(image.sweep_stale(), 0, "a stale point is reported once");
+        assert_eq!(
+            rx.try_recv().expect("stale event").samples[0].1.quality,
+            Quality::Stale
+        );
     }
 }

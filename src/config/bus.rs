@@ -1,0 +1,140 @@
+//! The `[[bus]]` sections: serial lines, their framing and transaction settings.
+//!
+//! ```toml
+//! [[bus]]
+//! name = "line1"             # required, unique
+//! port = "/dev/ttyUSB0"      # required, unique
+//! protocol = "modbus-rtu"    # default modbus-rtu (the only one so far)
+//! baud = 19200               # default 19200, 300..=4000000
+//! parity = "even"            # none|even|odd, default even (Modbus' 8E1)
+//! data_bits = 8              # 7|8, default 8 (modbus-rtu needs 8)
+//! stop_bits = 1              # 1|2, default 1
+//! timeout = "200ms"          # default response timeout of its devices, at least 1ms
+//! retries = 1                # default 1, 0..=10
+//! queue_depth = 64           # default 64, 1..=65536
+//! reopen_max = "30s"         # default 30s, at least 100ms
+//! ```
+//!
+//! A bus without devices is allowed (it is opened and idles); devices are attached to
+//! their bus by [`super::device::validate`], in file order.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{Checker, item};
+use crate::model::{Bus, Line, Parity, Protocol};
+
+const BAUD: u32 = 19_200;
+const TIMEOUT: Duration = Duration::from_millis(200);
+const TIMEOUT_MIN: Duration = Duration::from_millis(1);
+const RETRIES: u8 = 1;
+const QUEUE_DEPTH: usize = 64;
+const REOPEN_MAX: Duration = Duration::from_secs(30);
+const REOPEN_MAX_MIN: Duration = Duration::from_millis(100);
+
+/// One `[[bus]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBus {
+    name: Spanned<String>,
+    port: Spanned<String>,
+    protocol: Option<Spanned<RawProtocol>>,
+    baud: Option<Spanned<i64>>,
+    parity: Option<RawParity>,
+    data_bits: Option<Spanned<i64>>,
+    stop_bits: Option<Spanned<i64>>,
+    timeout: Option<Spanned<String>>,
+    retries: Option<Spanned<i64>>,
+    queue_depth: Option<Spanned<i64>>,
+    reopen_max: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum RawProtocol {
+    ModbusRtu,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawParity {
+    None,
+    Even,
+    Odd,
+}
+
+/// Resolves every `[[bus]]`, in file order, with no devices yet.
+pub(super) fn validate(raw: &[RawBus], check: &mut Checker) -> Vec<Bus> {
+    let mut names: HashSet<&str> = HashSet::new();
+    let mut ports: HashMap<&str, &str> = HashMap::new();
+    let mut buses = Vec::with_capacity(raw.len());
+    for r in raw {
+        let path = item("bus", &r.name);
+        check.name(&r.name, &path);
+        if !names.insert(r.name.get_ref()) {
+            check.report(r.name.span(), &path, "name is already used by another bus");
+        }
+        let port = r.port.get_ref();
+        if port.trim().is_empty() {
+            check.report(r.port.span(), &path, "port is empty");
+        } else if let Some(other) = ports.insert(port, r.name.get_ref()) {
+            check.report(
+                r.port.span(),
+                &path,
+                format!("port {port:?} is already used by bus {other:?}"),
+            );
+        }
+        buses.push(one(r, &path, check));
+    }
+    buses
+}
+
+fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
+    let protocol = match r.protocol.as_ref().map(|p| *p.get_ref()) {
+        None | Some(RawProtocol::ModbusRtu) => Protocol::ModbusRtu,
+    };
+    let data_bits = check.int(r.data_bits.as_ref(), 8, 7..=8, path, "data_bits");
+    if let (Some(bits), 7, Protocol::ModbusRtu) = (&r.data_bits, data_bits, protocol) {
+        check.report(
+            bits.span(),
+            path,
+            "data_bits 7 cannot carry modbus-rtu frames, which need 8 data bits",
+        );
+    }
+    let line = Line {
+        baud: check.int(r.baud.as_ref(), BAUD, 300..=4_000_000, path, "baud"),
+        data_bits,
+        parity: match r.parity.unwrap_or(RawParity::Even) {
+            RawParity::None => Parity::None,
+            RawParity::Even => Parity::Even,
+            RawParity::Odd => Parity::Odd,
+        },
+        stop_bits: check.int(r.stop_bits.as_ref(), 1, 1..=2, path, "stop_bits"),
+    };
+    Bus {
+        name: r.name.get_ref().clone(),
+        port: r.port.get_ref().clone(),
+        line,
+        protocol,
+        timeout: check.duration(r.timeout.as_ref(), TIMEOUT, TIMEOUT_MIN, path, "timeout"),
+        retries: check.int(r.retries.as_ref(), RETRIES, 0..=10, path, "retries"),
+        queue_depth: check.int(
+            r.queue_depth.as_ref(),
+            QUEUE_DEPTH,
+            1..=65_536,
+            path,
+            "queue_depth",
+        ),
+        reopen_max: check.duration(
+            r.reopen_max.as_ref(),
+            REOPEN_MAX,
+            REOPEN_MAX_MIN,
+            path,
+            "reopen_max",
+        ),
+        devices: Vec::new(),
+    }
+}

@@ -1,0 +1,54 @@
+//! The `[gateway]` section: this gateway's identity and gateway-wide settings.
+//!
+//! ```toml
+//! [gateway]
+//! name = "site-a"            # required: [a-z0-9][a-z0-9_-]*, at most 64 characters
+//! summary_interval = "60s"   # default 60s, at least 1s
+//! ```
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::Checker;
+use crate::model::Gateway;
+
+const SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+const SUMMARY_INTERVAL_MIN: Duration = Duration::from_secs(1);
+
+/// `[gateway]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGateway {
+    name: Spanned<String>,
+    summary_interval: Option<Spanned<String>>,
+}
+
+/// Resolves `[gateway]`. The name is stricter than other names (lowercase only): it is
+/// this gateway's identity towards its peers, so `Site-A` and `site-a` must not differ.
+pub(super) fn validate(raw: &RawGateway, check: &mut Checker) -> Gateway {
+    const PATH: &str = "gateway";
+    let name = raw.name.get_ref();
+    if !super::is_name(name, |c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        || name.chars().any(|c| c.is_ascii_uppercase())
+    {
+        check.report(
+            raw.name.span(),
+            PATH,
+            format!(
+                "name {name:?} is not valid: use 1 to 64 lowercase letters, digits, '_' and '-', starting with a letter or digit"
+            ),
+        );
+    }
+    Gateway {
+        name: name.clone(),
+        summary_interval: check.duration(
+            raw.summary_interval.as_ref(),
+            SUMMARY_INTERVAL,
+            SUMMARY_INTERVAL_MIN,
+            PATH,
+            "summary_interval",
+        ),
+    }
+}
