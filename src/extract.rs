@@ -157,7 +157,7 @@ pub enum BinKind {
 
 impl BinKind {
     /// Bytes the field takes in the frame.
-    pub fn len(&self) -> usize {
+    pub fn size(&self) -> usize {
         match self {
             BinKind::U8 | BinKind::I8 | BinKind::Bit8(_) => 1,
             BinKind::Data(DataType::Str(n)) => usize::from(*n),
@@ -305,7 +305,7 @@ fn text_value(field: &TextField, text: &str) -> Option<Value> {
 }
 
 fn bin_value(field: &BinField, frame: &[u8]) -> Result<Value, ExtractError> {
-    let need = field.kind.len();
+    let need = field.kind.size();
     let bytes = field
         .at
         .checked_add(need)
