@@ -18,7 +18,7 @@
 use bytes::Bytes;
 use tokio_modbus::{Request, Response};
 
-use crate::checksum::ChecksumRule;
+use crate::checksum::{Checksum, ChecksumRule};
 use crate::framing::{Decoded, Framing, SkipReason};
 use crate::pdu::PduError;
 use crate::value::Value;
@@ -55,6 +55,14 @@ pub enum RawError {
     /// A frame rule that cannot frame anything.
     #[error("frame rule: {0}")]
     Rule(String),
+    /// A request template too short to hold its checksum rule's parts.
+    #[error("request of {len} bytes is too short for its checksum rule (needs {need})")]
+    TooShort {
+        /// The request's length before the checksum.
+        len: usize,
+        /// Bytes the rule's skip, gap and trailer need.
+        need: usize,
+    },
 }
 
 /// Where a reply frame ends.
@@ -158,6 +166,8 @@ pub fn find_frame(rule: &FrameRule, checksum: &ChecksumRule, buf: &[u8], silent:
             let from = start.len();
             let window = &buf[..buf.len().min(MAX_FRAME)];
             match find(&window[from..], end) {
+                // A bare terminator (a blank line) is not a frame.
+                Some(0) if from == 0 => return noise(end.len()),
                 Some(i) => {
                     if let Some(p) = find(&buf[from..from + i], start).filter(|_| from > 0) {
                         return noise(from + p);
@@ -247,6 +257,21 @@ pub struct RawFraming {
     pub checksum: ChecksumRule,
 }
 
+impl RawFraming {
+    /// Checks the frame rule, and that a fixed-length frame can hold its checksum.
+    pub fn validate(&self) -> Result<(), RawError> {
+        self.framing.validate()?;
+        match self.framing.end {
+            FrameEnd::Fixed(n) if n < self.checksum.min_len() => Err(RawError::Rule(format!(
+                "fixed length {n} cannot hold the {} checksum rule's {} bytes",
+                self.checksum.kind,
+                self.checksum.min_len()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Framing for RawFraming {
     /// Sends the bytes of a `Request::Custom` as they are (unit is not used: any device
     /// address is in the bytes). Any other request cannot be sent on a raw bus.
@@ -289,6 +314,13 @@ pub fn build_request(
         rest = &rest[i + PLACEHOLDER.len()..];
     }
     out.extend_from_slice(rest);
+    let need = checksum.skip + checksum.gap + checksum.trailer;
+    if checksum.kind != Checksum::None && out.len() < need {
+        return Err(RawError::TooShort {
+            len: out.len(),
+            need,
+        });
+    }
     checksum.apply(&mut out);
     Ok(out)
 }

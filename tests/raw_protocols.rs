@@ -373,6 +373,11 @@ fn fixed_length_and_silence() {
         reply(7, b"12.5 kg")
     );
     assert_eq!(find_frame(&quiet, &none, b"", true), Decoded::Incomplete);
+    // A blank line is not a frame.
+    assert_eq!(
+        find_frame(&crlf(), &none, b"\r\nOK\r\n", false),
+        skip(2, SkipReason::Noise)
+    );
     // Silence ends nothing for a terminated frame: USB adapters deliver in bursts.
     assert_eq!(
         find_frame(&crlf(), &none, b"12.5", true),
@@ -447,6 +452,22 @@ fn rule_validation() {
         end: FrameEnd::Fixed(2),
     };
     assert!(short.validate().is_err());
+    let tiny = RawFraming {
+        framing: FrameRule {
+            start: None,
+            end: FrameEnd::Fixed(2),
+        },
+        checksum: ChecksumRule::new(Checksum::Crc32),
+    };
+    assert!(tiny.validate().is_err());
+    assert!(
+        RawFraming {
+            framing: meter_rule(),
+            checksum: ChecksumRule::new(Checksum::Crc16Modbus)
+        }
+        .validate()
+        .is_ok()
+    );
 }
 
 #[test]
@@ -465,6 +486,11 @@ fn requests_with_address_and_crc() {
     assert_eq!(
         build_request(&text, None, &ChecksumRule::NONE),
         Err(RawError::NoAddress)
+    );
+    let (_, nmea_ck) = nmea();
+    assert_eq!(
+        build_request(b"$*\r", None, &nmea_ck),
+        Err(RawError::TooShort { len: 3, need: 4 })
     );
     // Only Custom requests can go on a raw bus.
     let framing = RawFraming {
@@ -678,5 +704,27 @@ fn random_bytes_never_panic() {
         let _ = format_command(&text, &Value::Float(rng.random()));
         let _ = parse_number(&text);
         let _ = build_request(&data, Some("1"), ck);
+    }
+}
+
+#[test]
+fn sentence_survives_random_noise_and_chunking() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x4E4D_4541);
+    let (rule, ck) = nmea();
+    for _ in 0..500 {
+        let mut data: Vec<u8> = (0..rng.random_range(0..200))
+            .map(|_| rng.random::<u8>())
+            .filter(|b| *b != b'$')
+            .collect();
+        data.extend_from_slice(GGA);
+        let cut = rng.random_range(0..data.len());
+        let seen = stream(&rule, &ck, &[&data[..cut], &data[cut..]], false);
+        assert_eq!(seen.last(), Some(&reply(GGA.len(), GGA)));
+        assert_eq!(
+            seen.iter()
+                .filter(|d| matches!(d, Decoded::Reply { .. }))
+                .count(),
+            1
+        );
     }
 }
