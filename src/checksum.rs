@@ -278,7 +278,10 @@ impl ChecksumRule {
 
     /// Bytes a frame needs at least to hold this rule's parts.
     pub fn min_len(&self) -> usize {
-        self.skip + self.gap + self.kind.encoded_len(self.format) + self.trailer
+        self.skip
+            .saturating_add(self.gap)
+            .saturating_add(self.kind.encoded_len(self.format))
+            .saturating_add(self.trailer)
     }
 
     /// True when `frame` carries a correct checksum (always, for `None`).
@@ -299,7 +302,11 @@ impl ChecksumRule {
     /// gap and trailer bytes are already there): the value goes `trailer` bytes before
     /// the end. A frame too short for the rule is left as it is.
     pub fn apply(&self, frame: &mut Vec<u8>) {
-        if self.kind == Checksum::None || frame.len() < self.skip + self.gap + self.trailer {
+        let parts = self
+            .skip
+            .saturating_add(self.gap)
+            .saturating_add(self.trailer);
+        if self.kind == Checksum::None || frame.len() < parts {
             return;
         }
         let at = frame.len() - self.trailer;
@@ -400,5 +407,15 @@ mod tests {
         assert_eq!(f, [0x01, 0x03, 0x00, 0x00, 0x00, 0x0A, 0xC5, 0xCD]);
         assert!(rtu.verify(&f));
         assert!(ChecksumRule::NONE.verify(b"anything"));
+        // Absurd offsets fail, never overflow.
+        let wild = ChecksumRule {
+            skip: usize::MAX,
+            gap: usize::MAX,
+            ..rtu
+        };
+        assert!(!wild.verify(&f));
+        let mut g = f.clone();
+        wild.apply(&mut g);
+        assert_eq!(g, f);
     }
 }

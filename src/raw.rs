@@ -26,6 +26,9 @@ use crate::value::Value;
 /// Longest frame accepted, in bytes.
 pub const MAX_FRAME: usize = 1024;
 
+/// Longest start marker or terminator, in bytes.
+pub const MAX_MARKER: usize = 64;
+
 /// Why a raw-protocol setting or reply cannot be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RawError {
@@ -97,11 +100,21 @@ pub struct FrameRule {
 }
 
 impl FrameRule {
-    /// Checks the rule can frame something: a non-empty terminator, a fixed length in
+    /// Checks the rule can frame something: markers of at most [`MAX_MARKER`] bytes, a
+    /// non-empty terminator, a fixed length in
     /// `1..=MAX_FRAME` covering the start marker, a 1- or 2-byte length field.
     pub fn validate(&self) -> Result<(), RawError> {
         let start = self.start.as_ref().map_or(0, Vec::len);
+        if start > MAX_MARKER {
+            return Err(RawError::Rule(format!(
+                "start marker of {start} bytes is longer than {MAX_MARKER}"
+            )));
+        }
         match &self.end {
+            FrameEnd::Terminator(t) if t.len() > MAX_MARKER => Err(format!(
+                "terminator of {} bytes is longer than {MAX_MARKER}",
+                t.len()
+            )),
             FrameEnd::Terminator(t) if t.is_empty() => Err("empty terminator".into()),
             FrameEnd::Fixed(n) if *n == 0 || *n > MAX_FRAME || *n < start => Err(format!(
                 "fixed length {n} outside {}..={MAX_FRAME}",
@@ -165,7 +178,10 @@ pub fn find_frame(rule: &FrameRule, checksum: &ChecksumRule, buf: &[u8], silent:
             }
             let from = start.len();
             let window = &buf[..buf.len().min(MAX_FRAME)];
-            match find(&window[from..], end) {
+            let Some(body) = window.get(from..) else {
+                return noise(1);
+            };
+            match find(body, end) {
                 // A bare terminator (a blank line) is not a frame.
                 Some(0) if from == 0 => return noise(end.len()),
                 Some(i) => {
@@ -176,7 +192,7 @@ pub fn find_frame(rule: &FrameRule, checksum: &ChecksumRule, buf: &[u8], silent:
                 }
                 None if buf.len() < MAX_FRAME => return Decoded::Incomplete,
                 None if from > 0 => return noise(1),
-                None => return noise(buf.len() + 1 - end.len()),
+                None => return noise((buf.len() + 1).saturating_sub(end.len())),
             }
         }
         FrameEnd::Fixed(n) => {
@@ -314,7 +330,10 @@ pub fn build_request(
         rest = &rest[i + PLACEHOLDER.len()..];
     }
     out.extend_from_slice(rest);
-    let need = checksum.skip + checksum.gap + checksum.trailer;
+    let need = checksum
+        .skip
+        .saturating_add(checksum.gap)
+        .saturating_add(checksum.trailer);
     if checksum.kind != Checksum::None && out.len() < need {
         return Err(RawError::TooShort {
             len: out.len(),

@@ -452,6 +452,21 @@ fn rule_validation() {
         end: FrameEnd::Fixed(2),
     };
     assert!(short.validate().is_err());
+    let huge = FrameRule {
+        start: Some(vec![b'$'; 2000]),
+        end: FrameEnd::Terminator(vec![b'\n'; 2000]),
+    };
+    assert!(huge.validate().is_err());
+    // Even unvalidated, an absurd rule does not panic.
+    let none = ChecksumRule::NONE;
+    for buf in [vec![b'$'; 2100], vec![b'\n'; 1100], vec![b'x'; 1100]] {
+        let _ = stream(&huge, &none, &[&buf], true);
+        let no_start = FrameRule {
+            start: None,
+            end: huge.end.clone(),
+        };
+        let _ = stream(&no_start, &none, &[&buf], true);
+    }
     let tiny = RawFraming {
         framing: FrameRule {
             start: None,
