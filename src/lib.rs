@@ -13,11 +13,14 @@
 //!
 //! Modules are listed in the order data flows through them.
 
+pub mod ascii;
 pub mod bus;
+pub mod checksum;
 pub mod codec;
 pub mod commission;
 pub mod config;
 pub mod demo;
+pub mod extract;
 pub mod framing;
 pub mod gateway;
 pub mod image;
@@ -27,6 +30,7 @@ pub mod pdu;
 pub mod plan;
 pub mod poller;
 pub mod proto;
+pub mod raw;
 pub mod rtu;
 mod simconfig;
 mod simmap;

@@ -122,19 +122,41 @@ pub fn decode_reply(unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8], s
         let why = if addr == unit && function & 0x7F == want { SkipReason::Crc } else { SkipReason::Noise };
         return Decoded::Skip { len: 1, why };
     }
+    check_reply(unit, request, addr, &frame[1..len - 2], len)
+}
+
+/// Judges an intact frame of `len` bytes (its CRC or LRC already checked) from `addr`
+/// carrying `pdu`, against the request sent to `unit`: shared by the Modbus serial
+/// framings. Another unit or function is [`SkipReason::Foreign`]; a reply whose length or
+/// echo does not fit the request is [`SkipReason::Mismatch`]; a malformed exception is a
+/// mismatch too.
+pub fn check_reply(
+    unit: u8,
+    request: &tokio_modbus::Request<'_>,
+    addr: u8,
+    pdu: &[u8],
+    len: usize,
+) -> Decoded {
+    let want = request.function_code().value();
+    let skip = |why| Decoded::Skip { len, why };
+    let Some(&function) = pdu.first() else {
+        return skip(SkipReason::Mismatch);
+    };
     if addr != unit || function & 0x7F != want {
-        return Decoded::Skip { len, why: SkipReason::Foreign };
+        return skip(SkipReason::Foreign);
     }
-    let pdu = bytes::Bytes::copy_from_slice(&frame[1..len - 2]);
     if function & 0x80 != 0 {
-        return Decoded::Reply { len, reply: Err(tokio_modbus::ExceptionCode::new(pdu[1])) };
+        return match *pdu {
+            [_, code] => Decoded::Reply { len, reply: Err(tokio_modbus::ExceptionCode::new(code)) },
+            _ => skip(SkipReason::Mismatch),
+        };
     }
     if crate::pdu::expected_response_len(request).is_some_and(|n| n != pdu.len()) {
-        return Decoded::Skip { len, why: SkipReason::Mismatch };
+        return skip(SkipReason::Mismatch);
     }
-    match tokio_modbus::Response::try_from(pdu) {
+    match tokio_modbus::Response::try_from(bytes::Bytes::copy_from_slice(pdu)) {
         Ok(rsp) if echo_matches(request, &rsp) => Decoded::Reply { len, reply: Ok(rsp) },
-        _ => Decoded::Skip { len, why: SkipReason::Mismatch },
+        _ => skip(SkipReason::Mismatch),
     }
 }
 
