@@ -500,6 +500,54 @@ baud = 0
         assert_eq!(problems[0].path, "gateway");
     }
 
+    const LINK: &str = r#"
+[gateway]
+name = "a"
+
+[link]
+identity = "id"
+data_dir = "/var/lib/gw"
+"#;
+
+    #[test]
+    fn link_paths_resolve_against_the_given_directory() {
+        let model = parse_in(LINK, "g.toml", Path::new("/etc/gw")).expect("valid");
+        let links = model.links.expect("[link] present");
+        assert_eq!(links.identity_dir, Path::new("/etc/gw/id"));
+        assert_eq!(links.data_dir, Path::new("/var/lib/gw"), "absolute stays");
+        assert!(links.peers.is_empty(), "a [link] may come before any peer");
+        assert_eq!(links.listen, None);
+        let model = parse(LINK, "g.toml").expect("valid");
+        let links = model.links.expect("[link] present");
+        assert_eq!(
+            links.identity_dir,
+            Path::new("id"),
+            "parse leaves it relative"
+        );
+    }
+
+    #[test]
+    fn peer_problems_are_all_reported() {
+        let text = format!(
+            "{LINK}listen = \"0.0.0.0:7700\"\n\n[[peer]]\nname = \"a\"\nfingerprint = \"x\"\nheartbeat = \"1h\"\n\n[[peer.send]]\npoints = \"nothing.*\"\n"
+        );
+        let Err(ConfigError::Invalid(problems)) = parse(&text, "g.toml") else {
+            panic!("expected validation problems");
+        };
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "peer \"a\"",
+                "peer \"a\"",
+                "peer \"a\"",
+                "peer \"a\" send[0]"
+            ],
+            "{problems:#?}"
+        );
+        assert!(problems[0].message.contains("own name"), "{problems:#?}");
+    }
+
     #[test]
     fn io_error_names_the_file() {
         let err = load(Path::new("/nonexistent/gw.toml")).expect_err("missing file");
