@@ -84,6 +84,23 @@ pub fn plan_device(device: &Device) -> Vec<Read> {
     plan_device_with(device, Strategy::Merged)
 }
 
+/// Splits a merged read at its gaps, for a device that refuses to read registers no
+/// point uses (exception 0x02 on a gap-bridging read). Empty when the read has no gap.
+pub fn split_read(device: &Device, read: &Read) -> Vec<Read> {
+    let sub = Device {
+        points: read.slots.iter().map(|s| device.points[s.point].clone()).collect(),
+        ..device.clone()
+    };
+    let mut parts = plan_device_with(&sub, Strategy::Contiguous);
+    if parts.len() < 2 {
+        return Vec::new();
+    }
+    for part in &mut parts {
+        part.slots.iter_mut().for_each(|slot| slot.point = read.slots[slot.point].point);
+    }
+    parts
+}
+
 /// The reads for a device's points under `strategy`.
 pub fn plan_device_with(device: &Device, strategy: Strategy) -> Vec<Read> {
     let mut groups: BTreeMap<(Table, Duration), Vec<usize>> = BTreeMap::new();

@@ -16,7 +16,7 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until};
-use tokio_modbus::{Request, Response};
+use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
@@ -168,6 +168,27 @@ impl Poller {
                 }
                 let samples = decode(dev, r, &rsp);
                 self.image.update(samples);
+            }
+            Err(BusError::Exception(ExceptionCode::IllegalDataAddress))
+                if !plan::split_read(&dev.device, &dev.reads[r].read).is_empty() =>
+            {
+                // Many devices refuse to read registers that are not mapped, and a merged
+                // read bridges gaps: read the parts separately from now on.
+                let mut parts = plan::split_read(&dev.device, &dev.reads[r].read).into_iter();
+                let due = Instant::now();
+                let mut state = |read: Read| ReadState {
+                    request: plan::read_request(&read),
+                    read,
+                    next_due: due,
+                    busy: false,
+                };
+                let first = parts.next().map(&mut state);
+                let rest: Vec<ReadState> = parts.map(state).collect();
+                warn!(device = %dev.device.name, parts = rest.len() + 1, "device refused a read bridging unused registers; splitting it");
+                if let Some(first) = first {
+                    dev.reads[r] = first;
+                }
+                dev.reads.extend(rest);
             }
             Err(BusError::Exception(code)) => {
                 let ids = dev.reads[r].read.slots.iter().map(|s| dev.ids[s.point]);
