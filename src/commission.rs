@@ -138,6 +138,7 @@ impl Poll {
             queue_depth: 1,
             reopen_max: Duration::from_secs(1),
             devices: Vec::new(),
+            raw_devices: Vec::new(),
         };
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();

@@ -31,6 +31,8 @@ pub mod plan;
 pub mod poller;
 pub mod proto;
 pub mod raw;
+pub mod rawpoll;
+pub mod rawstream;
 pub mod rtu;
 mod simconfig;
 mod simmap;

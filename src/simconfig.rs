@@ -647,6 +647,7 @@ count = 16
             queue_depth: 16,
             reopen_max: Duration::from_secs(30),
             devices: vec![device],
+            raw_devices: Vec::new(),
         };
         let model = Model {
             gateway: Gateway { name: "gw".into(), summary_interval: Duration::from_secs(60) },
