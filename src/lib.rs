@@ -37,6 +37,7 @@ pub mod rtu;
 mod simconfig;
 mod simmap;
 mod simport;
+mod simraw;
 pub mod simulate;
 pub mod spool;
 pub mod tls;
