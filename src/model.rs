@@ -97,9 +97,11 @@ pub struct RawDevice {
     pub id: u8,
     /// Polled with a request, or talking by itself.
     pub mode: RawMode,
-    /// How replies (or streamed frames) are delimited and checked; requests and commands
-    /// get the same checksum rule applied.
+    /// How replies (or streamed frames) are delimited and checked.
     pub framing: crate::raw::RawFraming,
+    /// The checksum rule applied to what is sent (requests, commands): the reply's rule,
+    /// or none when the device takes its requests without a checksum.
+    pub send_checksum: crate::checksum::ChecksumRule,
     /// Response timeout.
     pub timeout: Duration,
     /// Line silence that ends a frame for `end = "silence"` (and is kept before requests).

@@ -135,7 +135,7 @@ impl SerialDevices {
         self.entries.push(Entry {
             name: device.name.clone(),
             id: device.id,
-            checksum: device.framing.checksum,
+            checksum: device.send_checksum,
             commands: device.commands.clone(),
             stats: stats.clone(),
             bus,

@@ -28,6 +28,7 @@
 //! checksum_skip = 1          # leading bytes not covered (a start marker), default 0
 //! checksum_gap = 1           # bytes between the covered bytes and the checksum ('*'), default 0
 //! checksum_trailer = 2       # bytes after the checksum (a terminator), default 0
+//! checksum_send = true       # also put the checksum into requests and commands, default true
 //! regex = '^ST,GS,(?P<weight>[-+ 0-9.]+)kg'   # text frames: points are named captures
 //!
 //! [[raw_device.point]]       # text point (the device has a regex)
@@ -55,8 +56,11 @@
 //! timeout = "1s"             # default: the device timeout
 //! ```
 //!
-//! The checksum rule is applied to the request and to commands as well (inserted before
-//! the trailer), and checked on every received frame. Regexes are compiled here, so a bad
+//! The checksum rule is checked on every received frame and, unless `checksum_send =
+//! false`, put into the request and commands as well (inserted before the trailer).
+//! Raw devices are a section of their own rather than `[[device]]` entries: their keys
+//! and points share nothing with Modbus devices, and keeping the two schemas apart keeps
+//! `deny_unknown_fields` (and its messages) exact for both. Regexes are compiled here, so a bad
 //! one is a configuration problem naming the pattern, never a runtime surprise.
 
 use std::collections::{HashMap, HashSet};
@@ -108,6 +112,7 @@ pub(super) struct RawSerialDevice {
     checksum_skip: Option<Spanned<i64>>,
     checksum_gap: Option<Spanned<i64>>,
     checksum_trailer: Option<Spanned<i64>>,
+    checksum_send: Option<Spanned<bool>>,
     regex: Option<Spanned<String>>,
     #[serde(default)]
     point: Vec<RawField>,
@@ -343,6 +348,7 @@ fn checksum_rule(r: &RawSerialDevice, path: &str, check: &mut Checker) -> Checks
         refuse(check, &r.checksum_skip, path, &format!("checksum_skip {what}"));
         refuse(check, &r.checksum_gap, path, &format!("checksum_gap {what}"));
         refuse(check, &r.checksum_trailer, path, &format!("checksum_trailer {what}"));
+        refuse(check, &r.checksum_send, path, &format!("checksum_send {what}"));
         return ChecksumRule::NONE;
     }
     let format = match &r.checksum_format {
@@ -399,6 +405,8 @@ fn resolve(r: &RawSerialDevice, path: &str, bus_timeout: Duration, check: &mut C
     let timeout = check.duration(r.timeout.as_ref(), bus_timeout, TIMEOUT_MIN, path, "timeout");
     let framing = frame_rule(r, path, check);
     let checksum = checksum_rule(r, path, check);
+    let send_checksum =
+        if r.checksum_send.as_ref().is_none_or(|s| *s.get_ref()) { checksum } else { ChecksumRule::NONE };
     let framing = RawFraming { framing, checksum };
     if let Err(e) = framing.validate() {
         check.report(r.end.span(), path, e.to_string());
@@ -435,7 +443,7 @@ fn resolve(r: &RawSerialDevice, path: &str, bus_timeout: Duration, check: &mut C
         let address = r.address.as_ref().map(|a| a.get_ref().as_str());
         let request = template
             .map(|t| {
-                raw::build_request(&t, address, &checksum).unwrap_or_else(|e| {
+                raw::build_request(&t, address, &send_checksum).unwrap_or_else(|e| {
                     let span =
                         r.request.as_ref().or(r.request_hex.as_ref()).map_or(r.name.span(), |s| s.span());
                     check.report(span, path, format!("request: {e}"));
@@ -468,6 +476,7 @@ fn resolve(r: &RawSerialDevice, path: &str, bus_timeout: Duration, check: &mut C
         id: 0,
         mode,
         framing,
+        send_checksum,
         timeout,
         silence,
         extract,
