@@ -350,3 +350,33 @@ async fn modbus_ascii_reads_and_lrc_error() {
     wait_until("good again", SECS(10), || rig.quality("pump.speed") == Some(Quality::Good)).await;
     rig.stop().await;
 }
+
+#[tokio::test]
+async fn commissioning_raw_request_shows_the_reply() {
+    use m2m_gateway::commission::{RawSpec, raw_once, render_raw};
+    use m2m_gateway::model::{Line, Parity};
+    use m2m_gateway::raw::{FrameEnd, FrameRule};
+    use m2m_gateway::simulate::{Simulator, VirtualPort};
+
+    let mut port = VirtualPort::new().expect("pty pair");
+    port.run(Simulator::new(common::sim_config(METER_SIM))).expect("simulator runs");
+    let spec = RawSpec {
+        port: port.path().display().to_string(),
+        line: Line { baud: 9600, data_bits: 8, parity: Parity::None, stop_bits: 1 },
+        request: vec![0x01, 0x52, 0x81, 0xDD],
+        framing: FrameRule { start: None, end: FrameEnd::Fixed(9) },
+        silence: Duration::from_millis(20),
+        timeout: Duration::from_millis(500),
+    };
+    let r = common::within(SECS(5), "raw request", raw_once(&spec)).await.expect("reply");
+    assert_eq!(&r.reply[..7], [0x01, 0x52, 0x04, 0xD2, 0xFF, 0x38, 0x05]);
+    let shown = render_raw(&r);
+    assert!(shown.contains("reply 9 bytes") && shown.contains("01 52 04 D2 FF 38 05"), "{shown}");
+    // By silence: the same frame, ended by the quiet line.
+    let spec = RawSpec { framing: FrameRule { start: None, end: FrameEnd::Silence }, ..spec };
+    let r = common::within(SECS(5), "raw request", raw_once(&spec)).await.expect("reply");
+    assert_eq!(r.reply.len(), 9);
+    // A request nobody answers: an error, not a hang.
+    let spec = RawSpec { request: b"?".to_vec(), timeout: Duration::from_millis(100), ..spec };
+    assert!(common::within(SECS(5), "raw request", raw_once(&spec)).await.is_err());
+}
