@@ -415,3 +415,81 @@ impl RawPoller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checksum::{Checksum, ChecksumRule};
+    use crate::extract::Extract;
+    use crate::raw::{FrameEnd, FrameRule};
+
+    fn device(id: u8, end: FrameEnd) -> RawDevice {
+        RawDevice {
+            name: format!("d{id}"),
+            id,
+            mode: RawMode::Poll { request: b"?".to_vec(), interval: Duration::from_secs(1) },
+            framing: RawFraming {
+                framing: FrameRule { start: None, end },
+                checksum: ChecksumRule::new(Checksum::Sum8),
+            },
+            send_checksum: ChecksumRule::NONE,
+            timeout: Duration::from_millis(100),
+            silence: Duration::ZERO,
+            extract: Extract::Binary { fields: Vec::new() },
+            points: Vec::new(),
+            commands: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn bus_framing_picks_the_device_rule_by_unit() {
+        let f = RawBusFraming::new(&[
+            device(1, FrameEnd::Fixed(3)),
+            device(2, FrameEnd::Terminator(b"\n".to_vec())),
+        ]);
+        let req = Request::Custom(0, Cow::Borrowed(b"ab"));
+        let mut out = Vec::new();
+        f.encode(1, &req, &mut out).expect("encodes");
+        f.encode(0, &req, &mut out).expect("unit 0 sends the bytes as they are");
+        assert_eq!(out, b"abab");
+        // 'a' + 'b' = 0xC3: a good 3-byte frame for unit 1 ...
+        assert!(matches!(f.decode(1, &req, b"ab\xC3\n", false), Decoded::Reply { len: 3, .. }));
+        // ... and for unit 2 the frame runs to the newline (and fails its sum).
+        assert!(matches!(
+            f.decode(2, &req, b"ab\xC3\n", false),
+            Decoded::Skip { why: SkipReason::Crc, len: 4 }
+        ));
+        assert!(matches!(f.decode(2, &req, b"ab\xC3", false), Decoded::Incomplete));
+        // Unknown units never take a reply.
+        assert!(matches!(f.decode(9, &req, b"ab\xC3", false), Decoded::Skip { why: SkipReason::Noise, .. }));
+        assert!(f.encode(1, &Request::ReadCoils(0, 1), &mut out).is_err(), "no Modbus on a raw bus");
+    }
+
+    #[test]
+    fn frames_update_the_image_all_or_nothing() {
+        let image = Image::new();
+        let mut d = device(1, FrameEnd::Fixed(3));
+        d.points = vec![crate::model::RawPoint {
+            name: "d1.x".into(),
+            stale_after: Duration::from_secs(3),
+            unit: None,
+        }];
+        d.extract = Extract::Binary {
+            fields: vec![crate::extract::BinField {
+                at: 1,
+                kind: crate::extract::BinKind::U8,
+                order: crate::value::WordOrder::Abcd,
+                scale: 1.0,
+                offset: 0.0,
+                point: 0,
+            }],
+        };
+        let ids = register(&d, &image);
+        let stats = RawStats::default();
+        apply_frame(&d, &ids, b"\x01\x07\x08", &image, &stats);
+        assert_eq!(image.good_value("d1.x"), Some(Value::UInt(7)));
+        apply_frame(&d, &ids, b"\x01", &image, &stats);
+        assert_eq!(image.get("d1.x").map(|s| s.quality), Some(PARSE_FAILURE));
+        assert_eq!((stats.frames.load(Relaxed), stats.parse_errors.load(Relaxed)), (1, 1));
+    }
+}

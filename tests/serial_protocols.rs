@@ -380,3 +380,24 @@ async fn commissioning_raw_request_shows_the_reply() {
     let spec = RawSpec { request: b"?".to_vec(), timeout: Duration::from_millis(100), ..spec };
     assert!(common::within(SECS(5), "raw request", raw_once(&spec)).await.is_err());
 }
+
+#[tokio::test]
+async fn stream_port_vanishes_and_comes_back() {
+    use m2m_gateway::simulate::VirtualPort;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let link = dir.path().join("usb-gps-if00-port0");
+    let port = VirtualPort::with_link(&link).expect("pty");
+    let mut rig = Rig::start_on(port, GPS_SIM, GPS_GATEWAY);
+    wait_until("altitude", SECS(5), || rig.quality("gps.altitude") == Some(Quality::Good)).await;
+    rig.port.vanish().await;
+    wait_until("comm-fail while unplugged", SECS(5), || {
+        rig.quality("gps.altitude") == Some(Quality::CommFail)
+    })
+    .await;
+    rig.port.come_back().expect("replug");
+    wait_until("streaming again", SECS(10), || rig.quality("gps.altitude") == Some(Quality::Good)).await;
+    let stats = rig.gateway().serial.stats("gps").expect("registered");
+    assert!(stats.frames.load(Relaxed) >= 2);
+    rig.stop().await;
+}

@@ -679,3 +679,42 @@ fn commands(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{ConfigError, parse};
+    use crate::model::RawMode;
+
+    const HEAD: &str =
+        "[gateway]\nname = \"g\"\n[[bus]]\nname = \"l\"\nport = \"/dev/x\"\nprotocol = \"raw\"\n";
+
+    #[test]
+    fn nmea_request_gets_its_checksum_and_checksum_send_false_leaves_it_out() {
+        let device = |send: &str| {
+            format!(
+                "{HEAD}[[raw_device]]\nname = \"gps\"\nbus = \"l\"\nrequest = \"$PMTK220,1000*\\r\\n\"\n\
+                 end = \"terminator\"\nterminator = \"\\r\\n\"\nchecksum = \"xor\"\nchecksum_format = \"hex\"\n\
+                 checksum_skip = 1\nchecksum_gap = 1\nchecksum_trailer = 2\n{send}\
+                 regex = '(?P<x>\\d+)'\n[[raw_device.point]]\nname = \"x\"\n"
+            )
+        };
+        let model = parse(&device(""), "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        let d = &model.buses[0].raw_devices[0];
+        // A published MTK command with its checksum.
+        assert!(matches!(&d.mode, RawMode::Poll { request, .. } if request == b"$PMTK220,1000*1F\r\n"));
+        let model = parse(&device("checksum_send = false\n"), "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        let d = &model.buses[0].raw_devices[0];
+        assert!(matches!(&d.mode, RawMode::Poll { request, .. } if request == b"$PMTK220,1000*\r\n"));
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_end_are_syntax_errors() {
+        let text = format!("{HEAD}[[raw_device]]\nname = \"a\"\nbus = \"l\"\nrequest = \"?\"\n");
+        let err = parse(&text, "t.toml").expect_err("end is required");
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+        assert!(err.to_string().contains("missing field `end`"), "{err}");
+        let text = format!("{HEAD}[[raw_device]]\nname = \"a\"\nbus = \"l\"\nend = \"silence\"\nbogus = 1\n");
+        let err = parse(&text, "t.toml").expect_err("unknown key");
+        assert!(err.to_string().contains("unknown field `bogus`"), "{err}");
+    }
+}
