@@ -1,5 +1,6 @@
 //! Wires a validated model into running tasks: one bus task and one poller per serial
-//! line, the periodic summaries, all under one shutdown token and one task tracker.
+//! line (a raw poller on raw buses, a stream task instead of both on a stream bus, see
+//! `rawpoll`), the periodic summaries, all under one shutdown token and one task tracker.
 //!
 //! Invariant: every task spawned here watches the shutdown token and is tracked, so
 //! [`Gateway::shutdown`] returns once everything has stopped (or the grace period ran out).

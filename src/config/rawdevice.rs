@@ -22,7 +22,8 @@
 //! length_width = 1           #   1 | 2 bytes (default 1)
 //! length_order = "be"        #   be | le for a 2-byte field (default be)
 //! length_adjust = 0          #   total frame length = field value + adjust (default 0)
-//! silence = "20ms"           # quiet time that ends a frame (end = silence; default 20ms)
+//! silence = "20ms"           # quiet time that ends a frame (end = silence; default 20ms);
+//!                            #   1ms..=10s; the bus keeps the longest of its devices'
 //! checksum = "xor"           # none|sum8|sum16|xor|lrc|crc16-modbus|crc16-ccitt|crc16-xmodem|crc32
 //! checksum_format = "hex"    # be | le | hex (default: le for crc16-modbus, else be)
 //! checksum_skip = 1          # leading bytes not covered (a start marker), default 0
