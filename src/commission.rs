@@ -70,6 +70,9 @@ pub enum PollError {
         /// Cause.
         source: BusError,
     },
+    /// A raw request got no reply (or the bus refused it).
+    #[error("raw request: {0}")]
+    Raw(BusError),
     /// The registers cannot be decoded as asked.
     #[error("cannot decode: {0}")]
     Decode(String),
@@ -276,7 +279,7 @@ pub async fn raw_once(spec: &RawSpec) -> Result<RawResult, PollError> {
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
-    match outcome.map_err(|source| PollError::Bus { unit: 1, source })? {
+    match outcome.map_err(PollError::Raw)? {
         Response::Custom(_, frame) => {
             Ok(RawResult { sent: spec.request.clone(), reply: frame.to_vec(), millis })
         }

@@ -485,6 +485,54 @@ mod tests {
         }
     }
 
+    #[test]
+    fn raw_devices_cost_their_request_and_reply() {
+        let text = r#"
+[gateway]
+name = "g"
+[[bus]]
+name = "w"
+port = "/dev/x"
+protocol = "raw"
+baud = 9600
+parity = "none"
+[[raw_device]]
+name = "meter"
+bus = "w"
+request_hex = "01 52"
+checksum = "crc16-modbus"
+interval = "100ms"
+end = "fixed"
+length = 9
+[[raw_device.point]]
+name = "flow"
+byte = 2
+type = "u16"
+[[raw_device]]
+name = "scale"
+bus = "w"
+request = "W\r\n"
+end = "terminator"
+terminator = "\r\n"
+regex = '(?P<w>[0-9.]+)'
+[[raw_device.point]]
+name = "w"
+"#;
+        let model = crate::config::parse(text, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        let plans = plan_model(&model);
+        let [meter, scale] = &plans[0].raw[..] else { panic!("two raw plans") };
+        assert_eq!((meter.request, meter.reply), (4, Some(9)));
+        assert_eq!((scale.request, scale.reply), (3, None));
+        let line = model.buses[0].line;
+        // 4 + 9 bytes on the wire and two t3.5 gaps, every 100 ms.
+        assert_eq!(meter.time, wire_time(&line, 4) + wire_time(&line, 9) + t35(&line) * 2);
+        assert!(plans[0].load > meter.time.as_secs_f64() / 0.1);
+        let shown = render(&model, &plans);
+        assert!(shown.contains("meter (raw)  request 4 bytes, reply 9 bytes"), "{shown}");
+        assert!(shown.contains("reply length unknown, 64 assumed"), "{shown}");
+        assert!(shown.contains("(2 requests for 2 points)"), "{shown}");
+    }
+
     /// (table, start, count, number of points) of each read.
     fn shape(reads: &[Read]) -> Vec<(Table, u16, u16, usize)> {
         reads.iter().map(|r| (r.table, r.start, r.count, r.slots.len())).collect()
