@@ -198,8 +198,12 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
     let opener = move || open_serial(&port, &line);
     let framing: Box<dyn Framing> = match bus.protocol {
         Protocol::ModbusRtu => Box::new(rtu::Rtu),
+        Protocol::ModbusAscii => Box::new(crate::ascii::Ascii),
+        Protocol::Raw => Box::new(crate::rawpoll::RawBusFraming::new(&bus.raw_devices)),
     };
-    let engine = Engine::new(bus.name.clone(), bus.line, framing, bus.queue_depth, bus.reopen_max, stats);
+    let silence = bus.raw_devices.iter().map(|d| d.silence).max().unwrap_or_default();
+    let engine = Engine::new(bus.name.clone(), bus.line, framing, bus.queue_depth, bus.reopen_max, stats)
+        .with_silence(silence);
     tracker.spawn(engine.run(rx, opener, shutdown));
     handle
 }
@@ -271,6 +275,14 @@ impl Engine {
             buf: Vec::with_capacity(512),
             out: Vec::with_capacity(260),
         }
+    }
+
+    /// Keeps at least `gap` of line silence where t3.5 is shorter: before each request,
+    /// and as the end of a frame for framings that end frames with silence (raw devices
+    /// with `end = "silence"` behind USB adapters that deliver bytes in bursts).
+    pub fn with_silence(mut self, gap: Duration) -> Self {
+        self.t35 = self.t35.max(gap);
+        self
     }
 
     /// Runs until shutdown: opens the port (by calling `open` again after a failure, with

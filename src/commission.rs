@@ -1,6 +1,7 @@
 //! One-shot reads for commissioning (`m2m-gateway poll`, like mbpoll): the same bus engine
 //! as the gateway — timing, CRC checks, stale-input discard — driven from the command line,
-//! with the registers decoded as a chosen type and printed for people or as JSON.
+//! with the registers decoded as a chosen type and printed for people or as JSON; and
+//! one raw request to a raw serial device ([`raw_once`]), its reply shown in hex and text.
 
 use std::time::Duration;
 
@@ -69,6 +70,9 @@ pub enum PollError {
         /// Cause.
         source: BusError,
     },
+    /// A raw request got no reply (or the bus refused it).
+    #[error("raw request: {0}")]
+    Raw(BusError),
     /// The registers cannot be decoded as asked.
     #[error("cannot decode: {0}")]
     Decode(String),
@@ -138,6 +142,7 @@ impl Poll {
             queue_depth: 1,
             reopen_max: Duration::from_secs(1),
             devices: Vec::new(),
+            raw_devices: Vec::new(),
         };
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -204,4 +209,95 @@ pub fn render(spec: &PollSpec, r: &PollResult) -> String {
         }
     }
     out
+}
+
+/// One raw request for commissioning a raw serial device (`m2m-gateway poll --raw`).
+#[derive(Debug, Clone)]
+pub struct RawSpec {
+    /// Serial device path.
+    pub port: String,
+    /// Line settings.
+    pub line: Line,
+    /// The bytes sent, complete.
+    pub request: Vec<u8>,
+    /// How the reply is delimited (no checksum is checked: the reply is shown as it is).
+    pub framing: crate::raw::FrameRule,
+    /// Line silence that ends a reply for `FrameEnd::Silence`.
+    pub silence: Duration,
+    /// Response timeout.
+    pub timeout: Duration,
+}
+
+/// The reply to a raw request.
+#[derive(Debug, Clone, Serialize)]
+pub struct RawResult {
+    /// The bytes sent.
+    pub sent: Vec<u8>,
+    /// The reply frame.
+    pub reply: Vec<u8>,
+    /// Round-trip time in milliseconds.
+    pub millis: f64,
+}
+
+/// Sends one raw request through the bus engine and returns the reply frame.
+pub async fn raw_once(spec: &RawSpec) -> Result<RawResult, PollError> {
+    let framing = crate::raw::RawFraming {
+        framing: spec.framing.clone(),
+        checksum: crate::checksum::ChecksumRule::NONE,
+    };
+    let device = crate::model::RawDevice {
+        name: "raw".into(),
+        id: 1,
+        mode: crate::model::RawMode::Poll { request: spec.request.clone(), interval: Duration::from_secs(1) },
+        framing,
+        send_checksum: crate::checksum::ChecksumRule::NONE,
+        timeout: spec.timeout,
+        silence: spec.silence,
+        extract: crate::extract::Extract::Binary { fields: Vec::new() },
+        points: Vec::new(),
+        commands: Vec::new(),
+    };
+    let bus = Bus {
+        name: "poll".into(),
+        port: spec.port.clone(),
+        line: spec.line,
+        protocol: Protocol::Raw,
+        timeout: spec.timeout,
+        retries: 0,
+        queue_depth: 1,
+        reopen_max: Duration::from_secs(1),
+        devices: Vec::new(),
+        raw_devices: vec![device],
+    };
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let handle = bus::spawn(&bus, shutdown.clone(), &tracker);
+    let started = std::time::Instant::now();
+    let request = Request::Custom(0, std::borrow::Cow::Owned(spec.request.clone()));
+    let outcome = handle.transact(1, request, Priority::PassThrough, spec.timeout, 0).await;
+    let millis = started.elapsed().as_secs_f64() * 1000.0;
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    match outcome.map_err(PollError::Raw)? {
+        Response::Custom(_, frame) => {
+            Ok(RawResult { sent: spec.request.clone(), reply: frame.to_vec(), millis })
+        }
+        other => Err(PollError::Decode(format!("unexpected response {other:?}"))),
+    }
+}
+
+/// The reply of a raw request for people: hex and escaped text.
+pub fn render_raw(r: &RawResult) -> String {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02X}")).collect::<Vec<_>>().join(" ");
+    format!(
+        "sent  {} bytes: {}  \"{}\"\nreply {} bytes in {:.1} ms: {}  \"{}\"\n",
+        r.sent.len(),
+        hex(&r.sent),
+        r.sent.escape_ascii(),
+        r.reply.len(),
+        r.millis,
+        hex(&r.reply),
+        r.reply.escape_ascii()
+    )
 }

@@ -28,6 +28,7 @@ mod globs;
 mod link;
 mod peer;
 mod point;
+mod rawdevice;
 mod send;
 mod write;
 
@@ -145,6 +146,7 @@ pub fn parse_in(text: &str, origin: &str, dir: &Path) -> Result<Model, ConfigErr
     let gateway = gateway::validate(&raw.gateway, &mut check);
     let mut buses = bus::validate(&raw.bus, &mut check);
     device::validate(&raw.device, &mut buses, &mut check);
+    rawdevice::validate(&raw.raw_device, &mut buses, &mut check);
     let links = peer::validate(raw.link.as_ref(), &raw.peer, &gateway.name, &buses, dir, &mut check);
 
     // Sections are checked one after the other (overlaps after all points of a device);
@@ -172,6 +174,8 @@ struct Raw {
     bus: Vec<bus::RawBus>,
     #[serde(default)]
     device: Vec<device::RawDevice>,
+    #[serde(default)]
+    raw_device: Vec<rawdevice::RawSerialDevice>,
     link: Option<link::RawLink>,
     #[serde(default)]
     peer: Vec<peer::RawPeer>,

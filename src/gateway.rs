@@ -1,5 +1,6 @@
 //! Wires a validated model into running tasks: one bus task and one poller per serial
-//! line, the periodic summaries, all under one shutdown token and one task tracker.
+//! line (a raw poller on raw buses, a stream task instead of both on a stream bus, see
+//! `rawpoll`), the periodic summaries, all under one shutdown token and one task tracker.
 //!
 //! Invariant: every task spawned here watches the shutdown token and is tracked, so
 //! [`Gateway::shutdown`] returns once everything has stopped (or the grace period ran out).
@@ -13,15 +14,19 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::bus::{self, BusHandle};
 use crate::image::Image;
-use crate::model::Model;
+use crate::model::{Model, Protocol};
 use crate::poller::Poller;
+use crate::rawpoll::{self, SerialDevices};
 
 /// A running gateway.
 pub struct Gateway {
     /// The register image every task reads and writes.
     pub image: Arc<Image>,
-    /// Handles to the bus tasks, by bus order in the model.
+    /// Handles to the bus tasks, by bus order in the model (stream buses, which have a
+    /// stream task instead, are left out).
     pub buses: Vec<BusHandle>,
+    /// The raw serial devices: counters and commands ([`SerialDevices::send_command`]).
+    pub serial: Arc<SerialDevices>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -32,10 +37,20 @@ impl Gateway {
         let image = Arc::new(Image::new());
         let tracker = TaskTracker::new();
         let mut buses = Vec::new();
+        let mut serial = SerialDevices::new();
         for bus in &model.buses {
-            let handle = bus::spawn(bus, shutdown.clone(), &tracker);
-            let poller = Poller::new(bus, handle.clone(), image.clone());
-            tracker.spawn(poller.run(shutdown.clone()));
+            let handle = if bus.protocol == Protocol::Raw {
+                // A stream bus has a stream task and no bus task (nothing is ever sent).
+                let Some(handle) = rawpoll::start(bus, &image, &mut serial, &shutdown, &tracker) else {
+                    continue;
+                };
+                handle
+            } else {
+                let handle = bus::spawn(bus, shutdown.clone(), &tracker);
+                let poller = Poller::new(bus, handle.clone(), image.clone());
+                tracker.spawn(poller.run(shutdown.clone()));
+                handle
+            };
             tracker.spawn(
                 summarise(handle.clone(), model.gateway.summary_interval, shutdown.clone())
                     .instrument(info_span!("bus", bus = %bus.name)),
@@ -44,7 +59,7 @@ impl Gateway {
         }
         tracker.spawn(sweep(image.clone(), shutdown.clone()));
         info!(gateway = %model.gateway.name, buses = model.buses.len(), points = image.len(), "gateway started");
-        Self { image, buses, shutdown, tracker }
+        Self { image, buses, serial: Arc::new(serial), shutdown, tracker }
     }
 
     /// Waits for the shutdown token, then for every task to stop (at most `grace`).

@@ -85,6 +85,13 @@ enum CliParity {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum CliEnd {
+    Terminator,
+    Fixed,
+    Silence,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum CliTable {
     Coils,
     Discrete,
@@ -128,8 +135,30 @@ struct PollArgs {
     #[arg(long, default_value_t = 1)]
     stop_bits: u8,
     /// Unit id (1..=247).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=247))]
-    unit: u8,
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=247), required_unless_present_any = ["raw", "raw_hex"])]
+    unit: Option<u8>,
+    /// Send this raw request instead of a Modbus read (escapes \r \n \t \0 \\ \xHH) and
+    /// print the reply in hex and text.
+    #[arg(long, conflicts_with_all = ["raw_hex", "unit"])]
+    raw: Option<String>,
+    /// Send these raw bytes (hex, e.g. "01 52 81 DD") instead of a Modbus read.
+    #[arg(long, conflicts_with = "unit")]
+    raw_hex: Option<String>,
+    /// How a raw reply ends.
+    #[arg(long, value_enum, default_value = "terminator")]
+    end: CliEnd,
+    /// The end marker of a raw reply, with escapes (--end terminator).
+    #[arg(long, default_value = "\\r\\n")]
+    terminator: String,
+    /// Total raw reply length in bytes (--end fixed).
+    #[arg(long)]
+    length: Option<usize>,
+    /// Line silence that ends a raw reply (--end silence).
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    silence: Duration,
+    /// Data bits (7 for some ASCII devices).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(7..=8))]
+    data_bits: u8,
     /// Table to read.
     #[arg(long, value_enum, default_value = "holding")]
     table: CliTable,
@@ -279,19 +308,23 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
+    let line = Line {
+        baud: a.baud,
+        data_bits: a.data_bits,
+        parity: match a.parity {
+            CliParity::None => Parity::None,
+            CliParity::Even => Parity::Even,
+            CliParity::Odd => Parity::Odd,
+        },
+        stop_bits: a.stop_bits,
+    };
+    if a.raw.is_some() || a.raw_hex.is_some() {
+        return poll_raw(&a, line).await;
+    }
     let spec = PollSpec {
         port: a.port,
-        line: Line {
-            baud: a.baud,
-            data_bits: 8,
-            parity: match a.parity {
-                CliParity::None => Parity::None,
-                CliParity::Even => Parity::Even,
-                CliParity::Odd => Parity::Odd,
-            },
-            stop_bits: a.stop_bits,
-        },
-        unit: a.unit,
+        line,
+        unit: a.unit.context("--unit is required")?,
         table: match a.table {
             CliTable::Coils => Table::Coils,
             CliTable::Discrete => Table::Discrete,
@@ -344,5 +377,51 @@ async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
         }
     }
     poll.close().await;
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// `poll --raw`: one raw request, its reply in hex and text.
+async fn poll_raw(a: &PollArgs, line: Line) -> anyhow::Result<ExitCode> {
+    use m2m_gateway::raw::{self, FrameEnd, FrameRule};
+    let request = match (&a.raw, &a.raw_hex) {
+        (Some(text), _) => raw::unescape(text).context("--raw")?,
+        (None, Some(hex)) => raw::parse_hex(hex).context("--raw-hex")?,
+        (None, None) => anyhow::bail!("--raw or --raw-hex is required"),
+    };
+    let end = match a.end {
+        CliEnd::Terminator => FrameEnd::Terminator(raw::unescape(&a.terminator).context("--terminator")?),
+        CliEnd::Fixed => FrameEnd::Fixed(a.length.context("--end fixed needs --length")?),
+        CliEnd::Silence => FrameEnd::Silence,
+    };
+    let framing = FrameRule { start: None, end };
+    framing.validate().context("reply framing")?;
+    let spec = commission::RawSpec {
+        port: a.port.clone(),
+        line,
+        request,
+        framing,
+        silence: a.silence,
+        timeout: a.timeout,
+    };
+    let shutdown = shutdown_on_signals()?;
+    let mut failed = false;
+    let mut n = 0u32;
+    while a.repeat == 0 || n < a.repeat {
+        if n > 0 {
+            tokio::select! {
+                () = tokio::time::sleep(a.interval) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
+        n += 1;
+        match commission::raw_once(&spec).await {
+            Ok(r) if a.json => println!("{}", serde_json::to_string(&r)?),
+            Ok(r) => print!("{}", commission::render_raw(&r)),
+            Err(e) => {
+                failed = true;
+                eprintln!("error: {e}");
+            }
+        }
+    }
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

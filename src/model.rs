@@ -55,6 +55,11 @@ pub struct Line {
 pub enum Protocol {
     /// Modbus RTU (binary frames, CRC-16, t3.5 silence between frames).
     ModbusRtu,
+    /// Modbus ASCII (`:` hex LRC CR LF frames); same devices and points as RTU.
+    ModbusAscii,
+    /// Raw serial devices with their own request/response or streaming protocols
+    /// ([`Bus::raw_devices`]; no Modbus devices).
+    Raw,
 }
 
 /// One serial line, owned by one task.
@@ -78,6 +83,76 @@ pub struct Bus {
     pub reopen_max: Duration,
     /// The devices on this bus.
     pub devices: Vec<Device>,
+    /// The raw devices of a [`Protocol::Raw`] bus (empty on Modbus buses).
+    pub raw_devices: Vec<RawDevice>,
+}
+
+/// A field device speaking its own serial protocol (a scale, a reader, a GPS, a meter).
+#[derive(Debug, Clone)]
+pub struct RawDevice {
+    /// Unique device name (shared namespace with Modbus devices); points are `device.point`.
+    pub name: String,
+    /// Pseudo unit id on its bus, 1..=247, unique per bus: the bus engine's per-unit
+    /// bookkeeping (late-reply quarantine) and the per-device framing are keyed by it.
+    pub id: u8,
+    /// Polled with a request, or talking by itself.
+    pub mode: RawMode,
+    /// How replies (or streamed frames) are delimited and checked.
+    pub framing: crate::raw::RawFraming,
+    /// The checksum rule applied to what is sent (requests, commands): the reply's rule,
+    /// or none when the device takes its requests without a checksum.
+    pub send_checksum: crate::checksum::ChecksumRule,
+    /// Response timeout.
+    pub timeout: Duration,
+    /// Line silence that ends a frame for `end = "silence"` (and is kept before requests).
+    pub silence: Duration,
+    /// How point values are taken from a frame; field `point` indices refer to `points`.
+    pub extract: crate::extract::Extract,
+    /// The points read from this device.
+    pub points: Vec<RawPoint>,
+    /// Points that can be written by sending a formatted command.
+    pub commands: Vec<RawCommand>,
+}
+
+/// How a raw device is read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawMode {
+    /// Request/response: the complete request bytes (address and checksum in place).
+    Poll {
+        /// Bytes sent each time.
+        request: Vec<u8>,
+        /// Poll interval.
+        interval: Duration,
+    },
+    /// The device talks by itself; the bus has no other device and no requests are sent.
+    Stream,
+}
+
+/// One value taken from a raw device's frames.
+#[derive(Debug, Clone)]
+pub struct RawPoint {
+    /// Full name, `device.point`.
+    pub name: String,
+    /// After this long without a good frame the value is reported stale.
+    pub stale_after: Duration,
+    /// Engineering unit, for display only.
+    pub unit: Option<String>,
+}
+
+/// A writable point of a raw device: writing it sends a formatted command.
+#[derive(Debug, Clone)]
+pub struct RawCommand {
+    /// Full name, `device.command`.
+    pub name: String,
+    /// Template for `crate::raw::format_command` (escapes, `{value:SPEC}`); the device's
+    /// checksum rule is applied to the result.
+    pub template: String,
+    /// The reply must match this regex for the write to succeed.
+    pub ok: Option<regex::bytes::Regex>,
+    /// Wait for a reply frame (false: send and return; the device answers nothing).
+    pub reply: bool,
+    /// Response timeout.
+    pub timeout: Duration,
 }
 
 /// One field device (a Modbus unit) on a bus.

@@ -199,6 +199,56 @@ pub struct BusPlan {
     /// `transaction_time / interval` (1.0 = the line is never idle; infinite when a read
     /// has a zero interval).
     pub load: f64,
+    /// The raw devices of a raw bus, in configuration order.
+    pub raw: Vec<RawPlan>,
+}
+
+/// Reply size assumed for a raw device whose frames have no fixed length.
+pub const RAW_REPLY_ASSUMED: usize = 64;
+
+/// The line cost of one raw device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawPlan {
+    /// Device name.
+    pub device: String,
+    /// Request bytes (0 for a streaming device).
+    pub request: usize,
+    /// Reply bytes when the frame rule fixes them; `None`: unknown
+    /// ([`RAW_REPLY_ASSUMED`] is used for the time).
+    pub reply: Option<usize>,
+    /// Poll interval; `None` for a streaming device (it owns its line, nothing is sent).
+    pub interval: Option<Duration>,
+    /// Line time of one transaction.
+    pub time: Duration,
+    /// Number of points.
+    pub points: usize,
+}
+
+/// Modbus ASCII sends each RTU byte but the CRC as two hex digits, plus `:`, the LRC
+/// (two digits) and CR LF: `2 * rtu_bytes + 1`.
+fn ascii_bytes(rtu_bytes: usize) -> usize {
+    2 * rtu_bytes + 1
+}
+
+/// The line cost of the raw devices of `bus`.
+fn plan_raw(bus: &Bus) -> Vec<RawPlan> {
+    bus.raw_devices
+        .iter()
+        .map(|d| {
+            let (request, interval) = match &d.mode {
+                crate::model::RawMode::Poll { request, interval } => (request.len(), Some(*interval)),
+                crate::model::RawMode::Stream => (0, None),
+            };
+            let reply = match d.framing.framing.end {
+                crate::raw::FrameEnd::Fixed(n) => Some(n),
+                _ => None,
+            };
+            let gap = t35(&bus.line).max(d.silence);
+            let rsp = reply.unwrap_or(RAW_REPLY_ASSUMED);
+            let time = wire_time(&bus.line, request) + gap + wire_time(&bus.line, rsp) + gap;
+            RawPlan { device: d.name.clone(), request, reply, interval, time, points: d.points.len() }
+        })
+        .collect()
 }
 
 /// The plan of one device.
@@ -222,9 +272,13 @@ pub fn plan_bus(bus: &Bus) -> BusPlan {
         .iter()
         .map(|d| {
             let reads = plan_device(d);
+            let ascii = bus.protocol == crate::model::Protocol::ModbusAscii;
+            let size = |n: usize| if ascii { ascii_bytes(n) } else { n };
             let times: Vec<Duration> = reads
                 .iter()
-                .map(|r| transaction_time(&bus.line, d.turnaround, request_bytes(r), response_bytes(r)))
+                .map(|r| {
+                    transaction_time(&bus.line, d.turnaround, size(request_bytes(r)), size(response_bytes(r)))
+                })
                 .collect();
             for (r, t) in reads.iter().zip(&times) {
                 load += share(*t, r.interval);
@@ -232,7 +286,9 @@ pub fn plan_bus(bus: &Bus) -> BusPlan {
             DevicePlan { device: d.name.clone(), unit: d.unit, reads, times }
         })
         .collect();
-    BusPlan { bus: bus.name.clone(), devices, load }
+    let raw = plan_raw(bus);
+    load += raw.iter().filter_map(|r| Some(share(r.time, r.interval?))).sum::<f64>();
+    BusPlan { bus: bus.name.clone(), devices, load, raw }
 }
 
 /// The fraction of time a transaction of `time` repeated every `interval` takes.
@@ -323,6 +379,26 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
                 rows.push((label, read_columns(r, *t)));
             }
         }
+        for r in &plan.raw {
+            let label = format!("{} (raw)", r.device);
+            let points = plural(r.points, "point", "points");
+            let Some(every) = r.interval else {
+                rows.push((label, [format!("streaming -> {points}"), String::new(), String::new()]));
+                continue;
+            };
+            let reply = match r.reply {
+                Some(n) => plural(n, "byte", "bytes"),
+                None => format!("length unknown, {RAW_REPLY_ASSUMED} assumed"),
+            };
+            rows.push((
+                label,
+                [
+                    format!("request {}, reply {reply}", plural(r.request, "byte", "bytes")),
+                    format!("(every {})", humantime::format_duration(every)),
+                    format!("-> {points}, {} on the wire", millis(r.time)),
+                ],
+            ));
+        }
         let w_label = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
         let w_range = rows.iter().map(|r| r.1[0].len()).max().unwrap_or(0);
         let w_size = rows.iter().map(|r| r.1[1].len()).max().unwrap_or(0);
@@ -331,8 +407,10 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
             let _ = writeln!(out, "{}", line.trim_end());
         }
 
-        let requests: usize = plan.devices.iter().map(|d| d.reads.len()).sum();
-        let points: usize = bus.map_or(0, |b| b.devices.iter().map(|d| d.points.len()).sum());
+        let requests: usize = plan.devices.iter().map(|d| d.reads.len()).sum::<usize>()
+            + plan.raw.iter().filter(|r| r.interval.is_some()).count();
+        let points: usize = bus.map_or(0, |b| b.devices.iter().map(|d| d.points.len()).sum())
+            + plan.raw.iter().map(|r| r.points).sum::<usize>();
         let _ = writeln!(
             out,
             "  bus load: {} of line capacity ({} for {})",
@@ -418,9 +496,58 @@ mod tests {
                 queue_depth: 16,
                 reopen_max: Duration::from_secs(30),
                 devices,
+                raw_devices: Vec::new(),
             }],
             links: None,
         }
+    }
+
+    #[test]
+    fn raw_devices_cost_their_request_and_reply() {
+        let text = r#"
+[gateway]
+name = "g"
+[[bus]]
+name = "w"
+port = "/dev/x"
+protocol = "raw"
+baud = 9600
+parity = "none"
+[[raw_device]]
+name = "meter"
+bus = "w"
+request_hex = "01 52"
+checksum = "crc16-modbus"
+interval = "100ms"
+end = "fixed"
+length = 9
+[[raw_device.point]]
+name = "flow"
+byte = 2
+type = "u16"
+[[raw_device]]
+name = "scale"
+bus = "w"
+request = "W\r\n"
+end = "terminator"
+terminator = "\r\n"
+regex = '(?P<w>[0-9.]+)'
+[[raw_device.point]]
+name = "w"
+"#;
+        let model = crate::config::parse(text, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        let plans = plan_model(&model);
+        let [meter, scale] = &plans[0].raw[..] else { panic!("two raw plans") };
+        assert_eq!((meter.request, meter.reply), (4, Some(9)));
+        assert_eq!((scale.request, scale.reply), (3, None));
+        let line = model.buses[0].line;
+        // 4 + 9 bytes on the wire and two t3.5 gaps, every 100 ms.
+        assert_eq!(meter.time, wire_time(&line, 4) + wire_time(&line, 9) + t35(&line) * 2);
+        assert!(plans[0].load > meter.time.as_secs_f64() / 0.1);
+        let shown = render(&model, &plans);
+        assert!(shown.contains("meter (raw)  request 4 bytes, reply 9 bytes"), "{shown}");
+        assert!(shown.contains("reply length unknown, 64 assumed"), "{shown}");
+        assert!(shown.contains("(2 requests for 2 points)"), "{shown}");
     }
 
     /// (table, start, count, number of points) of each read.

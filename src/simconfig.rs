@@ -37,6 +37,9 @@
 //! count = 1              # this many generators at consecutive addresses (default 1)
 //! ```
 //!
+//! `protocol = "ascii"` (top level) frames the units' messages as Modbus ASCII instead of
+//! RTU; `[[raw]]` entries simulate raw serial devices instead of units (see `simraw.rs`).
+//!
 //! Bit tables take `values` or `kind = "toggle"`. Faults: `silent`, `late <duration>`,
 //! `corrupt-crc`, `wrong-unit <id>`, `noise <bytes>`, `exception <code>`,
 //! `drop-every <n>`.
@@ -66,6 +69,24 @@ pub struct SimConfig {
     /// The simulated units (`[[unit]]`).
     #[serde(default, rename = "unit")]
     pub units: Vec<UnitConfig>,
+    /// How the units frame their messages: `"rtu"` (default) or `"ascii"`.
+    #[serde(default)]
+    pub protocol: SimProtocol,
+    /// Raw serial devices (`[[raw]]`, see `simraw.rs`); a line simulates either Modbus
+    /// units or raw devices.
+    #[serde(default)]
+    pub raw: Vec<crate::simraw::RawSimConfig>,
+}
+
+/// The Modbus framing of the simulated units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SimProtocol {
+    /// Modbus RTU.
+    #[default]
+    Rtu,
+    /// Modbus ASCII.
+    Ascii,
 }
 
 /// `[line]`: character framing whose timing the simulator emulates.
@@ -332,7 +353,11 @@ pub fn load(path: &Path) -> Result<SimConfig, SimError> {
 impl SimConfig {
     /// Checks the config; `Err(SimError::Invalid)` lists every problem.
     pub fn validate(&self) -> Result<(), SimError> {
-        let (_, problems) = build_units(self);
+        let (_, mut problems) = build_units(self);
+        problems.extend(crate::simraw::check(&self.raw));
+        if !self.raw.is_empty() && !self.units.is_empty() {
+            problems.push("a line simulates either [[unit]]s or [[raw]] devices, not both".into());
+        }
         if problems.is_empty() { Ok(()) } else { Err(SimError::Invalid { path: PathBuf::new(), problems }) }
     }
 
@@ -353,7 +378,12 @@ impl SimConfig {
             turnaround: Duration::from_millis(2),
         };
         let units = bus.devices.iter().map(device_unit).collect();
-        SimConfig { line: Some(line), units }
+        let protocol = if bus.protocol == crate::model::Protocol::ModbusAscii {
+            SimProtocol::Ascii
+        } else {
+            SimProtocol::Rtu
+        };
+        SimConfig { line: Some(line), units, protocol, raw: Vec::new() }
     }
 
     /// [`SimConfig::from_bus`] for every bus of a gateway config in one simulation (the
@@ -647,6 +677,7 @@ count = 16
             queue_depth: 16,
             reopen_max: Duration::from_secs(30),
             devices: vec![device],
+            raw_devices: Vec::new(),
         };
         let model = Model {
             gateway: Gateway { name: "gw".into(), summary_interval: Duration::from_secs(60) },

@@ -1,5 +1,5 @@
-//! Field-device simulator: Modbus-RTU slaves on a half-duplex line, for tests, benchmarks
-//! and `m2m-gateway demo`/`simulate`.
+//! Field-device simulator: Modbus-RTU (or Modbus-ASCII) slaves on a half-duplex line, or
+//! raw serial devices (`simraw.rs`), for tests, benchmarks and `m2m-gateway demo`/`simulate`.
 //!
 //! This file owns the RTU slave loop ([`Simulator::serve`]): framing the input, applying
 //! faults, pacing replies; and the handle tests use ([`SimHandle`]). Its siblings own the
@@ -34,13 +34,14 @@ use crate::rtu;
 use crate::value::Table;
 
 pub use crate::simconfig::{
-    Fault, GenKind, InitValue, LineConfig, ParityName, RegisterConfig, SimConfig, SimType, UnitConfig, load,
-    quick,
+    Fault, GenKind, InitValue, LineConfig, ParityName, RegisterConfig, SimConfig, SimProtocol, SimType,
+    UnitConfig, load, quick,
 };
 pub(crate) use crate::simconfig::{entry_len, table_name};
 pub use crate::simmap::{BusStats, UnitStats};
 pub(crate) use crate::simmap::{Unit, build as build_units, execute};
 pub use crate::simport::{VirtualPort, run_virtual};
+pub use crate::simraw::{RawFault, RawSimConfig, RawSimStats};
 
 /// Most bytes of unframed input kept; older bytes are dropped as garbage.
 pub const INPUT_CAP: usize = 512;
@@ -121,6 +122,8 @@ struct Shared {
     state: Mutex<State>,
     /// Time zero of every generator.
     epoch: Instant,
+    /// Raw serial devices, served instead of the units when the config has `[[raw]]`.
+    raw: Option<crate::simraw::RawSim>,
 }
 
 impl Shared {
@@ -139,6 +142,8 @@ pub struct Simulator {
     timing: Option<LineConfig>,
     /// Pace replies in software (off on a real UART, which paces itself).
     pace: bool,
+    /// Frame the units' messages as Modbus ASCII instead of RTU.
+    ascii: bool,
 }
 
 /// Control and inspection of a running simulation (tests set values and faults here).
@@ -156,6 +161,8 @@ struct Outgoing {
 /// Input framing state: bytes not yet part of a frame (no I/O; see module invariants).
 #[derive(Default)]
 struct Framer {
+    /// Modbus ASCII frames (`:` hex LRC CR LF) instead of RTU.
+    ascii: bool,
     buf: Vec<u8>,
     /// Bytes dropped since the counters were last updated.
     garbage: u64,
@@ -184,6 +191,9 @@ impl Framer {
     /// The next frame or CRC error in the buffer. `silent`: the line has been quiet for
     /// t3.5, so an incomplete frame will never complete and is given up a byte at a time.
     fn next(&mut self, silent: bool) -> Option<Event> {
+        if self.ascii {
+            return self.next_ascii();
+        }
         loop {
             let len = self.buf.len();
             if len < 2 {
@@ -229,6 +239,33 @@ impl Framer {
     }
 }
 
+impl Framer {
+    /// The next ASCII frame, handed on as RTU-shaped bytes (unit, PDU, two placeholder
+    /// CRC bytes) so one frame handler serves both; a bad LRC or bad hex is a CRC error.
+    fn next_ascii(&mut self) -> Option<Event> {
+        let start = self.buf.iter().position(|&b| b == b':');
+        self.drop_front(start.unwrap_or(self.buf.len()));
+        let lf = self.buf.iter().position(|&b| b == b'\n')?;
+        // A ':' inside restarts the frame (the spec's rule); the broken start is garbage.
+        if let Some(p) = self.buf[1..lf].iter().rposition(|&b| b == b':') {
+            self.drop_front(p + 1);
+            return self.next_ascii();
+        }
+        let frame: Vec<u8> = self.buf.drain(..=lf).collect();
+        let bin = frame[1..].strip_suffix(b"\r\n").and_then(|digits| hex::decode(digits).ok());
+        let unit = bin.as_ref().and_then(|b| b.first().copied()).unwrap_or(0);
+        match bin {
+            Some(mut bin) if bin.len() >= 3 && bin.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0 => {
+                // LRC out, two placeholder bytes in where the RTU CRC would be.
+                bin.pop();
+                bin.extend_from_slice(&[0, 0]);
+                Some(Event::Frame(bin))
+            }
+            _ => Some(Event::CrcError(unit)),
+        }
+    }
+}
+
 /// Functions a broadcast may carry (writes only, as the spec says).
 fn broadcastable(function: u8) -> bool {
     matches!(function, 5 | 6 | 15 | 16 | 22)
@@ -242,13 +279,16 @@ impl Simulator {
         for p in problems {
             tracing::warn!(problem = %p, "simulator config entry skipped");
         }
+        let raw = (!config.raw.is_empty()).then(|| crate::simraw::RawSim::new(&config.raw));
         Simulator {
             shared: Arc::new(Shared {
                 state: Mutex::new(State { units, bus: BusStats::default() }),
                 epoch: Instant::now(),
+                raw,
             }),
             timing: config.line,
             pace: true,
+            ascii: config.protocol == SimProtocol::Ascii,
         }
     }
 
@@ -270,7 +310,11 @@ impl Simulator {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let silence = self.timing.map_or(IDLE_SILENCE, |l| rtu::t35(&l.line()));
-        let mut framer = Framer::default();
+        if let Some(raw) = &self.shared.raw {
+            let turnaround = self.timing.map_or(Duration::ZERO, |l| l.turnaround);
+            return raw.serve(io, silence, turnaround, shutdown).await;
+        }
+        let mut framer = Framer { ascii: self.ascii, ..Framer::default() };
         let mut chunk = [0u8; 256];
         let mut silent = false;
         loop {
@@ -424,10 +468,19 @@ impl Simulator {
         };
         unit.stats.answered += 1;
         let mut bytes: Vec<u8> = (0..noise).map(|_| rand::random::<u8>()).collect();
-        rtu::frame(reply_id, &pdu, &mut bytes);
-        if corrupt {
-            if let Some(last) = bytes.last_mut() {
-                *last ^= 0xA5;
+        if self.ascii {
+            crate::ascii::frame(reply_id, &pdu, &mut bytes);
+            // The LRC's low digit, changed to another hex digit: a clean LRC error.
+            let at = bytes.len().saturating_sub(3);
+            if let Some(digit) = bytes.get_mut(at).filter(|_| corrupt) {
+                *digit = if *digit == b'0' { b'1' } else { b'0' };
+            }
+        } else {
+            rtu::frame(reply_id, &pdu, &mut bytes);
+            if corrupt {
+                if let Some(last) = bytes.last_mut() {
+                    *last ^= 0xA5;
+                }
             }
         }
         Some(Outgoing { bytes, delay })
@@ -477,6 +530,22 @@ impl Simulator {
 }
 
 impl SimHandle {
+    /// Sets (or clears, with `None`) the fault of the simulated raw device `name`.
+    pub fn set_raw_fault(&self, name: &str, fault: Option<RawFault>) -> Result<(), SimError> {
+        match &self.shared.raw {
+            Some(raw) => raw.set_fault(name, fault),
+            None => Err(SimError::Invalid {
+                path: PathBuf::new(),
+                problems: vec![format!("raw device {name:?} is not simulated")],
+            }),
+        }
+    }
+
+    /// The counters of the simulated raw device `name`.
+    pub fn raw_stats(&self, name: &str) -> Option<RawSimStats> {
+        self.shared.raw.as_ref()?.stats(name)
+    }
+
     fn with_unit<T>(&self, unit: u8, f: impl FnOnce(&mut Unit, Duration) -> T) -> Result<T, SimError> {
         let t = self.shared.epoch.elapsed();
         let mut st = self.shared.lock();

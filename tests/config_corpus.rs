@@ -28,7 +28,7 @@ fn file_name(path: &Path) -> String {
 #[test]
 fn bad_configs_fail_with_their_expected_messages() {
     let files = corpus("bad");
-    assert!(files.len() >= 88, "only {} bad configs", files.len());
+    assert!(files.len() >= 96, "only {} bad configs", files.len());
     let mut failures = Vec::new();
     for path in &files {
         let name = file_name(path);
@@ -72,7 +72,7 @@ fn validation_reports_every_problem_at_once() {
 #[test]
 fn good_configs_load() {
     let files = corpus("good");
-    assert!(files.len() >= 5, "only {} good configs", files.len());
+    assert!(files.len() >= 6, "only {} good configs", files.len());
     for path in &files {
         if let Err(err) = config::load(path) {
             panic!("{} should load:\n{err}", path.display());
@@ -265,4 +265,51 @@ fn two_site_examples_load_and_pair() {
     let sent_by_a = to_b.send.iter().flat_map(|r| &r.matched);
     assert!(sent_by_a.clone().any(|p| *p == wb.from), "{} is sent by site-a", wb.from);
     assert!(to_a.send.iter().any(|r| !r.matched.is_empty()), "site-b sends back");
+}
+
+#[test]
+fn serial_protocols_resolve() {
+    use m2m_gateway::checksum::Checksum;
+    use m2m_gateway::model::RawMode;
+    use m2m_gateway::raw::FrameEnd;
+
+    let model = good("serial.toml");
+    let ascii = &model.buses[0];
+    assert_eq!(ascii.protocol, Protocol::ModbusAscii);
+    assert_eq!(ascii.line.data_bits, 7);
+    let weighing = &model.buses[1];
+    assert_eq!(weighing.protocol, Protocol::Raw);
+    assert!(weighing.devices.is_empty());
+    let [scale, meter] = &weighing.raw_devices[..] else { panic!("two raw devices") };
+    assert_eq!((scale.id, meter.id), (1, 2), "pseudo units in file order, never 0");
+    assert_eq!(
+        scale.mode,
+        RawMode::Poll { request: b"W\r\n".to_vec(), interval: Duration::from_millis(500) }
+    );
+    assert_eq!(scale.timeout, Duration::from_millis(500), "the bus timeout");
+    assert_eq!(scale.points[0].name, "scale.weight");
+    assert_eq!(scale.points[0].stale_after, Duration::from_millis(1500));
+    assert_eq!(scale.commands.len(), 2);
+    assert!(scale.commands[0].ok.is_some() && scale.commands[0].reply);
+    assert!(!scale.commands[1].reply);
+    // The request carries its CRC-16/MODBUS, low byte first.
+    assert_eq!(
+        meter.mode,
+        RawMode::Poll { request: vec![0x01, 0x52, 0x81, 0xDD], interval: Duration::from_secs(2) }
+    );
+    assert_eq!(meter.framing.framing.end, FrameEnd::Fixed(9));
+    assert_eq!(meter.framing.checksum.kind, Checksum::Crc16Modbus);
+    let gps = &model.buses[2].raw_devices[0];
+    assert_eq!(gps.mode, RawMode::Stream);
+    assert_eq!(gps.points.len(), 3);
+    assert_eq!(gps.points[0].stale_after, Duration::from_secs(5));
+    let analyser = &model.buses[3].raw_devices[0];
+    // {address} put in, sum8 over the whole request appended.
+    let RawMode::Poll { request, .. } = &analyser.mode else { panic!("polled") };
+    assert_eq!(&request[..5], b"\x02R07\x03");
+    assert_eq!(request.len(), 6);
+    assert_eq!(
+        analyser.framing.framing.end,
+        FrameEnd::LengthField { offset: 1, width: 1, big_endian: true, adjust: 3 }
+    );
 }

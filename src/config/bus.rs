@@ -4,10 +4,11 @@
 //! [[bus]]
 //! name = "line1"             # required, unique
 //! port = "/dev/ttyUSB0"      # required, unique
-//! protocol = "modbus-rtu"    # default modbus-rtu (the only one so far)
+//! protocol = "modbus-rtu"    # modbus-rtu|modbus-ascii|raw, default modbus-rtu; a raw bus
+//!                            #   carries [[raw_device]]s only (see config/rawdevice.rs)
 //! baud = 19200               # default 19200, 300..=4000000
 //! parity = "even"            # none|even|odd, default even (Modbus' 8E1)
-//! data_bits = 8              # 7|8, default 8 (modbus-rtu needs 8)
+//! data_bits = 8              # 7|8, default 8 (modbus-rtu needs 8; ascii and raw may use 7)
 //! stop_bits = 1              # 1|2, default 1
 //! timeout = "200ms"          # default response timeout of its devices, at least 1ms
 //! retries = 1                # default 1, 0..=10
@@ -56,6 +57,8 @@ pub(super) struct RawBus {
 #[serde(rename_all = "kebab-case")]
 enum RawProtocol {
     ModbusRtu,
+    ModbusAscii,
+    Raw,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -91,6 +94,8 @@ pub(super) fn validate(raw: &[RawBus], check: &mut Checker) -> Vec<Bus> {
 fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
     let protocol = match r.protocol.as_ref().map(|p| *p.get_ref()) {
         None | Some(RawProtocol::ModbusRtu) => Protocol::ModbusRtu,
+        Some(RawProtocol::ModbusAscii) => Protocol::ModbusAscii,
+        Some(RawProtocol::Raw) => Protocol::Raw,
     };
     let data_bits = check.int(r.data_bits.as_ref(), 8, 7..=8, path, "data_bits");
     if let (Some(bits), 7, Protocol::ModbusRtu) = (&r.data_bits, data_bits, protocol) {
@@ -116,5 +121,6 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
         queue_depth: check.int(r.queue_depth.as_ref(), QUEUE_DEPTH, 1..=65_536, path, "queue_depth"),
         reopen_max: check.duration(r.reopen_max.as_ref(), REOPEN_MAX, REOPEN_MAX_MIN, path, "reopen_max"),
         devices: Vec::new(),
+        raw_devices: Vec::new(),
     }
 }

@@ -84,6 +84,14 @@ pub(super) fn validate(raw: &[RawDevice], buses: &mut [Bus], check: &mut Checker
             );
         }
 
+        if let Some(b) = bus.and_then(|b| buses.get(b)).filter(|b| b.protocol == crate::model::Protocol::Raw)
+        {
+            check.report(
+                r.bus.span(),
+                &path,
+                format!("bus {:?} has protocol = \"raw\": its devices are [[raw_device]] sections", b.name),
+            );
+        }
         let unit = check.int(Some(&r.unit), 1, 1..=247, &path, "unit");
         // Only a valid unit can clash; an invalid one is reported above.
         let clash = bus
