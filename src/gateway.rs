@@ -1,20 +1,23 @@
 //! Wires a validated model into running tasks: one bus task and one poller per serial
-//! line, the periodic summaries, all under one shutdown token and one task tracker.
+//! line, the periodic summaries, the local Modbus-TCP server when `[server]` is
+//! configured, all under one shutdown token and one task tracker.
 //!
 //! Invariant: every task spawned here watches the shutdown token and is tracked, so
 //! [`Gateway::shutdown`] returns once everything has stopped (or the grace period ran out).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::bus::{self, BusHandle};
 use crate::image::Image;
 use crate::model::Model;
 use crate::poller::Poller;
+use crate::server::{Server, ServerError};
 
 /// A running gateway.
 pub struct Gateway {
@@ -22,13 +25,32 @@ pub struct Gateway {
     pub image: Arc<Image>,
     /// Handles to the bus tasks, by bus order in the model.
     pub buses: Vec<BusHandle>,
+    /// Where the Modbus-TCP server listens (`None`: no `[server]`, or it failed to bind).
+    pub server_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Gateway {
-    /// Starts every task of `model`. Must be called inside a tokio runtime.
+    /// Starts every task of `model`. Must be called inside a tokio runtime. A server
+    /// that cannot bind its socket is logged as an error and left out; use
+    /// [`Gateway::try_start`] to fail instead.
     pub fn start(model: &Model, shutdown: CancellationToken) -> Self {
+        Self::launch(model, shutdown, false).unwrap_or_else(|(gateway, e)| {
+            error!(error = %e, "running without the modbus-tcp server");
+            gateway
+        })
+    }
+
+    /// Like [`Gateway::start`], but a server that cannot bind fails the start (every
+    /// task already started is stopped again).
+    pub fn try_start(model: &Model, shutdown: CancellationToken) -> Result<Self, ServerError> {
+        Self::launch(model, shutdown, true).map_err(|(_, e)| e)
+    }
+
+    fn launch(model: &Model, shutdown: CancellationToken, strict: bool) -> Result<Self, (Self, ServerError)> {
+        // A failed strict start must not stop the caller's token: run under a child.
+        let shutdown = if strict { shutdown.child_token() } else { shutdown };
         let image = Arc::new(Image::new());
         let tracker = TaskTracker::new();
         let mut buses = Vec::new();
@@ -43,8 +65,30 @@ impl Gateway {
             buses.push(handle);
         }
         tracker.spawn(sweep(image.clone(), shutdown.clone()));
-        info!(gateway = %model.gateway.name, buses = model.buses.len(), points = image.len(), "gateway started");
-        Self { image, buses, shutdown, tracker }
+        let mut gateway = Self { image, buses, server_addr: None, shutdown, tracker };
+        if let Some(config) = &model.server {
+            match Server::bind(config, model, &gateway.buses, gateway.image.clone()) {
+                Ok(server) => {
+                    gateway.server_addr = Some(server.local_addr());
+                    let tracker = gateway.tracker.clone();
+                    gateway.tracker.spawn(server.run(gateway.shutdown.clone(), tracker));
+                }
+                Err(e) => {
+                    if strict {
+                        gateway.shutdown.cancel();
+                    }
+                    return Err((gateway, e));
+                }
+            }
+        }
+        info!(
+            gateway = %model.gateway.name,
+            buses = model.buses.len(),
+            points = gateway.image.len(),
+            server = ?gateway.server_addr,
+            "gateway started"
+        );
+        Ok(gateway)
     }
 
     /// Waits for the shutdown token, then for every task to stop (at most `grace`).

@@ -403,6 +403,7 @@ mod tests {
                 devices,
             }],
             links: None,
+            server: None,
         }
     }
 
