@@ -260,6 +260,20 @@ struct RawBlock {
 type RawBlocks = std::collections::BTreeMap<u16, RawBlock>;
 
 impl Image {
+    /// Declares a block the poller will read, so that until its first good read it
+    /// answers [`RawMiss::NotFresh`] rather than [`RawMiss::NotPolled`]. A block already
+    /// stored is left alone.
+    pub fn expect_raw(&self, device: &str, table: Table, start: u16, count: u16) {
+        let n = usize::from(count);
+        let data = match table {
+            Table::Coils | Table::Discrete => Raw::Bits(vec![false; n]),
+            Table::Holding | Table::Input => Raw::Words(vec![0; n]),
+        };
+        let block = RawBlock { data, at: Instant::now(), good: false };
+        let mut raw = self.raw.write().unwrap_or_else(|e| e.into_inner());
+        raw.entry((Arc::from(device), table)).or_default().entry(start).or_insert(block);
+    }
+
     /// Stores the raw result of a good poll of `device`'s `table` from `start`.
     pub fn store_raw(&self, device: &str, table: Table, start: u16, data: Raw) {
         let block = RawBlock { data, at: Instant::now(), good: true };
@@ -371,6 +385,8 @@ mod tests {
         let image = Image::new();
         let age = Duration::from_secs(5);
         assert_eq!(image.read_raw("d", Table::Holding, 0, 1, age), Err(RawMiss::NotPolled));
+        image.expect_raw("d", Table::Holding, 10, 3);
+        assert_eq!(image.read_raw("d", Table::Holding, 10, 3, age), Err(RawMiss::NotFresh));
         image.store_raw("d", Table::Holding, 10, Raw::Words(vec![1, 2, 3]));
         image.store_raw("d", Table::Holding, 13, Raw::Words(vec![4, 5]));
         image.store_raw("d", Table::Coils, 0, Raw::Bits(vec![true, false]));

@@ -80,7 +80,12 @@ impl Poller {
                 backoff: FIRST_BACKOFF,
                 probe_at: now,
             })
-            .collect();
+            .collect::<Vec<DeviceState>>();
+        for d in &devices {
+            for rs in &d.reads {
+                image.expect_raw(&d.device.name, rs.read.table, rs.read.start, rs.read.count);
+            }
+        }
         Self { bus: handle, image, devices }
     }
 

@@ -6,9 +6,10 @@
 //! - **agent** units answer reads (FC1-4) at once from the raw registers the poller last
 //!   read (`Image::read_raw`); nothing touches the bus. A register that is cached but
 //!   older than the unit's `max_age`, or whose last poll failed, answers 0x0B (gateway
-//!   target failed to respond: the gateway has no current answer from it); a register
-//!   the poller never reads answers 0x02 (illegal data address: for this server it does
-//!   not exist, and no retry will help). Other functions answer 0x01.
+//!   target failed to respond: the gateway has no current answer from it), as does one
+//!   not read yet since start; a register the poller never reads answers 0x02 (illegal
+//!   data address: for this server it does not exist, and no retry will help). Other
+//!   functions answer 0x01.
 //! - **pass** units relay every request to the device on its bus (with the device's own
 //!   unit id, timeout, turnaround and the bus retries): the device's answer, or its
 //!   exception, goes back as is; no answer is 0x0B; a port that is down is 0x0A.
