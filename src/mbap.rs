@@ -274,7 +274,10 @@ mod tests {
         assert_eq!(decode_request(&[5, 0, 1, 0x12, 0x34]), Err(IllegalDataValue));
         assert_eq!(decode_request(&[0x2B, 0x0E, 1, 0]), Err(IllegalFunction));
         assert_eq!(decode_request(&[0x83, 1]), Err(IllegalFunction));
-        assert_eq!(decode_request(&[8, 0, 0, 0xA5, 0x37]), Ok(Request::Custom(8, Cow::Owned(vec![0, 0, 0xA5, 0x37]))));
+        assert_eq!(
+            decode_request(&[8, 0, 0, 0xA5, 0x37]),
+            Ok(Request::Custom(8, Cow::Owned(vec![0, 0, 0xA5, 0x37])))
+        );
         // Spec example: write coils 20..=29.
         let coils = [true, false, true, true, false, false, true, true, true, false];
         assert_eq!(
@@ -284,12 +287,18 @@ mod tests {
         // A quantity the bytes cannot hold (tokio-modbus' own decoder would panic here).
         assert_eq!(decode_request(&[0x0F, 0, 0, 0, 100, 1, 0xFF]), Err(IllegalDataValue));
         assert_eq!(decode_request(&[0x10, 0, 0, 0x80, 0, 0]), Err(IllegalDataValue));
-        assert_eq!(decode_request(&[0x10, 0, 1, 0, 1, 2, 0, 7]), Ok(Request::WriteMultipleRegisters(1, Cow::Owned(vec![7]))));
+        assert_eq!(
+            decode_request(&[0x10, 0, 1, 0, 1, 2, 0, 7]),
+            Ok(Request::WriteMultipleRegisters(1, Cow::Owned(vec![7])))
+        );
         assert_eq!(decode_request(&[0x10, 0, 1, 0, 1, 2, 0]), Err(IllegalDataValue));
         assert_eq!(
             decode_request(&[0x17, 0, 3, 0, 6, 0, 0x0E, 0, 3, 6, 0, 0xFF, 0, 0xFF, 0, 0xFF]),
             Ok(Request::ReadWriteMultipleRegisters(3, 6, 14, Cow::Owned(vec![0xFF; 3])))
         );
-        assert_eq!(decode_request(&[0x16, 0, 4, 0, 0xF2, 0, 0x25]), Ok(Request::MaskWriteRegister(4, 0xF2, 0x25)));
+        assert_eq!(
+            decode_request(&[0x16, 0, 4, 0, 0xF2, 0, 0x25]),
+            Ok(Request::MaskWriteRegister(4, 0xF2, 0x25))
+        );
     }
 }

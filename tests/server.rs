@@ -197,8 +197,14 @@ async fn agent_mode_answers_from_the_image_and_refuses_stale_values() {
     assert_eq!(m.read_coils(0, 3).await.expect("transport"), Ok(vec![true, false, true]));
     assert_eq!(m.read_holding_registers(1, 2).await.expect("transport"), Ok(vec![101, 102]));
     // Never polled: no such register for this server.
-    assert_eq!(m.read_holding_registers(3, 2).await.expect("transport"), Err(ExceptionCode::IllegalDataAddress));
-    assert_eq!(m.read_input_registers(0, 1).await.expect("transport"), Err(ExceptionCode::IllegalDataAddress));
+    assert_eq!(
+        m.read_holding_registers(3, 2).await.expect("transport"),
+        Err(ExceptionCode::IllegalDataAddress)
+    );
+    assert_eq!(
+        m.read_input_registers(0, 1).await.expect("transport"),
+        Err(ExceptionCode::IllegalDataAddress)
+    );
     // A new value shows after the next poll, without any request reaching the device.
     rig.sim.set_register(1, Table::Holding, 1, 555).expect("set");
     wait_until("new value polled", SECS(2), || rig.value("boiler.t").is_some()).await;
@@ -217,7 +223,8 @@ async fn agent_mode_answers_from_the_image_and_refuses_stale_values() {
     rig.sim.set_fault(1, Fault::Silent).expect("fault");
     let mut refused = false;
     for _ in 0..100 {
-        if m.read_holding_registers(0, 4).await.expect("transport") == Err(ExceptionCode::GatewayTargetDevice) {
+        if m.read_holding_registers(0, 4).await.expect("transport") == Err(ExceptionCode::GatewayTargetDevice)
+        {
             refused = true;
             break;
         }
@@ -252,7 +259,10 @@ async fn pass_through_every_function() {
     );
     assert_eq!(m.masked_write_register(30, 0x00F2, 0x0025).await.expect("transport"), Ok(()));
     // The device's own exceptions pass through: an address it does not have ...
-    assert_eq!(m.read_holding_registers(500, 1).await.expect("transport"), Err(ExceptionCode::IllegalDataAddress));
+    assert_eq!(
+        m.read_holding_registers(500, 1).await.expect("transport"),
+        Err(ExceptionCode::IllegalDataAddress)
+    );
     // ... and a function it does not support (FC8 diagnostics).
     let mut s = TcpStream::connect(addr).await.expect("connect");
     assert_eq!(raw(&mut s, 7, 20, &[0x08, 0, 0, 0xA5, 0x37]).await, [0x88, 0x01]);
@@ -273,7 +283,11 @@ async fn gateway_exceptions() {
     assert_eq!(raw(&mut s, 4, 20, &[0x03, 0xFF, 0xFF, 0, 2]).await, [0x83, 0x02]);
     // Writes outside the grants of a unit that has grants: illegal address.
     assert_eq!(raw(&mut s, 5, 20, &[0x06, 0, 200, 0, 1]).await, [0x86, 0x02]);
-    assert_eq!(raw(&mut s, 6, 20, &[0x10, 0, 129, 0, 2, 4, 0, 1, 0, 2]).await, [0x90, 0x02], "straddles the end");
+    assert_eq!(
+        raw(&mut s, 6, 20, &[0x10, 0, 129, 0, 2, 4, 0, 1, 0, 2]).await,
+        [0x90, 0x02],
+        "straddles the end"
+    );
     // Writes to a pass unit without grants: illegal function.
     assert_eq!(raw(&mut s, 7, 30, &[0x05, 0, 0, 0xFF, 0]).await, [0x85, 0x01]);
     assert_eq!(rig.sim.stats(2).requests, before, "none of these reached the bus");

@@ -94,7 +94,9 @@ pub(super) fn validate(raw: &[RawBus], check: &mut Checker) -> Vec<Bus> {
 /// Checks the `host:port` of a `tcp://` port: a host, and a port 1..=65535.
 fn tcp_port(addr: &str) -> Result<(), String> {
     let bad = || {
-        format!("port \"tcp://{addr}\" is not tcp://host:port (like \"tcp://10.0.0.5:4001\" or \"tcp://nport-1:950\")")
+        format!(
+            "port \"tcp://{addr}\" is not tcp://host:port (like \"tcp://10.0.0.5:4001\" or \"tcp://nport-1:950\")"
+        )
     };
     let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
     match port.parse::<u16>() {

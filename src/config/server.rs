@@ -112,7 +112,11 @@ pub(super) fn validate(raw: &RawServer, buses: &[Bus], check: &mut Checker) -> S
         let path = format!("server unit[{i}]");
         let unit = check.int(Some(&r.unit), 1, 1..=255, &path, "unit");
         if let Some(first) = seen.insert(*r.unit.get_ref(), i) {
-            check.report(r.unit.span(), &path, format!("unit {unit} is already served by server unit[{first}]"));
+            check.report(
+                r.unit.span(),
+                &path,
+                format!("unit {unit} is already served by server unit[{first}]"),
+            );
         }
         let (name, mode) = match (&r.agent, &r.pass) {
             (Some(a), None) => (a, Some(r.max_age.as_ref())),
@@ -131,16 +135,26 @@ pub(super) fn validate(raw: &RawServer, buses: &[Bus], check: &mut Checker) -> S
                 continue;
             }
         };
-        let found = buses.iter().find_map(|b| b.devices.iter().find(|d| d.name == *name.get_ref()).map(|d| (b, d)));
+        let found =
+            buses.iter().find_map(|b| b.devices.iter().find(|d| d.name == *name.get_ref()).map(|d| (b, d)));
         let Some((bus, device)) = found else {
-            check.report(name.span(), &path, format!("device {:?} is not defined by any [[device]]", name.get_ref()));
+            check.report(
+                name.span(),
+                &path,
+                format!("device {:?} is not defined by any [[device]]", name.get_ref()),
+            );
             continue;
         };
         let mode = match mode {
             None => ServeMode::Pass,
             Some(age) => {
-                let default =
-                    device.points.iter().map(|p| p.stale_after).max().unwrap_or(IDLE_TIMEOUT).max(MAX_AGE_MIN);
+                let default = device
+                    .points
+                    .iter()
+                    .map(|p| p.stale_after)
+                    .max()
+                    .unwrap_or(IDLE_TIMEOUT)
+                    .max(MAX_AGE_MIN);
                 ServeMode::Agent { max_age: check.duration(age, default, MAX_AGE_MIN, &path, "max_age") }
             }
         };
@@ -151,7 +165,9 @@ pub(super) fn validate(raw: &RawServer, buses: &[Bus], check: &mut Checker) -> S
     for (i, r) in raw.grant.iter().enumerate() {
         let path = format!("server grant[{i}]");
         let unit = check.int(Some(&r.unit), 1, 1..=255, &path, "unit");
-        if (1..=255).contains(r.unit.get_ref()) && !raw.unit.iter().any(|u| u.unit.get_ref() == r.unit.get_ref()) {
+        if (1..=255).contains(r.unit.get_ref())
+            && !raw.unit.iter().any(|u| u.unit.get_ref() == r.unit.get_ref())
+        {
             check.report(r.unit.span(), &path, format!("unit {unit} is not served by any [[server.unit]]"));
         }
         let table = *r.table.get_ref();
@@ -159,14 +175,21 @@ pub(super) fn validate(raw: &RawServer, buses: &[Bus], check: &mut Checker) -> S
             check.report(
                 r.table.span(),
                 &path,
-                format!("table {} is read-only: grant coils or holding", if table == Table::Input { "input" } else { "discrete" }),
+                format!(
+                    "table {} is read-only: grant coils or holding",
+                    if table == Table::Input { "input" } else { "discrete" }
+                ),
             );
         }
         let start: u16 = check.int(Some(&r.address), 0, 0..=65_535, &path, "address");
         let count: u32 = check.int(r.count.as_ref(), 1, 1..=65_536, &path, "count");
         if u32::from(start) + count > 65_536 {
             let span = r.count.as_ref().map_or(r.address.span(), |c| c.span());
-            check.report(span, &path, format!("address {start} + count {count} passes the last address 65535"));
+            check.report(
+                span,
+                &path,
+                format!("address {start} + count {count} passes the last address 65535"),
+            );
         }
         grants.push(WriteGrant { unit, table, start, count });
     }
