@@ -97,6 +97,8 @@ pub enum ServerError {
 
 /// Where one served unit's requests go.
 struct Route {
+    /// The served unit id.
+    unit: u8,
     device: Arc<str>,
     mode: ServeMode,
     /// The device's own unit id on its bus.
@@ -160,6 +162,7 @@ impl Server {
             routes.insert(
                 served.unit,
                 Route {
+                    unit: served.unit,
                     device: Arc::from(device.name.as_str()),
                     mode: served.mode,
                     device_unit: device.unit,
@@ -306,9 +309,9 @@ impl Route {
         if self.grants.is_empty() {
             return Err(ExceptionCode::IllegalFunction);
         }
-        let unit = self.grants[0].unit;
-        let covered = (usize::from(start)..usize::from(start) + count)
-            .all(|a| u16::try_from(a).is_ok_and(|a| self.grants.iter().any(|g| g.covers(unit, table, a))));
+        let covered = (usize::from(start)..usize::from(start) + count).all(|a| {
+            u16::try_from(a).is_ok_and(|a| self.grants.iter().any(|g| g.covers(self.unit, table, a)))
+        });
         if covered { Ok(()) } else { Err(ExceptionCode::IllegalDataAddress) }
     }
 }

@@ -155,13 +155,7 @@ async fn master(addr: SocketAddr, unit: u8) -> Context {
 
 /// Sends one raw MBAP request and returns the answer PDU (function code first).
 async fn raw(stream: &mut TcpStream, tid: u16, unit: u8, pdu: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::new();
-    frame.extend_from_slice(&tid.to_be_bytes());
-    frame.extend_from_slice(&[0, 0]);
-    frame.extend_from_slice(&(pdu.len() as u16 + 1).to_be_bytes());
-    frame.push(unit);
-    frame.extend_from_slice(pdu);
-    stream.write_all(&frame).await.expect("send");
+    stream.write_all(&mbap(tid, unit, pdu)).await.expect("send");
     let mut head = [0u8; 7];
     within(SECS(3), "answer header", stream.read_exact(&mut head)).await.expect("header");
     assert_eq!(u16::from_be_bytes([head[0], head[1]]), tid, "transaction id echoed");
@@ -481,4 +475,54 @@ async fn queued_polls_interleave_with_a_flood_of_pass_through() {
     assert_eq!(order, want);
     shutdown.cancel();
     stop.cancel();
+}
+
+/// Reads `n` answers (any order) and returns them by transaction id.
+async fn answers(stream: &mut TcpStream, n: usize) -> Vec<(u16, Vec<u8>)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let mut head = [0u8; 7];
+        within(SECS(3), "answer header", stream.read_exact(&mut head)).await.expect("header");
+        let len = usize::from(u16::from_be_bytes([head[4], head[5]])) - 1;
+        let mut pdu = vec![0u8; len];
+        within(SECS(3), "answer pdu", stream.read_exact(&mut pdu)).await.expect("pdu");
+        out.push((u16::from_be_bytes([head[0], head[1]]), pdu));
+    }
+    out
+}
+
+fn mbap(tid: u16, unit: u8, pdu: &[u8]) -> Vec<u8> {
+    let mut frame = tid.to_be_bytes().to_vec();
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(&(pdu.len() as u16 + 1).to_be_bytes());
+    frame.push(unit);
+    frame.extend_from_slice(pdu);
+    frame
+}
+
+#[tokio::test]
+async fn a_pipelining_master_is_limited_and_agent_reads_do_not_wait() {
+    let (rig, addr) = start("max_in_flight = 2");
+    wait_until("boiler polled", SECS(3), || rig.value("boiler.t").is_some()).await;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    // Four reads of the silent unit at once (each waits out its 100 ms timeout), then an
+    // agent read: two are taken, two more are refused busy, and the agent read is
+    // answered before the slow ones.
+    let mut burst = Vec::new();
+    for tid in 1..=4 {
+        burst.extend(mbap(tid, 30, &[0x03, 0, 0, 0, 1]));
+    }
+    burst.extend(mbap(5, 10, &[0x03, 0, 0, 0, 1]));
+    s.write_all(&burst).await.expect("send");
+    let got = answers(&mut s, 5).await;
+    let by_tid = |t: u16| got.iter().find(|(tid, _)| *tid == t).map(|(_, p)| p.clone()).expect("answered");
+    assert_eq!(by_tid(1), [0x83, 0x0B]);
+    assert_eq!(by_tid(2), [0x83, 0x0B]);
+    assert_eq!(by_tid(3), [0x83, 0x06], "third request of one master on one bus: busy");
+    assert_eq!(by_tid(4), [0x83, 0x06]);
+    assert_eq!(by_tid(5), [0x03, 0x02, 0x00, 100]);
+    let slow = got.iter().position(|(t, _)| *t == 1).expect("tid 1");
+    let agent = got.iter().position(|(t, _)| *t == 5).expect("tid 5");
+    assert!(agent < slow, "the agent read did not wait behind pass-through: {got:?}");
+    rig.stop().await;
 }
