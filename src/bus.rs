@@ -166,7 +166,8 @@ impl BusHandle {
     }
 }
 
-/// Something a bus can talk through: a serial port, or (later) a TCP serial server.
+/// Something a bus can talk through: a serial port, or a TCP connection to a serial
+/// device server.
 pub trait Port: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Port for T {}
 

@@ -67,7 +67,8 @@ pub struct Bus {
     /// Device path (`/dev/ttyUSB0`, `/dev/serial/by-id/...`), or `tcp://host:port` for
     /// RTU frames carried over TCP by a serial device server (Moxa NPort, ser2net).
     pub port: String,
-    /// Character framing.
+    /// Character framing (behind a serial device server: its serial settings, which
+    /// still give the RTU timing).
     pub line: Line,
     /// Field protocol.
     pub protocol: Protocol,

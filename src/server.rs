@@ -272,7 +272,17 @@ async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, sh
             }
             () = shutdown.cancelled() => return,
         };
-        if let Err(e) = output.send(out).await {
+        let sent = tokio::select! {
+            // Not cancel-safe (a frame may be cut), which is why both other arms close
+            // the connection.
+            r = output.send(out) => r,
+            () = tokio::time::sleep(shared.idle_timeout) => {
+                debug!("master does not take its answers; closing connection");
+                return;
+            }
+            () = shutdown.cancelled() => return,
+        };
+        if let Err(e) = sent {
             debug!(error = %e, "cannot answer; closing connection");
             return;
         }

@@ -117,12 +117,22 @@ agent = "boiler"
 max_age = "400ms"
 
 [[server.unit]]
+unit = 11
+agent = "meter"
+max_age = "1s"
+
+[[server.unit]]
 unit = 20
 pass = "meter"
 
 [[server.unit]]
 unit = 30
 pass = "dead"
+
+[[server.grant]]
+unit = 10
+table = "holding"
+address = 3
 
 [[server.grant]]
 unit = 20
@@ -211,8 +221,33 @@ async fn agent_mode_answers_from_the_image_and_refuses_stale_values() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(seen, "agent read follows the polls");
-    // No grant on unit 10: writing is not an allowed function there.
-    assert_eq!(m.write_single_register(0, 1).await.expect("transport"), Err(ExceptionCode::IllegalFunction));
+    // Unit 10 may write holding 3 only; the write goes to the device.
+    assert_eq!(
+        m.write_single_register(0, 1).await.expect("transport"),
+        Err(ExceptionCode::IllegalDataAddress)
+    );
+    assert_eq!(
+        m.write_single_coil(0, true).await.expect("transport"),
+        Err(ExceptionCode::IllegalDataAddress)
+    );
+    assert_eq!(m.write_single_register(3, 9).await.expect("transport"), Ok(()));
+    assert_eq!(rig.sim.register(1, Table::Holding, 3), Some(9));
+    // No grant at all on unit 11: writing is not an allowed function there.
+    let mut meter = master(addr, 11).await;
+    assert_eq!(
+        meter.write_single_register(0, 1).await.expect("transport"),
+        Err(ExceptionCode::IllegalFunction)
+    );
+    // The meter is polled once an hour: its value is served while younger than max_age
+    // (1 s), then refused although the device is fine.
+    wait_until("meter polled", SECS(3), || rig.value("meter.e").is_some()).await;
+    assert_eq!(meter.read_holding_registers(0, 1).await.expect("transport"), Ok(vec![1000]));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        meter.read_holding_registers(0, 1).await.expect("transport"),
+        Err(ExceptionCode::GatewayTargetDevice),
+        "older than max_age"
+    );
     // The device goes quiet: its values turn stale and are refused, not served old.
     rig.sim.set_fault(1, Fault::Silent).expect("fault");
     let mut refused = false;
