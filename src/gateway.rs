@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -17,7 +18,7 @@ use crate::bus::{self, BusHandle};
 use crate::image::Image;
 use crate::model::Model;
 use crate::poller::Poller;
-use crate::server::{Server, ServerError};
+use crate::server::{self, Server, ServerError};
 
 /// A running gateway.
 pub struct Gateway {
@@ -33,24 +34,25 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts every task of `model`. Must be called inside a tokio runtime. A server
-    /// that cannot bind its socket is logged as an error and left out; use
-    /// [`Gateway::try_start`] to fail instead.
+    /// socket that cannot be bound is logged as an error and the gateway runs without
+    /// it; use [`Gateway::try_start`] to fail instead.
     pub fn start(model: &Model, shutdown: CancellationToken) -> Self {
-        Self::launch(model, shutdown, false).unwrap_or_else(|(gateway, e)| {
-            error!(error = %e, "running without the modbus-tcp server");
-            gateway
-        })
+        let listener = model.server.as_ref().and_then(|config| {
+            server::listen(config)
+                .inspect_err(|e| error!(error = %e, "running without the modbus-tcp server"))
+                .ok()
+        });
+        Self::launch(model, shutdown, listener)
     }
 
-    /// Like [`Gateway::start`], but a server that cannot bind fails the start (every
-    /// task already started is stopped again).
+    /// Like [`Gateway::start`], but a server socket that cannot be bound fails the start,
+    /// before anything else has started.
     pub fn try_start(model: &Model, shutdown: CancellationToken) -> Result<Self, ServerError> {
-        Self::launch(model, shutdown, true).map_err(|(_, e)| e)
+        let listener = model.server.as_ref().map(server::listen).transpose()?;
+        Ok(Self::launch(model, shutdown, listener))
     }
 
-    fn launch(model: &Model, shutdown: CancellationToken, strict: bool) -> Result<Self, (Self, ServerError)> {
-        // A failed strict start must not stop the caller's token: run under a child.
-        let shutdown = if strict { shutdown.child_token() } else { shutdown };
+    fn launch(model: &Model, shutdown: CancellationToken, listener: Option<TcpListener>) -> Self {
         let image = Arc::new(Image::new());
         let tracker = TaskTracker::new();
         let mut buses = Vec::new();
@@ -65,30 +67,20 @@ impl Gateway {
             buses.push(handle);
         }
         tracker.spawn(sweep(image.clone(), shutdown.clone()));
-        let mut gateway = Self { image, buses, server_addr: None, shutdown, tracker };
-        if let Some(config) = &model.server {
-            match Server::bind(config, model, &gateway.buses, gateway.image.clone()) {
-                Ok(server) => {
-                    gateway.server_addr = Some(server.local_addr());
-                    let tracker = gateway.tracker.clone();
-                    gateway.tracker.spawn(server.run(gateway.shutdown.clone(), tracker));
-                }
-                Err(e) => {
-                    if strict {
-                        gateway.shutdown.cancel();
-                    }
-                    return Err((gateway, e));
-                }
-            }
+        let mut server_addr = None;
+        if let (Some(config), Some(listener)) = (&model.server, listener) {
+            let server = Server::new(listener, config, model, &buses, image.clone());
+            server_addr = Some(server.local_addr());
+            tracker.spawn(server.run(shutdown.clone(), tracker.clone()));
         }
         info!(
             gateway = %model.gateway.name,
             buses = model.buses.len(),
-            points = gateway.image.len(),
-            server = ?gateway.server_addr,
+            points = image.len(),
+            server = ?server_addr,
             "gateway started"
         );
-        Ok(gateway)
+        Self { image, buses, server_addr, shutdown, tracker }
     }
 
     /// Waits for the shutdown token, then for every task to stop (at most `grace`).

@@ -61,7 +61,7 @@ use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, instrument, warn};
+use tracing::{Instrument, debug, error, info, info_span, instrument, warn};
 
 use crate::bus::{BusError, BusHandle, Job, Priority};
 use crate::image::{Image, Raw, RawMiss};
@@ -85,14 +85,15 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
-    /// A served unit names a bus the gateway does not run (a model/handles mismatch).
-    #[error("server unit {unit}: bus {bus:?} is not running")]
-    NoBus {
-        /// Served unit id.
-        unit: u8,
-        /// The bus named.
-        bus: String,
-    },
+}
+
+/// Binds the configured listening socket (first, so that a port already taken fails
+/// before anything else starts). Must be called inside a tokio runtime.
+pub fn listen(config: &model::Server) -> Result<TcpListener, ServerError> {
+    let bind_err = |source| ServerError::Bind { addr: config.listen, source };
+    let std_listener = std::net::TcpListener::bind(config.listen).map_err(bind_err)?;
+    std_listener.set_nonblocking(true).map_err(bind_err)?;
+    TcpListener::from_std(std_listener).map_err(bind_err)
 }
 
 /// Where one served unit's requests go.
@@ -127,31 +128,33 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds `config.listen` and prepares the routes to `buses` (the running bus tasks,
-    /// any order) and `image`. Must be called inside a tokio runtime.
-    pub fn bind(
+    /// A server on `listener` (from [`listen`]) with the routes of `config` to `buses`
+    /// (the running bus tasks, any order) and `image`. A unit whose bus is not among
+    /// `buses` (a model and handles that do not match) is logged and left unserved.
+    pub fn new(
+        listener: TcpListener,
         config: &model::Server,
         model: &Model,
         buses: &[BusHandle],
         image: Arc<Image>,
-    ) -> Result<Self, ServerError> {
-        let bind_err = |source| ServerError::Bind { addr: config.listen, source };
-        let std_listener = std::net::TcpListener::bind(config.listen).map_err(bind_err)?;
-        std_listener.set_nonblocking(true).map_err(bind_err)?;
-        let listener = TcpListener::from_std(std_listener).map_err(bind_err)?;
-        let local = listener.local_addr().map_err(bind_err)?;
-
+    ) -> Self {
+        let local = listener.local_addr().unwrap_or(config.listen);
         let mut relays = Vec::new();
         let mut handles: HashMap<&str, RelayHandle> = HashMap::new();
         let mut routes = HashMap::new();
         for served in &config.units {
-            let no_bus = || ServerError::NoBus { unit: served.unit, bus: served.bus.clone() };
-            let bus = model.buses.iter().find(|b| b.name == served.bus).ok_or_else(no_bus)?;
-            let device = bus.devices.iter().find(|d| d.name == served.device).ok_or_else(no_bus)?;
+            let found = model.buses.iter().find(|b| b.name == served.bus).and_then(|bus| {
+                let device = bus.devices.iter().find(|d| d.name == served.device)?;
+                let handle = buses.iter().find(|h| h.name() == bus.name)?;
+                Some((bus, device, handle))
+            });
+            let Some((bus, device, handle)) = found else {
+                error!(unit = served.unit, bus = %served.bus, device = %served.device, "no such running bus or device; unit not served");
+                continue;
+            };
             let relay = match handles.get(bus.name.as_str()) {
                 Some(h) => h.clone(),
                 None => {
-                    let handle = buses.iter().find(|h| h.name() == bus.name).ok_or_else(no_bus)?;
                     let inbox = config.max_connections * config.max_in_flight;
                     let (relay, h) = Relay::new(handle.clone(), config.max_in_flight, inbox);
                     relays.push(relay);
@@ -175,7 +178,7 @@ impl Server {
             );
         }
         let shared = Arc::new(Shared { routes, image, idle_timeout: config.idle_timeout });
-        Ok(Self { listener, local, max_connections: config.max_connections, shared, relays })
+        Self { listener, local, max_connections: config.max_connections, shared, relays }
     }
 
     /// The address actually bound (the port chosen when the configured one was 0).

@@ -561,3 +561,23 @@ async fn a_pipelining_master_is_limited_and_agent_reads_do_not_wait() {
     assert!(agent < slow, "the agent read did not wait behind pass-through: {got:?}");
     rig.stop().await;
 }
+
+#[tokio::test]
+async fn a_taken_port_fails_try_start_and_start_runs_without_the_server() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let text =
+        gateway_toml("").replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let model = common::model(&text, "/dev/null-no-such-port");
+    let shutdown = CancellationToken::new();
+    let err = Gateway::try_start(&model, shutdown.clone()).err().expect("port taken");
+    assert!(
+        err.to_string().starts_with(&format!("modbus-tcp server cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(!shutdown.is_cancelled(), "the caller's token is left alone");
+    let gateway = Gateway::start(&model, shutdown.clone());
+    assert_eq!(gateway.server_addr, None);
+    shutdown.cancel();
+    gateway.shutdown(SECS(2)).await;
+}
