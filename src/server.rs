@@ -48,7 +48,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -149,7 +148,12 @@ impl Server {
                 Some((bus, device, handle))
             });
             let Some((bus, device, handle)) = found else {
-                error!(unit = served.unit, bus = %served.bus, device = %served.device, "no such running bus or device; unit not served");
+                error!(
+                    unit = served.unit,
+                    bus = %served.bus,
+                    device = %served.device,
+                    "no such running bus or device; unit not served"
+                );
                 continue;
             };
             let relay = match handles.get(bus.name.as_str()) {
@@ -194,7 +198,7 @@ impl Server {
         }
         info!(addr = %self.local, "modbus-tcp server listening on {}", self.local);
         let slots = Arc::new(Semaphore::new(self.max_connections));
-        let next_master = AtomicU64::new(1);
+        let mut next_master: MasterId = 0;
         loop {
             let accepted = tokio::select! {
                 // Cancel-safe: accept loses no connection when dropped.
@@ -215,7 +219,8 @@ impl Server {
                 drop(stream);
                 continue;
             };
-            let master = next_master.fetch_add(1, Relaxed);
+            next_master += 1;
+            let master = next_master;
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
             let shutdown = shutdown.clone();
