@@ -12,7 +12,12 @@
 //! - a reply from another unit or for another function, or with a bad CRC, is discarded
 //!   while the timeout keeps running — it is never returned as data;
 //! - the queue is bounded: a full queue refuses new work (`BusError::QueueFull`) instead
-//!   of growing.
+//!   of growing;
+//! - masters cannot starve the polls: after [`PASS_THROUGH_STREAK`] pass-through
+//!   transactions in a row, a waiting poll (polls are queued only once due) runs next.
+//!
+//! A port `tcp://host:port` is a serial device server (Moxa NPort, ser2net) carrying the
+//! same RTU frames over TCP: the same engine, timing and reopen back-off apply.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
@@ -161,9 +166,33 @@ impl BusHandle {
     }
 }
 
-/// Something a bus can talk through: a serial port, or (later) a TCP serial server.
+/// Something a bus can talk through: a serial port, or a TCP connection to a serial
+/// device server.
 pub trait Port: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Port for T {}
+
+/// Pass-through transactions that may run in a row while a poll waits.
+pub const PASS_THROUGH_STREAK: u32 = 2;
+
+/// Longest wait for a serial device server to accept a TCP connection.
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens a bus port: `tcp://host:port` connects to a serial device server, anything
+/// else is a serial device path ([`open_serial`]).
+pub async fn open_port(port: &str, line: &Line) -> Result<Box<dyn Port>, String> {
+    let Some(addr) = port.strip_prefix("tcp://") else {
+        return open_serial(port, line);
+    };
+    match tokio::time::timeout(TCP_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => {
+            // Requests are small and latency is the line's budget: no Nagle delay.
+            let _ = stream.set_nodelay(true);
+            Ok(Box::new(stream) as Box<dyn Port>)
+        }
+        Ok(Err(e)) => Err(format!("{port}: {e}")),
+        Err(_) => Err(format!("{port}: no connection within {TCP_CONNECT_TIMEOUT:?}")),
+    }
+}
 
 /// Opens the serial port at `path` with the line settings, by path every time, so a
 /// re-plugged adapter (or a re-pointed `/dev/serial/by-id` link) is found again.
@@ -195,7 +224,10 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
     let handle = BusHandle { name: Arc::from(bus.name.as_str()), tx, stats: stats.clone() };
     let port = bus.port.clone();
     let line = bus.line;
-    let opener = move || open_serial(&port, &line);
+    let opener = move || {
+        let port = port.clone();
+        async move { open_port(&port, &line).await }
+    };
     let framing: Box<dyn Framing> = match bus.protocol {
         Protocol::ModbusRtu => Box::new(rtu::Rtu),
         Protocol::ModbusAscii => Box::new(crate::ascii::Ascii),
@@ -288,9 +320,10 @@ impl Engine {
     /// Runs until shutdown: opens the port (by calling `open` again after a failure, with
     /// back-off), and runs queued jobs one at a time, highest priority first.
     #[instrument(name = "bus", skip_all, fields(bus = %self.name))]
-    pub async fn run<F>(mut self, mut rx: mpsc::Receiver<Job>, open: F, shutdown: CancellationToken)
+    pub async fn run<F, O>(mut self, mut rx: mpsc::Receiver<Job>, open: F, shutdown: CancellationToken)
     where
-        F: Fn() -> Result<Box<dyn Port>, String> + Send,
+        F: Fn() -> O + Send,
+        O: std::future::Future<Output = Result<Box<dyn Port>, String>> + Send,
     {
         let mut heap = BinaryHeap::new();
         let mut seq = 0u64;
@@ -299,9 +332,15 @@ impl Engine {
         let mut next_open = Instant::now();
         let mut last_error = String::from("not opened yet");
         let mut quarantine: HashMap<u8, Instant> = HashMap::new();
+        let mut pass_streak = 0u32;
         loop {
             if port.is_none() && Instant::now() >= next_open {
-                match open() {
+                let opened = tokio::select! {
+                    // Cancel-safe: an open abandoned half-way (a TCP connect) is dropped.
+                    r = open() => r,
+                    () = shutdown.cancelled() => break,
+                };
+                match opened {
                     Ok(p) => {
                         self.stats.opens.fetch_add(1, Relaxed);
                         info!("serial port open");
@@ -345,6 +384,12 @@ impl Engine {
                 }
             }
             heap.extend(held);
+            if pass_streak >= PASS_THROUGH_STREAK
+                && picked.as_ref().is_some_and(|q| q.priority == Priority::PassThrough)
+                && let Some(poll) = take_poll(&mut heap, &quarantine)
+            {
+                heap.extend(picked.replace(poll));
+            }
             let Some(Queued { job, .. }) = picked else {
                 // Idle: wait for work, shutdown, the next reopen attempt or a unit's release.
                 let down = port.is_none();
@@ -378,6 +423,7 @@ impl Engine {
             if job.reply.is_closed() {
                 continue; // nobody waits for it any more
             }
+            pass_streak = if job.priority == Priority::PassThrough { pass_streak + 1 } else { 0 };
             let Some(p) = port.as_mut() else {
                 let _ = job.reply.send(Err(BusError::PortDown(last_error.clone())));
                 continue;
@@ -534,6 +580,20 @@ impl Engine {
             }
         }
     }
+}
+
+/// Takes the most urgent poll out of `heap` whose unit is not held back, if any.
+fn take_poll(heap: &mut BinaryHeap<Queued>, quarantine: &HashMap<u8, Instant>) -> Option<Queued> {
+    let mut items = std::mem::take(heap).into_vec();
+    let best = items
+        .iter()
+        .enumerate()
+        .filter(|(_, q)| matches!(q.priority, Priority::Poll { .. }) && !quarantine.contains_key(&q.job.unit))
+        .max_by(|a, b| a.1.cmp(b.1))
+        .map(|(i, _)| i);
+    let poll = best.map(|i| items.swap_remove(i));
+    *heap = BinaryHeap::from(items);
+    poll
 }
 
 /// What a broadcast "returns": the echo a unit would have sent, so callers see success.

@@ -30,6 +30,7 @@ mod peer;
 mod point;
 mod rawdevice;
 mod send;
+mod server;
 mod write;
 
 use std::fmt;
@@ -148,12 +149,13 @@ pub fn parse_in(text: &str, origin: &str, dir: &Path) -> Result<Model, ConfigErr
     device::validate(&raw.device, &mut buses, &mut check);
     rawdevice::validate(&raw.raw_device, &mut buses, &mut check);
     let links = peer::validate(raw.link.as_ref(), &raw.peer, &gateway.name, &buses, dir, &mut check);
+    let server = raw.server.as_ref().map(|s| server::validate(s, &buses, &mut check));
 
     // Sections are checked one after the other (overlaps after all points of a device);
     // list the problems as the reader meets them in the file.
     check.problems.sort_by_key(|p| (p.line, p.col));
     if check.problems.is_empty() {
-        Ok(Model { gateway, buses, links })
+        Ok(Model { gateway, buses, links, server })
     } else {
         Err(ConfigError::Invalid(check.problems))
     }
@@ -179,6 +181,7 @@ struct Raw {
     link: Option<link::RawLink>,
     #[serde(default)]
     peer: Vec<peer::RawPeer>,
+    server: Option<server::RawServer>,
 }
 
 /// Collects problems while a configuration is validated, and turns byte offsets into

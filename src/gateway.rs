@@ -1,22 +1,26 @@
 //! Wires a validated model into running tasks: one bus task and one poller per serial
 //! line (a raw poller on raw buses, a stream task instead of both on a stream bus, see
-//! `rawpoll`), the periodic summaries, all under one shutdown token and one task tracker.
+//! `rawpoll`), the periodic summaries, the local Modbus-TCP server when `[server]` is
+//! configured, all under one shutdown token and one task tracker.
 //!
 //! Invariant: every task spawned here watches the shutdown token and is tracked, so
 //! [`Gateway::shutdown`] returns once everything has stopped (or the grace period ran out).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::bus::{self, BusHandle};
 use crate::image::Image;
 use crate::model::{Model, Protocol};
 use crate::poller::Poller;
 use crate::rawpoll::{self, SerialDevices};
+use crate::server::{self, Server, ServerError};
 
 /// A running gateway.
 pub struct Gateway {
@@ -27,13 +31,33 @@ pub struct Gateway {
     pub buses: Vec<BusHandle>,
     /// The raw serial devices: counters and commands ([`SerialDevices::send_command`]).
     pub serial: Arc<SerialDevices>,
+    /// Where the Modbus-TCP server listens (`None`: no `[server]`, or it failed to bind).
+    pub server_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Gateway {
-    /// Starts every task of `model`. Must be called inside a tokio runtime.
+    /// Starts every task of `model`. Must be called inside a tokio runtime. A server
+    /// socket that cannot be bound is logged as an error and the gateway runs without
+    /// it; use [`Gateway::try_start`] to fail instead.
     pub fn start(model: &Model, shutdown: CancellationToken) -> Self {
+        let listener = model.server.as_ref().and_then(|config| {
+            server::listen(config)
+                .inspect_err(|e| error!(error = %e, "running without the modbus-tcp server"))
+                .ok()
+        });
+        Self::launch(model, shutdown, listener)
+    }
+
+    /// Like [`Gateway::start`], but a server socket that cannot be bound fails the start,
+    /// before anything else has started.
+    pub fn try_start(model: &Model, shutdown: CancellationToken) -> Result<Self, ServerError> {
+        let listener = model.server.as_ref().map(server::listen).transpose()?;
+        Ok(Self::launch(model, shutdown, listener))
+    }
+
+    fn launch(model: &Model, shutdown: CancellationToken, listener: Option<TcpListener>) -> Self {
         let image = Arc::new(Image::new());
         let tracker = TaskTracker::new();
         let mut buses = Vec::new();
@@ -58,8 +82,20 @@ impl Gateway {
             buses.push(handle);
         }
         tracker.spawn(sweep(image.clone(), shutdown.clone()));
-        info!(gateway = %model.gateway.name, buses = model.buses.len(), points = image.len(), "gateway started");
-        Self { image, buses, serial: Arc::new(serial), shutdown, tracker }
+        let mut server_addr = None;
+        if let (Some(config), Some(listener)) = (&model.server, listener) {
+            let server = Server::new(listener, config, model, &buses, image.clone());
+            server_addr = Some(server.local_addr());
+            tracker.spawn(server.run(shutdown.clone(), tracker.clone()));
+        }
+        info!(
+            gateway = %model.gateway.name,
+            buses = model.buses.len(),
+            points = image.len(),
+            server = ?server_addr,
+            "gateway started"
+        );
+        Self { image, buses, serial: Arc::new(serial), server_addr, shutdown, tracker }
     }
 
     /// Waits for the shutdown token, then for every task to stop (at most `grace`).

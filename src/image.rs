@@ -6,6 +6,11 @@
 //! copies, never across an `.await`; publishing never blocks the poller — a subscriber
 //! that falls behind sees `RecvError::Lagged` and must resynchronise from [`Image::snapshot`].
 //! A point is registered once and keeps its [`PointId`] for the life of the process.
+//!
+//! Beside the typed points, the image keeps the raw words and bits of every polled read
+//! block (per device and table: start, data, time, good or failed), so the local
+//! Modbus-TCP server can answer register reads in agent mode ([`Image::read_raw`]). The
+//! raw cache has its own lock, with the same rules.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -13,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::broadcast;
 
-use crate::value::{Quality, Sample, Value};
+use crate::value::{Quality, Sample, Table, Value};
 
 /// Index of a registered point: cheap to copy, stable for the life of the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,6 +61,7 @@ struct Inner {
 pub struct Image {
     inner: RwLock<Inner>,
     changes: broadcast::Sender<Arc<Changes>>,
+    raw: RwLock<HashMap<(Arc<str>, Table), RawBlocks>>,
 }
 
 /// How many change batches a subscriber may fall behind before it lags.
@@ -70,7 +76,11 @@ impl Default for Image {
 impl Image {
     /// An empty image.
     pub fn new() -> Self {
-        Self { inner: RwLock::default(), changes: broadcast::channel(CHANGE_BACKLOG).0 }
+        Self {
+            inner: RwLock::default(),
+            changes: broadcast::channel(CHANGE_BACKLOG).0,
+            raw: RwLock::default(),
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -211,6 +221,125 @@ impl Image {
     }
 }
 
+/// The raw content of one polled block: registers or bits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Raw {
+    /// Holding or input registers.
+    Words(Vec<u16>),
+    /// Coils or discrete inputs.
+    Bits(Vec<bool>),
+}
+
+impl Raw {
+    fn len(&self) -> usize {
+        match self {
+            Raw::Words(w) => w.len(),
+            Raw::Bits(b) => b.len(),
+        }
+    }
+}
+
+/// Why a raw read cannot be answered from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawMiss {
+    /// Some address asked for lies in no polled block (never read by the poller).
+    NotPolled,
+    /// Every address is cached, but some of it is older than allowed or its last poll
+    /// failed (timeout, exception, port down).
+    NotFresh,
+}
+
+#[derive(Debug)]
+struct RawBlock {
+    data: Raw,
+    at: Instant,
+    good: bool,
+}
+
+/// One device table's blocks by start address.
+type RawBlocks = std::collections::BTreeMap<u16, RawBlock>;
+
+impl Image {
+    /// Declares a block the poller will read, so that until its first good read it
+    /// answers [`RawMiss::NotFresh`] rather than [`RawMiss::NotPolled`]. A block already
+    /// stored is left alone.
+    pub fn expect_raw(&self, device: &str, table: Table, start: u16, count: u16) {
+        let n = usize::from(count);
+        let data = match table {
+            Table::Coils | Table::Discrete => Raw::Bits(vec![false; n]),
+            Table::Holding | Table::Input => Raw::Words(vec![0; n]),
+        };
+        let block = RawBlock { data, at: Instant::now(), good: false };
+        let mut raw = self.raw.write().unwrap_or_else(|e| e.into_inner());
+        raw.entry((Arc::from(device), table)).or_default().entry(start).or_insert(block);
+    }
+
+    /// Stores the raw result of a good poll of `device`'s `table` from `start`.
+    pub fn store_raw(&self, device: &str, table: Table, start: u16, data: Raw) {
+        let block = RawBlock { data, at: Instant::now(), good: true };
+        let mut raw = self.raw.write().unwrap_or_else(|e| e.into_inner());
+        raw.entry((Arc::from(device), table)).or_default().insert(start, block);
+    }
+
+    /// Marks the block of `device` starting at `start` in `table` failed (`Some`), or
+    /// every block of `device` (`None`, comm-fail); the data is kept but not served.
+    pub fn fail_raw(&self, device: &str, block: Option<(Table, u16)>) {
+        let mut raw = self.raw.write().unwrap_or_else(|e| e.into_inner());
+        for ((name, table), blocks) in raw.iter_mut() {
+            if &**name != device {
+                continue;
+            }
+            for (start, b) in blocks.iter_mut() {
+                if block.is_none_or(|(t, s)| t == *table && s == *start) {
+                    b.good = false;
+                }
+            }
+        }
+    }
+
+    /// `count` registers or bits of `device`'s `table` from `start`, if every one lies in
+    /// a good block polled at most `max_age` ago (where blocks overlap, the newest wins).
+    pub fn read_raw(
+        &self,
+        device: &str,
+        table: Table,
+        start: u16,
+        count: u16,
+        max_age: Duration,
+    ) -> Result<Raw, RawMiss> {
+        let raw = self.raw.read().unwrap_or_else(|e| e.into_inner());
+        let blocks = raw.get(&(Arc::from(device), table)).ok_or(RawMiss::NotPolled)?;
+        let now = Instant::now();
+        let end = u32::from(start) + u32::from(count);
+        let bits = matches!(table, Table::Coils | Table::Discrete);
+        let (mut words, mut flags) = (Vec::new(), Vec::new());
+        let mut fresh = true;
+        let mut at = u32::from(start);
+        while at < end {
+            // The newest block holding address `at`.
+            let found = blocks
+                .range(..=(at as u16))
+                .filter(|(s, b)| u32::from(**s) + b.data.len() as u32 > at)
+                .max_by_key(|(_, b)| b.at);
+            let Some((s, b)) = found else {
+                return Err(RawMiss::NotPolled);
+            };
+            fresh &= b.good && now.duration_since(b.at) <= max_age;
+            let from = (at - u32::from(*s)) as usize;
+            let to = ((end - u32::from(*s)) as usize).min(b.data.len());
+            match &b.data {
+                Raw::Words(w) => words.extend_from_slice(&w[from..to]),
+                Raw::Bits(f) => flags.extend_from_slice(&f[from..to]),
+            }
+            at += (to - from) as u32;
+        }
+        if !fresh {
+            return Err(RawMiss::NotFresh);
+        }
+        if bits { Ok(Raw::Bits(flags)) } else { Ok(Raw::Words(words)) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,5 +378,32 @@ mod tests {
         assert_eq!(image.sweep_stale(), 1);
         assert_eq!(image.sweep_stale(), 0, "a stale point is reported once");
         assert_eq!(rx.try_recv().expect("stale event").samples[0].1.quality, Quality::Stale);
+    }
+
+    #[test]
+    fn raw_blocks_answer_reads() {
+        let image = Image::new();
+        let age = Duration::from_secs(5);
+        assert_eq!(image.read_raw("d", Table::Holding, 0, 1, age), Err(RawMiss::NotPolled));
+        image.expect_raw("d", Table::Holding, 10, 3);
+        assert_eq!(image.read_raw("d", Table::Holding, 10, 3, age), Err(RawMiss::NotFresh));
+        image.store_raw("d", Table::Holding, 10, Raw::Words(vec![1, 2, 3]));
+        image.store_raw("d", Table::Holding, 13, Raw::Words(vec![4, 5]));
+        image.store_raw("d", Table::Coils, 0, Raw::Bits(vec![true, false]));
+        assert_eq!(image.read_raw("d", Table::Holding, 11, 4, age), Ok(Raw::Words(vec![2, 3, 4, 5])));
+        assert_eq!(image.read_raw("d", Table::Holding, 10, 1, age), Ok(Raw::Words(vec![1])));
+        assert_eq!(image.read_raw("d", Table::Holding, 9, 2, age), Err(RawMiss::NotPolled));
+        assert_eq!(image.read_raw("d", Table::Holding, 14, 2, age), Err(RawMiss::NotPolled));
+        assert_eq!(image.read_raw("d", Table::Input, 10, 1, age), Err(RawMiss::NotPolled));
+        assert_eq!(image.read_raw("d", Table::Coils, 1, 1, age), Ok(Raw::Bits(vec![false])));
+        image.fail_raw("d", Some((Table::Holding, 13)));
+        assert_eq!(image.read_raw("d", Table::Holding, 10, 3, age), Ok(Raw::Words(vec![1, 2, 3])));
+        assert_eq!(image.read_raw("d", Table::Holding, 12, 2, age), Err(RawMiss::NotFresh));
+        image.fail_raw("d", None);
+        assert_eq!(image.read_raw("d", Table::Coils, 0, 1, age), Err(RawMiss::NotFresh));
+        image.store_raw("d", Table::Coils, 0, Raw::Bits(vec![true, true]));
+        assert_eq!(image.read_raw("d", Table::Coils, 0, 2, age), Ok(Raw::Bits(vec![true, true])));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(image.read_raw("d", Table::Coils, 0, 2, Duration::from_millis(1)), Err(RawMiss::NotFresh));
     }
 }

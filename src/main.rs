@@ -264,7 +264,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             let shutdown = shutdown_on_signals()?;
-            Gateway::start(&model, shutdown).shutdown(Duration::from_secs(1)).await;
+            Gateway::try_start(&model, shutdown)?.shutdown(Duration::from_secs(1)).await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {

@@ -15,6 +15,8 @@ pub struct Model {
     pub buses: Vec<Bus>,
     /// Peer links (`None`: this gateway talks to no peer).
     pub links: Option<Links>,
+    /// The local Modbus-TCP server (`None`: no `[server]` section, nothing listens).
+    pub server: Option<Server>,
 }
 
 /// Gateway-wide settings.
@@ -67,9 +69,11 @@ pub enum Protocol {
 pub struct Bus {
     /// Unique bus name.
     pub name: String,
-    /// Device path (`/dev/ttyUSB0`, `/dev/serial/by-id/...`).
+    /// Device path (`/dev/ttyUSB0`, `/dev/serial/by-id/...`), or `tcp://host:port` for
+    /// RTU frames carried over TCP by a serial device server (Moxa NPort, ser2net).
     pub port: String,
-    /// Character framing.
+    /// Character framing (behind a serial device server: its serial settings, which
+    /// still give the RTU timing).
     pub line: Line,
     /// Field protocol.
     pub protocol: Protocol,
@@ -350,4 +354,71 @@ pub struct WriteBack {
     pub on_loss: OnLoss,
     /// How long the link may be down before `on_loss` applies.
     pub loss_after: Duration,
+}
+
+/// The local Modbus-TCP server (`[server]`): which unit ids it answers and how.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Address the listening socket binds (port 0: any free port, for tests).
+    pub listen: std::net::SocketAddr,
+    /// Most masters connected at once; further connections are accepted and closed.
+    pub max_connections: usize,
+    /// A connection with no request for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most pass-through requests one master may have waiting or running on one bus;
+    /// more are answered exception 0x06 (server busy).
+    pub max_in_flight: usize,
+    /// The unit ids served (unique ids).
+    pub units: Vec<ServedUnit>,
+    /// What masters may write (nothing else is writable).
+    pub grants: Vec<WriteGrant>,
+}
+
+/// One unit id a master can address, and where its answers come from.
+#[derive(Debug, Clone)]
+pub struct ServedUnit {
+    /// The unit id masters use (1..=255); may differ from the device's own unit id.
+    pub unit: u8,
+    /// The configured device behind it.
+    pub device: String,
+    /// The bus that device hangs on.
+    pub bus: String,
+    /// How reads are answered.
+    pub mode: ServeMode,
+}
+
+/// How a served unit answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServeMode {
+    /// Reads are answered at once from the latest polled registers ("agent mode"); older
+    /// than `max_age` or failed answers exception 0x0B. Granted writes go to the device.
+    Agent {
+        /// Oldest polled value served.
+        max_age: Duration,
+    },
+    /// Every request is passed through to the device on its bus.
+    Pass,
+}
+
+/// A range of coils or holding registers masters may write on one served unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteGrant {
+    /// Served unit id.
+    pub unit: u8,
+    /// `Coils` or `Holding`.
+    pub table: Table,
+    /// First wire (zero-based) address.
+    pub start: u16,
+    /// Number of coils/registers (`start + count` <= 65536).
+    pub count: u32,
+}
+
+impl WriteGrant {
+    /// True if this grant covers `address` of `table` on `unit`.
+    pub fn covers(&self, unit: u8, table: Table, address: u16) -> bool {
+        self.unit == unit
+            && self.table == table
+            && u32::from(address) >= u32::from(self.start)
+            && u32::from(address) < u32::from(self.start) + self.count
+    }
 }

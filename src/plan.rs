@@ -499,6 +499,7 @@ mod tests {
                 raw_devices: Vec::new(),
             }],
             links: None,
+            server: None,
         }
     }
 

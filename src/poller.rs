@@ -22,7 +22,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::bus::{BusError, BusHandle, Job, Priority};
 use crate::codec;
-use crate::image::{Image, PointId};
+use crate::image::{Image, PointId, Raw};
 use crate::model::{Bus, Device};
 use crate::plan::{self, Read};
 use crate::value::{Quality, Sample, Table, Value};
@@ -80,7 +80,12 @@ impl Poller {
                 backoff: FIRST_BACKOFF,
                 probe_at: now,
             })
-            .collect();
+            .collect::<Vec<DeviceState>>();
+        for d in &devices {
+            for rs in &d.reads {
+                image.expect_raw(&d.device.name, rs.read.table, rs.read.start, rs.read.count);
+            }
+        }
         Self { bus: handle, image, devices }
     }
 
@@ -168,6 +173,10 @@ impl Poller {
                 }
                 let samples = decode(dev, r, &rsp);
                 self.image.update(samples);
+                let read = &dev.reads[r].read;
+                if let Some(raw) = raw_block(&rsp, read.count) {
+                    self.image.store_raw(&dev.device.name, read.table, read.start, raw);
+                }
             }
             Err(BusError::Exception(ExceptionCode::IllegalDataAddress))
                 if !plan::split_read(&dev.device, &dev.reads[r].read).is_empty() =>
@@ -191,6 +200,8 @@ impl Poller {
                 dev.reads.extend(rest);
             }
             Err(BusError::Exception(code)) => {
+                let read = &dev.reads[r].read;
+                self.image.fail_raw(&dev.device.name, Some((read.table, read.start)));
                 let ids = dev.reads[r].read.slots.iter().map(|s| dev.ids[s.point]);
                 self.image.fail(ids, Quality::Exception(u8::from(code)));
             }
@@ -200,6 +211,7 @@ impl Poller {
                     dev.online = false;
                     dev.backoff = FIRST_BACKOFF;
                     self.image.fail(dev.ids.iter().copied(), Quality::CommFail);
+                    self.image.fail_raw(&dev.device.name, None);
                 } else {
                     dev.backoff = (dev.backoff * 2).min(dev.device.backoff_max.max(FIRST_BACKOFF));
                 }
@@ -207,6 +219,7 @@ impl Poller {
             }
             Err(BusError::PortDown(_)) => {
                 self.image.fail(dev.ids.iter().copied(), Quality::CommFail);
+                self.image.fail_raw(&dev.device.name, None);
             }
             Err(BusError::QueueFull | BusError::Closed) => {}
             Err(e @ BusError::Invalid(_)) => {
@@ -214,6 +227,21 @@ impl Poller {
                 warn!(device = %dev.device.name, error = %e, "planned read rejected");
             }
         }
+    }
+}
+
+/// The raw words or bits of a read's response, `count` of them (coil replies come
+/// padded to whole bytes), for the image's raw cache.
+fn raw_block(rsp: &Response, count: u16) -> Option<Raw> {
+    let n = usize::from(count);
+    match rsp {
+        Response::ReadCoils(b) | Response::ReadDiscreteInputs(b) => {
+            Some(Raw::Bits(b.iter().take(n).copied().collect()))
+        }
+        Response::ReadHoldingRegisters(w) | Response::ReadInputRegisters(w) => {
+            Some(Raw::Words(w.iter().take(n).copied().collect()))
+        }
+        _ => None,
     }
 }
 

@@ -683,6 +683,7 @@ count = 16
             gateway: Gateway { name: "gw".into(), summary_interval: Duration::from_secs(60) },
             buses: vec![bus],
             links: None,
+            server: None,
         };
         let config = SimConfig::from_model(&model);
         config.validate().expect("valid");

@@ -96,6 +96,20 @@ fn simulator(units: &str) -> (Proc, String) {
     (sim, path)
 }
 
+/// The shipped config's Modbus-TCP server address, and what tests use instead so that
+/// they never fight over a fixed port.
+const SHIPPED_LISTEN: &str = "listen = \"127.0.0.1:5020\"";
+const ANY_PORT: &str = "listen = \"127.0.0.1:0\"";
+
+/// The shipped gateway.toml with its server on a free port, written into `dir`.
+fn shipped_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(manifest("gateway.toml")).expect("gateway.toml");
+    assert!(text.contains(SHIPPED_LISTEN), "gateway.toml's server address changed");
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text.replace(SHIPPED_LISTEN, ANY_PORT)).expect("write config");
+    path
+}
+
 fn manifest(path: &str) -> String {
     format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -209,7 +223,8 @@ fn run_polls_and_stops_within_a_second_on_sigterm() {
     let text = std::fs::read_to_string(manifest("gateway.toml"))
         .expect("gateway.toml")
         .replace("/dev/ttyUSB0", &port)
-        .replace("summary_interval = \"60s\"", "summary_interval = \"1s\"");
+        .replace("summary_interval = \"60s\"", "summary_interval = \"1s\"")
+        .replace(SHIPPED_LISTEN, ANY_PORT);
     std::fs::write(&config, text).expect("write");
     let mut cmd = gateway();
     cmd.args(["run", "--config"]).arg(&config);
@@ -232,8 +247,11 @@ fn run_polls_and_stops_within_a_second_on_sigterm() {
 
 #[test]
 fn demo_shows_live_values_with_no_hardware() {
+    let dir = tempfile::tempdir().expect("tempdir");
     let out = gateway()
-        .args(["demo", "--config", &manifest("gateway.toml"), "--for", "3s", "--every", "1s"])
+        .args(["demo", "--config"])
+        .arg(shipped_config(dir.path()))
+        .args(["--for", "3s", "--every", "1s"])
         .output()
         .expect("run demo");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

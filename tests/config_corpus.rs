@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use m2m_gateway::config::{self, ConfigError};
-use m2m_gateway::model::{Dial, Model, OnLoss, Parity, Protocol, SendMode};
+use m2m_gateway::model::{Dial, Model, OnLoss, Parity, Protocol, SendMode, ServeMode, WriteGrant};
 use m2m_gateway::value::{DataType, Table, Value, WordOrder};
 
 fn corpus(kind: &str) -> Vec<PathBuf> {
@@ -28,7 +28,7 @@ fn file_name(path: &Path) -> String {
 #[test]
 fn bad_configs_fail_with_their_expected_messages() {
     let files = corpus("bad");
-    assert!(files.len() >= 96, "only {} bad configs", files.len());
+    assert!(files.len() >= 108, "only {} bad configs", files.len());
     let mut failures = Vec::new();
     for path in &files {
         let name = file_name(path);
@@ -312,4 +312,42 @@ fn serial_protocols_resolve() {
         analyser.framing.framing.end,
         FrameEnd::LengthField { offset: 1, width: 1, big_endian: true, adjust: 3 }
     );
+}
+
+#[test]
+fn server_units_and_grants_are_resolved() {
+    assert!(good("minimal.toml").server.is_none(), "no [server]: nothing listens");
+    let model = good("server.toml");
+    assert_eq!(model.buses[0].port, "tcp://192.168.127.254:4001");
+    let server = model.server.expect("[server] present");
+    assert_eq!(server.listen, "0.0.0.0:502".parse().expect("addr"));
+    assert_eq!((server.max_connections, server.max_in_flight), (16, 2));
+    assert_eq!(server.idle_timeout, Duration::from_secs(300));
+    let units: Vec<(u8, &str, &str, ServeMode)> =
+        server.units.iter().map(|u| (u.unit, u.device.as_str(), u.bus.as_str(), u.mode)).collect();
+    assert_eq!(
+        units,
+        [
+            // Default max_age: the device's longest stale_after (20s beats 3 x 2s).
+            (10, "boiler", "nport", ServeMode::Agent { max_age: Duration::from_secs(20) }),
+            (2, "meter", "nport", ServeMode::Pass),
+            (11, "boiler", "nport", ServeMode::Agent { max_age: Duration::from_secs(3) }),
+        ]
+    );
+    assert_eq!(
+        server.grants,
+        [
+            WriteGrant { unit: 10, table: Table::Holding, start: 100, count: 10 },
+            WriteGrant { unit: 2, table: Table::Coils, start: 0, count: 1 },
+        ]
+    );
+    assert!(server.grants[0].covers(10, Table::Holding, 109));
+    assert!(!server.grants[0].covers(10, Table::Holding, 110));
+    assert!(!server.grants[0].covers(11, Table::Holding, 100));
+    let defaults =
+        config::parse("[gateway]\nname = \"a\"\n[server]\n", "t.toml").expect("an empty [server] is valid");
+    let server = defaults.server.expect("[server] present");
+    assert_eq!(server.listen, "127.0.0.1:5020".parse().expect("addr"), "loopback, no root needed");
+    assert_eq!(server.idle_timeout, Duration::from_secs(60));
+    assert!(server.units.is_empty() && server.grants.is_empty());
 }

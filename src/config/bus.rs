@@ -3,7 +3,8 @@
 //! ```toml
 //! [[bus]]
 //! name = "line1"             # required, unique
-//! port = "/dev/ttyUSB0"      # required, unique
+//! port = "/dev/ttyUSB0"      # required, unique; or "tcp://host:port": RTU frames over
+//!                            #   TCP to a serial device server (NPort, ser2net)
 //! protocol = "modbus-rtu"    # modbus-rtu|modbus-ascii|raw, default modbus-rtu; a raw bus
 //!                            #   carries [[raw_device]]s only (see config/rawdevice.rs)
 //! baud = 19200               # default 19200, 300..=4000000
@@ -83,12 +84,28 @@ pub(super) fn validate(raw: &[RawBus], check: &mut Checker) -> Vec<Bus> {
         let port = r.port.get_ref();
         if port.trim().is_empty() {
             check.report(r.port.span(), &path, "port is empty");
+        } else if let Some(Err(e)) = port.strip_prefix("tcp://").map(tcp_port) {
+            check.report(r.port.span(), &path, e);
         } else if let Some(other) = ports.insert(port, r.name.get_ref()) {
             check.report(r.port.span(), &path, format!("port {port:?} is already used by bus {other:?}"));
         }
         buses.push(one(r, &path, check));
     }
     buses
+}
+
+/// Checks the `host:port` of a `tcp://` port: a host, and a port 1..=65535.
+fn tcp_port(addr: &str) -> Result<(), String> {
+    let bad = || {
+        format!(
+            "port \"tcp://{addr}\" is not tcp://host:port (like \"tcp://10.0.0.5:4001\" or \"tcp://nport-1:950\")"
+        )
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && !host.trim().is_empty() && !host.contains('/') => Ok(()),
+        _ => Err(bad()),
+    }
 }
 
 fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {

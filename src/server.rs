@@ -1,0 +1,415 @@
+//! The local Modbus-TCP server: SCADA/HMI masters and PLCs read the register image and
+//! reach the devices on the serial buses through it, as they would through a commercial
+//! gateway (Moxa MGate in agent mode, mbusd).
+//!
+//! Routing, by the unit id of each request (`[[server.unit]]`):
+//! - **agent** units answer reads (FC1-4) at once from the raw registers the poller last
+//!   read (`Image::read_raw`); nothing touches the bus. A register that is cached but
+//!   older than the unit's `max_age`, or whose last poll failed, answers 0x0B (gateway
+//!   target failed to respond: the gateway has no current answer from it), as does one
+//!   not read yet since start; a register the poller never reads answers 0x02 (illegal
+//!   data address: for this server it does not exist, and no retry will help). Other
+//!   functions answer 0x01.
+//! - **pass** units relay every request to the device on its bus (with the device's own
+//!   unit id, timeout, turnaround and the bus retries): the device's answer, or its
+//!   exception, goes back as is; no answer is 0x0B; a port that is down is 0x0A.
+//! - any other unit id answers 0x0A (gateway path unavailable).
+//!
+//! Checked by the gateway itself, before any bus is touched: the MBAP header (a bad one
+//! closes that connection only: MBAP cannot resynchronise), the PDU (`mbap::decode_request`:
+//! 0x01 unknown function, 0x03 bad quantity or length, e.g. a 126-register read, 0x02
+//! range past 65535), and writes. Writes (FC5, 6, 15, 16, 22, 23) are refused unless a
+//! `[[server.grant]]` covers every address written: a unit with no grant at all answers
+//! 0x01 (illegal function: writing is not an allowed action on it), a unit with grants
+//! answers 0x02 for addresses outside them (illegal data address), as the spec words
+//! those two codes. Granted writes to agent units go to the device too.
+//!
+//! Fairness. Each connection is one master. A master may pipeline: up to
+//! [`MAX_PENDING`] requests per connection are being answered at once (agent reads are
+//! answered on the spot and never wait behind relayed ones); past that the connection is
+//! not read until an answer leaves (TCP back-pressure). Relayed requests go through one
+//! relay per bus (relay.rs), which holds each master's requests in its own queue
+//! (`max_in_flight` each; more answer 0x06 server busy) and puts one request at a time
+//! into the bus queue, taking masters in turn: with N masters busy, each gets 1/N of the
+//! pass-through share of the line however hard it pushes. The bus in turn runs a waiting
+//! poll after `bus::PASS_THROUGH_STREAK` pass-through transactions, so all masters
+//! together cannot stop the polls that keep agent mode fresh.
+//!
+//! Limits: at most `max_connections` masters (one more is accepted and closed at once,
+//! so it fails fast instead of hanging in the backlog); a connection with no request for
+//! `idle_timeout` (and nothing pending) is closed. The socket binds 127.0.0.1:5020 unless
+//! configured otherwise.
+//!
+//! Invariants: nothing a master sends can panic the server or touch a bus before it is
+//! validated; every request on a live connection gets exactly one answer; every task
+//! here stops at shutdown (a relayed transaction on the line finishes, its answer is
+//! dropped).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, oneshot};
+use tokio::time::{Instant, sleep_until};
+use tokio_modbus::{ExceptionCode, Request, Response};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, instrument, warn};
+
+use crate::bus::{BusError, BusHandle, Job, Priority};
+use crate::image::{Image, Raw, RawMiss};
+use crate::mbap::{self, Frame, MbapCodec};
+use crate::model::{self, Model, ServeMode, WriteGrant};
+use crate::pdu;
+use crate::relay::{MasterId, Relay, RelayHandle};
+use crate::value::Table;
+
+/// Requests of one connection being answered at once; more wait in the socket.
+pub const MAX_PENDING: usize = 16;
+
+/// Why the server cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listening socket cannot be bound.
+    #[error("modbus-tcp server cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the configured listening socket (first, so that a port already taken fails
+/// before anything else starts). Must be called inside a tokio runtime.
+pub fn listen(config: &model::Server) -> Result<TcpListener, ServerError> {
+    let bind_err = |source| ServerError::Bind { addr: config.listen, source };
+    let std_listener = std::net::TcpListener::bind(config.listen).map_err(bind_err)?;
+    std_listener.set_nonblocking(true).map_err(bind_err)?;
+    TcpListener::from_std(std_listener).map_err(bind_err)
+}
+
+/// Where one served unit's requests go.
+struct Route {
+    /// The served unit id.
+    unit: u8,
+    device: Arc<str>,
+    mode: ServeMode,
+    /// The device's own unit id on its bus.
+    device_unit: u8,
+    timeout: Duration,
+    turnaround: Duration,
+    retries: u8,
+    relay: RelayHandle,
+    grants: Vec<WriteGrant>,
+}
+
+/// What the connections share.
+struct Shared {
+    routes: HashMap<u8, Route>,
+    image: Arc<Image>,
+    idle_timeout: Duration,
+}
+
+/// A bound, not yet running, Modbus-TCP server.
+pub struct Server {
+    listener: TcpListener,
+    local: SocketAddr,
+    max_connections: usize,
+    shared: Arc<Shared>,
+    relays: Vec<Relay>,
+}
+
+impl Server {
+    /// A server on `listener` (from [`listen`]) with the routes of `config` to `buses`
+    /// (the running bus tasks, any order) and `image`. A unit whose bus is not among
+    /// `buses` (a model and handles that do not match) is logged and left unserved.
+    pub fn new(
+        listener: TcpListener,
+        config: &model::Server,
+        model: &Model,
+        buses: &[BusHandle],
+        image: Arc<Image>,
+    ) -> Self {
+        let local = listener.local_addr().unwrap_or(config.listen);
+        let mut relays = Vec::new();
+        let mut handles: HashMap<&str, RelayHandle> = HashMap::new();
+        let mut routes = HashMap::new();
+        for served in &config.units {
+            let found = model.buses.iter().find(|b| b.name == served.bus).and_then(|bus| {
+                let device = bus.devices.iter().find(|d| d.name == served.device)?;
+                let handle = buses.iter().find(|h| h.name() == bus.name)?;
+                Some((bus, device, handle))
+            });
+            let Some((bus, device, handle)) = found else {
+                error!(
+                    unit = served.unit,
+                    bus = %served.bus,
+                    device = %served.device,
+                    "no such running bus or device; unit not served"
+                );
+                continue;
+            };
+            let relay = match handles.get(bus.name.as_str()) {
+                Some(h) => h.clone(),
+                None => {
+                    let inbox = config.max_connections * config.max_in_flight;
+                    let (relay, h) = Relay::new(handle.clone(), config.max_in_flight, inbox);
+                    relays.push(relay);
+                    handles.insert(bus.name.as_str(), h.clone());
+                    h
+                }
+            };
+            routes.insert(
+                served.unit,
+                Route {
+                    unit: served.unit,
+                    device: Arc::from(device.name.as_str()),
+                    mode: served.mode,
+                    device_unit: device.unit,
+                    timeout: device.timeout,
+                    turnaround: device.turnaround,
+                    retries: bus.retries,
+                    relay,
+                    grants: config.grants.iter().filter(|g| g.unit == served.unit).copied().collect(),
+                },
+            );
+        }
+        let shared = Arc::new(Shared { routes, image, idle_timeout: config.idle_timeout });
+        Self { listener, local, max_connections: config.max_connections, shared, relays }
+    }
+
+    /// The address actually bound (the port chosen when the configured one was 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Accepts masters until `shutdown`; every task it starts is tracked by `tracker`.
+    #[instrument(name = "server", skip_all, fields(listen = %self.local))]
+    pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
+        for relay in self.relays {
+            tracker.spawn(relay.run(shutdown.clone()));
+        }
+        info!(addr = %self.local, "modbus-tcp server listening on {}", self.local);
+        let slots = Arc::new(Semaphore::new(self.max_connections));
+        let mut next_master: MasterId = 0;
+        loop {
+            let accepted = tokio::select! {
+                // Cancel-safe: accept loses no connection when dropped.
+                a = self.listener.accept() => a,
+                () = shutdown.cancelled() => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: pause rather than spin.
+                    warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                warn!(%peer, max = self.max_connections, "connection refused: too many masters");
+                drop(stream);
+                continue;
+            };
+            next_master += 1;
+            let master = next_master;
+            let _ = stream.set_nodelay(true);
+            let shared = self.shared.clone();
+            let shutdown = shutdown.clone();
+            tracker.spawn(
+                async move {
+                    debug!("master connected");
+                    connection(stream, master, shared, shutdown).await;
+                    debug!("master disconnected");
+                    drop(permit);
+                }
+                .instrument(info_span!("master", %peer, id = master)),
+            );
+        }
+    }
+}
+
+/// What to send for one request.
+enum Answer {
+    Now(Frame),
+    Later(BoxFuture<'static, Frame>),
+}
+
+/// Serves one master until it leaves, idles out, breaks framing, or shutdown.
+async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let (rd, wr) = stream.into_split();
+    let mut input = FramedRead::new(rd, MbapCodec);
+    let mut output = FramedWrite::new(wr, MbapCodec);
+    let mut pending: FuturesUnordered<BoxFuture<'static, Frame>> = FuturesUnordered::new();
+    let mut last_heard = Instant::now();
+    loop {
+        let idle_at = last_heard + shared.idle_timeout;
+        let idle = pending.is_empty();
+        let out = tokio::select! {
+            // Cancel-safe: FramedRead keeps partial frames in its buffer.
+            frame = input.next(), if pending.len() < MAX_PENDING => match frame {
+                Some(Ok(frame)) => {
+                    last_heard = Instant::now();
+                    match shared.handle(master, frame) {
+                        Answer::Now(f) => f,
+                        Answer::Later(fut) => {
+                            pending.push(fut);
+                            continue;
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "closing connection: not modbus-tcp");
+                    return;
+                }
+                None => return,
+            },
+            // Cancel-safe: an unfinished answer stays in `pending`.
+            Some(f) = pending.next(), if !pending.is_empty() => f,
+            () = sleep_until(idle_at), if idle => {
+                debug!(idle = ?shared.idle_timeout, "closing idle connection");
+                return;
+            }
+            () = shutdown.cancelled() => return,
+        };
+        let sent = tokio::select! {
+            // Not cancel-safe (a frame may be cut), which is why both other arms close
+            // the connection.
+            r = output.send(out) => r,
+            () = tokio::time::sleep(shared.idle_timeout) => {
+                debug!("master does not take its answers; closing connection");
+                return;
+            }
+            () = shutdown.cancelled() => return,
+        };
+        if let Err(e) = sent {
+            debug!(error = %e, "cannot answer; closing connection");
+            return;
+        }
+    }
+}
+
+/// The coils/registers a write request changes: table, first address, count.
+fn write_span(req: &Request<'_>) -> Option<(Table, u16, usize)> {
+    Some(match req {
+        Request::WriteSingleCoil(a, _) => (Table::Coils, *a, 1),
+        Request::WriteMultipleCoils(a, bits) => (Table::Coils, *a, bits.len()),
+        Request::WriteSingleRegister(a, _) | Request::MaskWriteRegister(a, _, _) => (Table::Holding, *a, 1),
+        Request::WriteMultipleRegisters(a, words) | Request::ReadWriteMultipleRegisters(_, _, a, words) => {
+            (Table::Holding, *a, words.len())
+        }
+        _ => return None,
+    })
+}
+
+/// The exception a master gets for a bus outcome that is not a response.
+fn exception_for(e: &BusError) -> ExceptionCode {
+    match e {
+        BusError::Exception(code) => *code,
+        BusError::Timeout { .. } => ExceptionCode::GatewayTargetDevice,
+        BusError::QueueFull => ExceptionCode::ServerDeviceBusy,
+        BusError::PortDown(_) | BusError::Closed => ExceptionCode::GatewayPathUnavailable,
+        BusError::Invalid(_) => ExceptionCode::IllegalDataValue,
+    }
+}
+
+impl Route {
+    /// `Ok` when grants cover every address of the write.
+    fn may_write(&self, table: Table, start: u16, count: usize) -> Result<(), ExceptionCode> {
+        if self.grants.is_empty() {
+            return Err(ExceptionCode::IllegalFunction);
+        }
+        let covered = (usize::from(start)..usize::from(start) + count).all(|a| {
+            u16::try_from(a).is_ok_and(|a| self.grants.iter().any(|g| g.covers(self.unit, table, a)))
+        });
+        if covered { Ok(()) } else { Err(ExceptionCode::IllegalDataAddress) }
+    }
+}
+
+impl Shared {
+    fn handle(&self, master: MasterId, frame: Frame) -> Answer {
+        let Some(route) = self.routes.get(&frame.unit) else {
+            return Answer::Now(frame.exception(ExceptionCode::GatewayPathUnavailable));
+        };
+        let request = match mbap::decode_request(&frame.pdu) {
+            Ok(r) => r,
+            Err(code) => return Answer::Now(frame.exception(code)),
+        };
+        if let Some((table, start, count)) = write_span(&request) {
+            if let Err(code) = route.may_write(table, start, count) {
+                debug!(unit = frame.unit, ?table, start, count, "write refused");
+                return Answer::Now(frame.exception(code));
+            }
+            return relay(route, master, frame, request);
+        }
+        match route.mode {
+            ServeMode::Pass => relay(route, master, frame, request),
+            ServeMode::Agent { max_age } => Answer::Now(self.agent_read(route, &frame, &request, max_age)),
+        }
+    }
+
+    /// Answers a read from the raw cache of the image.
+    fn agent_read(&self, route: &Route, frame: &Frame, req: &Request<'_>, max_age: Duration) -> Frame {
+        let (table, start, count) = match req {
+            Request::ReadCoils(a, q) => (Table::Coils, *a, *q),
+            Request::ReadDiscreteInputs(a, q) => (Table::Discrete, *a, *q),
+            Request::ReadHoldingRegisters(a, q) => (Table::Holding, *a, *q),
+            Request::ReadInputRegisters(a, q) => (Table::Input, *a, *q),
+            _ => return frame.exception(ExceptionCode::IllegalFunction),
+        };
+        let rsp = match self.image.read_raw(&route.device, table, start, count, max_age) {
+            Ok(Raw::Bits(b)) if table == Table::Coils => Response::ReadCoils(b),
+            Ok(Raw::Bits(b)) => Response::ReadDiscreteInputs(b),
+            Ok(Raw::Words(w)) if table == Table::Holding => Response::ReadHoldingRegisters(w),
+            Ok(Raw::Words(w)) => Response::ReadInputRegisters(w),
+            Err(RawMiss::NotPolled) => return frame.exception(ExceptionCode::IllegalDataAddress),
+            Err(RawMiss::NotFresh) => return frame.exception(ExceptionCode::GatewayTargetDevice),
+        };
+        let mut pdu = Vec::with_capacity(pdu::MAX_PDU);
+        pdu::encode_response(&rsp, &mut pdu);
+        frame.answer(pdu)
+    }
+}
+
+/// Sends a request to the route's device through its bus relay; the answer comes later.
+fn relay(route: &Route, master: MasterId, frame: Frame, request: Request<'static>) -> Answer {
+    // Bit replies are padded to whole bytes; answer exactly the bits asked for.
+    let bits = match request {
+        Request::ReadCoils(_, q) | Request::ReadDiscreteInputs(_, q) => usize::from(q),
+        _ => usize::MAX,
+    };
+    let (reply, rx) = oneshot::channel();
+    let job = Job {
+        unit: route.device_unit,
+        request,
+        priority: Priority::PassThrough,
+        timeout: route.timeout,
+        turnaround: route.turnaround,
+        retries: route.retries,
+        reply,
+    };
+    if let Err(e) = route.relay.submit(master, job) {
+        return Answer::Now(frame.exception(exception_for(&e)));
+    }
+    Answer::Later(Box::pin(async move {
+        match rx.await.unwrap_or(Err(BusError::Closed)) {
+            Ok(mut rsp) => {
+                if let Response::ReadCoils(b) | Response::ReadDiscreteInputs(b) = &mut rsp {
+                    b.truncate(bits);
+                }
+                let mut pdu = Vec::with_capacity(pdu::MAX_PDU);
+                pdu::encode_response(&rsp, &mut pdu);
+                frame.answer(pdu)
+            }
+            Err(e) => frame.exception(exception_for(&e)),
+        }
+    }))
+}

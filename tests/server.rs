@@ -1,0 +1,583 @@
+//! The local Modbus-TCP server end to end: real masters (tokio-modbus TCP clients, and raw
+//! sockets where a client library would refuse to send what we test) against the gateway
+//! polling the project's simulator on a pseudo-terminal, or over TCP like a serial device
+//! server.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{Rig, wait_until, within};
+use m2m_gateway::bus::{Job, PASS_THROUGH_STREAK, Priority};
+use m2m_gateway::gateway::Gateway;
+use m2m_gateway::simulate::{Fault, Simulator};
+use m2m_gateway::value::Table;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_modbus::client::{Context, Reader, Writer};
+use tokio_modbus::{ExceptionCode, Request, Slave};
+use tokio_util::sync::CancellationToken;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Unit 1: a boiler polled every 50 ms; unit 2: a meter with 130 registers and 2000
+/// coils, polled once an hour (so the requests it sees are ours); unit 3: a silent one.
+fn sim() -> String {
+    let words: Vec<String> = (0..130).map(|i| (1000 + i).to_string()).collect();
+    let coils: Vec<&str> = (0..2000).map(|i| if i % 3 == 0 { "1" } else { "0" }).collect();
+    format!(
+        r#"
+[[unit]]
+unit = 1
+[[unit.register]]
+table = "holding"
+address = 0
+values = [100, 101, 102, 103]
+[[unit.register]]
+table = "coils"
+address = 0
+values = [1, 0, 1]
+
+[[unit]]
+unit = 2
+[[unit.register]]
+table = "holding"
+address = 0
+values = [{}]
+[[unit.register]]
+table = "input"
+address = 0
+values = [7, 8]
+[[unit.register]]
+table = "coils"
+address = 0
+values = [{}]
+[[unit.register]]
+table = "discrete"
+address = 0
+values = [1, 1, 0]
+
+[[unit]]
+unit = 3
+fault = "silent"
+[[unit.register]]
+table = "holding"
+address = 0
+values = [0]
+"#,
+        words.join(", "),
+        coils.join(", ")
+    )
+}
+
+const GATEWAY: &str = r#"
+[gateway]
+name = "test"
+[[bus]]
+name = "line"
+port = "{port}"
+timeout = "100ms"
+retries = 0
+
+[[device]]
+name = "boiler"
+bus = "line"
+unit = 1
+interval = "50ms"
+point = [
+  { name = "t", table = "holding", address = 0 },
+  { name = "t3", table = "holding", address = 3 },
+  { name = "burner", table = "coils", address = 0, type = "bool" },
+  { name = "pump", table = "coils", address = 2, type = "bool" },
+]
+
+[[device]]
+name = "meter"
+bus = "line"
+unit = 2
+interval = "1h"
+point = [{ name = "e", table = "holding", address = 0 }]
+
+[[device]]
+name = "dead"
+bus = "line"
+unit = 3
+interval = "1h"
+backoff_max = "1h"
+point = [{ name = "x", table = "holding", address = 0 }]
+
+[server]
+listen = "127.0.0.1:0"
+{server_extra}
+
+[[server.unit]]
+unit = 10
+agent = "boiler"
+max_age = "400ms"
+
+[[server.unit]]
+unit = 11
+agent = "meter"
+max_age = "1s"
+
+[[server.unit]]
+unit = 20
+pass = "meter"
+
+[[server.unit]]
+unit = 30
+pass = "dead"
+
+[[server.grant]]
+unit = 10
+table = "holding"
+address = 3
+
+[[server.grant]]
+unit = 20
+table = "holding"
+address = 0
+count = 130
+
+[[server.grant]]
+unit = 20
+table = "coils"
+address = 0
+count = 2000
+"#;
+
+fn gateway_toml(extra: &str) -> String {
+    GATEWAY.replace("{server_extra}", extra)
+}
+
+fn start(extra: &str) -> (Rig, SocketAddr) {
+    let rig = Rig::start(&sim(), &gateway_toml(extra));
+    let addr = rig.gateway().server_addr.expect("server listening");
+    (rig, addr)
+}
+
+async fn master(addr: SocketAddr, unit: u8) -> Context {
+    within(SECS(2), "connect", tokio_modbus::client::tcp::connect_slave(addr, Slave(unit)))
+        .await
+        .expect("connects")
+}
+
+/// Sends one raw MBAP request and returns the answer PDU (function code first).
+async fn raw(stream: &mut TcpStream, tid: u16, unit: u8, pdu: &[u8]) -> Vec<u8> {
+    stream.write_all(&mbap(tid, unit, pdu)).await.expect("send");
+    let mut head = [0u8; 7];
+    within(SECS(3), "answer header", stream.read_exact(&mut head)).await.expect("header");
+    assert_eq!(u16::from_be_bytes([head[0], head[1]]), tid, "transaction id echoed");
+    assert_eq!(head[6], unit, "unit echoed");
+    let len = usize::from(u16::from_be_bytes([head[4], head[5]])) - 1;
+    let mut pdu = vec![0u8; len];
+    within(SECS(3), "answer pdu", stream.read_exact(&mut pdu)).await.expect("pdu");
+    pdu
+}
+
+/// True once the peer has closed `stream` (EOF or reset).
+async fn closed(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 16];
+    matches!(tokio::time::timeout(limit, stream.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test]
+async fn agent_mode_answers_from_the_image_and_refuses_stale_values() {
+    let (rig, addr) = start("");
+    let mut m = master(addr, 10).await;
+    let mut ok = None;
+    for _ in 0..100 {
+        match m.read_holding_registers(0, 4).await.expect("transport") {
+            Ok(w) => {
+                ok = Some(w);
+                break;
+            }
+            Err(ExceptionCode::GatewayTargetDevice) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("unexpected exception {e:?}"),
+        }
+    }
+    assert_eq!(ok, Some(vec![100, 101, 102, 103]), "holding 0..=3 polled as one block");
+    assert_eq!(m.read_coils(0, 3).await.expect("transport"), Ok(vec![true, false, true]));
+    assert_eq!(m.read_holding_registers(1, 2).await.expect("transport"), Ok(vec![101, 102]));
+    // Never polled: no such register for this server.
+    assert_eq!(
+        m.read_holding_registers(3, 2).await.expect("transport"),
+        Err(ExceptionCode::IllegalDataAddress)
+    );
+    assert_eq!(
+        m.read_input_registers(0, 1).await.expect("transport"),
+        Err(ExceptionCode::IllegalDataAddress)
+    );
+    // A new value shows after the next poll, without any request reaching the device.
+    rig.sim.set_register(1, Table::Holding, 1, 555).expect("set");
+    wait_until("new value polled", SECS(2), || rig.value("boiler.t").is_some()).await;
+    let mut seen = false;
+    for _ in 0..100 {
+        if m.read_holding_registers(1, 1).await.expect("transport") == Ok(vec![555]) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "agent read follows the polls");
+    // Unit 10 may write holding 3 only; the write goes to the device.
+    assert_eq!(
+        m.write_single_register(0, 1).await.expect("transport"),
+        Err(ExceptionCode::IllegalDataAddress)
+    );
+    assert_eq!(
+        m.write_single_coil(0, true).await.expect("transport"),
+        Err(ExceptionCode::IllegalDataAddress)
+    );
+    assert_eq!(m.write_single_register(3, 9).await.expect("transport"), Ok(()));
+    assert_eq!(rig.sim.register(1, Table::Holding, 3), Some(9));
+    // No grant at all on unit 11: writing is not an allowed function there.
+    let mut meter = master(addr, 11).await;
+    assert_eq!(
+        meter.write_single_register(0, 1).await.expect("transport"),
+        Err(ExceptionCode::IllegalFunction)
+    );
+    // The meter is polled once an hour: its value is served while younger than max_age
+    // (1 s), then refused although the device is fine.
+    wait_until("meter polled", SECS(3), || rig.value("meter.e").is_some()).await;
+    assert_eq!(meter.read_holding_registers(0, 1).await.expect("transport"), Ok(vec![1000]));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        meter.read_holding_registers(0, 1).await.expect("transport"),
+        Err(ExceptionCode::GatewayTargetDevice),
+        "older than max_age"
+    );
+    // The device goes quiet: its values turn stale and are refused, not served old.
+    rig.sim.set_fault(1, Fault::Silent).expect("fault");
+    let mut refused = false;
+    for _ in 0..100 {
+        if m.read_holding_registers(0, 4).await.expect("transport") == Err(ExceptionCode::GatewayTargetDevice)
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "stale / comm-fail values answer 0x0B");
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn pass_through_every_function() {
+    let (rig, addr) = start("");
+    let mut m = master(addr, 20).await;
+    let words: Vec<u16> = (1000..1125).collect();
+    assert_eq!(m.read_holding_registers(0, 125).await.expect("transport"), Ok(words), "125 registers");
+    let coils: Vec<bool> = (0..2000).map(|i| i % 3 == 0).collect();
+    assert_eq!(m.read_coils(0, 2000).await.expect("transport"), Ok(coils), "2000 coils");
+    assert_eq!(m.read_discrete_inputs(0, 3).await.expect("transport"), Ok(vec![true, true, false]));
+    assert_eq!(m.read_input_registers(0, 2).await.expect("transport"), Ok(vec![7, 8]));
+    assert_eq!(m.write_single_register(5, 0xBEEF).await.expect("transport"), Ok(()));
+    assert_eq!(rig.sim.register(2, Table::Holding, 5), Some(0xBEEF));
+    assert_eq!(m.write_single_coil(1, true).await.expect("transport"), Ok(()));
+    assert_eq!(rig.sim.bit(2, Table::Coils, 1), Some(true));
+    assert_eq!(m.write_multiple_registers(10, &[1, 2, 3]).await.expect("transport"), Ok(()));
+    assert_eq!(rig.sim.register(2, Table::Holding, 12), Some(3));
+    assert_eq!(m.write_multiple_coils(100, &[true, true, false, true]).await.expect("transport"), Ok(()));
+    assert_eq!(rig.sim.bit(2, Table::Coils, 103), Some(true));
+    assert_eq!(
+        m.read_write_multiple_registers(20, 2, 21, &[77]).await.expect("transport"),
+        Ok(vec![1020, 77]),
+        "FC23 writes, then reads"
+    );
+    assert_eq!(m.masked_write_register(30, 0x00F2, 0x0025).await.expect("transport"), Ok(()));
+    // The device's own exceptions pass through: an address it does not have ...
+    assert_eq!(
+        m.read_holding_registers(500, 1).await.expect("transport"),
+        Err(ExceptionCode::IllegalDataAddress)
+    );
+    // ... and a function it does not support (FC8 diagnostics).
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(raw(&mut s, 7, 20, &[0x08, 0, 0, 0xA5, 0x37]).await, [0x88, 0x01]);
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn gateway_exceptions() {
+    let (rig, addr) = start("");
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    // Wait for the first poll of the meter, so later counts are only ours.
+    wait_until("meter polled", SECS(3), || rig.value("meter.e").is_some()).await;
+    let before = rig.sim.stats(2).requests;
+    // Oversize and zero-quantity reads are answered by the gateway alone.
+    assert_eq!(raw(&mut s, 1, 20, &[0x03, 0, 0, 0, 126]).await, [0x83, 0x03]);
+    assert_eq!(raw(&mut s, 2, 20, &[0x01, 0, 0, 0x07, 0xD1]).await, [0x81, 0x03]);
+    assert_eq!(raw(&mut s, 3, 20, &[0x04, 0, 0, 0, 0]).await, [0x84, 0x03]);
+    assert_eq!(raw(&mut s, 4, 20, &[0x03, 0xFF, 0xFF, 0, 2]).await, [0x83, 0x02]);
+    // Writes outside the grants of a unit that has grants: illegal address.
+    assert_eq!(raw(&mut s, 5, 20, &[0x06, 0, 200, 0, 1]).await, [0x86, 0x02]);
+    assert_eq!(
+        raw(&mut s, 6, 20, &[0x10, 0, 129, 0, 2, 4, 0, 1, 0, 2]).await,
+        [0x90, 0x02],
+        "straddles the end"
+    );
+    // Writes to a pass unit without grants: illegal function.
+    assert_eq!(raw(&mut s, 7, 30, &[0x05, 0, 0, 0xFF, 0]).await, [0x85, 0x01]);
+    assert_eq!(rig.sim.stats(2).requests, before, "none of these reached the bus");
+    // No path for an unmapped unit id.
+    assert_eq!(raw(&mut s, 8, 99, &[0x03, 0, 0, 0, 1]).await, [0x83, 0x0A]);
+    // A device that does not answer: gateway target failed to respond.
+    assert_eq!(raw(&mut s, 9, 30, &[0x03, 0, 0, 0, 1]).await, [0x83, 0x0B]);
+    // The connection is still good.
+    assert_eq!(raw(&mut s, 10, 20, &[0x03, 0, 0, 0, 1]).await, [0x03, 0x02, 0x03, 0xE8]);
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_header_closes_only_that_connection() {
+    let (rig, addr) = start("");
+    let mut good = master(addr, 20).await;
+    assert_eq!(good.read_holding_registers(0, 1).await.expect("transport"), Ok(vec![1000]));
+    let mut bad = TcpStream::connect(addr).await.expect("connect");
+    // Protocol id 1 is not Modbus.
+    bad.write_all(&[0, 1, 0, 1, 0, 6, 20, 3, 0, 0, 0, 1]).await.expect("send");
+    assert!(closed(&mut bad, SECS(2)).await, "bad protocol id closes the connection");
+    let mut bad = TcpStream::connect(addr).await.expect("connect");
+    // A length of 300 cannot be a Modbus frame.
+    bad.write_all(&[0, 1, 0, 0, 0x01, 0x2C, 20, 3]).await.expect("send");
+    assert!(closed(&mut bad, SECS(2)).await, "bad length closes the connection");
+    assert_eq!(good.read_holding_registers(1, 1).await.expect("transport"), Ok(vec![1001]));
+    let mut again = master(addr, 20).await;
+    assert_eq!(again.read_holding_registers(2, 1).await.expect("transport"), Ok(vec![1002]));
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn connection_limit_and_idle_timeout() {
+    let (rig, addr) = start("max_connections = 2\nidle_timeout = \"1s\"");
+    let mut a = master(addr, 20).await;
+    let mut b = TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(raw(&mut b, 1, 20, &[0x03, 0, 0, 0, 1]).await, [0x03, 0x02, 0x03, 0xE8]);
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    assert!(closed(&mut c, SECS(2)).await, "a third master is turned away");
+    assert_eq!(a.read_holding_registers(0, 1).await.expect("transport"), Ok(vec![1000]));
+    // `b` says nothing for more than the idle timeout and is closed; its slot frees up.
+    assert!(closed(&mut b, SECS(3)).await, "an idle master is closed");
+    let mut d = TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(raw(&mut d, 2, 20, &[0x03, 0, 1, 0, 1]).await, [0x03, 0x02, 0x03, 0xE9]);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_masters_are_served_fairly_and_polls_keep_their_rate() {
+    let (rig, addr) = start("");
+    wait_until("boiler polled", SECS(3), || rig.value("boiler.t").is_some()).await;
+    let window = SECS(2);
+    let polls_before = rig.sim.stats(1).requests;
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..8u16 {
+        tasks.push(tokio::spawn(async move {
+            let mut m = master(addr, 20).await;
+            let (mut ok, mut other) = (0u32, 0u32);
+            while started.elapsed() < window {
+                match m.read_holding_registers(i, 10).await.expect("transport") {
+                    Ok(w) if w[0] == 1000 + i => ok += 1,
+                    _ => other += 1,
+                }
+            }
+            (ok, other)
+        }));
+    }
+    let mut counts = Vec::new();
+    for t in tasks {
+        counts.push(t.await.expect("master task"));
+    }
+    let polls = rig.sim.stats(1).requests - polls_before;
+    let elapsed = started.elapsed();
+    let served: Vec<u32> = counts.iter().map(|c| c.0).collect();
+    assert!(counts.iter().all(|c| c.1 == 0), "every request answered with data: {counts:?}");
+    let (min, max) = (*served.iter().min().expect("8"), *served.iter().max().expect("8"));
+    assert!(min >= 10, "every master is served: {served:?}");
+    assert!(max <= min * 2 + 5, "masters share the line fairly: {served:?}");
+    // The boiler has two reads (holding, coils) every 50 ms: 40/s.
+    let expected = 40.0 * elapsed.as_secs_f64();
+    eprintln!("served per master {served:?}, boiler polls {polls} in {elapsed:?}");
+    assert!(polls as f64 >= expected * 0.7, "polls kept their rate: {polls} of {expected:.0} ({served:?})");
+    rig.stop().await;
+}
+
+/// A "serial device server": accepts TCP connections one after another and serves each
+/// with the simulator, as an NPort in TCP-server mode passes bytes to its RS-485 port.
+/// Returns its port, a receiver of each connection's stop token, and a token ending it.
+async fn device_server(
+    simulator: Simulator,
+) -> (u16, tokio::sync::mpsc::UnboundedReceiver<CancellationToken>, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let stop = CancellationToken::new();
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::unbounded_channel::<CancellationToken>();
+    let server_stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                a = listener.accept() => a.expect("accept"),
+                () = server_stop.cancelled() => return,
+            };
+            let token = server_stop.child_token();
+            let _ = conn_tx.send(token.clone());
+            let _ = simulator.clone().serve(stream, token).await;
+        }
+    });
+    (port, conn_rx, stop)
+}
+
+#[tokio::test]
+async fn bus_behind_a_serial_device_server() {
+    let simulator = Simulator::new(common::sim_config(&sim()));
+    let sim = simulator.handle();
+    let (port, mut conn_rx, stop) = device_server(simulator).await;
+    let text = gateway_toml("");
+    let model = common::model(&text, &format!("tcp://127.0.0.1:{port}"));
+    let shutdown = CancellationToken::new();
+    let gateway = Gateway::start(&model, shutdown.clone());
+    let addr = gateway.server_addr.expect("server listening");
+    let first = within(SECS(3), "gateway connects", conn_rx.recv()).await.expect("a connection");
+    wait_until("boiler polled over tcp", SECS(3), || gateway.image.good_value("boiler.t").is_some()).await;
+    let mut m = master(addr, 20).await;
+    assert_eq!(m.read_holding_registers(0, 2).await.expect("transport"), Ok(vec![1000, 1001]));
+    let mut agent = master(addr, 10).await;
+    assert_eq!(agent.read_coils(0, 3).await.expect("transport"), Ok(vec![true, false, true]));
+    // The device server drops the connection: the bus reconnects by itself.
+    first.cancel();
+    let _second = within(SECS(5), "gateway reconnects", conn_rx.recv()).await.expect("a second connection");
+    sim.set_register(2, Table::Holding, 0, 4242).expect("set");
+    let mut answer = None;
+    for _ in 0..50 {
+        if let Ok(Ok(w)) = m.read_holding_registers(0, 1).await {
+            answer = Some(w);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(answer, Some(vec![4242]), "pass-through works after the reconnect");
+    shutdown.cancel();
+    gateway.shutdown(SECS(2)).await;
+    stop.cancel();
+}
+
+/// The bus's own guarantee, without the relay's help: with many pass-through requests
+/// queued, a waiting poll still runs after every `PASS_THROUGH_STREAK` of them.
+#[tokio::test]
+async fn queued_polls_interleave_with_a_flood_of_pass_through() {
+    let (port, _conns, stop) = device_server(Simulator::new(common::sim_config(&sim()))).await;
+    let model = common::model(&gateway_toml(""), &format!("tcp://127.0.0.1:{port}"));
+    let shutdown = CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let bus = m2m_gateway::bus::spawn(&model.buses[0], shutdown.clone(), &tracker);
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut waits = Vec::new();
+    let now = tokio::time::Instant::now();
+    let jobs = (0..10).map(|_| (2u8, Priority::PassThrough)).chain((0..3).map(|i| {
+        // Polls due long ago (most urgent first), queued after the flood.
+        (1u8, Priority::Poll { deadline: now + Duration::from_millis(i) })
+    }));
+    for (unit, priority) in jobs {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job = Job {
+            unit,
+            request: Request::ReadHoldingRegisters(0, 1),
+            priority,
+            timeout: Duration::from_millis(500),
+            turnaround: Duration::ZERO,
+            retries: 0,
+            reply,
+        };
+        bus.submit(job).expect("queued");
+        let order = order.clone();
+        waits.push(tokio::spawn(async move {
+            rx.await.expect("outcome").expect("answer");
+            order.lock().expect("lock").push(unit);
+        }));
+    }
+    for w in waits {
+        within(SECS(5), "jobs", w).await.expect("task");
+    }
+    let order = order.lock().expect("lock").clone();
+    let streak = PASS_THROUGH_STREAK as usize;
+    let mut want = Vec::new();
+    for _ in 0..3 {
+        want.extend(std::iter::repeat_n(2, streak));
+        want.push(1);
+    }
+    want.extend(std::iter::repeat_n(2, 10 - 3 * streak));
+    assert_eq!(order, want);
+    shutdown.cancel();
+    stop.cancel();
+}
+
+/// Reads `n` answers (any order) and returns them by transaction id.
+async fn answers(stream: &mut TcpStream, n: usize) -> Vec<(u16, Vec<u8>)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let mut head = [0u8; 7];
+        within(SECS(3), "answer header", stream.read_exact(&mut head)).await.expect("header");
+        let len = usize::from(u16::from_be_bytes([head[4], head[5]])) - 1;
+        let mut pdu = vec![0u8; len];
+        within(SECS(3), "answer pdu", stream.read_exact(&mut pdu)).await.expect("pdu");
+        out.push((u16::from_be_bytes([head[0], head[1]]), pdu));
+    }
+    out
+}
+
+fn mbap(tid: u16, unit: u8, pdu: &[u8]) -> Vec<u8> {
+    let mut frame = tid.to_be_bytes().to_vec();
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(&(pdu.len() as u16 + 1).to_be_bytes());
+    frame.push(unit);
+    frame.extend_from_slice(pdu);
+    frame
+}
+
+#[tokio::test]
+async fn a_pipelining_master_is_limited_and_agent_reads_do_not_wait() {
+    let (rig, addr) = start("max_in_flight = 2");
+    wait_until("boiler polled", SECS(3), || rig.value("boiler.t").is_some()).await;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    // Four reads of the silent unit at once (each waits out its 100 ms timeout), then an
+    // agent read: two are taken, two more are refused busy, and the agent read is
+    // answered before the slow ones.
+    let mut burst = Vec::new();
+    for tid in 1..=4 {
+        burst.extend(mbap(tid, 30, &[0x03, 0, 0, 0, 1]));
+    }
+    burst.extend(mbap(5, 10, &[0x03, 0, 0, 0, 1]));
+    s.write_all(&burst).await.expect("send");
+    let got = answers(&mut s, 5).await;
+    let by_tid = |t: u16| got.iter().find(|(tid, _)| *tid == t).map(|(_, p)| p.clone()).expect("answered");
+    assert_eq!(by_tid(1), [0x83, 0x0B]);
+    assert_eq!(by_tid(2), [0x83, 0x0B]);
+    assert_eq!(by_tid(3), [0x83, 0x06], "third request of one master on one bus: busy");
+    assert_eq!(by_tid(4), [0x83, 0x06]);
+    assert_eq!(by_tid(5), [0x03, 0x02, 0x00, 100]);
+    let slow = got.iter().position(|(t, _)| *t == 1).expect("tid 1");
+    let agent = got.iter().position(|(t, _)| *t == 5).expect("tid 5");
+    assert!(agent < slow, "the agent read did not wait behind pass-through: {got:?}");
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_taken_port_fails_try_start_and_start_runs_without_the_server() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let text =
+        gateway_toml("").replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let model = common::model(&text, "/dev/null-no-such-port");
+    let shutdown = CancellationToken::new();
+    let err = Gateway::try_start(&model, shutdown.clone()).err().expect("port taken");
+    assert!(
+        err.to_string().starts_with(&format!("modbus-tcp server cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(!shutdown.is_cancelled(), "the caller's token is left alone");
+    let gateway = Gateway::start(&model, shutdown.clone());
+    assert_eq!(gateway.server_addr, None);
+    shutdown.cancel();
+    gateway.shutdown(SECS(2)).await;
+}
