@@ -1,20 +1,68 @@
 //! Wires a validated model into running tasks: one bus task and one poller per serial
-//! line, the periodic summaries, all under one shutdown token and one task tracker.
+//! line, the periodic summaries, and for peer links the identity, the spools, the
+//! listener and per peer a forwarder, a link and its write-backs — all under one
+//! shutdown token and one task tracker.
 //!
 //! Invariant: every task spawned here watches the shutdown token and is tracked, so
 //! [`Gateway::shutdown`] returns once everything has stopped (or the grace period ran out).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::bus::{self, BusHandle};
+use crate::forward::{Forwarder, Rules};
 use crate::image::Image;
-use crate::model::Model;
+use crate::link::{self, Dialer, Grants, Link, LinkHandle};
+use crate::listener::{Listener, Routes};
+use crate::model::{Dial, Links, Model};
 use crate::poller::Poller;
+use crate::spool::SpoolLimits;
+use crate::spooler::SpoolHandle;
+use crate::tls::{self, Fingerprint};
+use crate::writeback::WriteBacks;
+use crate::writer::Writer;
+
+/// Why the gateway could not start; each names the file, address or peer.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The identity (certificate and key) could not be loaded or used.
+    #[error("peer links: identity in {dir}: {source}")]
+    Identity {
+        /// The identity directory.
+        dir: String,
+        /// Why.
+        source: tls::TlsError,
+    },
+    /// The data directory could not be created.
+    #[error("peer links: cannot create data directory {dir}: {source}")]
+    DataDir {
+        /// The directory.
+        dir: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A peer's configuration cannot be used.
+    #[error("peer {peer}: {reason}")]
+    Peer {
+        /// The peer.
+        peer: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The listening socket could not be opened.
+    #[error("peer links: cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
 
 /// A running gateway.
 pub struct Gateway {
@@ -22,15 +70,27 @@ pub struct Gateway {
     pub image: Arc<Image>,
     /// Handles to the bus tasks, by bus order in the model.
     pub buses: Vec<BusHandle>,
+    /// Writes into local points through their buses.
+    pub writer: Writer,
+    /// One handle per peer link, in model order: `(peer name, handle)`.
+    pub links: Vec<(String, LinkHandle)>,
+    listen_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Gateway {
-    /// Starts every task of `model`. Must be called inside a tokio runtime.
-    pub fn start(model: &Model, shutdown: CancellationToken) -> Self {
+    /// Starts every task of `model`. Must be called inside a tokio runtime. Fails only
+    /// on what the links need from the machine (identity, data directory, spool files,
+    /// the listening socket); then nothing has been started.
+    pub fn start(model: &Model, shutdown: CancellationToken) -> Result<Self, GatewayError> {
         let image = Arc::new(Image::new());
         let tracker = TaskTracker::new();
+        // Everything fallible first, so an error leaves no task behind.
+        let prepared = match &model.links {
+            Some(links) => Some(prepare_links(links)?),
+            None => None,
+        };
         let mut buses = Vec::new();
         for bus in &model.buses {
             let handle = bus::spawn(bus, shutdown.clone(), &tracker);
@@ -47,13 +107,31 @@ impl Gateway {
             buses.push(handle);
         }
         tracker.spawn(sweep(image.clone(), shutdown.clone()));
-        info!(gateway = %model.gateway.name, buses = model.buses.len(), points = image.len(), "gateway started");
-        Self {
+        let writer = Writer::new(model, &buses);
+        let (links, listen_addr) = match (prepared, &model.links) {
+            (Some(p), Some(l)) => start_links(model, l, p, &image, &writer, &shutdown, &tracker),
+            _ => (Vec::new(), None),
+        };
+        info!(gateway = %model.gateway.name, buses = model.buses.len(), points = image.len(), peers = links.len(), "gateway started");
+        Ok(Self {
             image,
             buses,
+            writer,
+            links,
+            listen_addr,
             shutdown,
             tracker,
-        }
+        })
+    }
+
+    /// The bound address of the peer listener (`None`: no listener configured).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen_addr
+    }
+
+    /// The link to `peer`.
+    pub fn link(&self, peer: &str) -> Option<&LinkHandle> {
+        self.links.iter().find(|(n, _)| n == peer).map(|(_, h)| h)
     }
 
     /// Waits for the shutdown token, then for every task to stop (at most `grace`).
@@ -98,4 +176,147 @@ async fn sweep(image: Arc<Image>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
         }
     }
+}
+
+/// What the links need, opened before any task starts.
+struct Prepared {
+    identity: tls::Identity,
+    peers: Vec<PreparedPeer>,
+    listener: Option<tokio::net::TcpListener>,
+}
+
+struct PreparedPeer {
+    fingerprint: Fingerprint,
+    spool: SpoolHandle,
+    rules: Rules,
+    grants: Grants,
+}
+
+fn prepare_links(links: &Links) -> Result<Prepared, GatewayError> {
+    let identity =
+        tls::load_identity(&links.identity_dir).map_err(|source| GatewayError::Identity {
+            dir: links.identity_dir.display().to_string(),
+            source,
+        })?;
+    std::fs::create_dir_all(&links.data_dir).map_err(|source| GatewayError::DataDir {
+        dir: links.data_dir.display().to_string(),
+        source,
+    })?;
+    let mut peers = Vec::new();
+    for p in &links.peers {
+        let bad = |reason: String| GatewayError::Peer {
+            peer: p.name.clone(),
+            reason,
+        };
+        let fingerprint: Fingerprint = p.fingerprint.parse().map_err(|e| bad(format!("{e}")))?;
+        let limits = SpoolLimits {
+            max_bytes: p.spool_max_bytes,
+            max_age: p.spool_max_age,
+        };
+        let spool = SpoolHandle::open(&links.data_dir.join(&p.spool), limits)
+            .map_err(|e| bad(e.to_string()))?;
+        let rules = Rules::new(&p.name, &p.send).map_err(|e| bad(e.to_string()))?;
+        let grants = Grants::new(&p.grants).map_err(|e| bad(format!("grant: {e}")))?;
+        peers.push(PreparedPeer {
+            fingerprint,
+            spool,
+            rules,
+            grants,
+        });
+    }
+    let listener = match links.listen {
+        Some(addr) => {
+            let listen = |source| GatewayError::Listen { addr, source };
+            let std = std::net::TcpListener::bind(addr).map_err(listen)?;
+            std.set_nonblocking(true).map_err(listen)?;
+            Some(tokio::net::TcpListener::from_std(std).map_err(listen)?)
+        }
+        None => None,
+    };
+    Ok(Prepared {
+        identity,
+        peers,
+        listener,
+    })
+}
+
+fn start_links(
+    model: &Model,
+    links: &Links,
+    prepared: Prepared,
+    image: &Arc<Image>,
+    writer: &Writer,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> (Vec<(String, LinkHandle)>, Option<SocketAddr>) {
+    let mut routes = Routes::new();
+    let mut handles = Vec::new();
+    for (peer, p) in links.peers.iter().zip(prepared.peers) {
+        let dialer = match &peer.dial {
+            Dial::Connect(addr) => match tls::client_config(&prepared.identity, p.fingerprint) {
+                Ok(tls) => Dialer::Connect {
+                    addr: addr.clone(),
+                    tls,
+                },
+                Err(e) => {
+                    error!(peer = %peer.name, error = %e, "cannot build the tls client; link not started");
+                    continue;
+                }
+            },
+            Dial::Accept => {
+                let (tx, rx) = tokio::sync::mpsc::channel(2);
+                routes.insert(p.fingerprint, (peer.name.clone(), tx));
+                Dialer::Accept(rx)
+            }
+        };
+        let (connected, connected_rx) = tokio::sync::watch::channel(false);
+        let wb = WriteBacks::new(&peer.name, &peer.writeback, writer.clone(), connected_rx);
+        let offer = wb.offer();
+        if !offer.is_empty() {
+            tracker.spawn(wb.run(shutdown.clone()));
+        }
+        let fwd = Forwarder::new(&peer.name, p.rules, image.clone(), p.spool.clone());
+        tracker.spawn(fwd.run(shutdown.clone()));
+        let handle = link::spawn(
+            Link {
+                local_name: model.gateway.name.clone(),
+                peer: peer.clone(),
+                image: image.clone(),
+                writer: writer.clone(),
+                spool: p.spool,
+                grants: p.grants,
+                writeback: offer,
+                connected,
+                max_frame: crate::proto::DEFAULT_MAX_FRAME,
+            },
+            dialer,
+            shutdown.clone(),
+            tracker,
+        );
+        handles.push((peer.name.clone(), handle));
+    }
+    let mut listen_addr = None;
+    if let Some(socket) = prepared.listener {
+        listen_addr = socket.local_addr().ok();
+        let pins: Vec<Fingerprint> = routes.keys().copied().collect();
+        match tls::server_config(&prepared.identity, pins) {
+            Ok(tls) => {
+                if let Some(addr) = listen_addr {
+                    info!("listening for peers on {addr}");
+                }
+                let l = Listener {
+                    socket,
+                    allow: links.allow.clone(),
+                    tls,
+                    routes,
+                };
+                tracker.spawn(l.run(shutdown.clone(), tracker.clone()));
+            }
+            Err(e) => {
+                warn!(error = %e, "peer listener not started: no peer is configured to dial in");
+                listen_addr = None;
+            }
+        }
+    }
+    (handles, listen_addr)
 }
