@@ -19,13 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, instrument, warn};
 
 use crate::codec::value_as_f64;
-use crate::image::Image;
+use crate::image::{Changes, Image};
 use crate::model::{SendMode, SendRule};
 use crate::spooler::SpoolHandle;
 use crate::value::{Quality, Sample, Value};
@@ -139,6 +139,9 @@ pub struct Forwarder {
     rules: Rules,
     image: Arc<Image>,
     spool: SpoolHandle,
+    changes: Option<broadcast::Receiver<Arc<Changes>>>,
+    /// The image as it was when we subscribed: sent first.
+    initial: Vec<(Arc<str>, Sample)>,
     points: HashMap<Arc<str>, PointState>,
     batch: Vec<(String, Sample)>,
     batch_bytes: usize,
@@ -146,11 +149,17 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// A forwarder of `image` into `spool` following `rules`.
+    /// A forwarder of `image` into `spool` following `rules`. It subscribes to the
+    /// image's changes and takes the initial snapshot here, back to back, so every
+    /// change published after `new` returns is seen, in order, after the snapshot.
     pub fn new(peer: &str, rules: Rules, image: Arc<Image>, spool: SpoolHandle) -> Self {
+        let changes = Some(image.subscribe());
+        let initial = image.snapshot();
         Self {
             peer: peer.to_string(),
             rules,
+            changes,
+            initial,
             image,
             spool,
             points: HashMap::new(),
@@ -163,9 +172,18 @@ impl Forwarder {
     /// Runs until `shutdown`; the open batch is appended before returning.
     #[instrument(name = "forward", skip_all, fields(peer = %self.peer))]
     pub async fn run(mut self, shutdown: CancellationToken) {
-        // Subscribe before the snapshot: a change in between is seen twice, never lost.
-        let mut rx = self.image.subscribe();
-        self.resync().await;
+        // Subscribed (in `new`) just before the initial snapshot: a change in between
+        // is seen twice (the second time it is no change and not sent), never lost.
+        let mut rx = match self.changes.take() {
+            Some(rx) => rx,
+            None => self.image.subscribe(),
+        };
+        for (name, sample) in std::mem::take(&mut self.initial) {
+            self.consider(&name, &sample);
+            if self.batch.len() >= MAX_SAMPLES || self.batch_bytes >= MAX_BYTES {
+                self.flush().await;
+            }
+        }
         let now = Instant::now();
         let mut periodic: Vec<(usize, Duration, Instant)> = Vec::new();
         let mut min_silence: Option<Duration> = None;
@@ -182,8 +200,8 @@ impl Forwarder {
             }
         }
         // Integrity refresh is checked at a tenth of the shortest max_silence.
-        let refresh_every = min_silence
-            .map(|s| (s / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)));
+        let refresh_every =
+            min_silence.map(|s| (s / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)));
         let mut next_refresh = refresh_every.map(|d| now + d);
         let far = || Instant::now() + Duration::from_secs(3600);
         loop {
@@ -198,6 +216,13 @@ impl Forwarder {
                     }
                     Err(RecvError::Lagged(n)) => {
                         warn!(missed_batches = n, "fell behind the image's change stream; resynchronising from a snapshot");
+                        // Take what is still queued first, so the snapshot is newer than
+                        // anything the stream delivers afterwards.
+                        while let Ok(changes) = rx.try_recv() {
+                            for (name, sample) in &changes.samples {
+                                self.consider(name, sample);
+                            }
+                        }
                         self.resync().await;
                     }
                     Err(RecvError::Closed) => break,
@@ -332,7 +357,9 @@ impl Forwarder {
         let n = batch.len();
         match self.spool.append(batch).await {
             Ok(seq) => debug!(seq, samples = n, "batch spooled"),
-            Err(e) => error!(error = %e, samples = n, "cannot spool a batch for the peer: values lost"),
+            Err(e) => {
+                error!(error = %e, samples = n, "cannot spool a batch for the peer: values lost")
+            }
         }
     }
 }

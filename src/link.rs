@@ -85,6 +85,8 @@ pub struct LinkStats {
     pub connected: bool,
     /// Sessions established since start.
     pub sessions: u64,
+    /// Attempts that never got to a session (connect, TLS or hello failed).
+    pub failed_attempts: u64,
     /// Batches sent (resends count again).
     pub batches_sent: u64,
     /// Our batches the peer acknowledged.
@@ -109,6 +111,7 @@ pub struct LinkStats {
 struct Counters {
     connected: AtomicBool,
     sessions: AtomicU64,
+    failed: AtomicU64,
     sent: AtomicU64,
     acked: AtomicU64,
     applied: AtomicU64,
@@ -183,6 +186,7 @@ impl LinkHandle {
         LinkStats {
             connected: c.connected.load(Relaxed),
             sessions: c.sessions.load(Relaxed),
+            failed_attempts: c.failed.load(Relaxed),
             batches_sent: c.sent.load(Relaxed),
             batches_acked: c.acked.load(Relaxed),
             batches_applied: c.applied.load(Relaxed),
@@ -346,7 +350,14 @@ impl Task {
                     Some(s) => Some(s),
                     None => loop {
                         tokio::select! {
-                            s = rx.recv() => break s,
+                            s = rx.recv() => match s {
+                                Some(s) => break Some(s),
+                                // The listener is gone: only shutdown is left to wait for.
+                                None => {
+                                    self.shutdown.cancelled().await;
+                                    return;
+                                }
+                            },
                             Some(cmd) = self.writes.recv() => refuse_down(cmd, &self.link.peer.name),
                             () = self.shutdown.cancelled() => return,
                         }
@@ -354,6 +365,7 @@ impl Task {
                 },
             };
             let mut end = End::Lost;
+            let sessions = self.counters.sessions.load(Relaxed);
             if let Some((stream, from)) = incoming {
                 let started = Instant::now();
                 end = self.session(stream, from, &mut dialer).await;
@@ -361,6 +373,9 @@ impl Task {
                 if started.elapsed() >= STABLE {
                     backoff = BACKOFF_MIN;
                 }
+            }
+            if self.counters.sessions.load(Relaxed) == sessions {
+                self.counters.failed.fetch_add(1, Relaxed);
             }
             match end {
                 End::Shutdown => return,
@@ -504,12 +519,9 @@ impl Task {
                         more = batches.len() == room;
                         for (seq, block) in batches {
                             sent_upto = seq;
-                            if let Err(e) = proto::encode_batch_raw(
-                                seq,
-                                &block,
-                                self.link.max_frame,
-                                &mut buf,
-                            ) {
+                            if let Err(e) =
+                                proto::encode_batch_raw(seq, &block, self.link.max_frame, &mut buf)
+                            {
                                 error!(seq, error = %e, "spooled batch cannot be sent; skipping it (data lost)");
                                 continue;
                             }
@@ -675,7 +687,14 @@ impl Task {
     }
 
     /// A write asked by the peer: grants, then the writer, answered by `WriteResult`.
-    fn peer_write(&self, id: u64, point: String, value: Value, out: &Out, permits: &Arc<Semaphore>) {
+    fn peer_write(
+        &self,
+        id: u64,
+        point: String,
+        value: Value,
+        out: &Out,
+        permits: &Arc<Semaphore>,
+    ) {
         if let Err(reason) = self.link.grants.check(&point, &value) {
             self.counters.refused.fetch_add(1, Relaxed);
             warn!(%point, %value, "refused a write from the peer: {reason}");
@@ -696,7 +715,10 @@ impl Task {
         let out = out.clone();
         self.tracker.spawn(
             async move {
-                let result = writer.write(&point, &value).await.map_err(|e| e.to_string());
+                let result = writer
+                    .write(&point, &value)
+                    .await
+                    .map_err(|e| e.to_string());
                 match &result {
                     Ok(()) => info!(%point, %value, "peer write done"),
                     Err(e) => warn!(%point, %value, error = %e, "peer write failed"),

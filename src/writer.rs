@@ -151,8 +151,8 @@ fn request_for(p: &Point, value: &Value) -> Result<Request<'static>, WriteError>
             table: p.table,
         }),
         Table::Coils => {
-            let words = codec::encode_registers(DataType::Bool, p.order, 1.0, 0.0, value)
-                .map_err(enc)?;
+            let words =
+                codec::encode_registers(DataType::Bool, p.order, 1.0, 0.0, value).map_err(enc)?;
             Ok(Request::WriteSingleCoil(
                 p.address,
                 words.first().is_some_and(|w| *w != 0),
@@ -240,8 +240,8 @@ mod tests {
             r(Table::Discrete, DataType::Bool, Value::Bool(true)),
             Err(WriteError::ReadOnly { .. })
         ));
-        let e = r(Table::Holding, DataType::Str(2), Value::Text("abc".into()))
-            .expect_err("too long");
+        let e =
+            r(Table::Holding, DataType::Str(2), Value::Text("abc".into())).expect_err("too long");
         assert!(e.to_string().contains("dev.p"), "{e}");
         assert!(matches!(
             r(Table::Holding, DataType::U16, Value::Int(-1)),
