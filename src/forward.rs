@@ -453,4 +453,56 @@ mod tests {
             .is_err()
         );
     }
+
+    #[tokio::test]
+    async fn a_lagging_forwarder_resyncs_from_the_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = SpoolHandle::open(
+            &dir.path().join("p.spool"),
+            crate::spool::SpoolLimits::default(),
+        )
+        .expect("spool");
+        let image = Arc::new(Image::new());
+        let id = image.register("d.n", Duration::from_secs(60));
+        let rules = Rules::new(
+            "p",
+            &[SendRule {
+                points: vec!["*".into()],
+                mode: SendMode::Change {
+                    deadband: 0.0,
+                    deadband_percent: 0.0,
+                    max_silence: Duration::ZERO,
+                },
+            }],
+        )
+        .expect("rules");
+        let fwd = Forwarder::new("p", rules, image.clone(), spool.clone());
+        // More change batches than the broadcast keeps, before the forwarder runs.
+        const N: i64 = 5000;
+        for i in 1..=N {
+            image.update([(id, s(Value::Int(i), Quality::Good))]);
+        }
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(fwd.run(shutdown.clone()));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let last = loop {
+            let batches = spool.read_raw_from(0, 10_000).await.expect("read");
+            let values: Vec<Value> = batches
+                .iter()
+                .flat_map(|(_, b)| crate::proto::decode_samples(b).expect("decode"))
+                .filter_map(|(_, s)| s.value)
+                .collect();
+            if values.last() == Some(&Value::Int(N)) {
+                break values;
+            }
+            assert!(Instant::now() < deadline, "latest value never spooled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert!(
+            (last.len() as i64) < N,
+            "lagged: older values skipped, the latest sent"
+        );
+        shutdown.cancel();
+        task.await.expect("forwarder");
+    }
 }

@@ -1145,3 +1145,127 @@ async fn abrupt_stop_mid_backlog_then_restart_applies_everything_once() {
     gb.shutdown(Duration::from_secs(3)).await;
     drop(ga);
 }
+
+#[tokio::test]
+async fn a_new_connection_of_a_peer_replaces_its_old_session() {
+    logs();
+    let (b, c) = (Site::new(), Site::new());
+    let shutdown = CancellationToken::new();
+    let gb = Gateway::start(
+        &model(
+            "site-b",
+            vec![],
+            b.links(true, vec![peer("site-c", c.fp(), Dial::Accept, vec![])]),
+        ),
+        shutdown.child_token(),
+    )
+    .expect("start b");
+    let b_addr = gb.listen_addr().expect("addr");
+    let hello = || Frame::Hello {
+        version: VERSION,
+        name: "site-c".into(),
+        resume: 0,
+    };
+    let mut first = Framed::new(tls_client(&c, &b, b_addr).await, FrameCodec::default());
+    first.send(hello()).await.expect("hello");
+    let lc = gb.link("site-c").expect("link").clone();
+    wait_for("first session", || lc.stats().sessions == 1).await;
+    // The peer restarted behind a silent network: a second connection while the first
+    // still looks alive.
+    let mut second = Framed::new(tls_client(&c, &b, b_addr).await, FrameCodec::default());
+    second.send(hello()).await.expect("hello");
+    let seen = frames_until_closed(&mut first).await;
+    assert!(
+        seen.iter()
+            .any(|f| matches!(f, Frame::Close { reason } if reason.contains("replaced"))),
+        "{seen:?}"
+    );
+    wait_for("second session", || lc.stats().sessions == 2).await;
+    // The new session is served: a batch is applied and acked.
+    let s = sample(Value::Int(42), at(5), Quality::Good);
+    second
+        .send(Frame::Batch {
+            seq: 1,
+            samples: vec![("dev.x".into(), s.clone())],
+        })
+        .await
+        .expect("batch");
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout_at(end, second.next()).await {
+            Ok(Some(Ok(Frame::Ack { seq: 1 }))) => break,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+    assert_eq!(gb.image.get("site-c/dev.x"), Some(s));
+    // A resend of the same batch is a duplicate: acked again, not applied again.
+    second
+        .send(Frame::Batch {
+            seq: 1,
+            samples: vec![("dev.x".into(), sample(Value::Int(0), at(6), Quality::Good))],
+        })
+        .await
+        .expect("batch");
+    loop {
+        match tokio::time::timeout_at(end, second.next()).await {
+            Ok(Some(Ok(Frame::Ack { seq: 1 }))) => break,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+    assert_eq!(lc.stats().duplicates_dropped, 1);
+    assert_eq!(
+        gb.image.get("site-c/dev.x").and_then(|s| s.value),
+        Some(Value::Int(42))
+    );
+    shutdown.cancel();
+    gb.shutdown(Duration::from_secs(3)).await;
+}
+
+/// Values per second over one link (run with `--ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn throughput_over_one_link() {
+    let (a, b) = (Site::new(), Site::new());
+    let (ga, gb, shutdown) = pair_with(&a, &b, vec![any_change()], |_| {}, |x| x).await;
+    const POINTS: usize = 1000;
+    const ROUNDS: u64 = 500;
+    let ids: Vec<_> = (0..POINTS)
+        .map(|i| {
+            ga.image
+                .register(&format!("dev{}.p{i}", i % 10), Duration::from_secs(3600))
+        })
+        .collect();
+    let lb = gb.link("site-a").expect("link").clone();
+    wait_for("link up", || lb.stats().connected).await;
+    let started = std::time::Instant::now();
+    for r in 1..=ROUNDS {
+        let now = SystemTime::now();
+        ga.image.update(
+            ids.iter()
+                .map(|id| (*id, sample(Value::Float(r as f64), now, Quality::Good))),
+        );
+        // Pace at the forwarder's speed so the change stream never lags.
+        if r % 20 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let total = POINTS as u64 * ROUNDS;
+    let end = tokio::time::Instant::now() + Duration::from_secs(120);
+    while lb.stats().samples_applied < total {
+        assert!(tokio::time::Instant::now() < end, "{:?}", lb.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let s = lb.stats();
+    eprintln!(
+        "{total} values in {secs:.2} s = {:.0} values/s over one link ({} batches, {:.0} batches/s)",
+        total as f64 / secs,
+        s.batches_applied,
+        s.batches_applied as f64 / secs
+    );
+    shutdown.cancel();
+    ga.shutdown(Duration::from_secs(3)).await;
+    gb.shutdown(Duration::from_secs(3)).await;
+}
