@@ -44,7 +44,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::codec::value_as_f64;
 use crate::image::{Image, PointId};
 use crate::model::{Grant, Peer};
-use crate::proto::{self, Frame, FrameCodec};
+use crate::proto::{self, Frame, FrameCodec, ProtoError};
 use crate::spooler::SpoolHandle;
 use crate::value::{Sample, Value};
 use crate::writeback::Offer;
@@ -336,6 +336,8 @@ impl Task {
                 Dialer::Connect { addr, tls } => {
                     let (addr, tls) = (addr.clone(), tls.clone());
                     tokio::select! {
+                        // Not cancel-safe, and need not be: a half-made connection is
+                        // simply dropped at shutdown.
                         r = connect(&addr, tls) => match r {
                             Ok(s) => Some(s),
                             Err(e) => {
@@ -350,6 +352,7 @@ impl Task {
                     Some(s) => Some(s),
                     None => loop {
                         tokio::select! {
+                            // Cancel-safe: mpsc::recv (also the next arm).
                             s = rx.recv() => match s {
                                 Some(s) => break Some(s),
                                 // The listener is gone: only shutdown is left to wait for.
@@ -395,6 +398,7 @@ impl Task {
             let until = Instant::now() + wait;
             loop {
                 tokio::select! {
+                    // Cancel-safe: a timer, and mpsc::recv.
                     () = sleep_until(until) => break,
                     Some(cmd) = self.writes.recv() => refuse_down(cmd, &self.link.peer.name),
                     () = self.shutdown.cancelled() => return,
@@ -551,6 +555,10 @@ impl Task {
                         match frame {
                             None => {
                                 info!("peer closed the connection");
+                                return End::Lost;
+                            }
+                            Some(Err(ProtoError::Io(e))) => {
+                                warn!(%from, error = %e, "connection to peer lost");
                                 return End::Lost;
                             }
                             Some(Err(e)) => {
@@ -849,4 +857,46 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
     let _ = wr.flush().await;
     let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_match_globs_and_ranges() {
+        let g = Grants::new(&[
+            Grant {
+                points: "boiler.sp*".into(),
+                min: Some(0.0),
+                max: Some(90.0),
+            },
+            Grant {
+                points: "pump.run".into(),
+                min: None,
+                max: None,
+            },
+        ])
+        .expect("grants");
+        assert_eq!(g.check("boiler.sp1", &Value::Float(45.0)), Ok(()));
+        assert_eq!(g.check("boiler.sp1", &Value::Int(90)), Ok(()));
+        let e = g
+            .check("boiler.sp1", &Value::Float(90.5))
+            .expect_err("range");
+        assert!(e.starts_with("not granted") && e.contains("[0, 90]"), "{e}");
+        assert_eq!(g.check("pump.run", &Value::Bool(true)), Ok(()));
+        let e = g
+            .check("pump.stop", &Value::Bool(true))
+            .expect_err("no grant");
+        assert!(e.contains("pump.stop"), "{e}");
+        assert!(Grants::default().check("x", &Value::Int(1)).is_err());
+        assert!(
+            Grants::new(&[Grant {
+                points: "a[".into(),
+                min: None,
+                max: None
+            }])
+            .is_err()
+        );
+    }
 }
