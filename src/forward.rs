@@ -10,6 +10,10 @@
 //! resynchronises from [`Image::snapshot`] with a warning instead of holding anything
 //! up); memory is bounded by the points and one open batch — the spool is the buffer.
 //!
+//! On reconnect every current value of the change rules is re-sent (after the spooled
+//! backlog), because the receiving side marks our points comm_fail while the link is
+//! down; the fresh values make them good again without waiting for `max_silence`.
+//!
 //! Deadbands: a number is sent when it moved by more than every configured band — the
 //! absolute `deadband` and `deadband_percent` of the last sent value (0 disables a band;
 //! both 0 means "any change"). Booleans and text are sent whenever they differ.
@@ -20,6 +24,7 @@ use std::time::Duration;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, instrument, warn};
@@ -142,6 +147,8 @@ pub struct Forwarder {
     changes: Option<broadcast::Receiver<Arc<Changes>>>,
     /// The image as it was when we subscribed: sent first.
     initial: Vec<(Arc<str>, Sample)>,
+    /// The link state: every current value is re-sent when it comes up.
+    link_up: Option<watch::Receiver<bool>>,
     points: HashMap<Arc<str>, PointState>,
     batch: Vec<(String, Sample)>,
     batch_bytes: usize,
@@ -160,6 +167,7 @@ impl Forwarder {
             rules,
             changes,
             initial,
+            link_up: None,
             image,
             spool,
             points: HashMap::new(),
@@ -167,6 +175,14 @@ impl Forwarder {
             batch_bytes: 0,
             flush_at: None,
         }
+    }
+
+    /// Re-sends every current value of the change rules each time `link_up` turns
+    /// true, so the peer (which marks our points comm_fail while the link is down) gets
+    /// a full, fresh picture after the backlog.
+    pub fn resend_on_connect(mut self, link_up: watch::Receiver<bool>) -> Self {
+        self.link_up = Some(link_up);
+        self
     }
 
     /// Runs until `shutdown`; the open batch is appended before returning.
@@ -242,6 +258,12 @@ impl Forwarder {
                         p.2 = (p.2 + p.1).max(now);
                     }
                 }
+                // Cancel-safe: watch::changed.
+                up = rising(&mut self.link_up) => {
+                    if up {
+                        self.resend_all().await;
+                    }
+                }
                 () = shutdown.cancelled() => break,
             }
             if self.batch.len() >= MAX_SAMPLES || self.batch_bytes >= MAX_BYTES {
@@ -287,6 +309,25 @@ impl Forwarder {
     async fn resync(&mut self) {
         for (name, sample) in self.image.snapshot() {
             self.consider(&name, &sample);
+            if self.batch.len() >= MAX_SAMPLES || self.batch_bytes >= MAX_BYTES {
+                self.flush().await;
+            }
+        }
+    }
+
+    /// Sends the current value of every change-rule point, deadband or not.
+    async fn resend_all(&mut self) {
+        let now = Instant::now();
+        for (name, sample) in self.image.snapshot() {
+            let st = self.state(&name);
+            let Some(rule) = st.rule else { continue };
+            if !matches!(self.rules.mode(rule), Some(SendMode::Change { .. })) {
+                continue;
+            }
+            let st = self.state(&name);
+            st.last = Some((sample.value.clone(), sample.quality));
+            st.sent_at = now;
+            self.push(&name, sample);
             if self.batch.len() >= MAX_SAMPLES || self.batch_bytes >= MAX_BYTES {
                 self.flush().await;
             }
@@ -361,6 +402,21 @@ impl Forwarder {
                 error!(error = %e, samples = n, "cannot spool a batch for the peer: values lost")
             }
         }
+    }
+}
+
+/// Waits for the next change of `rx` and returns the new state; never returns when
+/// there is no watch (or its sender is gone).
+async fn rising(rx: &mut Option<watch::Receiver<bool>>) -> bool {
+    match rx {
+        Some(r) => match r.changed().await {
+            Ok(()) => *r.borrow_and_update(),
+            Err(_) => {
+                *rx = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -270,12 +270,18 @@ fn start_links(
             }
         };
         let (connected, connected_rx) = tokio::sync::watch::channel(false);
-        let wb = WriteBacks::new(&peer.name, &peer.writeback, writer.clone(), connected_rx);
+        let wb = WriteBacks::new(
+            &peer.name,
+            &peer.writeback,
+            writer.clone(),
+            connected_rx.clone(),
+        );
         let offer = wb.offer();
         if !offer.is_empty() {
             tracker.spawn(wb.run(shutdown.clone()));
         }
-        let fwd = Forwarder::new(&peer.name, p.rules, image.clone(), p.spool.clone());
+        let fwd = Forwarder::new(&peer.name, p.rules, image.clone(), p.spool.clone())
+            .resend_on_connect(connected_rx);
         tracker.spawn(fwd.run(shutdown.clone()));
         let handle = link::spawn(
             Link {

@@ -18,6 +18,8 @@
 //!   is bounded by the window plus small control frames, and a peer that stops reading
 //!   is disconnected once [`OUT_LIMIT`] frames pile up;
 //! - any malformed frame closes this link only, with a log line naming the peer;
+//! - when an established session is lost, the peer's points in the image keep their
+//!   value but turn `comm_fail` (the peer re-sends everything when it reconnects);
 //! - writes are never queued across sessions: a write asked while the link is down, or
 //!   in flight when it drops, fails (at-most-once; replaying commands is dangerous).
 
@@ -46,7 +48,7 @@ use crate::image::{Image, PointId};
 use crate::model::{Grant, Peer};
 use crate::proto::{self, Frame, FrameCodec, ProtoError};
 use crate::spooler::SpoolHandle;
-use crate::value::{Sample, Value};
+use crate::value::{Quality, Sample, Value};
 use crate::writeback::Offer;
 use crate::writer::Writer;
 
@@ -101,6 +103,8 @@ pub struct LinkStats {
     pub writes_refused: u64,
     /// Our batches waiting in the spool for an ack.
     pub spool_pending: u64,
+    /// Seq of the newest batch spooled for the peer (seqs persist across restarts).
+    pub last_seq: u64,
     /// Batches the spool dropped to its limits (data lost).
     pub spool_dropped: u64,
     /// Samples in them.
@@ -194,6 +198,7 @@ impl LinkHandle {
             duplicates_dropped: c.duplicates.load(Relaxed),
             writes_refused: c.refused.load(Relaxed),
             spool_pending: s.pending_batches.load(Relaxed),
+            last_seq: *self.spool.appended().borrow(),
             spool_dropped: s.dropped_batches.load(Relaxed),
             spool_dropped_samples: s.dropped_samples.load(Relaxed),
         }
@@ -379,6 +384,19 @@ impl Task {
             }
             if self.counters.sessions.load(Relaxed) == sessions {
                 self.counters.failed.fetch_add(1, Relaxed);
+            } else if matches!(end, End::Lost | End::Mismatch) {
+                // Nothing vouches for the peer's values any more; they turn good again
+                // as the peer re-sends them (it re-sends everything on reconnect).
+                let n = self
+                    .link
+                    .image
+                    .fail(self.names.values().copied(), Quality::CommFail);
+                if n > 0 {
+                    warn!(
+                        points = n,
+                        "link down: the peer's points are marked comm_fail"
+                    );
+                }
             }
             match end {
                 End::Shutdown => return,
