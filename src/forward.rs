@@ -136,6 +136,8 @@ struct PointState {
     /// Value and quality last sent, and when.
     last: Option<(Option<Value>, Quality)>,
     sent_at: Instant,
+    /// The newest sample taken from the change stream (sent or not).
+    seen: Option<Sample>,
 }
 
 /// The forwarder of one peer.
@@ -281,6 +283,7 @@ impl Forwarder {
                 rule: rules.rule_for(name),
                 last: None,
                 sent_at: Instant::now(),
+                seen: None,
             })
     }
 
@@ -298,6 +301,7 @@ impl Forwarder {
             return;
         };
         let st = self.state(name);
+        st.seen = Some(sample.clone());
         if changed_enough(deadband, deadband_percent, st.last.as_ref(), sample) {
             st.last = Some((sample.value.clone(), sample.quality));
             st.sent_at = Instant::now();
@@ -315,18 +319,31 @@ impl Forwarder {
         }
     }
 
-    /// Sends the current value of every change-rule point, deadband or not.
+    /// The sample to re-send for `name`: the image's (its time is the latest read) when
+    /// it still matches what the change stream last delivered; otherwise a change is
+    /// still queued in the stream, and sending the image's newer value now would put it
+    /// before older ones — then `None`.
+    fn fresh(&self, name: &str, seen: &Sample) -> Option<Sample> {
+        self.image
+            .get(name)
+            .filter(|s| s.value == seen.value && s.quality == seen.quality)
+    }
+
+    /// Sends the latest value of every change-rule point, deadband or not.
     async fn resend_all(&mut self) {
         let now = Instant::now();
-        for (name, sample) in self.image.snapshot() {
-            let st = self.state(&name);
-            let Some(rule) = st.rule else { continue };
-            if !matches!(self.rules.mode(rule), Some(SendMode::Change { .. })) {
-                continue;
+        let names: Vec<(Arc<str>, Sample)> = self
+            .points
+            .iter()
+            .filter_map(|(name, st)| Some((name.clone(), st.seen.clone()?)))
+            .collect();
+        for (name, seen) in names {
+            // What the stream delivered last keeps the order; a fresher time is a bonus.
+            let sample = self.fresh(&name, &seen).unwrap_or(seen);
+            if let Some(st) = self.points.get_mut(&name) {
+                st.last = Some((sample.value.clone(), sample.quality));
+                st.sent_at = now;
             }
-            let st = self.state(&name);
-            st.last = Some((sample.value.clone(), sample.quality));
-            st.sent_at = now;
             self.push(&name, sample);
             if self.batch.len() >= MAX_SAMPLES || self.batch_bytes >= MAX_BYTES {
                 self.flush().await;
@@ -337,7 +354,7 @@ impl Forwarder {
     /// Re-sends change-rule points silent for longer than their `max_silence`.
     fn refresh(&mut self) {
         let now = Instant::now();
-        let due: Vec<Arc<str>> = self
+        let due: Vec<(Arc<str>, Sample)> = self
             .points
             .iter()
             .filter(|(_, st)| {
@@ -350,10 +367,11 @@ impl Forwarder {
                     && st.last.is_some()
                     && now.duration_since(st.sent_at) >= max_silence
             })
-            .map(|(name, _)| name.clone())
+            .filter_map(|(name, st)| Some((name.clone(), st.seen.clone()?)))
             .collect();
-        for name in due {
-            let Some(sample) = self.image.get(&name) else {
+        for (name, seen) in due {
+            // A change still queued will be sent (and restart the silence) anyway.
+            let Some(sample) = self.fresh(&name, &seen) else {
                 continue;
             };
             if let Some(st) = self.points.get_mut(&name) {

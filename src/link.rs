@@ -410,7 +410,7 @@ impl Task {
             if matches!(dialer, Dialer::Accept(_)) {
                 continue;
             }
-            // Full jitter on the upper half: spreads reconnects of many gateways.
+            // Jitter (50-100 % of the back-off) spreads the reconnects of many gateways.
             let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
             backoff = (backoff * 2).min(BACKOFF_MAX);
             let until = Instant::now() + wait;
@@ -564,6 +564,8 @@ impl Task {
             }
             let mut ack_due = false;
             let mut applied_upto = applied;
+            // Set when the frames end the session: what was applied is still recorded.
+            let mut ending: Option<End> = None;
             tokio::select! {
                 // Cancel-safe: FramedRead keeps a partial frame in its buffer.
                 frame = reader.next() => {
@@ -573,16 +575,19 @@ impl Task {
                         match frame {
                             None => {
                                 info!("peer closed the connection");
-                                return End::Lost;
+                                ending = Some(End::Lost);
+                                break;
                             }
                             Some(Err(ProtoError::Io(e))) => {
                                 warn!(%from, error = %e, "connection to peer lost");
-                                return End::Lost;
+                                ending = Some(End::Lost);
+                                break;
                             }
                             Some(Err(e)) => {
                                 error!(%from, error = %e, "protocol error from peer; closing the link");
                                 out.close(&e.to_string());
-                                return End::Lost;
+                                ending = Some(End::Lost);
+                                break;
                             }
                             Some(Ok(f)) => {
                                 last_rx = Instant::now();
@@ -604,7 +609,8 @@ impl Task {
                                         }
                                         if let Err(e) = spool.ack(seq).await {
                                             error!(error = %e, "cannot drop acknowledged batches; closing the link");
-                                            return End::Lost;
+                                            ending = Some(End::Lost);
+                                break;
                                         }
                                         more = true;
                                     }
@@ -619,12 +625,14 @@ impl Task {
                                     Frame::Heartbeat => {}
                                     Frame::Close { reason } => {
                                         info!(reason, "peer closed the link");
-                                        return End::Lost;
+                                        ending = Some(End::Lost);
+                                break;
                                     }
                                     Frame::Hello { .. } => {
                                         error!(%from, "second hello from peer; closing the link");
                                         out.close("unexpected hello");
-                                        return End::Lost;
+                                        ending = Some(End::Lost);
+                                break;
                                     }
                                 }
                             }
@@ -651,6 +659,11 @@ impl Task {
                         pending.insert(id, cmd.reply);
                     }
                 }
+                // Cancel-safe: only waits for the writer task to drop its queue.
+                () = out.tx.closed() => {
+                    warn!(%from, "cannot write to peer; reconnecting");
+                    return End::Lost;
+                }
                 // Cancel-safe: a timer.
                 () = sleep_until(last_rx + dead_after) => {
                     warn!(silent_for = ?dead_after, "no frame from peer for 3 heartbeats; peer is dead, reconnecting");
@@ -667,16 +680,20 @@ impl Task {
                     return End::Shutdown;
                 }
             }
-            if ack_due {
-                if applied_upto > applied {
-                    if let Err(e) = spool.set_applied(applied_upto).await {
-                        error!(error = %e, "cannot record applied batches; closing the link without acking");
-                        return End::Lost;
-                    }
-                    let n = self.counters.applied.load(Relaxed);
-                    debug!(applied = applied_upto, total = n, "applied");
-                    applied = applied_upto;
+            // Everything applied is recorded, even when the session is ending: else the
+            // peer would resend it and it would be applied twice.
+            if applied_upto > applied {
+                if let Err(e) = spool.set_applied(applied_upto).await {
+                    error!(error = %e, "cannot record applied batches; closing the link without acking");
+                    return End::Lost;
                 }
+                debug!(applied = applied_upto, "applied");
+                applied = applied_upto;
+            }
+            if let Some(end) = ending {
+                return end;
+            }
+            if ack_due {
                 out.send(Frame::Ack { seq: applied });
             }
         }

@@ -486,12 +486,21 @@ async fn cut_and_restored_link_delivers_every_value_once_in_order() {
     .await;
     let got = got.lock().expect("lock").clone();
     let want: Vec<Value> = (1..=N).map(Value::UInt).collect();
-    assert_eq!(got.len(), want.len(), "each value exactly once");
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "each value exactly once; first difference at {:?}; {:?}",
+        first_diff(&got, &want),
+        gb.link("site-a").expect("link").stats()
+    );
     assert!(
         got == want,
         "in order; first difference at {:?}",
         first_diff(&got, &want)
     );
+    // The value re-sent on reconnect may still be on its way; once a's spool is
+    // drained, every batch a spooled was applied exactly once.
+    wait_for("a's spool drained", || la.stats().spool_pending == 0).await;
     let (sa, sb) = (la.stats(), gb.link("site-a").expect("link").stats());
     assert!(sa.sessions >= 2, "{sa:?}");
     assert_eq!(
