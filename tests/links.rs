@@ -1330,3 +1330,79 @@ async fn peer_points_turn_comm_fail_while_the_link_is_down_and_recover_on_reconn
     ga.shutdown(Duration::from_secs(3)).await;
     gb.shutdown(Duration::from_secs(3)).await;
 }
+
+#[tokio::test]
+async fn hello_with_another_version_or_name_is_closed_with_the_reason() {
+    logs();
+    let (b, c) = (Site::new(), Site::new());
+    let shutdown = CancellationToken::new();
+    let gb = Gateway::start(
+        &model(
+            "site-b",
+            vec![],
+            b.links(true, vec![peer("site-c", c.fp(), Dial::Accept, vec![])]),
+        ),
+        shutdown.child_token(),
+    )
+    .expect("start b");
+    let b_addr = gb.listen_addr().expect("addr");
+    for (version, name, why) in [
+        (VERSION + 1, "site-c", "protocol version mismatch"),
+        (VERSION, "site-x", "pinned for peer \"site-c\""),
+    ] {
+        let mut f = Framed::new(tls_client(&c, &b, b_addr).await, FrameCodec::default());
+        f.send(Frame::Hello {
+            version,
+            name: name.into(),
+            resume: 0,
+        })
+        .await
+        .expect("hello");
+        let seen = frames_until_closed(&mut f).await;
+        assert!(
+            seen.iter()
+                .any(|f| matches!(f, Frame::Close { reason } if reason.contains(why))),
+            "{why}: {seen:?}"
+        );
+    }
+    assert_eq!(gb.link("site-c").expect("link").stats().sessions, 0);
+    shutdown.cancel();
+    gb.shutdown(Duration::from_secs(3)).await;
+}
+
+#[tokio::test]
+async fn a_source_outside_allow_is_refused_before_tls() {
+    logs();
+    let (a, b) = (Site::new(), Site::new());
+    let shutdown = CancellationToken::new();
+    let mut links = b.links(true, vec![peer("site-a", a.fp(), Dial::Accept, vec![])]);
+    links.allow = vec![model::IpNet {
+        addr: "10.0.0.0".parse().expect("ip"),
+        prefix: 8,
+    }];
+    let gb =
+        Gateway::start(&model("site-b", vec![], links), shutdown.child_token()).expect("start b");
+    let ga = Gateway::start(
+        &model(
+            "site-a",
+            vec![],
+            a.links(
+                false,
+                vec![peer(
+                    "site-b",
+                    b.fp(),
+                    Dial::Connect(gb.listen_addr().expect("addr").to_string()),
+                    vec![any_change()],
+                )],
+            ),
+        ),
+        shutdown.child_token(),
+    )
+    .expect("start a");
+    let la = ga.link("site-b").expect("link").clone();
+    wait_for("two refused attempts", || la.stats().failed_attempts >= 2).await;
+    assert_eq!(gb.link("site-a").expect("link").stats().sessions, 0);
+    shutdown.cancel();
+    ga.shutdown(Duration::from_secs(3)).await;
+    gb.shutdown(Duration::from_secs(3)).await;
+}
