@@ -141,11 +141,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Model, ConfigError> {
     // list the problems as the reader meets them in the file.
     check.problems.sort_by_key(|p| (p.line, p.col));
     if check.problems.is_empty() {
-        Ok(Model {
-            gateway,
-            buses,
-            links: None,
-        })
+        Ok(Model { gateway, buses, links: None })
     } else {
         Err(ConfigError::Invalid(check.problems))
     }
