@@ -156,15 +156,7 @@ impl BusHandle {
     ) -> Result<Response, BusError> {
         let (reply, rx) = oneshot::channel();
         let turnaround = Duration::ZERO;
-        self.submit(Job {
-            unit,
-            request,
-            priority,
-            timeout,
-            turnaround,
-            retries,
-            reply,
-        })?;
+        self.submit(Job { unit, request, priority, timeout, turnaround, retries, reply })?;
         rx.await.unwrap_or(Err(BusError::Closed))
     }
 }
@@ -181,16 +173,10 @@ pub fn open_serial(path: &str, line: &Line) -> Result<Box<dyn Port>, String> {
         Parity::Even => tokio_serial::Parity::Even,
         Parity::Odd => tokio_serial::Parity::Odd,
     };
-    let data_bits = if line.data_bits == 7 {
-        tokio_serial::DataBits::Seven
-    } else {
-        tokio_serial::DataBits::Eight
-    };
-    let stop_bits = if line.stop_bits == 2 {
-        tokio_serial::StopBits::Two
-    } else {
-        tokio_serial::StopBits::One
-    };
+    let data_bits =
+        if line.data_bits == 7 { tokio_serial::DataBits::Seven } else { tokio_serial::DataBits::Eight };
+    let stop_bits =
+        if line.stop_bits == 2 { tokio_serial::StopBits::Two } else { tokio_serial::StopBits::One };
     let port = tokio_serial::new(path, line.baud)
         .parity(parity)
         .data_bits(data_bits)
@@ -203,32 +189,17 @@ pub fn open_serial(path: &str, line: &Line) -> Result<Box<dyn Port>, String> {
 
 /// Starts the task that owns `bus`'s line and returns its handle. The task stops when
 /// `shutdown` is cancelled (after the transaction in flight) or every handle is dropped.
-pub fn spawn(
-    bus: &Bus,
-    shutdown: CancellationToken,
-    tracker: &tokio_util::task::TaskTracker,
-) -> BusHandle {
+pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task::TaskTracker) -> BusHandle {
     let (tx, rx) = mpsc::channel(bus.queue_depth.max(1));
     let stats = Arc::new(BusStats::default());
-    let handle = BusHandle {
-        name: Arc::from(bus.name.as_str()),
-        tx,
-        stats: stats.clone(),
-    };
+    let handle = BusHandle { name: Arc::from(bus.name.as_str()), tx, stats: stats.clone() };
     let port = bus.port.clone();
     let line = bus.line;
     let opener = move || open_serial(&port, &line);
     let framing: Box<dyn Framing> = match bus.protocol {
         Protocol::ModbusRtu => Box::new(rtu::Rtu),
     };
-    let engine = Engine::new(
-        bus.name.clone(),
-        bus.line,
-        framing,
-        bus.queue_depth,
-        bus.reopen_max,
-        stats,
-    );
+    let engine = Engine::new(bus.name.clone(), bus.line, framing, bus.queue_depth, bus.reopen_max, stats);
     tracker.spawn(engine.run(rx, opener, shutdown));
     handle
 }
@@ -341,11 +312,7 @@ impl Engine {
                 match rx.try_recv() {
                     Ok(job) => {
                         seq += 1;
-                        heap.push(Queued {
-                            priority: job.priority,
-                            seq,
-                            job,
-                        });
+                        heap.push(Queued { priority: job.priority, seq, job });
                     }
                     Err(_) => break,
                 }
@@ -405,9 +372,7 @@ impl Engine {
             };
             let started = Instant::now();
             let outcome = self.transaction(p.as_mut(), &job).await;
-            self.stats
-                .busy_ns
-                .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+            self.stats.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
             let outcome = match outcome {
                 Ok(r) => r,
                 Err(e) => {
@@ -498,12 +463,7 @@ impl Engine {
     async fn attempt(&mut self, port: &mut dyn Port, job: &Job) -> std::io::Result<Attempt> {
         // A device that needs a longer turnaround gets it on top of the t3.5 silence.
         let not_before = Instant::now() + job.turnaround;
-        self.wait_silence(
-            port,
-            not_before,
-            job.timeout.max(self.t35 * 4) + job.turnaround,
-        )
-        .await?;
+        self.wait_silence(port, not_before, job.timeout.max(self.t35 * 4) + job.turnaround).await?;
         let write_start = Instant::now();
         port.write_all(&self.out).await?;
         let written = Instant::now();
@@ -535,38 +495,24 @@ impl Engine {
                 Err(_) => true,
             };
             loop {
-                match self
-                    .framing
-                    .decode(job.unit, &job.request, &self.buf, silent)
-                {
+                match self.framing.decode(job.unit, &job.request, &self.buf, silent) {
                     Decoded::Incomplete => break,
                     Decoded::Reply { reply, len } => {
                         if len < self.buf.len() {
-                            self.stats
-                                .noise_bytes
-                                .fetch_add((self.buf.len() - len) as u64, Relaxed);
+                            self.stats.noise_bytes.fetch_add((self.buf.len() - len) as u64, Relaxed);
                         }
                         return Ok(Attempt::Done(reply));
                     }
                     Decoded::Skip { len, why } => {
                         let counter = match why {
                             SkipReason::Crc => &self.stats.crc_errors,
-                            SkipReason::Foreign | SkipReason::Mismatch => {
-                                &self.stats.foreign_frames
-                            }
+                            SkipReason::Foreign | SkipReason::Mismatch => &self.stats.foreign_frames,
                             SkipReason::Noise => &self.stats.noise_bytes,
                         };
                         if why != SkipReason::Noise {
                             debug!(unit = job.unit, ?why, "frame discarded");
                         }
-                        counter.fetch_add(
-                            if why == SkipReason::Noise {
-                                len as u64
-                            } else {
-                                1
-                            },
-                            Relaxed,
-                        );
+                        counter.fetch_add(if why == SkipReason::Noise { len as u64 } else { 1 }, Relaxed);
                         self.buf.drain(..len.min(self.buf.len()));
                         if self.buf.is_empty() {
                             break;
@@ -584,9 +530,7 @@ fn broadcast_echo(req: &Request<'_>) -> Response {
         Request::WriteSingleCoil(a, v) => Response::WriteSingleCoil(*a, *v),
         Request::WriteSingleRegister(a, v) => Response::WriteSingleRegister(*a, *v),
         Request::WriteMultipleCoils(a, v) => Response::WriteMultipleCoils(*a, v.len() as u16),
-        Request::WriteMultipleRegisters(a, v) => {
-            Response::WriteMultipleRegisters(*a, v.len() as u16)
-        }
+        Request::WriteMultipleRegisters(a, v) => Response::WriteMultipleRegisters(*a, v.len() as u16),
         Request::MaskWriteRegister(a, x, y) => Response::MaskWriteRegister(*a, *x, *y),
         _ => Response::Custom(req.function_code().value(), bytes::Bytes::new()),
     }

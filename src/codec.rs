@@ -182,11 +182,7 @@ fn swaps_words(order: WordOrder) -> bool {
 /// The value's big-endian bytes from its registers as they came off the wire.
 fn to_be_bytes(order: WordOrder, words: &[u16], reverse_words: bool) -> Vec<u8> {
     let word_bytes = |w: &u16| {
-        if swaps_bytes(order) {
-            w.to_le_bytes()
-        } else {
-            w.to_be_bytes()
-        }
+        if swaps_bytes(order) { w.to_le_bytes() } else { w.to_be_bytes() }
     };
     if reverse_words && swaps_words(order) {
         words.iter().rev().flat_map(word_bytes).collect()
@@ -202,11 +198,7 @@ fn from_be_bytes(order: WordOrder, bytes: &[u8], reverse_words: bool) -> Vec<u16
         .chunks(2)
         .map(|c| {
             let pair = [c[0], c.get(1).copied().unwrap_or(0)];
-            if swaps_bytes(order) {
-                u16::from_le_bytes(pair)
-            } else {
-                u16::from_be_bytes(pair)
-            }
+            if swaps_bytes(order) { u16::from_le_bytes(pair) } else { u16::from_be_bytes(pair) }
         })
         .collect();
     if reverse_words && swaps_words(order) {
@@ -216,11 +208,7 @@ fn from_be_bytes(order: WordOrder, bytes: &[u8], reverse_words: bool) -> Vec<u16
 }
 
 fn check_bit(n: u8) -> Result<(), CodecError> {
-    if n > 15 {
-        Err(CodecError::BitIndex(n))
-    } else {
-        Ok(())
-    }
+    if n > 15 { Err(CodecError::BitIndex(n)) } else { Ok(()) }
 }
 
 /// True when scale and offset change the raw number.
@@ -253,19 +241,11 @@ pub fn decode_registers(
 ) -> Result<Value, CodecError> {
     let width = data_type.width();
     if words.len() != usize::from(width) {
-        return Err(CodecError::Length {
-            data_type,
-            expected: width,
-            got: words.len(),
-        });
+        return Err(CodecError::Length { data_type, expected: width, got: words.len() });
     }
     // The value as one big-endian number; the length check above makes it exactly the
     // type's width (at most 8 bytes for the numeric types that use it).
-    let number = || {
-        to_be_bytes(order, words, true)
-            .iter()
-            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
-    };
+    let number = || to_be_bytes(order, words, true).iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
     let raw = match data_type {
         DataType::Bool => return Ok(Value::Bool(words[0] != 0)),
         DataType::Bit(n) => {
@@ -296,7 +276,15 @@ pub fn decode_registers(
         Value::Float(x) => x,
         other => return Ok(other),
     };
-    Ok(Value::Float(x * scale + offset))
+    // A decimal scale (0.1, 0.01, ...) divides by its exact inverse, so -97 x 0.1 reads
+    // -9.7 rather than -9.700000000000001.
+    let inverse = 1.0 / scale;
+    let scaled = if inverse.abs() >= 1.0 && (inverse - inverse.round()).abs() < 1e-9 {
+        x / inverse.round()
+    } else {
+        x * scale
+    };
+    Ok(Value::Float(scaled + offset))
 }
 
 /// Decodes one coil or discrete input.
@@ -324,14 +312,8 @@ pub fn encode_registers(
     offset: f64,
     value: &Value,
 ) -> Result<Vec<u16>, CodecError> {
-    let kind = || CodecError::Kind {
-        value: value.to_string(),
-        data_type,
-    };
-    let out_of_range = || CodecError::OutOfRange {
-        value: value.to_string(),
-        data_type,
-    };
+    let kind = || CodecError::Kind { value: value.to_string(), data_type };
+    let out_of_range = || CodecError::OutOfRange { value: value.to_string(), data_type };
     match data_type {
         DataType::Bit(n) => {
             check_bit(n)?;
@@ -351,10 +333,7 @@ pub fn encode_registers(
                 return Err(kind());
             };
             if s.len() > usize::from(len) {
-                return Err(CodecError::TooLong {
-                    len: s.len(),
-                    data_type,
-                });
+                return Err(CodecError::TooLong { len: s.len(), data_type });
             }
             let mut bytes = s.as_bytes().to_vec();
             bytes.resize(usize::from(data_type.width()) * 2, 0);
@@ -403,17 +382,11 @@ pub fn encode_registers(
             // Each arm range-checks before the narrowing cast, so the casts are exact.
             match data_type {
                 DataType::U16 if fits(0, u16::MAX.into()) => (i as u16).to_be_bytes().to_vec(),
-                DataType::I16 if fits(i16::MIN.into(), i16::MAX.into()) => {
-                    (i as i16).to_be_bytes().to_vec()
-                }
+                DataType::I16 if fits(i16::MIN.into(), i16::MAX.into()) => (i as i16).to_be_bytes().to_vec(),
                 DataType::U32 if fits(0, u32::MAX.into()) => (i as u32).to_be_bytes().to_vec(),
-                DataType::I32 if fits(i32::MIN.into(), i32::MAX.into()) => {
-                    (i as i32).to_be_bytes().to_vec()
-                }
+                DataType::I32 if fits(i32::MIN.into(), i32::MAX.into()) => (i as i32).to_be_bytes().to_vec(),
                 DataType::U64 if fits(0, u64::MAX.into()) => (i as u64).to_be_bytes().to_vec(),
-                DataType::I64 if fits(i64::MIN.into(), i64::MAX.into()) => {
-                    (i as i64).to_be_bytes().to_vec()
-                }
+                DataType::I64 if fits(i64::MIN.into(), i64::MAX.into()) => (i as i64).to_be_bytes().to_vec(),
                 _ => return Err(out_of_range()),
             }
         }
@@ -502,30 +475,10 @@ mod tests {
 
     #[test]
     fn thirty_two_bit() {
-        both(
-            DataType::U32,
-            Abcd,
-            &[0x1234, 0x5678],
-            Value::UInt(0x1234_5678),
-        );
-        both(
-            DataType::U32,
-            Cdab,
-            &[0x5678, 0x1234],
-            Value::UInt(0x1234_5678),
-        );
-        both(
-            DataType::U32,
-            Badc,
-            &[0x3412, 0x7856],
-            Value::UInt(0x1234_5678),
-        );
-        both(
-            DataType::U32,
-            Dcba,
-            &[0x7856, 0x3412],
-            Value::UInt(0x1234_5678),
-        );
+        both(DataType::U32, Abcd, &[0x1234, 0x5678], Value::UInt(0x1234_5678));
+        both(DataType::U32, Cdab, &[0x5678, 0x1234], Value::UInt(0x1234_5678));
+        both(DataType::U32, Badc, &[0x3412, 0x7856], Value::UInt(0x1234_5678));
+        both(DataType::U32, Dcba, &[0x7856, 0x3412], Value::UInt(0x1234_5678));
         // -2 = 0xFFFFFFFE
         both(DataType::I32, Abcd, &[0xFFFF, 0xFFFE], Value::Int(-2));
         both(DataType::I32, Cdab, &[0xFFFE, 0xFFFF], Value::Int(-2));
@@ -536,86 +489,33 @@ mod tests {
     #[test]
     fn sixty_four_bit() {
         let u = Value::UInt(0x0102_0304_0506_0708);
-        both(
-            DataType::U64,
-            Abcd,
-            &[0x0102, 0x0304, 0x0506, 0x0708],
-            u.clone(),
-        );
-        both(
-            DataType::U64,
-            Cdab,
-            &[0x0708, 0x0506, 0x0304, 0x0102],
-            u.clone(),
-        );
-        both(
-            DataType::U64,
-            Badc,
-            &[0x0201, 0x0403, 0x0605, 0x0807],
-            u.clone(),
-        );
+        both(DataType::U64, Abcd, &[0x0102, 0x0304, 0x0506, 0x0708], u.clone());
+        both(DataType::U64, Cdab, &[0x0708, 0x0506, 0x0304, 0x0102], u.clone());
+        both(DataType::U64, Badc, &[0x0201, 0x0403, 0x0605, 0x0807], u.clone());
         both(DataType::U64, Dcba, &[0x0807, 0x0605, 0x0403, 0x0201], u);
         // -2 = 0xFFFF_FFFF_FFFF_FFFE
         let i = Value::Int(-2);
-        both(
-            DataType::I64,
-            Abcd,
-            &[0xFFFF, 0xFFFF, 0xFFFF, 0xFFFE],
-            i.clone(),
-        );
-        both(
-            DataType::I64,
-            Cdab,
-            &[0xFFFE, 0xFFFF, 0xFFFF, 0xFFFF],
-            i.clone(),
-        );
-        both(
-            DataType::I64,
-            Badc,
-            &[0xFFFF, 0xFFFF, 0xFFFF, 0xFEFF],
-            i.clone(),
-        );
+        both(DataType::I64, Abcd, &[0xFFFF, 0xFFFF, 0xFFFF, 0xFFFE], i.clone());
+        both(DataType::I64, Cdab, &[0xFFFE, 0xFFFF, 0xFFFF, 0xFFFF], i.clone());
+        both(DataType::I64, Badc, &[0xFFFF, 0xFFFF, 0xFFFF, 0xFEFF], i.clone());
         both(DataType::I64, Dcba, &[0xFEFF, 0xFFFF, 0xFFFF, 0xFFFF], i);
         // 1.0f64 = 0x3FF0_0000_0000_0000; -123.456 = 0xC05E_DD2F_1A9F_BE77
         both(DataType::F64, Abcd, &[0x3FF0, 0, 0, 0], Value::Float(1.0));
         let f = Value::Float(-123.456);
-        both(
-            DataType::F64,
-            Abcd,
-            &[0xC05E, 0xDD2F, 0x1A9F, 0xBE77],
-            f.clone(),
-        );
-        both(
-            DataType::F64,
-            Cdab,
-            &[0xBE77, 0x1A9F, 0xDD2F, 0xC05E],
-            f.clone(),
-        );
-        both(
-            DataType::F64,
-            Badc,
-            &[0x5EC0, 0x2FDD, 0x9F1A, 0x77BE],
-            f.clone(),
-        );
+        both(DataType::F64, Abcd, &[0xC05E, 0xDD2F, 0x1A9F, 0xBE77], f.clone());
+        both(DataType::F64, Cdab, &[0xBE77, 0x1A9F, 0xDD2F, 0xC05E], f.clone());
+        both(DataType::F64, Badc, &[0x5EC0, 0x2FDD, 0x9F1A, 0x77BE], f.clone());
         both(DataType::F64, Dcba, &[0x77BE, 0x9F1A, 0x2FDD, 0x5EC0], f);
         // Extremes stay exact: no trip through f64.
         both(DataType::U64, Abcd, &[0xFFFF; 4], Value::UInt(u64::MAX));
-        both(
-            DataType::I64,
-            Abcd,
-            &[0x8000, 0, 0, 0],
-            Value::Int(i64::MIN),
-        );
+        both(DataType::I64, Abcd, &[0x8000, 0, 0, 0], Value::Int(i64::MIN));
     }
 
     #[test]
     fn non_finite_floats_decode() {
         let nan = dec(DataType::F32, Abcd, &[0x7FC0, 0x0000]);
         assert!(matches!(nan, Value::Float(x) if x.is_nan()));
-        assert_eq!(
-            dec(DataType::F32, Abcd, &[0xFF80, 0x0000]),
-            Value::Float(f64::NEG_INFINITY)
-        );
+        assert_eq!(dec(DataType::F32, Abcd, &[0xFF80, 0x0000]), Value::Float(f64::NEG_INFINITY));
     }
 
     #[test]
@@ -630,18 +530,13 @@ mod tests {
             Err(CodecError::BitIndex(16))
         );
         // Scale does not turn a bool into a number.
-        assert_eq!(
-            decode_registers(DataType::Bool, Abcd, 10.0, 1.0, &[1]),
-            Ok(Value::Bool(true))
-        );
+        assert_eq!(decode_registers(DataType::Bool, Abcd, 10.0, 1.0, &[1]), Ok(Value::Bool(true)));
         assert_eq!(decode_bit(true), Value::Bool(true));
         assert_eq!(enc(DataType::Bool, Abcd, Value::Bool(true)), [1]);
         assert_eq!(enc(DataType::Bool, Abcd, Value::UInt(0)), [0]);
         assert_eq!(
             encode_registers(DataType::Bit(3), Abcd, 1.0, 0.0, &Value::Bool(true)),
-            Err(CodecError::NeedsReadModifyWrite {
-                data_type: DataType::Bit(3)
-            })
+            Err(CodecError::NeedsReadModifyWrite { data_type: DataType::Bit(3) })
         );
         assert_eq!(bit_masks(3, true), Ok((0xFFF7, 0x0008)));
         assert_eq!(bit_masks(3, false), Ok((0xFFF7, 0)));
@@ -657,38 +552,17 @@ mod tests {
         assert_eq!(dec(DataType::Str(6), Abcd, &w), Value::Text("AB C".into()));
         assert_eq!(dec(DataType::Str(6), Cdab, &w), Value::Text("AB C".into()));
         let swapped = [0x4241, 0x4320, 0x0000];
-        assert_eq!(
-            dec(DataType::Str(6), Badc, &swapped),
-            Value::Text("AB C".into())
-        );
-        assert_eq!(
-            dec(DataType::Str(6), Dcba, &swapped),
-            Value::Text("AB C".into())
-        );
+        assert_eq!(dec(DataType::Str(6), Badc, &swapped), Value::Text("AB C".into()));
+        assert_eq!(dec(DataType::Str(6), Dcba, &swapped), Value::Text("AB C".into()));
         // Trailing spaces trimmed, odd length ignores the last byte of the last word.
-        assert_eq!(
-            dec(DataType::Str(3), Abcd, &[0x4F4B, 0x2058]),
-            Value::Text("OK".into())
-        );
+        assert_eq!(dec(DataType::Str(3), Abcd, &[0x4F4B, 0x2058]), Value::Text("OK".into()));
         // Invalid UTF-8 is replaced, not an error.
-        assert_eq!(
-            dec(DataType::Str(2), Abcd, &[0xFF41]),
-            Value::Text("\u{FFFD}A".into())
-        );
-        assert_eq!(
-            enc(DataType::Str(6), Abcd, Value::Text("AB C".into())),
-            [0x4142, 0x2043, 0x0000]
-        );
-        assert_eq!(
-            enc(DataType::Str(5), Dcba, Value::Text("ABC".into())),
-            [0x4241, 0x0043, 0x0000]
-        );
+        assert_eq!(dec(DataType::Str(2), Abcd, &[0xFF41]), Value::Text("\u{FFFD}A".into()));
+        assert_eq!(enc(DataType::Str(6), Abcd, Value::Text("AB C".into())), [0x4142, 0x2043, 0x0000]);
+        assert_eq!(enc(DataType::Str(5), Dcba, Value::Text("ABC".into())), [0x4241, 0x0043, 0x0000]);
         assert_eq!(
             encode_registers(DataType::Str(2), Abcd, 1.0, 0.0, &Value::Text("ABC".into())),
-            Err(CodecError::TooLong {
-                len: 3,
-                data_type: DataType::Str(2)
-            })
+            Err(CodecError::TooLong { len: 3, data_type: DataType::Str(2) })
         );
         assert!(matches!(
             encode_registers(DataType::Str(2), Abcd, 1.0, 0.0, &Value::UInt(1)),
@@ -707,22 +581,10 @@ mod tests {
         ] {
             let words = vec![0u16; n];
             let err = decode_registers(t, Abcd, 1.0, 0.0, &words).expect_err("length");
-            assert_eq!(
-                err,
-                CodecError::Length {
-                    data_type: t,
-                    expected: t.width(),
-                    got: n
-                }
-            );
+            assert_eq!(err, CodecError::Length { data_type: t, expected: t.width(), got: n });
         }
         assert_eq!(
-            CodecError::Length {
-                data_type: DataType::F32,
-                expected: 2,
-                got: 1
-            }
-            .to_string(),
+            CodecError::Length { data_type: DataType::F32, expected: 2, got: 1 }.to_string(),
             "f32 needs 2 registers, got 1"
         );
     }
@@ -731,23 +593,12 @@ mod tests {
     fn scale_and_offset() {
         // 0.1 degree steps with -40 offset: raw 650 -> 25.0.
         let v = decode_registers(DataType::I16, Abcd, 0.1, -40.0, &[650]).expect("decodes");
-        let Value::Float(x) = v else {
-            panic!("scaled value is a float: {v:?}")
-        };
+        let Value::Float(x) = v else { panic!("scaled value is a float: {v:?}") };
         assert!((x - 25.0).abs() < 1e-9);
-        assert_eq!(
-            encode_registers(DataType::I16, Abcd, 0.1, -40.0, &Value::Float(25.0)),
-            Ok(vec![650])
-        );
+        assert_eq!(encode_registers(DataType::I16, Abcd, 0.1, -40.0, &Value::Float(25.0)), Ok(vec![650]));
         // Rounded to nearest, not truncated.
-        assert_eq!(
-            encode_registers(DataType::U16, Abcd, 0.1, 0.0, &Value::Float(12.34)),
-            Ok(vec![123])
-        );
-        assert_eq!(
-            encode_registers(DataType::U16, Abcd, 0.1, 0.0, &Value::Float(12.36)),
-            Ok(vec![124])
-        );
+        assert_eq!(encode_registers(DataType::U16, Abcd, 0.1, 0.0, &Value::Float(12.34)), Ok(vec![123]));
+        assert_eq!(encode_registers(DataType::U16, Abcd, 0.1, 0.0, &Value::Float(12.36)), Ok(vec![124]));
         // An integer input goes through the scale too.
         assert_eq!(
             encode_registers(DataType::U32, Cdab, 0.01, 0.0, &Value::Int(1000)),
@@ -767,56 +618,26 @@ mod tests {
             for o in [Abcd, Badc, Cdab, Dcba] {
                 let w = encode_registers(t, o, 0.5, 10.0, &Value::Float(60.0)).expect("encodes");
                 assert_eq!(w.len(), usize::from(t.width()));
-                assert_eq!(
-                    decode_registers(t, o, 0.5, 10.0, &w),
-                    Ok(Value::Float(60.0)),
-                    "{t} {o}"
-                );
+                assert_eq!(decode_registers(t, o, 0.5, 10.0, &w), Ok(Value::Float(60.0)), "{t} {o}");
             }
         }
         assert_eq!(
             encode_registers(DataType::U16, Abcd, 0.0, 1.0, &Value::Float(1.0)),
-            Err(CodecError::ZeroScale {
-                data_type: DataType::U16
-            })
+            Err(CodecError::ZeroScale { data_type: DataType::U16 })
         );
     }
 
     #[test]
     fn out_of_range_is_an_error() {
         let err = |t, v: Value| encode_registers(t, Abcd, 1.0, 0.0, &v).expect_err("range");
-        assert_eq!(
-            err(DataType::U16, Value::Int(70000)).to_string(),
-            "value 70000 out of range for u16"
-        );
-        assert!(matches!(
-            err(DataType::U16, Value::Int(-1)),
-            CodecError::OutOfRange { .. }
-        ));
-        assert!(matches!(
-            err(DataType::I16, Value::Int(32768)),
-            CodecError::OutOfRange { .. }
-        ));
-        assert!(matches!(
-            err(DataType::I64, Value::UInt(u64::MAX)),
-            CodecError::OutOfRange { .. }
-        ));
-        assert!(matches!(
-            err(DataType::U64, Value::Float(1.9e19)),
-            CodecError::OutOfRange { .. }
-        ));
-        assert!(matches!(
-            err(DataType::U32, Value::Float(f64::NAN)),
-            CodecError::OutOfRange { .. }
-        ));
-        assert!(matches!(
-            err(DataType::F32, Value::Float(1e39)),
-            CodecError::OutOfRange { .. }
-        ));
-        assert!(matches!(
-            err(DataType::U16, Value::Text("1".into())),
-            CodecError::Kind { .. }
-        ));
+        assert_eq!(err(DataType::U16, Value::Int(70000)).to_string(), "value 70000 out of range for u16");
+        assert!(matches!(err(DataType::U16, Value::Int(-1)), CodecError::OutOfRange { .. }));
+        assert!(matches!(err(DataType::I16, Value::Int(32768)), CodecError::OutOfRange { .. }));
+        assert!(matches!(err(DataType::I64, Value::UInt(u64::MAX)), CodecError::OutOfRange { .. }));
+        assert!(matches!(err(DataType::U64, Value::Float(1.9e19)), CodecError::OutOfRange { .. }));
+        assert!(matches!(err(DataType::U32, Value::Float(f64::NAN)), CodecError::OutOfRange { .. }));
+        assert!(matches!(err(DataType::F32, Value::Float(1e39)), CodecError::OutOfRange { .. }));
+        assert!(matches!(err(DataType::U16, Value::Text("1".into())), CodecError::Kind { .. }));
         // Scaling can push an in-range value out of range: 7000 / 0.1 = 70000.
         assert!(matches!(
             encode_registers(DataType::U16, Abcd, 0.1, 0.0, &Value::Float(7000.0)),
@@ -840,10 +661,7 @@ mod tests {
         assert_eq!(Table::Discrete.to_string(), "discrete");
         assert_eq!(Quality::Exception(2).to_string(), "exception 0x02");
         assert_eq!(Value::Float(0.1).to_string(), "0.1");
-        assert_eq!(
-            dec(DataType::F32, Abcd, &[0x3DCC, 0xCCCD]).to_string(),
-            "0.1"
-        );
+        assert_eq!(dec(DataType::F32, Abcd, &[0x3DCC, 0xCCCD]).to_string(), "0.1");
         assert_eq!(Value::Text("a b".into()).to_string(), "a b");
         assert_eq!(Value::Int(-5).to_string(), "-5");
     }

@@ -92,11 +92,7 @@ impl PollSpec {
     /// The read request this spec needs.
     pub fn request(&self) -> Result<Request<'static>, PollError> {
         let bits = matches!(self.table, Table::Coils | Table::Discrete);
-        let width = if bits {
-            1
-        } else {
-            u32::from(self.data_type.width())
-        };
+        let width = if bits { 1 } else { u32::from(self.data_type.width()) };
         let needed = u32::from(self.count) * width;
         let (max, what) = if bits {
             (crate::pdu::MAX_READ_BITS, "bits")
@@ -146,11 +142,7 @@ impl Poll {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let handle = bus::spawn(&bus, shutdown.clone(), &tracker);
-        Self {
-            handle,
-            shutdown,
-            tracker,
-        }
+        Self { handle, shutdown, tracker }
     }
 
     /// Reads once and decodes.
@@ -159,48 +151,26 @@ impl Poll {
         let started = std::time::Instant::now();
         let rsp = self
             .handle
-            .transact(
-                spec.unit,
-                request,
-                Priority::PassThrough,
-                spec.timeout,
-                spec.retries,
-            )
+            .transact(spec.unit, request, Priority::PassThrough, spec.timeout, spec.retries)
             .await
-            .map_err(|source| PollError::Bus {
-                unit: spec.unit,
-                source,
-            })?;
+            .map_err(|source| PollError::Bus { unit: spec.unit, source })?;
         let millis = started.elapsed().as_secs_f64() * 1000.0;
         let (values, raw) = match rsp {
-            Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits) => (
-                bits.iter()
-                    .take(usize::from(spec.count))
-                    .map(|b| Value::Bool(*b))
-                    .collect(),
-                Vec::new(),
-            ),
+            Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits) => {
+                (bits.iter().take(usize::from(spec.count)).map(|b| Value::Bool(*b)).collect(), Vec::new())
+            }
             Response::ReadHoldingRegisters(words) | Response::ReadInputRegisters(words) => {
                 let width = usize::from(spec.data_type.width());
                 let values = words
                     .chunks(width)
-                    .map(|w| {
-                        codec::decode_registers(spec.data_type, spec.order, spec.scale, 0.0, w)
-                    })
+                    .map(|w| codec::decode_registers(spec.data_type, spec.order, spec.scale, 0.0, w))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| PollError::Decode(e.to_string()))?;
                 (values, words)
             }
             other => return Err(PollError::Decode(format!("unexpected response {other:?}"))),
         };
-        Ok(PollResult {
-            unit: spec.unit,
-            table: spec.table,
-            address: spec.address,
-            values,
-            raw,
-            millis,
-        })
+        Ok(PollResult { unit: spec.unit, table: spec.table, address: spec.address, values, raw, millis })
     }
 
     /// Stops the bus task.
@@ -213,11 +183,7 @@ impl Poll {
 
 /// Human-readable lines for a result, mbpoll style.
 pub fn render(spec: &PollSpec, r: &PollResult) -> String {
-    let width = if matches!(spec.table, Table::Coils | Table::Discrete) {
-        1
-    } else {
-        spec.data_type.width()
-    };
+    let width = if matches!(spec.table, Table::Coils | Table::Discrete) { 1 } else { spec.data_type.width() };
     let mut out = format!(
         "unit {} {:?} from {} ({} value(s), {:.1} ms)\n",
         r.unit,
@@ -229,10 +195,7 @@ pub fn render(spec: &PollSpec, r: &PollResult) -> String {
     .to_lowercase();
     for (i, v) in r.values.iter().enumerate() {
         let addr = u32::from(r.address) + i as u32 * u32::from(width);
-        let raw = r
-            .raw
-            .get(i * usize::from(width)..(i + 1) * usize::from(width))
-            .unwrap_or_default();
+        let raw = r.raw.get(i * usize::from(width)..(i + 1) * usize::from(width)).unwrap_or_default();
         let hex: Vec<String> = raw.iter().map(|w| format!("0x{w:04X}")).collect();
         if hex.is_empty() {
             out.push_str(&format!("[{addr}]: {v}\n"));

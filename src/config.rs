@@ -14,13 +14,22 @@
 //! The shipped `gateway.toml` at the repository root is the commented reference of the
 //! format; each file under `config/` opens with its section's keys and defaults.
 //!
-//! Adding a top-level section (`[[peer]]`, `[server]`, ...) is a new file under `config/`
-//! with its raw type and its `validate`, one field in [`Raw`] and one call in [`parse`].
+//! Relative paths in the file (`[link] identity`, `data_dir`) resolve against the
+//! directory of the configuration file ([`load`]), or the directory given to
+//! [`parse_in`]; [`parse`] leaves them relative to the working directory.
+//!
+//! Adding a top-level section (`[server]`, ...) is a new file under `config/` with its
+//! raw type and its `validate`, one field in [`Raw`] and one call in [`parse_in`].
 
 mod bus;
 mod device;
 mod gateway;
+mod globs;
+mod link;
+mod peer;
 mod point;
+mod send;
+mod write;
 
 use std::fmt;
 use std::ops::{Range, RangeInclusive};
@@ -83,20 +92,12 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}: {}",
-            self.origin, self.line, self.col, self.path, self.message
-        )
+        write!(f, "{}:{}:{}: {}: {}", self.origin, self.line, self.col, self.path, self.message)
     }
 }
 
 fn display_problems(problems: &[Problem]) -> String {
-    problems
-        .iter()
-        .map(Problem::to_string)
-        .collect::<Vec<_>>()
-        .join("\n")
+    problems.iter().map(Problem::to_string).collect::<Vec<_>>().join("\n")
 }
 
 /// `file:line:col` or just `file` when the position is unknown.
@@ -114,18 +115,26 @@ impl fmt::Display for Location<'_> {
     }
 }
 
-/// Reads and validates the configuration file at `path`.
+/// Reads and validates the configuration file at `path`; relative paths inside it
+/// resolve against the file's directory (made absolute, so they survive a `chdir`).
 pub fn load(path: &Path) -> Result<Model, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse(&text, &path.display().to_string())
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let dir = absolute.parent().unwrap_or(Path::new(""));
+    parse_in(&text, &path.display().to_string(), dir)
 }
 
 /// Parses and validates configuration `text`; `origin` (usually the file name) prefixes
-/// every error position.
+/// every error position. Relative paths in the text stay relative (to the working
+/// directory); use [`parse_in`] to anchor them.
 pub fn parse(text: &str, origin: &str) -> Result<Model, ConfigError> {
+    parse_in(text, origin, Path::new(""))
+}
+
+/// Like [`parse`], with relative paths in the text (`[link] identity`, `data_dir`)
+/// resolved against `dir`, the directory the text was read from.
+pub fn parse_in(text: &str, origin: &str, dir: &Path) -> Result<Model, ConfigError> {
     let mut check = Checker::new(text, origin);
     let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Syntax {
         origin: origin.to_owned(),
@@ -136,12 +145,13 @@ pub fn parse(text: &str, origin: &str) -> Result<Model, ConfigError> {
     let gateway = gateway::validate(&raw.gateway, &mut check);
     let mut buses = bus::validate(&raw.bus, &mut check);
     device::validate(&raw.device, &mut buses, &mut check);
+    let links = peer::validate(raw.link.as_ref(), &raw.peer, &gateway.name, &buses, dir, &mut check);
 
     // Sections are checked one after the other (overlaps after all points of a device);
     // list the problems as the reader meets them in the file.
     check.problems.sort_by_key(|p| (p.line, p.col));
     if check.problems.is_empty() {
-        Ok(Model { gateway, buses, links: None })
+        Ok(Model { gateway, buses, links })
     } else {
         Err(ConfigError::Invalid(check.problems))
     }
@@ -150,9 +160,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Model, ConfigError> {
 /// Serde names the Rust type it wanted (`expected i64`); users wrote TOML, so say so in
 /// TOML's words.
 fn plain_types(message: &str) -> String {
-    message
-        .replace("expected i64", "expected an integer")
-        .replace("expected f64", "expected a number")
+    message.replace("expected i64", "expected an integer").replace("expected f64", "expected a number")
 }
 
 /// The whole file, one field per top-level section.
@@ -164,6 +172,9 @@ struct Raw {
     bus: Vec<bus::RawBus>,
     #[serde(default)]
     device: Vec<device::RawDevice>,
+    link: Option<link::RawLink>,
+    #[serde(default)]
+    peer: Vec<peer::RawPeer>,
 }
 
 /// Collects problems while a configuration is validated, and turns byte offsets into
@@ -180,30 +191,16 @@ struct Checker<'a> {
 
 impl<'a> Checker<'a> {
     fn new(text: &'a str, origin: &'a str) -> Self {
-        let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
-        Checker {
-            origin,
-            text,
-            line_starts,
-            problems: Vec::new(),
-        }
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        Checker { origin, text, line_starts, problems: Vec::new() }
     }
 
     /// 1-based line and column (in characters) of byte `offset`.
     fn position(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
         let line = self.line_starts.partition_point(|&start| start <= offset);
-        let start = self
-            .line_starts
-            .get(line.wrapping_sub(1))
-            .copied()
-            .unwrap_or(0);
-        let col = self
-            .text
-            .get(start..offset)
-            .map_or(offset - start, |s| s.chars().count());
+        let start = self.line_starts.get(line.wrapping_sub(1)).copied().unwrap_or(0);
+        let col = self.text.get(start..offset).map_or(offset - start, |s| s.chars().count());
         (line.max(1), col + 1)
     }
 
@@ -258,11 +255,7 @@ impl<'a> Checker<'a> {
                 self.report(
                     value.span(),
                     path,
-                    format!(
-                        "{key} {v} is out of range {}..={}",
-                        range.start(),
-                        range.end()
-                    ),
+                    format!("{key} {v} is out of range {}..={}", range.start(), range.end()),
                 );
                 default
             }
@@ -279,11 +272,36 @@ impl<'a> Checker<'a> {
         path: &str,
         key: &str,
     ) -> Duration {
+        self.duration_within(value, default, min..=Duration::MAX, path, key)
+    }
+
+    /// A duration key that must lie in `range`; `default` when absent or wrong.
+    fn duration_within(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        default: Duration,
+        range: RangeInclusive<Duration>,
+        path: &str,
+        key: &str,
+    ) -> Duration {
         let Some(value) = value else {
             return default;
         };
+        let (min, max) = (*range.start(), *range.end());
         match humantime::parse_duration(value.get_ref()) {
-            Ok(d) if d >= min => d,
+            Ok(d) if range.contains(&d) => d,
+            Ok(d) if d > max => {
+                self.report(
+                    value.span(),
+                    path,
+                    format!(
+                        "{key} {} is above the maximum of {}",
+                        humantime::format_duration(d),
+                        humantime::format_duration(max)
+                    ),
+                );
+                default
+            }
             Ok(d) => {
                 self.report(
                     value.span(),
@@ -300,10 +318,7 @@ impl<'a> Checker<'a> {
                 self.report(
                     value.span(),
                     path,
-                    format!(
-                        "{key} {:?} is not a duration (like \"500ms\" or \"2s\"): {e}",
-                        value.get_ref()
-                    ),
+                    format!("{key} {:?} is not a duration (like \"500ms\" or \"2s\"): {e}", value.get_ref()),
                 );
                 default
             }
@@ -319,6 +334,47 @@ fn is_name(s: &str, first: impl Fn(char) -> bool) -> bool {
         return false;
     };
     s.len() <= 64 && first(c) && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// A finite number key; `default` when absent or wrong. `range` bounds it, and `what`
+/// describes the range in the message (`"at least 0"`).
+fn number(
+    check: &mut Checker,
+    value: Option<&Spanned<f64>>,
+    default: f64,
+    range: RangeInclusive<f64>,
+    what: &str,
+    path: &str,
+    key: &str,
+) -> f64 {
+    let Some(value) = value else {
+        return default;
+    };
+    let v = *value.get_ref();
+    if !v.is_finite() {
+        check.report(value.span(), path, format!("{key} {v} is not a finite number"));
+        default
+    } else if !range.contains(&v) {
+        check.report(value.span(), path, format!("{key} {v} must be {what}"));
+        default
+    } else {
+        v
+    }
+}
+
+/// A path key: `~` is refused (nothing expands it), relative paths are joined to `base`.
+fn path_key(check: &mut Checker, value: &Spanned<String>, base: &Path, path: &str, key: &str) -> PathBuf {
+    let written = value.get_ref();
+    if written.trim().is_empty() {
+        check.report(value.span(), path, format!("{key} is empty"));
+    } else if written.starts_with('~') {
+        check.report(
+            value.span(),
+            path,
+            format!("{key} {written:?} starts with '~', which is not expanded: write the full path"),
+        );
+    }
+    base.join(written)
 }
 
 /// `name "x"`-style quoting used in every item path.
@@ -358,13 +414,9 @@ mod tests {
 
     #[test]
     fn syntax_error_has_position() {
-        let err = parse("[gateway]\nname = \"a\"\nbogus = 1\n", "g.toml")
-            .expect_err("unknown key must fail");
+        let err = parse("[gateway]\nname = \"a\"\nbogus = 1\n", "g.toml").expect_err("unknown key must fail");
         let text = err.to_string();
-        assert!(
-            text.starts_with("g.toml:3:1: unknown field `bogus`"),
-            "{text}"
-        );
+        assert!(text.starts_with("g.toml:3:1: unknown field `bogus`"), "{text}");
         assert_eq!(err.exit_code(), 2);
     }
 
@@ -388,12 +440,44 @@ baud = 0
         assert_eq!(problems[0].path, "gateway");
     }
 
+    const LINK: &str = r#"
+[gateway]
+name = "a"
+
+[link]
+identity = "id"
+data_dir = "/var/lib/gw"
+"#;
+
+    #[test]
+    fn link_paths_resolve_against_the_given_directory() {
+        let model = parse_in(LINK, "g.toml", Path::new("/etc/gw")).expect("valid");
+        let links = model.links.expect("[link] present");
+        assert_eq!(links.identity_dir, Path::new("/etc/gw/id"));
+        assert_eq!(links.data_dir, Path::new("/var/lib/gw"), "absolute stays");
+        assert!(links.peers.is_empty(), "a [link] may come before any peer");
+        assert_eq!(links.listen, None);
+        let model = parse(LINK, "g.toml").expect("valid");
+        let links = model.links.expect("[link] present");
+        assert_eq!(links.identity_dir, Path::new("id"), "parse leaves it relative");
+    }
+
+    #[test]
+    fn peer_problems_are_all_reported() {
+        let text = format!(
+            "{LINK}listen = \"0.0.0.0:7700\"\n\n[[peer]]\nname = \"a\"\nfingerprint = \"x\"\nheartbeat = \"1h\"\n\n[[peer.send]]\npoints = \"nothing.*\"\n"
+        );
+        let Err(ConfigError::Invalid(problems)) = parse(&text, "g.toml") else {
+            panic!("expected validation problems");
+        };
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["peer \"a\"", "peer \"a\"", "peer \"a\"", "peer \"a\" send[0]"], "{problems:#?}");
+        assert!(problems[0].message.contains("own name"), "{problems:#?}");
+    }
+
     #[test]
     fn io_error_names_the_file() {
         let err = load(Path::new("/nonexistent/gw.toml")).expect_err("missing file");
-        assert!(
-            err.to_string()
-                .starts_with("cannot read /nonexistent/gw.toml: ")
-        );
+        assert!(err.to_string().starts_with("cannot read /nonexistent/gw.toml: "));
     }
 }

@@ -85,8 +85,13 @@ impl Rules {
         Ok(Self { rules })
     }
 
-    /// Index of the first rule matching `point`.
+    /// Index of the first rule matching `point`. Points received from peers
+    /// (`peer/point`) match no rule: values are never relayed, so two peers sending
+    /// `*` to each other cannot loop.
     pub fn rule_for(&self, point: &str) -> Option<usize> {
+        if point.contains('/') {
+            return None;
+        }
         self.rules.iter().position(|(set, _)| set.is_match(point))
     }
 
@@ -277,14 +282,12 @@ impl Forwarder {
 
     fn state(&mut self, name: &Arc<str>) -> &mut PointState {
         let rules = &self.rules;
-        self.points
-            .entry(name.clone())
-            .or_insert_with(|| PointState {
-                rule: rules.rule_for(name),
-                last: None,
-                sent_at: Instant::now(),
-                seen: None,
-            })
+        self.points.entry(name.clone()).or_insert_with(|| PointState {
+            rule: rules.rule_for(name),
+            last: None,
+            sent_at: Instant::now(),
+            seen: None,
+        })
     }
 
     /// A change event (or a snapshot entry) for one point.
@@ -292,12 +295,7 @@ impl Forwarder {
         let Some(rule) = self.state(name).rule else {
             return;
         };
-        let Some(SendMode::Change {
-            deadband,
-            deadband_percent,
-            ..
-        }) = self.rules.mode(rule)
-        else {
+        let Some(SendMode::Change { deadband, deadband_percent, .. }) = self.rules.mode(rule) else {
             return;
         };
         let st = self.state(name);
@@ -324,19 +322,14 @@ impl Forwarder {
     /// still queued in the stream, and sending the image's newer value now would put it
     /// before older ones — then `None`.
     fn fresh(&self, name: &str, seen: &Sample) -> Option<Sample> {
-        self.image
-            .get(name)
-            .filter(|s| s.value == seen.value && s.quality == seen.quality)
+        self.image.get(name).filter(|s| s.value == seen.value && s.quality == seen.quality)
     }
 
     /// Sends the latest value of every change-rule point, deadband or not.
     async fn resend_all(&mut self) {
         let now = Instant::now();
-        let names: Vec<(Arc<str>, Sample)> = self
-            .points
-            .iter()
-            .filter_map(|(name, st)| Some((name.clone(), st.seen.clone()?)))
-            .collect();
+        let names: Vec<(Arc<str>, Sample)> =
+            self.points.iter().filter_map(|(name, st)| Some((name.clone(), st.seen.clone()?))).collect();
         for (name, seen) in names {
             // What the stream delivered last keeps the order; a fresher time is a bonus.
             let sample = self.fresh(&name, &seen).unwrap_or(seen);
@@ -358,14 +351,11 @@ impl Forwarder {
             .points
             .iter()
             .filter(|(_, st)| {
-                let Some(SendMode::Change { max_silence, .. }) =
-                    st.rule.and_then(|r| self.rules.mode(r))
+                let Some(SendMode::Change { max_silence, .. }) = st.rule.and_then(|r| self.rules.mode(r))
                 else {
                     return false;
                 };
-                !max_silence.is_zero()
-                    && st.last.is_some()
-                    && now.duration_since(st.sent_at) >= max_silence
+                !max_silence.is_zero() && st.last.is_some() && now.duration_since(st.sent_at) >= max_silence
             })
             .filter_map(|(name, st)| Some((name.clone(), st.seen.clone()?)))
             .collect();
@@ -444,11 +434,7 @@ mod tests {
     use std::time::SystemTime;
 
     fn s(v: Value, q: Quality) -> Sample {
-        Sample {
-            value: Some(v),
-            at: SystemTime::now(),
-            quality: q,
-        }
+        Sample { value: Some(v), at: SystemTime::now(), quality: q }
     }
 
     #[test]
@@ -466,26 +452,11 @@ mod tests {
         assert!(!changed_enough(2.0, 1.0, Some(&last), &good(101.5)));
         assert!(changed_enough(2.0, 1.0, Some(&last), &good(102.5)));
         // Quality change always goes.
-        assert!(changed_enough(
-            10.0,
-            0.0,
-            Some(&last),
-            &s(Value::Float(100.0), Quality::Stale)
-        ));
+        assert!(changed_enough(10.0, 0.0, Some(&last), &s(Value::Float(100.0), Quality::Stale)));
         // Bools and text by equality.
         let b = (Some(Value::Bool(true)), Quality::Good);
-        assert!(!changed_enough(
-            5.0,
-            0.0,
-            Some(&b),
-            &s(Value::Bool(true), Quality::Good)
-        ));
-        assert!(changed_enough(
-            5.0,
-            0.0,
-            Some(&b),
-            &s(Value::Bool(false), Quality::Good)
-        ));
+        assert!(!changed_enough(5.0, 0.0, Some(&b), &s(Value::Bool(true), Quality::Good)));
+        assert!(changed_enough(5.0, 0.0, Some(&b), &s(Value::Bool(false), Quality::Good)));
     }
 
     #[test]
@@ -495,12 +466,12 @@ mod tests {
             &[
                 SendRule {
                     points: vec!["boiler.temp*".into()],
-                    mode: SendMode::Periodic {
-                        interval: Duration::from_secs(1),
-                    },
+                    matched: vec![],
+                    mode: SendMode::Periodic { interval: Duration::from_secs(1) },
                 },
                 SendRule {
                     points: vec!["boiler.*".into(), "pump.*".into()],
+                    matched: vec![],
                     mode: SendMode::Change {
                         deadband: 0.0,
                         deadband_percent: 0.0,
@@ -514,14 +485,14 @@ mod tests {
         assert_eq!(rules.rule_for("boiler.pressure"), Some(1));
         assert_eq!(rules.rule_for("pump.on"), Some(1));
         assert_eq!(rules.rule_for("fan.on"), None);
+        assert_eq!(rules.rule_for("site-a/boiler.temp1"), None, "never relayed");
         assert!(
             Rules::new(
                 "p",
                 &[SendRule {
                     points: vec!["a[".into()],
-                    mode: SendMode::Periodic {
-                        interval: Duration::from_secs(1)
-                    }
+                    matched: vec![],
+                    mode: SendMode::Periodic { interval: Duration::from_secs(1) }
                 }]
             )
             .is_err()
@@ -531,22 +502,16 @@ mod tests {
     #[tokio::test]
     async fn a_lagging_forwarder_resyncs_from_the_snapshot() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let spool = SpoolHandle::open(
-            &dir.path().join("p.spool"),
-            crate::spool::SpoolLimits::default(),
-        )
-        .expect("spool");
+        let spool = SpoolHandle::open(&dir.path().join("p.spool"), crate::spool::SpoolLimits::default())
+            .expect("spool");
         let image = Arc::new(Image::new());
         let id = image.register("d.n", Duration::from_secs(60));
         let rules = Rules::new(
             "p",
             &[SendRule {
                 points: vec!["*".into()],
-                mode: SendMode::Change {
-                    deadband: 0.0,
-                    deadband_percent: 0.0,
-                    max_silence: Duration::ZERO,
-                },
+                matched: vec![],
+                mode: SendMode::Change { deadband: 0.0, deadband_percent: 0.0, max_silence: Duration::ZERO },
             }],
         )
         .expect("rules");
@@ -572,10 +537,7 @@ mod tests {
             assert!(Instant::now() < deadline, "latest value never spooled");
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        assert!(
-            (last.len() as i64) < N,
-            "lagged: older values skipped, the latest sent"
-        );
+        assert!((last.len() as i64) < N, "lagged: older values skipped, the latest sent");
         shutdown.cancel();
         task.await.expect("forwarder");
     }

@@ -97,12 +97,8 @@ impl Gateway {
             let poller = Poller::new(bus, handle.clone(), image.clone());
             tracker.spawn(poller.run(shutdown.clone()));
             tracker.spawn(
-                summarise(
-                    handle.clone(),
-                    model.gateway.summary_interval,
-                    shutdown.clone(),
-                )
-                .instrument(info_span!("bus", bus = %bus.name)),
+                summarise(handle.clone(), model.gateway.summary_interval, shutdown.clone())
+                    .instrument(info_span!("bus", bus = %bus.name)),
             );
             buses.push(handle);
         }
@@ -113,15 +109,7 @@ impl Gateway {
             _ => (Vec::new(), None),
         };
         info!(gateway = %model.gateway.name, buses = model.buses.len(), points = image.len(), peers = links.len(), "gateway started");
-        Ok(Self {
-            image,
-            buses,
-            writer,
-            links,
-            listen_addr,
-            shutdown,
-            tracker,
-        })
+        Ok(Self { image, buses, writer, links, listen_addr, shutdown, tracker })
     }
 
     /// The bound address of the peer listener (`None`: no listener configured).
@@ -138,14 +126,8 @@ impl Gateway {
     pub async fn shutdown(self, grace: Duration) {
         self.shutdown.cancelled().await;
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                ?grace,
-                "tasks still running after the grace period; leaving them"
-            );
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            warn!(?grace, "tasks still running after the grace period; leaving them");
         }
     }
 }
@@ -193,36 +175,20 @@ struct PreparedPeer {
 }
 
 fn prepare_links(links: &Links) -> Result<Prepared, GatewayError> {
-    let identity =
-        tls::load_identity(&links.identity_dir).map_err(|source| GatewayError::Identity {
-            dir: links.identity_dir.display().to_string(),
-            source,
-        })?;
-    std::fs::create_dir_all(&links.data_dir).map_err(|source| GatewayError::DataDir {
-        dir: links.data_dir.display().to_string(),
-        source,
-    })?;
+    let identity = tls::load_identity(&links.identity_dir)
+        .map_err(|source| GatewayError::Identity { dir: links.identity_dir.display().to_string(), source })?;
+    std::fs::create_dir_all(&links.data_dir)
+        .map_err(|source| GatewayError::DataDir { dir: links.data_dir.display().to_string(), source })?;
     let mut peers = Vec::new();
     for p in &links.peers {
-        let bad = |reason: String| GatewayError::Peer {
-            peer: p.name.clone(),
-            reason,
-        };
+        let bad = |reason: String| GatewayError::Peer { peer: p.name.clone(), reason };
         let fingerprint: Fingerprint = p.fingerprint.parse().map_err(|e| bad(format!("{e}")))?;
-        let limits = SpoolLimits {
-            max_bytes: p.spool_max_bytes,
-            max_age: p.spool_max_age,
-        };
-        let spool = SpoolHandle::open(&links.data_dir.join(&p.spool), limits)
-            .map_err(|e| bad(e.to_string()))?;
+        let limits = SpoolLimits { max_bytes: p.spool_max_bytes, max_age: p.spool_max_age };
+        // The config resolves the spool path (under data_dir unless absolute).
+        let spool = SpoolHandle::open(&p.spool, limits).map_err(|e| bad(e.to_string()))?;
         let rules = Rules::new(&p.name, &p.send).map_err(|e| bad(e.to_string()))?;
         let grants = Grants::new(&p.grants).map_err(|e| bad(format!("grant: {e}")))?;
-        peers.push(PreparedPeer {
-            fingerprint,
-            spool,
-            rules,
-            grants,
-        });
+        peers.push(PreparedPeer { fingerprint, spool, rules, grants });
     }
     let listener = match links.listen {
         Some(addr) => {
@@ -233,11 +199,7 @@ fn prepare_links(links: &Links) -> Result<Prepared, GatewayError> {
         }
         None => None,
     };
-    Ok(Prepared {
-        identity,
-        peers,
-        listener,
-    })
+    Ok(Prepared { identity, peers, listener })
 }
 
 fn start_links(
@@ -254,10 +216,7 @@ fn start_links(
     for (peer, p) in links.peers.iter().zip(prepared.peers) {
         let dialer = match &peer.dial {
             Dial::Connect(addr) => match tls::client_config(&prepared.identity, p.fingerprint) {
-                Ok(tls) => Dialer::Connect {
-                    addr: addr.clone(),
-                    tls,
-                },
+                Ok(tls) => Dialer::Connect { addr: addr.clone(), tls },
                 Err(e) => {
                     error!(peer = %peer.name, error = %e, "cannot build the tls client; link not started");
                     continue;
@@ -270,12 +229,7 @@ fn start_links(
             }
         };
         let (connected, connected_rx) = tokio::sync::watch::channel(false);
-        let wb = WriteBacks::new(
-            &peer.name,
-            &peer.writeback,
-            writer.clone(),
-            connected_rx.clone(),
-        );
+        let wb = WriteBacks::new(&peer.name, &peer.writeback, writer.clone(), connected_rx.clone());
         let offer = wb.offer();
         if !offer.is_empty() {
             tracker.spawn(wb.run(shutdown.clone()));
@@ -310,12 +264,7 @@ fn start_links(
                 if let Some(addr) = listen_addr {
                     info!("listening for peers on {addr}");
                 }
-                let l = Listener {
-                    socket,
-                    allow: links.allow.clone(),
-                    tls,
-                    routes,
-                };
+                let l = Listener { socket, allow: links.allow.clone(), tls, routes };
                 tracker.spawn(l.run(shutdown.clone(), tracker.clone()));
             }
             Err(e) => {

@@ -70,10 +70,7 @@ impl Default for Image {
 impl Image {
     /// An empty image.
     pub fn new() -> Self {
-        Self {
-            inner: RwLock::default(),
-            changes: broadcast::channel(CHANGE_BACKLOG).0,
-        }
+        Self { inner: RwLock::default(), changes: broadcast::channel(CHANGE_BACKLOG).0 }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -97,12 +94,7 @@ impl Image {
         }
         let id = PointId(inner.entries.len() as u32);
         let name: Arc<str> = Arc::from(name);
-        inner.entries.push(Entry {
-            name: name.clone(),
-            sample: None,
-            updated: Instant::now(),
-            stale_after,
-        });
+        inner.entries.push(Entry { name: name.clone(), sample: None, updated: Instant::now(), stale_after });
         inner.index.insert(name, id);
         id
     }
@@ -170,12 +162,10 @@ impl Image {
                 .filter_map(|e| {
                     let current = e.current(now)?;
                     let sample = e.sample.as_mut()?;
-                    (current.quality == Quality::Stale && sample.quality == Quality::Good).then(
-                        || {
-                            sample.quality = Quality::Stale;
-                            (e.name.clone(), sample.clone())
-                        },
-                    )
+                    (current.quality == Quality::Stale && sample.quality == Quality::Good).then(|| {
+                        sample.quality = Quality::Stale;
+                        (e.name.clone(), sample.clone())
+                    })
                 })
                 .collect()
         };
@@ -195,20 +185,14 @@ impl Image {
 
     /// The current value of a point, only if its quality is good.
     pub fn good_value(&self, name: &str) -> Option<Value> {
-        self.get(name)
-            .filter(|s| s.quality == Quality::Good)
-            .and_then(|s| s.value)
+        self.get(name).filter(|s| s.quality == Quality::Good).and_then(|s| s.value)
     }
 
     /// Every point that has a sample, in registration order.
     pub fn snapshot(&self) -> Vec<(Arc<str>, Sample)> {
         let now = Instant::now();
         let inner = self.read();
-        inner
-            .entries
-            .iter()
-            .filter_map(|e| Some((e.name.clone(), e.current(now)?)))
-            .collect()
+        inner.entries.iter().filter_map(|e| Some((e.name.clone(), e.current(now)?))).collect()
     }
 
     /// Number of registered points.
@@ -232,11 +216,7 @@ mod tests {
     use super::*;
 
     fn good(v: i64) -> Sample {
-        Sample {
-            value: Some(Value::Int(v)),
-            at: SystemTime::now(),
-            quality: Quality::Good,
-        }
+        Sample { value: Some(Value::Int(v)), at: SystemTime::now(), quality: Quality::Good }
     }
 
     #[test]
@@ -253,10 +233,7 @@ mod tests {
         assert_eq!(&*second.samples[0].0, "d.b");
         assert_eq!(image.fail([a], Quality::CommFail), 1);
         let s = image.get("d.a").expect("sample");
-        assert_eq!(
-            (s.value, s.quality),
-            (Some(Value::Int(1)), Quality::CommFail)
-        );
+        assert_eq!((s.value, s.quality), (Some(Value::Int(1)), Quality::CommFail));
         assert_eq!(image.good_value("d.b"), Some(Value::Int(3)));
     }
 
@@ -271,9 +248,6 @@ mod tests {
         let mut rx = image.subscribe();
         assert_eq!(image.sweep_stale(), 1);
         assert_eq!(image.sweep_stale(), 0, "a stale point is reported once");
-        assert_eq!(
-            rx.try_recv().expect("stale event").samples[0].1.quality,
-            Quality::Stale
-        );
+        assert_eq!(rx.try_recv().expect("stale event").samples[0].1.quality, Quality::Stale);
     }
 }

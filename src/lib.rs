@@ -13,10 +13,14 @@
 //!
 //! Modules are listed in the order data flows through them.
 
+pub mod ascii;
 pub mod bus;
+pub mod checksum;
 pub mod codec;
 pub mod commission;
 pub mod config;
+pub mod demo;
+pub mod extract;
 pub mod forward;
 pub mod framing;
 pub mod gateway;
@@ -28,7 +32,11 @@ pub mod pdu;
 pub mod plan;
 pub mod poller;
 pub mod proto;
+pub mod raw;
 pub mod rtu;
+mod simconfig;
+mod simmap;
+mod simport;
 pub mod simulate;
 pub mod spool;
 pub mod spooler;

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
-use globset::{Glob, GlobMatcher};
+use globset::{Glob, GlobSet, GlobSetBuilder};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -142,9 +142,7 @@ pub struct LinkHandle {
 
 impl std::fmt::Debug for LinkHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkHandle")
-            .field("peer", &self.peer)
-            .finish_non_exhaustive()
+        f.debug_struct("LinkHandle").field("peer", &self.peer).finish_non_exhaustive()
     }
 }
 
@@ -163,12 +161,7 @@ impl LinkHandle {
         let (reply, rx) = oneshot::channel();
         let deadline = Instant::now() + WRITE_TIMEOUT;
         self.writes
-            .try_send(WriteCmd {
-                point: point.to_string(),
-                value,
-                deadline,
-                reply,
-            })
+            .try_send(WriteCmd { point: point.to_string(), value, deadline, reply })
             .map_err(|_| format!("link to {}: too many writes waiting", self.peer))?;
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(result)) => result,
@@ -208,7 +201,7 @@ impl LinkHandle {
 /// What a peer may write here, compiled.
 #[derive(Debug, Clone, Default)]
 pub struct Grants {
-    grants: Vec<(GlobMatcher, Grant)>,
+    grants: Vec<(GlobSet, Grant)>,
 }
 
 impl Grants {
@@ -216,7 +209,13 @@ impl Grants {
     pub fn new(grants: &[Grant]) -> Result<Self, globset::Error> {
         let grants = grants
             .iter()
-            .map(|g| Ok((Glob::new(&g.points)?.compile_matcher(), g.clone())))
+            .map(|g| {
+                let mut b = GlobSetBuilder::new();
+                for p in &g.points {
+                    b.add(Glob::new(p)?);
+                }
+                Ok((b.build()?, g.clone()))
+            })
             .collect::<Result<_, globset::Error>>()?;
         Ok(Self { grants })
     }
@@ -283,12 +282,7 @@ pub struct Link {
 }
 
 /// Starts the task of one link under `tracker`; returns its handle.
-pub fn spawn(
-    link: Link,
-    dialer: Dialer,
-    shutdown: CancellationToken,
-    tracker: &TaskTracker,
-) -> LinkHandle {
+pub fn spawn(link: Link, dialer: Dialer, shutdown: CancellationToken, tracker: &TaskTracker) -> LinkHandle {
     let (writes_tx, writes_rx) = mpsc::channel(64);
     let counters = Arc::new(Counters::default());
     let handle = LinkHandle {
@@ -298,14 +292,8 @@ pub fn spawn(
         writes: writes_tx,
     };
     let span = info_span!("link", peer = %link.peer.name);
-    let task = Task {
-        link,
-        counters,
-        writes: writes_rx,
-        shutdown,
-        tracker: tracker.clone(),
-        names: HashMap::new(),
-    };
+    let task =
+        Task { link, counters, writes: writes_rx, shutdown, tracker: tracker.clone(), names: HashMap::new() };
     tracker.spawn(task.run(dialer).instrument(span));
     handle
 }
@@ -387,15 +375,9 @@ impl Task {
             } else if matches!(end, End::Lost | End::Mismatch) {
                 // Nothing vouches for the peer's values any more; they turn good again
                 // as the peer re-sends them (it re-sends everything on reconnect).
-                let n = self
-                    .link
-                    .image
-                    .fail(self.names.values().copied(), Quality::CommFail);
+                let n = self.link.image.fail(self.names.values().copied(), Quality::CommFail);
                 if n > 0 {
-                    warn!(
-                        points = n,
-                        "link down: the peer's points are marked comm_fail"
-                    );
+                    warn!(points = n, "link down: the peer's points are marked comm_fail");
                 }
             }
             match end {
@@ -437,10 +419,7 @@ impl Task {
         let mut reader = FramedRead::new(rd, codec);
         let queued = Arc::new(AtomicUsize::new(0));
         let (out_tx, out_rx) = mpsc::unbounded_channel();
-        let out = Out {
-            tx: out_tx,
-            queued: queued.clone(),
-        };
+        let out = Out { tx: out_tx, queued: queued.clone() };
         let writer = self.tracker.spawn(
             write_loop(wr, out_rx, queued, codec, self.link.peer.heartbeat)
                 .instrument(info_span!("send", %from)),
@@ -486,11 +465,7 @@ impl Task {
                 out.close(&e.to_string());
                 return End::Lost;
             }
-            Ok(Some(Ok(Frame::Hello {
-                version,
-                name,
-                resume,
-            }))) => {
+            Ok(Some(Ok(Frame::Hello { version, name, resume }))) => {
                 if let Err(e) = proto::check_version(version) {
                     error!(%from, "{e}; closing the link");
                     out.close(&e.to_string());
@@ -720,31 +695,17 @@ impl Task {
             })
             .collect();
         image.update(updates);
-        self.link
-            .writeback
-            .offer(samples.iter().map(|(p, s)| (p.as_str(), s)));
+        self.link.writeback.offer(samples.iter().map(|(p, s)| (p.as_str(), s)));
         self.counters.applied.fetch_add(1, Relaxed);
-        self.counters
-            .samples_applied
-            .fetch_add(samples.len() as u64, Relaxed);
+        self.counters.samples_applied.fetch_add(samples.len() as u64, Relaxed);
     }
 
     /// A write asked by the peer: grants, then the writer, answered by `WriteResult`.
-    fn peer_write(
-        &self,
-        id: u64,
-        point: String,
-        value: Value,
-        out: &Out,
-        permits: &Arc<Semaphore>,
-    ) {
+    fn peer_write(&self, id: u64, point: String, value: Value, out: &Out, permits: &Arc<Semaphore>) {
         if let Err(reason) = self.link.grants.check(&point, &value) {
             self.counters.refused.fetch_add(1, Relaxed);
             warn!(%point, %value, "refused a write from the peer: {reason}");
-            out.send(Frame::WriteResult {
-                id,
-                result: Err(reason),
-            });
+            out.send(Frame::WriteResult { id, result: Err(reason) });
             return;
         }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
@@ -758,10 +719,7 @@ impl Task {
         let out = out.clone();
         self.tracker.spawn(
             async move {
-                let result = writer
-                    .write(&point, &value)
-                    .await
-                    .map_err(|e| e.to_string());
+                let result = writer.write(&point, &value).await.map_err(|e| e.to_string());
                 match &result {
                     Ok(()) => info!(%point, %value, "peer write done"),
                     Err(e) => warn!(%point, %value, error = %e, "peer write failed"),
@@ -793,13 +751,10 @@ async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Incoming,
         .map_err(|e| format!("tcp connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let from = tcp.peer_addr().map_err(|e| format!("tcp: {e}"))?;
-    let tls = timeout(
-        CONNECT_TIMEOUT,
-        TlsConnector::from(tls).connect(crate::tls::server_name(), tcp),
-    )
-    .await
-    .map_err(|_| format!("tls handshake timed out after {CONNECT_TIMEOUT:?}"))?
-    .map_err(|e| format!("tls handshake: {e}"))?;
+    let tls = timeout(CONNECT_TIMEOUT, TlsConnector::from(tls).connect(crate::tls::server_name(), tcp))
+        .await
+        .map_err(|_| format!("tls handshake timed out after {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| format!("tls handshake: {e}"))?;
     Ok((TlsStream::Client(tls), from))
 }
 
@@ -828,9 +783,7 @@ impl Out {
     }
 
     fn close(&self, reason: &str) {
-        self.send(Frame::Close {
-            reason: reason.to_string(),
-        });
+        self.send(Frame::Close { reason: reason.to_string() });
     }
 }
 
@@ -901,37 +854,21 @@ mod tests {
     #[test]
     fn grants_match_globs_and_ranges() {
         let g = Grants::new(&[
-            Grant {
-                points: "boiler.sp*".into(),
-                min: Some(0.0),
-                max: Some(90.0),
-            },
-            Grant {
-                points: "pump.run".into(),
-                min: None,
-                max: None,
-            },
+            Grant { points: vec!["boiler.sp*".into()], matched: vec![], min: Some(0.0), max: Some(90.0) },
+            Grant { points: vec!["pump.run".into()], matched: vec![], min: None, max: None },
         ])
         .expect("grants");
         assert_eq!(g.check("boiler.sp1", &Value::Float(45.0)), Ok(()));
         assert_eq!(g.check("boiler.sp1", &Value::Int(90)), Ok(()));
-        let e = g
-            .check("boiler.sp1", &Value::Float(90.5))
-            .expect_err("range");
+        let e = g.check("boiler.sp1", &Value::Float(90.5)).expect_err("range");
         assert!(e.starts_with("not granted") && e.contains("[0, 90]"), "{e}");
         assert_eq!(g.check("pump.run", &Value::Bool(true)), Ok(()));
-        let e = g
-            .check("pump.stop", &Value::Bool(true))
-            .expect_err("no grant");
+        let e = g.check("pump.stop", &Value::Bool(true)).expect_err("no grant");
         assert!(e.contains("pump.stop"), "{e}");
         assert!(Grants::default().check("x", &Value::Int(1)).is_err());
         assert!(
-            Grants::new(&[Grant {
-                points: "a[".into(),
-                min: None,
-                max: None
-            }])
-            .is_err()
+            Grants::new(&[Grant { points: vec!["a[".into()], matched: vec![], min: None, max: None }])
+                .is_err()
         );
     }
 }

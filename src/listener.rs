@@ -88,12 +88,7 @@ impl Listener {
     }
 }
 
-async fn handshake(
-    acceptor: TlsAcceptor,
-    tcp: tokio::net::TcpStream,
-    from: SocketAddr,
-    routes: &Routes,
-) {
+async fn handshake(acceptor: TlsAcceptor, tcp: tokio::net::TcpStream, from: SocketAddr, routes: &Routes) {
     let stream = match timeout(CONNECT_TIMEOUT, acceptor.accept(tcp)).await {
         Err(_) => {
             warn!(%from, "tls handshake timed out; connection dropped");

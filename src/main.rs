@@ -13,17 +13,13 @@ use tracing::info;
 use m2m_gateway::commission::{self, Poll, PollSpec};
 use m2m_gateway::model::{Line, Parity};
 use m2m_gateway::value::{DataType, Table, WordOrder};
-use m2m_gateway::{config, gateway::Gateway, plan};
+use m2m_gateway::{config, gateway::Gateway, plan, simulate};
 
 /// Exit code for a configuration that does not validate.
 const EXIT_CONFIG: u8 = 2;
 
 #[derive(Parser)]
-#[command(
-    name = "m2m-gateway",
-    version,
-    about = "Point-to-point machine-to-machine gateway"
-)]
+#[command(name = "m2m-gateway", version, about = "Point-to-point machine-to-machine gateway")]
 struct Cli {
     /// More logging (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -56,6 +52,37 @@ enum Command {
         /// Replace an existing key (peers pinning the old fingerprint must be updated).
         #[arg(long)]
         force: bool,
+    },
+    /// Serve simulated field devices on a virtual serial pair (or a real port).
+    Simulate {
+        /// Simulation file (see README); without it, --units makes a quick one.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Unit ids for the quick simulation.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        units: Vec<u8>,
+        /// Registers per table per unit in the quick simulation.
+        #[arg(long, default_value_t = 100)]
+        registers: u16,
+        /// Also make this symlink to the virtual port (like /dev/serial/by-id/...).
+        #[arg(long)]
+        link: Option<PathBuf>,
+        /// Serve a real serial port instead of a virtual pair.
+        #[arg(long, conflicts_with = "link")]
+        device: Option<PathBuf>,
+    },
+    /// Run a configuration against simulated devices on virtual serial pairs and show
+    /// the live values. No hardware needed.
+    Demo {
+        /// Configuration file.
+        #[arg(short, long, default_value = "gateway.toml")]
+        config: PathBuf,
+        /// How long to run (0 = until Ctrl-C).
+        #[arg(long = "for", default_value = "15s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// How often to print the values.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        every: Duration,
     },
 }
 
@@ -149,11 +176,10 @@ struct PollArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One-shot commands print their result; their info logs would only be noise.
+    let quiet = matches!(cli.command, Command::Poll(_) | Command::Check { .. });
+    init_logging(cli.verbose, quiet);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -169,17 +195,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, quiet: bool) {
     let default = match verbose {
+        0 if quiet => "warn",
         0 => "info",
         1 => "debug",
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -215,9 +244,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             let shutdown = shutdown_on_signals()?;
-            Gateway::start(&model, shutdown)?
-                .shutdown(Duration::from_secs(1))
-                .await;
+            Gateway::start(&model, shutdown)?.shutdown(Duration::from_secs(1)).await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {
@@ -232,6 +259,34 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Keygen { dir, force } => {
             let id = m2m_gateway::tls::keygen(&dir, force)?;
             println!("{}", id.fingerprint);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate { config, units, registers, link, device } => {
+            let cfg = match config {
+                Some(path) => simulate::load(&path)?,
+                None => simulate::quick(&units, registers),
+            };
+            let shutdown = shutdown_on_signals()?;
+            let sim = simulate::Simulator::new(cfg);
+            match device {
+                Some(dev) => sim.serve_device(&dev, shutdown).await?,
+                None => {
+                    simulate::run_virtual(sim, link.as_deref(), shutdown, |p| {
+                        println!("{}", p.display());
+                    })
+                    .await?
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { config, duration, every } => {
+            let model = match load(&config) {
+                Ok(m) => m,
+                Err(code) => return Ok(code),
+            };
+            let shutdown = shutdown_on_signals()?;
+            let duration = if duration.is_zero() { Duration::MAX / 4 } else { duration };
+            m2m_gateway::demo::run(model, duration, every, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -303,9 +358,5 @@ async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
         }
     }
     poll.close().await;
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

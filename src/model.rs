@@ -128,18 +128,20 @@ pub struct Point {
     pub unit: Option<String>,
 }
 
-/// This gateway's identity and listening socket for peer links.
+/// This gateway's identity and listening socket for peer links. With no peers, nothing
+/// listens and nothing dials (the section may exist before any peer is paired).
 #[derive(Debug, Clone)]
 pub struct Links {
     /// Directory holding `cert.pem` and `key.pem` (made by `m2m-gateway keygen`).
     pub identity_dir: std::path::PathBuf,
     /// Directory for the per-peer spools.
     pub data_dir: std::path::PathBuf,
-    /// Where to listen for peers that dial us; `None`: no listening socket at all.
+    /// Where to listen for peers that dial us; `None`: no listening socket at all (then
+    /// every peer has [`Dial::Connect`]).
     pub listen: Option<std::net::SocketAddr>,
     /// Source networks allowed to connect (empty: any, the certificate pin still applies).
     pub allow: Vec<IpNet>,
-    /// The peers.
+    /// The peers: unique names, fingerprints, dial addresses and spool files.
     pub peers: Vec<Peer>,
 }
 
@@ -158,15 +160,11 @@ impl IpNet {
         use std::net::IpAddr::{V4, V6};
         match (self.addr, ip) {
             (V4(n), V4(a)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (V6(n), V6(a)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -188,11 +186,13 @@ pub enum Dial {
 pub struct Peer {
     /// The peer's gateway name (its points appear here as `name/point`).
     pub name: String,
-    /// SHA-256 fingerprint of the peer's certificate, hex.
+    /// SHA-256 fingerprint of the peer's certificate: 32 uppercase hex pairs joined by
+    /// `:` (`3F:A2:…`), as `tls::Fingerprint` displays and parses it.
     pub fingerprint: String,
     /// Who dials.
     pub dial: Dial,
-    /// Spool file for values bound to this peer.
+    /// Spool file for values bound to this peer (under `data_dir` unless configured
+    /// absolute).
     pub spool: std::path::PathBuf,
     /// Spool bound: bytes.
     pub spool_max_bytes: u64,
@@ -200,9 +200,9 @@ pub struct Peer {
     pub spool_max_age: Duration,
     /// Heartbeat interval; the link is declared dead after 3 missed heartbeats.
     pub heartbeat: Duration,
-    /// What is sent to this peer.
+    /// What is sent to this peer; a point matched by several rules is sent by the first.
     pub send: Vec<SendRule>,
-    /// What this peer may write here.
+    /// What this peer may write here (none: read-only); no point is in two grants.
     pub grants: Vec<Grant>,
     /// Received points that drive writes into local devices.
     pub writeback: Vec<WriteBack>,
@@ -211,8 +211,11 @@ pub struct Peer {
 /// Which local points go to a peer, and when.
 #[derive(Debug, Clone)]
 pub struct SendRule {
-    /// Point name globs (`boiler.*`).
+    /// Point name globs as written (`boiler.*`).
     pub points: Vec<String>,
+    /// The local points this rule sends (full names, model order): what the globs
+    /// matched, less the points an earlier rule of the same peer already sends.
+    pub matched: Vec<String>,
     /// When a value is sent.
     pub mode: SendMode,
 }
@@ -239,8 +242,11 @@ pub enum SendMode {
 /// A write a peer may make into a local point.
 #[derive(Debug, Clone)]
 pub struct Grant {
-    /// Local point name glob.
-    pub points: String,
+    /// Local point name globs as written.
+    pub points: Vec<String>,
+    /// The local points granted (full names, model order): all holding registers or
+    /// coils, numeric whenever `min` or `max` is set.
+    pub matched: Vec<String>,
     /// Smallest value allowed (numbers only).
     pub min: Option<f64>,
     /// Largest value allowed (numbers only).
@@ -252,7 +258,8 @@ pub struct Grant {
 pub enum OnLoss {
     /// Keep the last value written.
     Keep,
-    /// Write this value.
+    /// Write this value (checked to encode into the target point; a bool for
+    /// bool and bit targets).
     Fallback(crate::value::Value),
 }
 
@@ -261,7 +268,8 @@ pub enum OnLoss {
 pub struct WriteBack {
     /// Point name at the peer (without the `peer/` prefix).
     pub from: String,
-    /// Local point written (must be a holding register or coil point).
+    /// Local point written: a holding register or coil point, not a string; no two
+    /// write-backs (of any peers) drive the same point.
     pub to: String,
     /// What happens when the link is down longer than `loss_after`.
     pub on_loss: OnLoss,

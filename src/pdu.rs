@@ -56,18 +56,10 @@ pub enum PduError {
 
 fn check(function: u8, address: u16, quantity: usize, max: u16) -> Result<(), PduError> {
     if quantity == 0 || quantity > usize::from(max) {
-        return Err(PduError::Quantity {
-            function,
-            quantity,
-            max,
-        });
+        return Err(PduError::Quantity { function, quantity, max });
     }
     if usize::from(address) + quantity > 0x1_0000 {
-        return Err(PduError::Range {
-            function,
-            address,
-            quantity,
-        });
+        return Err(PduError::Range { function, address, quantity });
     }
     Ok(())
 }
@@ -78,10 +70,7 @@ fn put_u16(buf: &mut Vec<u8>, v: u16) {
 
 fn put_bits(buf: &mut Vec<u8>, bits: &[bool]) {
     for chunk in bits.chunks(8) {
-        let byte = chunk
-            .iter()
-            .enumerate()
-            .fold(0u8, |b, (i, &on)| if on { b | (1 << i) } else { b });
+        let byte = chunk.iter().enumerate().fold(0u8, |b, (i, &on)| if on { b | (1 << i) } else { b });
         buf.push(byte);
     }
 }
@@ -107,10 +96,9 @@ pub fn validate_request(req: &Request<'_>) -> Result<(), PduError> {
             check(f, *ra, usize::from(*rq), MAX_READ_REGISTERS)?;
             check(f, *wa, words.len(), MAX_RW_WRITE_REGISTERS)
         }
-        Request::Custom(_, data) if data.len() + 1 > MAX_PDU => Err(PduError::TooLong {
-            function: f,
-            len: data.len() + 1,
-        }),
+        Request::Custom(_, data) if data.len() + 1 > MAX_PDU => {
+            Err(PduError::TooLong { function: f, len: data.len() + 1 })
+        }
         _ => Ok(()),
     }
 }
@@ -252,9 +240,7 @@ pub fn pdu_len(pdu: &[u8], request: bool) -> Option<usize> {
 /// The exact length of the normal (non-exception) reply to `req`, when the request fixes it.
 pub fn expected_response_len(req: &Request<'_>) -> Option<usize> {
     Some(match req {
-        Request::ReadCoils(_, q) | Request::ReadDiscreteInputs(_, q) => {
-            2 + packed_len(usize::from(*q))
-        }
+        Request::ReadCoils(_, q) | Request::ReadDiscreteInputs(_, q) => 2 + packed_len(usize::from(*q)),
         Request::ReadHoldingRegisters(_, q)
         | Request::ReadInputRegisters(_, q)
         | Request::ReadWriteMultipleRegisters(_, q, _, _) => 2 + 2 * usize::from(*q),
@@ -281,30 +267,16 @@ mod tests {
     // Byte vectors from the examples in the Modbus Application Protocol spec v1.1b3, §6.
     #[test]
     fn spec_examples_requests() {
-        assert_eq!(
-            enc(Request::ReadCoils(19, 19)),
-            [0x01, 0x00, 0x13, 0x00, 0x13]
-        );
-        assert_eq!(
-            enc(Request::ReadHoldingRegisters(107, 3)),
-            [0x03, 0x00, 0x6B, 0x00, 0x03]
-        );
-        assert_eq!(
-            enc(Request::WriteSingleCoil(172, true)),
-            [0x05, 0x00, 0xAC, 0xFF, 0x00]
-        );
-        let coils = [
-            true, false, true, true, false, false, true, true, true, false,
-        ];
+        assert_eq!(enc(Request::ReadCoils(19, 19)), [0x01, 0x00, 0x13, 0x00, 0x13]);
+        assert_eq!(enc(Request::ReadHoldingRegisters(107, 3)), [0x03, 0x00, 0x6B, 0x00, 0x03]);
+        assert_eq!(enc(Request::WriteSingleCoil(172, true)), [0x05, 0x00, 0xAC, 0xFF, 0x00]);
+        let coils = [true, false, true, true, false, false, true, true, true, false];
         assert_eq!(
             enc(Request::WriteMultipleCoils(19, Cow::Borrowed(&coils))),
             [0x0F, 0x00, 0x13, 0x00, 0x0A, 0x02, 0xCD, 0x01]
         );
         assert_eq!(
-            enc(Request::WriteMultipleRegisters(
-                1,
-                Cow::Borrowed(&[0x000A, 0x0102])
-            )),
+            enc(Request::WriteMultipleRegisters(1, Cow::Borrowed(&[0x000A, 0x0102]))),
             [0x10, 0x00, 0x01, 0x00, 0x02, 0x04, 0x00, 0x0A, 0x01, 0x02]
         );
         assert_eq!(
@@ -316,15 +288,10 @@ mod tests {
     #[test]
     fn spec_examples_responses() {
         let mut buf = Vec::new();
-        encode_response(
-            &Response::ReadHoldingRegisters(vec![0x022B, 0x0000, 0x0064]),
-            &mut buf,
-        );
+        encode_response(&Response::ReadHoldingRegisters(vec![0x022B, 0x0000, 0x0064]), &mut buf);
         assert_eq!(buf, [0x03, 0x06, 0x02, 0x2B, 0x00, 0x00, 0x00, 0x64]);
         buf.clear();
-        let bits = [
-            true, false, true, true, false, false, true, true, true, true, false, true,
-        ];
+        let bits = [true, false, true, true, false, false, true, true, true, true, false, true];
         encode_response(&Response::ReadCoils(bits.to_vec()), &mut buf);
         assert_eq!(buf, [0x01, 0x02, 0xCD, 0x0B]);
     }

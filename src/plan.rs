@@ -84,6 +84,23 @@ pub fn plan_device(device: &Device) -> Vec<Read> {
     plan_device_with(device, Strategy::Merged)
 }
 
+/// Splits a merged read at its gaps, for a device that refuses to read registers no
+/// point uses (exception 0x02 on a gap-bridging read). Empty when the read has no gap.
+pub fn split_read(device: &Device, read: &Read) -> Vec<Read> {
+    let sub = Device {
+        points: read.slots.iter().map(|s| device.points[s.point].clone()).collect(),
+        ..device.clone()
+    };
+    let mut parts = plan_device_with(&sub, Strategy::Contiguous);
+    if parts.len() < 2 {
+        return Vec::new();
+    }
+    for part in &mut parts {
+        part.slots.iter_mut().for_each(|slot| slot.point = read.slots[slot.point].point);
+    }
+    parts
+}
+
 /// The reads for a device's points under `strategy`.
 pub fn plan_device_with(device: &Device, strategy: Strategy) -> Vec<Read> {
     let mut groups: BTreeMap<(Table, Duration), Vec<usize>> = BTreeMap::new();
@@ -107,21 +124,14 @@ pub fn plan_device_with(device: &Device, strategy: Strategy) -> Vec<Read> {
             let start = u32::from(p.address);
             // In a bit table every point is one bit; a zero-length string still reads one
             // register so that the request is valid.
-            let width = if is_bits(table) {
-                1
-            } else {
-                u32::from(p.data_type.width()).max(1)
-            };
+            let width = if is_bits(table) { 1 } else { u32::from(p.data_type.width()).max(1) };
             let end = start + width;
             if let Some((s, e, slots)) = current.as_mut() {
                 let joins = strategy != Strategy::PerPoint
                     && start.saturating_sub(*e) <= max_gap
                     && end.max(*e) - *s <= limit;
                 if joins {
-                    slots.push(Slot {
-                        point: i,
-                        offset: to_u16(start - *s),
-                    });
+                    slots.push(Slot { point: i, offset: to_u16(start - *s) });
                     *e = (*e).max(end);
                     continue;
                 }
@@ -129,14 +139,7 @@ pub fn plan_device_with(device: &Device, strategy: Strategy) -> Vec<Read> {
             if let Some(done) = current.take() {
                 reads.push(finish(table, interval, done));
             }
-            current = Some((
-                start,
-                end,
-                vec![Slot {
-                    point: i,
-                    offset: 0,
-                }],
-            ));
+            current = Some((start, end, vec![Slot { point: i, offset: 0 }]));
         }
         if let Some(done) = current {
             reads.push(finish(table, interval, done));
@@ -153,13 +156,7 @@ fn to_u16(n: u32) -> u16 {
 }
 
 fn finish(table: Table, interval: Duration, (start, end, slots): (u32, u32, Vec<Slot>)) -> Read {
-    Read {
-        table,
-        start: to_u16(start),
-        count: to_u16(end - start),
-        interval,
-        slots,
-    }
+    Read { table, start: to_u16(start), count: to_u16(end - start), interval, slots }
 }
 
 /// The Modbus request for a read (FC1/2/3/4 by table).
@@ -180,22 +177,13 @@ pub fn request_bytes(_read: &Read) -> usize {
 /// Bytes of the RTU reply frame: unit, function, byte count, data, CRC.
 pub fn response_bytes(read: &Read) -> usize {
     let count = usize::from(read.count);
-    let data = if is_bits(read.table) {
-        count.div_ceil(8)
-    } else {
-        2 * count
-    };
+    let data = if is_bits(read.table) { count.div_ceil(8) } else { 2 * count };
     5 + data
 }
 
 /// Line time of one transaction: the request, t3.5, the device's turnaround, the reply
 /// and t3.5 again before the next frame may start.
-pub fn transaction_time(
-    line: &Line,
-    turnaround: Duration,
-    req_bytes: usize,
-    rsp_bytes: usize,
-) -> Duration {
+pub fn transaction_time(line: &Line, turnaround: Duration, req_bytes: usize, rsp_bytes: usize) -> Duration {
     let gap = t35(line);
     wire_time(line, req_bytes) + gap + turnaround + wire_time(line, rsp_bytes) + gap
 }
@@ -236,36 +224,21 @@ pub fn plan_bus(bus: &Bus) -> BusPlan {
             let reads = plan_device(d);
             let times: Vec<Duration> = reads
                 .iter()
-                .map(|r| {
-                    transaction_time(&bus.line, d.turnaround, request_bytes(r), response_bytes(r))
-                })
+                .map(|r| transaction_time(&bus.line, d.turnaround, request_bytes(r), response_bytes(r)))
                 .collect();
             for (r, t) in reads.iter().zip(&times) {
                 load += share(*t, r.interval);
             }
-            DevicePlan {
-                device: d.name.clone(),
-                unit: d.unit,
-                reads,
-                times,
-            }
+            DevicePlan { device: d.name.clone(), unit: d.unit, reads, times }
         })
         .collect();
-    BusPlan {
-        bus: bus.name.clone(),
-        devices,
-        load,
-    }
+    BusPlan { bus: bus.name.clone(), devices, load }
 }
 
 /// The fraction of time a transaction of `time` repeated every `interval` takes.
 fn share(time: Duration, interval: Duration) -> f64 {
     let every = interval.as_secs_f64();
-    if every > 0.0 {
-        time.as_secs_f64() / every
-    } else {
-        f64::INFINITY
-    }
+    if every > 0.0 { time.as_secs_f64() / every } else { f64::INFINITY }
 }
 
 /// Plans every bus of the model.
@@ -282,11 +255,7 @@ fn millis(d: Duration) -> String {
 }
 
 fn percent(load: f64) -> String {
-    if load.is_finite() {
-        format!("{:.1}%", load * 100.0)
-    } else {
-        "unbounded".to_string()
-    }
+    if load.is_finite() { format!("{:.1}%", load * 100.0) } else { "unbounded".to_string() }
 }
 
 /// `8N1`, `8E1`, `7O2`.
@@ -307,21 +276,13 @@ fn read_columns(read: &Read, time: Duration) -> [String; 3] {
     } else {
         format!("{} {}..={last}", read.table, read.start)
     };
-    let (one, many) = if is_bits(read.table) {
-        ("bit", "bits")
-    } else {
-        ("reg", "regs")
-    };
+    let (one, many) = if is_bits(read.table) { ("bit", "bits") } else { ("reg", "regs") };
     let size = format!(
         "({}, every {})",
         plural(usize::from(read.count), one, many),
         humantime::format_duration(read.interval)
     );
-    let cost = format!(
-        "-> {}, {} on the wire",
-        plural(read.slots.len(), "point", "points"),
-        millis(time)
-    );
+    let cost = format!("-> {}, {} on the wire", plural(read.slots.len(), "point", "points"), millis(time));
     [range, size, cost]
 }
 
@@ -354,10 +315,7 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
         for d in &plan.devices {
             let label = format!("{} (unit {})", d.device, d.unit);
             if d.reads.is_empty() {
-                rows.push((
-                    label,
-                    ["no points".to_string(), String::new(), String::new()],
-                ));
+                rows.push((label, ["no points".to_string(), String::new(), String::new()]));
                 continue;
             }
             for (k, (r, t)) in d.reads.iter().zip(&d.times).enumerate() {
@@ -410,13 +368,7 @@ mod tests {
 
     const SEC: Duration = Duration::from_secs(1);
 
-    fn point(
-        name: &str,
-        table: Table,
-        address: u16,
-        data_type: DataType,
-        interval: Duration,
-    ) -> Point {
+    fn point(name: &str, table: Table, address: u16, data_type: DataType, interval: Duration) -> Point {
         Point {
             name: format!("dev.{name}"),
             table,
@@ -450,20 +402,12 @@ mod tests {
     }
 
     fn line_9600(parity: Parity) -> Line {
-        Line {
-            baud: 9600,
-            data_bits: 8,
-            parity,
-            stop_bits: 1,
-        }
+        Line { baud: 9600, data_bits: 8, parity, stop_bits: 1 }
     }
 
     fn model(devices: Vec<Device>) -> Model {
         Model {
-            gateway: Gateway {
-                name: "gw".into(),
-                summary_interval: Duration::from_secs(60),
-            },
+            gateway: Gateway { name: "gw".into(), summary_interval: Duration::from_secs(60) },
             buses: vec![Bus {
                 name: "field".into(),
                 port: "/dev/ttyUSB0".into(),
@@ -481,99 +425,51 @@ mod tests {
 
     /// (table, start, count, number of points) of each read.
     fn shape(reads: &[Read]) -> Vec<(Table, u16, u16, usize)> {
-        reads
-            .iter()
-            .map(|r| (r.table, r.start, r.count, r.slots.len()))
-            .collect()
+        reads.iter().map(|r| (r.table, r.start, r.count, r.slots.len())).collect()
     }
 
     #[test]
     fn gaps_up_to_max_gap_merge() {
         // 0..2 (f32), gap 4 -> 6, gap 5 -> 12.
-        let d = device(vec![
-            hr(0, DataType::F32),
-            hr(6, DataType::U16),
-            hr(12, DataType::U16),
-        ]);
+        let d = device(vec![hr(0, DataType::F32), hr(6, DataType::U16), hr(12, DataType::U16)]);
         let reads = plan_device(&d);
-        assert_eq!(
-            shape(&reads),
-            [(Table::Holding, 0, 7, 2), (Table::Holding, 12, 1, 1)]
-        );
-        assert_eq!(
-            reads[0].slots[1],
-            Slot {
-                point: 1,
-                offset: 6
-            }
-        );
+        assert_eq!(shape(&reads), [(Table::Holding, 0, 7, 2), (Table::Holding, 12, 1, 1)]);
+        assert_eq!(reads[0].slots[1], Slot { point: 1, offset: 6 });
         assert_eq!(request_bytes(&reads[0]), 8);
         assert_eq!(response_bytes(&reads[0]), 5 + 14);
     }
 
     #[test]
     fn points_are_sorted_and_indexed() {
-        let d = device(vec![
-            hr(10, DataType::U16),
-            hr(8, DataType::U32),
-            hr(9, DataType::U16),
-        ]);
+        let d = device(vec![hr(10, DataType::U16), hr(8, DataType::U32), hr(9, DataType::U16)]);
         let reads = plan_device(&d);
         assert_eq!(shape(&reads), [(Table::Holding, 8, 3, 3)]);
         assert_eq!(
             reads[0].slots,
-            [
-                Slot {
-                    point: 1,
-                    offset: 0
-                },
-                Slot {
-                    point: 2,
-                    offset: 1
-                },
-                Slot {
-                    point: 0,
-                    offset: 2
-                },
-            ]
+            [Slot { point: 1, offset: 0 }, Slot { point: 2, offset: 1 }, Slot { point: 0, offset: 2 },]
         );
     }
 
     #[test]
     fn overlapping_points_share_a_read() {
         // A u32 at 4..6 and its low word as a u16 at 5, plus a bit of register 4.
-        let d = device(vec![
-            hr(4, DataType::U32),
-            hr(5, DataType::U16),
-            hr(4, DataType::Bit(3)),
-        ]);
+        let d = device(vec![hr(4, DataType::U32), hr(5, DataType::U16), hr(4, DataType::Bit(3))]);
         let reads = plan_device(&d);
         assert_eq!(shape(&reads), [(Table::Holding, 4, 2, 3)]);
-        assert_eq!(
-            plan_device_with(&d, Strategy::Contiguous),
-            reads,
-            "overlap merges even without a gap"
-        );
+        assert_eq!(plan_device_with(&d, Strategy::Contiguous), reads, "overlap merges even without a gap");
     }
 
     #[test]
     fn protocol_and_device_limits_split() {
         // 130 consecutive registers: 125 + 5.
         let d = device((0..130).map(|a| hr(a, DataType::U16)).collect());
-        assert_eq!(
-            shape(&plan_device(&d)),
-            [(Table::Holding, 0, 125, 125), (Table::Holding, 125, 5, 5)]
-        );
+        assert_eq!(shape(&plan_device(&d)), [(Table::Holding, 0, 125, 125), (Table::Holding, 125, 5, 5)]);
         // A lower device limit; a device limit above the protocol's is clamped.
         let mut small = d.clone();
         small.max_registers = 50;
         assert_eq!(
             shape(&plan_device(&small)),
-            [
-                (Table::Holding, 0, 50, 50),
-                (Table::Holding, 50, 50, 50),
-                (Table::Holding, 100, 30, 30)
-            ]
+            [(Table::Holding, 0, 50, 50), (Table::Holding, 50, 50, 50), (Table::Holding, 100, 30, 30)]
         );
         let mut big = d;
         big.max_registers = 1000;
@@ -581,17 +477,11 @@ mod tests {
         // A 4-register point does not straddle the limit: it starts a new read.
         let mut tight = device(vec![hr(0, DataType::U16), hr(1, DataType::U64)]);
         tight.max_registers = 4;
-        assert_eq!(
-            shape(&plan_device(&tight)),
-            [(Table::Holding, 0, 1, 1), (Table::Holding, 1, 4, 1)]
-        );
+        assert_eq!(shape(&plan_device(&tight)), [(Table::Holding, 0, 1, 1), (Table::Holding, 1, 4, 1)]);
         // Wider than the limit: its own read, no panic.
         let mut tiny = device(vec![hr(0, DataType::U16), hr(1, DataType::Str(20))]);
         tiny.max_registers = 2;
-        assert_eq!(
-            shape(&plan_device(&tiny)),
-            [(Table::Holding, 0, 1, 1), (Table::Holding, 1, 10, 1)]
-        );
+        assert_eq!(shape(&plan_device(&tiny)), [(Table::Holding, 0, 1, 1), (Table::Holding, 1, 10, 1)]);
     }
 
     #[test]
@@ -604,11 +494,7 @@ mod tests {
         let reads = plan_device(&d);
         assert_eq!(
             shape(&reads),
-            [
-                (Table::Coils, 0, 2000, 2000),
-                (Table::Coils, 2000, 1, 1),
-                (Table::Discrete, 3, 6, 2)
-            ]
+            [(Table::Coils, 0, 2000, 2000), (Table::Coils, 2000, 1, 1), (Table::Discrete, 3, 6, 2)]
         );
         assert_eq!(response_bytes(&reads[0]), 5 + 250);
         assert_eq!(response_bytes(&reads[2]), 6);
@@ -628,17 +514,10 @@ mod tests {
             point("fast2", Table::Holding, 2, DataType::U16, SEC),
         ]);
         let reads = plan_device(&d);
-        let got: Vec<_> = reads
-            .iter()
-            .map(|r| (r.table, r.interval, r.start, r.count))
-            .collect();
+        let got: Vec<_> = reads.iter().map(|r| (r.table, r.interval, r.start, r.count)).collect();
         assert_eq!(
             got,
-            [
-                (Table::Holding, SEC, 0, 3),
-                (Table::Holding, SEC * 10, 1, 1),
-                (Table::Input, SEC, 0, 1),
-            ]
+            [(Table::Holding, SEC, 0, 3), (Table::Holding, SEC * 10, 1, 1), (Table::Input, SEC, 0, 1),]
         );
         assert_eq!(read_request(&reads[0]), Request::ReadHoldingRegisters(0, 3));
         assert_eq!(read_request(&reads[2]), Request::ReadInputRegisters(0, 1));
@@ -655,11 +534,7 @@ mod tests {
         assert_eq!(plan_device_with(&d, Strategy::Merged).len(), 2);
         assert_eq!(
             shape(&plan_device_with(&d, Strategy::Contiguous)),
-            [
-                (Table::Holding, 0, 3, 2),
-                (Table::Holding, 5, 1, 1),
-                (Table::Holding, 20, 1, 1)
-            ]
+            [(Table::Holding, 0, 3, 2), (Table::Holding, 5, 1, 1), (Table::Holding, 20, 1, 1)]
         );
         let per_point = plan_device_with(&d, Strategy::PerPoint);
         assert_eq!(per_point.len(), 4);
@@ -669,13 +544,7 @@ mod tests {
 
     #[test]
     fn ten_registers_at_9600() {
-        let read = Read {
-            table: Table::Holding,
-            start: 0,
-            count: 10,
-            interval: SEC,
-            slots: vec![],
-        };
+        let read = Read { table: Table::Holding, start: 0, count: 10, interval: SEC, slots: vec![] };
         assert_eq!((request_bytes(&read), response_bytes(&read)), (8, 25));
         // 8N1: 10 bits a character, 1.0417 ms; 33 characters = 34.4 ms, t3.5 = 3.65 ms.
         let t = transaction_time(&line_9600(Parity::None), Duration::ZERO, 8, 25);
@@ -683,10 +552,7 @@ mod tests {
         assert!((t.as_secs_f64() * 1000.0 - 41.67).abs() < 0.01, "{t:?}");
         // 8E1: 11 bits, 37.8 ms of characters, t3.5 = 4.01 ms; turnaround adds on.
         let t = transaction_time(&line_9600(Parity::Even), Duration::from_millis(5), 8, 25);
-        assert!(
-            (t.as_secs_f64() * 1000.0 - (37.81 + 8.02 + 5.0)).abs() < 0.01,
-            "{t:?}"
-        );
+        assert!((t.as_secs_f64() * 1000.0 - (37.81 + 8.02 + 5.0)).abs() < 0.01, "{t:?}");
     }
 
     #[test]
@@ -710,8 +576,7 @@ mod tests {
         assert_eq!(p.devices[0].times.len(), 2);
         // Coils (sorted first) every 5 s (8 + 6 bytes: 21.9 ms) + holding 0..=9 every 1 s
         // (41.67 ms).
-        let expect =
-            p.devices[0].times[0].as_secs_f64() / 5.0 + p.devices[0].times[1].as_secs_f64();
+        let expect = p.devices[0].times[0].as_secs_f64() / 5.0 + p.devices[0].times[1].as_secs_f64();
         assert!((p.load - expect).abs() < 1e-12);
         assert!((p.load - 0.0461).abs() < 0.001, "{}", p.load);
 
@@ -725,29 +590,15 @@ bus field (/dev/ttyUSB0, 9600 baud 8N1, t3.5 3.65 ms)
 ";
         assert_eq!(text, expected);
         assert!(text.contains("  meter (unit 12)  no points\n"), "{text}");
-        assert!(
-            text.contains("  bus load: 4.6% of line capacity (2 requests for 4 points)\n"),
-            "{text}"
-        );
-        assert!(
-            !text.contains("warning:") && !text.contains("note:"),
-            "{text}"
-        );
+        assert!(text.contains("  bus load: 4.6% of line capacity (2 requests for 4 points)\n"), "{text}");
+        assert!(!text.contains("warning:") && !text.contains("note:"), "{text}");
     }
 
     #[test]
     fn overloaded_bus_warns() {
         // 30 separate registers every 100 ms at 9600: ~26 ms each, far over the line.
         let points = (0..30)
-            .map(|a| {
-                point(
-                    "p",
-                    Table::Holding,
-                    a * 10,
-                    DataType::U16,
-                    Duration::from_millis(100),
-                )
-            })
+            .map(|a| point("p", Table::Holding, a * 10, DataType::U16, Duration::from_millis(100)))
             .collect();
         let m = model(vec![device(points)]);
         let plans = plan_model(&m);
@@ -757,18 +608,9 @@ bus field (/dev/ttyUSB0, 9600 baud 8N1, t3.5 3.65 ms)
             .lines()
             .find(|l| l.starts_with("warning:"))
             .unwrap_or_else(|| panic!("no warning in {text}"));
-        assert!(
-            warning.contains("configured intervals cannot fit on the line"),
-            "{warning}"
-        );
-        assert!(
-            warning.contains("slow the intervals or raise the baud"),
-            "{warning}"
-        );
-        assert!(
-            warning.contains(&format!("{:.1}% needed", plans[0].load * 100.0)),
-            "{warning}"
-        );
+        assert!(warning.contains("configured intervals cannot fit on the line"), "{warning}");
+        assert!(warning.contains("slow the intervals or raise the baud"), "{warning}");
+        assert!(warning.contains(&format!("{:.1}% needed", plans[0].load * 100.0)), "{warning}");
 
         // Just over 80%: a note, not a warning.
         let mut busy = plans[0].clone();

@@ -16,7 +16,7 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until};
-use tokio_modbus::{Request, Response};
+use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
@@ -64,11 +64,7 @@ impl Poller {
             .devices
             .iter()
             .map(|d| DeviceState {
-                ids: d
-                    .points
-                    .iter()
-                    .map(|p| image.register(&p.name, p.stale_after))
-                    .collect(),
+                ids: d.points.iter().map(|p| image.register(&p.name, p.stale_after)).collect(),
                 reads: plan::plan_device(d)
                     .into_iter()
                     .map(|read| ReadState {
@@ -85,11 +81,7 @@ impl Poller {
                 probe_at: now,
             })
             .collect();
-        Self {
-            bus: handle,
-            image,
-            devices,
-        }
+        Self { bus: handle, image, devices }
     }
 
     /// Polls until `shutdown` is cancelled.
@@ -110,10 +102,7 @@ impl Poller {
     }
 
     /// Submits every read that is due; returns when the next one falls due.
-    fn submit_due(
-        &mut self,
-        in_flight: &mut FuturesUnordered<BoxFuture<'static, Outcome>>,
-    ) -> Instant {
+    fn submit_due(&mut self, in_flight: &mut FuturesUnordered<BoxFuture<'static, Outcome>>) -> Instant {
         let now = Instant::now();
         let mut next = now + Duration::from_secs(3600);
         for (d, dev) in self.devices.iter_mut().enumerate() {
@@ -137,9 +126,7 @@ impl Poller {
                 let job = Job {
                     unit: dev.device.unit,
                     request: rs.request.clone(),
-                    priority: Priority::Poll {
-                        deadline: due_at + rs.read.interval,
-                    },
+                    priority: Priority::Poll { deadline: due_at + rs.read.interval },
                     timeout: dev.device.timeout,
                     turnaround: dev.device.turnaround,
                     retries: if dev.online { dev.retries } else { 0 },
@@ -156,9 +143,8 @@ impl Poller {
                 match self.bus.submit(job) {
                     Ok(()) => {
                         rs.busy = true;
-                        in_flight.push(Box::pin(async move {
-                            (d, r, rx.await.unwrap_or(Err(BusError::Closed)))
-                        }));
+                        in_flight
+                            .push(Box::pin(async move { (d, r, rx.await.unwrap_or(Err(BusError::Closed))) }));
                     }
                     Err(e) => debug!(device = %dev.device.name, error = %e, "poll not queued"),
                 }
@@ -182,6 +168,27 @@ impl Poller {
                 }
                 let samples = decode(dev, r, &rsp);
                 self.image.update(samples);
+            }
+            Err(BusError::Exception(ExceptionCode::IllegalDataAddress))
+                if !plan::split_read(&dev.device, &dev.reads[r].read).is_empty() =>
+            {
+                // Many devices refuse to read registers that are not mapped, and a merged
+                // read bridges gaps: read the parts separately from now on.
+                let mut parts = plan::split_read(&dev.device, &dev.reads[r].read).into_iter();
+                let due = Instant::now();
+                let mut state = |read: Read| ReadState {
+                    request: plan::read_request(&read),
+                    read,
+                    next_due: due,
+                    busy: false,
+                };
+                let first = parts.next().map(&mut state);
+                let rest: Vec<ReadState> = parts.map(state).collect();
+                warn!(device = %dev.device.name, parts = rest.len() + 1, "device refused a read bridging unused registers; splitting it");
+                if let Some(first) = first {
+                    dev.reads[r] = first;
+                }
+                dev.reads.extend(rest);
             }
             Err(BusError::Exception(code)) => {
                 let ids = dev.reads[r].read.slots.iter().map(|s| dev.ids[s.point]);
@@ -229,23 +236,13 @@ fn decode(dev: &DeviceState, r: usize, rsp: &Response) -> Vec<(PointId, Sample)>
                 Table::Holding | Table::Input => {
                     let width = usize::from(point.data_type.width());
                     words.get(at_off..at_off + width).and_then(|w| {
-                        codec::decode_registers(
-                            point.data_type,
-                            point.order,
-                            point.scale,
-                            point.offset,
-                            w,
-                        )
-                        .inspect_err(|e| warn!(point = %point.name, error = %e, "cannot decode"))
-                        .ok()
+                        codec::decode_registers(point.data_type, point.order, point.scale, point.offset, w)
+                            .inspect_err(|e| warn!(point = %point.name, error = %e, "cannot decode"))
+                            .ok()
                     })
                 }
             };
-            let quality = if value.is_some() {
-                Quality::Good
-            } else {
-                Quality::Exception(0x04)
-            };
+            let quality = if value.is_some() { Quality::Good } else { Quality::Exception(0x04) };
             (dev.ids[slot.point], Sample { value, at, quality })
         })
         .collect()

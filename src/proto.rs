@@ -64,9 +64,7 @@ pub enum ProtoError {
     #[error("unknown frame type {0}")]
     UnknownType(u8),
     /// The body ended before a field was complete.
-    #[error(
-        "truncated {frame} frame: {what} needs {need} bytes at body offset {offset}, {have} left"
-    )]
+    #[error("truncated {frame} frame: {what} needs {need} bytes at body offset {offset}, {have} left")]
     Truncated {
         /// Frame type name.
         frame: &'static str,
@@ -214,14 +212,7 @@ impl Frame {
 
 /// Checks the version of a peer's hello against ours.
 pub fn check_version(peer: u16) -> Result<(), ProtoError> {
-    if peer == VERSION {
-        Ok(())
-    } else {
-        Err(ProtoError::VersionMismatch {
-            peer,
-            ours: VERSION,
-        })
-    }
+    if peer == VERSION { Ok(()) } else { Err(ProtoError::VersionMismatch { peer, ours: VERSION }) }
 }
 
 /// Codec for [`Frame`]s with a maximum frame size (type byte + body).
@@ -240,9 +231,7 @@ impl FrameCodec {
     /// A codec refusing frames longer than `max_frame` bytes (type byte + body), both
     /// when decoding and when encoding. Clamped to what the u32 prefix can express.
     pub fn new(max_frame: usize) -> Self {
-        Self {
-            max_frame: max_frame.clamp(1, u32::MAX as usize),
-        }
+        Self { max_frame: max_frame.clamp(1, u32::MAX as usize) }
     }
 
     /// The configured limit.
@@ -264,10 +253,7 @@ impl Decoder for FrameCodec {
             return Err(ProtoError::Empty);
         }
         if len > self.max_frame {
-            return Err(ProtoError::Oversized {
-                announced: len,
-                max: self.max_frame,
-            });
+            return Err(ProtoError::Oversized { announced: len, max: self.max_frame });
         }
         if src.len() < 4 + len {
             // Safe to reserve now: len is bounded by max_frame.
@@ -310,11 +296,7 @@ impl Encoder<&Frame> for FrameCodec {
         }
         if len > self.max_frame {
             dst.truncate(start);
-            return Err(ProtoError::TooLong {
-                what: "frame",
-                len,
-                max: self.max_frame,
-            });
+            return Err(ProtoError::TooLong { what: "frame", len, max: self.max_frame });
         }
         let len = u32::try_from(len).map_err(|_| ProtoError::TooLong {
             what: "frame",
@@ -336,11 +318,7 @@ pub fn encode_batch_raw(
 ) -> Result<(), ProtoError> {
     let len = 1 + 8 + samples_block.len();
     if len > max_frame.min(u32::MAX as usize) {
-        return Err(ProtoError::TooLong {
-            what: "frame",
-            len,
-            max: max_frame,
-        });
+        return Err(ProtoError::TooLong { what: "frame", len, max: max_frame });
     }
     dst.reserve(4 + len);
     dst.put_u32(len as u32);
@@ -352,11 +330,7 @@ pub fn encode_batch_raw(
 
 fn encode_body(frame: &Frame, dst: &mut BytesMut) -> Result<(), ProtoError> {
     match frame {
-        Frame::Hello {
-            version,
-            name,
-            resume,
-        } => {
+        Frame::Hello { version, name, resume } => {
             dst.put_u8(ty::HELLO);
             dst.put_u16(*version);
             put_str(dst, name, "hello name")?;
@@ -485,11 +459,7 @@ fn to_micros(t: SystemTime) -> i64 {
 
 fn from_micros(micros: i64) -> Option<SystemTime> {
     let d = Duration::from_micros(micros.unsigned_abs());
-    if micros >= 0 {
-        UNIX_EPOCH.checked_add(d)
-    } else {
-        UNIX_EPOCH.checked_sub(d)
-    }
+    if micros >= 0 { UNIX_EPOCH.checked_add(d) } else { UNIX_EPOCH.checked_sub(d) }
 }
 
 fn decode_frame(ty: u8, body: &[u8]) -> Result<Frame, ProtoError> {
@@ -505,15 +475,10 @@ fn decode_frame(ty: u8, body: &[u8]) -> Result<Frame, ProtoError> {
     };
     let mut r = Reader::new(body, name);
     let frame = match ty {
-        ty::HELLO => Frame::Hello {
-            version: r.u16("version")?,
-            name: r.string("name")?,
-            resume: r.u64("resume")?,
-        },
-        ty::BATCH => Frame::Batch {
-            seq: r.u64("seq")?,
-            samples: r.samples()?,
-        },
+        ty::HELLO => {
+            Frame::Hello { version: r.u16("version")?, name: r.string("name")?, resume: r.u64("resume")? }
+        }
+        ty::BATCH => Frame::Batch { seq: r.u64("seq")?, samples: r.samples()? },
         ty::ACK => Frame::Ack { seq: r.u64("seq")? },
         ty::WRITE => {
             let id = r.u64("id")?;
@@ -534,20 +499,13 @@ fn decode_frame(ty: u8, body: &[u8]) -> Result<Frame, ProtoError> {
                 0 => Ok(()),
                 1 => Err(r.string("error")?),
                 tag => {
-                    return Err(ProtoError::BadTag {
-                        frame: name,
-                        what: "result",
-                        tag,
-                        offset,
-                    });
+                    return Err(ProtoError::BadTag { frame: name, what: "result", tag, offset });
                 }
             };
             Frame::WriteResult { id, result }
         }
         ty::HEARTBEAT => Frame::Heartbeat,
-        _ => Frame::Close {
-            reason: r.string("reason")?,
-        },
+        _ => Frame::Close { reason: r.string("reason")? },
     };
     r.finish()?;
     Ok(frame)
@@ -568,13 +526,7 @@ impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ProtoError> {
         let have = self.buf.len() - self.pos;
         if have < n {
-            return Err(ProtoError::Truncated {
-                frame: self.frame,
-                what,
-                offset: self.pos,
-                need: n,
-                have,
-            });
+            return Err(ProtoError::Truncated { frame: self.frame, what, offset: self.pos, need: n, have });
         }
         let out = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -613,21 +565,12 @@ impl<'a> Reader<'a> {
         let bytes = self.take(len, what)?;
         match std::str::from_utf8(bytes) {
             Ok(s) => Ok(s.to_owned()),
-            Err(_) => Err(ProtoError::InvalidUtf8 {
-                frame: self.frame,
-                what,
-                offset,
-            }),
+            Err(_) => Err(ProtoError::InvalidUtf8 { frame: self.frame, what, offset }),
         }
     }
 
     fn bad_tag(&self, what: &'static str, tag: u8, offset: usize) -> ProtoError {
-        ProtoError::BadTag {
-            frame: self.frame,
-            what,
-            tag,
-            offset,
-        }
+        ProtoError::BadTag { frame: self.frame, what, tag, offset }
     }
 
     fn value(&mut self) -> Result<Option<Value>, ProtoError> {
@@ -670,11 +613,8 @@ impl<'a> Reader<'a> {
             let point = self.string("point name")?;
             let offset = self.pos;
             let micros = self.i64("time")?;
-            let at = from_micros(micros).ok_or(ProtoError::TimeRange {
-                frame: self.frame,
-                micros,
-                offset,
-            })?;
+            let at =
+                from_micros(micros).ok_or(ProtoError::TimeRange { frame: self.frame, micros, offset })?;
             let quality = self.quality()?;
             let value = self.value()?;
             out.push((point, Sample { value, at, quality }));
@@ -687,11 +627,7 @@ impl<'a> Reader<'a> {
         if count == 0 {
             Ok(())
         } else {
-            Err(ProtoError::TrailingBytes {
-                frame: self.frame,
-                count,
-                offset: self.pos,
-            })
+            Err(ProtoError::TrailingBytes { frame: self.frame, count, offset: self.pos })
         }
     }
 }
@@ -706,72 +642,33 @@ mod tests {
     }
 
     fn sample(value: Option<Value>, micros: i64, quality: Quality) -> Sample {
-        Sample {
-            value,
-            at: at(micros),
-            quality,
-        }
+        Sample { value, at: at(micros), quality }
     }
 
     fn all_frames() -> Vec<Frame> {
         vec![
-            Frame::Hello {
-                version: VERSION,
-                name: "gw-nord".into(),
-                resume: 42,
-            },
+            Frame::Hello { version: VERSION, name: "gw-nord".into(), resume: 42 },
             Frame::Batch {
                 seq: 7,
                 samples: vec![
-                    (
-                        "a/b/bool".into(),
-                        sample(Some(Value::Bool(true)), 1, Quality::Good),
-                    ),
-                    (
-                        "int".into(),
-                        sample(Some(Value::Int(-5)), -1_000_000, Quality::Stale),
-                    ),
+                    ("a/b/bool".into(), sample(Some(Value::Bool(true)), 1, Quality::Good)),
+                    ("int".into(), sample(Some(Value::Int(-5)), -1_000_000, Quality::Stale)),
                     (
                         "uint".into(),
-                        sample(
-                            Some(Value::UInt(u64::MAX)),
-                            1_700_000_000_000_000,
-                            Quality::CommFail,
-                        ),
+                        sample(Some(Value::UInt(u64::MAX)), 1_700_000_000_000_000, Quality::CommFail),
                     ),
-                    (
-                        "f".into(),
-                        sample(Some(Value::Float(-1.5)), 0, Quality::Exception(2)),
-                    ),
-                    (
-                        "ünïcode".into(),
-                        sample(Some(Value::Text("héllo".into())), 5, Quality::Good),
-                    ),
+                    ("f".into(), sample(Some(Value::Float(-1.5)), 0, Quality::Exception(2))),
+                    ("ünïcode".into(), sample(Some(Value::Text("héllo".into())), 5, Quality::Good)),
                     ("none".into(), sample(None, 6, Quality::CommFail)),
                 ],
             },
-            Frame::Batch {
-                seq: 8,
-                samples: vec![],
-            },
+            Frame::Batch { seq: 8, samples: vec![] },
             Frame::Ack { seq: u64::MAX },
-            Frame::Write {
-                id: 3,
-                point: "valve".into(),
-                value: Value::Float(2.25),
-            },
-            Frame::WriteResult {
-                id: 3,
-                result: Ok(()),
-            },
-            Frame::WriteResult {
-                id: 4,
-                result: Err("not granted".into()),
-            },
+            Frame::Write { id: 3, point: "valve".into(), value: Value::Float(2.25) },
+            Frame::WriteResult { id: 3, result: Ok(()) },
+            Frame::WriteResult { id: 4, result: Err("not granted".into()) },
             Frame::Heartbeat,
-            Frame::Close {
-                reason: "shutdown".into(),
-            },
+            Frame::Close { reason: "shutdown".into() },
         ]
     }
 
@@ -799,10 +696,7 @@ mod tests {
     #[test]
     fn known_bytes() {
         assert_eq!(&encode_all(&[Frame::Heartbeat])[..], &[0, 0, 0, 1, 6]);
-        assert_eq!(
-            &encode_all(&[Frame::Ack { seq: 0x0102 }])[..],
-            &[0, 0, 0, 9, 3, 0, 0, 0, 0, 0, 0, 1, 2]
-        );
+        assert_eq!(&encode_all(&[Frame::Ack { seq: 0x0102 }])[..], &[0, 0, 0, 9, 3, 0, 0, 0, 0, 0, 0, 1, 2]);
         let batch = Frame::Batch {
             seq: 1,
             samples: vec![("p".into(), sample(Some(Value::Int(-1)), 2, Quality::Good))],
@@ -826,27 +720,16 @@ mod tests {
         let mut buf = BytesMut::from(&[0u8, 0, 0, 101, 6][..]);
         let cap = buf.capacity();
         match codec.decode(&mut buf) {
-            Err(ProtoError::Oversized {
-                announced: 101,
-                max: 100,
-            }) => {}
+            Err(ProtoError::Oversized { announced: 101, max: 100 }) => {}
             other => panic!("expected oversized, got {other:?}"),
         }
         assert_eq!(buf.capacity(), cap);
         let mut huge = BytesMut::from(&[0xffu8, 0xff, 0xff, 0xff][..]);
-        assert!(matches!(
-            FrameCodec::default().decode(&mut huge),
-            Err(ProtoError::Oversized { .. })
-        ));
+        assert!(matches!(FrameCodec::default().decode(&mut huge), Err(ProtoError::Oversized { .. })));
         // And the encoder refuses to produce one.
-        let big = Frame::Close {
-            reason: "x".repeat(200),
-        };
+        let big = Frame::Close { reason: "x".repeat(200) };
         let mut out = BytesMut::new();
-        assert!(matches!(
-            codec.encode(&big, &mut out),
-            Err(ProtoError::TooLong { what: "frame", .. })
-        ));
+        assert!(matches!(codec.encode(&big, &mut out), Err(ProtoError::TooLong { what: "frame", .. })));
         assert!(out.is_empty());
     }
 
@@ -854,44 +737,21 @@ mod tests {
     fn errors_name_frame_and_offset() {
         let decode = |bytes: &[u8]| FrameCodec::default().decode(&mut BytesMut::from(bytes));
         assert!(matches!(decode(&[0, 0, 0, 0]), Err(ProtoError::Empty)));
-        assert!(matches!(
-            decode(&[0, 0, 0, 1, 99]),
-            Err(ProtoError::UnknownType(99))
-        ));
+        assert!(matches!(decode(&[0, 0, 0, 1, 99]), Err(ProtoError::UnknownType(99))));
         let e = decode(&[0, 0, 0, 5, 3, 0, 0, 0, 0]).expect_err("truncated ack");
-        assert_eq!(
-            e.to_string(),
-            "truncated ack frame: seq needs 8 bytes at body offset 0, 4 left"
-        );
+        assert_eq!(e.to_string(), "truncated ack frame: seq needs 8 bytes at body offset 0, 4 left");
         let e = decode(&[0, 0, 0, 3, 6, 1, 2]).expect_err("trailing");
-        assert_eq!(
-            e.to_string(),
-            "2 trailing bytes after heartbeat frame body at body offset 0"
-        );
+        assert_eq!(e.to_string(), "2 trailing bytes after heartbeat frame body at body offset 0");
         let e = decode(&[0, 0, 0, 4, 7, 0, 1, 0xff]).expect_err("utf8");
-        assert_eq!(
-            e.to_string(),
-            "invalid utf-8 in reason of close frame at body offset 2"
-        );
+        assert_eq!(e.to_string(), "invalid utf-8 in reason of close frame at body offset 2");
         let mut write = vec![0, 0, 0, 13, 4];
         write.extend_from_slice(&[0; 8]); // id
         write.extend_from_slice(&[0, 1, b'p']); // point
         write.push(9); // bad value tag at body offset 11
         let e = decode(&write).expect_err("bad tag");
-        assert_eq!(
-            e.to_string(),
-            "bad value tag 9 in write frame at body offset 11"
-        );
+        assert_eq!(e.to_string(), "bad value tag 9 in write frame at body offset 11");
         let e = decode(&[0, 0, 0, 10, 5, 0, 0, 0, 0, 0, 0, 0, 1, 2]).expect_err("result tag");
-        assert!(matches!(
-            e,
-            ProtoError::BadTag {
-                what: "result",
-                tag: 2,
-                offset: 8,
-                ..
-            }
-        ));
+        assert!(matches!(e, ProtoError::BadTag { what: "result", tag: 2, offset: 8, .. }));
     }
 
     #[test]
@@ -900,25 +760,14 @@ mod tests {
         let mut b = vec![0, 0, 0, 13, 2];
         b.extend_from_slice(&[0; 8]);
         b.extend_from_slice(&[0xff; 4]);
-        let e = FrameCodec::default()
-            .decode(&mut BytesMut::from(&b[..]))
-            .expect_err("truncated");
-        assert!(matches!(
-            e,
-            ProtoError::Truncated {
-                what: "point name",
-                ..
-            }
-        ));
+        let e = FrameCodec::default().decode(&mut BytesMut::from(&b[..])).expect_err("truncated");
+        assert!(matches!(e, ProtoError::Truncated { what: "point name", .. }));
     }
 
     #[test]
     fn eof_inside_frame_is_an_error() {
         let mut buf = BytesMut::from(&[0u8, 0, 0, 9, 3, 0][..]);
-        assert!(matches!(
-            FrameCodec::default().decode_eof(&mut buf),
-            Err(ProtoError::EofInFrame(6))
-        ));
+        assert!(matches!(FrameCodec::default().decode_eof(&mut buf), Err(ProtoError::EofInFrame(6))));
     }
 
     #[test]
@@ -988,10 +837,7 @@ mod tests {
     #[test]
     fn sample_block_round_trip_and_raw_batch() {
         let samples = vec![
-            (
-                "x".to_string(),
-                sample(Some(Value::UInt(1)), 10, Quality::Good),
-            ),
+            ("x".to_string(), sample(Some(Value::UInt(1)), 10, Quality::Good)),
             ("y".to_string(), sample(None, -10, Quality::Exception(4))),
         ];
         let mut block = BytesMut::new();
@@ -1006,17 +852,10 @@ mod tests {
 
     #[test]
     fn long_strings_are_refused_on_encode() {
-        let f = Frame::Close {
-            reason: "x".repeat(70_000),
-        };
+        let f = Frame::Close { reason: "x".repeat(70_000) };
         let mut out = BytesMut::new();
-        let e = FrameCodec::default()
-            .encode(&f, &mut out)
-            .expect_err("too long");
-        assert_eq!(
-            e.to_string(),
-            "cannot encode close reason: 70000 bytes, at most 65535"
-        );
+        let e = FrameCodec::default().encode(&f, &mut out).expect_err("too long");
+        assert_eq!(e.to_string(), "cannot encode close reason: 70000 bytes, at most 65535");
         assert!(out.is_empty());
     }
 

@@ -13,11 +13,7 @@ pub fn crc16(data: &[u8]) -> u16 {
     for &b in data {
         crc ^= u16::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xA001
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xA001 } else { crc >> 1 };
         }
     }
     crc
@@ -42,16 +38,12 @@ pub fn crc_ok(frame: &[u8]) -> bool {
 
 /// Bits on the wire per character: start + data + parity + stop.
 pub fn bits_per_char(line: &Line) -> u32 {
-    1 + u32::from(line.data_bits)
-        + u32::from(line.parity != Parity::None)
-        + u32::from(line.stop_bits)
+    1 + u32::from(line.data_bits) + u32::from(line.parity != Parity::None) + u32::from(line.stop_bits)
 }
 
 /// Time one character takes on the wire.
 pub fn char_time(line: &Line) -> Duration {
-    Duration::from_nanos(
-        u64::from(bits_per_char(line)) * 1_000_000_000 / u64::from(line.baud.max(1)),
-    )
+    Duration::from_nanos(u64::from(bits_per_char(line)) * 1_000_000_000 / u64::from(line.baud.max(1)))
 }
 
 /// Time `bytes` characters take on the wire.
@@ -62,11 +54,7 @@ pub fn wire_time(line: &Line, bytes: usize) -> Duration {
 /// The inter-frame silence: 3.5 character times, fixed at 1.75 ms above 19200 baud
 /// (Modbus over serial line spec v1.02, §2.5.1.1).
 pub fn t35(line: &Line) -> Duration {
-    if line.baud > 19_200 {
-        Duration::from_micros(1750)
-    } else {
-        char_time(line) * 7 / 2
-    }
+    if line.baud > 19_200 { Duration::from_micros(1750) } else { char_time(line) * 7 / 2 }
 }
 
 #[cfg(test)]
@@ -87,12 +75,7 @@ mod tests {
 
     #[test]
     fn timing() {
-        let l = Line {
-            baud: 9600,
-            data_bits: 8,
-            parity: Parity::Even,
-            stop_bits: 1,
-        };
+        let l = Line { baud: 9600, data_bits: 8, parity: Parity::Even, stop_bits: 1 };
         assert_eq!(bits_per_char(&l), 11);
         assert_eq!(t35(&l).as_micros(), 4010);
         let fast = Line { baud: 115_200, ..l };
@@ -103,12 +86,7 @@ mod tests {
 /// Finds the reply to `request` sent to `unit` at the start of `buf` (Modbus serial line
 /// spec: frames from other units or for other functions are discarded while the response
 /// timeout keeps running; a CRC error is never data).
-pub fn decode_reply(
-    unit: u8,
-    request: &tokio_modbus::Request<'_>,
-    buf: &[u8],
-    silent: bool,
-) -> Decoded {
+pub fn decode_reply(unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8], silent: bool) -> Decoded {
     let [addr, function, ..] = *buf else {
         return Decoded::Incomplete;
     };
@@ -118,66 +96,67 @@ pub fn decode_reply(
         // A function we cannot length: the frame ends where the line went silent.
         None if silent && addr == unit && function & 0x7F == want => buf.len(),
         None if silent || function & 0x7F == 0 => {
-            return Decoded::Skip {
-                len: 1,
-                why: SkipReason::Noise,
-            };
+            return Decoded::Skip { len: 1, why: SkipReason::Noise };
         }
         None => return Decoded::Incomplete,
     };
     if len > 256 {
-        return Decoded::Skip {
-            len: 1,
-            why: SkipReason::Noise,
-        };
+        return Decoded::Skip { len: 1, why: SkipReason::Noise };
     }
     if buf.len() < len {
-        return if silent {
-            Decoded::Skip {
-                len: 1,
-                why: SkipReason::Crc,
+        // Serial drivers and USB adapters deliver frames in chunks with gaps longer than
+        // t3.5, so a frame whose length is known is never cut short by silence. But the
+        // "frame" may be noise claiming a long length: if a complete reply stands later in
+        // the buffer, resynchronise to it.
+        if silent {
+            let complete =
+                |i: &usize| matches!(decode_reply(unit, request, &buf[*i..], false), Decoded::Reply { .. });
+            if let Some(i) = (1..buf.len()).find(complete) {
+                return Decoded::Skip { len: i, why: SkipReason::Noise };
             }
-        } else {
-            Decoded::Incomplete
-        };
+        }
+        return Decoded::Incomplete;
     }
     let frame = &buf[..len];
     if !crc_ok(frame) {
-        let why = if addr == unit && function & 0x7F == want {
-            SkipReason::Crc
-        } else {
-            SkipReason::Noise
-        };
+        let why = if addr == unit && function & 0x7F == want { SkipReason::Crc } else { SkipReason::Noise };
         return Decoded::Skip { len: 1, why };
     }
+    check_reply(unit, request, addr, &frame[1..len - 2], len)
+}
+
+/// Judges an intact frame of `len` bytes (its CRC or LRC already checked) from `addr`
+/// carrying `pdu`, against the request sent to `unit`: shared by the Modbus serial
+/// framings. Another unit or function is [`SkipReason::Foreign`]; a reply whose length or
+/// echo does not fit the request is [`SkipReason::Mismatch`]; a malformed exception is a
+/// mismatch too.
+pub fn check_reply(
+    unit: u8,
+    request: &tokio_modbus::Request<'_>,
+    addr: u8,
+    pdu: &[u8],
+    len: usize,
+) -> Decoded {
+    let want = request.function_code().value();
+    let skip = |why| Decoded::Skip { len, why };
+    let Some(&function) = pdu.first() else {
+        return skip(SkipReason::Mismatch);
+    };
     if addr != unit || function & 0x7F != want {
-        return Decoded::Skip {
-            len,
-            why: SkipReason::Foreign,
-        };
+        return skip(SkipReason::Foreign);
     }
-    let pdu = bytes::Bytes::copy_from_slice(&frame[1..len - 2]);
     if function & 0x80 != 0 {
-        return Decoded::Reply {
-            len,
-            reply: Err(tokio_modbus::ExceptionCode::new(pdu[1])),
+        return match *pdu {
+            [_, code] => Decoded::Reply { len, reply: Err(tokio_modbus::ExceptionCode::new(code)) },
+            _ => skip(SkipReason::Mismatch),
         };
     }
     if crate::pdu::expected_response_len(request).is_some_and(|n| n != pdu.len()) {
-        return Decoded::Skip {
-            len,
-            why: SkipReason::Mismatch,
-        };
+        return skip(SkipReason::Mismatch);
     }
-    match tokio_modbus::Response::try_from(pdu) {
-        Ok(rsp) if echo_matches(request, &rsp) => Decoded::Reply {
-            len,
-            reply: Ok(rsp),
-        },
-        _ => Decoded::Skip {
-            len,
-            why: SkipReason::Mismatch,
-        },
+    match tokio_modbus::Response::try_from(bytes::Bytes::copy_from_slice(pdu)) {
+        Ok(rsp) if echo_matches(request, &rsp) => Decoded::Reply { len, reply: Ok(rsp) },
+        _ => skip(SkipReason::Mismatch),
     }
 }
 
@@ -187,15 +166,11 @@ fn echo_matches(req: &tokio_modbus::Request<'_>, rsp: &tokio_modbus::Response) -
     match (req, rsp) {
         (Q::WriteSingleCoil(a, v), R::WriteSingleCoil(b, w)) => a == b && v == w,
         (Q::WriteSingleRegister(a, v), R::WriteSingleRegister(b, w)) => a == b && v == w,
-        (Q::WriteMultipleCoils(a, v), R::WriteMultipleCoils(b, n)) => {
-            a == b && v.len() == usize::from(*n)
-        }
+        (Q::WriteMultipleCoils(a, v), R::WriteMultipleCoils(b, n)) => a == b && v.len() == usize::from(*n),
         (Q::WriteMultipleRegisters(a, v), R::WriteMultipleRegisters(b, n)) => {
             a == b && v.len() == usize::from(*n)
         }
-        (Q::MaskWriteRegister(a, x, y), R::MaskWriteRegister(b, u, v)) => {
-            a == b && x == u && y == v
-        }
+        (Q::MaskWriteRegister(a, x, y), R::MaskWriteRegister(b, u, v)) => a == b && x == u && y == v,
         _ => true,
     }
 }
@@ -217,13 +192,7 @@ impl Framing for Rtu {
         Ok(())
     }
 
-    fn decode(
-        &self,
-        unit: u8,
-        request: &tokio_modbus::Request<'_>,
-        buf: &[u8],
-        silent: bool,
-    ) -> Decoded {
+    fn decode(&self, unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8], silent: bool) -> Decoded {
         decode_reply(unit, request, buf, silent)
     }
 }
@@ -243,71 +212,36 @@ mod decode_tests {
     fn finds_reply_after_noise_and_foreign_frames() {
         let req = Request::ReadHoldingRegisters(0, 2);
         let good = adu(1, &[0x03, 0x04, 0x00, 0x01, 0x00, 0x02]);
-        assert_eq!(
-            decode_reply(1, &req, &good[..5], false),
-            Decoded::Incomplete
-        );
-        let Decoded::Reply { len, reply } = decode_reply(1, &req, &good, false) else {
-            panic!()
-        };
-        assert_eq!(
-            (len, reply),
-            (9, Ok(Response::ReadHoldingRegisters(vec![1, 2])))
-        );
+        assert_eq!(decode_reply(1, &req, &good[..5], false), Decoded::Incomplete);
+        let Decoded::Reply { len, reply } = decode_reply(1, &req, &good, false) else { panic!() };
+        assert_eq!((len, reply), (9, Ok(Response::ReadHoldingRegisters(vec![1, 2]))));
         // Another unit's reply: skipped whole.
         let other = adu(2, &[0x03, 0x04, 0x00, 0x01, 0x00, 0x02]);
-        assert_eq!(
-            decode_reply(1, &req, &other, false),
-            Decoded::Skip {
-                len: 9,
-                why: SkipReason::Foreign
-            }
-        );
+        assert_eq!(decode_reply(1, &req, &other, false), Decoded::Skip { len: 9, why: SkipReason::Foreign });
         // Bad CRC: one byte dropped, never data.
         let mut bad = good.clone();
         bad[4] ^= 0xFF;
-        assert_eq!(
-            decode_reply(1, &req, &bad, false),
-            Decoded::Skip {
-                len: 1,
-                why: SkipReason::Crc
-            }
-        );
+        assert_eq!(decode_reply(1, &req, &bad, false), Decoded::Skip { len: 1, why: SkipReason::Crc });
         // Right unit and function but a different register count: not our answer.
         let wrong_len = adu(1, &[0x03, 0x02, 0x00, 0x01]);
         assert_eq!(
             decode_reply(1, &req, &wrong_len, false),
-            Decoded::Skip {
-                len: 7,
-                why: SkipReason::Mismatch
-            }
+            Decoded::Skip { len: 7, why: SkipReason::Mismatch }
         );
         // Exception.
         let exc = adu(1, &[0x83, 0x02]);
-        assert!(matches!(
-            decode_reply(1, &req, &exc, false),
-            Decoded::Reply {
-                len: 5,
-                reply: Err(_)
-            }
-        ));
+        assert!(matches!(decode_reply(1, &req, &exc, false), Decoded::Reply { len: 5, reply: Err(_) }));
     }
 
     #[test]
     fn write_echo_must_match() {
         let req = Request::WriteSingleRegister(5, 7);
         let echo = adu(1, &[0x06, 0x00, 0x05, 0x00, 0x07]);
-        assert!(matches!(
-            decode_reply(1, &req, &echo, false),
-            Decoded::Reply { reply: Ok(_), .. }
-        ));
+        assert!(matches!(decode_reply(1, &req, &echo, false), Decoded::Reply { reply: Ok(_), .. }));
         let other = adu(1, &[0x06, 0x00, 0x06, 0x00, 0x07]);
         assert!(matches!(
             decode_reply(1, &req, &other, false),
-            Decoded::Skip {
-                why: SkipReason::Mismatch,
-                ..
-            }
+            Decoded::Skip { why: SkipReason::Mismatch, .. }
         ));
     }
 }

@@ -1,1 +1,641 @@
-//! (to be written)
+//! Field-device simulator: Modbus-RTU slaves on a half-duplex line, for tests, benchmarks
+//! and `m2m-gateway demo`/`simulate`.
+//!
+//! This file owns the RTU slave loop ([`Simulator::serve`]): framing the input, applying
+//! faults, pacing replies; and the handle tests use ([`SimHandle`]). Its siblings own the
+//! TOML format (`simconfig.rs`, [`SimConfig`]), the register maps and what a request does
+//! to them (`simmap.rs`), and the pty it usually runs on (`simport.rs`, [`VirtualPort`]);
+//! their public items are re-exported here, so users only ever name `simulate::`.
+//!
+//! Invariants:
+//! - bad input never ends [`Simulator::serve`] and never panics: a frame with a bad CRC
+//!   costs one byte and the parser resynchronises at the next offset; an incomplete frame
+//!   is given up after a silence (t3.5 with `[line]`, 2 ms without); the input buffer is
+//!   capped at [`INPUT_CAP`] bytes (oldest dropped).
+//! - like a real bus: frames for units that are not simulated, and broadcasts (unit 0),
+//!   are never answered; a request touching an unmapped address answers exception 0x02
+//!   and changes nothing (writes are all-or-nothing).
+//! - with `[line]` a reply takes its wire time: bytes leave on an absolute schedule
+//!   (`start + k * char_time`), so sleep overshoot never accumulates; bytes the master
+//!   sends while a reply is on the wire are dropped, as a collision would.
+//! - no lock is held across an `.await`; the register map is a plain struct behind a
+//!   `std::sync::Mutex` shared by the serve loop and every [`SimHandle`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_serial::SerialPortBuilderExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::rtu;
+use crate::value::Table;
+
+pub use crate::simconfig::{
+    Fault, GenKind, InitValue, LineConfig, ParityName, RegisterConfig, SimConfig, SimType, UnitConfig, load,
+    quick,
+};
+pub(crate) use crate::simconfig::{entry_len, table_name};
+pub use crate::simmap::{BusStats, UnitStats};
+pub(crate) use crate::simmap::{Unit, build as build_units, execute};
+pub use crate::simport::{VirtualPort, run_virtual};
+
+/// Most bytes of unframed input kept; older bytes are dropped as garbage.
+pub const INPUT_CAP: usize = 512;
+/// Silence that ends an unframed input when the config has no `[line]`.
+const IDLE_SILENCE: Duration = Duration::from_millis(2);
+
+/// Everything that can go wrong loading a simulation or running it.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The config file could not be read.
+    #[error("cannot read simulator config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this format (message has line and column).
+    #[error("simulator config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error.
+        message: String,
+    },
+    /// The config parsed but describes an impossible simulation; every problem is listed.
+    #[error("simulator config {path}: {}", problems.join("; "))]
+    Invalid {
+        /// The file (empty for configs built in code).
+        path: PathBuf,
+        /// One line per problem, each naming its unit and register entry.
+        problems: Vec<String>,
+    },
+    /// A fault spec that does not parse.
+    #[error(
+        "bad fault {spec:?}: expected silent | late <duration> | corrupt-crc | wrong-unit <id> | noise <bytes> | exception <code> | drop-every <n>"
+    )]
+    Fault {
+        /// The text given.
+        spec: String,
+    },
+    /// A handle call named a unit that is not simulated.
+    #[error("unit {0} is not simulated")]
+    UnknownUnit(u8),
+    /// A register call on a bit table or a bit call on a register table.
+    #[error("unit {unit}: table {} does not hold {wanted}", table_name(*table))]
+    WrongTable {
+        /// Unit.
+        unit: u8,
+        /// Table named.
+        table: Table,
+        /// "registers" or "bits".
+        wanted: &'static str,
+    },
+    /// The pseudo-terminal could not be created or its link made.
+    #[error("virtual port {what}: {message}")]
+    Port {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        message: String,
+    },
+    /// Reading or writing the line failed.
+    #[error("simulator line i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+// ---------------------------------------------------------------------------------------
+// Runtime
+// ---------------------------------------------------------------------------------------
+
+struct State {
+    units: std::collections::BTreeMap<u8, Unit>,
+    bus: BusStats,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Time zero of every generator.
+    epoch: Instant,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave the map half-updated in a way that matters to
+        // a simulator; keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A set of simulated RTU slaves sharing one line. Cheap to clone: clones share the
+/// register maps, faults and counters.
+#[derive(Clone)]
+pub struct Simulator {
+    shared: Arc<Shared>,
+    timing: Option<LineConfig>,
+    /// Pace replies in software (off on a real UART, which paces itself).
+    pace: bool,
+}
+
+/// Control and inspection of a running simulation (tests set values and faults here).
+#[derive(Clone)]
+pub struct SimHandle {
+    shared: Arc<Shared>,
+}
+
+/// A reply decided under the lock, sent after it is released.
+struct Outgoing {
+    bytes: Vec<u8>,
+    delay: Duration,
+}
+
+/// Input framing state: bytes not yet part of a frame (no I/O; see module invariants).
+#[derive(Default)]
+struct Framer {
+    buf: Vec<u8>,
+    /// Bytes dropped since the counters were last updated.
+    garbage: u64,
+}
+
+#[derive(Debug, PartialEq)]
+enum Event {
+    Frame(Vec<u8>),
+    CrcError(u8),
+}
+
+impl Framer {
+    fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() > INPUT_CAP {
+            self.drop_front(self.buf.len() - INPUT_CAP);
+        }
+    }
+
+    fn drop_front(&mut self, n: usize) {
+        let n = n.min(self.buf.len());
+        self.buf.drain(..n);
+        self.garbage += n as u64;
+    }
+
+    /// The next frame or CRC error in the buffer. `silent`: the line has been quiet for
+    /// t3.5, so an incomplete frame will never complete and is given up a byte at a time.
+    fn next(&mut self, silent: bool) -> Option<Event> {
+        loop {
+            let len = self.buf.len();
+            if len < 2 {
+                if silent {
+                    self.drop_front(len);
+                }
+                return None;
+            }
+            let unit = self.buf[0];
+            if unit > 247 {
+                self.drop_front(1);
+                continue;
+            }
+            match crate::pdu::pdu_len(&self.buf[1..], true) {
+                Some(n) => {
+                    let total = n + 3;
+                    if len < total {
+                        if !silent {
+                            return None;
+                        }
+                        self.drop_front(1);
+                        continue;
+                    }
+                    if rtu::crc_ok(&self.buf[..total]) {
+                        return Some(Event::Frame(self.buf.drain(..total).collect()));
+                    }
+                    self.drop_front(1);
+                    return Some(Event::CrcError(unit));
+                }
+                None if !silent => return None,
+                // A known function whose length byte has not arrived: incomplete.
+                None if matches!(self.buf[1], 15 | 16 | 23) => self.drop_front(1),
+                // No length rule: the silence delimits the frame.
+                None => {
+                    if rtu::crc_ok(&self.buf) {
+                        return Some(Event::Frame(std::mem::take(&mut self.buf)));
+                    }
+                    self.drop_front(1);
+                    return Some(Event::CrcError(unit));
+                }
+            }
+        }
+    }
+}
+
+/// Functions a broadcast may carry (writes only, as the spec says).
+fn broadcastable(function: u8) -> bool {
+    matches!(function, 5 | 6 | 15 | 16 | 22)
+}
+
+impl Simulator {
+    /// Builds the register maps. Entries a config that skipped [`SimConfig::validate`]
+    /// gets wrong are logged and left out; use [`load`] to have them reported instead.
+    pub fn new(config: SimConfig) -> Self {
+        let (units, problems) = build_units(&config);
+        for p in problems {
+            tracing::warn!(problem = %p, "simulator config entry skipped");
+        }
+        Simulator {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State { units, bus: BusStats::default() }),
+                epoch: Instant::now(),
+            }),
+            timing: config.line,
+            pace: true,
+        }
+    }
+
+    /// A handle on the shared state.
+    pub fn handle(&self) -> SimHandle {
+        SimHandle { shared: self.shared.clone() }
+    }
+
+    /// The emulated line, if any.
+    pub fn line(&self) -> Option<LineConfig> {
+        self.timing
+    }
+
+    /// Answers requests arriving on `io` until `shutdown` or end of input. Never returns
+    /// on bad input; returns `Err` only when the stream itself fails (a pty whose other
+    /// side is closed is waited out, not an error).
+    pub async fn serve<S>(self, mut io: S, shutdown: CancellationToken) -> Result<(), SimError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let silence = self.timing.map_or(IDLE_SILENCE, |l| rtu::t35(&l.line()));
+        let mut framer = Framer::default();
+        let mut chunk = [0u8; 256];
+        let mut silent = false;
+        loop {
+            while let Some(event) = framer.next(silent) {
+                let out = match event {
+                    Event::CrcError(unit) => {
+                        self.count_crc_error(unit);
+                        None
+                    }
+                    Event::Frame(f) => self.on_frame(&f),
+                };
+                if let Some(out) = out {
+                    tokio::select! {
+                        // Cancel-safety: a reply cut short by shutdown is what a device
+                        // losing power mid-frame sends; nothing else is lost.
+                        _ = shutdown.cancelled() => return Ok(()),
+                        r = self.send(&mut io, out, &mut framer) => r?,
+                    }
+                }
+            }
+            silent = false;
+            self.count_garbage(&mut framer);
+            let pending = !framer.buf.is_empty();
+            let read = async {
+                if pending {
+                    tokio::time::timeout(silence, io.read(&mut chunk)).await
+                } else {
+                    Ok(io.read(&mut chunk).await)
+                }
+            };
+            let read = tokio::select! {
+                // Cancel-safety: `read` is cancel-safe, no accepted byte is lost.
+                _ = shutdown.cancelled() => return Ok(()),
+                r = read => r,
+            };
+            match read {
+                Err(_elapsed) => silent = true,
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(n)) => framer.push(&chunk[..n]),
+                // EIO: a pty master whose slave side nobody holds; wait for a reopen.
+                Ok(Err(e)) if e.raw_os_error() == Some(5) => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    }
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Serves a real serial device (e.g. a USB adapter cabled to a gateway) with the
+    /// `[line]` settings (9600 8E1 without `[line]`). The UART paces the bytes, so only
+    /// the turnaround and fault delays are applied here.
+    pub async fn serve_device(mut self, path: &Path, shutdown: CancellationToken) -> Result<(), SimError> {
+        let line = self.timing.unwrap_or(LineConfig {
+            baud: 9600,
+            parity: ParityName::Even,
+            data_bits: 8,
+            stop_bits: 1,
+            turnaround: Duration::ZERO,
+        });
+        let port = tokio_serial::new(path.to_string_lossy(), line.baud)
+            .data_bits(if line.data_bits == 7 {
+                tokio_serial::DataBits::Seven
+            } else {
+                tokio_serial::DataBits::Eight
+            })
+            .stop_bits(if line.stop_bits == 2 {
+                tokio_serial::StopBits::Two
+            } else {
+                tokio_serial::StopBits::One
+            })
+            .parity(match line.parity {
+                ParityName::None => tokio_serial::Parity::None,
+                ParityName::Even => tokio_serial::Parity::Even,
+                ParityName::Odd => tokio_serial::Parity::Odd,
+            })
+            .open_native_async()
+            .map_err(|e| SimError::Port {
+                what: format!("open {}", path.display()),
+                message: e.to_string(),
+            })?;
+        self.timing = Some(line);
+        self.pace = false;
+        self.serve(port, shutdown).await
+    }
+
+    fn count_garbage(&self, framer: &mut Framer) {
+        if framer.garbage > 0 {
+            self.shared.lock().bus.garbage_bytes += std::mem::take(&mut framer.garbage);
+        }
+    }
+
+    fn count_crc_error(&self, unit: u8) {
+        let mut st = self.shared.lock();
+        st.bus.crc_errors += 1;
+        if let Some(u) = st.units.get_mut(&unit) {
+            u.stats.crc_errors_seen += 1;
+        }
+    }
+
+    /// Applies a good frame to the map and decides the reply (faults included).
+    fn on_frame(&self, frame: &[u8]) -> Option<Outgoing> {
+        let t = self.shared.epoch.elapsed();
+        let mut st = self.shared.lock();
+        st.bus.frames_received += 1;
+        let id = *frame.first()?;
+        let p = frame.get(1..frame.len().saturating_sub(2))?;
+        let function = *p.first()?;
+        if id == 0 {
+            if broadcastable(function) {
+                for unit in st.units.values_mut() {
+                    if matches!(unit.fault, Some(Fault::Silent | Fault::Exception(_))) {
+                        continue;
+                    }
+                    unit.stats.requests += 1;
+                    if let Ok((_, true)) = execute(unit, p, t) {
+                        unit.stats.writes += 1;
+                    }
+                }
+            }
+            return None;
+        }
+        let unit = st.units.get_mut(&id)?;
+        unit.stats.requests += 1;
+        let (mut delay, mut reply_id, mut corrupt, mut noise) = (Duration::ZERO, id, false, 0);
+        let pdu = match unit.fault {
+            Some(Fault::Silent) => return None,
+            Some(Fault::DropEvery(n)) if n > 0 && unit.stats.requests % u64::from(n) == 0 => {
+                return None;
+            }
+            Some(Fault::Exception(code)) => vec![function | 0x80, code],
+            fault => {
+                match fault {
+                    Some(Fault::Late(d)) => delay = d,
+                    Some(Fault::CorruptCrc) => corrupt = true,
+                    Some(Fault::WrongUnit(u)) => reply_id = u,
+                    Some(Fault::NoiseBefore(n)) => noise = n,
+                    _ => {}
+                }
+                match execute(unit, p, t) {
+                    Ok((pdu, wrote)) => {
+                        unit.stats.writes += u64::from(wrote);
+                        pdu
+                    }
+                    Err(code) => vec![function | 0x80, code],
+                }
+            }
+        };
+        unit.stats.answered += 1;
+        let mut bytes: Vec<u8> = (0..noise).map(|_| rand::random::<u8>()).collect();
+        rtu::frame(reply_id, &pdu, &mut bytes);
+        if corrupt {
+            if let Some(last) = bytes.last_mut() {
+                *last ^= 0xA5;
+            }
+        }
+        Some(Outgoing { bytes, delay })
+    }
+
+    /// Sends a reply: after the turnaround (and a fault's delay), then, with `[line]`,
+    /// paced to its wire time on an absolute schedule. Bytes arriving while the reply is
+    /// on the wire are dropped (a collision on a half-duplex line).
+    async fn send<S>(&self, io: &mut S, out: Outgoing, framer: &mut Framer) -> Result<(), SimError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let turnaround = self.timing.map_or(Duration::ZERO, |l| l.turnaround);
+        let start = Instant::now() + turnaround + out.delay;
+        tokio::time::sleep_until(start).await;
+        let Some(line) = self.timing.filter(|_| self.pace) else {
+            io.write_all(&out.bytes).await?;
+            io.flush().await?;
+            return Ok(());
+        };
+        let ct = rtu::char_time(&line.line()).max(Duration::from_nanos(1));
+        let n = out.bytes.len();
+        let (mut sent, mut listening, mut scratch) = (0, true, [0u8; 64]);
+        while sent < n {
+            // Byte k has left the wire at start + (k + 1) * ct.
+            let elapsed = Instant::now().saturating_duration_since(start);
+            let due = usize::try_from(elapsed.as_nanos() / ct.as_nanos()).unwrap_or(n).min(n);
+            if due > sent {
+                io.write_all(&out.bytes[sent..due]).await?;
+                io.flush().await?;
+                sent = due;
+                continue;
+            }
+            let next = start + ct * u32::try_from(sent + 1).unwrap_or(u32::MAX);
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                // Cancel-safety: `read` is cancel-safe; what it got is dropped anyway.
+                r = io.read(&mut scratch), if listening => match r {
+                    Ok(k) if k > 0 => framer.garbage += k as u64,
+                    _ => listening = false,
+                },
+            }
+        }
+        self.count_garbage(framer);
+        Ok(())
+    }
+}
+
+impl SimHandle {
+    fn with_unit<T>(&self, unit: u8, f: impl FnOnce(&mut Unit, Duration) -> T) -> Result<T, SimError> {
+        let t = self.shared.epoch.elapsed();
+        let mut st = self.shared.lock();
+        let u = st.units.get_mut(&unit).ok_or(SimError::UnknownUnit(unit))?;
+        Ok(f(u, t))
+    }
+
+    fn check(unit: u8, table: Table, bits: bool) -> Result<(), SimError> {
+        if matches!(table, Table::Coils | Table::Discrete) == bits {
+            Ok(())
+        } else {
+            let wanted = if bits { "bits" } else { "registers" };
+            Err(SimError::WrongTable { unit, table, wanted })
+        }
+    }
+
+    /// Sets (and maps, if it was not) a holding or input register. A generator the
+    /// register belonged to stops; the value stays until written again.
+    pub fn set_register(&self, unit: u8, table: Table, address: u16, value: u16) -> Result<(), SimError> {
+        Self::check(unit, table, false)?;
+        self.with_unit(unit, |u, t| u.set(table, address, value, t))
+    }
+
+    /// Sets (and maps, if it was not) a coil or discrete input.
+    pub fn set_bit(&self, unit: u8, table: Table, address: u16, value: bool) -> Result<(), SimError> {
+        Self::check(unit, table, true)?;
+        self.with_unit(unit, |u, t| u.set(table, address, u16::from(value), t))
+    }
+
+    /// The current value of a register (generators evaluated now); `None` when the unit,
+    /// table or address is not mapped.
+    pub fn register(&self, unit: u8, table: Table, address: u16) -> Option<u16> {
+        Self::check(unit, table, false).ok()?;
+        self.with_unit(unit, |u, t| u.read(table, address, 1, t).ok())
+            .ok()
+            .flatten()
+            .and_then(|v| v.first().copied())
+    }
+
+    /// The current value of a coil or discrete input; `None` when not mapped.
+    pub fn bit(&self, unit: u8, table: Table, address: u16) -> Option<bool> {
+        Self::check(unit, table, true).ok()?;
+        self.with_unit(unit, |u, t| u.read(table, address, 1, t).ok())
+            .ok()
+            .flatten()
+            .and_then(|v| v.first().map(|b| *b != 0))
+    }
+
+    /// Makes a unit misbehave from its next request on (replaces any fault it had).
+    pub fn set_fault(&self, unit: u8, fault: Fault) -> Result<(), SimError> {
+        self.with_unit(unit, |u, _| u.fault = Some(fault))
+    }
+
+    /// Makes a unit behave again.
+    pub fn clear_fault(&self, unit: u8) -> Result<(), SimError> {
+        self.with_unit(unit, |u, _| u.fault = None)
+    }
+
+    /// Counters of one unit (all zero for a unit that is not simulated).
+    pub fn stats(&self, unit: u8) -> UnitStats {
+        self.with_unit(unit, |u, _| u.stats).unwrap_or_default()
+    }
+
+    /// Bus-wide counters.
+    pub fn bus_stats(&self) -> BusStats {
+        self.shared.lock().bus
+    }
+
+    /// The simulated unit ids, ascending.
+    pub fn units(&self) -> Vec<u8> {
+        self.shared.lock().units.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(unit: u8, pdu: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        rtu::frame(unit, pdu, &mut v);
+        v
+    }
+
+    #[test]
+    fn framer_resyncs_after_garbage() {
+        let mut f = Framer::default();
+        let good = req(1, &[3, 0, 0, 0, 2]);
+        f.push(&[0xFF, 0x01, 0x03, 0x77]);
+        f.push(&good);
+        // 0x77 at offset 2 has no length rule: the framer waits for the silence, then
+        // gives up on the junk a byte at a time and finds the request.
+        let mut frames = Vec::new();
+        for silent in [false, true] {
+            while let Some(e) = f.next(silent) {
+                if let Event::Frame(b) = e {
+                    frames.push(b);
+                }
+            }
+        }
+        assert_eq!(frames, vec![good]);
+        assert!(f.buf.is_empty());
+        assert_eq!(f.garbage, 4);
+    }
+
+    #[test]
+    fn framer_waits_then_gives_up_on_silence() {
+        let mut f = Framer::default();
+        f.push(&[1, 0x10, 0, 0, 0, 9, 200, 1, 2]); // claims 200 data bytes
+        let good = req(1, &[6, 0, 1, 0, 7]);
+        f.push(&good);
+        assert_eq!(f.next(false), None);
+        let mut got = None;
+        while let Some(e) = f.next(true) {
+            if let Event::Frame(b) = e {
+                got = Some(b);
+            }
+        }
+        assert_eq!(got, Some(good));
+    }
+
+    #[test]
+    fn unknown_function_framed_by_silence() {
+        let mut f = Framer::default();
+        let odd = req(1, &[0x41, 1, 2, 3]);
+        f.push(&odd);
+        assert_eq!(f.next(false), None);
+        assert_eq!(f.next(true), Some(Event::Frame(odd)));
+    }
+
+    #[test]
+    fn random_input_never_panics_and_stays_bounded() {
+        let mut f = Framer::default();
+        for round in 0..500u32 {
+            let n = rand::random_range(0..300usize);
+            let chunk: Vec<u8> = (0..n).map(|_| rand::random::<u8>() % 32).collect();
+            f.push(&chunk);
+            while f.next(round % 3 == 0).is_some() {}
+            assert!(f.buf.len() <= INPUT_CAP);
+        }
+    }
+
+    #[test]
+    fn input_is_capped() {
+        let mut f = Framer::default();
+        f.push(&[0x10; 2000]);
+        assert_eq!(f.buf.len(), INPUT_CAP);
+    }
+
+    #[test]
+    fn fault_specs_round_trip() {
+        for s in
+            ["silent", "late 300ms", "corrupt-crc", "wrong-unit 9", "noise 5", "exception 4", "drop-every 3"]
+        {
+            let f: Fault = s.parse().expect("valid spec");
+            assert_eq!(f.to_string(), s);
+        }
+        assert!("late".parse::<Fault>().is_err());
+        assert!("wrong-unit 300".parse::<Fault>().is_err());
+        assert!("sleepy".parse::<Fault>().is_err());
+    }
+}

@@ -58,9 +58,7 @@ pub enum SpoolError {
         source: rusqlite::Error,
     },
     /// The file was written by an incompatible version of the gateway.
-    #[error(
-        "spool {path}: unsupported schema version {found} (this build reads version {SCHEMA_VERSION})"
-    )]
+    #[error("spool {path}: unsupported schema version {found} (this build reads version {SCHEMA_VERSION})")]
     Schema {
         /// The spool file.
         path: PathBuf,
@@ -108,10 +106,7 @@ pub struct SpoolLimits {
 impl Default for SpoolLimits {
     /// 256 MiB and 7 days.
     fn default() -> Self {
-        Self {
-            max_bytes: 256 << 20,
-            max_age: Duration::from_secs(7 * 24 * 3600),
-        }
+        Self { max_bytes: 256 << 20, max_age: Duration::from_secs(7 * 24 * 3600) }
     }
 }
 
@@ -157,8 +152,7 @@ impl Spool {
             move |source| SpoolError::Sqlite { path, op, source }
         };
         let conn = Connection::open(path).map_err(err("cannot open"))?;
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(err("cannot set busy timeout"))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err("cannot set busy timeout"))?;
         // The first statement that reads the file: a non-SQLite file fails here with
         // "file is not a database".
         let mode: String = conn
@@ -167,8 +161,7 @@ impl Spool {
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(path = %path.display(), mode, "spool: wal journal not available, durability unchanged but slower");
         }
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(err("cannot set synchronous=FULL"))?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(err("cannot set synchronous=FULL"))?;
         conn.execute_batch(
             "BEGIN IMMEDIATE;
              CREATE TABLE IF NOT EXISTS batches(
@@ -188,17 +181,12 @@ impl Spool {
         };
         let found = meta("schema_version")?;
         if found != SCHEMA_VERSION {
-            return Err(SpoolError::Schema {
-                path: path.to_path_buf(),
-                found,
-            });
+            return Err(SpoolError::Schema { path: path.to_path_buf(), found });
         }
         let next_seq = meta("next_seq")? as u64;
         let applied = meta("applied")? as u64;
-        let dropped = Dropped {
-            batches: meta("dropped_batches")? as u64,
-            samples: meta("dropped_samples")? as u64,
-        };
+        let dropped =
+            Dropped { batches: meta("dropped_batches")? as u64, samples: meta("dropped_samples")? as u64 };
         let (batches, samples, bytes, max_seq): (i64, i64, i64, i64) = conn
             .query_row(
                 "SELECT COUNT(*), COALESCE(SUM(samples), 0), COALESCE(SUM(length(bytes)), 0),
@@ -215,11 +203,7 @@ impl Spool {
             limits,
             next_seq,
             applied,
-            pending: Pending {
-                batches: batches as u64,
-                samples: samples as u64,
-                bytes: bytes as u64,
-            },
+            pending: Pending { batches: batches as u64, samples: samples as u64, bytes: bytes as u64 },
             dropped,
             buf: BytesMut::new(),
         })
@@ -242,30 +226,20 @@ impl Spool {
     }
 
     /// [`Spool::append`] with an explicit `now` (the append time stored for max_age).
-    pub fn append_at(
-        &mut self,
-        samples: &[(String, Sample)],
-        now: SystemTime,
-    ) -> Result<u64, SpoolError> {
+    pub fn append_at(&mut self, samples: &[(String, Sample)], now: SystemTime) -> Result<u64, SpoolError> {
         if samples.is_empty() {
-            return Err(SpoolError::Empty {
-                path: self.path.clone(),
-            });
+            return Err(SpoolError::Empty { path: self.path.clone() });
         }
         self.buf.clear();
-        proto::encode_samples(samples, &mut self.buf).map_err(|source| SpoolError::Encode {
-            path: self.path.clone(),
-            source,
-        })?;
+        proto::encode_samples(samples, &mut self.buf)
+            .map_err(|source| SpoolError::Encode { path: self.path.clone(), source })?;
         let now_us = unix_micros(now);
         let seq = self.next_seq;
         let e = self.sql("cannot append batch");
         let block = &self.buf[..];
         in_transaction(&mut self.conn, |tx| {
-            tx.prepare_cached(
-                "INSERT INTO batches(seq, at_us, samples, bytes) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![seq as i64, now_us, samples.len() as i64, block])?;
+            tx.prepare_cached("INSERT INTO batches(seq, at_us, samples, bytes) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![seq as i64, now_us, samples.len() as i64, block])?;
             tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?
                 .execute([seq as i64 + 1])?;
             Ok(())
@@ -282,8 +256,8 @@ impl Spool {
     /// Drops the oldest batches (never `newest`) while over max_bytes or older than
     /// max_age.
     fn enforce_limits(&mut self, newest: u64, now_us: i64) -> Result<(), SpoolError> {
-        let cutoff = now_us
-            .saturating_sub(i64::try_from(self.limits.max_age.as_micros()).unwrap_or(i64::MAX));
+        let cutoff =
+            now_us.saturating_sub(i64::try_from(self.limits.max_age.as_micros()).unwrap_or(i64::MAX));
         let oldest_at: Option<i64> = self
             .conn
             .prepare_cached("SELECT at_us FROM batches ORDER BY seq LIMIT 1")
@@ -305,9 +279,7 @@ impl Spool {
                     "SELECT seq, at_us, samples, length(bytes) FROM batches WHERE seq < ?1 ORDER BY seq",
                 )
                 .map_err(self.sql("cannot scan batches"))?;
-            let mut rows = stmt
-                .query([newest as i64])
-                .map_err(self.sql("cannot scan batches"))?;
+            let mut rows = stmt.query([newest as i64]).map_err(self.sql("cannot scan batches"))?;
             while let Some(row) = rows.next().map_err(self.sql("cannot scan batches"))? {
                 let get = |row: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, i64, i64, i64)> {
                     Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
@@ -328,8 +300,7 @@ impl Spool {
         }
         let e = self.sql("cannot drop batches");
         in_transaction(&mut self.conn, |tx| {
-            tx.prepare_cached("DELETE FROM batches WHERE seq <= ?1")?
-                .execute([cut as i64])?;
+            tx.prepare_cached("DELETE FROM batches WHERE seq <= ?1")?.execute([cut as i64])?;
             tx.prepare_cached("UPDATE meta SET value = value + ?1 WHERE key = 'dropped_batches'")?
                 .execute([batches as i64])?;
             tx.prepare_cached("UPDATE meta SET value = value + ?1 WHERE key = 'dropped_samples'")?
@@ -358,21 +329,15 @@ impl Spool {
     }
 
     /// Up to `max_batches` stored batches with seq > `after_seq`, oldest first, decoded.
-    pub fn read_from(
-        &self,
-        after_seq: u64,
-        max_batches: usize,
-    ) -> Result<Vec<StoredBatch>, SpoolError> {
+    pub fn read_from(&self, after_seq: u64, max_batches: usize) -> Result<Vec<StoredBatch>, SpoolError> {
         self.read_raw_from(after_seq, max_batches)?
             .into_iter()
             .map(|(seq, block)| {
-                proto::decode_samples(&block)
-                    .map(|s| (seq, s))
-                    .map_err(|source| SpoolError::Corrupt {
-                        path: self.path.clone(),
-                        seq,
-                        source,
-                    })
+                proto::decode_samples(&block).map(|s| (seq, s)).map_err(|source| SpoolError::Corrupt {
+                    path: self.path.clone(),
+                    seq,
+                    source,
+                })
             })
             .collect()
     }
@@ -392,9 +357,7 @@ impl Spool {
         let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
         let limit = i64::try_from(max_batches).unwrap_or(i64::MAX);
         let rows = stmt
-            .query_map(params![after, limit], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
-            })
+            .query_map(params![after, limit], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)))
             .map_err(e())?;
         rows.collect::<Result<Vec<_>, _>>().map_err(e())
     }
@@ -421,8 +384,7 @@ impl Spool {
                 )?
                 .query_row([upto_i], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             if n > 0 {
-                tx.prepare_cached("DELETE FROM batches WHERE seq <= ?1")?
-                    .execute([upto_i])?;
+                tx.prepare_cached("DELETE FROM batches WHERE seq <= ?1")?.execute([upto_i])?;
             }
             Ok((n as u64, samples as u64, bytes as u64))
         })
@@ -441,10 +403,7 @@ impl Spool {
         let e = self.sql("cannot renumber batches");
         in_transaction(&mut self.conn, |tx| {
             tx.execute("UPDATE batches SET seq = seq + ?1", [shift as i64])?;
-            tx.execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'next_seq'",
-                [next as i64],
-            )?;
+            tx.execute("UPDATE meta SET value = ?1 WHERE key = 'next_seq'", [next as i64])?;
             Ok(())
         })
         .map_err(e)?;
@@ -555,9 +514,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = open(&dir, SpoolLimits::default());
         assert_eq!(s.next_seq(), 1);
-        let seqs: Vec<u64> = (0..5)
-            .map(|i| s.append(&batch(3, i * 10)).expect("append"))
-            .collect();
+        let seqs: Vec<u64> = (0..5).map(|i| s.append(&batch(3, i * 10)).expect("append")).collect();
         assert_eq!(seqs, [1, 2, 3, 4, 5]);
         let p = s.pending();
         assert_eq!((p.batches, p.samples), (5, 15));
@@ -591,10 +548,7 @@ mod tests {
         assert_eq!(s.next_seq(), 4);
         let p = s.pending();
         assert_eq!((p.batches, p.samples), (2, 4));
-        assert_eq!(
-            s.read_from(0, 10).expect("read"),
-            vec![(2, batch(2, 1)), (3, batch(2, 2))]
-        );
+        assert_eq!(s.read_from(0, 10).expect("read"), vec![(2, batch(2, 1)), (3, batch(2, 2))]);
         // Ack everything, reopen: seqs still continue.
         s.ack(3).expect("ack");
         drop(s);
@@ -613,12 +567,7 @@ mod tests {
         }
         assert_eq!(s.ack(0).expect("ack 0"), 0);
         assert_eq!(s.ack(4).expect("ack"), 4);
-        let left: Vec<u64> = s
-            .read_from(0, 100)
-            .expect("read")
-            .iter()
-            .map(|b| b.0)
-            .collect();
+        let left: Vec<u64> = s.read_from(0, 100).expect("read").iter().map(|b| b.0).collect();
         assert_eq!(left, [5, 6, 7, 8, 9, 10]);
         assert_eq!(s.pending().batches, 6);
     }
@@ -647,50 +596,27 @@ mod tests {
             proto::encode_samples(&batch(10, 0), &mut b).expect("encode");
             b.len() as u64
         };
-        let limits = SpoolLimits {
-            max_bytes: one * 3,
-            max_age: Duration::from_secs(3600),
-        };
+        let limits = SpoolLimits { max_bytes: one * 3, max_age: Duration::from_secs(3600) };
         let mut s = open(&dir, limits);
         let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         for i in 0..5 {
             s.append_at(&batch(10, i), t0).expect("append");
         }
         // Only the newest three fit.
-        assert_eq!(
-            s.dropped(),
-            Dropped {
-                batches: 2,
-                samples: 20
-            }
-        );
+        assert_eq!(s.dropped(), Dropped { batches: 2, samples: 20 });
         assert_eq!(s.pending().batches, 3);
         assert_eq!(s.read_from(0, 10).expect("read")[0].0, 3);
         // Age: two hours later every older batch goes, the new one stays.
-        s.append_at(&batch(10, 9), t0 + Duration::from_secs(7200))
-            .expect("append");
-        assert_eq!(
-            s.dropped(),
-            Dropped {
-                batches: 5,
-                samples: 50
-            }
-        );
+        s.append_at(&batch(10, 9), t0 + Duration::from_secs(7200)).expect("append");
+        assert_eq!(s.dropped(), Dropped { batches: 5, samples: 50 });
         assert_eq!(s.read_from(0, 10).expect("read"), vec![(6, batch(10, 9))]);
         // A single batch larger than max_bytes is kept (it is the newest data).
-        s.append_at(&batch(40, 0), t0 + Duration::from_secs(7200))
-            .expect("append");
+        s.append_at(&batch(40, 0), t0 + Duration::from_secs(7200)).expect("append");
         assert_eq!(s.pending().batches, 1);
         assert_eq!(s.read_from(0, 10).expect("read")[0].0, 7);
         // Counters persist.
         drop(s);
-        assert_eq!(
-            open(&dir, limits).dropped(),
-            Dropped {
-                batches: 6,
-                samples: 60
-            }
-        );
+        assert_eq!(open(&dir, limits).dropped(), Dropped { batches: 6, samples: 60 });
     }
 
     #[test]
@@ -719,9 +645,6 @@ mod tests {
         s.append(&batch(1000, 0)).expect("append 1000");
         let raw = s.read_raw_from(0, 1).expect("raw");
         assert_eq!(proto::samples_count(&raw[0].1).expect("count"), 1000);
-        assert_eq!(
-            proto::decode_samples(&raw[0].1).expect("decode"),
-            batch(1000, 0)
-        );
+        assert_eq!(proto::decode_samples(&raw[0].1).expect("decode"), batch(1000, 0));
     }
 }

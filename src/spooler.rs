@@ -91,16 +91,8 @@ impl SpoolHandle {
         std::thread::Builder::new()
             .name("spool".into())
             .spawn(move || run(spool, rx, c, appended_tx))
-            .map_err(|source| SpoolerError::Thread {
-                path: name.to_string(),
-                source,
-            })?;
-        Ok(Self {
-            tx,
-            counters,
-            appended,
-            name,
-        })
+            .map_err(|source| SpoolerError::Thread { path: name.to_string(), source })?;
+        Ok(Self { tx, counters, appended, name })
     }
 
     async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, SpoolerError> {
@@ -121,11 +113,7 @@ impl SpoolHandle {
     }
 
     /// Up to `max` stored sample blocks with seq > `after`, oldest first.
-    pub async fn read_raw_from(
-        &self,
-        after: u64,
-        max: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, SpoolerError> {
+    pub async fn read_raw_from(&self, after: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolerError> {
         self.call(|r| Op::ReadRaw(after, max, r)).await
     }
 

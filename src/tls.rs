@@ -26,8 +26,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError, ServerConfig,
+    SignatureScheme,
 };
 
 /// Subject alternative name of every gateway certificate, and the server name clients
@@ -119,10 +119,7 @@ impl FromStr for Fingerprint {
     /// Accepts `AB:CD:…` (either case) or 64 plain hex digits. An optional
     /// `SHA256 Fingerprint=` prefix (openssl's output) is ignored.
     fn from_str(s: &str) -> Result<Self, TlsError> {
-        let bad = |reason: String| TlsError::Fingerprint {
-            input: s.to_string(),
-            reason,
-        };
+        let bad = |reason: String| TlsError::Fingerprint { input: s.to_string(), reason };
         let trimmed = s.trim();
         let body = trimmed
             .split_once('=')
@@ -131,17 +128,10 @@ impl FromStr for Fingerprint {
         let hex: String = if body.contains(':') {
             let parts: Vec<&str> = body.split(':').collect();
             if parts.len() != 32 {
-                return Err(bad(format!(
-                    "expected 32 colon-separated hex pairs, found {}",
-                    parts.len()
-                )));
+                return Err(bad(format!("expected 32 colon-separated hex pairs, found {}", parts.len())));
             }
             if let Some((i, p)) = parts.iter().enumerate().find(|(_, p)| p.len() != 2) {
-                return Err(bad(format!(
-                    "pair {} is {:?}, expected two hex digits",
-                    i + 1,
-                    p
-                )));
+                return Err(bad(format!("pair {} is {:?}, expected two hex digits", i + 1, p)));
             }
             parts.concat()
         } else {
@@ -154,10 +144,7 @@ impl FromStr for Fingerprint {
             body.to_string()
         };
         if let Some((i, c)) = hex.char_indices().find(|(_, c)| !c.is_ascii_hexdigit()) {
-            return Err(bad(format!(
-                "{c:?} at hex digit {} is not a hex digit",
-                i + 1
-            )));
+            return Err(bad(format!("{c:?} at hex digit {} is not a hex digit", i + 1)));
         }
         let mut out = [0u8; 32];
         hex::decode_to_slice(&hex, &mut out).map_err(|e| bad(e.to_string()))?;
@@ -226,17 +213,11 @@ pub fn keygen(dir: &Path, force: bool) -> Result<Identity, TlsError> {
     if !force && key_path.exists() {
         return Err(TlsError::KeyExists(key_path));
     }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_err(dir))?;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
 
     let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, SERVER_NAME);
+    params.distinguished_name.push(rcgen::DnType::CommonName, SERVER_NAME);
     let cert = params.self_signed(&key_pair)?;
 
     if force {
@@ -264,18 +245,13 @@ pub fn keygen(dir: &Path, force: bool) -> Result<Identity, TlsError> {
 
 /// Creates `path` (failing if it exists) with `mode` from the start, writes and syncs.
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                TlsError::KeyExists(path.to_path_buf())
-            } else {
-                io_err(path)(e)
-            }
-        })?;
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            TlsError::KeyExists(path.to_path_buf())
+        } else {
+            io_err(path)(e)
+        }
+    })?;
     f.write_all(bytes).map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))
 }
@@ -285,15 +261,9 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
 pub fn load_identity(dir: &Path) -> Result<Identity, TlsError> {
     let cert_path = dir.join(CERT_FILE);
     let key_path = dir.join(KEY_FILE);
-    let pem_err = |path: &Path, reason: String| TlsError::Pem {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let pem_err = |path: &Path, reason: String| TlsError::Pem { path: path.to_path_buf(), reason };
 
-    let mode = fs::metadata(&key_path)
-        .map_err(io_err(&key_path))?
-        .permissions()
-        .mode();
+    let mode = fs::metadata(&key_path).map_err(io_err(&key_path))?.permissions().mode();
     if mode & 0o077 != 0 {
         tracing::warn!(
             path = %key_path.display(),
@@ -310,11 +280,7 @@ pub fn load_identity(dir: &Path) -> Result<Identity, TlsError> {
         .map_err(|e| pem_err(&cert_path, format!("no usable certificate: {e}")))?;
 
     let fingerprint = Fingerprint::of(&cert);
-    Ok(Identity {
-        cert,
-        key: PrivateKey(key),
-        fingerprint,
-    })
+    Ok(Identity { cert, key: PrivateKey(key), fingerprint })
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -323,18 +289,12 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Server side of a link: TLS 1.3, our certificate, and a mandatory client certificate
 /// whose fingerprint is in `pinned` (anything else fails the handshake).
-pub fn server_config(
-    id: &Identity,
-    pinned: Vec<Fingerprint>,
-) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(id: &Identity, pinned: Vec<Fingerprint>) -> Result<Arc<ServerConfig>, TlsError> {
     if pinned.is_empty() {
         return Err(TlsError::NoPins);
     }
     let provider = provider();
-    let verifier = PinnedClientVerifier {
-        pinned,
-        algs: provider.signature_verification_algorithms,
-    };
+    let verifier = PinnedClientVerifier { pinned, algs: provider.signature_verification_algorithms };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -349,10 +309,7 @@ pub fn server_config(
 /// `pinned` fingerprint (the name is not checked), and presents our certificate.
 pub fn client_config(id: &Identity, pinned: Fingerprint) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
-    let verifier = PinnedServerVerifier {
-        pinned,
-        algs: provider.signature_verification_algorithms,
-    };
+    let verifier = PinnedServerVerifier { pinned, algs: provider.signature_verification_algorithms };
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -375,9 +332,7 @@ pub fn server_name() -> ServerName<'static> {
 /// Fingerprint of the certificate the peer presented, once the handshake is done.
 /// On the server side this tells which of the pinned peers connected.
 pub fn peer_fingerprint(conn: &rustls::CommonState) -> Option<Fingerprint> {
-    conn.peer_certificates()
-        .and_then(|certs| certs.first())
-        .map(|c| Fingerprint::of(c))
+    conn.peer_certificates().and_then(|certs| certs.first()).map(|c| Fingerprint::of(c))
 }
 
 fn not_pinned(role: &str, fp: Fingerprint) -> rustls::Error {
@@ -459,11 +414,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let fp = Fingerprint::of(end_entity);
-        if fp == self.pinned {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(not_pinned("server", fp))
-        }
+        if fp == self.pinned { Ok(ServerCertVerified::assertion()) } else { Err(not_pinned("server", fp)) }
     }
 
     fn verify_tls12_signature(
@@ -507,10 +458,7 @@ mod tests {
     async fn handshake(
         server: Arc<ServerConfig>,
         client: Arc<ClientConfig>,
-    ) -> (
-        Result<Option<Fingerprint>, std::io::Error>,
-        Result<Option<Fingerprint>, std::io::Error>,
-    ) {
+    ) -> (Result<Option<Fingerprint>, std::io::Error>, Result<Option<Fingerprint>, std::io::Error>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let server_task = tokio::spawn(async move {
@@ -525,9 +473,7 @@ mod tests {
         });
         let client_result = async {
             let tcp = TcpStream::connect(addr).await?;
-            let mut tls = TlsConnector::from(client)
-                .connect(server_name(), tcp)
-                .await?;
+            let mut tls = TlsConnector::from(client).connect(server_name(), tcp).await?;
             let fp = peer_fingerprint(tls.get_ref().1);
             tls.write_all(b"x").await?;
             let mut b = [0u8; 1];
@@ -577,10 +523,7 @@ mod tests {
         )
         .await;
         let e = s.expect_err("server refuses");
-        assert!(
-            e.to_string().contains(&intruder.fingerprint.to_string()),
-            "{e}"
-        );
+        assert!(e.to_string().contains(&intruder.fingerprint.to_string()), "{e}");
         // In TLS 1.3 the client finishes first; it must still never get data back.
         assert!(cl.is_err());
     }
@@ -590,21 +533,16 @@ mod tests {
         let (_da, a) = identity();
         let (_db, b) = identity();
         let provider = provider();
-        let verifier = PinnedServerVerifier {
-            pinned: a.fingerprint,
-            algs: provider.signature_verification_algorithms,
-        };
+        let verifier =
+            PinnedServerVerifier { pinned: a.fingerprint, algs: provider.signature_verification_algorithms };
         let anonymous = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("tls13")
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_no_client_auth();
-        let (s, cl) = handshake(
-            server_config(&a, vec![b.fingerprint]).expect("server"),
-            Arc::new(anonymous),
-        )
-        .await;
+        let (s, cl) =
+            handshake(server_config(&a, vec![b.fingerprint]).expect("server"), Arc::new(anonymous)).await;
         assert!(s.is_err());
         assert!(cl.is_err());
     }
@@ -637,13 +575,9 @@ mod tests {
         assert!(matches!(&e, TlsError::KeyExists(p) if p == &id_dir.join(KEY_FILE)));
         assert!(e.to_string().contains("key.pem"), "{e}");
         // Unchanged on disk.
-        assert_eq!(
-            load_identity(&id_dir).expect("load").fingerprint,
-            first.fingerprint
-        );
+        assert_eq!(load_identity(&id_dir).expect("load").fingerprint, first.fingerprint);
         // force replaces it, still 0600, even if the old key had been widened.
-        fs::set_permissions(id_dir.join(KEY_FILE), fs::Permissions::from_mode(0o644))
-            .expect("chmod");
+        fs::set_permissions(id_dir.join(KEY_FILE), fs::Permissions::from_mode(0o644)).expect("chmod");
         let second = keygen(&id_dir, true).expect("forced keygen");
         assert_ne!(second.fingerprint, first.fingerprint);
         assert_eq!(mode(&id_dir.join(KEY_FILE)), 0o600);
@@ -677,23 +611,9 @@ mod tests {
         assert_eq!(shown.len(), 95);
         assert!(shown.starts_with("00:09:12:1B:"), "{shown}");
         assert_eq!(shown.parse::<Fingerprint>().expect("upper"), fp);
-        assert_eq!(
-            shown.to_lowercase().parse::<Fingerprint>().expect("lower"),
-            fp
-        );
-        assert_eq!(
-            shown
-                .replace(':', "")
-                .parse::<Fingerprint>()
-                .expect("plain"),
-            fp
-        );
-        assert_eq!(
-            format!("SHA256 Fingerprint={shown}")
-                .parse::<Fingerprint>()
-                .expect("openssl"),
-            fp
-        );
+        assert_eq!(shown.to_lowercase().parse::<Fingerprint>().expect("lower"), fp);
+        assert_eq!(shown.replace(':', "").parse::<Fingerprint>().expect("plain"), fp);
+        assert_eq!(format!("SHA256 Fingerprint={shown}").parse::<Fingerprint>().expect("openssl"), fp);
         let err = |s: &str| s.parse::<Fingerprint>().expect_err(s).to_string();
         assert!(err("AB:CD").contains("expected 32 colon-separated hex pairs, found 2"));
         assert!(err(&"a".repeat(63)).contains("expected 64 hex digits"));

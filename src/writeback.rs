@@ -70,26 +70,13 @@ pub struct WriteBacks {
 
 impl WriteBacks {
     /// Write-backs of `peer`; `connected` follows the link state.
-    pub fn new(
-        peer: &str,
-        rules: &[WriteBack],
-        writer: Writer,
-        connected: watch::Receiver<bool>,
-    ) -> Self {
-        let from = rules
-            .iter()
-            .enumerate()
-            .map(|(i, w)| (w.from.clone(), i))
-            .collect();
+    pub fn new(peer: &str, rules: &[WriteBack], writer: Writer, connected: watch::Receiver<bool>) -> Self {
+        let from = rules.iter().enumerate().map(|(i, w)| (w.from.clone(), i)).collect();
         Self {
             peer: peer.to_string(),
             rules: rules.to_vec(),
             writer,
-            offer: Offer {
-                from: Arc::new(from),
-                latest: Arc::default(),
-                notify: Arc::default(),
-            },
+            offer: Offer { from: Arc::new(from), latest: Arc::default(), notify: Arc::default() },
             connected,
         }
     }

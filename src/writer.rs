@@ -90,9 +90,7 @@ impl Writer {
                 }
             }
         }
-        Self {
-            targets: Arc::new(targets),
-        }
+        Self { targets: Arc::new(targets) }
     }
 
     /// True when `point` is a local point this writer can address.
@@ -102,24 +100,15 @@ impl Writer {
 
     /// The Modbus request that writes `value` into `point` (nothing is sent).
     pub fn request(&self, point: &str, value: &Value) -> Result<Request<'static>, WriteError> {
-        let t = self
-            .targets
-            .get(point)
-            .ok_or_else(|| WriteError::UnknownPoint(point.to_string()))?;
+        let t = self.targets.get(point).ok_or_else(|| WriteError::UnknownPoint(point.to_string()))?;
         request_for(&t.point, value)
     }
 
     /// Writes `value` into `point` and waits until the device accepted it.
     pub async fn write(&self, point: &str, value: &Value) -> Result<(), WriteError> {
-        let t = self
-            .targets
-            .get(point)
-            .ok_or_else(|| WriteError::UnknownPoint(point.to_string()))?;
+        let t = self.targets.get(point).ok_or_else(|| WriteError::UnknownPoint(point.to_string()))?;
         let request = request_for(&t.point, value)?;
-        let bus_err = |source| WriteError::Bus {
-            point: point.to_string(),
-            source,
-        };
+        let bus_err = |source| WriteError::Bus { point: point.to_string(), source };
         let (reply, rx) = oneshot::channel();
         t.bus
             .submit(Job {
@@ -132,31 +121,18 @@ impl Writer {
                 reply,
             })
             .map_err(bus_err)?;
-        rx.await
-            .unwrap_or(Err(BusError::Closed))
-            .map(|_| ())
-            .map_err(bus_err)
+        rx.await.unwrap_or(Err(BusError::Closed)).map(|_| ()).map_err(bus_err)
     }
 }
 
 /// The one request that writes `value` into `p`.
 fn request_for(p: &Point, value: &Value) -> Result<Request<'static>, WriteError> {
-    let enc = |source| WriteError::Encode {
-        point: p.name.clone(),
-        source,
-    };
+    let enc = |source| WriteError::Encode { point: p.name.clone(), source };
     match p.table {
-        Table::Input | Table::Discrete => Err(WriteError::ReadOnly {
-            point: p.name.clone(),
-            table: p.table,
-        }),
+        Table::Input | Table::Discrete => Err(WriteError::ReadOnly { point: p.name.clone(), table: p.table }),
         Table::Coils => {
-            let words =
-                codec::encode_registers(DataType::Bool, p.order, 1.0, 0.0, value).map_err(enc)?;
-            Ok(Request::WriteSingleCoil(
-                p.address,
-                words.first().is_some_and(|w| *w != 0),
-            ))
+            let words = codec::encode_registers(DataType::Bool, p.order, 1.0, 0.0, value).map_err(enc)?;
+            Ok(Request::WriteSingleCoil(p.address, words.first().is_some_and(|w| *w != 0)))
         }
         Table::Holding => {
             if let DataType::Bit(n) = p.data_type {
@@ -174,8 +150,8 @@ fn request_for(p: &Point, value: &Value) -> Result<Request<'static>, WriteError>
                 let (and, or) = codec::bit_masks(n, on).map_err(enc)?;
                 return Ok(Request::MaskWriteRegister(p.address, and, or));
             }
-            let words = codec::encode_registers(p.data_type, p.order, p.scale, p.offset, value)
-                .map_err(enc)?;
+            let words =
+                codec::encode_registers(p.data_type, p.order, p.scale, p.offset, value).map_err(enc)?;
             Ok(match words.as_slice() {
                 [one] => Request::WriteSingleRegister(p.address, *one),
                 _ => Request::WriteMultipleRegisters(p.address, words.into()),
@@ -207,10 +183,7 @@ mod tests {
     #[test]
     fn picks_the_function_code() {
         let r = |t, d, v: Value| request_for(&point(t, d), &v);
-        assert_eq!(
-            r(Table::Holding, DataType::U16, Value::UInt(7)),
-            Ok(Request::WriteSingleRegister(10, 7))
-        );
+        assert_eq!(r(Table::Holding, DataType::U16, Value::UInt(7)), Ok(Request::WriteSingleRegister(10, 7)));
         assert_eq!(
             r(Table::Holding, DataType::U32, Value::UInt(0x0001_0002)),
             Ok(Request::WriteMultipleRegisters(10, vec![1, 2].into()))
@@ -232,21 +205,14 @@ mod tests {
     #[test]
     fn refuses_what_cannot_be_written() {
         let r = |t, d, v: Value| request_for(&point(t, d), &v);
-        assert!(matches!(
-            r(Table::Input, DataType::U16, Value::UInt(1)),
-            Err(WriteError::ReadOnly { .. })
-        ));
+        assert!(matches!(r(Table::Input, DataType::U16, Value::UInt(1)), Err(WriteError::ReadOnly { .. })));
         assert!(matches!(
             r(Table::Discrete, DataType::Bool, Value::Bool(true)),
             Err(WriteError::ReadOnly { .. })
         ));
-        let e =
-            r(Table::Holding, DataType::Str(2), Value::Text("abc".into())).expect_err("too long");
+        let e = r(Table::Holding, DataType::Str(2), Value::Text("abc".into())).expect_err("too long");
         assert!(e.to_string().contains("dev.p"), "{e}");
-        assert!(matches!(
-            r(Table::Holding, DataType::U16, Value::Int(-1)),
-            Err(WriteError::Encode { .. })
-        ));
+        assert!(matches!(r(Table::Holding, DataType::U16, Value::Int(-1)), Err(WriteError::Encode { .. })));
         assert_eq!(
             Writer::default().request("x.y", &Value::Int(1)),
             Err(WriteError::UnknownPoint("x.y".into()))

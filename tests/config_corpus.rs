@@ -1,19 +1,17 @@
 //! Configuration corpus: every file in `tests/configs/bad/` must fail with the messages
-//! its `# expect:` lines name; every file in `tests/configs/good/` and the shipped
-//! `gateway.toml` must load. The corpus sizes are asserted, so a moved directory cannot
+//! its `# expect:` lines name; every file in `tests/configs/good/`, the shipped
+//! `gateway.toml` and the two-site pair under `examples/` must load. The corpus sizes are asserted, so a moved directory cannot
 //! make these tests pass by checking nothing.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use m2m_gateway::config::{self, ConfigError};
-use m2m_gateway::model::{Model, Parity, Protocol};
-use m2m_gateway::value::{DataType, Table, WordOrder};
+use m2m_gateway::model::{Dial, Model, OnLoss, Parity, Protocol, SendMode};
+use m2m_gateway::value::{DataType, Table, Value, WordOrder};
 
 fn corpus(kind: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/configs")
-        .join(kind);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs").join(kind);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
         .map(|entry| entry.expect("directory entry").path())
@@ -24,24 +22,18 @@ fn corpus(kind: &str) -> Vec<PathBuf> {
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name()
-        .expect("file name")
-        .to_string_lossy()
-        .into_owned()
+    path.file_name().expect("file name").to_string_lossy().into_owned()
 }
 
 #[test]
 fn bad_configs_fail_with_their_expected_messages() {
     let files = corpus("bad");
-    assert!(files.len() >= 15, "only {} bad configs", files.len());
+    assert!(files.len() >= 88, "only {} bad configs", files.len());
     let mut failures = Vec::new();
     for path in &files {
         let name = file_name(path);
         let text = std::fs::read_to_string(path).expect("read corpus file");
-        let expected: Vec<&str> = text
-            .lines()
-            .filter_map(|line| line.strip_prefix("# expect: "))
-            .collect();
+        let expected: Vec<&str> = text.lines().filter_map(|line| line.strip_prefix("# expect: ")).collect();
         if expected.is_empty() {
             failures.push(format!("{name}: no `# expect:` line"));
             continue;
@@ -80,7 +72,7 @@ fn validation_reports_every_problem_at_once() {
 #[test]
 fn good_configs_load() {
     let files = corpus("good");
-    assert!(files.len() >= 3, "only {} good configs", files.len());
+    assert!(files.len() >= 5, "only {} good configs", files.len());
     for path in &files {
         if let Err(err) = config::load(path) {
             panic!("{} should load:\n{err}", path.display());
@@ -89,9 +81,7 @@ fn good_configs_load() {
 }
 
 fn good(name: &str) -> Model {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/configs/good")
-        .join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs/good").join(name);
     config::load(&path).unwrap_or_else(|e| panic!("{name}:\n{e}"))
 }
 
@@ -110,15 +100,9 @@ fn defaults_are_resolved() {
     assert_eq!(bus.queue_depth, 64);
     assert_eq!(bus.reopen_max, Duration::from_secs(30));
     let device = &bus.devices[0];
-    assert_eq!(
-        device.timeout, bus.timeout,
-        "device timeout comes from its bus"
-    );
+    assert_eq!(device.timeout, bus.timeout, "device timeout comes from its bus");
     assert_eq!(device.turnaround, Duration::ZERO);
-    assert_eq!(
-        (device.max_registers, device.max_bits, device.max_gap),
-        (125, 2000, 8)
-    );
+    assert_eq!((device.max_registers, device.max_bits, device.max_gap), (125, 2000, 8));
     assert_eq!(device.backoff_max, Duration::from_secs(60));
     let [register, coil] = &device.points[..] else {
         panic!("two points expected");
@@ -151,18 +135,12 @@ fn address_base_and_overrides_are_applied() {
     assert_eq!(first.points[0].stale_after, Duration::from_millis(750));
     assert_eq!(first.points[1].data_type, DataType::Bit(15));
     assert_eq!(first.points[2].data_type, DataType::Str(5));
-    assert_eq!(
-        first.points[2].address, 65_532,
-        "5 bytes: 3 registers below the flag"
-    );
+    assert_eq!(first.points[2].address, 65_532, "5 bytes: 3 registers below the flag");
     assert_eq!(first.points[3].scale, 0.5);
     assert_eq!(first.points[3].unit.as_deref(), Some("m3/h"));
     let second = &bus.devices[1];
     assert_eq!(second.timeout, bus.timeout);
-    assert_eq!(
-        second.points[0].address, 65_535,
-        "base 0: address is the wire address"
-    );
+    assert_eq!(second.points[0].address, 65_535, "base 0: address is the wire address");
     assert_eq!(second.points[0].order, WordOrder::Dcba);
 }
 
@@ -180,15 +158,111 @@ fn shipped_gateway_toml_loads() {
     let all = bus.devices.iter().flat_map(|d| &d.points);
     assert!(all.clone().any(|p| p.name == "boiler.flow_temp"));
     let meter = &bus.devices[1];
-    assert_eq!(
-        meter.points[0].address, 0,
-        "the meter is configured 1-based"
-    );
+    assert_eq!(meter.points[0].address, 0, "the meter is configured 1-based");
     let pump = &bus.devices[2];
-    let bits = pump
-        .points
-        .iter()
-        .filter(|p| matches!(p.data_type, DataType::Bit(_)))
-        .count();
+    let bits = pump.points.iter().filter(|p| matches!(p.data_type, DataType::Bit(_))).count();
     assert_eq!(bits, 3);
+}
+
+#[test]
+fn peers_resolve_defaults_paths_and_rules() {
+    let model = good("peers.toml");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs/good");
+    let links = model.links.expect("[link] gives links");
+    assert!(links.identity_dir.is_absolute(), "load anchors relative paths");
+    assert_eq!(links.identity_dir, dir.join("identity"));
+    assert_eq!(links.data_dir, dir.join("var"));
+    assert_eq!(links.listen, Some("0.0.0.0:7700".parse().expect("addr")));
+    let prefixes: Vec<u8> = links.allow.iter().map(|n| n.prefix).collect();
+    assert_eq!(prefixes, [8, 32, 8]);
+    assert!(links.allow[1].contains("192.168.1.20".parse().expect("ip")));
+
+    let [b, c] = &links.peers[..] else {
+        panic!("two peers expected");
+    };
+    assert_eq!(b.name, "site-b");
+    assert_eq!(
+        b.fingerprint,
+        "3F:A2:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:01:23:45:67:89:AB:CD:EF:10:32:54:76:98:9C",
+        "fingerprints are normalised to uppercase pairs"
+    );
+    assert_eq!(b.dial, Dial::Connect("10.0.0.2:7700".into()));
+    assert_eq!(b.spool, dir.join("var/spool-site-b.db"), "default spool");
+    assert_eq!(b.spool_max_bytes, 64 * 1024 * 1024);
+    assert_eq!(b.spool_max_age, Duration::from_secs(7 * 24 * 3600));
+    assert_eq!(b.heartbeat, Duration::from_secs(5));
+
+    // First rule wins: the alarm goes periodically, the rest of the boiler on change.
+    let [periodic, change] = &b.send[..] else {
+        panic!("two send rules expected");
+    };
+    assert_eq!(periodic.points, ["boiler.alarm", "drive.*"]);
+    assert_eq!(periodic.matched, ["boiler.alarm", "drive.speed_setpoint", "drive.enable"]);
+    assert_eq!(periodic.mode, SendMode::Periodic { interval: Duration::from_secs(10) });
+    assert_eq!(change.matched, ["boiler.temp", "boiler.setpoint"]);
+    assert_eq!(
+        change.mode,
+        SendMode::Change { deadband: 0.0, deadband_percent: 0.0, max_silence: Duration::from_secs(60) }
+    );
+
+    let [speed, enable] = &b.grants[..] else {
+        panic!("two grants expected");
+    };
+    assert_eq!(speed.matched, ["drive.speed_setpoint"]);
+    assert_eq!((speed.min, speed.max), (Some(0.0), Some(150.5)));
+    assert_eq!(enable.points, ["drive.enable"]);
+    assert_eq!((enable.min, enable.max), (None, None));
+    assert_eq!(b.writeback[0].from, "pump.speed");
+    assert_eq!(b.writeback[0].to, "boiler.setpoint");
+    assert_eq!(b.writeback[0].on_loss, OnLoss::Keep);
+    assert_eq!(b.writeback[0].loss_after, Duration::from_secs(30));
+
+    assert_eq!(c.dial, Dial::Accept);
+    assert_eq!(c.fingerprint.len(), 95);
+    assert_eq!(c.spool, dir.join("var/c/spool.db"), "relative spool: in data_dir");
+    assert_eq!(c.spool_max_bytes, 1_610_612_736);
+    assert_eq!(c.spool_max_age, Duration::from_secs(24 * 3600));
+    assert_eq!(c.heartbeat, Duration::from_millis(250));
+    assert!(c.grants.is_empty(), "no grant: read-only");
+    assert_eq!(
+        c.send[0].mode,
+        SendMode::Change { deadband: 0.5, deadband_percent: 2.0, max_silence: Duration::from_secs(300) }
+    );
+    assert_eq!(c.writeback[0].on_loss, OnLoss::Fallback(Value::Bool(false)));
+    assert_eq!(c.writeback[0].loss_after, Duration::from_secs(2));
+}
+
+#[test]
+fn configs_without_link_have_no_links() {
+    assert!(good("minimal.toml").links.is_none());
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
+    let model = config::load(&path).unwrap_or_else(|e| panic!("gateway.toml:\n{e}"));
+    assert!(model.links.is_none(), "the demo runs gateway.toml alone");
+}
+
+#[test]
+fn two_site_examples_load_and_pair() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let load = |name: &str| config::load(&dir.join(name)).unwrap_or_else(|e| panic!("examples/{name}:\n{e}"));
+    let (a, b) = (load("site-a.toml"), load("site-b.toml"));
+    let (la, lb) = (a.links.expect("site-a has links"), b.links.expect("site-b has links"));
+    assert_eq!(a.gateway.name, "site-a");
+    assert_eq!(b.gateway.name, "site-b");
+    let (to_b, to_a) = (&la.peers[0], &lb.peers[0]);
+    assert_eq!(to_b.name, "site-b");
+    assert_eq!(to_a.name, "site-a");
+    // site-a dials the address site-b listens on.
+    assert_eq!(la.listen, None);
+    assert_eq!(to_a.dial, Dial::Accept);
+    let listen = lb.listen.expect("site-b listens");
+    assert_eq!(to_b.dial, Dial::Connect(listen.to_string()));
+    assert!(lb.allow.iter().any(|n| n.contains("127.0.0.1".parse().expect("ip"))));
+    // site-b grants site-a one limited setpoint and mirrors site-a's boiler setpoint.
+    assert_eq!(to_a.grants.len(), 1);
+    assert!(to_a.grants[0].min.is_some() && to_a.grants[0].max.is_some());
+    let wb = &to_a.writeback[0];
+    assert!(matches!(wb.on_loss, OnLoss::Fallback(_)));
+    let sent_by_a = to_b.send.iter().flat_map(|r| &r.matched);
+    assert!(sent_by_a.clone().any(|p| *p == wb.from), "{} is sent by site-a", wb.from);
+    assert!(to_a.send.iter().any(|r| !r.matched.is_empty()), "site-b sends back");
 }

@@ -12,8 +12,7 @@ use futures::{SinkExt, StreamExt};
 use m2m_gateway::gateway::Gateway;
 use m2m_gateway::image::Image;
 use m2m_gateway::model::{
-    self, Device, Dial, Grant, Line, Links, Model, Parity, Peer, Point, Protocol, SendMode,
-    SendRule,
+    self, Device, Dial, Grant, Line, Links, Model, Parity, Peer, Point, Protocol, SendMode, SendRule,
 };
 use m2m_gateway::proto::{Frame, FrameCodec, VERSION};
 use m2m_gateway::tls::{self, Identity};
@@ -40,10 +39,7 @@ fn logs() {
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let end = tokio::time::Instant::now() + DEADLINE;
     while !cond() {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < end, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -65,10 +61,16 @@ impl Site {
         self.id.fingerprint.to_string()
     }
 
-    fn links(&self, listen: bool, peers: Vec<Peer>) -> Links {
+    /// The links section; peers' spool files go under the data directory (the config
+    /// resolves them the same way).
+    fn links(&self, listen: bool, mut peers: Vec<Peer>) -> Links {
+        let data_dir = self.dir.path().join("data");
+        for p in &mut peers {
+            p.spool = data_dir.join(&p.spool);
+        }
         Links {
             identity_dir: self.dir.path().join("id"),
-            data_dir: self.dir.path().join("data"),
+            data_dir,
             listen: listen.then(|| "127.0.0.1:0".parse().expect("addr")),
             allow: vec![],
             peers,
@@ -79,11 +81,8 @@ impl Site {
 fn change(points: &[&str], deadband: f64, pct: f64, max_silence: Duration) -> SendRule {
     SendRule {
         points: points.iter().map(|s| s.to_string()).collect(),
-        mode: SendMode::Change {
-            deadband,
-            deadband_percent: pct,
-            max_silence,
-        },
+        matched: vec![],
+        mode: SendMode::Change { deadband, deadband_percent: pct, max_silence },
     }
 }
 
@@ -108,10 +107,7 @@ fn peer(name: &str, fp: String, dial: Dial, send: Vec<SendRule>) -> Peer {
 
 fn model(name: &str, buses: Vec<model::Bus>, links: Links) -> Model {
     Model {
-        gateway: model::Gateway {
-            name: name.into(),
-            summary_interval: Duration::from_secs(3600),
-        },
+        gateway: model::Gateway { name: name.into(), summary_interval: Duration::from_secs(3600) },
         buses,
         links: Some(links),
     }
@@ -122,11 +118,7 @@ fn at(micros: u64) -> SystemTime {
 }
 
 fn sample(v: Value, t: SystemTime, q: Quality) -> Sample {
-    Sample {
-        value: Some(v),
-        at: t,
-        quality: q,
-    }
+    Sample { value: Some(v), at: t, quality: q }
 }
 
 fn set(image: &Image, point: &str, s: Sample) {
@@ -182,11 +174,7 @@ impl Proxy {
     fn reserve(target: SocketAddr) -> Self {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
-        Self {
-            addr,
-            target,
-            stop: None,
-        }
+        Self { addr, target, stop: None }
     }
 
     async fn start(&mut self) {
@@ -242,24 +230,13 @@ async fn pair_with(
 ) -> (Gateway, Gateway, CancellationToken) {
     let shutdown = CancellationToken::new();
     let b_peer = peer("site-a", a.fp(), Dial::Accept, vec![]);
-    let gb = Gateway::start(
-        &model("site-b", vec![], b.links(true, vec![b_peer])),
-        shutdown.child_token(),
-    )
-    .expect("start b");
+    let gb = Gateway::start(&model("site-b", vec![], b.links(true, vec![b_peer])), shutdown.child_token())
+        .expect("start b");
     let b_addr = gb.listen_addr().expect("b listens");
-    let mut a_peer = peer(
-        "site-b",
-        b.fp(),
-        Dial::Connect(dial(b_addr).to_string()),
-        a_send,
-    );
+    let mut a_peer = peer("site-b", b.fp(), Dial::Connect(dial(b_addr).to_string()), a_send);
     tweak_a(&mut a_peer);
-    let ga = Gateway::start(
-        &model("site-a", vec![], a.links(false, vec![a_peer])),
-        shutdown.child_token(),
-    )
-    .expect("start a");
+    let ga = Gateway::start(&model("site-a", vec![], a.links(false, vec![a_peer])), shutdown.child_token())
+        .expect("start a");
     assert_eq!(ga.listen_addr(), None, "no listener unless configured");
     (ga, gb, shutdown)
 }
@@ -275,41 +252,22 @@ async fn values_arrive_with_types_times_and_qualities() {
         ("dev.on", sample(Value::Bool(true), t, Quality::Good)),
         ("dev.count", sample(Value::UInt(u64::MAX), t, Quality::Good)),
         ("dev.delta", sample(Value::Int(-7), t, Quality::Stale)),
-        (
-            "dev.name",
-            sample(Value::Text("pump 3".into()), t, Quality::Good),
-        ),
-        (
-            "dev.fault",
-            sample(Value::Int(3), at(1_000_000), Quality::Exception(2)),
-        ),
+        ("dev.name", sample(Value::Text("pump 3".into()), t, Quality::Good)),
+        ("dev.fault", sample(Value::Int(3), at(1_000_000), Quality::Exception(2))),
         ("dev.lost", sample(Value::Int(9), t, Quality::CommFail)),
     ];
     for (p, s) in &sent {
         set(&ga.image, p, s.clone());
     }
-    wait_for("every value at b", || {
-        sent.iter()
-            .all(|(p, _)| gb.image.get(&format!("site-a/{p}")).is_some())
-    })
-    .await;
+    wait_for("every value at b", || sent.iter().all(|(p, _)| gb.image.get(&format!("site-a/{p}")).is_some()))
+        .await;
     for (p, s) in &sent {
-        assert_eq!(
-            gb.image.get(&format!("site-a/{p}")).as_ref(),
-            Some(s),
-            "{p}"
-        );
+        assert_eq!(gb.image.get(&format!("site-a/{p}")).as_ref(), Some(s), "{p}");
     }
-    let (sa, sb) = (
-        ga.link("site-b").expect("link").stats(),
-        gb.link("site-a").expect("link").stats(),
-    );
+    let (sa, sb) = (ga.link("site-b").expect("link").stats(), gb.link("site-a").expect("link").stats());
     assert!(sa.connected && sb.connected);
     assert_eq!(sb.duplicates_dropped, 0);
-    wait_for("acks back at a", || {
-        ga.link("site-b").expect("link").stats().spool_pending == 0
-    })
-    .await;
+    wait_for("acks back at a", || ga.link("site-b").expect("link").stats().spool_pending == 0).await;
     shutdown.cancel();
     ga.shutdown(Duration::from_secs(3)).await;
     gb.shutdown(Duration::from_secs(3)).await;
@@ -332,54 +290,32 @@ async fn deadbands_suppress_small_changes_and_integrity_refresh_resends() {
     // before it has arrived by then (one ordered stream).
     let mut barrier = async |ga: &Gateway| {
         marker += 1;
-        set(
-            &ga.image,
-            "dev.marker",
-            sample(Value::Int(marker), at(1), Quality::Good),
-        );
+        set(&ga.image, "dev.marker", sample(Value::Int(marker), at(1), Quality::Good));
         let m = marker;
-        wait_for("marker", || {
-            remote("dev.marker").and_then(|s| s.value) == Some(Value::Int(m))
-        })
-        .await;
+        wait_for("marker", || remote("dev.marker").and_then(|s| s.value) == Some(Value::Int(m))).await;
     };
 
     set(&ga.image, "dev.abs", good(10.0, 1));
     set(&ga.image, "dev.pct", good(100.0, 1));
     barrier(&ga).await;
-    assert_eq!(
-        remote("dev.abs").and_then(|s| s.value),
-        Some(Value::Float(10.0))
-    );
+    assert_eq!(remote("dev.abs").and_then(|s| s.value), Some(Value::Float(10.0)));
 
     set(&ga.image, "dev.abs", good(10.9, 2)); // within 1.0
     set(&ga.image, "dev.pct", good(109.0, 2)); // within 10 %
     barrier(&ga).await;
-    assert_eq!(
-        remote("dev.pct").and_then(|s| s.value),
-        Some(Value::Float(100.0))
-    );
+    assert_eq!(remote("dev.pct").and_then(|s| s.value), Some(Value::Float(100.0)));
     // dev.abs may already have been refreshed (300 ms), but never with a value that did
     // not beat the deadband... except the refresh itself, which sends the current one.
     set(&ga.image, "dev.pct", good(111.0, 3)); // beyond 10 % of 100
     set(&ga.image, "dev.abs", good(12.0, 3)); // beyond 1.0 of the last sent
     barrier(&ga).await;
-    assert_eq!(
-        remote("dev.pct").and_then(|s| s.value),
-        Some(Value::Float(111.0))
-    );
-    assert_eq!(
-        remote("dev.abs").and_then(|s| s.value),
-        Some(Value::Float(12.0))
-    );
+    assert_eq!(remote("dev.pct").and_then(|s| s.value), Some(Value::Float(111.0)));
+    assert_eq!(remote("dev.abs").and_then(|s| s.value), Some(Value::Float(12.0)));
 
     // Same value, new time: no change event; only the integrity refresh carries it.
     set(&ga.image, "dev.abs", good(12.0, 4));
     let refreshed = tokio::time::Instant::now();
-    wait_for("integrity refresh", || {
-        remote("dev.abs").map(|s| s.at) == Some(at(4))
-    })
-    .await;
+    wait_for("integrity refresh", || remote("dev.abs").map(|s| s.at) == Some(at(4))).await;
     assert!(refreshed.elapsed() < Duration::from_secs(2));
     // dev.pct (max_silence 1 h) is not refreshed.
     assert_eq!(remote("dev.pct").map(|s| s.at), Some(at(3)));
@@ -394,45 +330,20 @@ async fn periodic_mode_sends_unchanged_values() {
     let (a, b) = (Site::new(), Site::new());
     let rules = vec![SendRule {
         points: vec!["dev.per".into()],
-        mode: SendMode::Periodic {
-            interval: Duration::from_millis(100),
-        },
+        matched: vec![],
+        mode: SendMode::Periodic { interval: Duration::from_millis(100) },
     }];
     let (ga, gb, shutdown) = pair_with(&a, &b, rules, |_| {}, |x| x).await;
-    set(
-        &ga.image,
-        "dev.per",
-        sample(Value::Int(5), at(10), Quality::Good),
-    );
-    set(
-        &ga.image,
-        "dev.other",
-        sample(Value::Int(1), at(10), Quality::Good),
-    );
-    wait_for("first periodic send", || {
-        gb.image.get("site-a/dev.per").is_some()
-    })
-    .await;
+    set(&ga.image, "dev.per", sample(Value::Int(5), at(10), Quality::Good));
+    set(&ga.image, "dev.other", sample(Value::Int(1), at(10), Quality::Good));
+    wait_for("first periodic send", || gb.image.get("site-a/dev.per").is_some()).await;
     // Unchanged value with a new time: a change rule would not send it.
-    set(
-        &ga.image,
-        "dev.per",
-        sample(Value::Int(5), at(20), Quality::Good),
-    );
-    wait_for("next period", || {
-        gb.image.get("site-a/dev.per").map(|s| s.at) == Some(at(20))
-    })
-    .await;
+    set(&ga.image, "dev.per", sample(Value::Int(5), at(20), Quality::Good));
+    wait_for("next period", || gb.image.get("site-a/dev.per").map(|s| s.at) == Some(at(20))).await;
     let link = gb.link("site-a").expect("link");
     let n = link.stats().samples_applied;
-    wait_for("three more periods", || {
-        link.stats().samples_applied >= n + 3
-    })
-    .await;
-    assert!(
-        gb.image.get("site-a/dev.other").is_none(),
-        "a point no rule matches is never sent"
-    );
+    wait_for("three more periods", || link.stats().samples_applied >= n + 3).await;
+    assert!(gb.image.get("site-a/dev.other").is_none(), "a point no rule matches is never sent");
     shutdown.cancel();
     ga.shutdown(Duration::from_secs(3)).await;
     gb.shutdown(Duration::from_secs(3)).await;
@@ -463,11 +374,7 @@ async fn cut_and_restored_link_delivers_every_value_once_in_order() {
     wait_for("link up", || la.stats().connected).await;
     const N: u64 = 3000;
     for i in 1..=N {
-        set(
-            &ga.image,
-            "dev.counter",
-            sample(Value::UInt(i), SystemTime::now(), Quality::Good),
-        );
+        set(&ga.image, "dev.counter", sample(Value::UInt(i), SystemTime::now(), Quality::Good));
         if i % 50 == 0 {
             // Let the forwarder and the link run: many batches, some in flight when cut.
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -480,10 +387,7 @@ async fn cut_and_restored_link_delivers_every_value_once_in_order() {
             proxy.start().await;
         }
     }
-    wait_for("every value at b", || {
-        got.lock().expect("lock").len() as u64 >= N
-    })
-    .await;
+    wait_for("every value at b", || got.lock().expect("lock").len() as u64 >= N).await;
     let got = got.lock().expect("lock").clone();
     let want: Vec<Value> = (1..=N).map(Value::UInt).collect();
     assert_eq!(
@@ -493,20 +397,13 @@ async fn cut_and_restored_link_delivers_every_value_once_in_order() {
         first_diff(&got, &want),
         gb.link("site-a").expect("link").stats()
     );
-    assert!(
-        got == want,
-        "in order; first difference at {:?}",
-        first_diff(&got, &want)
-    );
+    assert!(got == want, "in order; first difference at {:?}", first_diff(&got, &want));
     // The value re-sent on reconnect may still be on its way; once a's spool is
     // drained, every batch a spooled was applied exactly once.
     wait_for("a's spool drained", || la.stats().spool_pending == 0).await;
     let (sa, sb) = (la.stats(), gb.link("site-a").expect("link").stats());
     assert!(sa.sessions >= 2, "{sa:?}");
-    assert_eq!(
-        sb.batches_applied, sa.last_seq,
-        "each batch applied once: {sa:?} {sb:?}"
-    );
+    assert_eq!(sb.batches_applied, sa.last_seq, "each batch applied once: {sa:?} {sb:?}");
     assert!(sa.batches_sent >= sb.batches_applied, "{sa:?} {sb:?}");
     eprintln!("a: {sa:?}\nb: {sb:?}");
     shutdown.cancel();
@@ -538,11 +435,7 @@ async fn full_spool_drops_the_oldest_and_counts_them() {
     // The peer is unreachable: everything goes to the spool, ~one batch per value.
     const N: u64 = 200;
     for i in 1..=N {
-        set(
-            &ga.image,
-            "dev.counter",
-            sample(Value::UInt(i), at(i), Quality::Good),
-        );
+        set(&ga.image, "dev.counter", sample(Value::UInt(i), at(i), Quality::Good));
         wait_for("batch spooled", || {
             let s = la.stats();
             s.spool_pending + s.spool_dropped >= i
@@ -551,10 +444,7 @@ async fn full_spool_drops_the_oldest_and_counts_them() {
     }
     let s = la.stats();
     assert!(s.spool_dropped > 0, "{s:?}");
-    assert!(
-        s.spool_pending * 30 <= 2000 + 30,
-        "spool stays bounded: {s:?}"
-    );
+    assert!(s.spool_pending * 30 <= 2000 + 30, "spool stays bounded: {s:?}");
     assert_eq!(s.spool_pending + s.spool_dropped, N);
     proxy.start().await;
     wait_for("newest value at b", || {
@@ -567,11 +457,7 @@ async fn full_spool_drops_the_oldest_and_counts_them() {
     assert_eq!(got.len() as u64 + s.spool_dropped_samples, N, "{s:?}");
     let first = N - got.len() as u64 + 1;
     let want: Vec<Value> = (first..=N).map(Value::UInt).collect();
-    assert!(
-        got == want,
-        "newest values in order; first difference at {:?}",
-        first_diff(&got, &want)
-    );
+    assert!(got == want, "newest values in order; first difference at {:?}", first_diff(&got, &want));
     shutdown.cancel();
     ga.shutdown(Duration::from_secs(3)).await;
     gb.shutdown(Duration::from_secs(3)).await;
@@ -583,11 +469,7 @@ async fn unpinned_certificate_is_refused_and_no_data_crosses() {
     let (a, b, intruder) = (Site::new(), Site::new(), Site::new());
     let shutdown = CancellationToken::new();
     let gb = Gateway::start(
-        &model(
-            "site-b",
-            vec![],
-            b.links(true, vec![peer("site-a", a.fp(), Dial::Accept, vec![])]),
-        ),
+        &model("site-b", vec![], b.links(true, vec![peer("site-a", a.fp(), Dial::Accept, vec![])])),
         shutdown.child_token(),
     )
     .expect("start b");
@@ -609,11 +491,7 @@ async fn unpinned_certificate_is_refused_and_no_data_crosses() {
         shutdown.child_token(),
     )
     .expect("start intruder");
-    set(
-        &gi.image,
-        "dev.x",
-        sample(Value::Int(1), at(1), Quality::Good),
-    );
+    set(&gi.image, "dev.x", sample(Value::Int(1), at(1), Quality::Good));
     let li = gi.link("site-b").expect("link").clone();
     wait_for("two refused attempts", || li.stats().failed_attempts >= 2).await;
     assert_eq!(li.stats().sessions, 0);
@@ -632,10 +510,7 @@ async fn tls_client(
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
     let cfg = tls::client_config(&site.id, server.id.fingerprint).expect("client config");
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    tokio_rustls::TlsConnector::from(cfg)
-        .connect(tls::server_name(), tcp)
-        .await
-        .expect("handshake")
+    tokio_rustls::TlsConnector::from(cfg).connect(tls::server_name(), tcp).await.expect("handshake")
 }
 
 /// Reads until the peer closes; returns the frames seen.
@@ -681,22 +556,13 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
             vec![],
             a.links(
                 false,
-                vec![peer(
-                    "site-b",
-                    b.fp(),
-                    Dial::Connect(b_addr.to_string()),
-                    vec![any_change()],
-                )],
+                vec![peer("site-b", b.fp(), Dial::Connect(b_addr.to_string()), vec![any_change()])],
             ),
         ),
         shutdown.child_token(),
     )
     .expect("start a");
-    set(
-        &ga.image,
-        "dev.v",
-        sample(Value::Int(1), at(1), Quality::Good),
-    );
+    set(&ga.image, "dev.v", sample(Value::Int(1), at(1), Quality::Good));
     wait_for("a's value at b", || gb.image.get("site-a/dev.v").is_some()).await;
 
     // 1. Garbage instead of a TLS handshake: dropped by the listener.
@@ -711,63 +577,39 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
     // 2. A pinned client that announces an oversized frame after its hello.
     let stream = tls_client(&c, &b, b_addr).await;
     let mut framed = Framed::new(stream, FrameCodec::default());
-    framed
-        .send(Frame::Hello {
-            version: VERSION,
-            name: "site-c".into(),
-            resume: 0,
-        })
-        .await
-        .expect("hello");
+    framed.send(Frame::Hello { version: VERSION, name: "site-c".into(), resume: 0 }).await.expect("hello");
     match tokio::time::timeout(DEADLINE, framed.next()).await {
         Ok(Some(Ok(Frame::Hello { name, .. }))) => assert_eq!(name, "site-b"),
         other => panic!("expected b's hello, got {other:?}"),
     }
     let io = framed.get_mut();
-    io.write_all(&(64u32 << 20).to_be_bytes())
-        .await
-        .expect("write length");
+    io.write_all(&(64u32 << 20).to_be_bytes()).await.expect("write length");
     io.write_all(&[2u8; 64]).await.expect("write body start");
     io.flush().await.expect("flush");
     let seen = frames_until_closed(&mut framed).await;
     assert!(
-        seen.iter()
-            .any(|f| matches!(f, Frame::Close { reason } if reason.contains("oversized frame"))),
+        seen.iter().any(|f| matches!(f, Frame::Close { reason } if reason.contains("oversized frame"))),
         "b says why it closes: {seen:?}"
     );
 
     // 3. A malformed body (bad value tag) from the same peer on a new connection.
     let stream = tls_client(&c, &b, b_addr).await;
     let mut framed = Framed::new(stream, FrameCodec::default());
-    framed
-        .send(Frame::Hello {
-            version: VERSION,
-            name: "site-c".into(),
-            resume: 0,
-        })
-        .await
-        .expect("hello");
+    framed.send(Frame::Hello { version: VERSION, name: "site-c".into(), resume: 0 }).await.expect("hello");
     let io = framed.get_mut();
     // Write { id 1, point "x", value tag 9 }.
     let body = [&[4u8][..], &1u64.to_be_bytes(), &[0, 1, b'x', 9]].concat();
-    io.write_all(&(body.len() as u32).to_be_bytes())
-        .await
-        .expect("len");
+    io.write_all(&(body.len() as u32).to_be_bytes()).await.expect("len");
     io.write_all(&body).await.expect("body");
     io.flush().await.expect("flush");
     let seen = frames_until_closed(&mut framed).await;
     assert!(
-        seen.iter()
-            .any(|f| matches!(f, Frame::Close { reason } if reason.contains("bad value tag"))),
+        seen.iter().any(|f| matches!(f, Frame::Close { reason } if reason.contains("bad value tag"))),
         "{seen:?}"
     );
 
     // The a–b link never noticed.
-    set(
-        &ga.image,
-        "dev.v",
-        sample(Value::Int(2), at(2), Quality::Good),
-    );
+    set(&ga.image, "dev.v", sample(Value::Int(2), at(2), Quality::Good));
     wait_for("a's next value at b", || {
         gb.image.get("site-a/dev.v").and_then(|s| s.value) == Some(Value::Int(2))
     })
@@ -873,12 +715,7 @@ fn rtu_bus(path: &str, points: Vec<Point>) -> model::Bus {
     model::Bus {
         name: "line1".into(),
         port: path.into(),
-        line: Line {
-            baud: 115_200,
-            data_bits: 8,
-            parity: Parity::None,
-            stop_bits: 1,
-        },
+        line: Line { baud: 115_200, data_bits: 8, parity: Parity::None, stop_bits: 1 },
         protocol: Protocol::ModbusRtu,
         timeout: Duration::from_millis(300),
         retries: 1,
@@ -906,16 +743,8 @@ async fn grants_refuse_outside_writes_and_allowed_writes_reach_the_device() {
     let shutdown = CancellationToken::new();
     let mut b_peer = peer("site-a", a.fp(), Dial::Accept, vec![]);
     b_peer.grants = vec![
-        Grant {
-            points: "dev.sp*".into(),
-            min: Some(0.0),
-            max: Some(100.0),
-        },
-        Grant {
-            points: "dev.flag".into(),
-            min: None,
-            max: None,
-        },
+        Grant { points: vec!["dev.sp*".into()], matched: vec![], min: Some(0.0), max: Some(100.0) },
+        Grant { points: vec!["dev.flag".into()], matched: vec![], min: None, max: None },
     ];
     let bus = rtu_bus(
         &device.path,
@@ -926,11 +755,8 @@ async fn grants_refuse_outside_writes_and_allowed_writes_reach_the_device() {
             holding("dev.other", 30, DataType::U16),
         ],
     );
-    let gb = Gateway::start(
-        &model("site-b", vec![bus], b.links(true, vec![b_peer])),
-        shutdown.child_token(),
-    )
-    .expect("start b");
+    let gb = Gateway::start(&model("site-b", vec![bus], b.links(true, vec![b_peer])), shutdown.child_token())
+        .expect("start b");
     let ga = Gateway::start(
         &model(
             "site-a",
@@ -951,29 +777,17 @@ async fn grants_refuse_outside_writes_and_allowed_writes_reach_the_device() {
     let la = ga.link("site-b").expect("link").clone();
     wait_for("link up", || la.stats().connected).await;
 
-    let refused = la
-        .write("dev.other", Value::UInt(1))
-        .await
-        .expect_err("not granted");
+    let refused = la.write("dev.other", Value::UInt(1)).await.expect_err("not granted");
     assert!(refused.starts_with("not granted"), "{refused}");
-    let refused = la
-        .write("dev.sp1", Value::UInt(150))
-        .await
-        .expect_err("out of range");
+    let refused = la.write("dev.sp1", Value::UInt(150)).await.expect_err("out of range");
     assert!(refused.contains("outside the granted range"), "{refused}");
     let lb = gb.link("site-a").expect("link");
     assert_eq!(lb.stats().writes_refused, 2);
     assert!(device.writes.lock().expect("lock").is_empty());
 
-    la.write("dev.sp1", Value::UInt(50))
-        .await
-        .expect("granted write");
-    la.write("dev.sp32", Value::UInt(99))
-        .await
-        .expect("granted 32-bit write");
-    la.write("dev.flag", Value::Bool(true))
-        .await
-        .expect("bit write");
+    la.write("dev.sp1", Value::UInt(50)).await.expect("granted write");
+    la.write("dev.sp32", Value::UInt(99)).await.expect("granted 32-bit write");
+    la.write("dev.flag", Value::Bool(true)).await.expect("bit write");
     let writes = device.writes.lock().expect("lock").clone();
     assert_eq!(
         writes,
@@ -1007,26 +821,15 @@ async fn write_back_follows_received_values_and_falls_back_on_loss() {
         on_loss: model::OnLoss::Fallback(Value::UInt(0)),
         loss_after: Duration::from_millis(300),
     }];
-    let gb = Gateway::start(
-        &model("site-b", vec![bus], b.links(true, vec![b_peer])),
-        shutdown.child_token(),
-    )
-    .expect("start b");
+    let gb = Gateway::start(&model("site-b", vec![bus], b.links(true, vec![b_peer])), shutdown.child_token())
+        .expect("start b");
     let mut p = Proxy::reserve(gb.listen_addr().expect("addr"));
-    let mut a_peer = peer(
-        "site-b",
-        b.fp(),
-        Dial::Connect(p.addr.to_string()),
-        vec![any_change()],
-    );
+    let mut a_peer = peer("site-b", b.fp(), Dial::Connect(p.addr.to_string()), vec![any_change()]);
     a_peer.heartbeat = Duration::from_millis(100);
     p.start().await;
     proxy.replace(p);
-    let ga = Gateway::start(
-        &model("site-a", vec![], a.links(false, vec![a_peer])),
-        shutdown.child_token(),
-    )
-    .expect("start a");
+    let ga = Gateway::start(&model("site-a", vec![], a.links(false, vec![a_peer])), shutdown.child_token())
+        .expect("start a");
     let lb = gb.link("site-a").expect("link").clone();
     wait_for("link up", || lb.stats().connected).await;
     // The start-up outage may already have written the fallback; count from here.
@@ -1038,11 +841,7 @@ async fn write_back_follows_received_values_and_falls_back_on_loss() {
     })
     .await;
     // A bad-quality sample does not drive the output.
-    set(
-        &ga.image,
-        "plc.cmd",
-        sample(Value::UInt(9), at(2), Quality::CommFail),
-    );
+    set(&ga.image, "plc.cmd", sample(Value::UInt(9), at(2), Quality::CommFail));
     set(&ga.image, "plc.marker", cmd(1, 2));
     wait_for("marker", || gb.image.get("site-a/plc.marker").is_some()).await;
     let n = device.writes.lock().expect("lock").len();
@@ -1053,15 +852,9 @@ async fn write_back_follows_received_values_and_falls_back_on_loss() {
     })
     .await;
     let writes = device.writes.lock().expect("lock")[base..].to_vec();
-    assert!(
-        !writes.contains(&(6, vec![6, 0, 40, 0, 9])),
-        "bad quality never written: {writes:?}"
-    );
+    assert!(!writes.contains(&(6, vec![6, 0, 40, 0, 9])), "bad quality never written: {writes:?}");
     assert_eq!(
-        writes
-            .iter()
-            .filter(|w| **w == (6, vec![6, 0, 40, 0, 0]))
-            .count(),
+        writes.iter().filter(|w| **w == (6, vec![6, 0, 40, 0, 0])).count(),
         1,
         "fallback once: {writes:?}"
     );
@@ -1076,11 +869,7 @@ async fn abrupt_stop_mid_backlog_then_restart_applies_everything_once() {
     let (a, b) = (Site::new(), Site::new());
     let shutdown_b = CancellationToken::new();
     let gb = Gateway::start(
-        &model(
-            "site-b",
-            vec![],
-            b.links(true, vec![peer("site-a", a.fp(), Dial::Accept, vec![])]),
-        ),
+        &model("site-b", vec![], b.links(true, vec![peer("site-a", a.fp(), Dial::Accept, vec![])])),
         shutdown_b.clone(),
     )
     .expect("start b");
@@ -1091,12 +880,7 @@ async fn abrupt_stop_mid_backlog_then_restart_applies_everything_once() {
         vec![],
         a.links(
             false,
-            vec![peer(
-                "site-b",
-                b.fp(),
-                Dial::Connect(proxy.addr.to_string()),
-                vec![any_change()],
-            )],
+            vec![peer("site-b", b.fp(), Dial::Connect(proxy.addr.to_string()), vec![any_change()])],
         ),
     );
     let shutdown_a = CancellationToken::new();
@@ -1108,20 +892,13 @@ async fn abrupt_stop_mid_backlog_then_restart_applies_everything_once() {
     for k in 1..=BATCHES {
         for _ in 0..10 {
             v += 1;
-            set(
-                &ga.image,
-                "dev.counter",
-                sample(Value::UInt(v), at(v), Quality::Good),
-            );
+            set(&ga.image, "dev.counter", sample(Value::UInt(v), at(v), Quality::Good));
         }
         wait_for("batch spooled", || la.stats().spool_pending >= k).await;
     }
     proxy.start().await;
     let lb = gb.link("site-a").expect("link").clone();
-    wait_for("part of the backlog applied", || {
-        lb.stats().batches_applied >= 10
-    })
-    .await;
+    wait_for("part of the backlog applied", || lb.stats().batches_applied >= 10).await;
     // "kill -9": the proxy drops every connection (no Close reaches b) and a's tasks
     // are cancelled and the gateway dropped without waiting for anything.
     proxy.kill();
@@ -1147,15 +924,9 @@ async fn abrupt_stop_mid_backlog_then_restart_applies_everything_once() {
         got.len(),
         first_diff(&got, &want)
     );
-    wait_for("a's spool drained", || {
-        ga.link("site-b").expect("link").stats().spool_pending == 0
-    })
-    .await;
+    wait_for("a's spool drained", || ga.link("site-b").expect("link").stats().spool_pending == 0).await;
     let (sa, sb) = (ga.link("site-b").expect("link").stats(), lb.stats());
-    assert_eq!(
-        sb.batches_applied, sa.last_seq,
-        "each batch applied once: {sa:?} {sb:?}"
-    );
+    assert_eq!(sb.batches_applied, sa.last_seq, "each batch applied once: {sa:?} {sb:?}");
     // The backlog, plus the current value a re-sends when the link comes up.
     assert!(sb.samples_applied >= total, "{sb:?}");
     eprintln!("b after restart: {sb:?}");
@@ -1170,20 +941,12 @@ async fn a_new_connection_of_a_peer_replaces_its_old_session() {
     let (b, c) = (Site::new(), Site::new());
     let shutdown = CancellationToken::new();
     let gb = Gateway::start(
-        &model(
-            "site-b",
-            vec![],
-            b.links(true, vec![peer("site-c", c.fp(), Dial::Accept, vec![])]),
-        ),
+        &model("site-b", vec![], b.links(true, vec![peer("site-c", c.fp(), Dial::Accept, vec![])])),
         shutdown.child_token(),
     )
     .expect("start b");
     let b_addr = gb.listen_addr().expect("addr");
-    let hello = || Frame::Hello {
-        version: VERSION,
-        name: "site-c".into(),
-        resume: 0,
-    };
+    let hello = || Frame::Hello { version: VERSION, name: "site-c".into(), resume: 0 };
     let mut first = Framed::new(tls_client(&c, &b, b_addr).await, FrameCodec::default());
     first.send(hello()).await.expect("hello");
     let lc = gb.link("site-c").expect("link").clone();
@@ -1194,20 +957,13 @@ async fn a_new_connection_of_a_peer_replaces_its_old_session() {
     second.send(hello()).await.expect("hello");
     let seen = frames_until_closed(&mut first).await;
     assert!(
-        seen.iter()
-            .any(|f| matches!(f, Frame::Close { reason } if reason.contains("replaced"))),
+        seen.iter().any(|f| matches!(f, Frame::Close { reason } if reason.contains("replaced"))),
         "{seen:?}"
     );
     wait_for("second session", || lc.stats().sessions == 2).await;
     // The new session is served: a batch is applied and acked.
     let s = sample(Value::Int(42), at(5), Quality::Good);
-    second
-        .send(Frame::Batch {
-            seq: 1,
-            samples: vec![("dev.x".into(), s.clone())],
-        })
-        .await
-        .expect("batch");
+    second.send(Frame::Batch { seq: 1, samples: vec![("dev.x".into(), s.clone())] }).await.expect("batch");
     let end = tokio::time::Instant::now() + DEADLINE;
     loop {
         match tokio::time::timeout_at(end, second.next()).await {
@@ -1233,10 +989,7 @@ async fn a_new_connection_of_a_peer_replaces_its_old_session() {
         }
     }
     assert_eq!(lc.stats().duplicates_dropped, 1);
-    assert_eq!(
-        gb.image.get("site-c/dev.x").and_then(|s| s.value),
-        Some(Value::Int(42))
-    );
+    assert_eq!(gb.image.get("site-c/dev.x").and_then(|s| s.value), Some(Value::Int(42)));
     shutdown.cancel();
     gb.shutdown(Duration::from_secs(3)).await;
 }
@@ -1250,20 +1003,14 @@ async fn throughput_over_one_link() {
     const POINTS: usize = 1000;
     const ROUNDS: u64 = 500;
     let ids: Vec<_> = (0..POINTS)
-        .map(|i| {
-            ga.image
-                .register(&format!("dev{}.p{i}", i % 10), Duration::from_secs(3600))
-        })
+        .map(|i| ga.image.register(&format!("dev{}.p{i}", i % 10), Duration::from_secs(3600)))
         .collect();
     let lb = gb.link("site-a").expect("link").clone();
     wait_for("link up", || lb.stats().connected).await;
     let started = std::time::Instant::now();
     for r in 1..=ROUNDS {
         let now = SystemTime::now();
-        ga.image.update(
-            ids.iter()
-                .map(|id| (*id, sample(Value::Float(r as f64), now, Quality::Good))),
-        );
+        ga.image.update(ids.iter().map(|id| (*id, sample(Value::Float(r as f64), now, Quality::Good))));
         // Pace at the forwarder's speed so the change stream never lags.
         if r % 20 == 0 {
             tokio::task::yield_now().await;
@@ -1308,11 +1055,7 @@ async fn peer_points_turn_comm_fail_while_the_link_is_down_and_recover_on_reconn
     .await;
     let mut proxy = proxy.expect("proxy");
     proxy.start().await;
-    set(
-        &ga.image,
-        "dev.v",
-        sample(Value::Int(7), at(1), Quality::Good),
-    );
+    set(&ga.image, "dev.v", sample(Value::Int(7), at(1), Quality::Good));
     let quality = || gb.image.get("site-a/dev.v").map(|s| s.quality);
     wait_for("value at b", || quality() == Some(Quality::Good)).await;
     proxy.kill();
@@ -1337,11 +1080,7 @@ async fn hello_with_another_version_or_name_is_closed_with_the_reason() {
     let (b, c) = (Site::new(), Site::new());
     let shutdown = CancellationToken::new();
     let gb = Gateway::start(
-        &model(
-            "site-b",
-            vec![],
-            b.links(true, vec![peer("site-c", c.fp(), Dial::Accept, vec![])]),
-        ),
+        &model("site-b", vec![], b.links(true, vec![peer("site-c", c.fp(), Dial::Accept, vec![])])),
         shutdown.child_token(),
     )
     .expect("start b");
@@ -1351,17 +1090,10 @@ async fn hello_with_another_version_or_name_is_closed_with_the_reason() {
         (VERSION, "site-x", "pinned for peer \"site-c\""),
     ] {
         let mut f = Framed::new(tls_client(&c, &b, b_addr).await, FrameCodec::default());
-        f.send(Frame::Hello {
-            version,
-            name: name.into(),
-            resume: 0,
-        })
-        .await
-        .expect("hello");
+        f.send(Frame::Hello { version, name: name.into(), resume: 0 }).await.expect("hello");
         let seen = frames_until_closed(&mut f).await;
         assert!(
-            seen.iter()
-                .any(|f| matches!(f, Frame::Close { reason } if reason.contains(why))),
+            seen.iter().any(|f| matches!(f, Frame::Close { reason } if reason.contains(why))),
             "{why}: {seen:?}"
         );
     }
@@ -1376,12 +1108,8 @@ async fn a_source_outside_allow_is_refused_before_tls() {
     let (a, b) = (Site::new(), Site::new());
     let shutdown = CancellationToken::new();
     let mut links = b.links(true, vec![peer("site-a", a.fp(), Dial::Accept, vec![])]);
-    links.allow = vec![model::IpNet {
-        addr: "10.0.0.0".parse().expect("ip"),
-        prefix: 8,
-    }];
-    let gb =
-        Gateway::start(&model("site-b", vec![], links), shutdown.child_token()).expect("start b");
+    links.allow = vec![model::IpNet { addr: "10.0.0.0".parse().expect("ip"), prefix: 8 }];
+    let gb = Gateway::start(&model("site-b", vec![], links), shutdown.child_token()).expect("start b");
     let ga = Gateway::start(
         &model(
             "site-a",

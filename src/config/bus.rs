@@ -81,11 +81,7 @@ pub(super) fn validate(raw: &[RawBus], check: &mut Checker) -> Vec<Bus> {
         if port.trim().is_empty() {
             check.report(r.port.span(), &path, "port is empty");
         } else if let Some(other) = ports.insert(port, r.name.get_ref()) {
-            check.report(
-                r.port.span(),
-                &path,
-                format!("port {port:?} is already used by bus {other:?}"),
-            );
+            check.report(r.port.span(), &path, format!("port {port:?} is already used by bus {other:?}"));
         }
         buses.push(one(r, &path, check));
     }
@@ -98,11 +94,7 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
     };
     let data_bits = check.int(r.data_bits.as_ref(), 8, 7..=8, path, "data_bits");
     if let (Some(bits), 7, Protocol::ModbusRtu) = (&r.data_bits, data_bits, protocol) {
-        check.report(
-            bits.span(),
-            path,
-            "data_bits 7 cannot carry modbus-rtu frames, which need 8 data bits",
-        );
+        check.report(bits.span(), path, "data_bits 7 cannot carry modbus-rtu frames, which need 8 data bits");
     }
     let line = Line {
         baud: check.int(r.baud.as_ref(), BAUD, 300..=4_000_000, path, "baud"),
@@ -121,20 +113,8 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
         protocol,
         timeout: check.duration(r.timeout.as_ref(), TIMEOUT, TIMEOUT_MIN, path, "timeout"),
         retries: check.int(r.retries.as_ref(), RETRIES, 0..=10, path, "retries"),
-        queue_depth: check.int(
-            r.queue_depth.as_ref(),
-            QUEUE_DEPTH,
-            1..=65_536,
-            path,
-            "queue_depth",
-        ),
-        reopen_max: check.duration(
-            r.reopen_max.as_ref(),
-            REOPEN_MAX,
-            REOPEN_MAX_MIN,
-            path,
-            "reopen_max",
-        ),
+        queue_depth: check.int(r.queue_depth.as_ref(), QUEUE_DEPTH, 1..=65_536, path, "queue_depth"),
+        reopen_max: check.duration(r.reopen_max.as_ref(), REOPEN_MAX, REOPEN_MAX_MIN, path, "reopen_max"),
         devices: Vec::new(),
     }
 }

@@ -72,11 +72,7 @@ pub(super) fn validate(raw: &[RawDevice], buses: &mut [Bus], check: &mut Checker
         check.name(&r.name, &path);
         let unique = names.insert(r.name.get_ref());
         if !unique {
-            check.report(
-                r.name.span(),
-                &path,
-                "name is already used by another device",
-            );
+            check.report(r.name.span(), &path, "name is already used by another device");
         }
 
         let bus = buses.iter().position(|b| b.name == *r.bus.get_ref());
@@ -97,10 +93,7 @@ pub(super) fn validate(raw: &[RawDevice], buses: &mut [Bus], check: &mut Checker
             check.report(
                 r.unit.span(),
                 &path,
-                format!(
-                    "unit {unit} is already used by device {other:?} on bus {:?}",
-                    r.bus.get_ref()
-                ),
+                format!("unit {unit} is already used by device {other:?} on bus {:?}", r.bus.get_ref()),
             );
         }
 
@@ -112,11 +105,7 @@ pub(super) fn validate(raw: &[RawDevice], buses: &mut [Bus], check: &mut Checker
             let own: HashSet<&str> = device.points.iter().map(|p| p.name.as_str()).collect();
             for name in own {
                 if !full_names.insert(name.to_owned()) {
-                    check.report(
-                        r.name.span(),
-                        &path,
-                        format!("full point name {name:?} is used twice"),
-                    );
+                    check.report(r.name.span(), &path, format!("full point name {name:?} is used twice"));
                 }
             }
         }
@@ -133,27 +122,11 @@ fn resolve(
     bus_timeout: Option<Duration>,
     check: &mut Checker,
 ) -> Device {
-    let timeout = check.duration(
-        r.timeout.as_ref(),
-        bus_timeout.unwrap_or(TIMEOUT_MIN),
-        TIMEOUT_MIN,
-        path,
-        "timeout",
-    );
-    let turnaround = check.duration(
-        r.turnaround.as_ref(),
-        Duration::ZERO,
-        Duration::ZERO,
-        path,
-        "turnaround",
-    );
-    let interval = check.duration(
-        r.interval.as_ref(),
-        INTERVAL,
-        INTERVAL_MIN,
-        path,
-        "interval",
-    );
+    let timeout =
+        check.duration(r.timeout.as_ref(), bus_timeout.unwrap_or(TIMEOUT_MIN), TIMEOUT_MIN, path, "timeout");
+    let turnaround =
+        check.duration(r.turnaround.as_ref(), Duration::ZERO, Duration::ZERO, path, "turnaround");
+    let interval = check.duration(r.interval.as_ref(), INTERVAL, INTERVAL_MIN, path, "interval");
     let address_base = check.int(r.address_base.as_ref(), 0, 0..=1, path, "address_base");
     let max_registers = check.int(
         r.max_registers.as_ref(),
@@ -162,42 +135,15 @@ fn resolve(
         path,
         "max_registers",
     );
-    let max_bits = check.int(
-        r.max_bits.as_ref(),
-        MAX_BITS,
-        1..=i64::from(MAX_BITS),
-        path,
-        "max_bits",
-    );
-    let max_gap = check.int(
-        r.max_gap.as_ref(),
-        MAX_GAP,
-        0..=i64::from(MAX_BITS),
-        path,
-        "max_gap",
-    );
-    let backoff_max = check.duration(
-        r.backoff_max.as_ref(),
-        BACKOFF_MAX,
-        BACKOFF_MAX_MIN,
-        path,
-        "backoff_max",
-    );
+    let max_bits = check.int(r.max_bits.as_ref(), MAX_BITS, 1..=i64::from(MAX_BITS), path, "max_bits");
+    let max_gap = check.int(r.max_gap.as_ref(), MAX_GAP, 0..=i64::from(MAX_BITS), path, "max_gap");
+    let backoff_max =
+        check.duration(r.backoff_max.as_ref(), BACKOFF_MAX, BACKOFF_MAX_MIN, path, "backoff_max");
 
     if r.point.is_empty() {
-        check.report(
-            r.name.span(),
-            path,
-            "has no points: add at least one [[device.point]]",
-        );
+        check.report(r.name.span(), path, "has no points: add at least one [[device.point]]");
     }
-    let context = point::Context {
-        device: r.name.get_ref(),
-        path,
-        address_base,
-        max_registers,
-        interval,
-    };
+    let context = point::Context { device: r.name.get_ref(), path, address_base, max_registers, interval };
     Device {
         name: r.name.get_ref().clone(),
         unit,

@@ -29,20 +29,9 @@ pub(super) struct RawGateway {
 /// this gateway's identity towards its peers, so `Site-A` and `site-a` must not differ.
 pub(super) fn validate(raw: &RawGateway, check: &mut Checker) -> Gateway {
     const PATH: &str = "gateway";
-    let name = raw.name.get_ref();
-    if !super::is_name(name, |c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        || name.chars().any(|c| c.is_ascii_uppercase())
-    {
-        check.report(
-            raw.name.span(),
-            PATH,
-            format!(
-                "name {name:?} is not valid: use 1 to 64 lowercase letters, digits, '_' and '-', starting with a letter or digit"
-            ),
-        );
-    }
+    name(&raw.name, PATH, check);
     Gateway {
-        name: name.clone(),
+        name: raw.name.get_ref().clone(),
         summary_interval: check.duration(
             raw.summary_interval.as_ref(),
             SUMMARY_INTERVAL,
@@ -50,5 +39,21 @@ pub(super) fn validate(raw: &RawGateway, check: &mut Checker) -> Gateway {
             PATH,
             "summary_interval",
         ),
+    }
+}
+
+/// Checks a gateway name: ours, or a peer's (`[[peer]] name`).
+pub(super) fn name(name: &Spanned<String>, path: &str, check: &mut Checker) {
+    let text = name.get_ref();
+    if !super::is_name(text, |c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        || text.chars().any(|c| c.is_ascii_uppercase())
+    {
+        check.report(
+            name.span(),
+            path,
+            format!(
+                "name {text:?} is not valid: use 1 to 64 lowercase letters, digits, '_' and '-', starting with a letter or digit"
+            ),
+        );
     }
 }

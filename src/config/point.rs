@@ -123,11 +123,7 @@ pub(super) fn validate(raw: &[RawPoint], ctx: &Context, check: &mut Checker) -> 
         let path = format!("{} point {:?}", ctx.path, r.name.get_ref());
         check.name(&r.name, &path);
         if !names.insert(r.name.get_ref()) {
-            check.report(
-                r.name.span(),
-                &path,
-                "name is already used by another point of this device",
-            );
+            check.report(r.name.span(), &path, "name is already used by another point of this device");
         }
         let (point, extent) = resolve(r, &path, ctx, check);
         points.push(point);
@@ -150,20 +146,11 @@ pub(super) fn validate(raw: &[RawPoint], ctx: &Context, check: &mut Checker) -> 
 }
 
 /// Resolves one point; also returns its wire address range when the address is valid.
-fn resolve(
-    r: &RawPoint,
-    path: &str,
-    ctx: &Context,
-    check: &mut Checker,
-) -> (Point, Option<Range<u32>>) {
+fn resolve(r: &RawPoint, path: &str, ctx: &Context, check: &mut Checker) -> (Point, Option<Range<u32>>) {
     let table = *r.table.get_ref();
     let bits_table = matches!(table, Table::Coils | Table::Discrete);
     let raw_type = r.data_type.as_ref().map(|t| *t.get_ref());
-    let ty = raw_type.unwrap_or(if bits_table {
-        RawType::Bool
-    } else {
-        RawType::U16
-    });
+    let ty = raw_type.unwrap_or(if bits_table { RawType::Bool } else { RawType::U16 });
     // Where problems about the type as a whole point at: the type, else the table.
     let type_span = r.data_type.as_ref().map_or(r.table.span(), |t| t.span());
 
@@ -219,11 +206,7 @@ fn resolve(
                 }
             }
             None => {
-                check.report(
-                    type_span.clone(),
-                    path,
-                    "type \"string\" needs `length`, its size in bytes",
-                );
+                check.report(type_span.clone(), path, "type \"string\" needs `length`, its size in bytes");
                 0
             }
         }),
@@ -263,13 +246,7 @@ fn resolve(
     }
     let offset = finite(r.offset.as_ref(), 0.0, ty, path, "offset", check);
 
-    let interval = check.duration(
-        r.interval.as_ref(),
-        ctx.interval,
-        INTERVAL_MIN,
-        path,
-        "interval",
-    );
+    let interval = check.duration(r.interval.as_ref(), ctx.interval, INTERVAL_MIN, path, "interval");
     let stale_after = match &r.stale_after {
         None => interval.saturating_mul(3),
         Some(s) => {
@@ -320,19 +297,11 @@ fn address(
     let span = r.address.span();
     let units = if bits_table { "bits" } else { "registers" };
     if written < base {
-        check.report(
-            span,
-            path,
-            format!("address {written} is below the device's address_base ({base})"),
-        );
+        check.report(span, path, format!("address {written} is below the device's address_base ({base})"));
         return (0, None);
     }
     if written > last {
-        check.report(
-            span,
-            path,
-            format!("address {written} is past the end of the table ({last})"),
-        );
+        check.report(span, path, format!("address {written} is past the end of the table ({last})"));
         return (0, None);
     }
     if written + i64::from(width) - 1 > last {
@@ -362,18 +331,10 @@ fn finite(
     };
     let v = *value.get_ref();
     if !ty.numeric() {
-        check.report(
-            value.span(),
-            path,
-            format!("{key} applies only to numeric types, not {}", ty.label()),
-        );
+        check.report(value.span(), path, format!("{key} applies only to numeric types, not {}", ty.label()));
         default
     } else if !v.is_finite() {
-        check.report(
-            value.span(),
-            path,
-            format!("{key} {v} is not a finite number"),
-        );
+        check.report(value.span(), path, format!("{key} {v} is not a finite number"));
         default
     } else {
         v
@@ -387,25 +348,14 @@ fn overlaps(mut extents: Vec<Extent>, base: u16, check: &mut Checker) {
     // point in the file and the problem points at it.
     extents.sort_by_key(|e| (e.table, e.range.start));
     for (i, a) in extents.iter().enumerate() {
-        for b in extents[i + 1..]
-            .iter()
-            .take_while(|b| b.table == a.table && b.range.start < a.range.end)
-        {
-            let (a, b) = if a.address.span().start < b.address.span().start {
-                (a, b)
-            } else {
-                (b, a)
-            };
+        for b in extents[i + 1..].iter().take_while(|b| b.table == a.table && b.range.start < a.range.end) {
+            let (a, b) = if a.address.span().start < b.address.span().start { (a, b) } else { (b, a) };
             match (a.bit, b.bit) {
                 (Some(x), Some(y)) if x != y => {}
                 (Some(x), Some(_)) => check.report(
                     b.address.span(),
                     &b.path,
-                    format!(
-                        "bit {x} of {} is also read by point {:?}",
-                        extent_label(b, base),
-                        a.name
-                    ),
+                    format!("bit {x} of {} is also read by point {:?}", extent_label(b, base), a.name),
                 ),
                 _ => check.report(
                     b.address.span(),
@@ -432,11 +382,7 @@ fn extent_label(e: &Extent, base: u16) -> String {
         Table::Holding => ("holding register", "holding registers"),
         Table::Input => ("input register", "input registers"),
     };
-    if first == last {
-        format!("{one} {first}")
-    } else {
-        format!("{many} {first}..={last}")
-    }
+    if first == last { format!("{one} {first}") } else { format!("{many} {first}..={last}") }
 }
 
 fn table_label(table: Table) -> &'static str {

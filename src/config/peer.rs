@@ -1,0 +1,366 @@
+//! The `[[peer]]` sections: the gateways this one exchanges values with.
+//!
+//! ```toml
+//! [[peer]]
+//! name = "site-b"            # required: the peer's gateway.name (lowercase), unique,
+//!                            #   not this gateway's own name
+//! fingerprint = "3F:A2:…:9C" # required: SHA-256 of the peer's certificate, as its
+//!                            #   `m2m-gateway keygen` prints it: 64 hex digits, either
+//!                            #   case, in colon-separated pairs or plain; unique
+//! dial = "10.0.0.2:7700"     # host:port we connect to; absent: the peer dials us
+//!                            #   (then [link] listen is required); unique
+//! spool = "site-b.db"        # default "spool-<name>.db"; relative: under data_dir; unique
+//! spool_max = "64MiB"        # spool size bound: B, KB/MB/GB (1000s), KiB/MiB/GiB (1024s);
+//!                            #   default 64MiB, at least 1MiB
+//! spool_max_age = "7d"       # oldest value kept in the spool; default 7d, at least 1s
+//! heartbeat = "5s"           # default 5s, 100ms..=60s; 3 missed: the link is down
+//!
+//! [[peer.send]]              # zero or more; see config/send.rs
+//! [[peer.grant]]             # zero or more; see config/write.rs
+//! [[peer.writeback]]         # zero or more; see config/write.rs
+//! ```
+//!
+//! A `[[peer]]` needs the `[link]` section (config/link.rs).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::link::{self, RawLink};
+use super::send::{self, RawSend};
+use super::write::{self, RawGrant, RawWriteBack};
+use super::{Checker, gateway, item, path_key};
+use crate::model::{Bus, Dial, Links, Peer, Point};
+
+const MIB: u64 = 1024 * 1024;
+const SPOOL_MAX: u64 = 64 * MIB;
+const SPOOL_MAX_MIN: u64 = MIB;
+const SPOOL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+const SPOOL_MAX_AGE_MIN: Duration = Duration::from_secs(1);
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
+const HEARTBEAT_MAX: Duration = Duration::from_secs(60);
+
+/// One `[[peer]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPeer {
+    name: Spanned<String>,
+    fingerprint: Spanned<String>,
+    dial: Option<Spanned<String>>,
+    spool: Option<Spanned<String>>,
+    spool_max: Option<Spanned<String>>,
+    spool_max_age: Option<Spanned<String>>,
+    heartbeat: Option<Spanned<String>>,
+    #[serde(default)]
+    send: Vec<RawSend>,
+    #[serde(default)]
+    grant: Vec<RawGrant>,
+    #[serde(default)]
+    writeback: Vec<RawWriteBack>,
+}
+
+/// Resolves `[link]` and every `[[peer]]`; `None` without a `[link]` section.
+pub(super) fn validate(
+    raw_link: Option<&RawLink>,
+    raw: &[RawPeer],
+    own_name: &str,
+    buses: &[Bus],
+    dir: &Path,
+    check: &mut Checker,
+) -> Option<Links> {
+    let mut links = raw_link.map(|l| link::validate(l, dir, check));
+    if let (None, Some(first)) = (&links, raw.first()) {
+        check.report(
+            first.name.span(),
+            &item("peer", &first.name),
+            "[[peer]] needs a [link] section (identity, data_dir)",
+        );
+    }
+    let points: Vec<&Point> = buses.iter().flat_map(|b| &b.devices).flat_map(|d| &d.points).collect();
+    let data_dir = links.as_ref().map_or_else(PathBuf::new, |l| l.data_dir.clone());
+    // Without [link] the missing section is the one problem to report, not `listen`.
+    let listens = links.as_ref().is_none_or(|l| l.listen.is_some());
+
+    let mut names: HashSet<&str> = HashSet::new();
+    let mut fingerprints: HashMap<String, &str> = HashMap::new();
+    let mut dials: HashMap<&str, &str> = HashMap::new();
+    let mut spools: HashMap<PathBuf, &str> = HashMap::new();
+    let mut targets = write::Targets::default();
+    let mut peers = Vec::with_capacity(raw.len());
+    for r in raw {
+        let name = r.name.get_ref().as_str();
+        let path = item("peer", &r.name);
+        let mut unique = true;
+        gateway::name(&r.name, &path, check);
+        if name == own_name {
+            check.report(
+                r.name.span(),
+                &path,
+                "name is this gateway's own name (gateway.name): a peer is another gateway",
+            );
+        } else if !names.insert(name) {
+            check.report(r.name.span(), &path, "name is already used by another peer");
+            unique = false;
+        }
+
+        let fingerprint = match fingerprint(r.fingerprint.get_ref()) {
+            Ok(fp) => {
+                if let Some(other) = fingerprints.insert(fp.clone(), name) {
+                    check.report(
+                        r.fingerprint.span(),
+                        &path,
+                        format!(
+                            "fingerprint is already pinned for peer {other:?}: a certificate identifies one peer"
+                        ),
+                    );
+                }
+                fp
+            }
+            Err(e) => {
+                check.report(r.fingerprint.span(), &path, e);
+                String::new()
+            }
+        };
+
+        let dial = match &r.dial {
+            Some(d) => {
+                if let Err(e) = host_port(d.get_ref()) {
+                    check.report(d.span(), &path, e);
+                } else if let Some(other) = dials.insert(d.get_ref(), name) {
+                    check.report(
+                        d.span(),
+                        &path,
+                        format!("dial {:?} is already dialled for peer {other:?}", d.get_ref()),
+                    );
+                }
+                Dial::Connect(d.get_ref().clone())
+            }
+            None => {
+                if !listens {
+                    check.report(
+                        r.name.span(),
+                        &path,
+                        "has no `dial`, so it must dial us, but [link] has no `listen` address: set one of the two",
+                    );
+                }
+                Dial::Accept
+            }
+        };
+
+        let spool = match &r.spool {
+            Some(s) => path_key(check, s, &data_dir, &path, "spool"),
+            None => data_dir.join(format!("spool-{name}.db")),
+        };
+        // A repeated name is reported above; its default spool would only repeat that.
+        let clash = if unique || r.spool.is_some() { spools.insert(spool.clone(), name) } else { None };
+        if let Some(other) = clash {
+            let span = r.spool.as_ref().map_or(r.name.span(), |s| s.span());
+            let shown = spool.strip_prefix(&data_dir).unwrap_or(&spool);
+            check.report(
+                span,
+                &path,
+                format!(
+                    "spool {:?} (in data_dir) is already the spool of peer {other:?}",
+                    shown.display().to_string()
+                ),
+            );
+        }
+
+        let spool_max_bytes = match &r.spool_max {
+            None => SPOOL_MAX,
+            Some(s) => match size(s.get_ref()) {
+                Ok(n) if n >= SPOOL_MAX_MIN => n,
+                Ok(n) => {
+                    check.report(
+                        s.span(),
+                        &path,
+                        format!("spool_max {:?} ({n} bytes) is below the minimum of 1MiB", s.get_ref()),
+                    );
+                    SPOOL_MAX
+                }
+                Err(e) => {
+                    check.report(s.span(), &path, format!("spool_max {e}"));
+                    SPOOL_MAX
+                }
+            },
+        };
+
+        peers.push(Peer {
+            name: name.to_owned(),
+            fingerprint,
+            dial,
+            spool,
+            spool_max_bytes,
+            spool_max_age: check.duration(
+                r.spool_max_age.as_ref(),
+                SPOOL_MAX_AGE,
+                SPOOL_MAX_AGE_MIN,
+                &path,
+                "spool_max_age",
+            ),
+            heartbeat: check.duration_within(
+                r.heartbeat.as_ref(),
+                HEARTBEAT,
+                HEARTBEAT_MIN..=HEARTBEAT_MAX,
+                &path,
+                "heartbeat",
+            ),
+            send: send::validate(&r.send, &points, &path, check),
+            grants: write::grants(&r.grant, &points, &path, check),
+            writeback: write::writebacks(&r.writeback, &points, &path, &mut targets, check),
+        });
+    }
+    if let Some(links) = links.as_mut() {
+        links.peers = peers;
+    }
+    links
+}
+
+/// Normalises a certificate fingerprint to 32 uppercase hex pairs joined by `:`.
+/// Accepts the pairs in either case or 64 plain hex digits, and ignores openssl's
+/// `SHA256 Fingerprint=` prefix — the same forms `tls::Fingerprint` parses.
+fn fingerprint(text: &str) -> Result<String, String> {
+    const HINT: &str = "a SHA-256 fingerprint is 64 hex digits, plain or in colon-separated pairs, as `m2m-gateway keygen` prints it";
+    let trimmed = text.trim();
+    let body = trimmed
+        .split_once('=')
+        .filter(|(k, _)| k.to_ascii_lowercase().contains("fingerprint"))
+        .map_or(trimmed, |(_, v)| v.trim());
+    let digits: String = if body.contains(':') {
+        let pairs: Vec<&str> = body.split(':').collect();
+        if pairs.len() != 32 || pairs.iter().any(|p| p.len() != 2) {
+            return Err(format!("fingerprint {text:?} is not 32 colon-separated hex pairs: {HINT}"));
+        }
+        pairs.concat()
+    } else {
+        body.to_owned()
+    };
+    if let Some(c) = digits.chars().find(|c| !c.is_ascii_hexdigit()) {
+        return Err(format!("fingerprint {text:?} has {c:?}, not a hex digit: {HINT}"));
+    }
+    if digits.len() != 64 {
+        return Err(format!("fingerprint {text:?} has {} hex digits, not 64: {HINT}", digits.len()));
+    }
+    let upper = digits.to_ascii_uppercase();
+    let pairs: Vec<&str> = (0..32).filter_map(|i| upper.get(2 * i..2 * i + 2)).collect();
+    Ok(pairs.join(":"))
+}
+
+/// Checks `host:port` for dialling: a port 1..=65535, a host name or IPv4 address, or an
+/// IPv6 address in brackets (`[fd00::2]:7700`).
+fn host_port(text: &str) -> Result<(), String> {
+    let shape = || {
+        format!(
+            "dial {text:?} is not host:port (like \"10.0.0.2:7700\", \"site-b.example:7700\" or \"[fd00::2]:7700\")"
+        )
+    };
+    let (host, port) = text.rsplit_once(':').ok_or_else(shape)?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(shape()),
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let v6 = inner.strip_suffix(']').and_then(|a| a.parse::<std::net::Ipv6Addr>().ok());
+        return v6.map(|_| ()).ok_or_else(shape);
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if host.len() > 253 || !host.split('.').all(label_ok) {
+        if host.contains(':') {
+            return Err(format!("dial {text:?}: an IPv6 address needs brackets, like \"[fd00::2]:7700\""));
+        }
+        return Err(shape());
+    }
+    Ok(())
+}
+
+/// A size with a unit: `"64MiB"`, `"1.5 GB"`, `"4096B"`. `KB`/`MB`/`GB` count in 1000s,
+/// `KiB`/`MiB`/`GiB` in 1024s; units are case-insensitive. The error starts with the
+/// value, for a message `<key> <error>`.
+fn size(text: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "{text:?} is not a size: write a number and a unit (B, KB, MB, GB, KiB, MiB, GiB), like \"64MiB\""
+        )
+    };
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number.parse().map_err(|_| bad())?;
+    let unit: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(bad()),
+    };
+    let bytes = (number * unit).round();
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("{text:?} is too large"));
+    }
+    // Finite, non-negative and below u64::MAX: the cast is exact up to f64's precision.
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAIRS: &str =
+        "3F:A2:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:01:23:45:67:89:AB:CD:EF:10:32:54:76:98:9C";
+
+    #[test]
+    fn fingerprints_are_normalised() {
+        assert_eq!(fingerprint(PAIRS).as_deref(), Ok(PAIRS));
+        let plain = PAIRS.replace(':', "").to_ascii_lowercase();
+        assert_eq!(fingerprint(&plain).as_deref(), Ok(PAIRS));
+        let openssl = format!("sha256 Fingerprint={}", PAIRS.to_ascii_lowercase());
+        assert_eq!(fingerprint(&openssl).as_deref(), Ok(PAIRS));
+        assert!(fingerprint(&PAIRS[3..]).is_err(), "31 pairs");
+        assert!(fingerprint(&plain[1..]).is_err(), "63 digits");
+        assert!(fingerprint(&PAIRS.replace("3F", "3G")).is_err());
+        assert!(fingerprint(&PAIRS.replacen(':', "", 1)).is_err(), "odd pairs");
+        assert!(fingerprint("").is_err());
+    }
+
+    #[test]
+    fn dial_addresses() {
+        assert!(host_port("10.0.0.2:7700").is_ok());
+        assert!(host_port("site-b.example.net:7700").is_ok());
+        assert!(host_port("[fd00::2]:7700").is_ok());
+        assert!(host_port("10.0.0.2").is_err(), "port required");
+        assert!(host_port("10.0.0.2:0").is_err());
+        assert!(host_port("10.0.0.2:70000").is_err());
+        assert!(host_port(":7700").is_err());
+        assert!(host_port("bad host:7700").is_err());
+        let v6 = host_port("fd00::2:7700").expect_err("brackets");
+        assert!(v6.contains("brackets"), "{v6}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size("64MiB"), Ok(64 * MIB));
+        assert_eq!(size("1 GB"), Ok(1_000_000_000));
+        assert_eq!(size("1.5KiB"), Ok(1536));
+        assert_eq!(size("10kb"), Ok(10_000));
+        assert_eq!(size("4096B"), Ok(4096));
+        assert!(size("64").is_err(), "unit required");
+        assert!(size("MiB").is_err());
+        assert!(size("-1MiB").is_err());
+        assert!(size("64 TB").is_err());
+        assert!(size("1.2.3MB").is_err());
+        assert!(size("99999999999999999999GiB").is_err());
+    }
+}

@@ -1,0 +1,155 @@
+//! The `[[peer.send]]` rules: which local points go to a peer, and when.
+//!
+//! ```toml
+//! [[peer.send]]              # zero or more; a point in several rules: the first wins
+//! points = ["boiler.*", "meter.energy_import"]  # required: point globs (or one glob);
+//!                            #   each must match a configured point
+//! mode = "change"            # change | periodic, default change
+//! deadband = 0.5             # change: absolute, >= 0, default 0 (any change)
+//! deadband_percent = 1.0     # change: percent of the last sent value, 0..=100, default 0
+//! max_silence = "60s"        # change: re-send an unchanged value after this long,
+//!                            #   default 60s, at least 100ms
+//! interval = "10s"           # periodic: required, at least 100ms
+//! ```
+//!
+//! Keys of the other mode are errors, not ignored. A glob whose every point is already
+//! sent by an earlier rule is an error too: first-wins would make it dead.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::globs::{self, Globs};
+use super::{Checker, number};
+use crate::model::{Point, SendMode, SendRule};
+
+const MAX_SILENCE: Duration = Duration::from_secs(60);
+const PERIOD_MIN: Duration = Duration::from_millis(100);
+
+/// One `[[peer.send]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSend {
+    points: Spanned<Globs>,
+    mode: Option<Spanned<RawMode>>,
+    deadband: Option<Spanned<f64>>,
+    deadband_percent: Option<Spanned<f64>>,
+    max_silence: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawMode {
+    Change,
+    Periodic,
+}
+
+/// Resolves the send rules of one peer (`peer` is its item path).
+pub(super) fn validate(raw: &[RawSend], points: &[&Point], peer: &str, check: &mut Checker) -> Vec<SendRule> {
+    // Point name -> index of the rule that sends it.
+    let mut claimed: HashMap<&str, usize> = HashMap::new();
+    let mut rules = Vec::with_capacity(raw.len());
+    for (i, r) in raw.iter().enumerate() {
+        let path = format!("{peer} send[{i}]");
+        let mut matched = Vec::new();
+        for m in globs::resolve(&r.points, points, &path, check) {
+            let mut fresh = 0;
+            let mut earlier = None;
+            for p in &m.points {
+                match claimed.get(p.name.as_str()) {
+                    Some(&rule) if rule != i => earlier = earlier.or(Some(rule)),
+                    Some(_) => {}
+                    None => {
+                        claimed.insert(&p.name, i);
+                        matched.push(p.name.clone());
+                        fresh += 1;
+                    }
+                }
+            }
+            if let (0, Some(rule)) = (fresh, earlier) {
+                check.report(
+                    m.span,
+                    &path,
+                    format!(
+                        "points glob {:?} only matches points that send[{rule}] already sends (the first matching rule wins): move this rule above it",
+                        m.glob
+                    ),
+                );
+            }
+        }
+        rules.push(SendRule {
+            points: globs::written(&r.points).into_iter().map(|(g, _)| g.to_owned()).collect(),
+            matched,
+            mode: mode(r, &path, check),
+        });
+    }
+    rules
+}
+
+fn mode(r: &RawSend, path: &str, check: &mut Checker) -> SendMode {
+    let mode = r.mode.as_ref().map_or(RawMode::Change, |m| *m.get_ref());
+    match mode {
+        RawMode::Change => {
+            if let Some(interval) = &r.interval {
+                check.report(
+                    interval.span(),
+                    path,
+                    "interval applies only to mode = \"periodic\" (the default mode is \"change\"): use max_silence for the refresh of a change rule",
+                );
+            }
+            SendMode::Change {
+                deadband: number(
+                    check,
+                    r.deadband.as_ref(),
+                    0.0,
+                    0.0..=f64::MAX,
+                    "at least 0",
+                    path,
+                    "deadband",
+                ),
+                deadband_percent: number(
+                    check,
+                    r.deadband_percent.as_ref(),
+                    0.0,
+                    0.0..=100.0,
+                    "within 0..=100",
+                    path,
+                    "deadband_percent",
+                ),
+                max_silence: check.duration(
+                    r.max_silence.as_ref(),
+                    MAX_SILENCE,
+                    PERIOD_MIN,
+                    path,
+                    "max_silence",
+                ),
+            }
+        }
+        RawMode::Periodic => {
+            let spans = [
+                ("deadband", r.deadband.as_ref().map(|v| v.span())),
+                ("deadband_percent", r.deadband_percent.as_ref().map(|v| v.span())),
+                ("max_silence", r.max_silence.as_ref().map(|v| v.span())),
+            ];
+            for (key, span) in spans {
+                if let Some(span) = span {
+                    check.report(
+                        span,
+                        path,
+                        format!("{key} applies only to mode = \"change\"; a periodic rule sends every value"),
+                    );
+                }
+            }
+            if r.interval.is_none() {
+                let span = r.mode.as_ref().map_or(r.points.span(), |m| m.span());
+                check.report(span, path, "mode = \"periodic\" needs `interval`");
+            }
+            SendMode::Periodic {
+                interval: check.duration(r.interval.as_ref(), PERIOD_MIN, PERIOD_MIN, path, "interval"),
+            }
+        }
+    }
+}
