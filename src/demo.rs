@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, GatewayError};
 use crate::image::Image;
 use crate::model::Model;
 use crate::simulate::{SimConfig, SimError, Simulator, VirtualPort};
@@ -41,19 +41,30 @@ impl SimulatedPlant {
     }
 }
 
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A simulator could not start.
+    #[error(transparent)]
+    Sim(#[from] SimError),
+    /// The gateway could not start (peer-link identity, spool or listening socket).
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+}
+
 /// Runs the demo for `duration` (or until `shutdown`), printing the image every `every`.
 pub async fn run(
     mut model: Model,
     duration: Duration,
     every: Duration,
     shutdown: CancellationToken,
-) -> Result<(), SimError> {
+) -> Result<(), DemoError> {
     let plant = SimulatedPlant::start(&mut model)?;
     println!("demo: {} simulated bus(es) on virtual serial pairs:", plant.len());
     for bus in &model.buses {
         println!("  bus {} -> {} ({} device(s))", bus.name, bus.port, bus.devices.len());
     }
-    let gateway = Gateway::start(&model, shutdown.clone());
+    let gateway = Gateway::start(&model, shutdown.clone())?;
     let end = tokio::time::Instant::now() + duration;
     let mut tick = tokio::time::interval(every);
     loop {

@@ -1,7 +1,9 @@
 //! Wires a validated model into running tasks: one bus task and one poller per serial
 //! line (a raw poller on raw buses, a stream task instead of both on a stream bus, see
 //! `rawpoll`), the periodic summaries, the local Modbus-TCP server when `[server]` is
-//! configured, all under one shutdown token and one task tracker.
+//! configured, and for peer links the identity, the spools, the listener and per peer a
+//! forwarder, a link and its write-backs — all under one shutdown token and one task
+//! tracker.
 //!
 //! Invariant: every task spawned here watches the shutdown token and is tracked, so
 //! [`Gateway::shutdown`] returns once everything has stopped (or the grace period ran out).
@@ -10,17 +12,64 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::bus::{self, BusHandle};
+use crate::forward::{Forwarder, Rules};
 use crate::image::Image;
-use crate::model::{Model, Protocol};
+use crate::link::{self, Dialer, Grants, Link, LinkHandle};
+use crate::listener::{Listener, Routes};
+use crate::model::{Dial, Links, Model, Protocol};
 use crate::poller::Poller;
 use crate::rawpoll::{self, SerialDevices};
 use crate::server::{self, Server, ServerError};
+use crate::spool::SpoolLimits;
+use crate::spooler::SpoolHandle;
+use crate::tls::{self, Fingerprint};
+use crate::writeback::WriteBacks;
+use crate::writer::Writer;
+
+/// Why the gateway could not start; each names the file, address or peer.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The identity (certificate and key) could not be loaded or used.
+    #[error("peer links: identity in {dir}: {source}")]
+    Identity {
+        /// The identity directory.
+        dir: String,
+        /// Why.
+        source: tls::TlsError,
+    },
+    /// The data directory could not be created.
+    #[error("peer links: cannot create data directory {dir}: {source}")]
+    DataDir {
+        /// The directory.
+        dir: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A peer's configuration cannot be used.
+    #[error("peer {peer}: {reason}")]
+    Peer {
+        /// The peer.
+        peer: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The Modbus-TCP server socket could not be opened.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// The listening socket could not be opened.
+    #[error("peer links: cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
 
 /// A running gateway.
 pub struct Gateway {
@@ -33,33 +82,28 @@ pub struct Gateway {
     pub serial: Arc<SerialDevices>,
     /// Where the Modbus-TCP server listens (`None`: no `[server]`, or it failed to bind).
     pub server_addr: Option<SocketAddr>,
+    /// Writes into local points through their buses.
+    pub writer: Writer,
+    /// One handle per peer link, in model order: `(peer name, handle)`.
+    pub links: Vec<(String, LinkHandle)>,
+    listen_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Gateway {
-    /// Starts every task of `model`. Must be called inside a tokio runtime. A server
-    /// socket that cannot be bound is logged as an error and the gateway runs without
-    /// it; use [`Gateway::try_start`] to fail instead.
-    pub fn start(model: &Model, shutdown: CancellationToken) -> Self {
-        let listener = model.server.as_ref().and_then(|config| {
-            server::listen(config)
-                .inspect_err(|e| error!(error = %e, "running without the modbus-tcp server"))
-                .ok()
-        });
-        Self::launch(model, shutdown, listener)
-    }
-
-    /// Like [`Gateway::start`], but a server socket that cannot be bound fails the start,
-    /// before anything else has started.
-    pub fn try_start(model: &Model, shutdown: CancellationToken) -> Result<Self, ServerError> {
-        let listener = model.server.as_ref().map(server::listen).transpose()?;
-        Ok(Self::launch(model, shutdown, listener))
-    }
-
-    fn launch(model: &Model, shutdown: CancellationToken, listener: Option<TcpListener>) -> Self {
+    /// Starts every task of `model`. Must be called inside a tokio runtime. Fails only
+    /// on what the links need from the machine (identity, data directory, spool files,
+    /// the listening socket); then nothing has been started.
+    pub fn start(model: &Model, shutdown: CancellationToken) -> Result<Self, GatewayError> {
         let image = Arc::new(Image::new());
         let tracker = TaskTracker::new();
+        // Everything fallible first, so an error leaves no task behind.
+        let listener = model.server.as_ref().map(server::listen).transpose()?;
+        let prepared = match &model.links {
+            Some(links) => Some(prepare_links(links)?),
+            None => None,
+        };
         let mut buses = Vec::new();
         let mut serial = SerialDevices::new();
         for bus in &model.buses {
@@ -82,6 +126,11 @@ impl Gateway {
             buses.push(handle);
         }
         tracker.spawn(sweep(image.clone(), shutdown.clone()));
+        let writer = Writer::new(model, &buses);
+        let (links, listen_addr) = match (prepared, &model.links) {
+            (Some(p), Some(l)) => start_links(model, l, p, &image, &writer, &shutdown, &tracker),
+            _ => (Vec::new(), None),
+        };
         let mut server_addr = None;
         if let (Some(config), Some(listener)) = (&model.server, listener) {
             let server = Server::new(listener, config, model, &buses, image.clone());
@@ -92,10 +141,31 @@ impl Gateway {
             gateway = %model.gateway.name,
             buses = model.buses.len(),
             points = image.len(),
+            peers = links.len(),
             server = ?server_addr,
             "gateway started"
         );
-        Self { image, buses, serial: Arc::new(serial), server_addr, shutdown, tracker }
+        Ok(Self {
+            image,
+            buses,
+            serial: Arc::new(serial),
+            server_addr,
+            writer,
+            links,
+            listen_addr,
+            shutdown,
+            tracker,
+        })
+    }
+
+    /// The bound address of the peer listener (`None`: no listener configured).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen_addr
+    }
+
+    /// The link to `peer`.
+    pub fn link(&self, peer: &str) -> Option<&LinkHandle> {
+        self.links.iter().find(|(n, _)| n == peer).map(|(_, h)| h)
     }
 
     /// Waits for the shutdown token, then for every task to stop (at most `grace`).
@@ -134,4 +204,120 @@ async fn sweep(image: Arc<Image>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
         }
     }
+}
+
+/// What the links need, opened before any task starts.
+struct Prepared {
+    identity: tls::Identity,
+    peers: Vec<PreparedPeer>,
+    listener: Option<tokio::net::TcpListener>,
+}
+
+struct PreparedPeer {
+    fingerprint: Fingerprint,
+    spool: SpoolHandle,
+    rules: Rules,
+    grants: Grants,
+}
+
+fn prepare_links(links: &Links) -> Result<Prepared, GatewayError> {
+    let identity = tls::load_identity(&links.identity_dir)
+        .map_err(|source| GatewayError::Identity { dir: links.identity_dir.display().to_string(), source })?;
+    std::fs::create_dir_all(&links.data_dir)
+        .map_err(|source| GatewayError::DataDir { dir: links.data_dir.display().to_string(), source })?;
+    let mut peers = Vec::new();
+    for p in &links.peers {
+        let bad = |reason: String| GatewayError::Peer { peer: p.name.clone(), reason };
+        let fingerprint: Fingerprint = p.fingerprint.parse().map_err(|e| bad(format!("{e}")))?;
+        let limits = SpoolLimits { max_bytes: p.spool_max_bytes, max_age: p.spool_max_age };
+        // The config resolves the spool path (under data_dir unless absolute).
+        let spool = SpoolHandle::open(&p.spool, limits).map_err(|e| bad(e.to_string()))?;
+        let rules = Rules::new(&p.name, &p.send).map_err(|e| bad(e.to_string()))?;
+        let grants = Grants::new(&p.grants).map_err(|e| bad(format!("grant: {e}")))?;
+        peers.push(PreparedPeer { fingerprint, spool, rules, grants });
+    }
+    let listener = match links.listen {
+        Some(addr) => {
+            let listen = |source| GatewayError::Listen { addr, source };
+            let std = std::net::TcpListener::bind(addr).map_err(listen)?;
+            std.set_nonblocking(true).map_err(listen)?;
+            Some(tokio::net::TcpListener::from_std(std).map_err(listen)?)
+        }
+        None => None,
+    };
+    Ok(Prepared { identity, peers, listener })
+}
+
+fn start_links(
+    model: &Model,
+    links: &Links,
+    prepared: Prepared,
+    image: &Arc<Image>,
+    writer: &Writer,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> (Vec<(String, LinkHandle)>, Option<SocketAddr>) {
+    let mut routes = Routes::new();
+    let mut handles = Vec::new();
+    for (peer, p) in links.peers.iter().zip(prepared.peers) {
+        let dialer = match &peer.dial {
+            Dial::Connect(addr) => match tls::client_config(&prepared.identity, p.fingerprint) {
+                Ok(tls) => Dialer::Connect { addr: addr.clone(), tls },
+                Err(e) => {
+                    error!(peer = %peer.name, error = %e, "cannot build the tls client; link not started");
+                    continue;
+                }
+            },
+            Dial::Accept => {
+                let (tx, rx) = tokio::sync::mpsc::channel(2);
+                routes.insert(p.fingerprint, (peer.name.clone(), tx));
+                Dialer::Accept(rx)
+            }
+        };
+        let (connected, connected_rx) = tokio::sync::watch::channel(false);
+        let wb = WriteBacks::new(&peer.name, &peer.writeback, writer.clone(), connected_rx.clone());
+        let offer = wb.offer();
+        if !offer.is_empty() {
+            tracker.spawn(wb.run(shutdown.clone()));
+        }
+        let fwd = Forwarder::new(&peer.name, p.rules, image.clone(), p.spool.clone())
+            .resend_on_connect(connected_rx);
+        tracker.spawn(fwd.run(shutdown.clone()));
+        let handle = link::spawn(
+            Link {
+                local_name: model.gateway.name.clone(),
+                peer: peer.clone(),
+                image: image.clone(),
+                writer: writer.clone(),
+                spool: p.spool,
+                grants: p.grants,
+                writeback: offer,
+                connected,
+                max_frame: crate::proto::DEFAULT_MAX_FRAME,
+            },
+            dialer,
+            shutdown.clone(),
+            tracker,
+        );
+        handles.push((peer.name.clone(), handle));
+    }
+    let mut listen_addr = None;
+    if let Some(socket) = prepared.listener {
+        listen_addr = socket.local_addr().ok();
+        let pins: Vec<Fingerprint> = routes.keys().copied().collect();
+        match tls::server_config(&prepared.identity, pins) {
+            Ok(tls) => {
+                if let Some(addr) = listen_addr {
+                    info!("listening for peers on {addr}");
+                }
+                let l = Listener { socket, allow: links.allow.clone(), tls, routes };
+                tracker.spawn(l.run(shutdown.clone(), tracker.clone()));
+            }
+            Err(e) => {
+                warn!(error = %e, "peer listener not started: no peer is configured to dial in");
+                listen_addr = None;
+            }
+        }
+    }
+    (handles, listen_addr)
 }

@@ -1,1 +1,874 @@
-//! (to be written)
+//! One peer link: the task that owns the connection to one peer gateway (dialing it, or
+//! taking the connections the listener hands over), runs the protocol of
+//! docs/PROTOCOL.md over it, and reconnects with back-off. [`LinkHandle`] is the cheap
+//! handle the rest of the gateway uses (peer writes, statistics).
+//!
+//! Per session: `Hello` both ways (version, the configured peer name, resume points),
+//! then one loop that sends spooled batches from the peer's resume point with a window
+//! of unacked batches, applies the peer's batches into the image under `peer/point`,
+//! answers its writes through the grants, and watches for a dead peer.
+//!
+//! Invariants:
+//! - receive path: apply, then `set_applied` (durable), then `Ack`; a batch with
+//!   `seq <= applied` is a duplicate: dropped, counted, and acked again;
+//! - send path: only what the spool committed is sent, in seq order, at most
+//!   [`WINDOW`] unacked; an `Ack` removes batches from the spool;
+//! - the socket is written by a separate writer task fed by a queue that the loop never
+//!   waits on, so two peers pushing backlogs at each other cannot deadlock; the queue
+//!   is bounded by the window plus small control frames, and a peer that stops reading
+//!   is disconnected once [`OUT_LIMIT`] frames pile up;
+//! - any malformed frame closes this link only, with a log line naming the peer;
+//! - when an established session is lost, the peer's points in the image keep their
+//!   value but turn `comm_fail` (the peer re-sends everything when it reconnects);
+//! - writes are never queued across sessions: a write asked while the link is down, or
+//!   in flight when it drops, fails (at-most-once; replaying commands is dangerous).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{FutureExt, StreamExt};
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use rand::Rng;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_rustls::{TlsConnector, TlsStream};
+use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::codec::value_as_f64;
+use crate::image::{Image, PointId};
+use crate::model::{Grant, Peer};
+use crate::proto::{self, Frame, FrameCodec, ProtoError};
+use crate::spooler::SpoolHandle;
+use crate::value::{Quality, Sample, Value};
+use crate::writeback::Offer;
+use crate::writer::Writer;
+
+/// Most unacked batches in flight.
+pub const WINDOW: usize = 64;
+/// Frames waiting for the socket before the peer is declared not reading.
+pub const OUT_LIMIT: usize = 4 * WINDOW + 1024;
+/// TCP connect and TLS handshake limit.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the peer's `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a [`LinkHandle::write`] waits for the peer's result.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// First reconnect delay; doubles per failure up to [`BACKOFF_MAX`].
+pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Longest reconnect delay (also used after a version or name mismatch).
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A session up this long resets the back-off.
+pub const STABLE: Duration = Duration::from_secs(30);
+/// Peer writes carried out at the same time; more are refused as busy.
+const WRITES_AT_ONCE: usize = 4;
+/// Received points never go stale by age here: the sender re-sends at least every
+/// `max_silence`, and the sender's own quality travels with each sample.
+const REMOTE_STALE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The TLS stream of a link (client side when we dial, server side when we accept).
+pub type Stream = TlsStream<TcpStream>;
+
+/// A connection the listener accepted and identified as this peer's.
+pub type Incoming = (Stream, SocketAddr);
+
+/// A snapshot of a link's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkStats {
+    /// A session is up (hello exchanged).
+    pub connected: bool,
+    /// Sessions established since start.
+    pub sessions: u64,
+    /// Attempts that never got to a session (connect, TLS or hello failed).
+    pub failed_attempts: u64,
+    /// Batches sent (resends count again).
+    pub batches_sent: u64,
+    /// Our batches the peer acknowledged.
+    pub batches_acked: u64,
+    /// Peer batches applied into the image.
+    pub batches_applied: u64,
+    /// Samples in them.
+    pub samples_applied: u64,
+    /// Peer batches dropped as duplicates (already applied).
+    pub duplicates_dropped: u64,
+    /// Peer writes refused by the grants.
+    pub writes_refused: u64,
+    /// Our batches waiting in the spool for an ack.
+    pub spool_pending: u64,
+    /// Seq of the newest batch spooled for the peer (seqs persist across restarts).
+    pub last_seq: u64,
+    /// Batches the spool dropped to its limits (data lost).
+    pub spool_dropped: u64,
+    /// Samples in them.
+    pub spool_dropped_samples: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    connected: AtomicBool,
+    sessions: AtomicU64,
+    failed: AtomicU64,
+    sent: AtomicU64,
+    acked: AtomicU64,
+    applied: AtomicU64,
+    samples_applied: AtomicU64,
+    duplicates: AtomicU64,
+    refused: AtomicU64,
+}
+
+struct WriteCmd {
+    point: String,
+    value: Value,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// A cheap handle to a running link.
+#[derive(Clone)]
+pub struct LinkHandle {
+    peer: Arc<str>,
+    counters: Arc<Counters>,
+    spool: SpoolHandle,
+    writes: mpsc::Sender<WriteCmd>,
+}
+
+impl std::fmt::Debug for LinkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkHandle").field("peer", &self.peer).finish_non_exhaustive()
+    }
+}
+
+impl LinkHandle {
+    /// The peer's name.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Asks the peer to write `value` into its point `point` and waits for the result
+    /// (at most [`WRITE_TIMEOUT`]). Fails at once when the link is down. Never resent.
+    pub async fn write(&self, point: &str, value: Value) -> Result<(), String> {
+        if !self.counters.connected.load(Relaxed) {
+            return Err(format!("link to {} is down", self.peer));
+        }
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + WRITE_TIMEOUT;
+        self.writes
+            .try_send(WriteCmd { point: point.to_string(), value, deadline, reply })
+            .map_err(|_| format!("link to {}: too many writes waiting", self.peer))?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(format!(
+                "link to {} went down before the write result arrived (outcome unknown)",
+                self.peer
+            )),
+            Err(_) => Err(format!(
+                "link to {}: no write result within {WRITE_TIMEOUT:?} (outcome unknown)",
+                self.peer
+            )),
+        }
+    }
+
+    /// The link's counters.
+    pub fn stats(&self) -> LinkStats {
+        let c = &self.counters;
+        let s = self.spool.counters();
+        LinkStats {
+            connected: c.connected.load(Relaxed),
+            sessions: c.sessions.load(Relaxed),
+            failed_attempts: c.failed.load(Relaxed),
+            batches_sent: c.sent.load(Relaxed),
+            batches_acked: c.acked.load(Relaxed),
+            batches_applied: c.applied.load(Relaxed),
+            samples_applied: c.samples_applied.load(Relaxed),
+            duplicates_dropped: c.duplicates.load(Relaxed),
+            writes_refused: c.refused.load(Relaxed),
+            spool_pending: s.pending_batches.load(Relaxed),
+            last_seq: *self.spool.appended().borrow(),
+            spool_dropped: s.dropped_batches.load(Relaxed),
+            spool_dropped_samples: s.dropped_samples.load(Relaxed),
+        }
+    }
+}
+
+/// What a peer may write here, compiled.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    grants: Vec<(GlobSet, Grant)>,
+}
+
+impl Grants {
+    /// Compiles the grant globs.
+    pub fn new(grants: &[Grant]) -> Result<Self, globset::Error> {
+        let grants = grants
+            .iter()
+            .map(|g| {
+                let mut b = GlobSetBuilder::new();
+                for p in &g.points {
+                    b.add(Glob::new(p)?);
+                }
+                Ok((b.build()?, g.clone()))
+            })
+            .collect::<Result<_, globset::Error>>()?;
+        Ok(Self { grants })
+    }
+
+    /// Ok when some grant covers `point` and admits `value`; else the refusal reason.
+    pub fn check(&self, point: &str, value: &Value) -> Result<(), String> {
+        let mut matched = None;
+        for (m, g) in &self.grants {
+            if !m.is_match(point) {
+                continue;
+            }
+            let Some(x) = value_as_f64(value) else {
+                return Ok(());
+            };
+            if g.min.is_none_or(|min| x >= min) && g.max.is_none_or(|max| x <= max) {
+                return Ok(());
+            }
+            matched = Some(g);
+        }
+        Err(match matched {
+            Some(g) => format!(
+                "not granted: {value} is outside the granted range [{}, {}] of {point}",
+                g.min.map_or("-inf".into(), |m| m.to_string()),
+                g.max.map_or("inf".into(), |m| m.to_string()),
+            ),
+            None => format!("not granted: point {point} is not writable by this peer"),
+        })
+    }
+}
+
+/// How a link gets its connections.
+pub enum Dialer {
+    /// We dial `addr` and pin the peer with this client config.
+    Connect {
+        /// host:port.
+        addr: String,
+        /// TLS client config pinning the peer.
+        tls: Arc<rustls::ClientConfig>,
+    },
+    /// The listener hands over connections identified as this peer.
+    Accept(mpsc::Receiver<Incoming>),
+}
+
+/// Everything one link task needs.
+pub struct Link {
+    /// Our gateway name (sent in `Hello`).
+    pub local_name: String,
+    /// The peer.
+    pub peer: Peer,
+    /// The register image.
+    pub image: Arc<Image>,
+    /// Writes into local points (peer writes).
+    pub writer: Writer,
+    /// The peer's spool.
+    pub spool: SpoolHandle,
+    /// Compiled grants of the peer.
+    pub grants: Grants,
+    /// Where received samples go for write-back.
+    pub writeback: Offer,
+    /// Set while a session is up (drives write-back loss handling).
+    pub connected: watch::Sender<bool>,
+    /// Frame size limit.
+    pub max_frame: usize,
+}
+
+/// Starts the task of one link under `tracker`; returns its handle.
+pub fn spawn(link: Link, dialer: Dialer, shutdown: CancellationToken, tracker: &TaskTracker) -> LinkHandle {
+    let (writes_tx, writes_rx) = mpsc::channel(64);
+    let counters = Arc::new(Counters::default());
+    let handle = LinkHandle {
+        peer: Arc::from(link.peer.name.as_str()),
+        counters: counters.clone(),
+        spool: link.spool.clone(),
+        writes: writes_tx,
+    };
+    let span = info_span!("link", peer = %link.peer.name);
+    let task =
+        Task { link, counters, writes: writes_rx, shutdown, tracker: tracker.clone(), names: HashMap::new() };
+    tracker.spawn(task.run(dialer).instrument(span));
+    handle
+}
+
+struct Task {
+    link: Link,
+    counters: Arc<Counters>,
+    writes: mpsc::Receiver<WriteCmd>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    /// `peer/point` ids already registered in the image.
+    names: HashMap<String, PointId>,
+}
+
+/// How a session ended.
+enum End {
+    /// Transport or protocol trouble: reconnect.
+    Lost,
+    /// Retrying soon cannot help (version or name mismatch): back off long.
+    Mismatch,
+    /// The listener handed us a newer connection of this peer.
+    Replaced(Box<Incoming>),
+    /// Shutdown.
+    Shutdown,
+}
+
+impl Task {
+    async fn run(mut self, mut dialer: Dialer) {
+        let mut backoff = BACKOFF_MIN;
+        let mut next: Option<Incoming> = None;
+        loop {
+            let incoming = match &mut dialer {
+                Dialer::Connect { addr, tls } => {
+                    let (addr, tls) = (addr.clone(), tls.clone());
+                    tokio::select! {
+                        // Not cancel-safe, and need not be: a half-made connection is
+                        // simply dropped at shutdown.
+                        r = connect(&addr, tls) => match r {
+                            Ok(s) => Some(s),
+                            Err(e) => {
+                                warn!(%addr, error = %e, retry_in = ?backoff, "cannot connect to peer");
+                                None
+                            }
+                        },
+                        () = self.shutdown.cancelled() => return,
+                    }
+                }
+                Dialer::Accept(rx) => match next.take() {
+                    Some(s) => Some(s),
+                    None => loop {
+                        tokio::select! {
+                            // Cancel-safe: mpsc::recv (also the next arm).
+                            s = rx.recv() => match s {
+                                Some(s) => break Some(s),
+                                // The listener is gone: only shutdown is left to wait for.
+                                None => {
+                                    self.shutdown.cancelled().await;
+                                    return;
+                                }
+                            },
+                            Some(cmd) = self.writes.recv() => refuse_down(cmd, &self.link.peer.name),
+                            () = self.shutdown.cancelled() => return,
+                        }
+                    },
+                },
+            };
+            let mut end = End::Lost;
+            let sessions = self.counters.sessions.load(Relaxed);
+            if let Some((stream, from)) = incoming {
+                let started = Instant::now();
+                end = self.session(stream, from, &mut dialer).await;
+                self.set_connected(false);
+                if started.elapsed() >= STABLE {
+                    backoff = BACKOFF_MIN;
+                }
+            }
+            if self.counters.sessions.load(Relaxed) == sessions {
+                self.counters.failed.fetch_add(1, Relaxed);
+            } else if matches!(end, End::Lost | End::Mismatch) {
+                // Nothing vouches for the peer's values any more; they turn good again
+                // as the peer re-sends them (it re-sends everything on reconnect).
+                let n = self.link.image.fail(self.names.values().copied(), Quality::CommFail);
+                if n > 0 {
+                    warn!(points = n, "link down: the peer's points are marked comm_fail");
+                }
+            }
+            match end {
+                End::Shutdown => return,
+                End::Replaced(s) => {
+                    next = Some(*s);
+                    continue;
+                }
+                End::Mismatch => backoff = BACKOFF_MAX,
+                End::Lost => {}
+            }
+            if matches!(dialer, Dialer::Accept(_)) {
+                continue;
+            }
+            // Jitter (50-100 % of the back-off) spreads the reconnects of many gateways.
+            let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            let until = Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    // Cancel-safe: a timer, and mpsc::recv.
+                    () = sleep_until(until) => break,
+                    Some(cmd) = self.writes.recv() => refuse_down(cmd, &self.link.peer.name),
+                    () = self.shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.counters.connected.store(up, Relaxed);
+        self.link.connected.send_replace(up);
+    }
+
+    /// One session over `stream`, from hello to the end.
+    async fn session(&mut self, stream: Stream, from: SocketAddr, dialer: &mut Dialer) -> End {
+        let (rd, wr) = tokio::io::split(stream);
+        let codec = FrameCodec::new(self.link.max_frame);
+        let mut reader = FramedRead::new(rd, codec);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let out = Out { tx: out_tx, queued: queued.clone() };
+        let writer = self.tracker.spawn(
+            write_loop(wr, out_rx, queued, codec, self.link.peer.heartbeat)
+                .instrument(info_span!("send", %from)),
+        );
+        let end = self.run_session(&mut reader, &out, from, dialer).await;
+        // Close is queued by run_session where due; dropping the queue ends the writer
+        // after it has written everything queued.
+        drop(out);
+        let abort = writer.abort_handle();
+        if timeout(Duration::from_secs(2), writer).await.is_err() {
+            abort.abort();
+        }
+        end
+    }
+
+    async fn run_session<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut FramedRead<R, FrameCodec>,
+        out: &Out,
+        from: SocketAddr,
+        dialer: &mut Dialer,
+    ) -> End {
+        let peer = self.link.peer.name.clone();
+        let spool = self.link.spool.clone();
+        let mut applied = spool.applied();
+        out.send(Frame::Hello {
+            version: proto::VERSION,
+            name: self.link.local_name.clone(),
+            resume: applied,
+        });
+        // Hello from the peer.
+        let resume = match timeout(HELLO_TIMEOUT, reader.next()).await {
+            Err(_) => {
+                warn!(%from, "no hello from peer within {HELLO_TIMEOUT:?}; closing");
+                return End::Lost;
+            }
+            Ok(None) => {
+                warn!(%from, "peer closed the connection before its hello");
+                return End::Lost;
+            }
+            Ok(Some(Err(e))) => {
+                warn!(%from, error = %e, "malformed hello from peer; closing the link");
+                out.close(&e.to_string());
+                return End::Lost;
+            }
+            Ok(Some(Ok(Frame::Hello { version, name, resume }))) => {
+                if let Err(e) = proto::check_version(version) {
+                    error!(%from, "{e}; closing the link");
+                    out.close(&e.to_string());
+                    return End::Mismatch;
+                }
+                if name != peer {
+                    let why = format!(
+                        "peer introduced itself as {name:?} but its certificate is pinned for peer {peer:?}"
+                    );
+                    error!(%from, "{why}; closing the link (check the peer names in both configs)");
+                    out.close(&why);
+                    return End::Mismatch;
+                }
+                resume
+            }
+            Ok(Some(Ok(f))) => {
+                warn!(%from, frame = f.name(), "first frame from peer is not a hello; closing");
+                out.close("expected hello");
+                return End::Lost;
+            }
+        };
+        if let Err(e) = spool.ack(resume).await {
+            error!(error = %e, "cannot apply the peer's resume point; closing the link");
+            return End::Lost;
+        }
+        self.counters.sessions.fetch_add(1, Relaxed);
+        self.set_connected(true);
+        info!(%from, resume, applied, pending = spool.counters().pending_batches.load(Relaxed), "link up");
+
+        let heartbeat = self.link.peer.heartbeat.max(Duration::from_millis(10));
+        let dead_after = heartbeat * 3;
+        let mut appended = spool.appended();
+        let mut sent_upto = resume;
+        let mut inflight: VecDeque<u64> = VecDeque::new();
+        let mut more = true;
+        let mut last_rx = Instant::now();
+        let mut next_id = 1u64;
+        let mut pending: HashMap<u64, oneshot::Sender<Result<(), String>>> = HashMap::new();
+        let permits = Arc::new(Semaphore::new(WRITES_AT_ONCE));
+        let mut buf = BytesMut::new();
+        loop {
+            // Fill the window from the spool.
+            if more && inflight.len() < WINDOW {
+                appended.borrow_and_update();
+                let room = WINDOW - inflight.len();
+                match spool.read_raw_from(sent_upto, room).await {
+                    Ok(batches) => {
+                        more = batches.len() == room;
+                        for (seq, block) in batches {
+                            sent_upto = seq;
+                            if let Err(e) =
+                                proto::encode_batch_raw(seq, &block, self.link.max_frame, &mut buf)
+                            {
+                                error!(seq, error = %e, "spooled batch cannot be sent; skipping it (data lost)");
+                                continue;
+                            }
+                            out.raw(buf.split().freeze());
+                            inflight.push_back(seq);
+                            self.counters.sent.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        error!(error = %e, "cannot read the spool; closing the link");
+                        return End::Lost;
+                    }
+                }
+            }
+            if out.queued.load(Relaxed) > OUT_LIMIT {
+                warn!(queued = OUT_LIMIT, "peer is not reading; closing the link");
+                return End::Lost;
+            }
+            let mut ack_due = false;
+            let mut applied_upto = applied;
+            // Set when the frames end the session: what was applied is still recorded.
+            let mut ending: Option<End> = None;
+            tokio::select! {
+                // Cancel-safe: FramedRead keeps a partial frame in its buffer.
+                frame = reader.next() => {
+                    let mut frame = frame;
+                    // Take every frame already buffered before acking (ack coalescing).
+                    for _ in 0..WINDOW {
+                        match frame {
+                            None => {
+                                info!("peer closed the connection");
+                                ending = Some(End::Lost);
+                                break;
+                            }
+                            Some(Err(ProtoError::Io(e))) => {
+                                warn!(%from, error = %e, "connection to peer lost");
+                                ending = Some(End::Lost);
+                                break;
+                            }
+                            Some(Err(e)) => {
+                                error!(%from, error = %e, "protocol error from peer; closing the link");
+                                out.close(&e.to_string());
+                                ending = Some(End::Lost);
+                                break;
+                            }
+                            Some(Ok(f)) => {
+                                last_rx = Instant::now();
+                                match f {
+                                    Frame::Batch { seq, samples } => {
+                                        ack_due = true;
+                                        if seq <= applied_upto {
+                                            self.counters.duplicates.fetch_add(1, Relaxed);
+                                            debug!(seq, applied = applied_upto, "duplicate batch dropped");
+                                        } else {
+                                            self.apply(&samples);
+                                            applied_upto = seq;
+                                        }
+                                    }
+                                    Frame::Ack { seq } => {
+                                        while inflight.front().is_some_and(|s| *s <= seq) {
+                                            inflight.pop_front();
+                                            self.counters.acked.fetch_add(1, Relaxed);
+                                        }
+                                        if let Err(e) = spool.ack(seq).await {
+                                            error!(error = %e, "cannot drop acknowledged batches; closing the link");
+                                            ending = Some(End::Lost);
+                                break;
+                                        }
+                                        more = true;
+                                    }
+                                    Frame::Write { id, point, value } => {
+                                        self.peer_write(id, point, value, out, &permits);
+                                    }
+                                    Frame::WriteResult { id, result } => {
+                                        if let Some(reply) = pending.remove(&id) {
+                                            let _ = reply.send(result);
+                                        }
+                                    }
+                                    Frame::Heartbeat => {}
+                                    Frame::Close { reason } => {
+                                        info!(reason, "peer closed the link");
+                                        ending = Some(End::Lost);
+                                break;
+                                    }
+                                    Frame::Hello { .. } => {
+                                        error!(%from, "second hello from peer; closing the link");
+                                        out.close("unexpected hello");
+                                        ending = Some(End::Lost);
+                                break;
+                                    }
+                                }
+                            }
+                        }
+                        match reader.next().now_or_never() {
+                            Some(f) => frame = f,
+                            None => break,
+                        }
+                    }
+                }
+                // Cancel-safe: watch::changed only marks the version seen.
+                r = appended.changed(), if !more => {
+                    if r.is_ok() {
+                        more = true;
+                    }
+                }
+                // Cancel-safe: mpsc::recv.
+                Some(cmd) = self.writes.recv() => {
+                    if cmd.deadline > Instant::now() {
+                        let id = next_id;
+                        next_id += 1;
+                        out.send(Frame::Write { id, point: cmd.point, value: cmd.value });
+                        pending.retain(|_, r| !r.is_closed());
+                        pending.insert(id, cmd.reply);
+                    }
+                }
+                // Cancel-safe: only waits for the writer task to drop its queue.
+                () = out.tx.closed() => {
+                    warn!(%from, "cannot write to peer; reconnecting");
+                    return End::Lost;
+                }
+                // Cancel-safe: a timer.
+                () = sleep_until(last_rx + dead_after) => {
+                    warn!(silent_for = ?dead_after, "no frame from peer for 3 heartbeats; peer is dead, reconnecting");
+                    return End::Lost;
+                }
+                // Cancel-safe: mpsc::recv; only armed when the listener feeds us.
+                Some(s) = recv_incoming(dialer) => {
+                    info!(from = %s.1, "a new connection from the peer replaces the current session");
+                    out.close("replaced by a new connection");
+                    return End::Replaced(Box::new(s));
+                }
+                () = self.shutdown.cancelled() => {
+                    out.close("shutting down");
+                    return End::Shutdown;
+                }
+            }
+            // Everything applied is recorded, even when the session is ending: else the
+            // peer would resend it and it would be applied twice.
+            if applied_upto > applied {
+                if let Err(e) = spool.set_applied(applied_upto).await {
+                    error!(error = %e, "cannot record applied batches; closing the link without acking");
+                    return End::Lost;
+                }
+                debug!(applied = applied_upto, "applied");
+                applied = applied_upto;
+            }
+            if let Some(end) = ending {
+                return end;
+            }
+            if ack_due {
+                out.send(Frame::Ack { seq: applied });
+            }
+        }
+    }
+
+    /// Puts a received batch into the image under `peer/point` and offers it to
+    /// write-back.
+    fn apply(&mut self, samples: &[(String, Sample)]) {
+        let peer = &self.link.peer.name;
+        let image = &self.link.image;
+        let updates: Vec<(PointId, Sample)> = samples
+            .iter()
+            .map(|(point, sample)| {
+                let name = format!("{peer}/{point}");
+                let id = match self.names.get(&name) {
+                    Some(id) => *id,
+                    None => {
+                        let id = image.register(&name, REMOTE_STALE);
+                        self.names.insert(name, id);
+                        id
+                    }
+                };
+                (id, sample.clone())
+            })
+            .collect();
+        image.update(updates);
+        self.link.writeback.offer(samples.iter().map(|(p, s)| (p.as_str(), s)));
+        self.counters.applied.fetch_add(1, Relaxed);
+        self.counters.samples_applied.fetch_add(samples.len() as u64, Relaxed);
+    }
+
+    /// A write asked by the peer: grants, then the writer, answered by `WriteResult`.
+    fn peer_write(&self, id: u64, point: String, value: Value, out: &Out, permits: &Arc<Semaphore>) {
+        if let Err(reason) = self.link.grants.check(&point, &value) {
+            self.counters.refused.fetch_add(1, Relaxed);
+            warn!(%point, %value, "refused a write from the peer: {reason}");
+            out.send(Frame::WriteResult { id, result: Err(reason) });
+            return;
+        }
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            out.send(Frame::WriteResult {
+                id,
+                result: Err(format!("busy: {WRITES_AT_ONCE} writes already in progress")),
+            });
+            return;
+        };
+        let writer = self.link.writer.clone();
+        let out = out.clone();
+        self.tracker.spawn(
+            async move {
+                let result = writer.write(&point, &value).await.map_err(|e| e.to_string());
+                match &result {
+                    Ok(()) => info!(%point, %value, "peer write done"),
+                    Err(e) => warn!(%point, %value, error = %e, "peer write failed"),
+                }
+                out.send(Frame::WriteResult { id, result });
+                drop(permit);
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+async fn recv_incoming(dialer: &mut Dialer) -> Option<Incoming> {
+    match dialer {
+        Dialer::Accept(rx) => rx.recv().await,
+        Dialer::Connect { .. } => std::future::pending().await,
+    }
+}
+
+fn refuse_down(cmd: WriteCmd, peer: &str) {
+    let _ = cmd.reply.send(Err(format!("link to {peer} is down")));
+}
+
+/// Dials `addr` and runs the TLS handshake pinning the peer.
+async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Incoming, String> {
+    let tcp = timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("tcp connect timed out after {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| format!("tcp connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let from = tcp.peer_addr().map_err(|e| format!("tcp: {e}"))?;
+    let tls = timeout(CONNECT_TIMEOUT, TlsConnector::from(tls).connect(crate::tls::server_name(), tcp))
+        .await
+        .map_err(|_| format!("tls handshake timed out after {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| format!("tls handshake: {e}"))?;
+    Ok((TlsStream::Client(tls), from))
+}
+
+enum OutMsg {
+    Frame(Frame),
+    Raw(Bytes),
+}
+
+/// The session's queue to its writer task.
+#[derive(Clone)]
+struct Out {
+    tx: mpsc::UnboundedSender<OutMsg>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Out {
+    fn send(&self, f: Frame) {
+        self.queued.fetch_add(1, Relaxed);
+        // The writer is gone only when the session is ending anyway.
+        let _ = self.tx.send(OutMsg::Frame(f));
+    }
+
+    fn raw(&self, b: Bytes) {
+        self.queued.fetch_add(1, Relaxed);
+        let _ = self.tx.send(OutMsg::Raw(b));
+    }
+
+    fn close(&self, reason: &str) {
+        self.send(Frame::Close { reason: reason.to_string() });
+    }
+}
+
+/// Writes queued frames to the socket; sends a heartbeat after `heartbeat` of silence;
+/// stops after a `Close` or when the queue is dropped, then closes the stream (TLS
+/// close_notify).
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<OutMsg>,
+    queued: Arc<AtomicUsize>,
+    mut codec: FrameCodec,
+    heartbeat: Duration,
+) {
+    let heartbeat = heartbeat.max(Duration::from_millis(10));
+    let mut buf = BytesMut::new();
+    let mut closing = false;
+    loop {
+        // Cancel-safe: recv keeps the message queued; the sleep is a timer.
+        let first = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => {
+                    queued.fetch_sub(1, Relaxed);
+                    m
+                }
+                None => break,
+            },
+            () = sleep(heartbeat) => OutMsg::Frame(Frame::Heartbeat),
+        };
+        let mut msg = first;
+        loop {
+            match msg {
+                OutMsg::Raw(b) => buf.extend_from_slice(&b),
+                OutMsg::Frame(f) => {
+                    closing = matches!(f, Frame::Close { .. });
+                    if let Err(e) = codec.encode(&f, &mut buf) {
+                        warn!(frame = f.name(), error = %e, "cannot encode frame; not sent");
+                    }
+                }
+            }
+            if closing || buf.len() >= 64 << 10 {
+                break;
+            }
+            match rx.try_recv() {
+                Ok(m) => {
+                    queued.fetch_sub(1, Relaxed);
+                    msg = m;
+                }
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = wr.write_all(&buf).await {
+            debug!(error = %e, "write to peer failed");
+            return;
+        }
+        buf.clear();
+        if closing {
+            break;
+        }
+    }
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_match_globs_and_ranges() {
+        let g = Grants::new(&[
+            Grant { points: vec!["boiler.sp*".into()], matched: vec![], min: Some(0.0), max: Some(90.0) },
+            Grant { points: vec!["pump.run".into()], matched: vec![], min: None, max: None },
+        ])
+        .expect("grants");
+        assert_eq!(g.check("boiler.sp1", &Value::Float(45.0)), Ok(()));
+        assert_eq!(g.check("boiler.sp1", &Value::Int(90)), Ok(()));
+        let e = g.check("boiler.sp1", &Value::Float(90.5)).expect_err("range");
+        assert!(e.starts_with("not granted") && e.contains("[0, 90]"), "{e}");
+        assert_eq!(g.check("pump.run", &Value::Bool(true)), Ok(()));
+        let e = g.check("pump.stop", &Value::Bool(true)).expect_err("no grant");
+        assert!(e.contains("pump.stop"), "{e}");
+        assert!(Grants::default().check("x", &Value::Int(1)).is_err());
+        assert!(
+            Grants::new(&[Grant { points: vec!["a[".into()], matched: vec![], min: None, max: None }])
+                .is_err()
+        );
+    }
+}

@@ -44,6 +44,15 @@ enum Command {
     },
     /// Read registers or bits from one device, for commissioning (like mbpoll).
     Poll(PollArgs),
+    /// Create this gateway's identity (cert.pem, key.pem) and print its fingerprint.
+    Keygen {
+        /// Directory for cert.pem and key.pem (created with mode 0700).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Replace an existing key (peers pinning the old fingerprint must be updated).
+        #[arg(long)]
+        force: bool,
+    },
     /// Serve simulated field devices on a virtual serial pair (or a real port).
     Simulate {
         /// Simulation file (see README); without it, --units makes a quick one.
@@ -264,7 +273,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             let shutdown = shutdown_on_signals()?;
-            Gateway::try_start(&model, shutdown)?.shutdown(Duration::from_secs(1)).await;
+            Gateway::start(&model, shutdown)?.shutdown(Duration::from_secs(1)).await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {
@@ -276,6 +285,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Poll(args) => poll(args).await,
+        Command::Keygen { dir, force } => {
+            let id = m2m_gateway::tls::keygen(&dir, force)?;
+            println!("{}", id.fingerprint);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Simulate { config, units, registers, link, device } => {
             let cfg = match config {
                 Some(path) => simulate::load(&path)?,

@@ -41,7 +41,7 @@ impl Rig {
         port.run(sim).expect("simulator runs");
         let model = model(gateway_toml, &port.path().display().to_string());
         let shutdown = CancellationToken::new();
-        let gateway = Gateway::start(&model, shutdown.clone());
+        let gateway = Gateway::start(&model, shutdown.clone()).expect("gateway starts");
         Rig { port, sim: handle, gateway: Some(gateway), shutdown }
     }
 
