@@ -27,6 +27,7 @@ mod gateway;
 mod globs;
 mod link;
 mod peer;
+mod plc;
 mod point;
 mod rawdevice;
 mod send;
@@ -150,12 +151,20 @@ pub fn parse_in(text: &str, origin: &str, dir: &Path) -> Result<Model, ConfigErr
     rawdevice::validate(&raw.raw_device, &mut buses, &mut check);
     let links = peer::validate(raw.link.as_ref(), &raw.peer, &gateway.name, &buses, dir, &mut check);
     let server = raw.server.as_ref().map(|s| server::validate(s, &buses, &mut check));
+    let plcs = {
+        let points: Vec<&crate::model::Point> =
+            buses.iter().flat_map(|b| &b.devices).flat_map(|d| &d.points).collect();
+        let data_dir = links.as_ref().map_or(dir, |l| l.data_dir.as_path());
+        let taken: Vec<PathBuf> =
+            links.iter().flat_map(|l| &l.peers).map(|p| p.spool.clone()).collect();
+        plc::validate(&raw.plc, &points, data_dir, &taken, &mut check)
+    };
 
     // Sections are checked one after the other (overlaps after all points of a device);
     // list the problems as the reader meets them in the file.
     check.problems.sort_by_key(|p| (p.line, p.col));
     if check.problems.is_empty() {
-        Ok(Model { gateway, buses, links, server })
+        Ok(Model { gateway, buses, links, server, plcs })
     } else {
         Err(ConfigError::Invalid(check.problems))
     }
@@ -182,6 +191,8 @@ struct Raw {
     #[serde(default)]
     peer: Vec<peer::RawPeer>,
     server: Option<server::RawServer>,
+    #[serde(default)]
+    plc: Vec<plc::RawPlc>,
 }
 
 /// Collects problems while a configuration is validated, and turns byte offsets into

@@ -22,6 +22,7 @@ use crate::image::Image;
 use crate::link::{self, Dialer, Grants, Link, LinkHandle};
 use crate::listener::{Listener, Routes};
 use crate::model::{Dial, Links, Model, Protocol};
+use crate::plc::{self, PlcHandle};
 use crate::poller::Poller;
 use crate::rawpoll::{self, SerialDevices};
 use crate::server::{self, Server, ServerError};
@@ -61,6 +62,14 @@ pub enum GatewayError {
     /// The Modbus-TCP server socket could not be opened.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// A PLC sink cannot start (its spool).
+    #[error("plc {plc}: {reason}")]
+    Plc {
+        /// The PLC.
+        plc: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The listening socket could not be opened.
     #[error("peer links: cannot listen on {addr}: {source}")]
     Listen {
@@ -86,6 +95,8 @@ pub struct Gateway {
     pub writer: Writer,
     /// One handle per peer link, in model order: `(peer name, handle)`.
     pub links: Vec<(String, LinkHandle)>,
+    /// One handle per `[[plc]]`, in model order.
+    pub plcs: Vec<PlcHandle>,
     listen_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -104,6 +115,7 @@ impl Gateway {
             Some(links) => Some(prepare_links(links)?),
             None => None,
         };
+        let plc_spools = open_plc_spools(model)?;
         let mut buses = Vec::new();
         let mut serial = SerialDevices::new();
         for bus in &model.buses {
@@ -131,6 +143,13 @@ impl Gateway {
             (Some(p), Some(l)) => start_links(model, l, p, &image, &writer, &shutdown, &tracker),
             _ => (Vec::new(), None),
         };
+        let mut plcs = Vec::new();
+        for (p, spool) in model.plcs.iter().zip(plc_spools) {
+            match plc::start(p, image.clone(), spool, &shutdown, &tracker) {
+                Ok(h) => plcs.push(h),
+                Err(e) => error!(plc = %p.name, error = %e, "plc sink not started"),
+            }
+        }
         let mut server_addr = None;
         if let (Some(config), Some(listener)) = (&model.server, listener) {
             let server = Server::new(listener, config, model, &buses, image.clone());
@@ -142,6 +161,7 @@ impl Gateway {
             buses = model.buses.len(),
             points = image.len(),
             peers = links.len(),
+            plcs = plcs.len(),
             server = ?server_addr,
             "gateway started"
         );
@@ -152,6 +172,7 @@ impl Gateway {
             server_addr,
             writer,
             links,
+            plcs,
             listen_addr,
             shutdown,
             tracker,
@@ -204,6 +225,23 @@ async fn sweep(image: Arc<Image>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
         }
     }
+}
+
+/// The spools of the `[[plc]]` sinks, opened before any task starts.
+fn open_plc_spools(model: &Model) -> Result<Vec<SpoolHandle>, GatewayError> {
+    model
+        .plcs
+        .iter()
+        .map(|p| {
+            let bad = |reason: String| GatewayError::Plc { plc: p.name.clone(), reason };
+            if let Some(dir) = p.spool.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| bad(format!("cannot create {}: {e}", dir.display())))?;
+            }
+            let limits = SpoolLimits { max_bytes: p.spool_max_bytes, max_age: p.spool_max_age };
+            SpoolHandle::open(&p.spool, limits).map_err(|e| bad(e.to_string()))
+        })
+        .collect()
 }
 
 /// What the links need, opened before any task starts.

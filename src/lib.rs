@@ -31,6 +31,7 @@ pub mod mbap;
 pub mod model;
 pub mod pdu;
 pub mod plan;
+pub mod plc;
 pub mod poller;
 pub mod proto;
 pub mod raw;

@@ -17,6 +17,8 @@ pub struct Model {
     pub links: Option<Links>,
     /// The local Modbus-TCP server (`None`: no `[server]` section, nothing listens).
     pub server: Option<Server>,
+    /// Modbus-TCP PLCs that receive local values by register/coil writes (`[[plc]]`).
+    pub plcs: Vec<Plc>,
 }
 
 /// Gateway-wide settings.
@@ -421,4 +423,70 @@ impl WriteGrant {
             && u32::from(address) >= u32::from(self.start)
             && u32::from(address) < u32::from(self.start) + self.count
     }
+}
+
+/// A Modbus-TCP device (`[[plc]]`) that receives chosen local points as writes into its
+/// holding registers and coils, through its own on-disk spool.
+#[derive(Debug, Clone)]
+pub struct Plc {
+    /// Unique PLC name (logs, spool file).
+    pub name: String,
+    /// `host:port` to connect to.
+    pub address: String,
+    /// Unit id put in every request (0..=255).
+    pub unit: u8,
+    /// Longest wait for a connection or a reply; a timeout drops the connection.
+    pub timeout: Duration,
+    /// Longest pause between reconnect attempts (the back-off doubles up to this).
+    pub reconnect_max: Duration,
+    /// What a backlog becomes when the PLC comes back.
+    pub deliver: Deliver,
+    /// Spool file of values not yet confirmed by the PLC.
+    pub spool: std::path::PathBuf,
+    /// Spool bound: bytes.
+    pub spool_max_bytes: u64,
+    /// Spool bound: age of the oldest batch.
+    pub spool_max_age: Duration,
+    /// The mapping entries; no point is in two, no two targets overlap.
+    pub map: Vec<PlcMap>,
+}
+
+/// How a PLC's backlog is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deliver {
+    /// Only the latest value of each target (the backlog is coalesced).
+    Latest,
+    /// Every value, in the order it was spooled.
+    All,
+}
+
+/// One `[[plc.map]]`: local points written into a PLC, and when.
+#[derive(Debug, Clone)]
+pub struct PlcMap {
+    /// Point globs as written.
+    pub points: Vec<String>,
+    /// Each matched point with where and how it is written (model order, consecutive
+    /// addresses from the entry's `address`).
+    pub targets: Vec<PlcTarget>,
+    /// When a value is sent.
+    pub mode: SendMode,
+}
+
+/// Where one local point lands in a PLC and how it is encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlcTarget {
+    /// Local point (full name).
+    pub point: String,
+    /// `Holding` or `Coils`.
+    pub table: Table,
+    /// First wire (zero-based) address.
+    pub address: u16,
+    /// Register encoding (`Bool` for coils); never `Bit` or `Str`.
+    pub data_type: DataType,
+    /// Word order.
+    pub order: WordOrder,
+    /// Raw = (value - offset) / scale.
+    pub scale: f64,
+    /// See `scale`.
+    pub offset: f64,
 }

@@ -500,6 +500,7 @@ mod tests {
             }],
             links: None,
             server: None,
+            plcs: Vec::new(),
         }
     }
 

@@ -684,6 +684,7 @@ count = 16
             buses: vec![bus],
             links: None,
             server: None,
+            plcs: Vec::new(),
         };
         let config = SimConfig::from_model(&model);
         config.validate().expect("valid");

@@ -111,6 +111,7 @@ fn model(name: &str, buses: Vec<model::Bus>, links: Links) -> Model {
         buses,
         links: Some(links),
         server: None,
+        plcs: Vec::new(),
     }
 }
 

@@ -252,7 +252,7 @@ fn fingerprint(text: &str) -> Result<String, String> {
 
 /// Checks `host:port` for dialling: a port 1..=65535, a host name or IPv4 address, or an
 /// IPv6 address in brackets (`[fd00::2]:7700`).
-fn host_port(text: &str) -> Result<(), String> {
+pub(super) fn host_port(text: &str) -> Result<(), String> {
     let shape = || {
         format!(
             "dial {text:?} is not host:port (like \"10.0.0.2:7700\", \"site-b.example:7700\" or \"[fd00::2]:7700\")"
@@ -286,7 +286,7 @@ fn host_port(text: &str) -> Result<(), String> {
 /// A size with a unit: `"64MiB"`, `"1.5 GB"`, `"4096B"`. `KB`/`MB`/`GB` count in 1000s,
 /// `KiB`/`MiB`/`GiB` in 1024s; units are case-insensitive. The error starts with the
 /// value, for a message `<key> <error>`.
-fn size(text: &str) -> Result<u64, String> {
+pub(super) fn size(text: &str) -> Result<u64, String> {
     let bad = || {
         format!(
             "{text:?} is not a size: write a number and a unit (B, KB, MB, GB, KiB, MiB, GiB), like \"64MiB\""

@@ -42,7 +42,7 @@ pub(super) struct RawSend {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum RawMode {
+pub(super) enum RawMode {
     Change,
     Periodic,
 }
@@ -90,10 +90,34 @@ pub(super) fn validate(raw: &[RawSend], points: &[&Point], peer: &str, check: &m
 }
 
 fn mode(r: &RawSend, path: &str, check: &mut Checker) -> SendMode {
-    let mode = r.mode.as_ref().map_or(RawMode::Change, |m| *m.get_ref());
+    let keys = ModeKeys {
+        mode: r.mode.as_ref(),
+        deadband: r.deadband.as_ref(),
+        deadband_percent: r.deadband_percent.as_ref(),
+        max_silence: r.max_silence.as_ref(),
+        interval: r.interval.as_ref(),
+        anchor: r.points.span(),
+    };
+    resolve_mode(&keys, path, check)
+}
+
+/// The keys that say when a value is sent, shared by `[[peer.send]]` and `[[plc.map]]`.
+pub(super) struct ModeKeys<'a> {
+    pub mode: Option<&'a Spanned<RawMode>>,
+    pub deadband: Option<&'a Spanned<f64>>,
+    pub deadband_percent: Option<&'a Spanned<f64>>,
+    pub max_silence: Option<&'a Spanned<String>>,
+    pub interval: Option<&'a Spanned<String>>,
+    /// Where a missing `interval` is reported when `mode` is absent too.
+    pub anchor: std::ops::Range<usize>,
+}
+
+/// Resolves the send mode keys; keys of the other mode are problems.
+pub(super) fn resolve_mode(r: &ModeKeys, path: &str, check: &mut Checker) -> SendMode {
+    let mode = r.mode.map_or(RawMode::Change, |m| *m.get_ref());
     match mode {
         RawMode::Change => {
-            if let Some(interval) = &r.interval {
+            if let Some(interval) = r.interval {
                 check.report(
                     interval.span(),
                     path,
@@ -103,7 +127,7 @@ fn mode(r: &RawSend, path: &str, check: &mut Checker) -> SendMode {
             SendMode::Change {
                 deadband: number(
                     check,
-                    r.deadband.as_ref(),
+                    r.deadband,
                     0.0,
                     0.0..=f64::MAX,
                     "at least 0",
@@ -112,7 +136,7 @@ fn mode(r: &RawSend, path: &str, check: &mut Checker) -> SendMode {
                 ),
                 deadband_percent: number(
                     check,
-                    r.deadband_percent.as_ref(),
+                    r.deadband_percent,
                     0.0,
                     0.0..=100.0,
                     "within 0..=100",
@@ -120,7 +144,7 @@ fn mode(r: &RawSend, path: &str, check: &mut Checker) -> SendMode {
                     "deadband_percent",
                 ),
                 max_silence: check.duration(
-                    r.max_silence.as_ref(),
+                    r.max_silence,
                     MAX_SILENCE,
                     PERIOD_MIN,
                     path,
@@ -130,9 +154,9 @@ fn mode(r: &RawSend, path: &str, check: &mut Checker) -> SendMode {
         }
         RawMode::Periodic => {
             let spans = [
-                ("deadband", r.deadband.as_ref().map(|v| v.span())),
-                ("deadband_percent", r.deadband_percent.as_ref().map(|v| v.span())),
-                ("max_silence", r.max_silence.as_ref().map(|v| v.span())),
+                ("deadband", r.deadband.map(|v| v.span())),
+                ("deadband_percent", r.deadband_percent.map(|v| v.span())),
+                ("max_silence", r.max_silence.map(|v| v.span())),
             ];
             for (key, span) in spans {
                 if let Some(span) = span {
@@ -144,11 +168,11 @@ fn mode(r: &RawSend, path: &str, check: &mut Checker) -> SendMode {
                 }
             }
             if r.interval.is_none() {
-                let span = r.mode.as_ref().map_or(r.points.span(), |m| m.span());
+                let span = r.mode.map_or(r.anchor.clone(), |m| m.span());
                 check.report(span, path, "mode = \"periodic\" needs `interval`");
             }
             SendMode::Periodic {
-                interval: check.duration(r.interval.as_ref(), PERIOD_MIN, PERIOD_MIN, path, "interval"),
+                interval: check.duration(r.interval, PERIOD_MIN, PERIOD_MIN, path, "interval"),
             }
         }
     }

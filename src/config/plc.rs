@@ -1,0 +1,361 @@
+//! The `[[plc]]` sections: Modbus-TCP devices (PLCs) that receive local points as
+//! writes into their holding registers and coils.
+//!
+//! ```toml
+//! [[plc]]
+//! name = "line-plc"          # required, unique among [[plc]]; names the spool and logs
+//! address = "10.0.0.50:502"  # required: host:port of the PLC's Modbus-TCP server
+//! unit = 1                   # unit id in every request, 0..=255, default 1
+//! timeout = "1s"             # connect and reply timeout, >= 10ms, default 1s; a timeout
+//!                            #   drops the connection (a late reply is never misread)
+//! reconnect_max = "30s"      # back-off between reconnects doubles from 100ms up to
+//!                            #   this (with jitter), >= 100ms, default 30s
+//! deliver = "latest"         # latest | all: after an outage, write only the latest value
+//!                            #   of each target (default), or every value in order
+//! spool = "plc-line.db"      # default "plc-<name>.db"; relative: under [link] data_dir,
+//!                            #   or the configuration file's directory without [link]
+//! spool_max = "64MiB"        # like [[peer]]: default 64MiB, at least 1MiB
+//! spool_max_age = "7d"       # like [[peer]]: default 7d, at least 1s
+//!
+//! [[plc.map]]                # one or more
+//! points = "boiler.*"        # required: point globs (or one); matched points are written
+//!                            #   at consecutive addresses in configuration order
+//! table = "holding"          # required: holding | coils
+//! address = 100              # required: first wire (zero-based) address, 0..=65535
+//! type = "f32"               # holding: u16|i16|u32|i32|u64|i64|f32|f64|bool; default the
+//!                            #   point's own type (f32 when the point is scaled, bool for
+//!                            #   bit points); coils: bool only, and bool points only
+//! order = "abcd"             # abcd|dcba|badc|cdab, default abcd
+//! scale = 1.0                # written raw = (value - offset) / scale; default 1, not 0
+//! offset = 0.0               # default 0
+//! mode = "change"            # when, exactly as [[peer.send]]: change (deadband,
+//!                            #   deadband_percent, max_silence) | periodic (interval)
+//! ```
+//!
+//! Invariants of a validated PLC: every target lies inside 0..=65535, no two targets of
+//! one PLC share a register or coil, no point is mapped twice (a point is written to one
+//! place), and string points are refused (a PLC register block has no text).
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::globs::{self, Globs};
+use super::peer::{host_port, size};
+use super::send::{ModeKeys, RawMode, resolve_mode};
+use super::{Checker, item, number, path_key};
+use crate::model::{Deliver, Plc, PlcMap, PlcTarget, Point};
+use crate::value::{DataType, Table, WordOrder};
+
+const MIB: u64 = 1024 * 1024;
+const SPOOL_MAX: u64 = 64 * MIB;
+const SPOOL_MAX_MIN: u64 = MIB;
+const SPOOL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+const SPOOL_MAX_AGE_MIN: Duration = Duration::from_secs(1);
+const TIMEOUT: Duration = Duration::from_secs(1);
+const TIMEOUT_MIN: Duration = Duration::from_millis(10);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+
+/// One `[[plc]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPlc {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    unit: Option<Spanned<i64>>,
+    timeout: Option<Spanned<String>>,
+    reconnect_max: Option<Spanned<String>>,
+    deliver: Option<Spanned<RawDeliver>>,
+    spool: Option<Spanned<String>>,
+    spool_max: Option<Spanned<String>>,
+    spool_max_age: Option<Spanned<String>>,
+    #[serde(default)]
+    map: Vec<RawMap>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawDeliver {
+    Latest,
+    All,
+}
+
+/// One `[[plc.map]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMap {
+    points: Spanned<Globs>,
+    table: Spanned<Table>,
+    address: Spanned<i64>,
+    #[serde(rename = "type")]
+    data_type: Option<Spanned<RawType>>,
+    order: Option<WordOrder>,
+    scale: Option<Spanned<f64>>,
+    offset: Option<Spanned<f64>>,
+    mode: Option<Spanned<RawMode>>,
+    deadband: Option<Spanned<f64>>,
+    deadband_percent: Option<Spanned<f64>>,
+    max_silence: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawType {
+    Bool,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    F32,
+    F64,
+}
+
+impl From<RawType> for DataType {
+    fn from(t: RawType) -> Self {
+        match t {
+            RawType::Bool => DataType::Bool,
+            RawType::U16 => DataType::U16,
+            RawType::I16 => DataType::I16,
+            RawType::U32 => DataType::U32,
+            RawType::I32 => DataType::I32,
+            RawType::U64 => DataType::U64,
+            RawType::I64 => DataType::I64,
+            RawType::F32 => DataType::F32,
+            RawType::F64 => DataType::F64,
+        }
+    }
+}
+
+/// Resolves every `[[plc]]`. Relative spool paths go under `data_dir`; `taken` holds
+/// spool files already in use (the peers'), which a PLC spool must not share.
+pub(super) fn validate(
+    raw: &[RawPlc],
+    points: &[&Point],
+    data_dir: &Path,
+    taken: &[PathBuf],
+    check: &mut Checker,
+) -> Vec<Plc> {
+    let mut names: HashSet<&str> = HashSet::new();
+    let mut spools: HashMap<PathBuf, String> =
+        taken.iter().map(|p| (p.clone(), "a [[peer]]".to_owned())).collect();
+    let mut plcs = Vec::with_capacity(raw.len());
+    for r in raw {
+        let name = r.name.get_ref().as_str();
+        let path = item("plc", &r.name);
+        check.name(&r.name, &path);
+        if !names.insert(name) {
+            check.report(r.name.span(), &path, "name is already used by another [[plc]]");
+        }
+        if let Err(e) = host_port(r.address.get_ref()) {
+            // host_port speaks of `dial`, the peer key; here the key is `address`.
+            check.report(r.address.span(), &path, e.replacen("dial", "address", 1));
+        }
+        let spool = match &r.spool {
+            Some(s) => path_key(check, s, data_dir, &path, "spool"),
+            None => data_dir.join(format!("plc-{name}.db")),
+        };
+        if let Some(other) = spools.insert(spool.clone(), format!("plc {name:?}")) {
+            let span = r.spool.as_ref().map_or(r.name.span(), |s| s.span());
+            check.report(span, &path, format!("spool {} is already the spool of {other}", spool.display()));
+        }
+        let spool_max_bytes = match &r.spool_max {
+            None => SPOOL_MAX,
+            Some(s) => match size(s.get_ref()) {
+                Ok(n) if n >= SPOOL_MAX_MIN => n,
+                Ok(n) => {
+                    check.report(
+                        s.span(),
+                        &path,
+                        format!("spool_max {:?} ({n} bytes) is below the minimum of 1MiB", s.get_ref()),
+                    );
+                    SPOOL_MAX
+                }
+                Err(e) => {
+                    check.report(s.span(), &path, format!("spool_max {e}"));
+                    SPOOL_MAX
+                }
+            },
+        };
+        if r.map.is_empty() {
+            check.report(r.name.span(), &path, "has no [[plc.map]]: map at least one point");
+        }
+        plcs.push(Plc {
+            name: name.to_owned(),
+            address: r.address.get_ref().clone(),
+            unit: check.int(r.unit.as_ref(), 1, 0..=255, &path, "unit"),
+            timeout: check.duration(r.timeout.as_ref(), TIMEOUT, TIMEOUT_MIN, &path, "timeout"),
+            reconnect_max: check.duration(
+                r.reconnect_max.as_ref(),
+                RECONNECT_MAX,
+                RECONNECT_MIN,
+                &path,
+                "reconnect_max",
+            ),
+            deliver: match r.deliver.as_ref().map(|d| *d.get_ref()) {
+                None | Some(RawDeliver::Latest) => Deliver::Latest,
+                Some(RawDeliver::All) => Deliver::All,
+            },
+            spool,
+            spool_max_bytes,
+            spool_max_age: check.duration(
+                r.spool_max_age.as_ref(),
+                SPOOL_MAX_AGE,
+                SPOOL_MAX_AGE_MIN,
+                &path,
+                "spool_max_age",
+            ),
+            map: maps(&r.map, points, &path, check),
+        });
+    }
+    plcs
+}
+
+/// Resolves the map entries of one PLC and checks points and targets are unique.
+fn maps(raw: &[RawMap], points: &[&Point], plc: &str, check: &mut Checker) -> Vec<PlcMap> {
+    let mut mapped: HashMap<String, usize> = HashMap::new();
+    // (table, start, end exclusive, entry index, point)
+    let mut used: Vec<(Table, u32, u32, usize, String)> = Vec::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, r) in raw.iter().enumerate() {
+        let path = format!("{plc} map[{i}]");
+        let table = *r.table.get_ref();
+        if !matches!(table, Table::Holding | Table::Coils) {
+            check.report(r.table.span(), &path, "table must be holding or coils: a PLC is written, not read");
+        }
+        let start: u16 = check.int(Some(&r.address), 0, 0..=65_535, &path, "address");
+        let scale = number(check, r.scale.as_ref(), 1.0, f64::MIN..=f64::MAX, "finite", &path, "scale");
+        if scale == 0.0 {
+            if let Some(s) = &r.scale {
+                check.report(s.span(), &path, "scale 0 would divide by zero");
+            }
+        }
+        let offset = number(check, r.offset.as_ref(), 0.0, f64::MIN..=f64::MAX, "finite", &path, "offset");
+        let type_span = r.data_type.as_ref().map_or(r.table.span(), |t| t.span());
+        let mut next = u32::from(start);
+        let mut targets = Vec::new();
+        for m in globs::resolve(&r.points, points, &path, check) {
+            for p in m.points {
+                if let Some(first) = mapped.insert(p.name.clone(), i) {
+                    check.report(
+                        m.span.clone(),
+                        &path,
+                        format!("point {:?} is already mapped by map[{first}]: a point is written to one place", p.name),
+                    );
+                    continue;
+                }
+                let Some(data_type) = target_type(table, r.data_type.as_ref(), p, &type_span, &path, check)
+                else {
+                    continue;
+                };
+                let width = if table == Table::Coils { 1 } else { u32::from(data_type.width()) };
+                let end = next + width;
+                if end > 65_536 {
+                    check.report(
+                        r.address.span(),
+                        &path,
+                        format!("point {:?} would be written past the last address 65535", p.name),
+                    );
+                    break;
+                }
+                if let Some((_, _, _, j, other)) =
+                    used.iter().find(|(t, s, e, _, _)| *t == table && *s < end && next < *e)
+                {
+                    check.report(
+                        r.address.span(),
+                        &path,
+                        format!(
+                            "point {:?} at {} overlaps point {other:?} of map[{j}] in the same {} table",
+                            p.name,
+                            next,
+                            table_name(table)
+                        ),
+                    );
+                }
+                used.push((table, next, end, i, p.name.clone()));
+                targets.push(PlcTarget {
+                    point: p.name.clone(),
+                    table,
+                    // `end` <= 65536, so `next` fits.
+                    address: u16::try_from(next).unwrap_or(u16::MAX),
+                    data_type,
+                    order: r.order.unwrap_or_default(),
+                    scale,
+                    offset,
+                });
+                next = end;
+            }
+        }
+        let keys = ModeKeys {
+            mode: r.mode.as_ref(),
+            deadband: r.deadband.as_ref(),
+            deadband_percent: r.deadband_percent.as_ref(),
+            max_silence: r.max_silence.as_ref(),
+            interval: r.interval.as_ref(),
+            anchor: r.points.span(),
+        };
+        out.push(PlcMap {
+            points: globs::written(&r.points).into_iter().map(|(g, _)| g.to_owned()).collect(),
+            targets,
+            mode: resolve_mode(&keys, &path, check),
+        });
+    }
+    out
+}
+
+/// The register encoding of point `p` written into `table`, or `None` (reported).
+fn target_type(
+    table: Table,
+    written: Option<&Spanned<RawType>>,
+    p: &Point,
+    type_span: &Range<usize>,
+    path: &str,
+    check: &mut Checker,
+) -> Option<DataType> {
+    let is_bool = matches!(p.data_type, DataType::Bool | DataType::Bit(_));
+    if matches!(p.data_type, DataType::Str(_)) {
+        check.report(
+            type_span.clone(),
+            path,
+            format!("point {:?} is a string: only numbers and bools can be written to a PLC", p.name),
+        );
+        return None;
+    }
+    if table == Table::Coils {
+        if let Some(t) = written.filter(|t| !matches!(t.get_ref(), RawType::Bool)) {
+            check.report(t.span(), path, "coils hold single bits: type must be bool (or left out)");
+            return None;
+        }
+        if !is_bool {
+            check.report(
+                type_span.clone(),
+                path,
+                format!("point {:?} is not a bool: only bool and bit points can be written to coils", p.name),
+            );
+            return None;
+        }
+        return Some(DataType::Bool);
+    }
+    Some(match written {
+        Some(t) => DataType::from(*t.get_ref()),
+        None if is_bool => DataType::Bool,
+        None if p.scale != 1.0 || p.offset != 0.0 => DataType::F32,
+        None => p.data_type,
+    })
+}
+
+fn table_name(t: Table) -> &'static str {
+    match t {
+        Table::Coils => "coils",
+        Table::Discrete => "discrete",
+        Table::Holding => "holding",
+        Table::Input => "input",
+    }
+}

@@ -1,0 +1,612 @@
+//! PLC peers (`[[plc]]`): local points written into a Modbus-TCP device's holding
+//! registers and coils, with the same store-and-forward as peer gateways.
+//!
+//! One PLC is two tasks. A [`Forwarder`] (the peer links' own, unchanged) follows the
+//! image with the map's send rules — deadbands, integrity refresh, periodic sends, a
+//! full re-send each time the PLC comes back — and appends batches to the PLC's spool.
+//! The sender here reads the spool, turns samples into register/coil values with
+//! [`crate::codec::encode_registers`], merges them into as few requests as the protocol
+//! allows ([`plan`]: contiguous registers into one FC16 of up to 123, coils into one
+//! FC15 of up to 1968, a lone register or coil as FC6/FC5) and acknowledges the spool
+//! only after the PLC confirmed every write.
+//!
+//! Delivery: `latest` coalesces everything pending into the newest value per target
+//! before writing (a PLC back after an hour gets one write per block, not an hour of
+//! history); `all` writes every value in spool order, splitting into a new round of
+//! requests whenever a target would be written twice, so no value overtakes an older
+//! one of the same target.
+//!
+//! Invariants: a batch leaves the spool only after the PLC answered every write made
+//! from it (a crash re-sends, never loses; writes are idempotent); every request runs
+//! under `tokio::time::timeout`, and a timeout or transport error drops the connection,
+//! so a late reply is never taken for the next request's; a write the PLC refuses with
+//! an exception is logged at ERROR and skipped (retrying cannot help), never retried
+//! forever; a multi-register value is never split between two requests; the sender only
+//! reads the spool, so a slow or absent PLC never slows polling or any other sink.
+//! Values only reach the PLC: quality is not written (a bad-quality sample writes the
+//! last value, the same number).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_modbus::client::{Client, Context};
+use tokio_modbus::{Request, Slave};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::codec::encode_registers;
+use crate::forward::{Forwarder, RuleError, Rules};
+use crate::image::Image;
+use crate::model::{Deliver, Plc, PlcTarget, SendRule};
+use crate::spooler::{SpoolHandle, SpoolerError};
+use crate::value::{Sample, Table, Value};
+
+/// Most registers in one FC16 write.
+pub const MAX_WRITE_REGISTERS: usize = 123;
+/// Most coils in one FC15 write.
+pub const MAX_WRITE_COILS: usize = 1968;
+/// First pause before a reconnect.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Spool batches read at a time.
+const CHUNK: usize = 64;
+
+/// Errors of a PLC sink.
+#[derive(Debug, thiserror::Error)]
+pub enum PlcError {
+    /// `host:port` did not resolve, or resolved to nothing.
+    #[error("plc {plc}: cannot resolve {address}: {reason}")]
+    Resolve {
+        /// The PLC.
+        plc: String,
+        /// The address as configured.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+    /// Connecting failed or took longer than the timeout.
+    #[error("plc {plc}: cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The PLC.
+        plc: String,
+        /// The address tried.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// A write got no answer in time, or the connection broke.
+    #[error("plc {plc}: {what}: {reason}")]
+    Transport {
+        /// The PLC.
+        plc: String,
+        /// The request, e.g. `write 10 registers at 100`.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// The spool failed.
+    #[error("plc {plc}: spool: {source}")]
+    Spool {
+        /// The PLC.
+        plc: String,
+        /// Why.
+        source: SpoolerError,
+    },
+}
+
+/// One write request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Holding registers from `address` (FC6 for one, FC16 for more).
+    Registers {
+        /// First address.
+        address: u16,
+        /// Values.
+        words: Vec<u16>,
+    },
+    /// Coils from `address` (FC5 for one, FC15 for more).
+    Coils {
+        /// First address.
+        address: u16,
+        /// Values.
+        bits: Vec<bool>,
+    },
+}
+
+impl Write {
+    /// The Modbus request.
+    pub fn request(&self) -> Request<'_> {
+        use std::borrow::Cow;
+        match self {
+            Write::Registers { address, words } if words.len() == 1 => {
+                Request::WriteSingleRegister(*address, words[0])
+            }
+            Write::Registers { address, words } => {
+                Request::WriteMultipleRegisters(*address, Cow::Borrowed(words))
+            }
+            Write::Coils { address, bits } if bits.len() == 1 => Request::WriteSingleCoil(*address, bits[0]),
+            Write::Coils { address, bits } => Request::WriteMultipleCoils(*address, Cow::Borrowed(bits)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Write::Registers { address, words } => format!("write {} register(s) at {address}", words.len()),
+            Write::Coils { address, bits } => format!("write {} coil(s) at {address}", bits.len()),
+        }
+    }
+}
+
+/// Values ready to write, keyed by each target's first address (targets never overlap).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Pending {
+    /// Holding register targets: first address -> the value's registers.
+    pub registers: BTreeMap<u16, Vec<u16>>,
+    /// Coil targets.
+    pub coils: BTreeMap<u16, bool>,
+}
+
+impl Pending {
+    /// True when nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.registers.is_empty() && self.coils.is_empty()
+    }
+
+    /// True when `target` already has a value waiting.
+    fn holds(&self, target: &PlcTarget) -> bool {
+        match target.table {
+            Table::Coils => self.coils.contains_key(&target.address),
+            _ => self.registers.contains_key(&target.address),
+        }
+    }
+
+    /// Sets `target` to `value` (a newer value replaces an older one).
+    fn put(&mut self, target: &PlcTarget, value: Encoded) {
+        match value {
+            Encoded::Bit(b) => {
+                self.coils.insert(target.address, b);
+            }
+            Encoded::Words(w) => {
+                self.registers.insert(target.address, w);
+            }
+        }
+    }
+}
+
+/// A value encoded for its target.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Encoded {
+    /// A coil.
+    Bit(bool),
+    /// Registers.
+    Words(Vec<u16>),
+}
+
+/// Encodes `value` for `target`.
+pub fn encode(target: &PlcTarget, value: &Value) -> Result<Encoded, String> {
+    if target.table == Table::Coils {
+        return match value {
+            Value::Bool(b) => Ok(Encoded::Bit(*b)),
+            Value::Int(0) | Value::UInt(0) => Ok(Encoded::Bit(false)),
+            Value::Int(1) | Value::UInt(1) => Ok(Encoded::Bit(true)),
+            other => Err(format!("{other} is not a bool")),
+        };
+    }
+    encode_registers(target.data_type, target.order, target.scale, target.offset, value)
+        .map(Encoded::Words)
+        .map_err(|e| e.to_string())
+}
+
+/// Merges `pending` into the fewest requests: adjacent register targets into one FC16
+/// of at most [`MAX_WRITE_REGISTERS`] (a value is never split), adjacent coils into one
+/// FC15 of at most [`MAX_WRITE_COILS`]. Registers first, then coils, each by address.
+pub fn plan(pending: &Pending) -> Vec<Write> {
+    let mut out = Vec::new();
+    let mut run: Option<(u16, Vec<u16>)> = None;
+    for (&address, words) in &pending.registers {
+        match run.as_mut() {
+            Some((start, acc))
+                if u32::from(*start) + acc.len() as u32 == u32::from(address)
+                    && acc.len() + words.len() <= MAX_WRITE_REGISTERS =>
+            {
+                acc.extend_from_slice(words)
+            }
+            _ => {
+                if let Some((address, words)) = run.take() {
+                    out.push(Write::Registers { address, words });
+                }
+                run = Some((address, words.clone()));
+            }
+        }
+    }
+    if let Some((address, words)) = run {
+        out.push(Write::Registers { address, words });
+    }
+    let mut run: Option<(u16, Vec<bool>)> = None;
+    for (&address, &bit) in &pending.coils {
+        match run.as_mut() {
+            Some((start, acc))
+                if u32::from(*start) + acc.len() as u32 == u32::from(address) && acc.len() < MAX_WRITE_COILS =>
+            {
+                acc.push(bit)
+            }
+            _ => {
+                if let Some((address, bits)) = run.take() {
+                    out.push(Write::Coils { address, bits });
+                }
+                run = Some((address, vec![bit]));
+            }
+        }
+    }
+    if let Some((address, bits)) = run {
+        out.push(Write::Coils { address, bits });
+    }
+    out
+}
+
+/// The send rules of a PLC's map, for its [`Forwarder`] (one rule per map entry).
+pub fn rules(plc: &Plc) -> Result<Rules, RuleError> {
+    let rules: Vec<SendRule> = plc
+        .map
+        .iter()
+        .map(|m| SendRule {
+            points: m.points.clone(),
+            matched: m.targets.iter().map(|t| t.point.clone()).collect(),
+            mode: m.mode,
+        })
+        .collect();
+    Rules::new(&plc.name, &rules)
+}
+
+/// Live counters of one PLC sink.
+#[derive(Debug, Default)]
+pub struct PlcStats {
+    /// Connected now.
+    pub connected: AtomicBool,
+    /// Connections made.
+    pub connects: AtomicU64,
+    /// Write requests the PLC confirmed.
+    pub requests: AtomicU64,
+    /// Values written (targets, after coalescing).
+    pub values: AtomicU64,
+    /// Values dropped: refused by the PLC (exception) or not encodable.
+    pub dropped: AtomicU64,
+}
+
+/// A running PLC sink.
+#[derive(Debug, Clone)]
+pub struct PlcHandle {
+    /// The PLC's name.
+    pub name: String,
+    /// Counters.
+    pub stats: Arc<PlcStats>,
+    /// The PLC's spool.
+    pub spool: SpoolHandle,
+}
+
+/// Starts the forwarder and the sender of `plc` (its spool already open) on `tracker`.
+pub fn start(
+    plc: &Plc,
+    image: Arc<Image>,
+    spool: SpoolHandle,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<PlcHandle, RuleError> {
+    let rules = rules(plc)?;
+    let (connected, connected_rx) = watch::channel(false);
+    let fwd = Forwarder::new(&plc.name, rules, image, spool.clone()).resend_on_connect(connected_rx);
+    tracker.spawn(fwd.run(shutdown.clone()));
+    let stats = Arc::new(PlcStats::default());
+    let targets =
+        plc.map.iter().flat_map(|m| &m.targets).map(|t| (t.point.clone(), t.clone())).collect();
+    let sender = Sender { plc: plc.clone(), targets, spool: spool.clone(), stats: stats.clone(), connected };
+    tracker.spawn(sender.run(shutdown.clone()).instrument(info_span!("plc", plc = %plc.name)));
+    Ok(PlcHandle { name: plc.name.clone(), stats, spool })
+}
+
+/// How a session ended.
+enum End {
+    Lost(PlcError),
+    Shutdown,
+}
+
+struct Sender {
+    plc: Plc,
+    targets: HashMap<String, PlcTarget>,
+    spool: SpoolHandle,
+    stats: Arc<PlcStats>,
+    connected: watch::Sender<bool>,
+}
+
+impl Sender {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let outcome = tokio::select! {
+                // Not cancel-safe, and need not be: a half-made connection is dropped.
+                r = self.connect() => r,
+                () = shutdown.cancelled() => return,
+            };
+            match outcome {
+                Ok(ctx) => {
+                    backoff = BACKOFF_MIN;
+                    self.stats.connects.fetch_add(1, Relaxed);
+                    self.set_connected(true);
+                    info!(address = %self.plc.address, "connected to the plc");
+                    let end = self.session(ctx, &shutdown).await;
+                    self.set_connected(false);
+                    match end {
+                        End::Shutdown => return,
+                        End::Lost(e) => warn!(error = %e, "plc connection lost; values stay spooled"),
+                    }
+                }
+                Err(e) => warn!(error = %e, retry_in = ?backoff, "cannot reach the plc; values stay spooled"),
+            }
+            // Jitter (50-100 % of the back-off) spreads the reconnects of many sinks.
+            let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+            backoff = (backoff * 2).min(self.plc.reconnect_max);
+            tokio::select! {
+                // Cancel-safe: a timer.
+                () = sleep_until(Instant::now() + wait) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.stats.connected.store(up, Relaxed);
+        self.connected.send_replace(up);
+    }
+
+    async fn connect(&self) -> Result<Context, PlcError> {
+        let resolve = |reason: String| PlcError::Resolve {
+            plc: self.plc.name.clone(),
+            address: self.plc.address.clone(),
+            reason,
+        };
+        let addr = timeout(self.plc.timeout, tokio::net::lookup_host(self.plc.address.as_str()))
+            .await
+            .map_err(|_| resolve("timed out".into()))?
+            .map_err(|e| resolve(e.to_string()))?
+            .next()
+            .ok_or_else(|| resolve("no address".into()))?;
+        let connect = |reason: String| PlcError::Connect { plc: self.plc.name.clone(), addr, reason };
+        timeout(self.plc.timeout, tokio_modbus::client::tcp::connect_slave(addr, Slave(self.plc.unit)))
+            .await
+            .map_err(|_| connect(format!("no connection within {:?}", self.plc.timeout)))?
+            .map_err(|e| connect(e.to_string()))
+    }
+
+    /// Writes what the spool holds until the connection fails or shutdown.
+    async fn session(&self, mut ctx: Context, shutdown: &CancellationToken) -> End {
+        let mut appended = self.spool.appended();
+        loop {
+            appended.borrow_and_update();
+            let drained = match self.plc.deliver {
+                Deliver::Latest => self.deliver_latest(&mut ctx).await,
+                Deliver::All => self.deliver_all(&mut ctx).await,
+            };
+            match drained {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => return End::Lost(e),
+            }
+            if shutdown.is_cancelled() {
+                return End::Shutdown;
+            }
+            tokio::select! {
+                // Cancel-safe: watch::changed.
+                r = appended.changed() => if r.is_err() { return End::Shutdown },
+                () = shutdown.cancelled() => return End::Shutdown,
+            }
+        }
+    }
+
+    /// Coalesces everything pending into one value per target, writes it and acks.
+    /// `Ok(false)` when the spool was empty.
+    async fn deliver_latest(&self, ctx: &mut Context) -> Result<bool, PlcError> {
+        let mut pending = Pending::default();
+        let mut last = 0;
+        loop {
+            let batches = self.read(last).await?;
+            let n = batches.len();
+            for (seq, samples) in batches {
+                last = seq;
+                for (name, sample) in samples {
+                    if let Some((target, value)) = self.encoded(&name, &sample) {
+                        pending.put(target, value);
+                    }
+                }
+            }
+            if n < CHUNK {
+                break;
+            }
+        }
+        if last == 0 {
+            return Ok(false);
+        }
+        self.write(ctx, &pending).await?;
+        self.ack(last).await?;
+        Ok(true)
+    }
+
+    /// Writes every pending value in spool order, a chunk of batches at a time.
+    async fn deliver_all(&self, ctx: &mut Context) -> Result<bool, PlcError> {
+        let batches = self.read(0).await?;
+        let Some(last) = batches.last().map(|b| b.0) else {
+            return Ok(false);
+        };
+        let mut round = Pending::default();
+        for (_, samples) in batches {
+            for (name, sample) in samples {
+                if let Some((target, value)) = self.encoded(&name, &sample) {
+                    if round.holds(target) {
+                        // The older value goes first.
+                        self.write(ctx, &round).await?;
+                        round = Pending::default();
+                    }
+                    round.put(target, value);
+                }
+            }
+        }
+        self.write(ctx, &round).await?;
+        self.ack(last).await?;
+        Ok(true)
+    }
+
+    async fn read(&self, after: u64) -> Result<Vec<(u64, Vec<(String, Sample)>)>, PlcError> {
+        let raw = self
+            .spool
+            .read_raw_from(after, CHUNK)
+            .await
+            .map_err(|source| PlcError::Spool { plc: self.plc.name.clone(), source })?;
+        let mut out = Vec::with_capacity(raw.len());
+        for (seq, block) in raw {
+            match crate::proto::decode_samples(&block) {
+                Ok(samples) => out.push((seq, samples)),
+                // Cannot be written in any form: skipped, and acked with the rest.
+                Err(e) => {
+                    error!(seq, error = %e, "corrupt spooled batch skipped: values lost");
+                    out.push((seq, Vec::new()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, upto: u64) -> Result<(), PlcError> {
+        self.spool
+            .ack(upto)
+            .await
+            .map(|_| ())
+            .map_err(|source| PlcError::Spool { plc: self.plc.name.clone(), source })
+    }
+
+    /// The target of `name` and the encoded value of `sample`, if it is mapped, has a
+    /// value and encodes.
+    fn encoded(&self, name: &str, sample: &Sample) -> Option<(&PlcTarget, Encoded)> {
+        let Some(target) = self.targets.get(name) else {
+            // Spooled under an older configuration.
+            debug!(point = %name, "spooled point is no longer mapped; skipped");
+            return None;
+        };
+        let value = sample.value.as_ref()?;
+        match encode(target, value) {
+            Ok(e) => Some((target, e)),
+            Err(e) => {
+                self.stats.dropped.fetch_add(1, Relaxed);
+                warn!(point = %name, address = target.address, error = %e, "value cannot be written to the plc; skipped");
+                None
+            }
+        }
+    }
+
+    /// Writes `pending` in as few requests as possible.
+    async fn write(&self, ctx: &mut Context, pending: &Pending) -> Result<(), PlcError> {
+        for w in plan(pending) {
+            let what = w.describe();
+            let transport = |reason: String| PlcError::Transport {
+                plc: self.plc.name.clone(),
+                what: what.clone(),
+                reason,
+            };
+            let values = match &w {
+                Write::Registers { address, words } => {
+                    pending.registers.range(*address..).take_while(|(a, _)| {
+                        u32::from(**a) < u32::from(*address) + words.len() as u32
+                    }).count()
+                }
+                Write::Coils { bits, .. } => bits.len(),
+            } as u64;
+            match timeout(self.plc.timeout, ctx.call(w.request())).await {
+                Err(_) => return Err(transport(format!("no reply within {:?}", self.plc.timeout))),
+                Ok(Err(e)) => return Err(transport(e.to_string())),
+                Ok(Ok(Err(code))) => {
+                    self.stats.dropped.fetch_add(values, Relaxed);
+                    error!(request = %what, exception = ?code, "the plc refused a write: values lost");
+                }
+                Ok(Ok(Ok(_))) => {
+                    self.stats.requests.fetch_add(1, Relaxed);
+                    self.stats.values.fetch_add(values, Relaxed);
+                    debug!(request = %what, "written");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::{DataType, WordOrder};
+
+    fn target(table: Table, address: u16, data_type: DataType) -> PlcTarget {
+        PlcTarget {
+            point: "d.p".into(),
+            table,
+            address,
+            data_type,
+            order: WordOrder::Abcd,
+            scale: 1.0,
+            offset: 0.0,
+        }
+    }
+
+    #[test]
+    fn contiguous_targets_make_one_request() {
+        let mut p = Pending::default();
+        p.put(&target(Table::Holding, 100, DataType::F32), Encoded::Words(vec![1, 2]));
+        p.put(&target(Table::Holding, 102, DataType::U16), Encoded::Words(vec![3]));
+        p.put(&target(Table::Holding, 200, DataType::U16), Encoded::Words(vec![4]));
+        p.put(&target(Table::Coils, 0, DataType::Bool), Encoded::Bit(true));
+        p.put(&target(Table::Coils, 1, DataType::Bool), Encoded::Bit(false));
+        assert_eq!(
+            plan(&p),
+            vec![
+                Write::Registers { address: 100, words: vec![1, 2, 3] },
+                Write::Registers { address: 200, words: vec![4] },
+                Write::Coils { address: 0, bits: vec![true, false] },
+            ]
+        );
+        assert!(matches!(plan(&p)[1].request(), Request::WriteSingleRegister(200, 4)));
+        assert!(matches!(plan(&p)[0].request(), Request::WriteMultipleRegisters(100, _)));
+    }
+
+    #[test]
+    fn limits_split_runs_but_never_a_value() {
+        let mut p = Pending::default();
+        // 62 two-register values from 0: 124 registers, one past the FC16 limit.
+        for i in 0..62u16 {
+            p.put(&target(Table::Holding, i * 2, DataType::U32), Encoded::Words(vec![i, i]));
+        }
+        let w = plan(&p);
+        assert_eq!(w.len(), 2);
+        let Write::Registers { address, words } = &w[1] else { panic!("registers") };
+        assert_eq!((*address, words.len()), (122, 2), "the split falls between values");
+        let mut p = Pending::default();
+        for a in 0..2000u16 {
+            p.put(&target(Table::Coils, a, DataType::Bool), Encoded::Bit(a % 2 == 0));
+        }
+        let w = plan(&p);
+        assert_eq!(w.len(), 2);
+        assert!(matches!(&w[0], Write::Coils { bits, .. } if bits.len() == MAX_WRITE_COILS));
+    }
+
+    #[test]
+    fn encoding() {
+        let t = target(Table::Holding, 0, DataType::F32);
+        assert_eq!(encode(&t, &Value::Float(1.5)), Ok(Encoded::Words(vec![0x3FC0, 0])));
+        let t = target(Table::Holding, 0, DataType::U16);
+        assert!(encode(&t, &Value::Int(70_000)).is_err(), "out of range");
+        let c = target(Table::Coils, 0, DataType::Bool);
+        assert_eq!(encode(&c, &Value::Bool(true)), Ok(Encoded::Bit(true)));
+        assert!(encode(&c, &Value::Float(2.0)).is_err());
+    }
+}
