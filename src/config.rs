@@ -155,8 +155,7 @@ pub fn parse_in(text: &str, origin: &str, dir: &Path) -> Result<Model, ConfigErr
         let points: Vec<&crate::model::Point> =
             buses.iter().flat_map(|b| &b.devices).flat_map(|d| &d.points).collect();
         let data_dir = links.as_ref().map_or(dir, |l| l.data_dir.as_path());
-        let taken: Vec<PathBuf> =
-            links.iter().flat_map(|l| &l.peers).map(|p| p.spool.clone()).collect();
+        let taken: Vec<PathBuf> = links.iter().flat_map(|l| &l.peers).map(|p| p.spool.clone()).collect();
         plc::validate(&raw.plc, &points, data_dir, &taken, &mut check)
     };
 

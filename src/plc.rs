@@ -232,7 +232,8 @@ pub fn plan(pending: &Pending) -> Vec<Write> {
     for (&address, &bit) in &pending.coils {
         match run.as_mut() {
             Some((start, acc))
-                if u32::from(*start) + acc.len() as u32 == u32::from(address) && acc.len() < MAX_WRITE_COILS =>
+                if u32::from(*start) + acc.len() as u32 == u32::from(address)
+                    && acc.len() < MAX_WRITE_COILS =>
             {
                 acc.push(bit)
             }
@@ -303,8 +304,7 @@ pub fn start(
     let fwd = Forwarder::new(&plc.name, rules, image, spool.clone()).resend_on_connect(connected_rx);
     tracker.spawn(fwd.run(shutdown.clone()));
     let stats = Arc::new(PlcStats::default());
-    let targets =
-        plc.map.iter().flat_map(|m| &m.targets).map(|t| (t.point.clone(), t.clone())).collect();
+    let targets = plc.map.iter().flat_map(|m| &m.targets).map(|t| (t.point.clone(), t.clone())).collect();
     let sender = Sender { plc: plc.clone(), targets, spool: spool.clone(), stats: stats.clone(), connected };
     tracker.spawn(sender.run(shutdown.clone()).instrument(info_span!("plc", plc = %plc.name)));
     Ok(PlcHandle { name: plc.name.clone(), stats, spool })
@@ -517,11 +517,11 @@ impl Sender {
                 reason,
             };
             let values = match &w {
-                Write::Registers { address, words } => {
-                    pending.registers.range(*address..).take_while(|(a, _)| {
-                        u32::from(**a) < u32::from(*address) + words.len() as u32
-                    }).count()
-                }
+                Write::Registers { address, words } => pending
+                    .registers
+                    .range(*address..)
+                    .take_while(|(a, _)| u32::from(**a) < u32::from(*address) + words.len() as u32)
+                    .count(),
                 Write::Coils { bits, .. } => bits.len(),
             } as u64;
             match timeout(self.plc.timeout, ctx.call(w.request())).await {

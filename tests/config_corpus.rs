@@ -28,7 +28,7 @@ fn file_name(path: &Path) -> String {
 #[test]
 fn bad_configs_fail_with_their_expected_messages() {
     let files = corpus("bad");
-    assert!(files.len() >= 108, "only {} bad configs", files.len());
+    assert!(files.len() >= 122, "only {} bad configs", files.len());
     let mut failures = Vec::new();
     for path in &files {
         let name = file_name(path);
@@ -350,4 +350,34 @@ fn server_units_and_grants_are_resolved() {
     assert_eq!(server.listen, "127.0.0.1:5020".parse().expect("addr"), "loopback, no root needed");
     assert_eq!(server.idle_timeout, Duration::from_secs(60));
     assert!(server.units.is_empty() && server.grants.is_empty());
+}
+
+#[test]
+fn plc_targets_are_resolved() {
+    use m2m_gateway::model::{Deliver, PlcTarget};
+    let model = good("plc.toml");
+    let plc = &model.plcs[0];
+    assert_eq!((plc.name.as_str(), plc.address.as_str(), plc.unit), ("line-plc", "10.0.0.50:502", 3));
+    assert_eq!(plc.deliver, Deliver::All);
+    assert_eq!(plc.timeout, Duration::from_secs(1));
+    assert_eq!(plc.spool, Path::new("/var/lib/m2m-gateway/plc-line.db"));
+    let t = &plc.map[0].targets;
+    assert_eq!(
+        t[0],
+        PlcTarget {
+            point: "boiler.temp".into(),
+            table: Table::Holding,
+            address: 100,
+            data_type: DataType::F32,
+            order: WordOrder::Cdab,
+            scale: 1.0,
+            offset: 0.0,
+        },
+        "a scaled point goes as f32"
+    );
+    assert_eq!((t[1].address, t[1].data_type), (102, DataType::U32), "next address, own type");
+    assert!(matches!(plc.map[0].mode, SendMode::Change { deadband, .. } if deadband == 0.5));
+    let c = &plc.map[1].targets[0];
+    assert_eq!((c.table, c.address, c.data_type), (Table::Coils, 7, DataType::Bool));
+    assert_eq!(plc.map[1].mode, SendMode::Periodic { interval: Duration::from_secs(5) });
 }

@@ -195,7 +195,8 @@ impl Sink {
 
 fn image_with_values() -> Arc<Image> {
     let image = Arc::new(Image::new());
-    let ids: Vec<_> = ["d.a", "d.b", "d.c", "d.on", "d.off"].iter().map(|n| image.register(n, SECS(60))).collect();
+    let ids: Vec<_> =
+        ["d.a", "d.b", "d.c", "d.on", "d.off"].iter().map(|n| image.register(n, SECS(60))).collect();
     image.update([
         (ids[0], good(Value::UInt(1234))),
         (ids[1], good(Value::Int(-2))),
@@ -304,7 +305,8 @@ async fn the_spool_survives_a_restart() {
     let spool = dir.path().join("plc.db");
     let plc = plc_model(addr, &spool, "");
     let sink = Sink::start(&plc, image_with_values());
-    let pending = |s: &Sink| s.handle.spool.counters().pending_samples.load(std::sync::atomic::Ordering::Relaxed);
+    let pending =
+        |s: &Sink| s.handle.spool.counters().pending_samples.load(std::sync::atomic::Ordering::Relaxed);
     wait_until("values spooled", SECS(5), || pending(&sink) >= 5).await;
     sink.stop().await;
     // A new process: an empty image, the same spool file.

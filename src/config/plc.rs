@@ -151,7 +151,8 @@ pub(super) fn validate(
         let name = r.name.get_ref().as_str();
         let path = item("plc", &r.name);
         check.name(&r.name, &path);
-        if !names.insert(name) {
+        let unique = names.insert(name);
+        if !unique {
             check.report(r.name.span(), &path, "name is already used by another [[plc]]");
         }
         if let Err(e) = host_port(r.address.get_ref()) {
@@ -162,7 +163,13 @@ pub(super) fn validate(
             Some(s) => path_key(check, s, data_dir, &path, "spool"),
             None => data_dir.join(format!("plc-{name}.db")),
         };
-        if let Some(other) = spools.insert(spool.clone(), format!("plc {name:?}")) {
+        // A repeated name is reported above; its default spool would only repeat that.
+        let clash = if unique || r.spool.is_some() {
+            spools.insert(spool.clone(), format!("plc {name:?}"))
+        } else {
+            None
+        };
+        if let Some(other) = clash {
             let span = r.spool.as_ref().map_or(r.name.span(), |s| s.span());
             check.report(span, &path, format!("spool {} is already the spool of {other}", spool.display()));
         }
@@ -247,7 +254,10 @@ fn maps(raw: &[RawMap], points: &[&Point], plc: &str, check: &mut Checker) -> Ve
                     check.report(
                         m.span.clone(),
                         &path,
-                        format!("point {:?} is already mapped by map[{first}]: a point is written to one place", p.name),
+                        format!(
+                            "point {:?} is already mapped by map[{first}]: a point is written to one place",
+                            p.name
+                        ),
                     );
                     continue;
                 }

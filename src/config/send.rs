@@ -125,15 +125,7 @@ pub(super) fn resolve_mode(r: &ModeKeys, path: &str, check: &mut Checker) -> Sen
                 );
             }
             SendMode::Change {
-                deadband: number(
-                    check,
-                    r.deadband,
-                    0.0,
-                    0.0..=f64::MAX,
-                    "at least 0",
-                    path,
-                    "deadband",
-                ),
+                deadband: number(check, r.deadband, 0.0, 0.0..=f64::MAX, "at least 0", path, "deadband"),
                 deadband_percent: number(
                     check,
                     r.deadband_percent,
@@ -143,13 +135,7 @@ pub(super) fn resolve_mode(r: &ModeKeys, path: &str, check: &mut Checker) -> Sen
                     path,
                     "deadband_percent",
                 ),
-                max_silence: check.duration(
-                    r.max_silence,
-                    MAX_SILENCE,
-                    PERIOD_MIN,
-                    path,
-                    "max_silence",
-                ),
+                max_silence: check.duration(r.max_silence, MAX_SILENCE, PERIOD_MIN, path, "max_silence"),
             }
         }
         RawMode::Periodic => {
