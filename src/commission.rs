@@ -1,7 +1,11 @@
 //! One-shot reads for commissioning (`m2m-gateway poll`, like mbpoll): the same bus engine
 //! as the gateway — timing, CRC checks, stale-input discard — driven from the command line,
-//! with the registers decoded as a chosen type and printed for people or as JSON; and
+//! with the registers decoded as a chosen type and printed for people or as JSON; the
+//! same reads over Modbus-TCP ([`Poll::connect_tcp`], e.g. against our own server); and
 //! one raw request to a raw serial device ([`raw_once`]), its reply shown in hex and text.
+//!
+//! Over TCP every request runs under the timeout, and a timeout drops the connection
+//! (the next read reconnects), so a late reply is never taken for the next request's.
 
 use std::time::Duration;
 
@@ -70,6 +74,22 @@ pub enum PollError {
         /// Cause.
         source: BusError,
     },
+    /// A Modbus-TCP connection or request failed.
+    #[error("{addr}: {reason}")]
+    Tcp {
+        /// The server address as given.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The Modbus-TCP server answered with an exception.
+    #[error("unit {unit}: exception {code:?}")]
+    Exception {
+        /// Unit id.
+        unit: u8,
+        /// The exception.
+        code: tokio_modbus::ExceptionCode,
+    },
     /// A raw request got no reply (or the bus refused it).
     #[error("raw request: {0}")]
     Raw(BusError),
@@ -122,11 +142,15 @@ impl PollSpec {
     }
 }
 
-/// A bus engine on one port for a sequence of commissioning reads.
+/// A bus engine on one port, or a Modbus-TCP connection, for a sequence of
+/// commissioning reads.
 pub struct Poll {
-    handle: bus::BusHandle,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
+    via: Via,
+}
+
+enum Via {
+    Serial { handle: bus::BusHandle, shutdown: CancellationToken, tracker: TaskTracker },
+    Tcp { addr: String, ctx: tokio::sync::Mutex<Option<tokio_modbus::client::Context>> },
 }
 
 impl Poll {
@@ -147,18 +171,26 @@ impl Poll {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let handle = bus::spawn(&bus, shutdown.clone(), &tracker);
-        Self { handle, shutdown, tracker }
+        Self { via: Via::Serial { handle, shutdown, tracker } }
+    }
+
+    /// Reads through the Modbus-TCP server at `addr` (`host:port`) instead of a serial
+    /// port; the connection is made by the first read (and again after a failure).
+    pub fn connect_tcp(addr: &str) -> Self {
+        Self { via: Via::Tcp { addr: addr.to_owned(), ctx: tokio::sync::Mutex::new(None) } }
     }
 
     /// Reads once and decodes.
     pub async fn read(&self, spec: &PollSpec) -> Result<PollResult, PollError> {
         let request = spec.request()?;
         let started = std::time::Instant::now();
-        let rsp = self
-            .handle
-            .transact(spec.unit, request, Priority::PassThrough, spec.timeout, spec.retries)
-            .await
-            .map_err(|source| PollError::Bus { unit: spec.unit, source })?;
+        let rsp = match &self.via {
+            Via::Serial { handle, .. } => handle
+                .transact(spec.unit, request, Priority::PassThrough, spec.timeout, spec.retries)
+                .await
+                .map_err(|source| PollError::Bus { unit: spec.unit, source })?,
+            Via::Tcp { addr, ctx } => tcp_read(addr, ctx, spec, request).await?,
+        };
         let millis = started.elapsed().as_secs_f64() * 1000.0;
         let (values, raw) = match rsp {
             Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits) => {
@@ -178,11 +210,67 @@ impl Poll {
         Ok(PollResult { unit: spec.unit, table: spec.table, address: spec.address, values, raw, millis })
     }
 
-    /// Stops the bus task.
+    /// Stops the bus task (or drops the connection).
     pub async fn close(self) {
-        self.shutdown.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
+        if let Via::Serial { shutdown, tracker, .. } = self.via {
+            shutdown.cancel();
+            tracker.close();
+            tracker.wait().await;
+        }
+    }
+}
+
+/// One request over Modbus-TCP, connecting first when needed; `spec.retries` more
+/// attempts after a timeout or a broken connection, each on a fresh connection.
+async fn tcp_read(
+    addr: &str,
+    ctx: &tokio::sync::Mutex<Option<tokio_modbus::client::Context>>,
+    spec: &PollSpec,
+    request: Request<'static>,
+) -> Result<Response, PollError> {
+    use tokio::time::timeout;
+    use tokio_modbus::client::Client;
+    use tokio_modbus::slave::SlaveContext;
+    let fail = |reason: String| PollError::Tcp { addr: addr.to_owned(), reason };
+    let mut guard = ctx.lock().await;
+    let mut attempt = 0;
+    loop {
+        let outcome: Result<Response, PollError> = async {
+            if guard.is_none() {
+                let socket = timeout(spec.timeout, tokio::net::lookup_host(addr))
+                    .await
+                    .map_err(|_| fail("cannot resolve: timed out".into()))?
+                    .map_err(|e| fail(format!("cannot resolve: {e}")))?
+                    .next()
+                    .ok_or_else(|| fail("cannot resolve: no address".into()))?;
+                let c = timeout(spec.timeout, tokio_modbus::client::tcp::connect(socket))
+                    .await
+                    .map_err(|_| fail(format!("no connection within {:?}", spec.timeout)))?
+                    .map_err(|e| fail(format!("cannot connect: {e}")))?;
+                *guard = Some(c);
+            }
+            let c = guard.as_mut().ok_or_else(|| fail("not connected".into()))?;
+            c.set_slave(tokio_modbus::Slave(spec.unit));
+            match timeout(spec.timeout, c.call(request.clone())).await {
+                Err(_) => Err(fail(format!("unit {}: no reply within {:?}", spec.unit, spec.timeout))),
+                Ok(Err(e)) => Err(fail(format!("unit {}: {e}", spec.unit))),
+                Ok(Ok(Err(code))) => Err(PollError::Exception { unit: spec.unit, code }),
+                Ok(Ok(Ok(rsp))) => Ok(rsp),
+            }
+        }
+        .await;
+        match outcome {
+            Err(PollError::Tcp { .. }) if attempt < spec.retries => {
+                *guard = None;
+                attempt += 1;
+            }
+            Err(e @ PollError::Tcp { .. }) => {
+                // A late reply must not answer the next request: start afresh.
+                *guard = None;
+                return Err(e);
+            }
+            other => return other,
+        }
     }
 }
 

@@ -132,8 +132,12 @@ enum CliOrder {
 #[derive(Args)]
 struct PollArgs {
     /// Serial device path.
-    #[arg(long)]
-    port: String,
+    #[arg(long, required_unless_present = "tcp")]
+    port: Option<String>,
+    /// Read over Modbus-TCP from this host:port instead of a serial port (e.g. the
+    /// gateway's own server: --tcp 127.0.0.1:5020).
+    #[arg(long, conflicts_with_all = ["port", "raw", "raw_hex"])]
+    tcp: Option<String>,
     /// Baud rate.
     #[arg(long, default_value_t = 19200)]
     baud: u32,
@@ -143,8 +147,8 @@ struct PollArgs {
     /// Stop bits.
     #[arg(long, default_value_t = 1)]
     stop_bits: u8,
-    /// Unit id (1..=247).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=247), required_unless_present_any = ["raw", "raw_hex"])]
+    /// Unit id (1..=247 on a serial line; 0..=255 with --tcp).
+    #[arg(long, value_parser = clap::value_parser!(u8), required_unless_present_any = ["raw", "raw_hex"])]
     unit: Option<u8>,
     /// Send this raw request instead of a Modbus read (escapes \r \n \t \0 \\ \xHH) and
     /// print the reply in hex and text.
@@ -335,10 +339,14 @@ async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
     if a.raw.is_some() || a.raw_hex.is_some() {
         return poll_raw(&a, line).await;
     }
+    let unit = a.unit.context("--unit is required")?;
+    if a.tcp.is_none() && !(1..=247).contains(&unit) {
+        anyhow::bail!("--unit {unit}: a serial unit id is 1..=247");
+    }
     let spec = PollSpec {
-        port: a.port,
+        port: a.port.clone().or_else(|| a.tcp.clone()).unwrap_or_default(),
         line,
-        unit: a.unit.context("--unit is required")?,
+        unit,
         table: match a.table {
             CliTable::Coils => Table::Coils,
             CliTable::Discrete => Table::Discrete,
@@ -370,7 +378,10 @@ async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
     };
     spec.request()?;
     let shutdown = shutdown_on_signals()?;
-    let poll = Poll::open(&spec);
+    let poll = match &a.tcp {
+        Some(addr) => Poll::connect_tcp(addr),
+        None => Poll::open(&spec),
+    };
     let mut failed = false;
     let mut n = 0u32;
     while a.repeat == 0 || n < a.repeat {
@@ -410,7 +421,7 @@ async fn poll_raw(a: &PollArgs, line: Line) -> anyhow::Result<ExitCode> {
     let framing = FrameRule { start: None, end };
     framing.validate().context("reply framing")?;
     let spec = commission::RawSpec {
-        port: a.port.clone(),
+        port: a.port.clone().context("--port is required")?,
         line,
         request,
         framing,

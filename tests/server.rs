@@ -577,3 +577,42 @@ async fn a_taken_port_fails_the_start_and_starts_nothing() {
     );
     assert!(!shutdown.is_cancelled(), "the caller's token is left alone");
 }
+
+/// Runs the built binary's `poll --tcp` with `args`; returns (success, stdout, stderr).
+async fn poll_tcp(addr: SocketAddr, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_m2m-gateway"));
+    cmd.args(["poll", "--tcp", &addr.to_string(), "--timeout", "1s"]).args(args);
+    let out = within(SECS(20), "poll --tcp", tokio::task::spawn_blocking(move || cmd.output()))
+        .await
+        .expect("join")
+        .expect("run m2m-gateway poll");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_projects_own_poll_command_reads_the_server() {
+    let (rig, addr) = start("");
+    // Agent unit 10: wait until the boiler was polled, then read it with our own CLI.
+    wait_until("boiler polled", SECS(5), || rig.value("boiler.t3").is_some()).await;
+    let (ok, out, err) = poll_tcp(addr, &["--unit", "10", "--address", "0", "--count", "4"]).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("[0]: 100") && out.contains("[3]: 103  (0x0067)"), "{out}");
+    // Pass-through unit 20, as JSON: the meter's registers straight from the device.
+    let (ok, out, err) = poll_tcp(addr, &["--unit", "20", "--address", "5", "--count", "2", "--json"]).await;
+    assert!(ok, "{out}{err}");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).expect("json line");
+    assert_eq!(r["unit"], 20);
+    assert_eq!(r["raw"], serde_json::json!([1005, 1006]));
+    // Coils through the agent, decoded as bools.
+    let (ok, out, _) = poll_tcp(addr, &["--unit", "10", "--table", "coils", "--count", "3"]).await;
+    assert!(ok && out.contains("[0]: true") && out.contains("[1]: false"), "{out}");
+    // A unit the server does not serve: the gateway's exception, and a failing exit code.
+    let (ok, _, err) = poll_tcp(addr, &["--unit", "99"]).await;
+    assert!(!ok);
+    assert!(err.contains("unit 99: exception"), "{err}");
+    rig.stop().await;
+}
