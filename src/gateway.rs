@@ -1,9 +1,9 @@
 //! Wires a validated model into running tasks: one bus task and one poller per serial
 //! line (a raw poller on raw buses, a stream task instead of both on a stream bus, see
 //! `rawpoll`), the periodic summaries, the local Modbus-TCP server when `[server]` is
-//! configured, and for peer links the identity, the spools, the listener and per peer a
-//! forwarder, a link and its write-backs — all under one shutdown token and one task
-//! tracker.
+//! configured, for peer links the identity, the spools, the listener and per peer a
+//! forwarder, a link and its write-backs, and per `[[plc]]` a spool, a forwarder and a
+//! sender (`plc`) — all under one shutdown token and one task tracker.
 //!
 //! Invariant: every task spawned here watches the shutdown token and is tracked, so
 //! [`Gateway::shutdown`] returns once everything has stopped (or the grace period ran out).

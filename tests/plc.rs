@@ -35,6 +35,8 @@ struct Seen {
 
 #[derive(Debug, Default)]
 struct State {
+    /// Answer every write with exception 0x02.
+    refuse: bool,
     holding: HashMap<u16, u16>,
     coils: HashMap<u16, bool>,
     log: Vec<Seen>,
@@ -52,6 +54,9 @@ impl tokio_modbus::server::Service for PlcService {
 
     fn call(&self, req: Request<'static>) -> Self::Future {
         let mut s = self.0.lock().expect("plc state");
+        if s.refuse {
+            return std::future::ready(Err(ExceptionCode::IllegalDataAddress));
+        }
         let mut seen = |fc, address, words: Vec<u16>, bits: Vec<bool>| {
             s.log.push(Seen { fc, address, words, bits });
         };
@@ -374,5 +379,56 @@ address = 0
     rig.sim.set_register(1, Table::Holding, 1, 99).expect("sim");
     wait_until("the change at the plc", SECS(5), || holding(&state, 2) == Some(99)).await;
     rig.stop().await;
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_plc_that_never_answers_slows_nobody() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A black hole: accepts connections, reads requests, never answers.
+    let hole = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hole_addr = hole.local_addr().expect("addr");
+    let swallow = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = hole.accept().await {
+            held.push(tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                while matches!(tokio::io::AsyncReadExt::read(&mut s, &mut buf).await, Ok(n) if n > 0) {}
+            }));
+        }
+    });
+    let state = Shared::default();
+    let (addr, server) = serve_plc("127.0.0.1:0".parse().expect("addr"), state.clone()).await;
+    let image = image_with_values();
+    let slow = Sink::start(&plc_model(hole_addr, &dir.path().join("slow.db"), ""), image.clone());
+    let fast = Sink::start(&plc_model(addr, &dir.path().join("fast.db"), ""), image.clone());
+    for v in 1..=10u64 {
+        fast.set("d.a", Value::UInt(v));
+        wait_until("each value at the healthy plc", SECS(2), || holding(&state, 100) == Some(v as u16)).await;
+    }
+    use std::sync::atomic::Ordering::Relaxed;
+    // The silent PLC timed out (300 ms) and was reconnected; its values wait on disk.
+    wait_until("the silent plc reconnected", SECS(5), || slow.handle.stats.connects.load(Relaxed) >= 2).await;
+    assert!(slow.handle.spool.counters().pending_samples.load(Relaxed) > 0);
+    assert_eq!(slow.handle.stats.requests.load(Relaxed), 0);
+    slow.stop().await;
+    fast.stop().await;
+    server.abort();
+    swallow.abort();
+}
+
+#[tokio::test]
+async fn refused_writes_are_dropped_not_retried_forever() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = Shared::default();
+    state.lock().expect("plc state").refuse = true;
+    let (addr, server) = serve_plc("127.0.0.1:0".parse().expect("addr"), state.clone()).await;
+    let sink = Sink::start(&plc_model(addr, &dir.path().join("plc.db"), ""), image_with_values());
+    use std::sync::atomic::Ordering::Relaxed;
+    wait_until("refusals counted", SECS(5), || sink.handle.stats.dropped.load(Relaxed) >= 5).await;
+    wait_until("spool drained", SECS(5), || sink.handle.spool.counters().pending_batches.load(Relaxed) == 0)
+        .await;
+    assert_eq!(sink.handle.stats.connects.load(Relaxed), 1, "an exception is no reason to reconnect");
+    sink.stop().await;
     server.abort();
 }
