@@ -387,6 +387,10 @@ impl Sender {
     async fn session(&self, mut ctx: Context, shutdown: &CancellationToken) -> End {
         let mut appended = self.spool.appended();
         loop {
+            // A PLC that keeps us busy still lets shutdown in between rounds.
+            if shutdown.is_cancelled() {
+                return End::Shutdown;
+            }
             appended.borrow_and_update();
             let drained = match self.plc.deliver {
                 Deliver::Latest => self.deliver_latest(&mut ctx).await,
@@ -396,9 +400,6 @@ impl Sender {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => return End::Lost(e),
-            }
-            if shutdown.is_cancelled() {
-                return End::Shutdown;
             }
             tokio::select! {
                 // Cancel-safe: watch::changed.
