@@ -286,6 +286,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             print!("{}", plan::render(&model, &plan::plan_model(&model)));
+            for p in &model.plcs {
+                print!("{}", m2m_gateway::plc::describe(p));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Poll(args) => poll(args).await,

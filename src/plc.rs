@@ -251,6 +251,52 @@ pub fn plan(pending: &Pending) -> Vec<Write> {
     out
 }
 
+/// What `check` shows for a PLC: where it is, and the requests that write every mapped
+/// point at once (what a reconnect with `deliver = "latest"` sends).
+pub fn describe(plc: &Plc) -> String {
+    let mut all = Pending::default();
+    let mut n = 0;
+    for t in plc.map.iter().flat_map(|m| &m.targets) {
+        n += 1;
+        let value = match t.table {
+            Table::Coils => Encoded::Bit(false),
+            _ => Encoded::Words(vec![0; usize::from(t.data_type.width())]),
+        };
+        all.put(t, value);
+    }
+    let writes = plan(&all);
+    let mut out = format!(
+        "plc {} ({} unit {}, deliver {}): {n} point(s) in {} write(s)\n",
+        plc.name,
+        plc.address,
+        plc.unit,
+        if plc.deliver == Deliver::All { "all" } else { "latest" },
+        writes.len()
+    );
+    for w in &writes {
+        let line = match w {
+            Write::Registers { address, words } if words.len() == 1 => format!("FC6  holding {address}"),
+            Write::Registers { address, words } => {
+                format!(
+                    "FC16 holding {address}..={} ({} registers)",
+                    u32::from(*address) + words.len() as u32 - 1,
+                    words.len()
+                )
+            }
+            Write::Coils { address, bits } if bits.len() == 1 => format!("FC5  coil {address}"),
+            Write::Coils { address, bits } => {
+                format!(
+                    "FC15 coils {address}..={} ({} coils)",
+                    u32::from(*address) + bits.len() as u32 - 1,
+                    bits.len()
+                )
+            }
+        };
+        out.push_str(&format!("  {line}\n"));
+    }
+    out
+}
+
 /// The send rules of a PLC's map, for its [`Forwarder`] (one rule per map entry).
 pub fn rules(plc: &Plc) -> Result<Rules, RuleError> {
     let rules: Vec<SendRule> = plc

@@ -380,4 +380,11 @@ fn plc_targets_are_resolved() {
     let c = &plc.map[1].targets[0];
     assert_eq!((c.table, c.address, c.data_type), (Table::Coils, 7, DataType::Bool));
     assert_eq!(plc.map[1].mode, SendMode::Periodic { interval: Duration::from_secs(5) });
+    // `check` shows the requests a full write takes: one FC16 for the block, FC5 for the coil.
+    let shown = m2m_gateway::plc::describe(plc);
+    assert!(shown.contains("3 point(s) in 2 write(s)"), "{shown}");
+    assert!(
+        shown.contains("FC16 holding 100..=103 (4 registers)") && shown.contains("FC5  coil 7"),
+        "{shown}"
+    );
 }
