@@ -270,7 +270,9 @@ address = 0
     let first = applied(&b1.stderr());
     assert!(first.iter().filter(|a| a.counter.is_some()).count() >= 10, "{first:?}");
     b1.wait_err("a link summary", |l| {
-        l.iter().any(|l| l.contains("connected, 1 sessions; batches sent") && l.contains("applied")).then_some(())
+        l.iter()
+            .any(|l| l.contains("connected, 1 sessions; batches sent") && l.contains("applied"))
+            .then_some(())
     });
 
     // B goes away; A keeps polling and spools a backlog.
