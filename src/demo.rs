@@ -1,16 +1,27 @@
 //! `m2m-gateway demo`: the main job with no hardware. Every bus of a configuration is
 //! served by a simulator on its own virtual serial pair, the gateway polls them through
-//! its real bus engine, and the live values are printed as a table.
+//! its real bus engine, and forwards every point on change to a second gateway started
+//! in the same process: a peer with fresh identities (made in a temporary directory),
+//! listening on 127.0.0.1, reached over the real link (TLS 1.3, mutual authentication
+//! with pinned certificate fingerprints, on-disk spool). Both images are printed as
+//! tables: the local points, and the same points as the peer received them.
+//!
+//! Invariants: the configuration's own `[link]` is replaced by the demo pair (a demo
+//! never dials real peers); the temporary directory is removed when the demo ends; a
+//! `[server]` whose port is taken is moved to a free port instead of failing.
 
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::{Gateway, GatewayError};
 use crate::image::Image;
-use crate::model::Model;
+use crate::model::{self, Dial, Links, Model, Peer, SendMode, SendRule};
+use crate::server::ServerError;
 use crate::simulate::{SimConfig, SimError, Simulator, VirtualPort};
+use crate::tls::{self, Fingerprint, TlsError};
 
 /// Virtual serial pairs with a simulator behind each, one per bus of a model.
 pub struct SimulatedPlant {
@@ -50,6 +61,123 @@ pub enum DemoError {
     /// The gateway could not start (peer-link identity, spool or listening socket).
     #[error(transparent)]
     Gateway(#[from] GatewayError),
+    /// The demo's temporary directory could not be created.
+    #[error("demo: cannot create the temporary directory {dir}: {source}")]
+    TempDir {
+        /// The directory.
+        dir: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A demo identity could not be made.
+    #[error("demo: cannot make an identity: {0}")]
+    Identity(#[from] TlsError),
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self, DemoError> {
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let dir = std::env::temp_dir().join(format!("m2m-gateway-demo-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .map_err(|source| DemoError::TempDir { dir: dir.display().to_string(), source })?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The demo peer's gateway name: `site-b`, unless the configuration already uses it.
+fn peer_name(local: &str) -> &'static str {
+    if local == "site-b" { "demo-peer" } else { "site-b" }
+}
+
+/// A peer entry with the demo's defaults (heartbeat 1 s, 64 MiB spool for a day).
+fn demo_peer(name: &str, fingerprint: Fingerprint, dial: Dial, send: Vec<SendRule>, spool: PathBuf) -> Peer {
+    Peer {
+        name: name.to_string(),
+        fingerprint: fingerprint.to_string(),
+        dial,
+        spool,
+        spool_max_bytes: 64 << 20,
+        spool_max_age: Duration::from_secs(24 * 3600),
+        heartbeat: Duration::from_secs(1),
+        send,
+        grants: vec![],
+        writeback: vec![],
+    }
+}
+
+/// The links section of one side of the demo pair, keeping its files under `dir`.
+fn demo_links(dir: &Path, listen: bool, peer: Peer) -> Links {
+    Links {
+        identity_dir: dir.join("identity"),
+        data_dir: dir.join("data"),
+        listen: listen.then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        allow: vec![model::IpNet { addr: [127, 0, 0, 1].into(), prefix: 32 }],
+        peers: vec![peer],
+    }
+}
+
+/// Starts the peer gateway (listening on 127.0.0.1, any port) and points `model`'s
+/// links at it: every local point on change. Returns the peer and both fingerprints.
+fn start_peer(
+    model: &mut Model,
+    dir: &Path,
+    shutdown: &CancellationToken,
+) -> Result<(Gateway, String, Fingerprint, Fingerprint), DemoError> {
+    let (a_dir, b_dir) = (dir.join(&model.gateway.name), dir.join("peer"));
+    let a_fp = tls::keygen(&a_dir.join("identity"), false)?.fingerprint;
+    let b_fp = tls::keygen(&b_dir.join("identity"), false)?.fingerprint;
+    let b_name = peer_name(&model.gateway.name);
+    let b_model = Model {
+        gateway: model::Gateway {
+            name: b_name.to_string(),
+            summary_interval: model.gateway.summary_interval,
+        },
+        buses: vec![],
+        links: Some(demo_links(
+            &b_dir,
+            true,
+            demo_peer(&model.gateway.name, a_fp, Dial::Accept, vec![], b_dir.join("data/spool.db")),
+        )),
+        server: None,
+    };
+    let peer = Gateway::start(&b_model, shutdown.child_token())?;
+    let addr = peer.listen_addr().map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
+    let matched = model.buses.iter().flat_map(|b| &b.devices).flat_map(|d| &d.points).map(|p| p.name.clone());
+    let everything = SendRule {
+        points: vec!["*".to_string()],
+        matched: matched.collect(),
+        mode: SendMode::Change { deadband: 0.0, deadband_percent: 0.0, max_silence: Duration::from_secs(60) },
+    };
+    let spool = a_dir.join("data/spool.db");
+    model.links = Some(demo_links(
+        &a_dir,
+        false,
+        demo_peer(b_name, b_fp, Dial::Connect(addr), vec![everything], spool),
+    ));
+    Ok((peer, b_name.to_string(), a_fp, b_fp))
+}
+
+/// Starts the local gateway; a `[server]` whose port is taken moves to a free port.
+fn start_local(model: &mut Model, shutdown: &CancellationToken) -> Result<Gateway, DemoError> {
+    match Gateway::start(model, shutdown.child_token()) {
+        Err(GatewayError::Server(ServerError::Bind { addr, source })) if addr.port() != 0 => {
+            println!("demo: modbus-tcp server cannot listen on {addr} ({source}); using a free port instead");
+            if let Some(server) = &mut model.server {
+                server.listen.set_port(0);
+            }
+            Ok(Gateway::start(model, shutdown.child_token())?)
+        }
+        r => Ok(r?),
+    }
 }
 
 /// Runs the demo for `duration` (or until `shutdown`), printing the image every `every`.
@@ -64,19 +192,49 @@ pub async fn run(
     for bus in &model.buses {
         println!("  bus {} -> {} ({} device(s))", bus.name, bus.port, bus.devices.len());
     }
-    let gateway = Gateway::start(&model, shutdown.clone())?;
+    let dir = TempDir::new()?;
+    if model.links.is_some() {
+        println!("demo: the configuration's [link] and [[peer]] are replaced by the demo peer");
+    }
+    let (peer, peer_name, a_fp, b_fp) = start_peer(&mut model, &dir.0, &shutdown)?;
+    let gateway = match start_local(&mut model, &shutdown) {
+        Ok(g) => g,
+        Err(e) => {
+            shutdown.cancel();
+            peer.shutdown(Duration::from_secs(1)).await;
+            return Err(e);
+        }
+    };
+    let local = model.gateway.name.clone();
+    println!(
+        "demo: {local} forwards every point on change to {peer_name} (127.0.0.1:{}) over a peer link:",
+        peer.listen_addr().map_or(0, |a| a.port())
+    );
+    println!(
+        "  TLS 1.3, mutual authentication, each side pins the other's certificate fingerprint (SHA-256):"
+    );
+    println!("  {local:<10} {a_fp}");
+    println!("  {peer_name:<10} {b_fp}");
+    if let Some(addr) = gateway.server_addr {
+        println!("demo: modbus-tcp server on {addr} (point a Modbus-TCP master at it)");
+    }
     let end = tokio::time::Instant::now() + duration;
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
-            _ = tick.tick() => print!("{}", table(&gateway.image)),
+            _ = tick.tick() => {
+                print!("\n== {local}: polled from the simulated plant =={}", table(&gateway.image));
+                print!("\n== {peer_name}: received from {local} over the link =={}", table(&peer.image));
+            }
             () = tokio::time::sleep_until(end) => break,
             () = shutdown.cancelled() => break,
         }
     }
     shutdown.cancel();
     gateway.shutdown(Duration::from_secs(1)).await;
+    peer.shutdown(Duration::from_secs(1)).await;
     drop(plant);
+    drop(dir);
     Ok(())
 }
 

@@ -215,6 +215,23 @@ async fn summarise(bus: BusHandle, every: Duration, shutdown: CancellationToken)
     }
 }
 
+/// Logs a one-line summary of a peer link every `every`.
+async fn summarise_link(link: LinkHandle, every: Duration, shutdown: CancellationToken) {
+    let mut last = link.stats();
+    let mut last_at = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now = tokio::time::Instant::now();
+        let stats = link.stats();
+        info!("{}", link::summary(&stats, &last, now - last_at));
+        last = stats;
+        last_at = now;
+    }
+}
+
 /// Publishes good-to-stale transitions once a second.
 async fn sweep(image: Arc<Image>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -336,6 +353,10 @@ fn start_links(
             dialer,
             shutdown.clone(),
             tracker,
+        );
+        tracker.spawn(
+            summarise_link(handle.clone(), model.gateway.summary_interval, shutdown.clone())
+                .instrument(info_span!("link", peer = %peer.name)),
         );
         handles.push((peer.name.clone(), handle));
     }

@@ -573,7 +573,7 @@ impl Task {
                                             self.counters.duplicates.fetch_add(1, Relaxed);
                                             debug!(seq, applied = applied_upto, "duplicate batch dropped");
                                         } else {
-                                            self.apply(&samples);
+                                            self.apply(seq, &samples);
                                             applied_upto = seq;
                                         }
                                     }
@@ -675,8 +675,9 @@ impl Task {
     }
 
     /// Puts a received batch into the image under `peer/point` and offers it to
-    /// write-back.
-    fn apply(&mut self, samples: &[(String, Sample)]) {
+    /// write-back. Logs it at debug level (seq, size, the first values).
+    fn apply(&mut self, seq: u64, samples: &[(String, Sample)]) {
+        debug!(seq, samples = samples.len(), values = %BatchValues(samples), "batch applied");
         let peer = &self.link.peer.name;
         let image = &self.link.image;
         let updates: Vec<(PointId, Sample)> = samples
@@ -730,6 +731,55 @@ impl Task {
             .in_current_span(),
         );
     }
+}
+
+/// The first values of a batch for the debug log: `point=value` joined by `;`
+/// (`point=-` for no value), at most [`LOGGED_VALUES`] of them then `;+N more`.
+struct BatchValues<'a>(&'a [(String, Sample)]);
+
+/// Values of one batch written in its debug log line.
+const LOGGED_VALUES: usize = 16;
+
+impl std::fmt::Display for BatchValues<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (point, s)) in self.0.iter().take(LOGGED_VALUES).enumerate() {
+            if i > 0 {
+                f.write_str(";")?;
+            }
+            match &s.value {
+                Some(v) => write!(f, "{point}={v}")?,
+                None => write!(f, "{point}=-")?,
+            }
+        }
+        if self.0.len() > LOGGED_VALUES {
+            write!(f, ";+{} more", self.0.len() - LOGGED_VALUES)?;
+        }
+        Ok(())
+    }
+}
+
+/// One-line health summary of a link, for the periodic info log: state, then the
+/// batch counters since `since` (`elapsed` ago), then the spool as it is now.
+pub fn summary(now: &LinkStats, since: &LinkStats, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let applied = now.batches_applied.saturating_sub(since.batches_applied);
+    let samples = now.samples_applied.saturating_sub(since.samples_applied);
+    format!(
+        "{}, {} sessions; batches sent {}, acked {}, applied {} ({samples} values, {:.1} values/s), \
+         duplicates dropped {}, writes refused {}; spool pending {} (last seq {}), dropped since start {} ({} values)",
+        if now.connected { "connected" } else { "not connected" },
+        now.sessions,
+        now.batches_sent.saturating_sub(since.batches_sent),
+        now.batches_acked.saturating_sub(since.batches_acked),
+        applied,
+        samples as f64 / secs,
+        now.duplicates_dropped.saturating_sub(since.duplicates_dropped),
+        now.writes_refused.saturating_sub(since.writes_refused),
+        now.spool_pending,
+        now.last_seq,
+        now.spool_dropped,
+        now.spool_dropped_samples,
+    )
 }
 
 async fn recv_incoming(dialer: &mut Dialer) -> Option<Incoming> {
@@ -870,5 +920,43 @@ mod tests {
             Grants::new(&[Grant { points: vec!["a[".into()], matched: vec![], min: None, max: None }])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn summary_and_batch_values_read_well() {
+        let since =
+            LinkStats { batches_sent: 10, batches_applied: 4, samples_applied: 40, ..Default::default() };
+        let now = LinkStats {
+            connected: true,
+            sessions: 2,
+            batches_sent: 15,
+            batches_acked: 5,
+            batches_applied: 6,
+            samples_applied: 60,
+            duplicates_dropped: 1,
+            spool_pending: 3,
+            last_seq: 99,
+            ..Default::default()
+        };
+        let line = summary(&now, &since, Duration::from_secs(10));
+        assert!(
+            line.starts_with(
+                "connected, 2 sessions; batches sent 5, acked 5, applied 2 (20 values, 2.0 values/s)"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains("duplicates dropped 1") && line.contains("spool pending 3 (last seq 99)"),
+            "{line}"
+        );
+        let t = std::time::UNIX_EPOCH;
+        let mk = |i: usize| {
+            (format!("p{i}"), Sample { value: Some(Value::Int(i as i64)), at: t, quality: Quality::Good })
+        };
+        let batch: Vec<_> = (0..18).map(mk).collect();
+        let text = BatchValues(&batch).to_string();
+        assert!(text.starts_with("p0=0;p1=1;") && text.ends_with("p15=15;+2 more"), "{text}");
+        let none = [("x".to_string(), Sample { value: None, at: t, quality: Quality::CommFail })];
+        assert_eq!(BatchValues(&none).to_string(), "x=-");
     }
 }

@@ -258,4 +258,9 @@ fn demo_shows_live_values_with_no_hardware() {
     let text = String::from_utf8_lossy(&out.stdout);
     let good = text.lines().filter(|l| l.starts_with("boiler.flow_temp") && l.contains(" good ")).count();
     assert!(good >= 1, "no good boiler.flow_temp row in:\n{text}");
+    // The demo peer received it over the authenticated link.
+    assert!(text.contains("TLS 1.3") && text.contains("fingerprint"), "no link header in:\n{text}");
+    let received =
+        text.lines().filter(|l| l.starts_with("site-a/boiler.flow_temp") && l.contains(" good ")).count();
+    assert!(received >= 1, "no good site-a/boiler.flow_temp row at the peer in:\n{text}");
 }

@@ -997,47 +997,6 @@ async fn a_new_connection_of_a_peer_replaces_its_old_session() {
     gb.shutdown(Duration::from_secs(3)).await;
 }
 
-/// Values per second over one link (run with `--ignored --nocapture`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement, not a check"]
-async fn throughput_over_one_link() {
-    let (a, b) = (Site::new(), Site::new());
-    let (ga, gb, shutdown) = pair_with(&a, &b, vec![any_change()], |_| {}, |x| x).await;
-    const POINTS: usize = 1000;
-    const ROUNDS: u64 = 500;
-    let ids: Vec<_> = (0..POINTS)
-        .map(|i| ga.image.register(&format!("dev{}.p{i}", i % 10), Duration::from_secs(3600)))
-        .collect();
-    let lb = gb.link("site-a").expect("link").clone();
-    wait_for("link up", || lb.stats().connected).await;
-    let started = std::time::Instant::now();
-    for r in 1..=ROUNDS {
-        let now = SystemTime::now();
-        ga.image.update(ids.iter().map(|id| (*id, sample(Value::Float(r as f64), now, Quality::Good))));
-        // Pace at the forwarder's speed so the change stream never lags.
-        if r % 20 == 0 {
-            tokio::task::yield_now().await;
-        }
-    }
-    let total = POINTS as u64 * ROUNDS;
-    let end = tokio::time::Instant::now() + Duration::from_secs(120);
-    while lb.stats().samples_applied < total {
-        assert!(tokio::time::Instant::now() < end, "{:?}", lb.stats());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let s = lb.stats();
-    eprintln!(
-        "{total} values in {secs:.2} s = {:.0} values/s over one link ({} batches, {:.0} batches/s)",
-        total as f64 / secs,
-        s.batches_applied,
-        s.batches_applied as f64 / secs
-    );
-    shutdown.cancel();
-    ga.shutdown(Duration::from_secs(3)).await;
-    gb.shutdown(Duration::from_secs(3)).await;
-}
-
 #[tokio::test]
 async fn peer_points_turn_comm_fail_while_the_link_is_down_and_recover_on_reconnect() {
     logs();
