@@ -70,6 +70,7 @@ fn model(name: &str, links: Links) -> Model {
         buses: vec![],
         links: Some(links),
         server: None,
+        plcs: Vec::new(),
     }
 }
 

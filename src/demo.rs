@@ -148,6 +148,7 @@ fn start_peer(
             demo_peer(&model.gateway.name, a_fp, Dial::Accept, vec![], b_dir.join("data/spool.db")),
         )),
         server: None,
+        plcs: Vec::new(),
     };
     let peer = Gateway::start(&b_model, shutdown.child_token())?;
     let addr = peer.listen_addr().map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
