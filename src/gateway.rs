@@ -2,8 +2,8 @@
 //! line (a raw poller on raw buses, a stream task instead of both on a stream bus, see
 //! `rawpoll`), the periodic summaries, the local Modbus-TCP server when `[server]` is
 //! configured, and for peer links the identity, the spools, the listener and per peer a
-//! forwarder, a link and its write-backs — all under one shutdown token and one task
-//! tracker.
+//! forwarder, a link and its write-backs, and a task per serial tunnel on its peer's
+//! link — all under one shutdown token and one task tracker.
 //!
 //! Invariant: every task spawned here watches the shutdown token and is tracked, so
 //! [`Gateway::shutdown`] returns once everything has stopped (or the grace period ran out).
@@ -28,6 +28,7 @@ use crate::server::{self, Server, ServerError};
 use crate::spool::SpoolLimits;
 use crate::spooler::SpoolHandle;
 use crate::tls::{self, Fingerprint};
+use crate::tunnel::{self, TunnelHandle};
 use crate::writeback::WriteBacks;
 use crate::writer::Writer;
 
@@ -86,6 +87,8 @@ pub struct Gateway {
     pub writer: Writer,
     /// One handle per peer link, in model order: `(peer name, handle)`.
     pub links: Vec<(String, LinkHandle)>,
+    /// One handle per serial tunnel whose link started, in model order.
+    pub tunnels: Vec<TunnelHandle>,
     listen_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -131,6 +134,17 @@ impl Gateway {
             (Some(p), Some(l)) => start_links(model, l, p, &image, &writer, &shutdown, &tracker),
             _ => (Vec::new(), None),
         };
+        let mut tunnels = Vec::new();
+        for t in model.links.iter().flat_map(|l| &l.tunnels) {
+            match links.iter().find(|(peer, _)| *peer == t.peer) {
+                Some((_, link)) => {
+                    tunnels.push(tunnel::spawn(t, link.tunnels().clone(), shutdown.clone(), &tracker));
+                }
+                None => {
+                    error!(tunnel = %t.name, peer = %t.peer, "the link to the peer did not start; tunnel not started")
+                }
+            }
+        }
         let mut server_addr = None;
         if let (Some(config), Some(listener)) = (&model.server, listener) {
             let server = Server::new(listener, config, model, &buses, image.clone());
@@ -152,6 +166,7 @@ impl Gateway {
             server_addr,
             writer,
             links,
+            tunnels,
             listen_addr,
             shutdown,
             tracker,
@@ -166,6 +181,11 @@ impl Gateway {
     /// The link to `peer`.
     pub fn link(&self, peer: &str) -> Option<&LinkHandle> {
         self.links.iter().find(|(n, _)| n == peer).map(|(_, h)| h)
+    }
+
+    /// The serial tunnel named `name`.
+    pub fn tunnel(&self, name: &str) -> Option<&TunnelHandle> {
+        self.tunnels.iter().find(|t| t.name() == name)
     }
 
     /// Waits for the shutdown token, then for every task to stop (at most `grace`).

@@ -74,6 +74,7 @@ impl Site {
             listen: listen.then(|| "127.0.0.1:0".parse().expect("addr")),
             allow: vec![],
             peers,
+            tunnels: vec![],
         }
     }
 }

@@ -286,7 +286,7 @@ fn host_port(text: &str) -> Result<(), String> {
 /// A size with a unit: `"64MiB"`, `"1.5 GB"`, `"4096B"`. `KB`/`MB`/`GB` count in 1000s,
 /// `KiB`/`MiB`/`GiB` in 1024s; units are case-insensitive. The error starts with the
 /// value, for a message `<key> <error>`.
-fn size(text: &str) -> Result<u64, String> {
+pub(super) fn size(text: &str) -> Result<u64, String> {
     let bad = || {
         format!(
             "{text:?} is not a size: write a number and a unit (B, KB, MB, GB, KiB, MiB, GiB), like \"64MiB\""
