@@ -580,7 +580,7 @@ impl Task {
                 frame = reader.next() => {
                     let mut frame = frame;
                     // Take every frame already buffered before acking (ack coalescing).
-                    for _ in 0..WINDOW {
+                    for taken in 1..=WINDOW {
                         match frame {
                             None => {
                                 info!("peer closed the connection");
@@ -646,6 +646,11 @@ impl Task {
                                     }
                                 }
                             }
+                        }
+                        // Fetch the next frame only if this pass will handle it: a
+                        // frame fetched after the last pass would be silently lost.
+                        if taken == WINDOW {
+                            break;
                         }
                         match reader.next().now_or_never() {
                             Some(f) => frame = f,
