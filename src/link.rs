@@ -515,8 +515,6 @@ impl Task {
             error!(error = %e, "cannot apply the peer's resume point; closing the link");
             return End::Lost;
         }
-        self.counters.sessions.fetch_add(1, Relaxed);
-        self.set_connected(true);
         // Tunnels may queue frames on this session now, up to half of OUT_LIMIT, so
         // they alone never make the peer look like it stopped reading.
         let tunnel_out = out.clone();
@@ -527,6 +525,8 @@ impl Task {
             }
             room
         }));
+        self.counters.sessions.fetch_add(1, Relaxed);
+        self.set_connected(true);
         info!(%from, resume, applied, pending = spool.counters().pending_batches.load(Relaxed), "link up");
 
         let heartbeat = self.link.peer.heartbeat.max(Duration::from_millis(10));

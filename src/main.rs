@@ -282,6 +282,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             print!("{}", plan::render(&model, &plan::plan_model(&model)));
+            if let Some(links) = &model.links {
+                print!("{}", m2m_gateway::tunnel::describe(&links.tunnels));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Poll(args) => poll(args).await,

@@ -460,6 +460,42 @@ impl Task {
     }
 }
 
+/// What `check` prints about the tunnels: one line each, with the wire time of a full
+/// packet and how long a full buffer covers at the line's full rate.
+pub fn describe(tunnels: &[Tunnel]) -> String {
+    let mut out = String::new();
+    for t in tunnels {
+        let l = &t.line;
+        let parity = match l.parity {
+            crate::model::Parity::None => 'N',
+            crate::model::Parity::Even => 'E',
+            crate::model::Parity::Odd => 'O',
+        };
+        let full = crate::rtu::wire_time(l, t.max_packet);
+        let down = match t.on_link_down {
+            OnLinkDown::Drop => "dropped".to_string(),
+            OnLinkDown::Buffer { max_bytes } => format!(
+                "buffered up to {max_bytes} bytes ({:.1} s of a busy line)",
+                crate::rtu::wire_time(l, max_bytes).as_secs_f64()
+            ),
+        };
+        out.push_str(&format!(
+            "tunnel {} -> peer {}: {} {} {}{}{}; a packet ends after {:.2} ms of silence or at {} bytes ({:.1} ms on the wire); while the link is down bytes are {down}\n",
+            t.name,
+            t.peer,
+            t.port,
+            l.baud,
+            l.data_bits,
+            parity,
+            l.stop_bits,
+            t.silence.as_secs_f64() * 1000.0,
+            t.max_packet,
+            full.as_secs_f64() * 1000.0,
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,6 +606,17 @@ mod tests {
         assert_eq!(sent_bytes(&got2), b"cdefghij");
         assert_eq!(t.counters.buffered.load(Relaxed), 0);
         assert_eq!(t.counters.bytes_out.load(Relaxed), 8);
+    }
+
+    #[test]
+    fn describe_names_the_line_and_the_policy() {
+        let (hub, _) = hub_with_session(0);
+        let t = task(hub, OnLinkDown::Buffer { max_bytes: 960 }).t;
+        assert_eq!(
+            describe(&[t]),
+            "tunnel t -> peer p: /dev/null 9600 8N1; a packet ends after 5.00 ms of silence or at 4 bytes \
+             (4.2 ms on the wire); while the link is down bytes are buffered up to 960 bytes (1.0 s of a busy line)\n"
+        );
     }
 
     #[test]
