@@ -11,13 +11,14 @@ use m2m_gateway::config;
 use m2m_gateway::gateway::Gateway;
 use m2m_gateway::link::LinkHandle;
 use m2m_gateway::model::{Model, OnLinkDown};
+use m2m_gateway::simulate::VirtualPort;
 use m2m_gateway::tls::{self, Identity};
 use m2m_gateway::tunnel::TunnelHandle;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_serial::{SerialPort, SerialStream};
+use tokio_serial::SerialStream;
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -101,24 +102,33 @@ impl Proxy {
     }
 }
 
-/// One gateway's identity, data directory and the pty its tunnel uses.
+/// One gateway's identity, data directory and the pty its tunnel uses (reached
+/// through a `/dev/serial/by-id`-style symlink, so it can be unplugged and re-plugged).
 struct Site {
     dir: TempDir,
     id: Identity,
-    /// The machine's end of the cable.
+    /// The pty pair; its slave side is the gateway's port.
+    port: VirtualPort,
+    /// The machine's end of the cable (the pty master).
     machine: SerialStream,
-    /// Kept open so the pty lives as long as the test.
-    _slave: SerialStream,
-    slave_path: String,
 }
 
 impl Site {
     fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let id = tls::keygen(&dir.path().join("id"), false).expect("keygen");
-        let (machine, slave) = SerialStream::pair().expect("pty pair");
-        let slave_path = slave.name().expect("slave path");
-        Self { dir, id, machine, _slave: slave, slave_path }
+        let mut port = VirtualPort::with_link(dir.path().join("tty")).expect("pty pair");
+        let machine = port.take_master().expect("master side");
+        Self { dir, id, port, machine }
+    }
+
+    /// Unplugs the port and plugs in a new one at the same path.
+    async fn replug(&mut self) {
+        self.port.vanish().await;
+        self.port.come_back().expect("new pty pair");
+        let new = self.port.take_master().expect("master side");
+        // Closing the old master hangs up the gateway's side of the old pair.
+        drop(std::mem::replace(&mut self.machine, new));
     }
 
     /// This site's config: a link with one peer and one tunnel `press` to it.
@@ -151,7 +161,7 @@ peer = "{peer}"
 port = "{port}"
 {tunnel}
 "#,
-            port = self.slave_path
+            port = self.port.path().display()
         );
         let mut model = config::parse(&text, &format!("{name}.toml")).unwrap_or_else(|e| panic!("{e}"));
         if let Some(links) = model.links.as_mut().filter(|l| l.listen.is_some()) {
@@ -457,4 +467,22 @@ on_link_down = "buffer"
     assert_eq!(t2.max_packet, 1024);
     assert_eq!(t2.on_link_down, OnLinkDown::Buffer { max_bytes: 64 * 1024 });
     assert_eq!(t2.port, "tcp://10.0.0.9:4001");
+}
+
+#[tokio::test]
+async fn a_replugged_port_is_reopened_and_the_tunnel_carries_on() {
+    let mut p = Pair::start("", "").await;
+    let ta = p.ta();
+    let first = b"before".to_vec();
+    let got = carry(&mut p.a.machine, &mut p.b.machine, &first, "before the replug").await;
+    assert_same(&got, &first, "before the replug");
+    p.a.replug().await;
+    wait_for("a reopens its port", || ta.stats().opens == 2 && ta.stats().port_open).await;
+    let all = every_byte_value();
+    let got = carry(&mut p.a.machine, &mut p.b.machine, &all, "a to b after the replug").await;
+    assert_same(&got, &all, "a to b after the replug");
+    let got = carry(&mut p.b.machine, &mut p.a.machine, &all, "b to a after the replug").await;
+    assert_same(&got, &all, "b to a after the replug");
+    assert_eq!(p.la().stats().sessions, 1, "the link never noticed");
+    p.stop().await;
 }
