@@ -45,6 +45,7 @@ impl Site {
             listen: listen.then(|| "127.0.0.1:0".parse().expect("addr")),
             allow: vec![],
             peers: vec![peer],
+            tunnels: Vec::new(),
         }
     }
 }

@@ -32,6 +32,7 @@ mod point;
 mod rawdevice;
 mod send;
 mod server;
+mod tunnel;
 mod write;
 
 use std::fmt;
@@ -149,7 +150,8 @@ pub fn parse_in(text: &str, origin: &str, dir: &Path) -> Result<Model, ConfigErr
     let mut buses = bus::validate(&raw.bus, &mut check);
     device::validate(&raw.device, &mut buses, &mut check);
     rawdevice::validate(&raw.raw_device, &mut buses, &mut check);
-    let links = peer::validate(raw.link.as_ref(), &raw.peer, &gateway.name, &buses, dir, &mut check);
+    let mut links = peer::validate(raw.link.as_ref(), &raw.peer, &gateway.name, &buses, dir, &mut check);
+    tunnel::validate(&raw.tunnel, links.as_mut(), &buses, &mut check);
     let server = raw.server.as_ref().map(|s| server::validate(s, &buses, &mut check));
     let plcs = {
         let points: Vec<&crate::model::Point> =
@@ -192,6 +194,8 @@ struct Raw {
     server: Option<server::RawServer>,
     #[serde(default)]
     plc: Vec<plc::RawPlc>,
+    #[serde(default)]
+    tunnel: Vec<tunnel::RawTunnel>,
 }
 
 /// Collects problems while a configuration is validated, and turns byte offsets into

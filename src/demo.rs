@@ -122,6 +122,7 @@ fn demo_links(dir: &Path, listen: bool, peer: Peer) -> Links {
         listen: listen.then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
         allow: vec![model::IpNet { addr: [127, 0, 0, 1].into(), prefix: 32 }],
         peers: vec![peer],
+        tunnels: Vec::new(),
     }
 }
 

@@ -2,8 +2,9 @@
 //! line (a raw poller on raw buses, a stream task instead of both on a stream bus, see
 //! `rawpoll`), the periodic summaries, the local Modbus-TCP server when `[server]` is
 //! configured, for peer links the identity, the spools, the listener and per peer a
-//! forwarder, a link and its write-backs, and per `[[plc]]` a spool, a forwarder and a
-//! sender (`plc`) — all under one shutdown token and one task tracker.
+//! forwarder, a link and its write-backs, a task per serial tunnel on its peer's link, and
+//! per `[[plc]]` a spool, a forwarder and a sender (`plc`) — all under one shutdown token
+//! and one task tracker.
 //!
 //! Invariant: every task spawned here watches the shutdown token and is tracked, so
 //! [`Gateway::shutdown`] returns once everything has stopped (or the grace period ran out).
@@ -29,6 +30,7 @@ use crate::server::{self, Server, ServerError};
 use crate::spool::SpoolLimits;
 use crate::spooler::SpoolHandle;
 use crate::tls::{self, Fingerprint};
+use crate::tunnel::{self, TunnelHandle};
 use crate::writeback::WriteBacks;
 use crate::writer::Writer;
 
@@ -97,6 +99,8 @@ pub struct Gateway {
     pub links: Vec<(String, LinkHandle)>,
     /// One handle per `[[plc]]`, in model order.
     pub plcs: Vec<PlcHandle>,
+    /// One handle per serial tunnel whose link started, in model order.
+    pub tunnels: Vec<TunnelHandle>,
     listen_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -150,6 +154,17 @@ impl Gateway {
                 Err(e) => error!(plc = %p.name, error = %e, "plc sink not started"),
             }
         }
+        let mut tunnels = Vec::new();
+        for t in model.links.iter().flat_map(|l| &l.tunnels) {
+            match links.iter().find(|(peer, _)| *peer == t.peer) {
+                Some((_, link)) => {
+                    tunnels.push(tunnel::spawn(t, link.tunnels().clone(), shutdown.clone(), &tracker));
+                }
+                None => {
+                    error!(tunnel = %t.name, peer = %t.peer, "the link to the peer did not start; tunnel not started")
+                }
+            }
+        }
         let mut server_addr = None;
         if let (Some(config), Some(listener)) = (&model.server, listener) {
             let server = Server::new(listener, config, model, &buses, image.clone());
@@ -173,6 +188,7 @@ impl Gateway {
             writer,
             links,
             plcs,
+            tunnels,
             listen_addr,
             shutdown,
             tracker,
@@ -187,6 +203,11 @@ impl Gateway {
     /// The link to `peer`.
     pub fn link(&self, peer: &str) -> Option<&LinkHandle> {
         self.links.iter().find(|(n, _)| n == peer).map(|(_, h)| h)
+    }
+
+    /// The serial tunnel named `name`.
+    pub fn tunnel(&self, name: &str) -> Option<&TunnelHandle> {
+        self.tunnels.iter().find(|t| t.name() == name)
     }
 
     /// Waits for the shutdown token, then for every task to stop (at most `grace`).

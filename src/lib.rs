@@ -48,6 +48,7 @@ pub mod simulate;
 pub mod spool;
 pub mod spooler;
 pub mod tls;
+pub mod tunnel;
 pub mod value;
 pub mod writeback;
 pub mod writer;

@@ -22,6 +22,10 @@
 //!   value but turn `comm_fail` (the peer re-sends everything when it reconnects);
 //! - writes are never queued across sessions: a write asked while the link is down, or
 //!   in flight when it drops, fails (at-most-once; replaying commands is dangerous).
+//!
+//! Serial tunnels (tunnel.rs) ride the same session through a [`TunnelHub`]: attached
+//! while a session is up, it lets a tunnel task queue `Tunnel` frames on it, and the
+//! loop hands received `Tunnel` frames to the hub without waiting.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -48,6 +52,7 @@ use crate::image::{Image, PointId};
 use crate::model::{Grant, Peer};
 use crate::proto::{self, Frame, FrameCodec, ProtoError};
 use crate::spooler::SpoolHandle;
+use crate::tunnel::TunnelHub;
 use crate::value::{Quality, Sample, Value};
 use crate::writeback::Offer;
 use crate::writer::Writer;
@@ -138,6 +143,7 @@ pub struct LinkHandle {
     counters: Arc<Counters>,
     spool: SpoolHandle,
     writes: mpsc::Sender<WriteCmd>,
+    tunnels: Arc<TunnelHub>,
 }
 
 impl std::fmt::Debug for LinkHandle {
@@ -174,6 +180,11 @@ impl LinkHandle {
                 self.peer
             )),
         }
+    }
+
+    /// The hook serial tunnels to this peer use (see tunnel.rs).
+    pub fn tunnels(&self) -> &Arc<TunnelHub> {
+        &self.tunnels
     }
 
     /// The link's counters.
@@ -285,15 +296,24 @@ pub struct Link {
 pub fn spawn(link: Link, dialer: Dialer, shutdown: CancellationToken, tracker: &TaskTracker) -> LinkHandle {
     let (writes_tx, writes_rx) = mpsc::channel(64);
     let counters = Arc::new(Counters::default());
+    let tunnels = Arc::new(TunnelHub::default());
     let handle = LinkHandle {
         peer: Arc::from(link.peer.name.as_str()),
         counters: counters.clone(),
         spool: link.spool.clone(),
         writes: writes_tx,
+        tunnels: tunnels.clone(),
     };
     let span = info_span!("link", peer = %link.peer.name);
-    let task =
-        Task { link, counters, writes: writes_rx, shutdown, tracker: tracker.clone(), names: HashMap::new() };
+    let task = Task {
+        link,
+        counters,
+        writes: writes_rx,
+        shutdown,
+        tracker: tracker.clone(),
+        names: HashMap::new(),
+        tunnels,
+    };
     tracker.spawn(task.run(dialer).instrument(span));
     handle
 }
@@ -306,6 +326,8 @@ struct Task {
     tracker: TaskTracker,
     /// `peer/point` ids already registered in the image.
     names: HashMap<String, PointId>,
+    /// Serial tunnels riding this link.
+    tunnels: Arc<TunnelHub>,
 }
 
 /// How a session ended.
@@ -425,6 +447,8 @@ impl Task {
                 .instrument(info_span!("send", %from)),
         );
         let end = self.run_session(&mut reader, &out, from, dialer).await;
+        // The hub holds a clone of `out`: drop it too, or the writer never ends.
+        self.tunnels.detach();
         // Close is queued by run_session where due; dropping the queue ends the writer
         // after it has written everything queued.
         drop(out);
@@ -491,6 +515,16 @@ impl Task {
             error!(error = %e, "cannot apply the peer's resume point; closing the link");
             return End::Lost;
         }
+        // Tunnels may queue frames on this session now, up to half of OUT_LIMIT, so
+        // they alone never make the peer look like it stopped reading.
+        let tunnel_out = out.clone();
+        self.tunnels.attach(Box::new(move |f| {
+            let room = tunnel_out.queued.load(Relaxed) < OUT_LIMIT / 2;
+            if room {
+                tunnel_out.send(f);
+            }
+            room
+        }));
         self.counters.sessions.fetch_add(1, Relaxed);
         self.set_connected(true);
         info!(%from, resume, applied, pending = spool.counters().pending_batches.load(Relaxed), "link up");
@@ -546,7 +580,7 @@ impl Task {
                 frame = reader.next() => {
                     let mut frame = frame;
                     // Take every frame already buffered before acking (ack coalescing).
-                    for _ in 0..WINDOW {
+                    for taken in 1..=WINDOW {
                         match frame {
                             None => {
                                 info!("peer closed the connection");
@@ -598,6 +632,7 @@ impl Task {
                                         }
                                     }
                                     Frame::Heartbeat => {}
+                                    Frame::Tunnel { name, data } => self.tunnels.deliver(&name, data),
                                     Frame::Close { reason } => {
                                         info!(reason, "peer closed the link");
                                         ending = Some(End::Lost);
@@ -611,6 +646,11 @@ impl Task {
                                     }
                                 }
                             }
+                        }
+                        // Fetch the next frame only if this pass will handle it: a
+                        // frame fetched after the last pass would be silently lost.
+                        if taken == WINDOW {
+                            break;
                         }
                         match reader.next().now_or_never() {
                             Some(f) => frame = f,

@@ -289,6 +289,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             for p in &model.plcs {
                 print!("{}", m2m_gateway::plc::describe(p));
             }
+            if let Some(links) = &model.links {
+                print!("{}", m2m_gateway::tunnel::describe(&links.tunnels));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Poll(args) => poll(args).await,

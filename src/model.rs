@@ -224,6 +224,43 @@ pub struct Links {
     pub allow: Vec<IpNet>,
     /// The peers: unique names, fingerprints, dial addresses and spool files.
     pub peers: Vec<Peer>,
+    /// Serial tunnels, each to one of `peers` (unique names and ports).
+    pub tunnels: Vec<Tunnel>,
+}
+
+/// A local serial port bridged to the serial port of a tunnel of the same name on a
+/// peer gateway (`[[tunnel]]`).
+#[derive(Debug, Clone)]
+pub struct Tunnel {
+    /// Tunnel name, the same on both gateways.
+    pub name: String,
+    /// The peer (one of [`Links::peers`]).
+    pub peer: String,
+    /// Serial device path, or `tcp://host:port` of a serial device server.
+    pub port: String,
+    /// Character framing of the local port.
+    pub line: Line,
+    /// A packet ends after this long without a byte.
+    pub silence: Duration,
+    /// A packet ends at this many bytes (1..=65536).
+    pub max_packet: usize,
+    /// What happens to bytes read while the link is down.
+    pub on_link_down: OnLinkDown,
+    /// Longest wait between attempts to reopen a port that failed.
+    pub reopen_max: Duration,
+}
+
+/// What a tunnel does with bytes read while its link is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLinkDown {
+    /// Drop them (counted).
+    Drop,
+    /// Keep them for the link, at most `max_bytes`; beyond that the oldest are dropped
+    /// (counted).
+    Buffer {
+        /// Bound of the buffer.
+        max_bytes: usize,
+    },
 }
 
 /// An IPv4/IPv6 network in CIDR form.

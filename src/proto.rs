@@ -8,6 +8,7 @@
 //! samples = u32 BE count | count × (str point | i64 BE unix µs | quality | value)
 //! quality = u8 0 good | 1 stale | 2 comm_fail | 3 exception + u8 code
 //! value   = u8 0 none | 1 bool + u8 (0/1) | 2 i64 | 3 u64 | 4 f64 (IEEE bits) | 5 str
+//! tunnel  = str name | u32 BE length | length bytes          (frame type 8)
 //! ```
 //!
 //! Invariants: decoding never panics and never allocates from an untrusted length
@@ -19,7 +20,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::value::{Quality, Sample, Value};
@@ -40,6 +41,7 @@ mod ty {
     pub const WRITE_RESULT: u8 = 5;
     pub const HEARTBEAT: u8 = 6;
     pub const CLOSE: u8 = 7;
+    pub const TUNNEL: u8 = 8;
 }
 
 /// Smallest possible encoded sample (empty point name, tag `none`, quality `good`):
@@ -193,6 +195,14 @@ pub enum Frame {
         /// Why.
         reason: String,
     },
+    /// Bytes of a serial tunnel (one packet as cut by the sender). Live traffic: never
+    /// spooled, acked or resent.
+    Tunnel {
+        /// The tunnel's name (the same on both gateways).
+        name: String,
+        /// The packet (may be empty; the receiver ignores an empty one).
+        data: Bytes,
+    },
 }
 
 impl Frame {
@@ -206,6 +216,7 @@ impl Frame {
             Frame::WriteResult { .. } => "write_result",
             Frame::Heartbeat => "heartbeat",
             Frame::Close { .. } => "close",
+            Frame::Tunnel { .. } => "tunnel",
         }
     }
 }
@@ -367,6 +378,17 @@ fn encode_body(frame: &Frame, dst: &mut BytesMut) -> Result<(), ProtoError> {
             dst.put_u8(ty::CLOSE);
             put_str(dst, reason, "close reason")?;
         }
+        Frame::Tunnel { name, data } => {
+            dst.put_u8(ty::TUNNEL);
+            put_str(dst, name, "tunnel name")?;
+            let len = u32::try_from(data.len()).map_err(|_| ProtoError::TooLong {
+                what: "tunnel data",
+                len: data.len(),
+                max: u32::MAX as usize,
+            })?;
+            dst.put_u32(len);
+            dst.put_slice(data);
+        }
     }
     Ok(())
 }
@@ -471,6 +493,7 @@ fn decode_frame(ty: u8, body: &[u8]) -> Result<Frame, ProtoError> {
         ty::WRITE_RESULT => "write_result",
         ty::HEARTBEAT => "heartbeat",
         ty::CLOSE => "close",
+        ty::TUNNEL => "tunnel",
         other => return Err(ProtoError::UnknownType(other)),
     };
     let mut r = Reader::new(body, name);
@@ -505,6 +528,12 @@ fn decode_frame(ty: u8, body: &[u8]) -> Result<Frame, ProtoError> {
             Frame::WriteResult { id, result }
         }
         ty::HEARTBEAT => Frame::Heartbeat,
+        ty::TUNNEL => {
+            let name = r.string("name")?;
+            let len = r.u32("data length")? as usize;
+            // take() checks the length against the body before anything is copied.
+            Frame::Tunnel { name, data: Bytes::copy_from_slice(r.take(len, "data")?) }
+        }
         _ => Frame::Close { reason: r.string("reason")? },
     };
     r.finish()?;
@@ -669,6 +698,8 @@ mod tests {
             Frame::WriteResult { id: 4, result: Err("not granted".into()) },
             Frame::Heartbeat,
             Frame::Close { reason: "shutdown".into() },
+            Frame::Tunnel { name: "press-1".into(), data: Bytes::from_static(&[0, 0xff, 0x0d, 0x0a]) },
+            Frame::Tunnel { name: "t".into(), data: Bytes::new() },
         ]
     }
 
@@ -696,6 +727,8 @@ mod tests {
     #[test]
     fn known_bytes() {
         assert_eq!(&encode_all(&[Frame::Heartbeat])[..], &[0, 0, 0, 1, 6]);
+        let tunnel = Frame::Tunnel { name: "t1".into(), data: Bytes::from_static(&[0x00, 0xff]) };
+        assert_eq!(&encode_all(&[tunnel])[..], &[0, 0, 0, 11, 8, 0, 2, b't', b'1', 0, 0, 0, 2, 0x00, 0xff]);
         assert_eq!(&encode_all(&[Frame::Ack { seq: 0x0102 }])[..], &[0, 0, 0, 9, 3, 0, 0, 0, 0, 0, 0, 1, 2]);
         let batch = Frame::Batch {
             seq: 1,
@@ -750,6 +783,11 @@ mod tests {
         write.push(9); // bad value tag at body offset 11
         let e = decode(&write).expect_err("bad tag");
         assert_eq!(e.to_string(), "bad value tag 9 in write frame at body offset 11");
+        // Tunnel "t" announcing 3 data bytes with 2 left; then one extra byte.
+        let e = decode(&[0, 0, 0, 10, 8, 0, 1, b't', 0, 0, 0, 3, 0xaa, 0xbb]).expect_err("truncated data");
+        assert_eq!(e.to_string(), "truncated tunnel frame: data needs 3 bytes at body offset 7, 2 left");
+        let e = decode(&[0, 0, 0, 10, 8, 0, 1, b't', 0, 0, 0, 1, 0xaa, 0xbb]).expect_err("trailing");
+        assert_eq!(e.to_string(), "1 trailing bytes after tunnel frame body at body offset 8");
         let e = decode(&[0, 0, 0, 10, 5, 0, 0, 0, 0, 0, 0, 0, 1, 2]).expect_err("result tag");
         assert!(matches!(e, ProtoError::BadTag { what: "result", tag: 2, offset: 8, .. }));
     }
@@ -812,7 +850,7 @@ mod tests {
                 1 => {
                     let body_len: usize = rng.random_range(0..80);
                     let mut v = ((body_len + 1) as u32).to_be_bytes().to_vec();
-                    v.push(rng.random_range(0..9));
+                    v.push(rng.random_range(0..10));
                     v.extend((0..body_len).map(|_| rng.random::<u8>()));
                     v
                 }

@@ -64,7 +64,7 @@ enum RawProtocol {
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum RawParity {
+pub(super) enum RawParity {
     None,
     Even,
     Odd,
@@ -95,7 +95,7 @@ pub(super) fn validate(raw: &[RawBus], check: &mut Checker) -> Vec<Bus> {
 }
 
 /// Checks the `host:port` of a `tcp://` port: a host, and a port 1..=65535.
-fn tcp_port(addr: &str) -> Result<(), String> {
+pub(super) fn tcp_port(addr: &str) -> Result<(), String> {
     let bad = || {
         format!(
             "port \"tcp://{addr}\" is not tcp://host:port (like \"tcp://10.0.0.5:4001\" or \"tcp://nport-1:950\")"
@@ -114,20 +114,12 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
         Some(RawProtocol::ModbusAscii) => Protocol::ModbusAscii,
         Some(RawProtocol::Raw) => Protocol::Raw,
     };
-    let data_bits = check.int(r.data_bits.as_ref(), 8, 7..=8, path, "data_bits");
-    if let (Some(bits), 7, Protocol::ModbusRtu) = (&r.data_bits, data_bits, protocol) {
+    let default = Line { baud: BAUD, data_bits: 8, parity: Parity::Even, stop_bits: 1 };
+    let line =
+        line(r.baud.as_ref(), r.parity, r.data_bits.as_ref(), r.stop_bits.as_ref(), default, path, check);
+    if let (Some(bits), 7, Protocol::ModbusRtu) = (&r.data_bits, line.data_bits, protocol) {
         check.report(bits.span(), path, "data_bits 7 cannot carry modbus-rtu frames, which need 8 data bits");
     }
-    let line = Line {
-        baud: check.int(r.baud.as_ref(), BAUD, 300..=4_000_000, path, "baud"),
-        data_bits,
-        parity: match r.parity.unwrap_or(RawParity::Even) {
-            RawParity::None => Parity::None,
-            RawParity::Even => Parity::Even,
-            RawParity::Odd => Parity::Odd,
-        },
-        stop_bits: check.int(r.stop_bits.as_ref(), 1, 1..=2, path, "stop_bits"),
-    };
     Bus {
         name: r.name.get_ref().clone(),
         port: r.port.get_ref().clone(),
@@ -139,5 +131,29 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
         reopen_max: check.duration(r.reopen_max.as_ref(), REOPEN_MAX, REOPEN_MAX_MIN, path, "reopen_max"),
         devices: Vec::new(),
         raw_devices: Vec::new(),
+    }
+}
+
+/// The serial settings keys (`baud` 300..=4000000, `parity`, `data_bits` 7|8,
+/// `stop_bits` 1|2), shared with `[[tunnel]]`; an absent key takes `default`'s value.
+pub(super) fn line(
+    baud: Option<&Spanned<i64>>,
+    parity: Option<RawParity>,
+    data_bits: Option<&Spanned<i64>>,
+    stop_bits: Option<&Spanned<i64>>,
+    default: Line,
+    path: &str,
+    check: &mut Checker,
+) -> Line {
+    Line {
+        baud: check.int(baud, default.baud, 300..=4_000_000, path, "baud"),
+        data_bits: check.int(data_bits, default.data_bits, 7..=8, path, "data_bits"),
+        parity: match parity {
+            None => default.parity,
+            Some(RawParity::None) => Parity::None,
+            Some(RawParity::Even) => Parity::Even,
+            Some(RawParity::Odd) => Parity::Odd,
+        },
+        stop_bits: check.int(stop_bits, default.stop_bits, 1..=2, path, "stop_bits"),
     }
 }

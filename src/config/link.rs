@@ -54,7 +54,7 @@ pub(super) fn validate(raw: &RawLink, dir: &Path, check: &mut Checker) -> Links 
             Err(e) => check.report(entry.span(), PATH, e),
         }
     }
-    Links { identity_dir, data_dir, listen, allow, peers: Vec::new() }
+    Links { identity_dir, data_dir, listen, allow, peers: Vec::new(), tunnels: Vec::new() }
 }
 
 /// `ip:port` to listen on, port not 0.
