@@ -433,14 +433,29 @@ fn device_unit(device: &crate::model::Device) -> UnitConfig {
                     ..fixed(p.table, p.address, &[])
                 }
             }
+            // A scaled number is a measurement: a slow sine between 0 and 100 in the
+            // point's engineering unit. An unscaled one counts up from a non-zero base,
+            // as energy counters and run hours do.
+            t if p.scale != 1.0 => {
+                let (ty, type_max) = match t {
+                    DataType::I16 => (SimType::I16, f64::from(i16::MAX)),
+                    DataType::U32 => (SimType::U32, f64::from(u32::MAX)),
+                    DataType::I32 => (SimType::I32, f64::from(i32::MAX)),
+                    DataType::U64 => (SimType::U64, 1.0e15),
+                    DataType::I64 => (SimType::I64, 1.0e15),
+                    _ => (SimType::U16, f64::from(u16::MAX)),
+                };
+                let max = ((100.0 - p.offset) / p.scale.abs()).clamp(1.0, type_max);
+                mk(GenKind::Sine, ty, 0.0, max, secs(40 + 7 * (i % 5)))
+            }
             t => {
                 let (ty, min, max) = match t {
                     DataType::I16 => (SimType::I16, -100.0, 100.0),
-                    DataType::U32 => (SimType::U32, 0.0, 100_000.0),
-                    DataType::I32 => (SimType::I32, -1000.0, 100_000.0),
-                    DataType::U64 => (SimType::U64, 0.0, 1.0e9),
-                    DataType::I64 => (SimType::I64, -1000.0, 1.0e9),
-                    _ => (SimType::U16, 0.0, 10_000.0),
+                    DataType::U32 => (SimType::U32, 12_345.0, 1.0e9),
+                    DataType::I32 => (SimType::I32, 1000.0, 1.0e9),
+                    DataType::U64 => (SimType::U64, 12_345.0, 1.0e12),
+                    DataType::I64 => (SimType::I64, 1000.0, 1.0e12),
+                    _ => (SimType::U16, 100.0, 10_000.0),
                 };
                 mk(GenKind::Counter, ty, min, max, Duration::from_secs(1))
             }
