@@ -571,7 +571,7 @@ pub async fn sleep_until_precise(deadline: Instant) {
 }
 
 /// The tail of a precise sleep spent spinning rather than in the OS's sleep.
-const SPIN: Duration = Duration::from_micros(100);
+const SPIN: Duration = Duration::from_micros(150);
 
 /// What a broadcast "returns": the echo a unit would have sent, so callers see success.
 fn broadcast_echo(req: &Request<'_>) -> Response {

@@ -263,7 +263,7 @@ fn not_measured_yet() -> Figure {
     let mut f = Figure::new(
         "Not measured yet",
         "These figures need parts of the gateway that have not landed yet; each will be one \
-         more function in `examples/bench.rs`.",
+         more function (one more file) in `examples/bench/`.",
         vec!["figure", "status"],
     );
     for (what, needs) in [
