@@ -69,6 +69,8 @@ struct Settings {
     warmup: Duration,
     /// CPU measurement window of the footprint figure.
     cpu_window: Duration,
+    /// The load average when the run began.
+    load_at_start: String,
 }
 
 /// One table of the report.
@@ -151,14 +153,16 @@ fn main() -> Result<(), BoxError> {
             window: Duration::from_secs(1),
             warmup: Duration::from_millis(300),
             cpu_window: Duration::from_secs(2),
+            load_at_start: loadavg(),
         }
     } else {
         Settings {
             quick,
-            runs: 5,
-            window: Duration::from_secs(3),
+            runs: 7,
+            window: Duration::from_secs(2),
             warmup: Duration::from_secs(1),
             cpu_window: Duration::from_secs(10),
+            load_at_start: loadavg(),
         }
     };
     if std::env::var_os("RUST_LOG").is_some() {
@@ -191,7 +195,13 @@ fn main() -> Result<(), BoxError> {
     Ok(())
 }
 
-fn machine() -> Vec<(String, String)> {
+/// The 1, 5 and 15 minute load averages: how busy the machine was with other work.
+fn loadavg() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+fn machine(load_at_start: &str) -> Vec<(String, String)> {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -210,10 +220,9 @@ fn machine() -> Vec<(String, String)> {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     vec![
-        ("load average (1, 5, 15 min) when the report was written".into(), load),
+        ("load average (1, 5, 15 min) at the start".into(), load_at_start.into()),
+        ("load average (1, 5, 15 min) at the end".into(), loadavg()),
         ("CPU".into(), cpu),
         ("cores (nproc)".into(), cores.to_string()),
         ("kernel".into(), format!("Linux {kernel}")),
@@ -230,7 +239,8 @@ fn render(settings: &Settings, figures: &[Figure], took: Duration) -> String {
          after each request and a fixed 2 ms device turnaround.\n\n",
     );
     out += "## Machine\n\n";
-    let rows: Vec<Vec<String>> = machine().into_iter().map(|(k, v)| vec![k, v]).collect();
+    let rows: Vec<Vec<String>> =
+        machine(&settings.load_at_start).into_iter().map(|(k, v)| vec![k, v]).collect();
     out += &table(&["", ""], &rows);
     let _ = write!(
         out,
