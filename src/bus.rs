@@ -506,14 +506,20 @@ impl Engine {
             if Instant::now() >= quiet_at {
                 return Ok(());
             }
-            match timeout_at(quiet_at, port.read(&mut scratch)).await {
-                Err(_) => return Ok(()),
-                Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                Ok(Ok(n)) => {
+            // The silence is timed precisely: the 1 ms timer would add up to a whole
+            // t3.5 at 115200 baud (1.75 ms) to every transaction.
+            let read = tokio::select! {
+                // Cancel-safety: `read` is cancel-safe; a dropped sleep only ends early.
+                () = sleep_until_precise(quiet_at) => return Ok(()),
+                r = port.read(&mut scratch) => r,
+            };
+            match read {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
                     self.stats.noise_bytes.fetch_add(n as u64, Relaxed);
                     self.last_activity = Instant::now();
                 }
-                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -537,20 +543,28 @@ impl Engine {
         let deadline = drained + job.timeout;
         self.buf.clear();
         let mut scratch = [0u8; 256];
+        // The buffer as it stands has been judged at a silence already: judging it again
+        // before new bytes arrive cannot change the verdict (and, with the silence in the
+        // past, would spin on the CPU while a slow adapter delivers the rest of a frame).
+        let mut judged_silent = false;
         loop {
             // Frames we cannot length end at a t3.5 silence.
-            let silence_at = (!self.buf.is_empty()).then(|| self.last_activity + self.t35);
+            let silence_at = (!self.buf.is_empty() && !judged_silent).then(|| self.last_activity + self.t35);
             let wake = silence_at.map_or(deadline, |s| s.min(deadline));
             let silent = match timeout_at(wake, port.read(&mut scratch)).await {
                 Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
                 Ok(Ok(n)) => {
                     self.last_activity = Instant::now();
                     self.buf.extend_from_slice(&scratch[..n]);
+                    judged_silent = false;
                     false
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) if Instant::now() >= deadline => return Ok(Attempt::NoReply),
-                Err(_) => true,
+                Err(_) => {
+                    judged_silent = true;
+                    true
+                }
             };
             loop {
                 match self.framing.decode(job.unit, &job.request, &self.buf, silent) {
@@ -595,6 +609,41 @@ fn take_poll(heap: &mut BinaryHeap<Queued>, quarantine: &HashMap<u8, Instant>) -
     *heap = BinaryHeap::from(items);
     poll
 }
+
+/// Sleeps until `deadline`, accurate to well under a millisecond. tokio's timer wakes on
+/// 1 ms ticks, rounded up, which on a fast line is as long as the silences being timed;
+/// so the last stretch (at most ~2 ms) is slept on a blocking thread with the OS's
+/// high-resolution timer. Never wakes early. Cancel-safe: dropping it leaves at most one
+/// blocking thread finishing a short sleep.
+pub async fn sleep_until_precise(deadline: Instant) {
+    const COARSE_SLACK: Duration = Duration::from_millis(2);
+    if let Some(coarse) = deadline.checked_sub(COARSE_SLACK) {
+        if coarse > Instant::now() {
+            sleep_until(coarse).await;
+        }
+    }
+    if deadline <= Instant::now() {
+        return;
+    }
+    let until = deadline.into_std();
+    let precise = tokio::task::spawn_blocking(move || {
+        // The OS sleep overshoots by its timer slack (~50 us) plus a wake-up; sleep to
+        // just short of the deadline and spin the rest on this (blocking-pool) thread.
+        if let Some(nap) = until.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(nap.saturating_sub(SPIN));
+        }
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
+    });
+    if precise.await.is_err() {
+        // The blocking pool is gone (runtime shutting down): the coarse timer will do.
+        sleep_until(deadline).await;
+    }
+}
+
+/// The tail of a precise sleep spent spinning rather than in the OS's sleep.
+const SPIN: Duration = Duration::from_micros(150);
 
 /// What a broadcast "returns": the echo a unit would have sent, so callers see success.
 fn broadcast_echo(req: &Request<'_>) -> Response {

@@ -74,6 +74,15 @@ mod tests {
     }
 
     #[test]
+    fn pause_before_the_byte_count_is_not_the_end() {
+        let req = tokio_modbus::Request::ReadHoldingRegisters(0, 1);
+        assert!(matches!(decode_reply(1, &req, &[1, 3], true), Decoded::Incomplete));
+        let mut reply = Vec::new();
+        frame(1, &[3, 2, 0, 7], &mut reply);
+        assert!(matches!(decode_reply(1, &req, &reply, true), Decoded::Reply { len: 7, .. }));
+    }
+
+    #[test]
     fn timing() {
         let l = Line { baud: 9600, data_bits: 8, parity: Parity::Even, stop_bits: 1 };
         assert_eq!(bits_per_char(&l), 11);
@@ -93,6 +102,9 @@ pub fn decode_reply(unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8], s
     let want = request.function_code().value();
     let len = match crate::pdu::pdu_len(&buf[1..], false) {
         Some(n) => 1 + n + 2,
+        // Only the byte count is missing: the next byte tells the length, so a silence
+        // here is a pause inside the frame (an adapter's chunking), not its end.
+        None if buf.len() < 3 && matches!(function, 1..=4 | 17 | 23) => return Decoded::Incomplete,
         // A function we cannot length: the frame ends where the line went silent.
         None if silent && addr == unit && function & 0x7F == want => buf.len(),
         None if silent || function & 0x7F == 0 => {

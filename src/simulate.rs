@@ -18,6 +18,15 @@
 //! - with `[line]` a reply takes its wire time: bytes leave on an absolute schedule
 //!   (`start + k * char_time`), so sleep overshoot never accumulates; bytes the master
 //!   sends while a reply is on the wire are dropped, as a collision would.
+//! - with `[line]` on a pty (which delivers a request at once) the request's own wire
+//!   time is emulated too: the reply starts no earlier than
+//!   `first byte + wire(request) + t3.5 + turnaround`, as on a real line where the slave
+//!   sees the frame end at the t3.5 silence after its last character. The start and the last reply byte are timed
+//!   with [`crate::bus::sleep_until_precise`], not the 1 ms tokio timer, so the emulated
+//!   line is faithful to well under a millisecond.
+//! - with `[line]` every answered exchange is recorded ([`Exchange`]; the most recent
+//!   [`EXCHANGE_CAP`] are kept) so benchmarks can measure throughput and the silence the
+//!   master leaves between a reply and its next request.
 //! - no lock is held across an `.await`; the register map is a plain struct behind a
 //!   `std::sync::Mutex` shared by the serve loop and every [`SimHandle`].
 
@@ -45,6 +54,8 @@ pub use crate::simraw::{RawFault, RawSimConfig, RawSimStats};
 
 /// Most bytes of unframed input kept; older bytes are dropped as garbage.
 pub const INPUT_CAP: usize = 512;
+/// Most [`Exchange`]s kept (the oldest are dropped).
+pub const EXCHANGE_CAP: usize = 1 << 20;
 /// Silence that ends an unframed input when the config has no `[line]`.
 const IDLE_SILENCE: Duration = Duration::from_millis(2);
 
@@ -116,6 +127,21 @@ pub enum SimError {
 struct State {
     units: std::collections::BTreeMap<u8, Unit>,
     bus: BusStats,
+    exchanges: std::collections::VecDeque<Exchange>,
+}
+
+/// One answered request as the simulated line saw it (recorded with `[line]` only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exchange {
+    /// When the request's first byte arrived.
+    pub request_at: Instant,
+    /// Request frame length in bytes.
+    pub request_len: usize,
+    /// Reply frame length in bytes (noise before it included).
+    pub reply_len: usize,
+    /// When the reply's last byte was handed to the line (just before the write: the
+    /// master cannot have seen it earlier, so a master's silence is measured from here).
+    pub reply_end: Instant,
 }
 
 struct Shared {
@@ -156,6 +182,15 @@ pub struct SimHandle {
 struct Outgoing {
     bytes: Vec<u8>,
     delay: Duration,
+}
+
+/// When the request being answered arrived, for pacing and the exchange record.
+#[derive(Clone, Copy)]
+struct Arrival {
+    /// First byte read.
+    at: Instant,
+    /// Frame length.
+    len: usize,
 }
 
 /// Input framing state: bytes not yet part of a frame (no I/O; see module invariants).
@@ -282,7 +317,11 @@ impl Simulator {
         let raw = (!config.raw.is_empty()).then(|| crate::simraw::RawSim::new(&config.raw));
         Simulator {
             shared: Arc::new(Shared {
-                state: Mutex::new(State { units, bus: BusStats::default() }),
+                state: Mutex::new(State {
+                    units,
+                    bus: BusStats::default(),
+                    exchanges: std::collections::VecDeque::new(),
+                }),
                 epoch: Instant::now(),
                 raw,
             }),
@@ -317,6 +356,8 @@ impl Simulator {
         let mut framer = Framer { ascii: self.ascii, ..Framer::default() };
         let mut chunk = [0u8; 256];
         let mut silent = false;
+        // When the first byte still in the framer arrived.
+        let mut first_at = Instant::now();
         loop {
             while let Some(event) = framer.next(silent) {
                 let out = match event {
@@ -324,14 +365,20 @@ impl Simulator {
                         self.count_crc_error(unit);
                         None
                     }
-                    Event::Frame(f) => self.on_frame(&f),
+                    Event::Frame(f) => {
+                        let arrival = Arrival { at: first_at, len: f.len() };
+                        // What is left behind the frame arrived after it.
+                        first_at =
+                            self.timing.map_or(first_at, |l| first_at + rtu::wire_time(&l.line(), f.len()));
+                        self.on_frame(&f).map(|out| (out, arrival))
+                    }
                 };
-                if let Some(out) = out {
+                if let Some((out, arrival)) = out {
                     tokio::select! {
                         // Cancel-safety: a reply cut short by shutdown is what a device
                         // losing power mid-frame sends; nothing else is lost.
                         _ = shutdown.cancelled() => return Ok(()),
-                        r = self.send(&mut io, out, &mut framer) => r?,
+                        r = self.send(&mut io, out, arrival, &mut framer) => r?,
                     }
                 }
             }
@@ -353,7 +400,12 @@ impl Simulator {
             match read {
                 Err(_elapsed) => silent = true,
                 Ok(Ok(0)) => return Ok(()),
-                Ok(Ok(n)) => framer.push(&chunk[..n]),
+                Ok(Ok(n)) => {
+                    if framer.buf.is_empty() {
+                        first_at = Instant::now();
+                    }
+                    framer.push(&chunk[..n]);
+                }
                 // EIO: a pty master whose slave side nobody holds; wait for a reopen.
                 Ok(Err(e)) if e.raw_os_error() == Some(5) => {
                     tokio::select! {
@@ -486,37 +538,70 @@ impl Simulator {
         Some(Outgoing { bytes, delay })
     }
 
-    /// Sends a reply: after the turnaround (and a fault's delay), then, with `[line]`,
-    /// paced to its wire time on an absolute schedule. Bytes arriving while the reply is
-    /// on the wire are dropped (a collision on a half-duplex line).
-    async fn send<S>(&self, io: &mut S, out: Outgoing, framer: &mut Framer) -> Result<(), SimError>
+    /// Sends a reply: after the request's emulated wire time, t3.5 and the turnaround
+    /// (and a fault's delay), then, with `[line]`, paced to its wire time on an absolute
+    /// schedule. Bytes arriving while the reply is on the wire are dropped (a collision
+    /// on a half-duplex line).
+    async fn send<S>(
+        &self,
+        io: &mut S,
+        out: Outgoing,
+        arrival: Arrival,
+        framer: &mut Framer,
+    ) -> Result<(), SimError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let turnaround = self.timing.map_or(Duration::ZERO, |l| l.turnaround);
-        let start = Instant::now() + turnaround + out.delay;
-        tokio::time::sleep_until(start).await;
+        // On a pty the request arrived at once; on a real UART its wire time has passed.
+        let heard = match self.timing.filter(|_| self.pace) {
+            Some(l) => arrival.at + rtu::wire_time(&l.line(), arrival.len) + rtu::t35(&l.line()),
+            None => Instant::now(),
+        };
+        let start = heard.max(Instant::now()) + turnaround + out.delay;
+        crate::bus::sleep_until_precise(start).await;
         let Some(line) = self.timing.filter(|_| self.pace) else {
+            let at = Instant::now();
             io.write_all(&out.bytes).await?;
             io.flush().await?;
+            self.record(arrival, out.bytes.len(), at);
             return Ok(());
         };
         let ct = rtu::char_time(&line.line()).max(Duration::from_nanos(1));
         let n = out.bytes.len();
+        let end = start + ct * u32::try_from(n).unwrap_or(u32::MAX);
         let (mut sent, mut listening, mut scratch) = (0, true, [0u8; 64]);
+        // When the last write began: from then on the master may see the reply's end.
+        let mut last_write = start;
         while sent < n {
             // Byte k has left the wire at start + (k + 1) * ct.
-            let elapsed = Instant::now().saturating_duration_since(start);
+            let now = Instant::now();
+            let elapsed = now.saturating_duration_since(start);
             let due = usize::try_from(elapsed.as_nanos() / ct.as_nanos()).unwrap_or(n).min(n);
             if due > sent {
+                last_write = now;
                 io.write_all(&out.bytes[sent..due]).await?;
                 io.flush().await?;
                 sent = due;
                 continue;
             }
+            // The last byte is timed precisely (it is what the master waits for). The
+            // ones before only need to flow: the 1 ms timer is good enough for them, and
+            // near the end the precise sleeps go at most 1 ms at a time, so the reply
+            // never pauses longer than a chunk of a real UART would (a pause of t3.5
+            // would end the frame for the master).
             let next = start + ct * u32::try_from(sent + 1).unwrap_or(u32::MAX);
+            let now = Instant::now();
+            let precise = end.saturating_duration_since(now) < Duration::from_millis(3);
+            let wake = async {
+                if precise {
+                    crate::bus::sleep_until_precise(end.min(next.max(now + Duration::from_millis(1)))).await;
+                } else {
+                    tokio::time::sleep_until(next).await;
+                }
+            };
             tokio::select! {
-                _ = tokio::time::sleep_until(next) => {}
+                () = wake => {}
                 // Cancel-safety: `read` is cancel-safe; what it got is dropped anyway.
                 r = io.read(&mut scratch), if listening => match r {
                     Ok(k) if k > 0 => framer.garbage += k as u64,
@@ -524,8 +609,23 @@ impl Simulator {
                 },
             }
         }
+        self.record(arrival, n, last_write);
         self.count_garbage(framer);
         Ok(())
+    }
+
+    /// Records an answered exchange (with `[line]` only: without it there is no timing
+    /// worth recording).
+    fn record(&self, arrival: Arrival, reply_len: usize, reply_end: Instant) {
+        if self.timing.is_none() {
+            return;
+        }
+        let ex = Exchange { request_at: arrival.at, request_len: arrival.len, reply_len, reply_end };
+        let mut st = self.shared.lock();
+        if st.exchanges.len() >= EXCHANGE_CAP {
+            st.exchanges.pop_front();
+        }
+        st.exchanges.push_back(ex);
     }
 }
 
@@ -612,6 +712,12 @@ impl SimHandle {
     /// Bus-wide counters.
     pub fn bus_stats(&self) -> BusStats {
         self.shared.lock().bus
+    }
+
+    /// The exchanges recorded since the last call (oldest first), emptying the record.
+    /// Recorded only when the simulation has a `[line]`.
+    pub fn take_exchanges(&self) -> Vec<Exchange> {
+        self.shared.lock().exchanges.drain(..).collect()
     }
 
     /// The simulated unit ids, ascending.

@@ -327,7 +327,7 @@ fn timed_map(turnaround: &str) -> String {
     )
 }
 
-/// Time from the end of the request write to the last reply byte.
+/// Time from the request write (which a pty delivers at once) to the last reply byte.
 async fn timed_read(m: &mut SerialStream, qty: u8) -> (Duration, usize) {
     let t0 = Instant::now();
     let rsp = transact(m, 1, &[3, 0, 0, 0, qty], WAIT).await.expect("reply");
@@ -338,16 +338,19 @@ async fn timed_read(m: &mut SerialStream, qty: u8) -> (Duration, usize) {
 #[tokio::test]
 async fn replies_take_their_wire_time() {
     let char_time = 11.0 / 9600.0;
+    // The simulator also emulates the 8-byte request's wire time and the t3.5 silence
+    // that ends it before the reply starts.
+    let request = 8.0 * char_time + 3.5 * char_time;
     let mut r = rig(&timed_map("0ms"));
     let (took, len) = timed_read(&mut r.master, 10).await;
     assert_eq!(len, 25);
-    let expect = 25.0 * char_time;
+    let expect = request + 25.0 * char_time;
     let took = took.as_secs_f64();
     assert!(took >= expect * 0.9 && took <= expect * 1.5, "10 registers took {took}s, wire time {expect}s");
     // A 255-byte frame: the absolute schedule keeps the total within a few percent.
     let (took, len) = timed_read(&mut r.master, 125).await;
     assert_eq!(len, 255);
-    let expect = 255.0 * char_time;
+    let expect = request + 255.0 * char_time;
     let took = took.as_secs_f64();
     assert!(
         took >= expect * 0.97 && took <= expect * 1.15,
@@ -356,7 +359,7 @@ async fn replies_take_their_wire_time() {
 
     let mut r = rig(&timed_map("50ms"));
     let (took, _) = timed_read(&mut r.master, 10).await;
-    let expect = 0.05 + 25.0 * char_time;
+    let expect = request + 0.05 + 25.0 * char_time;
     let took = took.as_secs_f64();
     assert!(
         took >= expect * 0.95 && took <= expect * 1.5,
