@@ -89,7 +89,20 @@ pub enum SpoolError {
         /// The spool file.
         path: PathBuf,
     },
+    /// The peer acknowledged a seq no spool can reach (above [`MAX_ACK`]): a broken
+    /// peer, not a reset spool; nothing is removed or renumbered.
+    #[error("spool {path}: the peer acknowledged seq {seq}, above the largest a spool can issue ({MAX_ACK})")]
+    AckRange {
+        /// The spool file.
+        path: PathBuf,
+        /// The seq the peer sent.
+        seq: u64,
+    },
 }
+
+/// The largest seq a peer may acknowledge. Seqs are stored as SQLite integers (i64); a
+/// renumbering after a reset must stay well inside that range.
+pub const MAX_ACK: u64 = (i64::MAX as u64) / 2;
 
 /// A stored batch: its seq and its (point, sample) pairs.
 pub type StoredBatch = (u64, Vec<(String, Sample)>);
@@ -371,6 +384,9 @@ impl Spool {
     /// discard it, and `next_seq` continues after them; nothing is removed.
     pub fn ack(&mut self, upto: u64) -> Result<usize, SpoolError> {
         if upto >= self.next_seq {
+            if upto > MAX_ACK {
+                return Err(SpoolError::AckRange { path: self.path.clone(), seq: upto });
+            }
             self.rebase(upto)?;
             return Ok(0);
         }
@@ -586,6 +602,24 @@ mod tests {
         assert_eq!(s.append(&batch(1, 3)).expect("append"), 503);
         drop(s);
         assert_eq!(open(&dir, SpoolLimits::default()).next_seq(), 504);
+    }
+
+    #[test]
+    fn ack_of_an_impossible_seq_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = open(&dir, SpoolLimits::default());
+        s.append(&batch(1, 1)).expect("append");
+        s.append(&batch(1, 2)).expect("append");
+        // A peer's Ack or Hello.resume of u64::MAX overflowed the renumbering (a panic,
+        // or negative seqs in SQLite).
+        for seq in [u64::MAX, i64::MAX as u64, MAX_ACK + 1] {
+            assert!(matches!(s.ack(seq), Err(SpoolError::AckRange { seq: got, .. }) if got == seq));
+        }
+        assert_eq!(s.next_seq(), 3);
+        let seqs: Vec<u64> = s.read_from(0, 10).expect("read").iter().map(|b| b.0).collect();
+        assert_eq!(seqs, [1, 2]);
+        assert_eq!(s.ack(MAX_ACK).expect("largest ack renumbers"), 0);
+        assert_eq!(s.next_seq(), MAX_ACK + 3);
     }
 
     #[test]
