@@ -43,6 +43,9 @@ use crate::value::Sample;
 
 const SCHEMA_VERSION: i64 = 1;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Drops recur at every append while a peer stays away: ERROR at most this often, with
+/// what was dropped since the last ERROR; debug in between.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Errors of the spool; each names the spool file.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +158,9 @@ pub struct Spool {
     dropped: Dropped,
     /// Reused encode buffer, so a 1000-sample append does not reallocate.
     buf: BytesMut,
+    /// When drops were last logged at ERROR, and what was dropped since.
+    drop_logged: Option<std::time::Instant>,
+    unlogged: Dropped,
 }
 
 impl Spool {
@@ -219,6 +225,8 @@ impl Spool {
             pending: Pending { batches: batches as u64, samples: samples as u64, bytes: bytes as u64 },
             dropped,
             buf: BytesMut::new(),
+            drop_logged: None,
+            unlogged: Dropped::default(),
         })
     }
 
@@ -326,17 +334,25 @@ impl Spool {
         self.pending.bytes -= bytes;
         self.dropped.batches += batches;
         self.dropped.samples += samples;
+        self.unlogged.batches += batches;
+        self.unlogged.samples += samples;
+        if self.drop_logged.is_some_and(|t| t.elapsed() < DROP_LOG_EVERY) {
+            tracing::debug!(spool = %self.path.display(), batches, samples, upto_seq = cut, "spool dropped the oldest batches");
+            return Ok(());
+        }
+        self.drop_logged = Some(std::time::Instant::now());
+        let Dropped { batches, samples } = std::mem::take(&mut self.unlogged);
         tracing::error!(
             spool = %self.path.display(),
             dropped_batches = batches,
             dropped_samples = samples,
-            dropped_bytes = bytes,
             upto_seq = cut,
             total_dropped_batches = self.dropped.batches,
             total_dropped_samples = self.dropped.samples,
             max_bytes = self.limits.max_bytes,
             max_age = ?self.limits.max_age,
-            "spool over its limits: dropped the oldest batches, data lost"
+            "spool over its limits: dropped the oldest batches, data lost (counts since the last such line; \
+             repeated at most every {DROP_LOG_EVERY:?})"
         );
         Ok(())
     }
@@ -620,6 +636,48 @@ mod tests {
         assert_eq!(seqs, [1, 2]);
         assert_eq!(s.ack(MAX_ACK).expect("largest ack renumbers"), 0);
         assert_eq!(s.next_seq(), MAX_ACK + 3);
+    }
+
+    /// Every line written through a `fmt` subscriber while `f` runs.
+    fn logged(f: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt().with_ansi(false).with_writer(move || w.clone()).finish();
+        tracing::subscriber::with_default(sub, f);
+        let bytes = buf.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn a_spool_that_stays_full_logs_one_error_not_one_per_append() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let one = {
+            let mut b = BytesMut::new();
+            proto::encode_samples(&batch(10, 0), &mut b).expect("encode");
+            b.len() as u64
+        };
+        let limits = SpoolLimits { max_bytes: one * 3, max_age: Duration::from_secs(3600) };
+        let mut s = open(&dir, limits);
+        let log = logged(|| {
+            for i in 0..50 {
+                s.append(&batch(10, i)).expect("append");
+            }
+        });
+        assert_eq!(s.dropped().batches, 47);
+        let errors = log.lines().filter(|l| l.contains("ERROR")).count();
+        assert_eq!(errors, 1, "{log}");
     }
 
     #[test]
