@@ -333,6 +333,10 @@ impl Engine {
         let mut last_error = String::from("not opened yet");
         let mut quarantine: HashMap<u8, Instant> = HashMap::new();
         let mut pass_streak = 0u32;
+        // The open port has carried a transaction (whatever the device said): a port
+        // that fails before that is flapping (accepts the open, fails the I/O) and is
+        // reopened with back-off, not at the poll rate.
+        let mut proven = false;
         loop {
             if port.is_none() && Instant::now() >= next_open {
                 let opened = tokio::select! {
@@ -345,7 +349,7 @@ impl Engine {
                         self.stats.opens.fetch_add(1, Relaxed);
                         info!("serial port open");
                         port = Some(p);
-                        backoff = Duration::from_millis(100);
+                        proven = false;
                         self.last_activity = Instant::now();
                     }
                     Err(e) => {
@@ -432,12 +436,27 @@ impl Engine {
             let outcome = self.transaction(p.as_mut(), &job).await;
             self.stats.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
             let outcome = match outcome {
-                Ok(r) => r,
+                Ok(r) => {
+                    if !proven {
+                        proven = true;
+                        backoff = Duration::from_millis(100);
+                    }
+                    r
+                }
                 Err(e) => {
-                    warn!(error = %e, "serial port failed; reopening");
-                    last_error = format!("{e}");
+                    let e = format!("{e}");
+                    if proven {
+                        warn!(error = %e, "serial port failed; reopening");
+                        next_open = Instant::now();
+                    } else {
+                        if e != last_error {
+                            warn!(error = %e, retry_in = ?backoff, "serial port fails as soon as it is open; reopening with back-off");
+                        }
+                        next_open = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(self.reopen_max);
+                    }
+                    last_error = e;
                     port = None;
-                    next_open = Instant::now();
                     Err(BusError::PortDown(last_error.clone()))
                 }
             };
@@ -691,5 +710,67 @@ impl BusStats {
             queue_full: c(&self.queue_full),
             busy_ns: c(&self.busy_ns),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn line() -> Line {
+        Line { baud: 115_200, data_bits: 8, parity: Parity::None, stop_bits: 1 }
+    }
+
+    fn job() -> (Job, oneshot::Receiver<Result<Response, BusError>>) {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            unit: 1,
+            request: Request::ReadHoldingRegisters(0, 1),
+            priority: Priority::PassThrough,
+            timeout: Duration::from_millis(50),
+            turnaround: Duration::ZERO,
+            retries: 0,
+            reply,
+        };
+        (job, rx)
+    }
+
+    /// A port that opens fine and fails its first I/O (a device server that accepts the
+    /// connection and closes it) was reopened at once for every queued job: one open and
+    /// one WARN per poll, for ever.
+    #[tokio::test]
+    async fn a_port_that_fails_right_after_opening_is_reopened_with_back_off() {
+        let opens = Arc::new(AtomicUsize::new(0));
+        let counted = opens.clone();
+        let open = move || {
+            counted.fetch_add(1, Relaxed);
+            async {
+                // The far end is gone: reads see EOF, writes fail.
+                let (near, far) = tokio::io::duplex(64);
+                drop(far);
+                Ok(Box::new(near) as Box<dyn Port>)
+            }
+        };
+        let engine = Engine::new(
+            "b".into(),
+            line(),
+            Box::new(rtu::Rtu),
+            8,
+            Duration::from_secs(30),
+            Arc::new(BusStats::default()),
+        );
+        let (tx, rx) = mpsc::channel(8);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(engine.run(rx, open, shutdown.clone()));
+        for _ in 0..20 {
+            let (job, reply) = job();
+            tx.send(job).await.expect("bus runs");
+            let got = reply.await.expect("answered");
+            assert!(matches!(got, Err(BusError::PortDown(_))), "{got:?}");
+        }
+        assert!(opens.load(Relaxed) <= 2, "{} opens for 20 jobs", opens.load(Relaxed));
+        shutdown.cancel();
+        task.await.expect("bus stops");
     }
 }

@@ -45,6 +45,10 @@ use toml::Spanned;
 
 use crate::model::Model;
 
+/// The longest duration any key accepts: ten years. Beyond it a deadline
+/// (`Instant::now() + d`) or a back-off doubling could overflow and panic at run time.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
 /// Everything that can go wrong loading a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -283,8 +287,8 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// A duration key (`"200ms"`, `"1s"`, `"1m 30s"`) of at least `min`; `default` when
-    /// absent or wrong.
+    /// A duration key (`"200ms"`, `"1s"`, `"1m 30s"`) of at least `min` and at most
+    /// [`MAX_DURATION`]; `default` when absent or wrong.
     fn duration(
         &mut self,
         value: Option<&Spanned<String>>,
@@ -293,7 +297,7 @@ impl<'a> Checker<'a> {
         path: &str,
         key: &str,
     ) -> Duration {
-        self.duration_within(value, default, min..=Duration::MAX, path, key)
+        self.duration_within(value, default, min..=MAX_DURATION, path, key)
     }
 
     /// A duration key that must lie in `range`; `default` when absent or wrong.
@@ -494,6 +498,18 @@ data_dir = "/var/lib/gw"
         let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(paths, ["peer \"a\"", "peer \"a\"", "peer \"a\"", "peer \"a\" send[0]"], "{problems:#?}");
         assert!(problems[0].message.contains("own name"), "{problems:#?}");
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_not_a_run_time_panic() {
+        // Accepted before, then `Instant::now() + d` overflowed when the task started.
+        let text = "[gateway]\nname = \"a\"\nsummary_interval = \"300000000000y\"\n";
+        let Err(ConfigError::Invalid(problems)) = parse(text, "g.toml") else {
+            panic!("expected validation problems");
+        };
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(problems[0].message.contains("above the maximum of 10years"), "{problems:#?}");
+        assert!(parse("[gateway]\nname = \"a\"\nsummary_interval = \"10y\"\n", "g.toml").is_ok());
     }
 
     #[test]

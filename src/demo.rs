@@ -220,15 +220,24 @@ pub async fn run(
     if let Some(addr) = gateway.server_addr {
         println!("demo: modbus-tcp server on {addr} (point a Modbus-TCP master at it)");
     }
-    let end = tokio::time::Instant::now() + duration;
-    let mut tick = tokio::time::interval(every);
+    // `--for` of centuries means "until Ctrl-C"; `--every 0s` means "as often as useful"
+    // (an overflowing deadline and a zero interval would panic).
+    let end = tokio::time::Instant::now().checked_add(duration);
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    let until_end = async move {
+        match end {
+            Some(end) => tokio::time::sleep_until(end).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(until_end);
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 print!("\n== {local}: polled from the simulated plant =={}", table(&gateway.image));
                 print!("\n== {peer_name}: received from {local} over the link =={}", table(&peer.image));
             }
-            () = tokio::time::sleep_until(end) => break,
+            () = &mut until_end => break,
             () = shutdown.cancelled() => break,
         }
     }

@@ -26,10 +26,10 @@
 //! Values only reach the PLC: quality is not written (a bad-quality sample writes the
 //! last value, the same number).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
@@ -351,7 +351,14 @@ pub fn start(
     tracker.spawn(fwd.run(shutdown.clone()));
     let stats = Arc::new(PlcStats::default());
     let targets = plc.map.iter().flat_map(|m| &m.targets).map(|t| (t.point.clone(), t.clone())).collect();
-    let sender = Sender { plc: plc.clone(), targets, spool: spool.clone(), stats: stats.clone(), connected };
+    let sender = Sender {
+        plc: plc.clone(),
+        targets,
+        spool: spool.clone(),
+        stats: stats.clone(),
+        connected,
+        unencodable: Mutex::default(),
+    };
     tracker.spawn(sender.run(shutdown.clone()).instrument(info_span!("plc", plc = %plc.name)));
     Ok(PlcHandle { name: plc.name.clone(), stats, spool })
 }
@@ -368,6 +375,9 @@ struct Sender {
     spool: SpoolHandle,
     stats: Arc<PlcStats>,
     connected: watch::Sender<bool>,
+    /// Points whose last value could not be encoded (logged once, until one encodes):
+    /// a value out of the target's range usually stays out for many samples.
+    unencodable: Mutex<HashSet<String>>,
 }
 
 impl Sender {
@@ -544,11 +554,21 @@ impl Sender {
             return None;
         };
         let value = sample.value.as_ref()?;
+        let unencodable = || self.unencodable.lock().unwrap_or_else(|e| e.into_inner());
         match encode(target, value) {
-            Ok(e) => Some((target, e)),
+            Ok(e) => {
+                if unencodable().remove(name) {
+                    info!(point = %name, "values of the point can be written to the plc again");
+                }
+                Some((target, e))
+            }
             Err(e) => {
                 self.stats.dropped.fetch_add(1, Relaxed);
-                warn!(point = %name, address = target.address, error = %e, "value cannot be written to the plc; skipped");
+                if unencodable().insert(name.to_string()) {
+                    error!(point = %name, address = target.address, error = %e, "value cannot be written to the plc; skipped, value lost (logged once until a value of the point fits again)");
+                } else {
+                    debug!(point = %name, error = %e, "value cannot be written to the plc; skipped");
+                }
                 None
             }
         }

@@ -43,6 +43,9 @@ use crate::value::Sample;
 
 const SCHEMA_VERSION: i64 = 1;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Drops recur at every append while a peer stays away: ERROR at most this often, with
+/// what was dropped since the last ERROR; debug in between.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Errors of the spool; each names the spool file.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +92,20 @@ pub enum SpoolError {
         /// The spool file.
         path: PathBuf,
     },
+    /// The peer acknowledged a seq no spool can reach (above [`MAX_ACK`]): a broken
+    /// peer, not a reset spool; nothing is removed or renumbered.
+    #[error("spool {path}: the peer acknowledged seq {seq}, above the largest a spool can issue ({MAX_ACK})")]
+    AckRange {
+        /// The spool file.
+        path: PathBuf,
+        /// The seq the peer sent.
+        seq: u64,
+    },
 }
+
+/// The largest seq a peer may acknowledge. Seqs are stored as SQLite integers (i64); a
+/// renumbering after a reset must stay well inside that range.
+pub const MAX_ACK: u64 = (i64::MAX as u64) / 2;
 
 /// A stored batch: its seq and its (point, sample) pairs.
 pub type StoredBatch = (u64, Vec<(String, Sample)>);
@@ -142,6 +158,9 @@ pub struct Spool {
     dropped: Dropped,
     /// Reused encode buffer, so a 1000-sample append does not reallocate.
     buf: BytesMut,
+    /// When drops were last logged at ERROR, and what was dropped since.
+    drop_logged: Option<std::time::Instant>,
+    unlogged: Dropped,
 }
 
 impl Spool {
@@ -206,6 +225,8 @@ impl Spool {
             pending: Pending { batches: batches as u64, samples: samples as u64, bytes: bytes as u64 },
             dropped,
             buf: BytesMut::new(),
+            drop_logged: None,
+            unlogged: Dropped::default(),
         })
     }
 
@@ -313,17 +334,25 @@ impl Spool {
         self.pending.bytes -= bytes;
         self.dropped.batches += batches;
         self.dropped.samples += samples;
+        self.unlogged.batches += batches;
+        self.unlogged.samples += samples;
+        if self.drop_logged.is_some_and(|t| t.elapsed() < DROP_LOG_EVERY) {
+            tracing::debug!(spool = %self.path.display(), batches, samples, upto_seq = cut, "spool dropped the oldest batches");
+            return Ok(());
+        }
+        self.drop_logged = Some(std::time::Instant::now());
+        let Dropped { batches, samples } = std::mem::take(&mut self.unlogged);
         tracing::error!(
             spool = %self.path.display(),
             dropped_batches = batches,
             dropped_samples = samples,
-            dropped_bytes = bytes,
             upto_seq = cut,
             total_dropped_batches = self.dropped.batches,
             total_dropped_samples = self.dropped.samples,
             max_bytes = self.limits.max_bytes,
             max_age = ?self.limits.max_age,
-            "spool over its limits: dropped the oldest batches, data lost"
+            "spool over its limits: dropped the oldest batches, data lost (counts since the last such line; \
+             repeated at most every {DROP_LOG_EVERY:?})"
         );
         Ok(())
     }
@@ -371,6 +400,9 @@ impl Spool {
     /// discard it, and `next_seq` continues after them; nothing is removed.
     pub fn ack(&mut self, upto: u64) -> Result<usize, SpoolError> {
         if upto >= self.next_seq {
+            if upto > MAX_ACK {
+                return Err(SpoolError::AckRange { path: self.path.clone(), seq: upto });
+            }
             self.rebase(upto)?;
             return Ok(0);
         }
@@ -586,6 +618,66 @@ mod tests {
         assert_eq!(s.append(&batch(1, 3)).expect("append"), 503);
         drop(s);
         assert_eq!(open(&dir, SpoolLimits::default()).next_seq(), 504);
+    }
+
+    #[test]
+    fn ack_of_an_impossible_seq_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = open(&dir, SpoolLimits::default());
+        s.append(&batch(1, 1)).expect("append");
+        s.append(&batch(1, 2)).expect("append");
+        // A peer's Ack or Hello.resume of u64::MAX overflowed the renumbering (a panic,
+        // or negative seqs in SQLite).
+        for seq in [u64::MAX, i64::MAX as u64, MAX_ACK + 1] {
+            assert!(matches!(s.ack(seq), Err(SpoolError::AckRange { seq: got, .. }) if got == seq));
+        }
+        assert_eq!(s.next_seq(), 3);
+        let seqs: Vec<u64> = s.read_from(0, 10).expect("read").iter().map(|b| b.0).collect();
+        assert_eq!(seqs, [1, 2]);
+        assert_eq!(s.ack(MAX_ACK).expect("largest ack renumbers"), 0);
+        assert_eq!(s.next_seq(), MAX_ACK + 3);
+    }
+
+    /// Every line written through a `fmt` subscriber while `f` runs.
+    fn logged(f: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt().with_ansi(false).with_writer(move || w.clone()).finish();
+        tracing::subscriber::with_default(sub, f);
+        let bytes = buf.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn a_spool_that_stays_full_logs_one_error_not_one_per_append() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let one = {
+            let mut b = BytesMut::new();
+            proto::encode_samples(&batch(10, 0), &mut b).expect("encode");
+            b.len() as u64
+        };
+        let limits = SpoolLimits { max_bytes: one * 3, max_age: Duration::from_secs(3600) };
+        let mut s = open(&dir, limits);
+        let log = logged(|| {
+            for i in 0..50 {
+                s.append(&batch(10, i)).expect("append");
+            }
+        });
+        assert_eq!(s.dropped().batches, 47);
+        let errors = log.lines().filter(|l| l.contains("ERROR")).count();
+        assert_eq!(errors, 1, "{log}");
     }
 
     #[test]

@@ -278,6 +278,10 @@ impl Task {
         let mut backoff = REOPEN_MIN;
         let mut next_open = Instant::now();
         let mut last_error = String::new();
+        // The open port has carried a byte: a port that fails before that (a device
+        // server that accepts and closes) keeps its back-off and warns once.
+        let mut proven = false;
+        let mut last_failure = String::new();
         let mut packet = BytesMut::new();
         let mut last_byte = Instant::now();
         let mut rbuf = vec![0u8; self.t.max_packet.clamp(64, 4096)];
@@ -299,8 +303,12 @@ impl Task {
                         (port_rd, port_wr) = (Some(rd), Some(wr));
                         self.counters.port_open.store(true, Relaxed);
                         self.counters.opens.fetch_add(1, Relaxed);
-                        info!("tunnel port open");
-                        backoff = REOPEN_MIN;
+                        if proven || last_failure.is_empty() {
+                            info!("tunnel port open");
+                        } else {
+                            debug!("tunnel port open");
+                        }
+                        proven = false;
                         last_error.clear();
                     }
                     Err(e) => {
@@ -320,6 +328,7 @@ impl Task {
                     Ok(0) => failed = Some("end of file".into()),
                     Ok(n) => {
                         last_byte = Instant::now();
+                        proven = true;
                         let mut data = &rbuf[..n];
                         while !data.is_empty() {
                             let take = (self.t.max_packet - packet.len()).min(data.len());
@@ -340,6 +349,7 @@ impl Task {
                 r = write_port(&mut port_wr, wq.front().map_or(&[][..], |b| &b[..])), if !wq.is_empty() => match r {
                     Ok(0) => failed = Some("port takes no more bytes".into()),
                     Ok(n) => {
+                        proven = true;
                         wq_bytes -= n;
                         self.counters.bytes_in.fetch_add(n as u64, Relaxed);
                         if let Some(front) = wq.front_mut() {
@@ -369,7 +379,16 @@ impl Task {
                 () = shutdown.cancelled() => break,
             }
             if let Some(e) = failed.take() {
-                warn!(error = %e, "tunnel port failed; reopening");
+                if proven {
+                    backoff = REOPEN_MIN;
+                }
+                if proven || e != last_failure {
+                    warn!(error = %e, retry_in = ?backoff, "tunnel port failed; reopening");
+                } else {
+                    debug!(error = %e, retry_in = ?backoff, "tunnel port failed again right after opening");
+                }
+                // After a port that worked, the next open is news again.
+                last_failure = if proven { String::new() } else { e };
                 (port_rd, port_wr) = (None, None);
                 self.counters.port_open.store(false, Relaxed);
                 if !packet.is_empty() {
@@ -499,6 +518,47 @@ pub fn describe(tunnels: &[Tunnel]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A device server that accepts every connection and closes it at once: the port
+    /// opens fine and fails at the first read. It was reopened every 100 ms for ever
+    /// (the back-off restarted at each open), with a WARN and an INFO each time.
+    #[tokio::test]
+    async fn a_port_that_fails_right_after_opening_backs_off() {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let accepts = tokio::spawn(async move {
+            loop {
+                let Ok((conn, _)) = server.accept().await else { return };
+                drop(conn);
+            }
+        });
+        let tunnel = Tunnel {
+            name: "t".into(),
+            peer: "p".into(),
+            port: format!("tcp://{addr}"),
+            line: crate::model::Line {
+                baud: 9600,
+                data_bits: 8,
+                parity: crate::model::Parity::None,
+                stop_bits: 1,
+            },
+            silence: Duration::from_millis(5),
+            max_packet: 256,
+            on_link_down: OnLinkDown::Drop,
+            reopen_max: Duration::from_secs(30),
+        };
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let handle = spawn(&tunnel, Arc::new(TunnelHub::default()), shutdown.clone(), &tracker);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // With back-off: opens at about 0, 0.1, 0.3, 0.7 s; without: every 0.1 s.
+        let opens = handle.stats().opens;
+        assert!((1..=5).contains(&opens), "{opens} opens in 1.2 s");
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        accepts.abort();
+    }
 
     fn hub_with_session(cap: usize) -> (Arc<TunnelHub>, Arc<Mutex<Vec<Frame>>>) {
         let hub = Arc::new(TunnelHub::default());

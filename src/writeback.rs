@@ -9,12 +9,13 @@
 //! (the process start counts as the start of an outage); `OnLoss::Keep` writes nothing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use crate::model::{OnLoss, WriteBack};
 use crate::value::{Quality, Sample, Value};
@@ -66,6 +67,9 @@ pub struct WriteBacks {
     writer: Writer,
     offer: Offer,
     connected: watch::Receiver<bool>,
+    /// Per rule: its last write failed (and was logged); the next failures are debug
+    /// lines until one succeeds, so a dead target does not log a WARN per batch.
+    failing: Vec<AtomicBool>,
 }
 
 impl WriteBacks {
@@ -78,6 +82,7 @@ impl WriteBacks {
             writer,
             offer: Offer { from: Arc::new(from), latest: Arc::default(), notify: Arc::default() },
             connected,
+            failing: rules.iter().map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -152,12 +157,67 @@ impl WriteBacks {
         match self.writer.write(&w.to, value).await {
             Ok(()) => {
                 info!(from = %w.from, to = %w.to, %value, why, "write-back");
+                if self.failing.get(i).is_some_and(|f| f.swap(false, Relaxed)) {
+                    info!(from = %w.from, to = %w.to, "write-back works again");
+                }
                 true
             }
             Err(e) => {
-                warn!(from = %w.from, to = %w.to, %value, why, error = %e, "write-back failed");
+                if self.failing.get(i).is_some_and(|f| f.swap(true, Relaxed)) {
+                    debug!(from = %w.from, to = %w.to, %value, why, error = %e, "write-back failed again");
+                } else {
+                    warn!(from = %w.from, to = %w.to, %value, why, error = %e, "write-back failed; retried with the next value received");
+                }
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A target that cannot be written (here: not a known point; in the field, a device
+    /// that stopped answering) logged a WARN for every batch the peer sent.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failing_target_warns_once_not_per_batch() {
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt().with_ansi(false).with_writer(move || w.clone()).finish();
+        let _guard = tracing::subscriber::set_default(sub);
+        let rule = WriteBack {
+            from: "pump.speed".into(),
+            to: "nowhere.setpoint".into(),
+            on_loss: OnLoss::Keep,
+            loss_after: Duration::from_secs(30),
+        };
+        let (_connected_tx, connected) = watch::channel(true);
+        let wb = WriteBacks::new("b", &[rule], Writer::default(), connected);
+        let offer = wb.offer();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(wb.run(shutdown.clone()));
+        for i in 0..5 {
+            let sample = Sample { value: Some(Value::Int(i)), at: SystemTime::now(), quality: Quality::Good };
+            offer.offer([("pump.speed", &sample)]);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        shutdown.cancel();
+        task.await.expect("write-back task stops");
+        let log = String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+        assert_eq!(log.lines().filter(|l| l.contains("WARN")).count(), 1, "{log}");
     }
 }

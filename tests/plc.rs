@@ -249,6 +249,53 @@ async fn values_arrive_encoded_in_one_request_per_block() {
     server.abort();
 }
 
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A value out of its target's range is lost (ERROR), but while the point stays out of
+/// range it was one WARN per sample: now one ERROR, then quiet until a value fits again.
+#[tokio::test(flavor = "current_thread")]
+async fn a_point_out_of_range_logs_one_error_not_one_per_sample() {
+    let buf = LogBuf::default();
+    let w = buf.clone();
+    let sub = tracing_subscriber::fmt().with_ansi(false).with_writer(move || w.clone()).finish();
+    let _guard = tracing::subscriber::set_default(sub);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = Shared::default();
+    let (addr, server) = serve_plc("127.0.0.1:0".parse().expect("addr"), state.clone()).await;
+    let plc = plc_model(addr, &dir.path().join("plc.db"), "deliver = \"all\"");
+    let sink = Sink::start(&plc, image_with_values());
+    wait_until("values at the plc", SECS(5), || holding(&state, 100) == Some(1234)).await;
+    // d.a is a u16 target: negative values do not fit.
+    for i in 1..=5 {
+        sink.set("d.a", Value::Int(-i));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    sink.set("d.a", Value::UInt(7));
+    wait_until("d.a written again", SECS(5), || holding(&state, 100) == Some(7)).await;
+    assert_eq!(
+        sink.handle.stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        5,
+        "every value counted"
+    );
+    sink.stop().await;
+    server.abort();
+    let log = String::from_utf8_lossy(&buf.0.lock().expect("log buffer")).into_owned();
+    let lost: Vec<&str> = log.lines().filter(|l| l.contains("cannot be written to the plc")).collect();
+    assert_eq!(lost.len(), 1, "{log}");
+    assert!(lost[0].contains("ERROR"), "{log}");
+}
+
 /// Writes to register 100 (d.a) seen since `from`.
 fn a_values(state: &Shared, from: usize) -> Vec<u16> {
     log(state)[from..]
