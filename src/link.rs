@@ -78,6 +78,9 @@ const WRITES_AT_ONCE: usize = 4;
 /// Received points never go stale by age here: the sender re-sends at least every
 /// `max_silence`, and the sender's own quality travels with each sample.
 const REMOTE_STALE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// Most distinct point names one peer may create in our image: a bound on the memory a
+/// (buggy, but authenticated) peer can make us hold. Far above any real plant.
+pub const MAX_PEER_POINTS: usize = 100_000;
 
 /// The TLS stream of a link (client side when we dial, server side when we accept).
 pub type Stream = TlsStream<TcpStream>;
@@ -720,21 +723,34 @@ impl Task {
         debug!(seq, samples = samples.len(), values = %BatchValues(samples), "batch applied");
         let peer = &self.link.peer.name;
         let image = &self.link.image;
+        let mut refused = 0usize;
         let updates: Vec<(PointId, Sample)> = samples
             .iter()
-            .map(|(point, sample)| {
+            .filter_map(|(point, sample)| {
                 let name = format!("{peer}/{point}");
                 let id = match self.names.get(&name) {
                     Some(id) => *id,
+                    None if self.names.len() >= MAX_PEER_POINTS => {
+                        refused += 1;
+                        return None;
+                    }
                     None => {
                         let id = image.register(&name, REMOTE_STALE);
                         self.names.insert(name, id);
                         id
                     }
                 };
-                (id, sample.clone())
+                Some((id, sample.clone()))
             })
             .collect();
+        if refused > 0 {
+            // Values are lost and the peer's configuration needs a look: error level.
+            error!(
+                refused,
+                limit = MAX_PEER_POINTS,
+                "peer sends more distinct points than allowed; values dropped"
+            );
+        }
         image.update(updates);
         self.link.writeback.offer(samples.iter().map(|(p, s)| (p.as_str(), s)));
         self.counters.applied.fetch_add(1, Relaxed);

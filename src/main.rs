@@ -78,10 +78,10 @@ enum Command {
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
         /// How long to run (0 = until Ctrl-C).
-        #[arg(long = "for", default_value = "15s", value_parser = humantime::parse_duration)]
+        #[arg(long = "for", default_value = "15s", value_parser = duration)]
         duration: Duration,
         /// How often to print the values.
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "2s", value_parser = duration)]
         every: Duration,
     },
 }
@@ -167,7 +167,7 @@ struct PollArgs {
     #[arg(long)]
     length: Option<usize>,
     /// Line silence that ends a raw reply (--end silence).
-    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "20ms", value_parser = duration)]
     silence: Duration,
     /// Data bits (7 for some ASCII devices).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(7..=8))]
@@ -191,7 +191,7 @@ struct PollArgs {
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
     /// Response timeout.
-    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "500ms", value_parser = duration)]
     timeout: Duration,
     /// Retries after a timeout.
     #[arg(long, default_value_t = 0)]
@@ -200,11 +200,24 @@ struct PollArgs {
     #[arg(long, default_value_t = 1)]
     repeat: u32,
     /// Pause between repeated reads.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = duration)]
     interval: Duration,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// A duration argument ("500ms", "2s"), at most the longest duration a config may hold,
+/// so that deadlines computed from it cannot overflow.
+fn duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d > config::MAX_DURATION {
+        return Err(format!(
+            "{text} is above the maximum of {}",
+            humantime::format_duration(config::MAX_DURATION)
+        ));
+    }
+    Ok(d)
 }
 
 fn main() -> ExitCode {

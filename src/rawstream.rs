@@ -25,6 +25,9 @@ use crate::model::{Bus, Line, RawDevice};
 use crate::rawpoll::{RawStats, apply_frame, register};
 use crate::value::Quality;
 
+/// How long a port must have worked before a failure reopens it without back-off.
+const STABLE: Duration = Duration::from_secs(10);
+
 /// The task of one stream bus.
 pub struct Stream {
     port: String,
@@ -61,14 +64,19 @@ impl Stream {
             match open_serial(&self.port, &self.line) {
                 Ok(port) => {
                     info!("serial port open");
-                    backoff = Duration::from_millis(100);
                     last_error.clear();
+                    let opened = tokio::time::Instant::now();
                     match self.read(port, &shutdown).await {
                         Ok(()) => break,
                         Err(e) => {
                             warn!(error = %e, "serial port failed; reopening");
                             self.image.fail(self.ids.iter().copied(), Quality::CommFail);
                         }
+                    }
+                    // Only a port that worked for a while earns a quick reopen; one that
+                    // fails right after opening keeps backing off (no reopen storm).
+                    if opened.elapsed() >= STABLE {
+                        backoff = Duration::from_millis(100);
                     }
                 }
                 Err(e) => {
