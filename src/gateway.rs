@@ -142,7 +142,8 @@ impl Gateway {
             buses.push(handle);
         }
         tracker.spawn(sweep(image.clone(), shutdown.clone()));
-        let writer = Writer::new(model, &buses);
+        let serial = Arc::new(serial);
+        let writer = Writer::new(model, &buses).with_commands(serial.clone());
         let (links, listen_addr) = match (prepared, &model.links) {
             (Some(p), Some(l)) => start_links(model, l, p, &image, &writer, &shutdown, &tracker),
             _ => (Vec::new(), None),
@@ -183,7 +184,7 @@ impl Gateway {
         Ok(Self {
             image,
             buses,
-            serial: Arc::new(serial),
+            serial,
             server_addr,
             writer,
             links,

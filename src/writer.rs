@@ -50,6 +50,9 @@ pub enum WriteError {
         /// Why.
         source: BusError,
     },
+    /// A raw device's command point refused or failed the write.
+    #[error(transparent)]
+    Command(#[from] crate::rawpoll::CommandError),
 }
 
 #[derive(Debug)]
@@ -66,6 +69,8 @@ struct Target {
 #[derive(Debug, Clone, Default)]
 pub struct Writer {
     targets: Arc<HashMap<String, Target>>,
+    /// Command points of raw serial devices: a write becomes the configured command.
+    commands: Option<Arc<crate::rawpoll::SerialDevices>>,
 }
 
 impl Writer {
@@ -73,7 +78,10 @@ impl Writer {
     /// (a bus without a handle has unwritable points: they are left out).
     pub fn new(model: &Model, buses: &[BusHandle]) -> Self {
         let mut targets = HashMap::new();
-        for (bus, handle) in model.buses.iter().zip(buses) {
+        // Matched by name: buses without a bus task (stream buses) have no handle.
+        let handles =
+            model.buses.iter().filter_map(|b| Some((b, buses.iter().find(|h| h.name() == b.name)?)));
+        for (bus, handle) in handles {
             for dev in &bus.devices {
                 for p in &dev.points {
                     targets.insert(
@@ -90,12 +98,19 @@ impl Writer {
                 }
             }
         }
-        Self { targets: Arc::new(targets) }
+        Self { targets: Arc::new(targets), commands: None }
     }
 
-    /// True when `point` is a local point this writer can address.
+    /// Also writes the command points of these raw serial devices.
+    pub fn with_commands(mut self, serial: Arc<crate::rawpoll::SerialDevices>) -> Self {
+        self.commands = Some(serial);
+        self
+    }
+
+    /// True when `point` is a local point (or command point) this writer can address.
     pub fn knows(&self, point: &str) -> bool {
         self.targets.contains_key(point)
+            || self.commands.as_ref().is_some_and(|s| s.commands().any(|c| c == point))
     }
 
     /// The Modbus request that writes `value` into `point` (nothing is sent).
@@ -106,7 +121,14 @@ impl Writer {
 
     /// Writes `value` into `point` and waits until the device accepted it.
     pub async fn write(&self, point: &str, value: &Value) -> Result<(), WriteError> {
-        let t = self.targets.get(point).ok_or_else(|| WriteError::UnknownPoint(point.to_string()))?;
+        let Some(t) = self.targets.get(point) else {
+            return match &self.commands {
+                Some(serial) if serial.commands().any(|c| c == point) => {
+                    serial.send_command(point, value).await.map(|_| ()).map_err(WriteError::from)
+                }
+                _ => Err(WriteError::UnknownPoint(point.to_string())),
+            };
+        };
         let request = request_for(&t.point, value)?;
         let bus_err = |source| WriteError::Bus { point: point.to_string(), source };
         let (reply, rx) = oneshot::channel();

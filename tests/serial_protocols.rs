@@ -111,6 +111,10 @@ async fn text_request_response_with_checksum_and_faults() {
     let seen = rig.sim.raw_stats("setpoint").expect("simulated");
     assert_eq!(seen.last_request, reply.sent);
     assert_eq!(serial.stats("scale").map(|s| s.commands.load(Relaxed)), Some(1));
+    // The gateway's writer (what peer grants and write-backs use) reaches commands too.
+    rig.gateway().writer.write("scale.setpoint", &Value::Float(7.5)).await.expect("written as a command");
+    assert_eq!(&rig.sim.raw_stats("setpoint").expect("simulated").last_request[..5], b"SP7.5");
+    assert!(rig.gateway().writer.knows("scale.setpoint"));
     let unknown = serial.send_command("scale.weight", &Value::Float(1.0)).await;
     assert!(matches!(unknown, Err(CommandError::Unknown(_))), "{unknown:?}");
     rig.stop().await;

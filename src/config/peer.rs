@@ -34,6 +34,7 @@ use super::send::{self, RawSend};
 use super::write::{self, RawGrant, RawWriteBack};
 use super::{Checker, gateway, item, path_key};
 use crate::model::{Bus, Dial, Links, Peer, Point};
+use crate::value::{DataType, Table, WordOrder};
 
 const MIB: u64 = 1024 * 1024;
 const SPOOL_MAX: u64 = 64 * MIB;
@@ -80,7 +81,27 @@ pub(super) fn validate(
             "[[peer]] needs a [link] section (identity, data_dir)",
         );
     }
-    let points: Vec<&Point> = buses.iter().flat_map(|b| &b.devices).flat_map(|d| &d.points).collect();
+    // Raw devices' command points can be granted and written back to like a holding
+    // register holding a number: the writer turns the write into the configured command.
+    let commands: Vec<Point> = buses
+        .iter()
+        .flat_map(|b| &b.raw_devices)
+        .flat_map(|d| &d.commands)
+        .map(|c| Point {
+            name: c.name.clone(),
+            table: Table::Holding,
+            address: 0,
+            data_type: DataType::F64,
+            order: WordOrder::Abcd,
+            scale: 1.0,
+            offset: 0.0,
+            interval: c.timeout,
+            stale_after: c.timeout,
+            unit: None,
+        })
+        .collect();
+    let points: Vec<&Point> =
+        buses.iter().flat_map(|b| &b.devices).flat_map(|d| &d.points).chain(&commands).collect();
     let data_dir = links.as_ref().map_or_else(PathBuf::new, |l| l.data_dir.clone());
     // Without [link] the missing section is the one problem to report, not `listen`.
     let listens = links.as_ref().is_none_or(|l| l.listen.is_some());
