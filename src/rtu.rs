@@ -154,6 +154,13 @@ pub fn check_reply(
     if crate::pdu::expected_response_len(request).is_some_and(|n| n != pdu.len()) {
         return skip(SkipReason::Mismatch);
     }
+    // A function the gateway does not interpret (relayed for a Modbus-TCP master) is
+    // answered with the device's bytes as they are: tokio-modbus would refuse replies the
+    // spec allows, e.g. FC17 with a server id longer than one byte (device specific).
+    if let tokio_modbus::Request::Custom(..) = request {
+        let reply = tokio_modbus::Response::Custom(function, bytes::Bytes::copy_from_slice(&pdu[1..]));
+        return Decoded::Reply { len, reply: Ok(reply) };
+    }
     match tokio_modbus::Response::try_from(bytes::Bytes::copy_from_slice(pdu)) {
         Ok(rsp) if echo_matches(request, &rsp) => Decoded::Reply { len, reply: Ok(rsp) },
         _ => skip(SkipReason::Mismatch),
@@ -231,6 +238,32 @@ mod decode_tests {
         // Exception.
         let exc = adu(1, &[0x83, 0x02]);
         assert!(matches!(decode_reply(1, &req, &exc, false), Decoded::Reply { len: 5, reply: Err(_) }));
+    }
+
+    #[test]
+    fn custom_functions_reply_raw() {
+        // FC17 Report Server ID: the server id is device specific (here 8 bytes, as
+        // pymodbus sends it), then the run indicator; tokio-modbus cannot decode that.
+        let req = Request::Custom(0x11, Vec::new().into());
+        let mut pdu = vec![0x11, 9];
+        pdu.extend_from_slice(b"Pymodbus");
+        pdu.push(0xFF);
+        let wire = adu(1, &pdu);
+        assert_eq!(
+            decode_reply(1, &req, &wire, false),
+            Decoded::Reply {
+                len: wire.len(),
+                reply: Ok(Response::Custom(0x11, bytes::Bytes::copy_from_slice(&pdu[1..])))
+            }
+        );
+        // FC24 Read FIFO queue (no length rule here): framed by the silence.
+        let req = Request::Custom(0x18, vec![0, 0].into());
+        let wire = adu(1, &[0x18, 0, 6, 0, 2, 0, 1, 0, 2]);
+        assert_eq!(decode_reply(1, &req, &wire, false), Decoded::Incomplete);
+        assert!(matches!(
+            decode_reply(1, &req, &wire, true),
+            Decoded::Reply { reply: Ok(Response::Custom(0x18, _)), .. }
+        ));
     }
 
     #[test]
