@@ -1,5 +1,5 @@
 """A third-party slave: pymodbus RTU server on a serial port (a pty from socat), or an
-RTU-framed TCP server (`tcp:PORT`). Units 1 and 2; registers 0..99 of each table are
+RTU-framed TCP server (`tcp:PORT`). Units 1 and 2; holding/input 0..299 and coils/discrete 0..1999 are
 mapped (holding i = 1000 + i, input i = 2000 + i, coils/discrete alternate), 100.. are not.
 
 Usage: socat pty,link=/tmp/a,raw,echo=0 pty,link=/tmp/b,raw,echo=0 &
@@ -17,16 +17,16 @@ from pymodbus.datastore import (
 )
 from pymodbus.server import StartSerialServer, StartTcpServer
 
-logging.basicConfig(level=logging.INFO if "-v" in sys.argv else logging.DEBUG)
+logging.basicConfig(level=logging.INFO if "-v" in sys.argv else logging.WARNING)
 
 
 def device():
     # pymodbus data blocks are 1-based internally: address 1 is wire address 0.
     return ModbusDeviceContext(
-        co=ModbusSequentialDataBlock(1, [i % 2 for i in range(100)]),
-        di=ModbusSequentialDataBlock(1, [(i // 2) % 2 for i in range(100)]),
-        hr=ModbusSequentialDataBlock(1, [1000 + i for i in range(100)]),
-        ir=ModbusSequentialDataBlock(1, [2000 + i for i in range(100)]),
+        co=ModbusSequentialDataBlock(1, [i % 2 for i in range(2000)]),
+        di=ModbusSequentialDataBlock(1, [(i // 2) % 2 for i in range(2000)]),
+        hr=ModbusSequentialDataBlock(1, [1000 + i for i in range(300)]),
+        ir=ModbusSequentialDataBlock(1, [2000 + i for i in range(300)]),
     )
 
 
