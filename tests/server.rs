@@ -616,3 +616,20 @@ async fn the_projects_own_poll_command_reads_the_server() {
     assert!(err.contains("unit 99: exception"), "{err}");
     rig.stop().await;
 }
+
+/// A master that sends its requests and then half-closes (FIN) still gets every answer,
+/// relayed ones included, before the gateway closes its side.
+#[tokio::test]
+async fn half_closed_master_gets_its_pending_answers() {
+    let (_rig, addr) = start("");
+    let mut s = within(SECS(2), "connect", TcpStream::connect(addr)).await.expect("connects");
+    let mut req = mbap(7, 20, &[3, 0, 0, 0, 2]);
+    req.extend(mbap(8, 20, &[3, 0, 2, 0, 1]));
+    s.write_all(&req).await.expect("send");
+    s.shutdown().await.expect("half-close");
+    let mut got = Vec::new();
+    within(SECS(3), "answers then close", s.read_to_end(&mut got)).await.expect("read");
+    let mut want = mbap(7, 20, &[3, 4, 0x03, 0xE8, 0x03, 0xE9]);
+    want.extend(mbap(8, 20, &[3, 2, 0x03, 0xEA]));
+    assert_eq!(got, want, "both relayed answers, in order, then EOF");
+}
