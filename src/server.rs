@@ -15,8 +15,9 @@
 //!   exception, goes back as is; no answer is 0x0B; a port that is down is 0x0A.
 //! - any other unit id answers 0x0A (gateway path unavailable).
 //!
-//! Checked by the gateway itself, before any bus is touched: the MBAP header (a bad one
-//! closes that connection only: MBAP cannot resynchronise), the PDU (`mbap::decode_request`:
+//! Checked by the gateway itself, before any bus is touched: the MBAP header (a bad
+//! length closes that connection only: MBAP cannot resynchronise; a frame of another
+//! protocol id is discarded unanswered), the PDU (`mbap::decode_request`:
 //! 0x01 unknown function, 0x03 bad quantity or length, e.g. a 126-register read, 0x02
 //! range past 65535), and writes. Writes (FC5, 6, 15, 16, 22, 23) are refused unless a
 //! `[[server.grant]]` covers every address written: a unit with no grant at all answers

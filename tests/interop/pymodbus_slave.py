@@ -5,6 +5,8 @@ mapped (holding i = 1000 + i, input i = 2000 + i, coils/discrete alternate), 100
 Usage: socat pty,link=/tmp/a,raw,echo=0 pty,link=/tmp/b,raw,echo=0 &
        python3 tests/interop/pymodbus_slave.py /tmp/a      # then poll /tmp/b
        python3 tests/interop/pymodbus_slave.py tcp:5030     # then port = "tcp://127.0.0.1:5030"
+       python3 tests/interop/pymodbus_slave.py /tmp/a --ascii  # Modbus ASCII slave
+       python3 tests/interop/pymodbus_slave.py mbap:5031    # Modbus-TCP: poll --tcp 127.0.0.1:5031
 """
 import logging
 import sys
@@ -32,7 +34,10 @@ def device():
 
 ctx = ModbusServerContext(devices={1: device(), 2: device()}, single=False)
 where = sys.argv[1]
-if where.startswith("tcp:"):
+if where.startswith("mbap:"):
+    StartTcpServer(ctx, address=("127.0.0.1", int(where[5:])))
+elif where.startswith("tcp:"):
     StartTcpServer(ctx, address=("127.0.0.1", int(where[4:])), framer=FramerType.RTU)
 else:
-    StartSerialServer(ctx, framer=FramerType.RTU, port=where, baudrate=9600, parity="N")
+    framer = FramerType.ASCII if "--ascii" in sys.argv else FramerType.RTU
+    StartSerialServer(ctx, framer=framer, port=where, baudrate=9600, parity="N")

@@ -41,7 +41,7 @@ check("fc22", c.mask_write_register(address=7, and_mask=0xF2, or_mask=0x25, devi
 check("fc23", c.readwrite_registers(read_address=7, read_count=4, write_address=8, values=[5, 6], device_id=P))
 check("readback", c.read_holding_registers(7, count=4, device_id=P))
 check("fc3 unmapped", c.read_holding_registers(1000, count=1, device_id=P), 2)
-check("fc6 outside grant", c.write_register(150, 1, device_id=P), 2)
+check("fc6 outside grant", c.write_register(1000, 1, device_id=P), 2)
 check("unserved unit", c.read_holding_registers(0, count=1, device_id=77), 0x0A)
 check("fc17 report server id", c.report_device_id(device_id=P))
 c.close()
