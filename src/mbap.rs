@@ -145,8 +145,8 @@ fn unpack(bytes: &[u8], count: usize) -> Vec<bool> {
 /// Decodes a request PDU the way a server must judge it: an unsupported function is
 /// `IllegalFunction` (0x01); a wrong length, quantity or byte count is
 /// `IllegalDataValue` (0x03); a range past address 65535 is `IllegalDataAddress` (0x02).
-/// Function codes the gateway does not know (1..=0x7F, other than 0x2B) are returned
-/// as `Request::Custom` for a device to judge.
+/// Function codes the gateway does not know (1..=0x7F, device identification 0x2B too)
+/// are returned as `Request::Custom` for a device to judge.
 pub fn decode_request(p: &[u8]) -> Result<Request<'static>, ExceptionCode> {
     use ExceptionCode::{IllegalDataValue, IllegalFunction};
     let Some(&function) = p.first() else {
@@ -220,10 +220,9 @@ pub fn decode_request(p: &[u8]) -> Result<Request<'static>, ExceptionCode> {
             let words = p[10..].chunks(2).map(|c| be16(c, 0)).collect();
             Request::ReadWriteMultipleRegisters(ra, rq, wa, Cow::Owned(words))
         }
-        // Encapsulated interface (device identification) has replies the bus cannot
-        // relay as raw bytes; exception replies are not requests; 0 is no function code
-        // (the spec's range is 1..=127), so no device is asked about it.
-        0 | 0x2B | 0x80..=0xFF => return Err(IllegalFunction),
+        // Exception replies are not requests; 0 is no function code (the spec's range is
+        // 1..=127), so no device is asked about it.
+        0 | 0x80..=0xFF => return Err(IllegalFunction),
         f => Request::Custom(f, Cow::Owned(p[1..].to_vec())),
     };
     Ok(req)
@@ -287,7 +286,11 @@ mod tests {
         assert_eq!(decode_request(&[3, 0xFF, 0xFF, 0, 2]), Err(IllegalDataAddress));
         assert_eq!(decode_request(&[3, 0, 0, 0]), Err(IllegalDataValue));
         assert_eq!(decode_request(&[5, 0, 1, 0x12, 0x34]), Err(IllegalDataValue));
-        assert_eq!(decode_request(&[0x2B, 0x0E, 1, 0]), Err(IllegalFunction));
+        // Device identification goes to the device; its reply comes back byte for byte.
+        assert_eq!(
+            decode_request(&[0x2B, 0x0E, 1, 0]),
+            Ok(Request::Custom(0x2B, Cow::Owned(vec![0x0E, 1, 0])))
+        );
         assert_eq!(decode_request(&[0x83, 1]), Err(IllegalFunction));
         assert_eq!(decode_request(&[0]), Err(IllegalFunction));
         assert_eq!(decode_request(&[0, 1, 2]), Err(IllegalFunction));
