@@ -92,7 +92,12 @@ pub fn decode_reply(unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8], s
     };
     let want = request.function_code().value();
     let len = match crate::pdu::pdu_len(&buf[1..], false) {
-        Some(n) => 1 + n + 2,
+        Some(n) => match request {
+            // FC8 answers with as many bytes as it was asked (sub-function 0 loops back any
+            // amount of data), not always 4 data bytes.
+            tokio_modbus::Request::Custom(8, data) if function == 8 && addr == unit => 1 + 1 + data.len() + 2,
+            _ => 1 + n + 2,
+        },
         // A function we cannot length: the frame ends where the line went silent.
         None if silent && addr == unit && function & 0x7F == want => buf.len(),
         None if silent || function & 0x7F == 0 => {
@@ -264,6 +269,25 @@ mod decode_tests {
             decode_reply(1, &req, &wire, true),
             Decoded::Reply { reply: Ok(Response::Custom(0x18, _)), .. }
         ));
+    }
+
+    #[test]
+    fn diagnostics_reply_is_as_long_as_the_request() {
+        // FC8 sub-function 0 (return query data) with 6 data bytes loops them all back.
+        let req = Request::Custom(8, vec![0, 0, 1, 2, 3, 4, 5, 6].into());
+        let pdu = [8, 0, 0, 1, 2, 3, 4, 5, 6];
+        let wire = adu(1, &pdu);
+        assert_eq!(decode_reply(1, &req, &wire[..8], false), Decoded::Incomplete);
+        assert_eq!(
+            decode_reply(1, &req, &wire, false),
+            Decoded::Reply {
+                len: wire.len(),
+                reply: Ok(Response::Custom(8, bytes::Bytes::copy_from_slice(&pdu[1..])))
+            }
+        );
+        let req = Request::Custom(8, vec![0, 0, 0xA5, 0x37].into());
+        let wire = adu(1, &[8, 0, 0, 0xA5, 0x37]);
+        assert!(matches!(decode_reply(1, &req, &wire, false), Decoded::Reply { .. }));
     }
 
     #[test]

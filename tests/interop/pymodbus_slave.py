@@ -19,7 +19,7 @@ from pymodbus.datastore import (
 )
 from pymodbus.server import StartSerialServer, StartTcpServer
 
-logging.basicConfig(level=logging.INFO if "-v" in sys.argv else logging.WARNING)
+logging.basicConfig(level=logging.DEBUG if "-v" in sys.argv else logging.WARNING)
 
 
 def device():
