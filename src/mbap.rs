@@ -7,15 +7,19 @@
 //!
 //! Invariants: decoding never panics and never allocates more than one frame's bytes
 //! (the length field is checked before anything is buffered); a header that breaks the
-//! rules is an error, after which the stream cannot be re-synchronised (MBAP has no
-//! frame marker) and the connection must be closed; a well-framed but bad PDU is not an
-//! error here but an exception answer ([`decode_request`]).
+//! rules (a length outside 2..=254) is an error, after which the stream cannot be
+//! re-synchronised (MBAP has no frame marker) and the connection must be closed; a
+//! well-framed frame with a protocol id other than 0 is discarded without an answer (the
+//! TCP implementation guide's rule for a bad MBAP header) and decoding carries on; a
+//! well-framed but bad PDU is not an error here but an exception answer
+//! ([`decode_request`]).
 
 use std::borrow::Cow;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_modbus::{ExceptionCode, Request};
 use tokio_util::codec::{Decoder, Encoder};
+use tracing::debug;
 
 use crate::pdu;
 
@@ -25,7 +29,8 @@ pub const HEADER_LEN: usize = 7;
 /// Why a byte stream is not Modbus-TCP.
 #[derive(Debug, thiserror::Error)]
 pub enum MbapError {
-    /// The protocol id is not 0.
+    /// The protocol id is not 0 (the decoder discards such frames; kept for encoders
+    /// and callers that judge a header themselves).
     #[error("mbap protocol id {0} is not 0 (modbus)")]
     Protocol(u16),
     /// The length field is outside 2..=254.
@@ -71,27 +76,31 @@ impl Decoder for MbapCodec {
     type Error = MbapError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, MbapError> {
-        if src.len() < HEADER_LEN {
-            return Ok(None);
+        loop {
+            if src.len() < HEADER_LEN {
+                return Ok(None);
+            }
+            let length = u16::from_be_bytes([src[4], src[5]]);
+            if !(2..=254).contains(&length) {
+                return Err(MbapError::Length(length));
+            }
+            let total = 6 + usize::from(length);
+            if src.len() < total {
+                src.reserve(total - src.len());
+                return Ok(None);
+            }
+            let transaction = src.get_u16();
+            let protocol = src.get_u16();
+            src.advance(2);
+            let unit = src.get_u8();
+            let pdu = src.split_to(total - HEADER_LEN).freeze();
+            if protocol == 0 {
+                return Ok(Some(Frame { transaction, unit, pdu }));
+            }
+            // Not Modbus, but framed: the TCP implementation guide discards such an
+            // indication without an answer; the stream stays in step, so carry on.
+            debug!(transaction, protocol, "mbap frame of another protocol discarded");
         }
-        let protocol = u16::from_be_bytes([src[2], src[3]]);
-        if protocol != 0 {
-            return Err(MbapError::Protocol(protocol));
-        }
-        let length = u16::from_be_bytes([src[4], src[5]]);
-        if !(2..=254).contains(&length) {
-            return Err(MbapError::Length(length));
-        }
-        let total = 6 + usize::from(length);
-        if src.len() < total {
-            src.reserve(total - src.len());
-            return Ok(None);
-        }
-        let transaction = src.get_u16();
-        src.advance(4);
-        let unit = src.get_u8();
-        let pdu = src.split_to(total - HEADER_LEN).freeze();
-        Ok(Some(Frame { transaction, unit, pdu }))
     }
 }
 
@@ -136,8 +145,8 @@ fn unpack(bytes: &[u8], count: usize) -> Vec<bool> {
 /// Decodes a request PDU the way a server must judge it: an unsupported function is
 /// `IllegalFunction` (0x01); a wrong length, quantity or byte count is
 /// `IllegalDataValue` (0x03); a range past address 65535 is `IllegalDataAddress` (0x02).
-/// Function codes the gateway does not know (below 0x80, other than 0x2B) are returned
-/// as `Request::Custom` for a device to judge.
+/// Function codes the gateway does not know (1..=0x7F, device identification 0x2B too)
+/// are returned as `Request::Custom` for a device to judge.
 pub fn decode_request(p: &[u8]) -> Result<Request<'static>, ExceptionCode> {
     use ExceptionCode::{IllegalDataValue, IllegalFunction};
     let Some(&function) = p.first() else {
@@ -211,9 +220,9 @@ pub fn decode_request(p: &[u8]) -> Result<Request<'static>, ExceptionCode> {
             let words = p[10..].chunks(2).map(|c| be16(c, 0)).collect();
             Request::ReadWriteMultipleRegisters(ra, rq, wa, Cow::Owned(words))
         }
-        // Encapsulated interface (device identification) has replies the bus cannot
-        // relay as raw bytes; exception replies are not requests.
-        0x2B | 0x80..=0xFF => return Err(IllegalFunction),
+        // Exception replies are not requests; 0 is no function code (the spec's range is
+        // 1..=127), so no device is asked about it.
+        0 | 0x80..=0xFF => return Err(IllegalFunction),
         f => Request::Custom(f, Cow::Owned(p[1..].to_vec())),
     };
     Ok(req)
@@ -256,7 +265,12 @@ mod tests {
 
     #[test]
     fn bad_headers_are_errors() {
-        assert!(matches!(decode_all(&[0, 1, 0, 1, 0, 6, 1, 3, 0, 0, 0, 1]), Err(MbapError::Protocol(1))));
+        // Another protocol id: that frame is dropped unanswered, the next one decodes.
+        let frames = decode_all(&[0, 1, 0, 1, 0, 6, 1, 3, 0, 0, 0, 1, 0, 2, 0, 0, 0, 6, 1, 3, 0, 0, 0, 1])
+            .expect("framed");
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].transaction, 2);
+        assert!(decode_all(&[0, 1, 0, 1, 0, 6, 1, 3, 0]).expect("incomplete").is_empty());
         assert!(matches!(decode_all(&[0, 1, 0, 0, 0, 1, 1]), Err(MbapError::Length(1))));
         assert!(matches!(decode_all(&[0, 1, 0, 0, 0x01, 0x00, 1]), Err(MbapError::Length(256))));
         assert!(decode_all(&[0, 1, 0, 0, 0, 6]).expect("short").is_empty());
@@ -272,8 +286,14 @@ mod tests {
         assert_eq!(decode_request(&[3, 0xFF, 0xFF, 0, 2]), Err(IllegalDataAddress));
         assert_eq!(decode_request(&[3, 0, 0, 0]), Err(IllegalDataValue));
         assert_eq!(decode_request(&[5, 0, 1, 0x12, 0x34]), Err(IllegalDataValue));
-        assert_eq!(decode_request(&[0x2B, 0x0E, 1, 0]), Err(IllegalFunction));
+        // Device identification goes to the device; its reply comes back byte for byte.
+        assert_eq!(
+            decode_request(&[0x2B, 0x0E, 1, 0]),
+            Ok(Request::Custom(0x2B, Cow::Owned(vec![0x0E, 1, 0])))
+        );
         assert_eq!(decode_request(&[0x83, 1]), Err(IllegalFunction));
+        assert_eq!(decode_request(&[0]), Err(IllegalFunction));
+        assert_eq!(decode_request(&[0, 1, 2]), Err(IllegalFunction));
         assert_eq!(
             decode_request(&[8, 0, 0, 0xA5, 0x37]),
             Ok(Request::Custom(8, Cow::Owned(vec![0, 0, 0xA5, 0x37])))

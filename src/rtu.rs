@@ -101,7 +101,12 @@ pub fn decode_reply(unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8], s
     };
     let want = request.function_code().value();
     let len = match crate::pdu::pdu_len(&buf[1..], false) {
-        Some(n) => 1 + n + 2,
+        Some(n) => match request {
+            // FC8 answers with as many bytes as it was asked (sub-function 0 loops back any
+            // amount of data), not always 4 data bytes.
+            tokio_modbus::Request::Custom(8, data) if function == 8 && addr == unit => 1 + 1 + data.len() + 2,
+            _ => 1 + n + 2,
+        },
         // Only the byte count is missing: the next byte tells the length, so a silence
         // here is a pause inside the frame (an adapter's chunking), not its end.
         None if buf.len() < 3 && matches!(function, 1..=4 | 17 | 23) => return Decoded::Incomplete,
@@ -165,6 +170,13 @@ pub fn check_reply(
     }
     if crate::pdu::expected_response_len(request).is_some_and(|n| n != pdu.len()) {
         return skip(SkipReason::Mismatch);
+    }
+    // A function the gateway does not interpret (relayed for a Modbus-TCP master) is
+    // answered with the device's bytes as they are: tokio-modbus would refuse replies the
+    // spec allows, e.g. FC17 with a server id longer than one byte (device specific).
+    if let tokio_modbus::Request::Custom(..) = request {
+        let reply = tokio_modbus::Response::Custom(function, bytes::Bytes::copy_from_slice(&pdu[1..]));
+        return Decoded::Reply { len, reply: Ok(reply) };
     }
     match tokio_modbus::Response::try_from(bytes::Bytes::copy_from_slice(pdu)) {
         Ok(rsp) if echo_matches(request, &rsp) => Decoded::Reply { len, reply: Ok(rsp) },
@@ -243,6 +255,51 @@ mod decode_tests {
         // Exception.
         let exc = adu(1, &[0x83, 0x02]);
         assert!(matches!(decode_reply(1, &req, &exc, false), Decoded::Reply { len: 5, reply: Err(_) }));
+    }
+
+    #[test]
+    fn custom_functions_reply_raw() {
+        // FC17 Report Server ID: the server id is device specific (here 8 bytes, as
+        // pymodbus sends it), then the run indicator; tokio-modbus cannot decode that.
+        let req = Request::Custom(0x11, Vec::new().into());
+        let mut pdu = vec![0x11, 9];
+        pdu.extend_from_slice(b"Pymodbus");
+        pdu.push(0xFF);
+        let wire = adu(1, &pdu);
+        assert_eq!(
+            decode_reply(1, &req, &wire, false),
+            Decoded::Reply {
+                len: wire.len(),
+                reply: Ok(Response::Custom(0x11, bytes::Bytes::copy_from_slice(&pdu[1..])))
+            }
+        );
+        // FC24 Read FIFO queue (no length rule here): framed by the silence.
+        let req = Request::Custom(0x18, vec![0, 0].into());
+        let wire = adu(1, &[0x18, 0, 6, 0, 2, 0, 1, 0, 2]);
+        assert_eq!(decode_reply(1, &req, &wire, false), Decoded::Incomplete);
+        assert!(matches!(
+            decode_reply(1, &req, &wire, true),
+            Decoded::Reply { reply: Ok(Response::Custom(0x18, _)), .. }
+        ));
+    }
+
+    #[test]
+    fn diagnostics_reply_is_as_long_as_the_request() {
+        // FC8 sub-function 0 (return query data) with 6 data bytes loops them all back.
+        let req = Request::Custom(8, vec![0, 0, 1, 2, 3, 4, 5, 6].into());
+        let pdu = [8, 0, 0, 1, 2, 3, 4, 5, 6];
+        let wire = adu(1, &pdu);
+        assert_eq!(decode_reply(1, &req, &wire[..8], false), Decoded::Incomplete);
+        assert_eq!(
+            decode_reply(1, &req, &wire, false),
+            Decoded::Reply {
+                len: wire.len(),
+                reply: Ok(Response::Custom(8, bytes::Bytes::copy_from_slice(&pdu[1..])))
+            }
+        );
+        let req = Request::Custom(8, vec![0, 0, 0xA5, 0x37].into());
+        let wire = adu(1, &[8, 0, 0, 0xA5, 0x37]);
+        assert!(matches!(decode_reply(1, &req, &wire, false), Decoded::Reply { .. }));
     }
 
     #[test]

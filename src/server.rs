@@ -15,8 +15,9 @@
 //!   exception, goes back as is; no answer is 0x0B; a port that is down is 0x0A.
 //! - any other unit id answers 0x0A (gateway path unavailable).
 //!
-//! Checked by the gateway itself, before any bus is touched: the MBAP header (a bad one
-//! closes that connection only: MBAP cannot resynchronise), the PDU (`mbap::decode_request`:
+//! Checked by the gateway itself, before any bus is touched: the MBAP header (a bad
+//! length closes that connection only: MBAP cannot resynchronise; a frame of another
+//! protocol id is discarded unanswered), the PDU (`mbap::decode_request`:
 //! 0x01 unknown function, 0x03 bad quantity or length, e.g. a 126-register read, 0x02
 //! range past 65535), and writes. Writes (FC5, 6, 15, 16, 22, 23) are refused unless a
 //! `[[server.grant]]` covers every address written: a unit with no grant at all answers
@@ -243,19 +244,26 @@ enum Answer {
     Later(BoxFuture<'static, Frame>),
 }
 
-/// Serves one master until it leaves, idles out, breaks framing, or shutdown.
+/// Serves one master until it leaves (a master that half-closes still gets the answers
+/// to what it asked before), idles out, breaks framing, or shutdown.
 async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, shutdown: CancellationToken) {
     let (rd, wr) = stream.into_split();
     let mut input = FramedRead::new(rd, MbapCodec);
     let mut output = FramedWrite::new(wr, MbapCodec);
     let mut pending: FuturesUnordered<BoxFuture<'static, Frame>> = FuturesUnordered::new();
     let mut last_heard = Instant::now();
+    // False once the master has half-closed (sent FIN): what it asked before is still
+    // answered, then the connection closes.
+    let mut reading = true;
     loop {
+        if !reading && pending.is_empty() {
+            return;
+        }
         let idle_at = last_heard + shared.idle_timeout;
         let idle = pending.is_empty();
         let out = tokio::select! {
             // Cancel-safe: FramedRead keeps partial frames in its buffer.
-            frame = input.next(), if pending.len() < MAX_PENDING => match frame {
+            frame = input.next(), if reading && pending.len() < MAX_PENDING => match frame {
                 Some(Ok(frame)) => {
                     last_heard = Instant::now();
                     match shared.handle(master, frame) {
@@ -270,7 +278,10 @@ async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, sh
                     warn!(error = %e, "closing connection: not modbus-tcp");
                     return;
                 }
-                None => return,
+                None => {
+                    reading = false;
+                    continue;
+                }
             },
             // Cancel-safe: an unfinished answer stays in `pending`.
             Some(f) = pending.next(), if !pending.is_empty() => f,

@@ -224,6 +224,17 @@ pub(crate) fn execute(unit: &mut Unit, p: &[u8], t: Duration) -> Result<(Vec<u8>
     let (a, q) = (be16(p, 1), be16(p, 3));
     let mut out = Vec::new();
     let range_ok = |q: u16, max: u16| (1..=max).contains(&q);
+    // Fixed-length requests of another length are malformed (0x03), never read with
+    // missing bytes taken as 0: ASCII frames, and RTU frames ended by silence, can carry
+    // any length.
+    let fixed = match f {
+        1..=6 => Some(5),
+        22 => Some(7),
+        _ => None,
+    };
+    if fixed.is_some_and(|n| p.len() != n) {
+        return Err(ILLEGAL_VALUE);
+    }
     match f {
         1..=4 => {
             let bits = f <= 2;
@@ -518,6 +529,13 @@ mod tests {
         assert_eq!(execute(&mut u, &[5, 0, 0, 0xFF, 0], T), Err(ILLEGAL_ADDRESS));
         assert_eq!(execute(&mut u, &[16, 0, 0, 0, 2, 3, 0, 0, 0], T), Err(ILLEGAL_VALUE));
         assert_eq!(execute(&mut u, &[43, 14, 1, 0], T), Err(ILLEGAL_FUNCTION));
+        // Short or long fixed-length requests change nothing (ASCII frames any length).
+        assert_eq!(execute(&mut u, &[6, 0, 1], T), Err(ILLEGAL_VALUE));
+        assert_eq!(execute(&mut u, &[6, 0, 1, 0, 9, 9], T), Err(ILLEGAL_VALUE));
+        assert_eq!(execute(&mut u, &[5, 0, 0], T), Err(ILLEGAL_VALUE));
+        assert_eq!(execute(&mut u, &[3, 0, 0], T), Err(ILLEGAL_VALUE));
+        assert_eq!(execute(&mut u, &[22, 0, 0, 0xFF], T), Err(ILLEGAL_VALUE));
+        assert_eq!(u.read(Table::Holding, 0, 2, T), Ok(vec![1, 2]));
         // Input registers cannot be written: no function code reaches them.
         assert_eq!(execute(&mut u, &[6, 0, 5, 0, 1], T), Err(ILLEGAL_ADDRESS));
         assert_eq!(ok(execute(&mut u, &[16, 0, 0, 0, 2, 4, 0, 9, 0, 8], T)), [16, 0, 0, 0, 2]);

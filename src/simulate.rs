@@ -242,7 +242,10 @@ impl Framer {
                 self.drop_front(1);
                 continue;
             }
-            match crate::pdu::pdu_len(&self.buf[1..], true) {
+            // FC8 requests carry any amount of data (sub-function 0 loops it back): like
+            // functions with no length rule, the silence delimits them.
+            let rule = if self.buf[1] == 8 { None } else { crate::pdu::pdu_len(&self.buf[1..], true) };
+            match rule {
                 Some(n) => {
                     let total = n + 3;
                     if len < total {
@@ -780,6 +783,15 @@ mod tests {
         f.push(&odd);
         assert_eq!(f.next(false), None);
         assert_eq!(f.next(true), Some(Event::Frame(odd)));
+    }
+
+    #[test]
+    fn diagnostics_of_any_length_framed_by_silence() {
+        let mut f = Framer::default();
+        let long = req(1, &[8, 0, 0, 1, 2, 3, 4, 5, 6]);
+        f.push(&long);
+        assert_eq!(f.next(false), None);
+        assert_eq!(f.next(true), Some(Event::Frame(long)));
     }
 
     #[test]

@@ -334,10 +334,11 @@ async fn malformed_header_closes_only_that_connection() {
     let (rig, addr) = start("");
     let mut good = master(addr, 20).await;
     assert_eq!(good.read_holding_registers(0, 1).await.expect("transport"), Ok(vec![1000]));
-    let mut bad = TcpStream::connect(addr).await.expect("connect");
-    // Protocol id 1 is not Modbus.
-    bad.write_all(&[0, 1, 0, 1, 0, 6, 20, 3, 0, 0, 0, 1]).await.expect("send");
-    assert!(closed(&mut bad, SECS(2)).await, "bad protocol id closes the connection");
+    let mut other = TcpStream::connect(addr).await.expect("connect");
+    // Protocol id 1 is not Modbus: that frame is discarded unanswered (TCP implementation
+    // guide), and the connection, still in step, answers the next request.
+    other.write_all(&[0, 1, 0, 1, 0, 6, 20, 3, 0, 0, 0, 1]).await.expect("send");
+    assert_eq!(raw(&mut other, 2, 20, &[0x03, 0, 0, 0, 1]).await, [0x03, 0x02, 0x03, 0xE8]);
     let mut bad = TcpStream::connect(addr).await.expect("connect");
     // A length of 300 cannot be a Modbus frame.
     bad.write_all(&[0, 1, 0, 0, 0x01, 0x2C, 20, 3]).await.expect("send");
@@ -615,4 +616,21 @@ async fn the_projects_own_poll_command_reads_the_server() {
     assert!(!ok);
     assert!(err.contains("unit 99: exception"), "{err}");
     rig.stop().await;
+}
+
+/// A master that sends its requests and then half-closes (FIN) still gets every answer,
+/// relayed ones included, before the gateway closes its side.
+#[tokio::test]
+async fn half_closed_master_gets_its_pending_answers() {
+    let (_rig, addr) = start("");
+    let mut s = within(SECS(2), "connect", TcpStream::connect(addr)).await.expect("connects");
+    let mut req = mbap(7, 20, &[3, 0, 0, 0, 2]);
+    req.extend(mbap(8, 20, &[3, 0, 2, 0, 1]));
+    s.write_all(&req).await.expect("send");
+    s.shutdown().await.expect("half-close");
+    let mut got = Vec::new();
+    within(SECS(3), "answers then close", s.read_to_end(&mut got)).await.expect("read");
+    let mut want = mbap(7, 20, &[3, 4, 0x03, 0xE8, 0x03, 0xE9]);
+    want.extend(mbap(8, 20, &[3, 2, 0x03, 0xEA]));
+    assert_eq!(got, want, "both relayed answers, in order, then EOF");
 }
