@@ -108,8 +108,9 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts every task of `model`. Must be called inside a tokio runtime. Fails only
-    /// on what the links need from the machine (identity, data directory, spool files,
-    /// the listening socket); then nothing has been started.
+    /// on what it needs from the machine (the Modbus-TCP server socket; for peer links
+    /// the identity, data directory, spool files and listening socket; the PLC spools);
+    /// then nothing has been started.
     pub fn start(model: &Model, shutdown: CancellationToken) -> Result<Self, GatewayError> {
         let image = Arc::new(Image::new());
         let tracker = TaskTracker::new();
