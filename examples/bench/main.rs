@@ -5,7 +5,7 @@
 //! cargo run --release --example bench            # full run (~6 min), writes docs/BENCHMARKS.md
 //! cargo run --release --example bench -- --quick # smoke run (~1 min), prints only
 //! cargo run --release --example bench -- --out FILE
-//! cargo run --release --example bench -- --quick --only footprint   # bus | plan | footprint
+//! cargo run --release --example bench -- --quick --only footprint   # bus | plan | footprint | pass | agent | link
 //! ```
 //!
 //! Each figure is one function returning a [`Figure`] (a titled table, its notes and its
@@ -15,7 +15,10 @@
 //!
 //! Files: `main.rs` (options, report), `plant.rs` (devices built in code and their
 //! simulators), `line.rs` (figure 1, bus efficiency), `planning.rs` (figure 2, request
-//! planning), `footprint.rs` (figure 3, memory, CPU, size, start-up, 2,000 devices).
+//! planning), `footprint.rs` (figure 3, memory, CPU, size, start-up, 2,000 devices),
+//! `passthrough.rs` (figure 4, Modbus-TCP pass-through against modbus-relay, and the
+//! masters' driver), `agent.rs` (figure 5, agent-mode reads from the image), `peerlink.rs`
+//! (figure 6, runs `examples/link_bench.rs`).
 //!
 //! `RUST_LOG=m2m_gateway=debug` shows the gateway's and simulators' logs while it runs.
 //!
@@ -23,8 +26,11 @@
 //! windows after a warm-up), and every comparison is a ratio measured in the same run.
 //! Nothing here asserts on timing: it measures and reports; `cargo test` only compiles it.
 
+mod agent;
 mod footprint;
 mod line;
+mod passthrough;
+mod peerlink;
 mod planning;
 mod plant;
 
@@ -136,15 +142,18 @@ fn main() -> Result<(), BoxError> {
         None => Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md")),
     };
     let only = match args.iter().position(|a| a == "--only") {
-        Some(i) => Some(args.get(i + 1).ok_or("--only needs bus, plan or footprint")?.clone()),
+        Some(i) => {
+            Some(args.get(i + 1).ok_or("--only needs bus, plan, footprint, pass, agent or link")?.clone())
+        }
         None => None,
     };
     if let Some(bad) =
         args.iter().find(|a| a.starts_with("--") && !["--quick", "--out", "--only"].contains(&a.as_str()))
     {
-        return Err(
-            format!("unknown option {bad}; use --quick, --only bus|plan|footprint, --out FILE").into()
-        );
+        return Err(format!(
+            "unknown option {bad}; use --quick, --only bus|plan|footprint|pass|agent|link, --out FILE"
+        )
+        .into());
     }
     let settings = if quick {
         Settings {
@@ -184,6 +193,18 @@ fn main() -> Result<(), BoxError> {
     if wanted("footprint") {
         eprintln!("bench: footprint ...");
         figures.push(runtime.block_on(footprint::footprint(&settings))?);
+    }
+    if wanted("pass") {
+        eprintln!("bench: modbus-tcp pass-through ...");
+        figures.push(runtime.block_on(passthrough::pass_through(&settings))?);
+    }
+    if wanted("agent") {
+        eprintln!("bench: agent mode ...");
+        figures.push(runtime.block_on(agent::agent_mode(&settings))?);
+    }
+    if wanted("link") {
+        eprintln!("bench: peer link ...");
+        figures.push(peerlink::peer_link(&settings)?);
     }
     figures.push(not_measured_yet());
     let report = render(&settings, &figures, started.elapsed());
@@ -272,16 +293,14 @@ fn render(settings: &Settings, figures: &[Figure], took: Duration) -> String {
 fn not_measured_yet() -> Figure {
     let mut f = Figure::new(
         "Not measured yet",
-        "These figures need parts of the gateway that have not landed yet; each will be one \
-         more function (one more file) in `examples/bench/`.",
+        "Parts of issue 5 no figure measures yet; each will be one more function (one more \
+         file) in `examples/bench/`.",
         vec!["figure", "status"],
     );
-    for (what, needs) in [
-        ("Modbus-TCP pass-through: added latency per request", "needs the Modbus-TCP server"),
-        ("Modbus-TCP image reads: requests/s served from the image", "needs the Modbus-TCP server"),
-        ("Agent mode: values/s from bus to image to spool", "needs the spool wired to the poller"),
-        ("Peer link: values/s and bytes/value over TLS, catch-up after an outage", "needs the peer link"),
-    ] {
+    for (what, needs) in [(
+        "Peer link: bytes/value over TLS, catch-up after an outage",
+        "link_bench measures values/s and latency only",
+    )] {
         f.rows.push(vec![what.into(), format!("TODO: not measured yet: {needs}")]);
     }
     f
