@@ -19,8 +19,11 @@ pub(crate) async fn agent_mode(s: &Settings) -> Result<Figure, BoxError> {
          on a pty simulator.",
         vec!["masters", "requests/s", "p50 latency", "p99 latency", "errors"],
     );
-    let (gateway, port, shutdown) =
-        serving_gateway(ServeMode::Agent { max_age: Duration::from_secs(10) }, Duration::from_millis(100))?;
+    let (gateway, port, _sim, shutdown) = serving_gateway(
+        ServeMode::Agent { max_age: Duration::from_secs(10) },
+        Duration::from_millis(100),
+        false,
+    )?;
     let addr = gateway.server_addr.ok_or("gateway server did not start")?;
     let mut eight = None;
     for n in [1, 8] {
