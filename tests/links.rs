@@ -3,6 +3,9 @@
 //! straight into the sending gateway's image. Every wait has a deadline; nothing
 //! synchronises on a fixed sleep.
 
+#[path = "common/proxy.rs"]
+mod proxy;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -17,9 +20,10 @@ use m2m_gateway::model::{
 use m2m_gateway::proto::{Frame, FrameCodec, VERSION};
 use m2m_gateway::tls::{self, Identity};
 use m2m_gateway::value::{DataType, Quality, Sample, Table, Value, WordOrder};
+use proxy::Proxy;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
@@ -162,65 +166,6 @@ fn first_diff(got: &[Value], want: &[Value]) -> Option<(usize, Option<Value>, Op
     (0..got.len().max(want.len()))
         .find(|i| got.get(*i) != want.get(*i))
         .map(|i| (i, got.get(i).cloned(), want.get(i).cloned()))
-}
-
-/// A TCP forwarder between a fixed local port and `target` that can be killed (every
-/// connection dropped at once) and restarted on the same port.
-struct Proxy {
-    addr: SocketAddr,
-    target: SocketAddr,
-    stop: Option<CancellationToken>,
-}
-
-impl Proxy {
-    /// Reserves a port without listening yet.
-    fn reserve(target: SocketAddr) -> Self {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        Self { addr, target, stop: None }
-    }
-
-    async fn start(&mut self) {
-        // The killed accept loop drops its socket when it next runs: retry briefly.
-        let end = tokio::time::Instant::now() + DEADLINE;
-        let listener = loop {
-            match TcpListener::bind(self.addr).await {
-                Ok(l) => break l,
-                Err(e) if tokio::time::Instant::now() < end => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err(e) => panic!("cannot rebind the proxy on {}: {e}", self.addr),
-            }
-        };
-        let stop = CancellationToken::new();
-        let (s, target) = (stop.clone(), self.target);
-        tokio::spawn(async move {
-            loop {
-                let (mut down, _) = tokio::select! {
-                    r = listener.accept() => r.expect("accept"),
-                    () = s.cancelled() => return,
-                };
-                let s = s.clone();
-                tokio::spawn(async move {
-                    let Ok(mut up) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                        () = s.cancelled() => {}
-                    }
-                });
-            }
-        });
-        self.stop = Some(stop);
-    }
-
-    fn kill(&mut self) {
-        if let Some(s) = self.stop.take() {
-            s.cancel();
-        }
-    }
 }
 
 /// B listens for site-a; A dials `addr` (B itself, or a proxy in front of it).

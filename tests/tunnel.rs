@@ -4,6 +4,9 @@
 //! side; the test holds the master side as "the machine" at each end. Every wait has a
 //! deadline; nothing synchronises on a fixed sleep.
 
+#[path = "common/proxy.rs"]
+mod proxy;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -14,10 +17,10 @@ use m2m_gateway::model::{Model, OnLinkDown};
 use m2m_gateway::simulate::VirtualPort;
 use m2m_gateway::tls::{self, Identity};
 use m2m_gateway::tunnel::TunnelHandle;
+use proxy::Proxy;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_serial::SerialStream;
 use tokio_util::sync::CancellationToken;
 
@@ -39,66 +42,6 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(tokio::time::Instant::now() < end, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// A TCP forwarder between a fixed local port and `target` that can be killed (every
-/// connection dropped at once) and restarted on the same port (from tests/links.rs).
-struct Proxy {
-    addr: SocketAddr,
-    target: SocketAddr,
-    stop: Option<CancellationToken>,
-}
-
-impl Proxy {
-    fn reserve(target: SocketAddr) -> Self {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        Self { addr, target, stop: None }
-    }
-
-    async fn start(&mut self) {
-        let end = tokio::time::Instant::now() + DEADLINE;
-        let listener = loop {
-            match TcpListener::bind(self.addr).await {
-                Ok(l) => break l,
-                Err(e) => {
-                    assert!(
-                        tokio::time::Instant::now() < end,
-                        "cannot rebind the proxy on {}: {e}",
-                        self.addr
-                    );
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        };
-        let stop = CancellationToken::new();
-        let (s, target) = (stop.clone(), self.target);
-        tokio::spawn(async move {
-            loop {
-                let (mut down, _) = tokio::select! {
-                    r = listener.accept() => r.expect("accept"),
-                    () = s.cancelled() => return,
-                };
-                let s = s.clone();
-                tokio::spawn(async move {
-                    let Ok(mut up) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                        () = s.cancelled() => {}
-                    }
-                });
-            }
-        });
-        self.stop = Some(stop);
-    }
-
-    fn kill(&mut self) {
-        if let Some(s) = self.stop.take() {
-            s.cancel();
-        }
     }
 }
 
