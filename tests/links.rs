@@ -168,6 +168,24 @@ fn first_diff(got: &[Value], want: &[Value]) -> Option<(usize, Option<Value>, Op
         .map(|i| (i, got.get(i).cloned(), want.get(i).cloned()))
 }
 
+/// A pair where A dials B through a [`Proxy`] (not started yet) that a test can cut;
+/// A sends every point on change.
+async fn proxied_pair(
+    a: &Site,
+    b: &Site,
+    tweak_a: impl FnOnce(&mut Peer),
+) -> (Gateway, Gateway, CancellationToken, Proxy) {
+    let mut proxy = None;
+    let (ga, gb, shutdown) = pair_with(a, b, vec![any_change()], tweak_a, |b_addr| {
+        let p = Proxy::reserve(b_addr);
+        let addr = p.addr;
+        proxy = Some(p);
+        addr
+    })
+    .await;
+    (ga, gb, shutdown, proxy.expect("proxy reserved"))
+}
+
 /// B listens for site-a; A dials `addr` (B itself, or a proxy in front of it).
 async fn pair_with(
     a: &Site,
@@ -301,21 +319,7 @@ async fn periodic_mode_sends_unchanged_values() {
 async fn cut_and_restored_link_delivers_every_value_once_in_order() {
     logs();
     let (a, b) = (Site::new(), Site::new());
-    let mut proxy = None;
-    let (ga, gb, shutdown) = pair_with(
-        &a,
-        &b,
-        vec![any_change()],
-        |_| {},
-        |b_addr| {
-            let p = Proxy::reserve(b_addr);
-            let addr = p.addr;
-            proxy = Some(p);
-            addr
-        },
-    )
-    .await;
-    let mut proxy = proxy.expect("proxy");
+    let (ga, gb, shutdown, mut proxy) = proxied_pair(&a, &b, |_| {}).await;
     proxy.start().await;
     let got = record(&gb.image, "site-a/dev.counter");
     let la = ga.link("site-b").expect("link").clone();
@@ -363,21 +367,7 @@ async fn cut_and_restored_link_delivers_every_value_once_in_order() {
 async fn full_spool_drops_the_oldest_and_counts_them() {
     logs();
     let (a, b) = (Site::new(), Site::new());
-    let mut proxy = None;
-    let (ga, gb, shutdown) = pair_with(
-        &a,
-        &b,
-        vec![any_change()],
-        |p| p.spool_max_bytes = 2000,
-        |b_addr| {
-            let p = Proxy::reserve(b_addr);
-            let addr = p.addr;
-            proxy = Some(p);
-            addr
-        },
-    )
-    .await;
-    let mut proxy = proxy.expect("proxy");
+    let (ga, gb, shutdown, mut proxy) = proxied_pair(&a, &b, |p| p.spool_max_bytes = 2000).await;
     let la = ga.link("site-b").expect("link").clone();
     let got = record(&gb.image, "site-a/dev.counter");
     // The peer is unreachable: everything goes to the spool, ~one batch per value.
@@ -989,21 +979,7 @@ async fn a_new_connection_of_a_peer_replaces_its_old_session() {
 async fn peer_points_turn_comm_fail_while_the_link_is_down_and_recover_on_reconnect() {
     logs();
     let (a, b) = (Site::new(), Site::new());
-    let mut proxy = None;
-    let (ga, gb, shutdown) = pair_with(
-        &a,
-        &b,
-        vec![any_change()],
-        |_| {},
-        |b_addr| {
-            let p = Proxy::reserve(b_addr);
-            let addr = p.addr;
-            proxy = Some(p);
-            addr
-        },
-    )
-    .await;
-    let mut proxy = proxy.expect("proxy");
+    let (ga, gb, shutdown, mut proxy) = proxied_pair(&a, &b, |_| {}).await;
     proxy.start().await;
     set(&ga.image, "dev.v", sample(Value::Int(7), at(1), Quality::Good));
     let quality = || gb.image.get("site-a/dev.v").map(|s| s.quality);
