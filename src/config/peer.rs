@@ -37,10 +37,11 @@ use crate::model::{Bus, Dial, Links, Peer, Point};
 use crate::value::{DataType, Table, WordOrder};
 
 const MIB: u64 = 1024 * 1024;
-const SPOOL_MAX: u64 = 64 * MIB;
-const SPOOL_MAX_MIN: u64 = MIB;
-const SPOOL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-const SPOOL_MAX_AGE_MIN: Duration = Duration::from_secs(1);
+/// Spool bounds, shared by peer spools and PLC spools (`config/plc.rs`).
+pub(super) const SPOOL_MAX: u64 = 64 * MIB;
+pub(super) const SPOOL_MAX_MIN: u64 = MIB;
+pub(super) const SPOOL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(super) const SPOOL_MAX_AGE_MIN: Duration = Duration::from_secs(1);
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
 const HEARTBEAT_MAX: Duration = Duration::from_secs(60);

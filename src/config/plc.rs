@@ -51,11 +51,8 @@ use super::{Checker, item, number, path_key};
 use crate::model::{Deliver, Plc, PlcMap, PlcTarget, Point};
 use crate::value::{DataType, Table, WordOrder};
 
-const MIB: u64 = 1024 * 1024;
-const SPOOL_MAX: u64 = 64 * MIB;
-const SPOOL_MAX_MIN: u64 = MIB;
-const SPOOL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-const SPOOL_MAX_AGE_MIN: Duration = Duration::from_secs(1);
+use super::peer::{SPOOL_MAX, SPOOL_MAX_AGE, SPOOL_MAX_AGE_MIN, SPOOL_MAX_MIN};
+
 const TIMEOUT: Duration = Duration::from_secs(1);
 const TIMEOUT_MIN: Duration = Duration::from_millis(10);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
