@@ -184,32 +184,33 @@ impl Poller {
                     self.image.store_raw(&dev.device.name, read.table, read.start, raw);
                 }
             }
-            Err(BusError::Exception(ExceptionCode::IllegalDataAddress))
-                if !plan::split_read(&dev.device, &dev.reads[r].read).is_empty() =>
-            {
+            Err(BusError::Exception(code)) => {
                 // Many devices refuse to read registers that are not mapped, and a merged
                 // read bridges gaps: read the parts separately from now on.
-                let mut parts = plan::split_read(&dev.device, &dev.reads[r].read).into_iter();
-                let due = Instant::now();
-                let mut state = |read: Read| ReadState {
-                    request: plan::read_request(&read),
-                    read,
-                    next_due: due,
-                    busy: false,
+                let parts = if code == ExceptionCode::IllegalDataAddress {
+                    plan::split_read(&dev.device, &dev.reads[r].read)
+                } else {
+                    Vec::new()
                 };
-                let first = parts.next().map(&mut state);
-                let rest: Vec<ReadState> = parts.map(state).collect();
-                warn!(device = %dev.device.name, parts = rest.len() + 1, "device refused a read bridging unused registers; splitting it");
-                if let Some(first) = first {
-                    dev.reads[r] = first;
+                if parts.is_empty() {
+                    let read = &dev.reads[r].read;
+                    self.image.fail_raw(&dev.device.name, Some((read.table, read.start)));
+                    let ids = read.slots.iter().map(|s| dev.ids[s.point]);
+                    self.image.fail(ids, Quality::Exception(u8::from(code)));
+                } else {
+                    warn!(device = %dev.device.name, parts = parts.len(), "device refused a read bridging unused registers; splitting it");
+                    let due = Instant::now();
+                    let mut states = parts.into_iter().map(|read| ReadState {
+                        request: plan::read_request(&read),
+                        read,
+                        next_due: due,
+                        busy: false,
+                    });
+                    if let Some(first) = states.next() {
+                        dev.reads[r] = first;
+                    }
+                    dev.reads.extend(states);
                 }
-                dev.reads.extend(rest);
-            }
-            Err(BusError::Exception(code)) => {
-                let read = &dev.reads[r].read;
-                self.image.fail_raw(&dev.device.name, Some((read.table, read.start)));
-                let ids = dev.reads[r].read.slots.iter().map(|s| dev.ids[s.point]);
-                self.image.fail(ids, Quality::Exception(u8::from(code)));
             }
             Err(BusError::Timeout { .. }) => {
                 if dev.online {
