@@ -79,6 +79,10 @@ pub struct Bus {
     pub line: Line,
     /// Field protocol.
     pub protocol: Protocol,
+    /// Silence kept on the line before each request: t3.5 of `line` by default (the RTU
+    /// spec's inter-frame gap); shorter (down to zero) for virtual links and device
+    /// servers that time the line themselves.
+    pub frame_gap: Duration,
     /// Default response timeout for the devices on this bus.
     pub timeout: Duration,
     /// Retries after a timeout or a corrupt reply before a transaction fails.

@@ -181,10 +181,15 @@ pub fn response_bytes(read: &Read) -> usize {
     5 + data
 }
 
-/// Line time of one transaction: the request, t3.5, the device's turnaround, the reply
-/// and t3.5 again before the next frame may start.
-pub fn transaction_time(line: &Line, turnaround: Duration, req_bytes: usize, rsp_bytes: usize) -> Duration {
-    let gap = t35(line);
+/// Line time of one transaction: the request, the frame gap (t3.5 by the spec), the
+/// device's turnaround, the reply and the gap again before the next frame may start.
+pub fn transaction_time(
+    line: &Line,
+    gap: Duration,
+    turnaround: Duration,
+    req_bytes: usize,
+    rsp_bytes: usize,
+) -> Duration {
     wire_time(line, req_bytes) + gap + turnaround + wire_time(line, rsp_bytes) + gap
 }
 
@@ -243,7 +248,7 @@ fn plan_raw(bus: &Bus) -> Vec<RawPlan> {
                 crate::raw::FrameEnd::Fixed(n) => Some(n),
                 _ => None,
             };
-            let gap = t35(&bus.line).max(d.silence);
+            let gap = bus.frame_gap.max(d.silence);
             let rsp = reply.unwrap_or(RAW_REPLY_ASSUMED);
             let time = wire_time(&bus.line, request) + gap + wire_time(&bus.line, rsp) + gap;
             RawPlan { device: d.name.clone(), request, reply, interval, time, points: d.points.len() }
@@ -277,7 +282,8 @@ pub fn plan_bus(bus: &Bus) -> BusPlan {
             let times: Vec<Duration> = reads
                 .iter()
                 .map(|r| {
-                    transaction_time(&bus.line, d.turnaround, size(request_bytes(r)), size(response_bytes(r)))
+                    let (req, rsp) = (size(request_bytes(r)), size(response_bytes(r)));
+                    transaction_time(&bus.line, bus.frame_gap, d.turnaround, req, rsp)
                 })
                 .collect();
             for (r, t) in reads.iter().zip(&times) {
@@ -353,12 +359,13 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
             Some(b) => {
                 let _ = writeln!(
                     out,
-                    "bus {} ({}, {} baud {}, t3.5 {})",
+                    "bus {} ({}, {} baud {}, {} {})",
                     b.name,
                     b.port,
                     b.line.baud,
                     framing(&b.line),
-                    format_args!("{:.2} ms", t35(&b.line).as_secs_f64() * 1000.0),
+                    if b.frame_gap == t35(&b.line) { "t3.5" } else { "frame gap" },
+                    format_args!("{:.2} ms", b.frame_gap.as_secs_f64() * 1000.0),
                 );
             }
             None => {
@@ -491,6 +498,7 @@ mod tests {
                 port: "/dev/ttyUSB0".into(),
                 line: line_9600(Parity::None),
                 protocol: Protocol::ModbusRtu,
+                frame_gap: t35(&line_9600(Parity::None)),
                 timeout: Duration::from_millis(200),
                 retries: 1,
                 queue_depth: 16,
@@ -676,11 +684,13 @@ name = "w"
         let read = Read { table: Table::Holding, start: 0, count: 10, interval: SEC, slots: vec![] };
         assert_eq!((request_bytes(&read), response_bytes(&read)), (8, 25));
         // 8N1: 10 bits a character, 1.0417 ms; 33 characters = 34.4 ms, t3.5 = 3.65 ms.
-        let t = transaction_time(&line_9600(Parity::None), Duration::ZERO, 8, 25);
+        let line = line_9600(Parity::None);
+        let t = transaction_time(&line, t35(&line), Duration::ZERO, 8, 25);
         assert_eq!(t, Duration::from_nanos(33 * 1_041_666 + 2 * 3_645_831));
         assert!((t.as_secs_f64() * 1000.0 - 41.67).abs() < 0.01, "{t:?}");
         // 8E1: 11 bits, 37.8 ms of characters, t3.5 = 4.01 ms; turnaround adds on.
-        let t = transaction_time(&line_9600(Parity::Even), Duration::from_millis(5), 8, 25);
+        let line = line_9600(Parity::Even);
+        let t = transaction_time(&line, t35(&line), Duration::from_millis(5), 8, 25);
         assert!((t.as_secs_f64() * 1000.0 - (37.81 + 8.02 + 5.0)).abs() < 0.01, "{t:?}");
     }
 

@@ -687,6 +687,7 @@ count = 16
             port: "/dev/ttyUSB0".into(),
             line: Line { baud: 19200, data_bits: 8, parity: Parity::None, stop_bits: 1 },
             protocol: crate::model::Protocol::ModbusRtu,
+            frame_gap: Duration::from_micros(1750),
             timeout: Duration::from_millis(500),
             retries: 1,
             queue_depth: 16,

@@ -28,7 +28,7 @@ fn file_name(path: &Path) -> String {
 #[test]
 fn bad_configs_fail_with_their_expected_messages() {
     let files = corpus("bad");
-    assert!(files.len() >= 129, "only {} bad configs", files.len());
+    assert!(files.len() >= 131, "only {} bad configs", files.len());
     let mut failures = Vec::new();
     for path in &files {
         let name = file_name(path);
@@ -99,6 +99,7 @@ fn defaults_are_resolved() {
     assert_eq!(bus.retries, 1);
     assert_eq!(bus.queue_depth, 64);
     assert_eq!(bus.reopen_max, Duration::from_secs(30));
+    assert_eq!(bus.frame_gap, m2m_gateway::rtu::t35(&bus.line), "t3.5 by default");
     let device = &bus.devices[0];
     assert_eq!(device.timeout, bus.timeout, "device timeout comes from its bus");
     assert_eq!(device.turnaround, Duration::ZERO);
@@ -124,6 +125,7 @@ fn address_base_and_overrides_are_applied() {
     let bus = &model.buses[0];
     assert_eq!(bus.line.parity, Parity::None);
     assert_eq!(bus.line.stop_bits, 2);
+    assert_eq!(bus.frame_gap, Duration::ZERO);
     let names: Vec<&str> = bus.devices.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(names, ["first", "second"], "devices keep file order");
     let first = &bus.devices[0];

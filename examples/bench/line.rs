@@ -23,7 +23,7 @@ pub(crate) fn window(line: &Line, prev_end: Instant, ex: &[Exchange]) -> Option<
     let mut sim_over = Duration::ZERO;
     for e in ex {
         gaps.push(e.request_at.saturating_duration_since(end));
-        theory += plan::transaction_time(line, TURNAROUND, e.request_len, e.reply_len);
+        theory += plan::transaction_time(line, rtu::t35(line), TURNAROUND, e.request_len, e.reply_len);
         let device = rtu::wire_time(line, e.request_len)
             + rtu::t35(line)
             + TURNAROUND

@@ -75,6 +75,7 @@ pub(crate) fn request_planning() -> Figure {
                 words += usize::from(r.count);
                 time += plan::transaction_time(
                     &line,
+                    rtu::t35(&line),
                     TURNAROUND,
                     plan::request_bytes(&r),
                     plan::response_bytes(&r),

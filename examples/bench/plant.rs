@@ -53,6 +53,7 @@ pub(crate) fn one_bus(line: Line, devices: Vec<Device>) -> Model {
             port: String::new(),
             line,
             protocol: Protocol::ModbusRtu,
+            frame_gap: rtu::t35(&line),
             timeout: Duration::from_secs(1),
             retries: 1,
             queue_depth: 64,

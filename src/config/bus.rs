@@ -11,6 +11,10 @@
 //! parity = "even"            # none|even|odd, default even (Modbus' 8E1)
 //! data_bits = 8              # 7|8, default 8 (modbus-rtu needs 8; ascii and raw may use 7)
 //! stop_bits = 1              # 1|2, default 1
+//! frame_gap = "1.75ms"       # silence before each request; default t3.5 of the line
+//!                            #   (3.5 characters, 1.75ms above 19200 baud), at most 1s;
+//!                            #   "0s" for a virtual link or a device server that times
+//!                            #   the line itself
 //! timeout = "200ms"          # default response timeout of its devices, at least 1ms
 //! retries = 1                # default 1, 0..=10
 //! queue_depth = 64           # default 64, 1..=65536
@@ -36,6 +40,7 @@ const RETRIES: u8 = 1;
 const QUEUE_DEPTH: usize = 64;
 const REOPEN_MAX: Duration = Duration::from_secs(30);
 const REOPEN_MAX_MIN: Duration = Duration::from_millis(100);
+const FRAME_GAP_MAX: Duration = Duration::from_secs(1);
 
 /// One `[[bus]]` as written.
 #[derive(Debug, Deserialize)]
@@ -48,6 +53,7 @@ pub(super) struct RawBus {
     parity: Option<RawParity>,
     data_bits: Option<Spanned<i64>>,
     stop_bits: Option<Spanned<i64>>,
+    frame_gap: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
     retries: Option<Spanned<i64>>,
     queue_depth: Option<Spanned<i64>>,
@@ -125,6 +131,13 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
         port: r.port.get_ref().clone(),
         line,
         protocol,
+        frame_gap: check.duration_within(
+            r.frame_gap.as_ref(),
+            crate::rtu::t35(&line),
+            Duration::ZERO..=FRAME_GAP_MAX,
+            path,
+            "frame_gap",
+        ),
         timeout: check.duration(r.timeout.as_ref(), TIMEOUT, TIMEOUT_MIN, path, "timeout"),
         retries: check.int(r.retries.as_ref(), RETRIES, 0..=10, path, "retries"),
         queue_depth: check.int(r.queue_depth.as_ref(), QUEUE_DEPTH, 1..=65_536, path, "queue_depth"),
