@@ -5,8 +5,8 @@
 //! Invariants:
 //! - exactly one transaction is on the line at a time, and a transaction is never
 //!   cancelled half-way (shutdown is checked between transactions);
-//! - before each request the line has been silent for t3.5 since the last byte seen
-//!   (anything heard meanwhile is stale and discarded);
+//! - before each request the line has been silent for the bus's frame gap (t3.5 unless
+//!   configured) since the last byte seen; anything heard by then is stale and discarded;
 //! - bytes that arrive before our request has been written cannot be its reply and are
 //!   discarded; the response timeout runs from the moment the request has left the UART;
 //! - a reply from another unit or for another function, or with a bad CRC, is discarded
@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout_at};
@@ -35,6 +36,7 @@ use tracing::{debug, info, instrument, warn};
 use crate::framing::{Decoded, Framing, SkipReason};
 use crate::model::{Bus, Line, Parity, Protocol};
 use crate::pdu::PduError;
+use crate::relay::{MasterId, PassQueue};
 use crate::rtu;
 
 /// Why a transaction did not produce a response.
@@ -125,6 +127,7 @@ pub struct BusStats {
 pub struct BusHandle {
     name: Arc<str>,
     tx: mpsc::Sender<Job>,
+    pass: Arc<PassQueue>,
     stats: Arc<BusStats>,
 }
 
@@ -148,6 +151,13 @@ impl BusHandle {
             }
             mpsc::error::TrySendError::Closed(_) => BusError::Closed,
         })
+    }
+
+    /// Queues a Modbus-TCP master's request (`job.priority` is taken as pass-through):
+    /// masters are served in turn, each with at most `max_in_flight` requests waiting or
+    /// running on this bus (relay.rs); refuses at once when that is exceeded.
+    pub fn pass_through(&self, master: MasterId, job: Job, max_in_flight: usize) -> Result<(), BusError> {
+        self.pass.submit(master, job, max_in_flight)
     }
 
     /// Runs one request and waits for its outcome.
@@ -221,7 +231,6 @@ pub fn open_serial(path: &str, line: &Line) -> Result<Box<dyn Port>, String> {
 pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task::TaskTracker) -> BusHandle {
     let (tx, rx) = mpsc::channel(bus.queue_depth.max(1));
     let stats = Arc::new(BusStats::default());
-    let handle = BusHandle { name: Arc::from(bus.name.as_str()), tx, stats: stats.clone() };
     let port = bus.port.clone();
     let line = bus.line;
     let opener = move || {
@@ -234,8 +243,11 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
         Protocol::Raw => Box::new(crate::rawpoll::RawBusFraming::new(&bus.raw_devices)),
     };
     let silence = bus.raw_devices.iter().map(|d| d.silence).max().unwrap_or_default();
-    let engine = Engine::new(bus.name.clone(), bus.line, framing, bus.queue_depth, bus.reopen_max, stats)
-        .with_silence(silence);
+    let engine =
+        Engine::new(bus.name.clone(), bus.line, framing, bus.queue_depth, bus.reopen_max, stats.clone())
+            .with_frame_gap(bus.frame_gap)
+            .with_silence(silence);
+    let handle = BusHandle { name: Arc::from(bus.name.as_str()), tx, pass: engine.pass_queue(), stats };
     tracker.spawn(engine.run(rx, opener, shutdown));
     handle
 }
@@ -273,7 +285,12 @@ pub struct Engine {
     depth: usize,
     reopen_max: Duration,
     stats: Arc<BusStats>,
+    /// Modbus-TCP masters' requests, taken when a pass-through transaction is due.
+    pass: Arc<PassQueue>,
+    /// The silence that ends a frame we cannot length (received frames).
     t35: Duration,
+    /// The silence kept before each request we send.
+    gap: Duration,
     /// When the line last carried a byte (ours or anyone's).
     last_activity: Instant,
     buf: Vec<u8>,
@@ -302,18 +319,32 @@ impl Engine {
             depth: depth.max(1),
             reopen_max,
             stats,
+            pass: Arc::default(),
             t35: rtu::t35(&line),
+            gap: rtu::t35(&line),
             last_activity: Instant::now(),
             buf: Vec::with_capacity(512),
             out: Vec::with_capacity(260),
         }
     }
 
-    /// Keeps at least `gap` of line silence where t3.5 is shorter: before each request,
-    /// and as the end of a frame for framings that end frames with silence (raw devices
-    /// with `end = "silence"` behind USB adapters that deliver bytes in bursts).
-    pub fn with_silence(mut self, gap: Duration) -> Self {
-        self.t35 = self.t35.max(gap);
+    /// The queue masters' requests for this bus go into ([`BusHandle::pass_through`]).
+    pub fn pass_queue(&self) -> Arc<PassQueue> {
+        self.pass.clone()
+    }
+
+    /// Keeps `gap` of line silence before each request instead of t3.5.
+    pub fn with_frame_gap(mut self, gap: Duration) -> Self {
+        self.gap = gap;
+        self
+    }
+
+    /// Keeps at least `silence` of line silence where the gaps are shorter: before each
+    /// request, and as the end of a frame for framings that end frames with silence (raw
+    /// devices with `end = "silence"` behind USB adapters that deliver bytes in bursts).
+    pub fn with_silence(mut self, silence: Duration) -> Self {
+        self.t35 = self.t35.max(silence);
+        self.gap = self.gap.max(silence);
         self
     }
 
@@ -394,32 +425,53 @@ impl Engine {
             {
                 heap.extend(picked.replace(poll));
             }
-            let Some(Queued { job, .. }) = picked else {
-                // Idle: wait for work, shutdown, the next reopen attempt or a unit's release.
-                let down = port.is_none();
-                let release = quarantine.values().min().copied();
-                let reopen = async move {
-                    match (down, release) {
-                        (true, Some(r)) => sleep_until(next_open.min(r)).await,
-                        (true, None) => sleep_until(next_open).await,
-                        (false, Some(r)) => sleep_until(r).await,
-                        (false, None) => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    // Cancel-safe: a job not yet received stays in the channel.
-                    job = rx.recv() => match job {
-                        Some(job) => {
-                            seq += 1;
-                            heap.push(Queued { priority: job.priority, seq, job });
-                        }
-                        None => break,
-                    },
-                    () = shutdown.cancelled() => break,
-                    () = reopen => {}
-                }
-                continue;
+            // Masters' requests come after writes and before polls, except that a poll
+            // that has waited behind a streak of pass-through transactions goes first.
+            let masters_turn = match &picked {
+                None => true,
+                Some(q) => matches!(q.priority, Priority::Poll { .. }) && pass_streak < PASS_THROUGH_STREAK,
             };
+            let from_master =
+                if masters_turn { self.pass.take(|unit| !quarantine.contains_key(&unit)) } else { None };
+            let (job, master) = match (from_master, picked) {
+                (Some(job), picked) => {
+                    heap.extend(picked);
+                    (job, true)
+                }
+                (None, Some(q)) => (q.job, false),
+                (None, None) => {
+                    // Idle: wait for work, shutdown, the next reopen attempt or a unit's
+                    // release.
+                    let down = port.is_none();
+                    let release = quarantine.values().min().copied();
+                    let reopen = async move {
+                        match (down, release) {
+                            (true, Some(r)) => sleep_until(next_open.min(r)).await,
+                            (true, None) => sleep_until(next_open).await,
+                            (false, Some(r)) => sleep_until(r).await,
+                            (false, None) => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        // Cancel-safe: a job not yet received stays in the channel.
+                        job = rx.recv() => match job {
+                            Some(job) => {
+                                seq += 1;
+                                heap.push(Queued { priority: job.priority, seq, job });
+                            }
+                            None => break,
+                        },
+                        // Cancel-safe: a notification not taken is kept for the next wait.
+                        () = self.pass.arrived() => {}
+                        () = shutdown.cancelled() => break,
+                        () = reopen => {}
+                    }
+                    continue;
+                }
+            };
+            // A master's request is running until its outcome is sent (or it is dropped):
+            // it counts against the master's in-flight limit until then.
+            let running = master.then(|| Running(self.pass.clone()));
             if shutdown.is_cancelled() {
                 let _ = job.reply.send(Err(BusError::Closed));
                 break;
@@ -468,9 +520,11 @@ impl Engine {
                     quarantine.remove(&job.unit);
                 }
             }
+            drop(running);
             let _ = job.reply.send(outcome);
         }
         // Whatever is still queued learns that the bus is gone (dropping the sender).
+        self.pass.close();
         info!("bus stopped");
     }
 
@@ -508,10 +562,10 @@ impl Engine {
         Ok(Err(BusError::Timeout { attempts }))
     }
 
-    /// Waits until the line has been silent for t3.5 since the last byte and `not_before`
-    /// has passed, discarding anything heard meanwhile (a late reply, noise). Gives up
-    /// waiting — and sends anyway — after `limit`, so a jabbering line cannot stall the
-    /// bus for ever.
+    /// Waits until the line has been silent for the frame gap since the last byte and
+    /// `not_before` has passed, discarding anything heard meanwhile (a late reply, noise)
+    /// and anything already waiting in the port. Gives up waiting — and sends anyway —
+    /// after `limit`, so a jabbering line cannot stall the bus for ever.
     async fn wait_silence(
         &mut self,
         port: &mut dyn Port,
@@ -521,9 +575,21 @@ impl Engine {
         let give_up = Instant::now() + limit;
         let mut scratch = [0u8; 256];
         loop {
-            let quiet_at = (self.last_activity + self.t35).max(not_before).min(give_up);
+            let quiet_at = (self.last_activity + self.gap).max(not_before).min(give_up);
             if Instant::now() >= quiet_at {
-                return Ok(());
+                // Bytes already received but not read yet are stale too (with no gap to
+                // wait out, nothing else would have read them). Readiness is checked
+                // without a system call when nothing has arrived.
+                match port.read(&mut scratch).now_or_never() {
+                    Some(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    Some(Ok(n)) => {
+                        self.stats.noise_bytes.fetch_add(n as u64, Relaxed);
+                        self.last_activity = Instant::now();
+                        continue;
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
+                }
             }
             // The silence is timed precisely: the 1 ms timer would add up to a whole
             // t3.5 at 115200 baud (1.75 ms) to every transaction.
@@ -546,7 +612,7 @@ impl Engine {
     async fn attempt(&mut self, port: &mut dyn Port, job: &Job) -> std::io::Result<Attempt> {
         // A device that needs a longer turnaround gets it on top of the t3.5 silence.
         let not_before = Instant::now() + job.turnaround;
-        self.wait_silence(port, not_before, job.timeout.max(self.t35 * 4) + job.turnaround).await?;
+        self.wait_silence(port, not_before, job.timeout.max(self.gap * 4) + job.turnaround).await?;
         let write_start = Instant::now();
         port.write_all(&self.out).await?;
         let written = Instant::now();
@@ -556,7 +622,7 @@ impl Engine {
         debug!(unit = job.unit, request = ?job.request, "sent");
         if job.unit == 0 {
             // Broadcast: nobody answers; give the devices their turnaround to act.
-            sleep_until(drained + self.t35 + job.turnaround).await;
+            sleep_until(drained + self.gap + job.turnaround).await;
             return Ok(Attempt::NoReply);
         }
         let deadline = drained + job.timeout;
@@ -612,6 +678,15 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+/// A master's request on the line: its master's in-flight count drops when this does.
+struct Running(Arc<PassQueue>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.finish();
     }
 }
 

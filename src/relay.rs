@@ -1,168 +1,157 @@
 //! Requests from Modbus-TCP masters on their way to one bus: per-master queues served
 //! round-robin, so no master can starve another.
 //!
-//! One relay task per bus that serves any unit. It keeps exactly one master request in
-//! the bus queue at a time (Priority::PassThrough); when it completes, the next request
-//! comes from the next master in turn that has one waiting. A master may have at most
-//! `max_in_flight` requests waiting or running here; one more is refused at once with
-//! `BusError::QueueFull` (the server answers exception 0x06, server busy), as is any
-//! request when the relay's own inbox is full.
+//! A [`PassQueue`] belongs to a bus; it is a data structure, not a task. Server
+//! connections put their masters' requests in (`submit`); the bus engine takes the next
+//! one when a pass-through transaction is due (`take`) and says when it is over
+//! (`finish`). The request taken comes from the next master in turn that has one waiting
+//! for a unit the bus can serve now. With no task in between, a request costs one hand-off
+//! to the bus and one back.
 //!
-//! With one request in the bus queue, a master that pipelines gets no more of the line
-//! than one that does not; and since the bus runs a waiting poll after a short streak of
-//! pass-through transactions (bus.rs), masters together cannot starve the polls either.
+//! A master may have at most `max_in_flight` requests waiting or running on a bus; one
+//! more is refused at once with `BusError::QueueFull` (the server answers exception 0x06,
+//! server busy), as is any request past [`CAPACITY`] waiting on the bus.
+//!
+//! With one pass-through transaction on the line at a time, a master that pipelines gets
+//! no more of the line than one that does not; and since the bus runs a waiting poll after
+//! a short streak of pass-through transactions (bus.rs), masters together cannot starve
+//! the polls either.
 //!
 //! Invariants: a request whose master has gone (connection closed, reply receiver
 //! dropped) is skipped, never sent; every request taken in gets exactly one outcome on
-//! its reply channel (or the channel is dropped at shutdown, which the server reads as
-//! "bus closed").
+//! its reply channel, or the channel is dropped when the bus stops (`close`), which the
+//! server reads as "bus closed".
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard};
 
-use tokio::sync::{mpsc, oneshot};
-use tokio_modbus::Response;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, instrument};
+use tokio::sync::Notify;
 
-use crate::bus::{BusError, BusHandle, Job};
+use crate::bus::{BusError, Job};
 
 /// Identifies one master (one TCP connection) for fairness.
 pub type MasterId = u64;
 
-struct Relayed {
-    master: MasterId,
-    job: Job,
+/// Most requests waiting on one bus, all masters together (each connection is bounded
+/// too: this only guards the bus against many masters at once).
+pub const CAPACITY: usize = 4096;
+
+/// The masters' requests waiting for one bus.
+#[derive(Debug, Default)]
+pub struct PassQueue {
+    state: Mutex<State>,
+    /// Signalled when a request comes in (a permit is kept if the bus is not waiting).
+    arrived: Notify,
 }
 
-/// A cheap handle to a bus's relay.
-#[derive(Debug, Clone)]
-pub struct RelayHandle {
-    tx: mpsc::Sender<Relayed>,
+#[derive(Debug, Default)]
+struct State {
+    queues: BTreeMap<MasterId, VecDeque<Job>>,
+    /// The master whose request is on the line.
+    running: Option<MasterId>,
+    /// The master served last (round-robin position).
+    last: MasterId,
+    /// Requests waiting, all masters.
+    waiting: usize,
+    /// The bus has stopped: nothing is taken in any more.
+    closed: bool,
 }
 
-impl std::fmt::Debug for Relayed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relayed").field("master", &self.master).field("unit", &self.job.unit).finish()
-    }
-}
-
-impl RelayHandle {
-    /// Queues `job` for `master`; refuses at once (`QueueFull`) when the relay is full
-    /// (the job is then dropped: its outcome is the error returned here).
-    pub fn submit(&self, master: MasterId, job: Job) -> Result<(), BusError> {
-        self.tx.try_send(Relayed { master, job }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => BusError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => BusError::Closed,
-        })
-    }
-}
-
-/// A bus's relay, before it runs.
-pub struct Relay {
-    bus: BusHandle,
-    rx: mpsc::Receiver<Relayed>,
-    max_in_flight: usize,
-}
-
-impl Relay {
-    /// A relay for `bus`: each master may have `max_in_flight` requests here; the inbox
-    /// holds `inbox` requests not yet sorted into queues.
-    pub fn new(bus: BusHandle, max_in_flight: usize, inbox: usize) -> (Self, RelayHandle) {
-        let (tx, rx) = mpsc::channel(inbox.max(1));
-        (Self { bus, rx, max_in_flight: max_in_flight.max(1) }, RelayHandle { tx })
+impl PassQueue {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the queues inconsistent (every
+        // update is a single push or pop), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Runs until `shutdown` or until every handle is gone.
-    #[instrument(name = "relay", skip_all, fields(bus = %self.bus.name()))]
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut queues: BTreeMap<MasterId, VecDeque<Job>> = BTreeMap::new();
-        // The request on the bus: whose it is, the master's reply, the bus's answer.
-        let mut current: Option<(MasterId, oneshot::Sender<Result<Response, BusError>>)> = None;
-        let mut outcome: Option<oneshot::Receiver<Result<Response, BusError>>> = None;
-        let mut last: MasterId = 0;
-        loop {
-            if current.is_none()
-                && let Some((master, job)) = next(&mut queues, last)
+    /// Queues `job` for `master`; refuses at once (`QueueFull`) when the master already
+    /// has `max_in_flight` requests here or the bus has [`CAPACITY`] waiting, and
+    /// (`Closed`) when the bus has stopped. A refused job is dropped: its outcome is the
+    /// error returned here.
+    pub fn submit(&self, master: MasterId, job: Job, max_in_flight: usize) -> Result<(), BusError> {
+        let mut s = self.state();
+        if s.closed {
+            return Err(BusError::Closed);
+        }
+        let running = usize::from(s.running == Some(master));
+        let State { queues, waiting, .. } = &mut *s;
+        let queue = queues.entry(master).or_default();
+        let before = queue.len();
+        queue.retain(|j| !j.reply.is_closed());
+        *waiting -= before - queue.len();
+        if queue.len() + running >= max_in_flight.max(1) || *waiting >= CAPACITY {
+            if queue.is_empty() {
+                queues.remove(&master);
+            }
+            return Err(BusError::QueueFull);
+        }
+        queue.push_back(job);
+        *waiting += 1;
+        drop(s);
+        self.arrived.notify_one();
+        Ok(())
+    }
+
+    /// Whether any request is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.state().waiting == 0
+    }
+
+    /// Takes the next live request whose unit `ready` accepts, from the first master
+    /// after the last one served (in id order, wrapping) that has one at the head of its
+    /// queue; that master's request is then running until [`finish`](Self::finish).
+    /// Requests of masters that have gone are dropped on the way.
+    pub fn take(&self, ready: impl Fn(u8) -> bool) -> Option<Job> {
+        let mut s = self.state();
+        let State { queues, running, last, waiting, .. } = &mut *s;
+        let mut cursor = *last;
+        for _ in 0..queues.len() {
+            let after = queues.range((Bound::Excluded(cursor), Bound::Unbounded)).next();
+            let Some(master) = after.or_else(|| queues.iter().next()).map(|(m, _)| *m) else { break };
+            cursor = master;
+            let Some(queue) = queues.get_mut(&master) else { break };
+            let before = queue.len();
+            while queue.front().is_some_and(|j| j.reply.is_closed()) {
+                queue.pop_front();
+            }
+            *waiting -= before - queue.len();
+            if queue.front().is_some_and(|j| ready(j.unit))
+                && let Some(job) = queue.pop_front()
             {
-                last = master;
-                let (reply, rx) = oneshot::channel();
-                let Job { unit, request, priority, timeout, turnaround, retries, reply: to_master } = job;
-                match self.bus.submit(Job { unit, request, priority, timeout, turnaround, retries, reply }) {
-                    Ok(()) => {
-                        current = Some((master, to_master));
-                        outcome = Some(rx);
-                    }
-                    Err(e) => {
-                        let _ = to_master.send(Err(e));
-                    }
+                *waiting -= 1;
+                if queue.is_empty() {
+                    queues.remove(&master);
                 }
-                continue;
+                *running = Some(master);
+                *last = master;
+                return Some(job);
             }
-            let event = tokio::select! {
-                // Cancel-safe: a request not yet received stays in the channel.
-                msg = self.rx.recv() => match msg {
-                    Some(r) => Event::Request(r),
-                    None => break,
-                },
-                // Cancel-safe: an unfinished oneshot receive keeps its value for the
-                // next poll.
-                result = async {
-                    match outcome.as_mut() {
-                        Some(rx) => rx.await.unwrap_or(Err(BusError::Closed)),
-                        None => std::future::pending().await,
-                    }
-                } => Event::Done(result),
-                () = shutdown.cancelled() => break,
-            };
-            match event {
-                Event::Request(Relayed { master, job }) => {
-                    let queue = queues.entry(master).or_default();
-                    queue.retain(|j| !j.reply.is_closed());
-                    let running = usize::from(current.as_ref().is_some_and(|(m, _)| *m == master));
-                    if queue.len() + running >= self.max_in_flight {
-                        debug!(master, "master has too many requests on this bus");
-                        let _ = job.reply.send(Err(BusError::QueueFull));
-                    } else {
-                        queue.push_back(job);
-                    }
-                }
-                Event::Done(result) => {
-                    outcome = None;
-                    if let Some((_, to_master)) = current.take() {
-                        let _ = to_master.send(result);
-                    }
-                }
+            if queue.is_empty() {
+                queues.remove(&master);
             }
         }
+        None
     }
-}
 
-enum Event {
-    Request(Relayed),
-    Done(Result<Response, BusError>),
-}
+    /// The request taken last is over (its outcome is about to be sent).
+    pub fn finish(&self) {
+        self.state().running = None;
+    }
 
-/// The next live request, from the first master after `last` (in id order, wrapping)
-/// that has one; drops requests whose master has gone and queues left empty.
-fn next(queues: &mut BTreeMap<MasterId, VecDeque<Job>>, last: MasterId) -> Option<(MasterId, Job)> {
-    loop {
-        let master = queues
-            .range(last.saturating_add(1)..)
-            .chain(queues.range(..=last))
-            .find(|(_, q)| !q.is_empty())
-            .map(|(m, _)| *m);
-        let Some(master) = master else {
-            queues.clear();
-            return None;
-        };
-        let queue = queues.get_mut(&master)?;
-        let job = queue.pop_front()?;
-        if queue.is_empty() {
-            queues.remove(&master);
-        }
-        if !job.reply.is_closed() {
-            return Some((master, job));
-        }
+    /// Waits until a request comes in (returns at once if one came in since the last
+    /// wait). Cancel-safe.
+    pub async fn arrived(&self) {
+        self.arrived.notified().await;
+    }
+
+    /// The bus has stopped: every waiting request is dropped (its master learns the bus
+    /// is closed) and nothing more is taken in.
+    pub fn close(&self) {
+        let mut s = self.state();
+        s.closed = true;
+        s.queues.clear();
+        s.waiting = 0;
     }
 }
 
@@ -171,7 +160,8 @@ mod tests {
     use super::*;
     use crate::bus::Priority;
     use std::time::Duration;
-    use tokio_modbus::Request;
+    use tokio::sync::oneshot;
+    use tokio_modbus::{Request, Response};
 
     fn job(unit: u8) -> (Job, oneshot::Receiver<Result<Response, BusError>>) {
         let (reply, rx) = oneshot::channel();
@@ -187,33 +177,87 @@ mod tests {
         (job, rx)
     }
 
+    fn drain(q: &PassQueue) -> Vec<u8> {
+        let mut order = Vec::new();
+        while let Some(j) = q.take(|_| true) {
+            order.push(j.unit);
+            q.finish();
+        }
+        order
+    }
+
     #[test]
     fn masters_take_turns() {
-        let mut queues: BTreeMap<MasterId, VecDeque<Job>> = BTreeMap::new();
+        let q = PassQueue::default();
         let mut keep = Vec::new();
         for (master, unit) in [(1, 10), (1, 11), (1, 12), (2, 20), (3, 30), (3, 31)] {
             let (j, rx) = job(unit);
             keep.push(rx);
-            queues.entry(master).or_default().push_back(j);
+            q.submit(master, j, 8).expect("room");
         }
-        let mut last = 0;
-        let mut order = Vec::new();
-        while let Some((m, j)) = next(&mut queues, last) {
-            last = m;
-            order.push(j.unit);
-        }
-        assert_eq!(order, [10, 20, 30, 11, 31, 12]);
-        assert!(queues.is_empty());
+        assert_eq!(drain(&q), [10, 20, 30, 11, 31, 12]);
+        assert!(q.is_empty());
     }
 
     #[test]
     fn requests_of_gone_masters_are_skipped() {
-        let mut queues: BTreeMap<MasterId, VecDeque<Job>> = BTreeMap::new();
+        let q = PassQueue::default();
         let (gone, rx) = job(1);
-        drop(rx);
         let (live, _rx) = job(2);
-        queues.entry(5).or_default().extend([gone, live]);
-        assert_eq!(next(&mut queues, 0).map(|(m, j)| (m, j.unit)), Some((5, 2)));
-        assert_eq!(next(&mut queues, 5).map(|(m, _)| m), None);
+        q.submit(5, gone, 8).expect("room");
+        q.submit(5, live, 8).expect("room");
+        drop(rx);
+        assert_eq!(drain(&q), [2]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_master_is_held_to_its_in_flight_limit_counting_the_running_request() {
+        let q = PassQueue::default();
+        let mut keep = Vec::new();
+        for unit in [1, 2] {
+            let (j, rx) = job(unit);
+            keep.push(rx);
+            q.submit(7, j, 2).expect("room");
+        }
+        let (third, _rx) = job(3);
+        assert_eq!(q.submit(7, third, 2), Err(BusError::QueueFull));
+        let running = q.take(|_| true).expect("waiting");
+        let (third, _rx3) = job(3);
+        assert_eq!(q.submit(7, third, 2), Err(BusError::QueueFull), "one running + one waiting");
+        q.finish();
+        drop(running);
+        let (third, _rx3) = job(3);
+        q.submit(7, third, 2).expect("room once the running one is over");
+        // Another master is not affected by master 7's limit.
+        let (other, _rx4) = job(4);
+        q.submit(8, other, 2).expect("own limit");
+    }
+
+    #[test]
+    fn a_unit_that_is_not_ready_is_passed_over_without_losing_its_turn_order() {
+        let q = PassQueue::default();
+        let mut keep = Vec::new();
+        for (master, unit) in [(1, 9), (2, 20), (3, 9), (3, 31)] {
+            let (j, rx) = job(unit);
+            keep.push(rx);
+            q.submit(master, j, 8).expect("room");
+        }
+        let got = q.take(|u| u != 9).map(|j| j.unit);
+        q.finish();
+        assert_eq!(got, Some(20));
+        assert_eq!(drain(&q), [9, 9, 31]);
+    }
+
+    #[test]
+    fn a_closed_queue_refuses_and_drops_what_waits() {
+        let q = PassQueue::default();
+        let (j, mut rx) = job(1);
+        q.submit(1, j, 8).expect("room");
+        q.close();
+        assert!(rx.try_recv().is_err(), "the waiting request's channel is dropped");
+        let (j, _rx) = job(2);
+        assert_eq!(q.submit(1, j, 8), Err(BusError::Closed));
+        assert!(q.take(|_| true).is_none());
     }
 }

@@ -28,11 +28,11 @@
 //! Fairness. Each connection is one master. A master may pipeline: up to
 //! [`MAX_PENDING`] requests per connection are being answered at once (agent reads are
 //! answered on the spot and never wait behind relayed ones); past that the connection is
-//! not read until an answer leaves (TCP back-pressure). Relayed requests go through one
-//! relay per bus (relay.rs), which holds each master's requests in its own queue
-//! (`max_in_flight` each; more answer 0x06 server busy) and puts one request at a time
-//! into the bus queue, taking masters in turn: with N masters busy, each gets 1/N of the
-//! pass-through share of the line however hard it pushes. The bus in turn runs a waiting
+//! not read until an answer leaves (TCP back-pressure). Relayed requests wait in their
+//! bus's pass-through queue (relay.rs), which holds each master's requests apart
+//! (`max_in_flight` each; more answer 0x06 server busy) and gives the bus one at a time,
+//! taking masters in turn: with N masters busy, each gets 1/N of the pass-through share
+//! of the line however hard it pushes. The bus in turn runs a waiting
 //! poll after `bus::PASS_THROUGH_STREAK` pass-through transactions, so all masters
 //! together cannot stop the polls that keep agent mode fresh.
 //!
@@ -68,7 +68,7 @@ use crate::image::{Image, Raw, RawMiss};
 use crate::mbap::{self, Frame, MbapCodec};
 use crate::model::{self, Model, ServeMode, WriteGrant};
 use crate::pdu;
-use crate::relay::{MasterId, Relay, RelayHandle};
+use crate::relay::MasterId;
 use crate::value::Table;
 
 /// Requests of one connection being answered at once; more wait in the socket.
@@ -107,7 +107,9 @@ struct Route {
     timeout: Duration,
     turnaround: Duration,
     retries: u8,
-    relay: RelayHandle,
+    bus: BusHandle,
+    /// Requests a master may have waiting or running on the bus.
+    max_in_flight: usize,
     grants: Vec<WriteGrant>,
 }
 
@@ -124,7 +126,6 @@ pub struct Server {
     local: SocketAddr,
     max_connections: usize,
     shared: Arc<Shared>,
-    relays: Vec<Relay>,
 }
 
 impl Server {
@@ -139,8 +140,6 @@ impl Server {
         image: Arc<Image>,
     ) -> Self {
         let local = listener.local_addr().unwrap_or(config.listen);
-        let mut relays = Vec::new();
-        let mut handles: HashMap<&str, RelayHandle> = HashMap::new();
         let mut routes = HashMap::new();
         for served in &config.units {
             let found = model.buses.iter().find(|b| b.name == served.bus).and_then(|bus| {
@@ -157,16 +156,6 @@ impl Server {
                 );
                 continue;
             };
-            let relay = match handles.get(bus.name.as_str()) {
-                Some(h) => h.clone(),
-                None => {
-                    let inbox = config.max_connections * config.max_in_flight;
-                    let (relay, h) = Relay::new(handle.clone(), config.max_in_flight, inbox);
-                    relays.push(relay);
-                    handles.insert(bus.name.as_str(), h.clone());
-                    h
-                }
-            };
             routes.insert(
                 served.unit,
                 Route {
@@ -177,13 +166,14 @@ impl Server {
                     timeout: device.timeout,
                     turnaround: device.turnaround,
                     retries: bus.retries,
-                    relay,
+                    bus: handle.clone(),
+                    max_in_flight: config.max_in_flight,
                     grants: config.grants.iter().filter(|g| g.unit == served.unit).copied().collect(),
                 },
             );
         }
         let shared = Arc::new(Shared { routes, image, idle_timeout: config.idle_timeout });
-        Self { listener, local, max_connections: config.max_connections, shared, relays }
+        Self { listener, local, max_connections: config.max_connections, shared }
     }
 
     /// The address actually bound (the port chosen when the configured one was 0).
@@ -194,9 +184,6 @@ impl Server {
     /// Accepts masters until `shutdown`; every task it starts is tracked by `tracker`.
     #[instrument(name = "server", skip_all, fields(listen = %self.local))]
     pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
-        for relay in self.relays {
-            tracker.spawn(relay.run(shutdown.clone()));
-        }
         info!(addr = %self.local, "modbus-tcp server listening on {}", self.local);
         let slots = Arc::new(Semaphore::new(self.max_connections));
         let mut next_master: MasterId = 0;
@@ -390,7 +377,7 @@ impl Shared {
     }
 }
 
-/// Sends a request to the route's device through its bus relay; the answer comes later.
+/// Queues a request for the route's device on its bus; the answer comes later.
 fn relay(route: &Route, master: MasterId, frame: Frame, request: Request<'static>) -> Answer {
     // Bit replies are padded to whole bytes; answer exactly the bits asked for.
     let bits = match request {
@@ -407,7 +394,7 @@ fn relay(route: &Route, master: MasterId, frame: Frame, request: Request<'static
         retries: route.retries,
         reply,
     };
-    if let Err(e) = route.relay.submit(master, job) {
+    if let Err(e) = route.bus.pass_through(master, job, route.max_in_flight) {
         return Answer::Now(frame.exception(exception_for(&e)));
     }
     Answer::Later(Box::pin(async move {

@@ -40,7 +40,7 @@ pub(crate) struct RunChild {
 }
 
 impl RunChild {
-    fn spawn(bin: &Path, config: &Path) -> Result<Self, BoxError> {
+    pub(crate) fn spawn(bin: &Path, config: &Path) -> Result<Self, BoxError> {
         let started = StdInstant::now();
         let mut child = Command::new(bin)
             .arg("run")
@@ -64,7 +64,7 @@ impl RunChild {
     }
 
     /// Waits for a log line containing `what`; returns when it was logged.
-    fn wait_for(&self, what: &str, limit: Duration) -> Result<StdInstant, BoxError> {
+    pub(crate) fn wait_for(&self, what: &str, limit: Duration) -> Result<StdInstant, BoxError> {
         let deadline = StdInstant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(StdInstant::now());
@@ -81,7 +81,7 @@ impl RunChild {
     }
 
     /// SIGTERM, then a kill if it does not stop within 3 s.
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
         let deadline = StdInstant::now() + Duration::from_secs(3);
         while StdInstant::now() < deadline {
