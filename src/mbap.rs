@@ -12,7 +12,8 @@
 //! well-framed frame with a protocol id other than 0 is discarded without an answer (the
 //! TCP implementation guide's rule for a bad MBAP header) and decoding carries on; a
 //! well-framed but bad PDU is not an error here but an exception answer
-//! ([`decode_request`]).
+//! ([`decode_request`]); at end of input (the master's FIN) an incomplete frame is
+//! dropped, not an error, so the frames before it are still answered.
 
 use std::borrow::Cow;
 
@@ -77,7 +78,9 @@ impl Decoder for MbapCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, MbapError> {
         loop {
-            if src.len() < HEADER_LEN {
+            // The length field is judged as soon as it is in (a master that sends a bad
+            // one and waits is closed at once, not after the idle timeout).
+            if src.len() < 6 {
                 return Ok(None);
             }
             let length = u16::from_be_bytes([src[4], src[5]]);
@@ -101,6 +104,18 @@ impl Decoder for MbapCodec {
             // indication without an answer; the stream stays in step, so carry on.
             debug!(transaction, protocol, "mbap frame of another protocol discarded");
         }
+    }
+
+    /// At end of input, the frames still buffered are decoded; a frame cut short by the
+    /// master's FIN can never complete and is dropped, so it does not cost the answers
+    /// to the requests before it (the default turns it into an error).
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, MbapError> {
+        let frame = self.decode(src)?;
+        if frame.is_none() && !src.is_empty() {
+            debug!(bytes = src.len(), "incomplete mbap frame at end of input discarded");
+            src.clear();
+        }
+        Ok(frame)
     }
 }
 
@@ -274,6 +289,13 @@ mod tests {
         assert!(matches!(decode_all(&[0, 1, 0, 0, 0, 1, 1]), Err(MbapError::Length(1))));
         assert!(matches!(decode_all(&[0, 1, 0, 0, 0x01, 0x00, 1]), Err(MbapError::Length(256))));
         assert!(decode_all(&[0, 1, 0, 0, 0, 6]).expect("short").is_empty());
+        // The length is judged before the unit id arrives.
+        assert!(matches!(decode_all(&[0, 1, 0, 0, 0, 0]), Err(MbapError::Length(0))));
+        // At end of input a cut frame is dropped; whole frames before it still decode.
+        let mut buf = BytesMut::from(&[0, 9, 0, 0, 0, 6, 1, 3, 0, 0, 0, 1, 0, 10, 0][..]);
+        assert_eq!(MbapCodec.decode_eof(&mut buf).expect("framed").map(|f| f.transaction), Some(9));
+        assert_eq!(MbapCodec.decode_eof(&mut buf).expect("cut frame dropped"), None);
+        assert!(buf.is_empty());
     }
 
     #[test]
