@@ -338,6 +338,17 @@ mod tests {
             decode_request(&[0x17, 0, 3, 0, 6, 0, 0x0E, 0, 3, 6, 0, 0xFF, 0, 0xFF, 0, 0xFF]),
             Ok(Request::ReadWriteMultipleRegisters(3, 6, 14, Cow::Owned(vec![0xFF; 3])))
         );
+        // Limits at their edges: FC15 1..=1968 coils, FC16 1..=123 registers, FC23
+        // writing 1..=121, each byte count exactly what the quantity needs.
+        let with = |head: &[u8], n: usize| [head, &vec![0; n][..]].concat();
+        assert!(decode_request(&with(&[0x0F, 0, 0, 0x07, 0xB0, 246], 246)).is_ok());
+        assert_eq!(decode_request(&with(&[0x0F, 0, 0, 0x07, 0xB1, 247], 247)), Err(IllegalDataValue));
+        assert!(decode_request(&with(&[0x10, 0, 0, 0, 123, 246], 246)).is_ok());
+        assert_eq!(decode_request(&with(&[0x10, 0, 0, 0, 124, 248], 248)), Err(IllegalDataValue));
+        assert!(decode_request(&with(&[0x17, 0, 0, 0, 125, 0, 0, 0, 121, 242], 242)).is_ok());
+        assert_eq!(decode_request(&with(&[0x17, 0, 0, 0, 1, 0, 0, 0, 122, 244], 244)), Err(IllegalDataValue));
+        assert_eq!(decode_request(&with(&[0x17, 0, 0, 0, 126, 0, 0, 0, 1, 2], 2)), Err(IllegalDataValue));
+        assert_eq!(decode_request(&[0x10, 0xFF, 0xFF, 0, 2, 4, 0, 1, 0, 2]), Err(IllegalDataAddress));
         assert_eq!(
             decode_request(&[0x16, 0, 4, 0, 0xF2, 0, 0x25]),
             Ok(Request::MaskWriteRegister(4, 0xF2, 0x25))

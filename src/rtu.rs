@@ -302,6 +302,52 @@ mod decode_tests {
         assert!(matches!(decode_reply(1, &req, &wire, false), Decoded::Reply { .. }));
     }
 
+    /// Every reply is judged against its request (application protocol spec §6): the
+    /// byte count against the quantity, write echoes field by field, exceptions by unit
+    /// and function. A reply that does not fit is never taken as the answer.
+    #[test]
+    fn replies_are_judged_against_their_request() {
+        let skip = |why| Decoded::Skip { len: 0, why };
+        let judge =
+            |req: &Request<'_>, unit: u8, pdu: &[u8]| match decode_reply(1, req, &adu(unit, pdu), false) {
+                Decoded::Skip { why, .. } => skip(why),
+                d => d,
+            };
+        let mismatch = skip(SkipReason::Mismatch);
+        // FC1: 9 coils take 2 bytes, not 1 (nor 3).
+        let coils = Request::ReadCoils(0, 9);
+        assert_eq!(judge(&coils, 1, &[1, 1, 0xFF]), mismatch);
+        assert_eq!(judge(&coils, 1, &[1, 3, 0xFF, 1, 0]), mismatch);
+        assert!(matches!(judge(&coils, 1, &[1, 2, 0xFF, 1]), Decoded::Reply { reply: Ok(_), .. }));
+        // FC23: the byte count follows the read quantity.
+        let rw = Request::ReadWriteMultipleRegisters(0, 2, 5, vec![7].into());
+        assert_eq!(judge(&rw, 1, &[0x17, 2, 0, 1]), mismatch);
+        assert_eq!(
+            judge(&rw, 1, &[0x17, 4, 0, 1, 0, 2]),
+            Decoded::Reply { len: 9, reply: Ok(Response::ReadWriteMultipleRegisters(vec![1, 2])) }
+        );
+        // Write echoes: address, value, quantity, masks.
+        let coil = Request::WriteSingleCoil(4, true);
+        assert_eq!(judge(&coil, 1, &[5, 0, 4, 0, 0]), mismatch);
+        assert_eq!(judge(&coil, 1, &[5, 0, 4, 0x12, 0x34]), mismatch);
+        let many = Request::WriteMultipleCoils(4, vec![true; 10].into());
+        assert_eq!(judge(&many, 1, &[15, 0, 4, 0, 9]), mismatch);
+        assert_eq!(judge(&many, 1, &[15, 0, 5, 0, 10]), mismatch);
+        let regs = Request::WriteMultipleRegisters(4, vec![1, 2].into());
+        assert_eq!(judge(&regs, 1, &[16, 0, 4, 0, 3]), mismatch);
+        assert!(matches!(judge(&regs, 1, &[16, 0, 4, 0, 2]), Decoded::Reply { reply: Ok(_), .. }));
+        let mask = Request::MaskWriteRegister(4, 0xF2, 0x25);
+        assert_eq!(judge(&mask, 1, &[22, 0, 4, 0, 0xF2, 0, 0x24]), mismatch);
+        // Exceptions: from another unit or for another function they are someone else's.
+        let read = Request::ReadHoldingRegisters(0, 1);
+        assert_eq!(judge(&read, 2, &[0x83, 2]), skip(SkipReason::Foreign));
+        assert_eq!(judge(&read, 1, &[0x84, 2]), skip(SkipReason::Foreign));
+        assert_eq!(
+            judge(&read, 1, &[0x83, 4]),
+            Decoded::Reply { len: 5, reply: Err(tokio_modbus::ExceptionCode::ServerDeviceFailure) }
+        );
+    }
+
     #[test]
     fn write_echo_must_match() {
         let req = Request::WriteSingleRegister(5, 7);
