@@ -5,10 +5,16 @@
 //! MBAP header (7 bytes, big-endian): transaction id u16, protocol id u16 (0 = Modbus),
 //! length u16 (bytes that follow: unit id + PDU, 2..=254), unit id u8; then the PDU.
 //!
+//! Frames longer than that are still framed up to [`MAX_LENGTH`], so that an oversized
+//! request answers 0x03 the way the spec's state diagrams want, instead of losing the
+//! connection: the conformance probes "FC16 of 124 registers" and "FC23 writing 122"
+//! are well-formed requests of 254 PDU bytes (length 255). Such a frame's PDU is longer
+//! than [`pdu::MAX_PDU`], which [`decode_request`] answers 0x03.
+//!
 //! Invariants: decoding never panics and never allocates more than one frame's bytes
 //! (the length field is checked before anything is buffered); a header that breaks the
-//! rules (a length outside 2..=254) is an error, after which the stream cannot be
-//! re-synchronised (MBAP has no frame marker) and the connection must be closed; a
+//! rules (a length outside 2..=[`MAX_LENGTH`]) is an error, after which the stream cannot
+//! be re-synchronised (MBAP has no frame marker) and the connection must be closed; a
 //! well-framed frame with a protocol id other than 0 is discarded without an answer (the
 //! TCP implementation guide's rule for a bad MBAP header) and decoding carries on; a
 //! well-framed but bad PDU is not an error here but an exception answer
@@ -27,6 +33,11 @@ use crate::pdu;
 /// Bytes in an MBAP header, unit id included.
 pub const HEADER_LEN: usize = 7;
 
+/// The longest MBAP length field framed: the unit id and the largest PDU any request
+/// layout can claim (FC23: 10 bytes before a byte count of at most 255). Longer is not
+/// Modbus at all.
+pub const MAX_LENGTH: u16 = 1 + 10 + 255;
+
 /// Why a byte stream is not Modbus-TCP.
 #[derive(Debug, thiserror::Error)]
 pub enum MbapError {
@@ -34,7 +45,7 @@ pub enum MbapError {
     /// and callers that judge a header themselves).
     #[error("mbap protocol id {0} is not 0 (modbus)")]
     Protocol(u16),
-    /// The length field is outside 2..=254.
+    /// The length field is outside 2..=[`MAX_LENGTH`] (or, encoding, 2..=254).
     #[error("mbap length {0} is outside 2..=254")]
     Length(u16),
     /// Reading or writing the socket failed.
@@ -49,7 +60,8 @@ pub struct Frame {
     pub transaction: u16,
     /// Unit id.
     pub unit: u8,
-    /// The PDU, function code first.
+    /// The PDU, function code first. A request's may be longer than 253 bytes (up to
+    /// [`MAX_LENGTH`] - 1): framed, but never valid.
     pub pdu: Bytes,
 }
 
@@ -84,7 +96,7 @@ impl Decoder for MbapCodec {
                 return Ok(None);
             }
             let length = u16::from_be_bytes([src[4], src[5]]);
-            if !(2..=254).contains(&length) {
+            if !(2..=MAX_LENGTH).contains(&length) {
                 return Err(MbapError::Length(length));
             }
             let total = 6 + usize::from(length);
@@ -158,8 +170,9 @@ fn unpack(bytes: &[u8], count: usize) -> Vec<bool> {
 }
 
 /// Decodes a request PDU the way a server must judge it: an unsupported function is
-/// `IllegalFunction` (0x01); a wrong length, quantity or byte count is
-/// `IllegalDataValue` (0x03); a range past address 65535 is `IllegalDataAddress` (0x02).
+/// `IllegalFunction` (0x01); a wrong length, quantity or byte count, or a PDU longer than
+/// 253 bytes, is `IllegalDataValue` (0x03); a range past address 65535 is
+/// `IllegalDataAddress` (0x02).
 /// Function codes the gateway does not know (1..=0x7F, device identification 0x2B too)
 /// are returned as `Request::Custom` for a device to judge.
 pub fn decode_request(p: &[u8]) -> Result<Request<'static>, ExceptionCode> {
@@ -168,6 +181,11 @@ pub fn decode_request(p: &[u8]) -> Result<Request<'static>, ExceptionCode> {
         return Err(IllegalFunction);
     };
     let len_is = |n: usize| if p.len() == n { Ok(()) } else { Err(IllegalDataValue) };
+    if p.len() > pdu::MAX_PDU && !matches!(function, 0 | 0x80..=0xFF) {
+        // Quantities first: "FC16 of 124 registers" is refused for its quantity, and a
+        // PDU no quantity could explain for its length; either way 0x03.
+        return Err(IllegalDataValue);
+    }
     let req = match function {
         1..=4 => {
             len_is(5)?;
@@ -287,7 +305,18 @@ mod tests {
         assert_eq!(frames[0].transaction, 2);
         assert!(decode_all(&[0, 1, 0, 1, 0, 6, 1, 3, 0]).expect("incomplete").is_empty());
         assert!(matches!(decode_all(&[0, 1, 0, 0, 0, 1, 1]), Err(MbapError::Length(1))));
-        assert!(matches!(decode_all(&[0, 1, 0, 0, 0x01, 0x00, 1]), Err(MbapError::Length(256))));
+        assert!(matches!(decode_all(&[0, 1, 0, 0, 0x01, 0x0B, 1]), Err(MbapError::Length(267))));
+        // An oversized request (FC16 of 124 registers, length 255) is framed whole, so it
+        // can be answered 0x03 and the next frame decodes.
+        let mut wire = vec![0, 3, 0, 0, 0, 255, 1, 0x10, 0, 0, 0, 124, 248];
+        wire.extend([0; 248]);
+        wire.extend([0, 4, 0, 0, 0, 6, 1, 3, 0, 0, 0, 1]);
+        let frames = decode_all(&wire).expect("framed");
+        assert_eq!(
+            frames.iter().map(|f| (f.transaction, f.pdu.len())).collect::<Vec<_>>(),
+            [(3, 254), (4, 5)]
+        );
+        assert_eq!(decode_request(&frames[0].pdu), Err(ExceptionCode::IllegalDataValue));
         assert!(decode_all(&[0, 1, 0, 0, 0, 6]).expect("short").is_empty());
         // The length is judged before the unit id arrives.
         assert!(matches!(decode_all(&[0, 1, 0, 0, 0, 0]), Err(MbapError::Length(0))));

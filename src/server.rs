@@ -24,9 +24,11 @@
 //! Answering it (rather than staying silent, as a serial slave would) lets a master that
 //! meant "the device itself" fail at once instead of timing out.
 //!
-//! Checked by the gateway itself, before any bus is touched: the MBAP header (a bad
-//! length closes that connection only: MBAP cannot resynchronise; a frame of another
-//! protocol id is discarded unanswered), then the request in the order of the spec's
+//! Checked by the gateway itself, before any bus is touched: the MBAP header (a length
+//! no Modbus request can have, 0, 1 or past `mbap::MAX_LENGTH`, closes that connection
+//! only: MBAP cannot resynchronise; a request one byte too long for a PDU, such as FC16
+//! of 124 registers, is framed and answered 0x03; a frame of another protocol id is
+//! discarded unanswered), then the request in the order of the spec's
 //! state diagrams: the function (0x01: 0, 0x80.., a write on a unit without grants,
 //! anything but FC1-4 on an agent unit), the PDU (`mbap::decode_request`: 0x03 bad
 //! quantity, byte count or length, e.g. a 126-register read; 0x02 range past 65535),

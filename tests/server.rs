@@ -719,3 +719,22 @@ async fn a_frame_cut_by_the_masters_fin_costs_no_earlier_answer() {
     within(SECS(3), "answer then close", s.read_to_end(&mut got)).await.expect("read");
     assert_eq!(got, mbap(7, 20, &[3, 2, 0x03, 0xE8]), "the whole request answered, then EOF");
 }
+
+/// The conformance probes "FC16 of 124 registers" and "FC23 writing 122 registers" are
+/// well-formed requests one byte too long for a PDU (MBAP length 255). They are answered
+/// 0x03 like any bad quantity (0x01 first where the unit does not write at all), and the
+/// connection stays in step: it used to be closed as "not Modbus-TCP".
+#[tokio::test]
+async fn oversized_requests_are_answered_not_dropped() {
+    let (rig, addr) = start("");
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let fc16 = [&[0x10, 0, 0, 0, 124, 248][..], &[0; 248]].concat();
+    let fc23 = [&[0x17, 0, 0, 0, 1, 0, 0, 0, 122, 244][..], &[0; 244]].concat();
+    let fc15 = [&[0x0F, 0, 0, 0x07, 0xB1, 247][..], &[0; 247]].concat();
+    assert_eq!(raw(&mut s, 1, 20, &fc16).await, [0x90, 0x03]);
+    assert_eq!(raw(&mut s, 2, 20, &fc23).await, [0x97, 0x03]);
+    assert_eq!(raw(&mut s, 3, 20, &fc15).await, [0x8F, 0x03]);
+    assert_eq!(raw(&mut s, 4, 30, &fc16).await, [0x90, 0x01]);
+    assert_eq!(raw(&mut s, 5, 20, &[0x03, 0, 0, 0, 1]).await, [0x03, 0x02, 0x03, 0xE8]);
+    rig.stop().await;
+}
