@@ -46,7 +46,7 @@ pub enum MbapError {
     #[error("mbap protocol id {0} is not 0 (modbus)")]
     Protocol(u16),
     /// The length field is outside 2..=[`MAX_LENGTH`] (or, encoding, 2..=254).
-    #[error("mbap length {0} is outside 2..=254")]
+    #[error("mbap length {0} cannot be a modbus frame")]
     Length(u16),
     /// Reading or writing the socket failed.
     #[error("modbus-tcp i/o: {0}")]
