@@ -5,14 +5,21 @@
 //! MBAP header (7 bytes, big-endian): transaction id u16, protocol id u16 (0 = Modbus),
 //! length u16 (bytes that follow: unit id + PDU, 2..=254), unit id u8; then the PDU.
 //!
+//! Frames longer than that are still framed up to [`MAX_LENGTH`], so that an oversized
+//! request answers 0x03 the way the spec's state diagrams want, instead of losing the
+//! connection: the conformance probes "FC16 of 124 registers" and "FC23 writing 122"
+//! are well-formed requests of 254 PDU bytes (length 255). Such a frame's PDU is longer
+//! than [`pdu::MAX_PDU`], which [`decode_request`] answers 0x03.
+//!
 //! Invariants: decoding never panics and never allocates more than one frame's bytes
 //! (the length field is checked before anything is buffered); a header that breaks the
-//! rules (a length outside 2..=254) is an error, after which the stream cannot be
-//! re-synchronised (MBAP has no frame marker) and the connection must be closed; a
+//! rules (a length outside 2..=[`MAX_LENGTH`]) is an error, after which the stream cannot
+//! be re-synchronised (MBAP has no frame marker) and the connection must be closed; a
 //! well-framed frame with a protocol id other than 0 is discarded without an answer (the
 //! TCP implementation guide's rule for a bad MBAP header) and decoding carries on; a
 //! well-framed but bad PDU is not an error here but an exception answer
-//! ([`decode_request`]).
+//! ([`decode_request`]); at end of input (the master's FIN) an incomplete frame is
+//! dropped, not an error, so the frames before it are still answered.
 
 use std::borrow::Cow;
 
@@ -26,6 +33,11 @@ use crate::pdu;
 /// Bytes in an MBAP header, unit id included.
 pub const HEADER_LEN: usize = 7;
 
+/// The longest MBAP length field framed: the unit id and the largest PDU any request
+/// layout can claim (FC23: 10 bytes before a byte count of at most 255). Longer is not
+/// Modbus at all.
+pub const MAX_LENGTH: u16 = 1 + 10 + 255;
+
 /// Why a byte stream is not Modbus-TCP.
 #[derive(Debug, thiserror::Error)]
 pub enum MbapError {
@@ -33,8 +45,8 @@ pub enum MbapError {
     /// and callers that judge a header themselves).
     #[error("mbap protocol id {0} is not 0 (modbus)")]
     Protocol(u16),
-    /// The length field is outside 2..=254.
-    #[error("mbap length {0} is outside 2..=254")]
+    /// The length field is outside 2..=[`MAX_LENGTH`] (or, encoding, 2..=254).
+    #[error("mbap length {0} cannot be a modbus frame")]
     Length(u16),
     /// Reading or writing the socket failed.
     #[error("modbus-tcp i/o: {0}")]
@@ -48,7 +60,8 @@ pub struct Frame {
     pub transaction: u16,
     /// Unit id.
     pub unit: u8,
-    /// The PDU, function code first.
+    /// The PDU, function code first. A request's may be longer than 253 bytes (up to
+    /// [`MAX_LENGTH`] - 1): framed, but never valid.
     pub pdu: Bytes,
 }
 
@@ -77,11 +90,13 @@ impl Decoder for MbapCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, MbapError> {
         loop {
-            if src.len() < HEADER_LEN {
+            // The length field is judged as soon as it is in (a master that sends a bad
+            // one and waits is closed at once, not after the idle timeout).
+            if src.len() < 6 {
                 return Ok(None);
             }
             let length = u16::from_be_bytes([src[4], src[5]]);
-            if !(2..=254).contains(&length) {
+            if !(2..=MAX_LENGTH).contains(&length) {
                 return Err(MbapError::Length(length));
             }
             let total = 6 + usize::from(length);
@@ -101,6 +116,18 @@ impl Decoder for MbapCodec {
             // indication without an answer; the stream stays in step, so carry on.
             debug!(transaction, protocol, "mbap frame of another protocol discarded");
         }
+    }
+
+    /// At end of input, the frames still buffered are decoded; a frame cut short by the
+    /// master's FIN can never complete and is dropped, so it does not cost the answers
+    /// to the requests before it (the default turns it into an error).
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, MbapError> {
+        let frame = self.decode(src)?;
+        if frame.is_none() && !src.is_empty() {
+            debug!(bytes = src.len(), "incomplete mbap frame at end of input discarded");
+            src.clear();
+        }
+        Ok(frame)
     }
 }
 
@@ -143,8 +170,9 @@ fn unpack(bytes: &[u8], count: usize) -> Vec<bool> {
 }
 
 /// Decodes a request PDU the way a server must judge it: an unsupported function is
-/// `IllegalFunction` (0x01); a wrong length, quantity or byte count is
-/// `IllegalDataValue` (0x03); a range past address 65535 is `IllegalDataAddress` (0x02).
+/// `IllegalFunction` (0x01); a wrong length, quantity or byte count, or a PDU longer than
+/// 253 bytes, is `IllegalDataValue` (0x03); a range past address 65535 is
+/// `IllegalDataAddress` (0x02).
 /// Function codes the gateway does not know (1..=0x7F, device identification 0x2B too)
 /// are returned as `Request::Custom` for a device to judge.
 pub fn decode_request(p: &[u8]) -> Result<Request<'static>, ExceptionCode> {
@@ -153,6 +181,11 @@ pub fn decode_request(p: &[u8]) -> Result<Request<'static>, ExceptionCode> {
         return Err(IllegalFunction);
     };
     let len_is = |n: usize| if p.len() == n { Ok(()) } else { Err(IllegalDataValue) };
+    if p.len() > pdu::MAX_PDU && !matches!(function, 0 | 0x80..=0xFF) {
+        // Quantities first: "FC16 of 124 registers" is refused for its quantity, and a
+        // PDU no quantity could explain for its length; either way 0x03.
+        return Err(IllegalDataValue);
+    }
     let req = match function {
         1..=4 => {
             len_is(5)?;
@@ -272,8 +305,26 @@ mod tests {
         assert_eq!(frames[0].transaction, 2);
         assert!(decode_all(&[0, 1, 0, 1, 0, 6, 1, 3, 0]).expect("incomplete").is_empty());
         assert!(matches!(decode_all(&[0, 1, 0, 0, 0, 1, 1]), Err(MbapError::Length(1))));
-        assert!(matches!(decode_all(&[0, 1, 0, 0, 0x01, 0x00, 1]), Err(MbapError::Length(256))));
+        assert!(matches!(decode_all(&[0, 1, 0, 0, 0x01, 0x0B, 1]), Err(MbapError::Length(267))));
+        // An oversized request (FC16 of 124 registers, length 255) is framed whole, so it
+        // can be answered 0x03 and the next frame decodes.
+        let mut wire = vec![0, 3, 0, 0, 0, 255, 1, 0x10, 0, 0, 0, 124, 248];
+        wire.extend([0; 248]);
+        wire.extend([0, 4, 0, 0, 0, 6, 1, 3, 0, 0, 0, 1]);
+        let frames = decode_all(&wire).expect("framed");
+        assert_eq!(
+            frames.iter().map(|f| (f.transaction, f.pdu.len())).collect::<Vec<_>>(),
+            [(3, 254), (4, 5)]
+        );
+        assert_eq!(decode_request(&frames[0].pdu), Err(ExceptionCode::IllegalDataValue));
         assert!(decode_all(&[0, 1, 0, 0, 0, 6]).expect("short").is_empty());
+        // The length is judged before the unit id arrives.
+        assert!(matches!(decode_all(&[0, 1, 0, 0, 0, 0]), Err(MbapError::Length(0))));
+        // At end of input a cut frame is dropped; whole frames before it still decode.
+        let mut buf = BytesMut::from(&[0, 9, 0, 0, 0, 6, 1, 3, 0, 0, 0, 1, 0, 10, 0][..]);
+        assert_eq!(MbapCodec.decode_eof(&mut buf).expect("framed").map(|f| f.transaction), Some(9));
+        assert_eq!(MbapCodec.decode_eof(&mut buf).expect("cut frame dropped"), None);
+        assert!(buf.is_empty());
     }
 
     #[test]
@@ -316,6 +367,17 @@ mod tests {
             decode_request(&[0x17, 0, 3, 0, 6, 0, 0x0E, 0, 3, 6, 0, 0xFF, 0, 0xFF, 0, 0xFF]),
             Ok(Request::ReadWriteMultipleRegisters(3, 6, 14, Cow::Owned(vec![0xFF; 3])))
         );
+        // Limits at their edges: FC15 1..=1968 coils, FC16 1..=123 registers, FC23
+        // writing 1..=121, each byte count exactly what the quantity needs.
+        let with = |head: &[u8], n: usize| [head, &vec![0; n][..]].concat();
+        assert!(decode_request(&with(&[0x0F, 0, 0, 0x07, 0xB0, 246], 246)).is_ok());
+        assert_eq!(decode_request(&with(&[0x0F, 0, 0, 0x07, 0xB1, 247], 247)), Err(IllegalDataValue));
+        assert!(decode_request(&with(&[0x10, 0, 0, 0, 123, 246], 246)).is_ok());
+        assert_eq!(decode_request(&with(&[0x10, 0, 0, 0, 124, 248], 248)), Err(IllegalDataValue));
+        assert!(decode_request(&with(&[0x17, 0, 0, 0, 125, 0, 0, 0, 121, 242], 242)).is_ok());
+        assert_eq!(decode_request(&with(&[0x17, 0, 0, 0, 1, 0, 0, 0, 122, 244], 244)), Err(IllegalDataValue));
+        assert_eq!(decode_request(&with(&[0x17, 0, 0, 0, 126, 0, 0, 0, 1, 2], 2)), Err(IllegalDataValue));
+        assert_eq!(decode_request(&[0x10, 0xFF, 0xFF, 0, 2, 4, 0, 1, 0, 2]), Err(IllegalDataAddress));
         assert_eq!(
             decode_request(&[0x16, 0, 4, 0, 0xF2, 0, 0x25]),
             Ok(Request::MaskWriteRegister(4, 0xF2, 0x25))

@@ -213,6 +213,12 @@ pub fn encode_exception(function: u8, code: ExceptionCode, buf: &mut Vec<u8>) {
 /// `Some(n)` once the length is known (possibly more than `pdu.len()`), `None` while more
 /// bytes are needed to tell, or when the function code has no length rule we know (the
 /// caller then frames by silence). `request` is true for a PDU sent by a master.
+///
+/// Silence is a poor frame end behind USB adapters and device servers, which deliver a
+/// frame in chunks with gaps longer than t3.5: every function whose frame says its own
+/// length has a rule here. A device identification reply (FC43/14) says it object by
+/// object: until its last object header has arrived, `n` is one past the next header
+/// byte needed (more than `pdu.len()`, so the caller waits), then exact.
 pub fn pdu_len(pdu: &[u8], request: bool) -> Option<usize> {
     let function = *pdu.first()?;
     if function & 0x80 != 0 {
@@ -233,6 +239,26 @@ pub fn pdu_len(pdu: &[u8], request: bool) -> Option<usize> {
         (7, false) => Some(2),
         (8, _) => Some(5),
         (11, false) => Some(5),
+        (12, false) | (20 | 21, _) => byte(1).map(|n| 2 + n),
+        (24, true) => Some(3),
+        (24, false) => Some(3 + usize::from(u16::from_be_bytes([*pdu.get(1)?, *pdu.get(2)?]))),
+        (43, true) if byte(1)? == 0x0E => Some(4),
+        (43, false) if byte(1)? == 0x0E => {
+            // Function, MEI type, code, conformity, more follows, next id, object count;
+            // then each object: id, length, value.
+            let count = match byte(6) {
+                Some(n) => n,
+                None => return Some(7),
+            };
+            let mut at = 7;
+            for _ in 0..count {
+                match byte(at + 1) {
+                    Some(n) => at += 2 + n,
+                    None => return Some(at + 2),
+                }
+            }
+            Some(at)
+        }
         _ => None,
     }
 }
@@ -313,5 +339,21 @@ mod tests {
         assert_eq!(pdu_len(&[0x83], false), Some(2));
         assert_eq!(pdu_len(&[0x10, 0, 1, 0, 2, 4], true), Some(10));
         assert_eq!(expected_response_len(&Request::ReadCoils(0, 9)), Some(4));
+        // Functions whose frames say their length, so no silence is needed to end them.
+        assert_eq!(pdu_len(&[0x18, 0, 6], false), Some(9));
+        assert_eq!(pdu_len(&[0x18, 0], false), None);
+        assert_eq!(pdu_len(&[0x18], true), Some(3));
+        assert_eq!(pdu_len(&[0x14, 7], true), Some(9));
+        assert_eq!(pdu_len(&[0x15, 9], false), Some(11));
+        assert_eq!(pdu_len(&[0x0C, 8], false), Some(10));
+        assert_eq!(pdu_len(&[0x2B, 0x0E], true), Some(4));
+        assert_eq!(pdu_len(&[0x2B, 0x0D], true), None);
+        // FC43/14 reply with two objects: "AB" and "XYZ".
+        let id = [0x2B, 0x0E, 1, 1, 0, 0, 2, 0, 2, b'A', b'B', 1, 3, b'X', b'Y', b'Z'];
+        assert_eq!(pdu_len(&id, false), Some(id.len()));
+        assert_eq!(pdu_len(&id[..4], false), Some(7));
+        assert_eq!(pdu_len(&id[..8], false), Some(9));
+        assert_eq!(pdu_len(&id[..12], false), Some(13));
+        assert_eq!(pdu_len(&id[..13], false), Some(16));
     }
 }

@@ -107,9 +107,11 @@ pub fn decode_reply(unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8], s
             tokio_modbus::Request::Custom(8, data) if function == 8 && addr == unit => 1 + 1 + data.len() + 2,
             _ => 1 + n + 2,
         },
-        // Only the byte count is missing: the next byte tells the length, so a silence
+        // Only the byte count is missing: the next bytes tell the length, so a silence
         // here is a pause inside the frame (an adapter's chunking), not its end.
-        None if buf.len() < 3 && matches!(function, 1..=4 | 17 | 23) => return Decoded::Incomplete,
+        None if buf.len() < 4 && matches!(function, 1..=4 | 12 | 17 | 20 | 21 | 23 | 24 | 43) => {
+            return Decoded::Incomplete;
+        }
         // A function we cannot length: the frame ends where the line went silent.
         None if silent && addr == unit && function & 0x7F == want => buf.len(),
         None if silent || function & 0x7F == 0 => {
@@ -273,14 +275,44 @@ mod decode_tests {
                 reply: Ok(Response::Custom(0x11, bytes::Bytes::copy_from_slice(&pdu[1..])))
             }
         );
-        // FC24 Read FIFO queue (no length rule here): framed by the silence.
-        let req = Request::Custom(0x18, vec![0, 0].into());
-        let wire = adu(1, &[0x18, 0, 6, 0, 2, 0, 1, 0, 2]);
+        // A function with no length rule (user-defined 0x41): framed by the silence.
+        let req = Request::Custom(0x41, vec![1].into());
+        let wire = adu(1, &[0x41, 1, 2, 3]);
         assert_eq!(decode_reply(1, &req, &wire, false), Decoded::Incomplete);
         assert!(matches!(
             decode_reply(1, &req, &wire, true),
-            Decoded::Reply { reply: Ok(Response::Custom(0x18, _)), .. }
+            Decoded::Reply { reply: Ok(Response::Custom(0x41, _)), .. }
         ));
+    }
+
+    /// FC24 (FIFO queue, 2-byte byte count), FC20/21 (file records), FC12 (event log) and
+    /// FC43/14 (device identification) say their own length: a reply delivered in
+    /// chunks with a silence between them (a USB adapter, a device server) is waited
+    /// for, not cut at the silence and lost to a CRC error.
+    #[test]
+    fn replies_that_say_their_length_survive_a_pause() {
+        let id = [0x2B, 0x0E, 1, 1, 0, 0, 2, 0, 2, b'A', b'B', 1, 3, b'X', b'Y', b'Z'];
+        let cases: [(Request<'_>, Vec<u8>); 4] = [
+            (Request::Custom(0x18, vec![0, 0].into()), vec![0x18, 0, 6, 0, 2, 0, 1, 0, 2]),
+            (Request::Custom(0x14, vec![7, 6, 0, 1, 0, 0, 0, 1].into()), vec![0x14, 4, 3, 6, 0, 9]),
+            (Request::Custom(0x0C, Vec::new().into()), vec![0x0C, 6, 0, 0, 0, 1, 0, 1]),
+            (Request::Custom(0x2B, vec![0x0E, 1, 0].into()), id.to_vec()),
+        ];
+        for (req, pdu) in cases {
+            let wire = adu(1, &pdu);
+            for cut in 2..wire.len() {
+                assert_eq!(
+                    decode_reply(1, &req, &wire[..cut], true),
+                    Decoded::Incomplete,
+                    "{pdu:02X?} cut at {cut}"
+                );
+            }
+            let want = Response::Custom(pdu[0], bytes::Bytes::copy_from_slice(&pdu[1..]));
+            assert_eq!(
+                decode_reply(1, &req, &wire, false),
+                Decoded::Reply { len: wire.len(), reply: Ok(want) }
+            );
+        }
     }
 
     #[test]
@@ -300,6 +332,52 @@ mod decode_tests {
         let req = Request::Custom(8, vec![0, 0, 0xA5, 0x37].into());
         let wire = adu(1, &[8, 0, 0, 0xA5, 0x37]);
         assert!(matches!(decode_reply(1, &req, &wire, false), Decoded::Reply { .. }));
+    }
+
+    /// Every reply is judged against its request (application protocol spec §6): the
+    /// byte count against the quantity, write echoes field by field, exceptions by unit
+    /// and function. A reply that does not fit is never taken as the answer.
+    #[test]
+    fn replies_are_judged_against_their_request() {
+        let skip = |why| Decoded::Skip { len: 0, why };
+        let judge =
+            |req: &Request<'_>, unit: u8, pdu: &[u8]| match decode_reply(1, req, &adu(unit, pdu), false) {
+                Decoded::Skip { why, .. } => skip(why),
+                d => d,
+            };
+        let mismatch = skip(SkipReason::Mismatch);
+        // FC1: 9 coils take 2 bytes, not 1 (nor 3).
+        let coils = Request::ReadCoils(0, 9);
+        assert_eq!(judge(&coils, 1, &[1, 1, 0xFF]), mismatch);
+        assert_eq!(judge(&coils, 1, &[1, 3, 0xFF, 1, 0]), mismatch);
+        assert!(matches!(judge(&coils, 1, &[1, 2, 0xFF, 1]), Decoded::Reply { reply: Ok(_), .. }));
+        // FC23: the byte count follows the read quantity.
+        let rw = Request::ReadWriteMultipleRegisters(0, 2, 5, vec![7].into());
+        assert_eq!(judge(&rw, 1, &[0x17, 2, 0, 1]), mismatch);
+        assert_eq!(
+            judge(&rw, 1, &[0x17, 4, 0, 1, 0, 2]),
+            Decoded::Reply { len: 9, reply: Ok(Response::ReadWriteMultipleRegisters(vec![1, 2])) }
+        );
+        // Write echoes: address, value, quantity, masks.
+        let coil = Request::WriteSingleCoil(4, true);
+        assert_eq!(judge(&coil, 1, &[5, 0, 4, 0, 0]), mismatch);
+        assert_eq!(judge(&coil, 1, &[5, 0, 4, 0x12, 0x34]), mismatch);
+        let many = Request::WriteMultipleCoils(4, vec![true; 10].into());
+        assert_eq!(judge(&many, 1, &[15, 0, 4, 0, 9]), mismatch);
+        assert_eq!(judge(&many, 1, &[15, 0, 5, 0, 10]), mismatch);
+        let regs = Request::WriteMultipleRegisters(4, vec![1, 2].into());
+        assert_eq!(judge(&regs, 1, &[16, 0, 4, 0, 3]), mismatch);
+        assert!(matches!(judge(&regs, 1, &[16, 0, 4, 0, 2]), Decoded::Reply { reply: Ok(_), .. }));
+        let mask = Request::MaskWriteRegister(4, 0xF2, 0x25);
+        assert_eq!(judge(&mask, 1, &[22, 0, 4, 0, 0xF2, 0, 0x24]), mismatch);
+        // Exceptions: from another unit or for another function they are someone else's.
+        let read = Request::ReadHoldingRegisters(0, 1);
+        assert_eq!(judge(&read, 2, &[0x83, 2]), skip(SkipReason::Foreign));
+        assert_eq!(judge(&read, 1, &[0x84, 2]), skip(SkipReason::Foreign));
+        assert_eq!(
+            judge(&read, 1, &[0x83, 4]),
+            Decoded::Reply { len: 5, reply: Err(tokio_modbus::ExceptionCode::ServerDeviceFailure) }
+        );
     }
 
     #[test]

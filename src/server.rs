@@ -15,11 +15,24 @@
 //!   exception, goes back as is; no answer is 0x0B; a port that is down is 0x0A.
 //! - any other unit id answers 0x0A (gateway path unavailable).
 //!
-//! Checked by the gateway itself, before any bus is touched: the MBAP header (a bad
-//! length closes that connection only: MBAP cannot resynchronise; a frame of another
-//! protocol id is discarded unanswered), the PDU (`mbap::decode_request`:
-//! 0x01 unknown function, 0x03 bad quantity or length, e.g. a 126-register read, 0x02
-//! range past 65535), and writes. Writes (FC5, 6, 15, 16, 22, 23) are refused unless a
+//! Unit ids 0 and 255. The TCP implementation guide has a master that addresses a TCP
+//! server directly send 255 (libmodbus' and tokio-modbus' default) or 0 (pymodbus 2.x's
+//! default); on a serial line 0 is a broadcast. Through this gateway both are ordinary
+//! unit ids: 255 is served when a `[[server.unit]]` names it, and 0 (which config cannot
+//! name) answers 0x0A like any id nobody serves. A master's unit 0 is never turned into a
+//! serial broadcast: a broadcast write cannot be confirmed, and grants are per unit.
+//! Answering it (rather than staying silent, as a serial slave would) lets a master that
+//! meant "the device itself" fail at once instead of timing out.
+//!
+//! Checked by the gateway itself, before any bus is touched: the MBAP header (a length
+//! no Modbus request can have, 0, 1 or past `mbap::MAX_LENGTH`, closes that connection
+//! only: MBAP cannot resynchronise; a request one byte too long for a PDU, such as FC16
+//! of 124 registers, is framed and answered 0x03; a frame of another protocol id is
+//! discarded unanswered), then the request in the order of the spec's
+//! state diagrams: the function (0x01: 0, 0x80.., a write on a unit without grants,
+//! anything but FC1-4 on an agent unit), the PDU (`mbap::decode_request`: 0x03 bad
+//! quantity, byte count or length, e.g. a 126-register read; 0x02 range past 65535),
+//! then the addresses written. Writes (FC5, 6, 15, 16, 22, 23) are refused unless a
 //! `[[server.grant]]` covers every address written: a unit with no grant at all answers
 //! 0x01 (illegal function: writing is not an allowed action on it), a unit with grants
 //! answers 0x02 for addresses outside them (illegal data address), as the spec words
@@ -319,12 +332,28 @@ fn exception_for(e: &BusError) -> ExceptionCode {
     }
 }
 
+/// Function codes that write (FC23 included: it writes before it reads).
+fn is_write(function: u8) -> bool {
+    matches!(function, 5 | 6 | 15 | 16 | 22 | 23)
+}
+
 impl Route {
+    /// Whether the unit offers `function` at all: the spec's first check (0x01), made
+    /// before the PDU is judged (0x03, then 0x02). Writing is a function only a unit with
+    /// grants offers; an agent unit reads FC1-4 and nothing else; a pass unit offers what
+    /// its device offers (the device judges).
+    fn serves(&self, function: u8) -> bool {
+        if is_write(function) {
+            return !self.grants.is_empty();
+        }
+        match self.mode {
+            ServeMode::Pass => true,
+            ServeMode::Agent { .. } => matches!(function, 1..=4),
+        }
+    }
+
     /// `Ok` when grants cover every address of the write.
     fn may_write(&self, table: Table, start: u16, count: usize) -> Result<(), ExceptionCode> {
-        if self.grants.is_empty() {
-            return Err(ExceptionCode::IllegalFunction);
-        }
         let covered = (usize::from(start)..usize::from(start) + count).all(|a| {
             u16::try_from(a).is_ok_and(|a| self.grants.iter().any(|g| g.covers(self.unit, table, a)))
         });
@@ -337,6 +366,11 @@ impl Shared {
         let Some(route) = self.routes.get(&frame.unit) else {
             return Answer::Now(frame.exception(ExceptionCode::GatewayPathUnavailable));
         };
+        // The spec's order: function (0x01), then quantity and length (0x03), then
+        // address (0x02), then execution.
+        if !frame.pdu.first().is_some_and(|f| route.serves(*f)) {
+            return Answer::Now(frame.exception(ExceptionCode::IllegalFunction));
+        }
         let request = match mbap::decode_request(&frame.pdu) {
             Ok(r) => r,
             Err(code) => return Answer::Now(frame.exception(code)),

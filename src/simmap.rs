@@ -542,6 +542,58 @@ mod tests {
         assert_eq!(u.read(Table::Holding, 0, 2, T), Ok(vec![9, 8]));
     }
 
+    /// The slave side of the spec's state diagrams: each function's quantity limits
+    /// (0x03) at their exact edges, and quantity before address.
+    #[test]
+    fn quantity_limits_at_their_edges() {
+        let mut u = unit(
+            "[[unit]]\nunit = 1\n[[unit.register]]\ntable = \"holding\"\naddress = 0\nkind = \"counter\"\n\
+             count = 200\n[[unit.register]]\ntable = \"coils\"\naddress = 0\nkind = \"toggle\"\ncount = 2000\n\
+             [[unit.register]]\ntable = \"discrete\"\naddress = 0\nkind = \"toggle\"\ncount = 2000\n",
+        );
+        let code = |u: &mut Unit, p: &[u8]| execute(u, p, T).err();
+        let bits = |f: u8, q: u16, bc: usize| {
+            let mut p = vec![f, 0, 0];
+            p.extend_from_slice(&q.to_be_bytes());
+            if bc > 0 {
+                p.push(bc as u8);
+                p.extend(std::iter::repeat_n(0, bc));
+            }
+            p
+        };
+        for (f, max) in [(1u8, 2000u16), (2, 2000), (3, 125), (4, 125)] {
+            let ok = if f == 4 { Some(ILLEGAL_ADDRESS) } else { None };
+            assert_eq!(code(&mut u, &bits(f, max, 0)), ok, "FC{f} {max}");
+            assert_eq!(code(&mut u, &bits(f, max + 1, 0)), Some(ILLEGAL_VALUE), "FC{f} {}", max + 1);
+            assert_eq!(code(&mut u, &bits(f, 0, 0)), Some(ILLEGAL_VALUE), "FC{f} 0");
+        }
+        assert_eq!(code(&mut u, &bits(15, 1968, 246)), None);
+        assert_eq!(code(&mut u, &bits(15, 1969, 247)), Some(ILLEGAL_VALUE));
+        assert_eq!(code(&mut u, &bits(15, 9, 1)), Some(ILLEGAL_VALUE), "9 coils need 2 bytes");
+        assert_eq!(code(&mut u, &bits(16, 123, 246)), None);
+        assert_eq!(code(&mut u, &bits(16, 124, 248)), Some(ILLEGAL_VALUE));
+        assert_eq!(code(&mut u, &bits(16, 2, 2)), Some(ILLEGAL_VALUE), "2 registers need 4 bytes");
+        // FC23: read 1..=125, write 1..=121, byte count twice the write quantity.
+        let rw = |rq: u16, wq: u16, bc: usize| {
+            let mut p = vec![23, 0, 0];
+            p.extend_from_slice(&rq.to_be_bytes());
+            p.extend_from_slice(&[0, 0]);
+            p.extend_from_slice(&wq.to_be_bytes());
+            p.push(bc as u8);
+            p.extend(std::iter::repeat_n(0, bc));
+            p
+        };
+        assert_eq!(code(&mut u, &rw(125, 121, 242)), None);
+        assert_eq!(code(&mut u, &rw(126, 1, 2)), Some(ILLEGAL_VALUE));
+        assert_eq!(code(&mut u, &rw(1, 122, 244)), Some(ILLEGAL_VALUE));
+        assert_eq!(code(&mut u, &rw(0, 1, 2)), Some(ILLEGAL_VALUE));
+        assert_eq!(code(&mut u, &rw(1, 1, 4)), Some(ILLEGAL_VALUE));
+        // Quantity before address: a bad quantity at an unmapped address is 0x03.
+        assert_eq!(code(&mut u, &[3, 0xFF, 0xFF, 0, 126]), Some(ILLEGAL_VALUE));
+        assert_eq!(code(&mut u, &[3, 0xFF, 0xFF, 0, 2]), Some(ILLEGAL_ADDRESS));
+        assert_eq!(code(&mut u, &[5, 0xFF, 0xFF, 0, 1]), Some(ILLEGAL_VALUE));
+    }
+
     #[test]
     fn config_problems_are_all_reported() {
         let config: SimConfig = toml::from_str(

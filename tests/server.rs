@@ -129,6 +129,10 @@ pass = "meter"
 unit = 30
 pass = "dead"
 
+[[server.unit]]
+unit = 255
+pass = "meter"
+
 [[server.grant]]
 unit = 10
 table = "holding"
@@ -169,6 +173,7 @@ async fn raw(stream: &mut TcpStream, tid: u16, unit: u8, pdu: &[u8]) -> Vec<u8> 
     let mut head = [0u8; 7];
     within(SECS(3), "answer header", stream.read_exact(&mut head)).await.expect("header");
     assert_eq!(u16::from_be_bytes([head[0], head[1]]), tid, "transaction id echoed");
+    assert_eq!([head[2], head[3]], [0, 0], "protocol id 0");
     assert_eq!(head[6], unit, "unit echoed");
     let len = usize::from(u16::from_be_bytes([head[4], head[5]])) - 1;
     let mut pdu = vec![0u8; len];
@@ -343,6 +348,11 @@ async fn malformed_header_closes_only_that_connection() {
     // A length of 300 cannot be a Modbus frame.
     bad.write_all(&[0, 1, 0, 0, 0x01, 0x2C, 20, 3]).await.expect("send");
     assert!(closed(&mut bad, SECS(2)).await, "bad length closes the connection");
+    // Nor can a length of 0, and it is judged without waiting for a unit id that, by
+    // that length, is not coming (the idle timeout is a minute).
+    let mut bad = TcpStream::connect(addr).await.expect("connect");
+    bad.write_all(&[0, 1, 0, 0, 0, 0]).await.expect("send");
+    assert!(closed(&mut bad, SECS(2)).await, "length 0 closes the connection at once");
     assert_eq!(good.read_holding_registers(1, 1).await.expect("transport"), Ok(vec![1001]));
     let mut again = master(addr, 20).await;
     assert_eq!(again.read_holding_registers(2, 1).await.expect("transport"), Ok(vec![1002]));
@@ -633,4 +643,98 @@ async fn half_closed_master_gets_its_pending_answers() {
     let mut want = mbap(7, 20, &[3, 4, 0x03, 0xE8, 0x03, 0xE9]);
     want.extend(mbap(8, 20, &[3, 2, 0x03, 0xEA]));
     assert_eq!(got, want, "both relayed answers, in order, then EOF");
+}
+
+/// The spec's state diagrams judge a request in a fixed order: function code (0x01), then
+/// quantity, byte count and length (0x03), then address range (0x02). A function a unit
+/// does not offer (writing without a grant, anything but FC1-4 on an agent unit) is 0x01
+/// whatever its PDU says; a third-party master must not see 0x03 for it.
+#[tokio::test]
+async fn exceptions_come_in_the_specs_order() {
+    let (rig, addr) = start("");
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    // Units without grants: writing is not a function they offer.
+    assert_eq!(raw(&mut s, 1, 30, &[0x10, 0, 0, 0, 0, 0]).await, [0x90, 0x01], "FC16 of 0 registers");
+    assert_eq!(raw(&mut s, 2, 30, &[0x05, 0, 0, 0x12, 0x34]).await, [0x85, 0x01], "FC5 bad value");
+    assert_eq!(raw(&mut s, 3, 11, &[0x06, 0, 0]).await, [0x86, 0x01], "FC6 short");
+    assert_eq!(raw(&mut s, 4, 11, &[0x16, 0, 0]).await, [0x96, 0x01], "FC22 short");
+    assert_eq!(
+        raw(&mut s, 5, 11, &[0x17, 0, 0, 0, 0, 0, 0, 0, 1, 2, 0, 7]).await,
+        [0x97, 0x01],
+        "FC23 reading 0"
+    );
+    // Agent units serve FC1-4 only, whatever the data of another function.
+    assert_eq!(raw(&mut s, 6, 10, &[0x08, 0]).await, [0x88, 0x01]);
+    assert_eq!(raw(&mut s, 7, 10, &[0x2B, 0x0E]).await, [0xAB, 0x01]);
+    // Units with grants: quantity and byte count before the address.
+    assert_eq!(raw(&mut s, 8, 10, &[0x10, 0xFF, 0xFF, 0, 0, 0]).await, [0x90, 0x03]);
+    assert_eq!(raw(&mut s, 9, 10, &[0x10, 0xFF, 0xFF, 0, 2, 4, 0, 1, 0, 2]).await, [0x90, 0x02]);
+    assert_eq!(raw(&mut s, 10, 20, &[0x0F, 0xFF, 0xFF, 0, 10, 1, 0xFF]).await, [0x8F, 0x03]);
+    assert_eq!(raw(&mut s, 11, 20, &[0x05, 0xFF, 0xFF, 0x12, 0x34]).await, [0x85, 0x03]);
+    assert_eq!(
+        raw(&mut s, 12, 20, &[0x17, 0xFF, 0xFF, 0, 126, 0, 0, 0, 1, 2, 0, 7]).await,
+        [0x97, 0x03],
+        "FC23 reading 126, past 65535"
+    );
+    assert_eq!(
+        raw(&mut s, 13, 20, &[0x17, 0, 0, 0, 1, 0xFF, 0xFF, 0, 2, 4, 0, 7, 0, 8]).await,
+        [0x97, 0x02],
+        "FC23 writing past 65535"
+    );
+    assert_eq!(raw(&mut s, 14, 10, &[0x03, 0xFF, 0xFF, 0, 126]).await, [0x83, 0x03]);
+    assert_eq!(raw(&mut s, 15, 10, &[0x01, 0xFF, 0xFF, 0, 2]).await, [0x81, 0x02]);
+    rig.stop().await;
+}
+
+/// Unit 0 is a broadcast on a serial line and, by the TCP implementation guide, "the
+/// device itself" on TCP; through a gateway neither applies, so it is answered like any
+/// unit id nobody serves (0x0A) and nothing reaches a bus. Unit 255, the guide's
+/// recommended id for a directly addressed server (libmodbus' and tokio-modbus' default),
+/// is served when configured, like any other.
+#[tokio::test]
+async fn unit_0_is_no_broadcast_and_unit_255_is_an_ordinary_unit() {
+    let (rig, addr) = start("");
+    wait_until("meter polled", SECS(3), || rig.value("meter.e").is_some()).await;
+    let before = (rig.sim.stats(1).writes, rig.sim.stats(2).writes);
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(raw(&mut s, 1, 0, &[0x06, 0, 3, 0, 9]).await, [0x86, 0x0A]);
+    assert_eq!(raw(&mut s, 2, 0, &[0x03, 0, 0, 0, 1]).await, [0x83, 0x0A]);
+    assert_eq!((rig.sim.stats(1).writes, rig.sim.stats(2).writes), before, "nothing broadcast");
+    let mut m = master(addr, 255).await;
+    assert_eq!(m.read_holding_registers(0, 2).await.expect("transport"), Ok(vec![1000, 1001]));
+    rig.stop().await;
+}
+
+/// A master that half-closes in the middle of a frame (the rest will never come) still
+/// gets the answers to the whole requests it sent before.
+#[tokio::test]
+async fn a_frame_cut_by_the_masters_fin_costs_no_earlier_answer() {
+    let (_rig, addr) = start("");
+    let mut s = within(SECS(2), "connect", TcpStream::connect(addr)).await.expect("connects");
+    let mut req = mbap(7, 20, &[3, 0, 0, 0, 1]);
+    req.extend_from_slice(&mbap(8, 20, &[3, 0, 0, 0, 1])[..5]);
+    s.write_all(&req).await.expect("send");
+    s.shutdown().await.expect("half-close");
+    let mut got = Vec::new();
+    within(SECS(3), "answer then close", s.read_to_end(&mut got)).await.expect("read");
+    assert_eq!(got, mbap(7, 20, &[3, 2, 0x03, 0xE8]), "the whole request answered, then EOF");
+}
+
+/// The conformance probes "FC16 of 124 registers" and "FC23 writing 122 registers" are
+/// well-formed requests one byte too long for a PDU (MBAP length 255). They are answered
+/// 0x03 like any bad quantity (0x01 first where the unit does not write at all), and the
+/// connection stays in step: it used to be closed as "not Modbus-TCP".
+#[tokio::test]
+async fn oversized_requests_are_answered_not_dropped() {
+    let (rig, addr) = start("");
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let fc16 = [&[0x10, 0, 0, 0, 124, 248][..], &[0; 248]].concat();
+    let fc23 = [&[0x17, 0, 0, 0, 1, 0, 0, 0, 122, 244][..], &[0; 244]].concat();
+    let fc15 = [&[0x0F, 0, 0, 0x07, 0xB1, 247][..], &[0; 247]].concat();
+    assert_eq!(raw(&mut s, 1, 20, &fc16).await, [0x90, 0x03]);
+    assert_eq!(raw(&mut s, 2, 20, &fc23).await, [0x97, 0x03]);
+    assert_eq!(raw(&mut s, 3, 20, &fc15).await, [0x8F, 0x03]);
+    assert_eq!(raw(&mut s, 4, 30, &fc16).await, [0x90, 0x01]);
+    assert_eq!(raw(&mut s, 5, 20, &[0x03, 0, 0, 0, 1]).await, [0x03, 0x02, 0x03, 0xE8]);
+    rig.stop().await;
 }
