@@ -275,8 +275,11 @@ async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, sh
                     }
                 }
                 Some(Err(e)) => {
+                    // MBAP cannot resynchronise: read no more, but answer what was
+                    // asked before the bad frame, then close.
                     warn!(error = %e, "closing connection: not modbus-tcp");
-                    return;
+                    reading = false;
+                    continue;
                 }
                 None => {
                     reading = false;
@@ -305,6 +308,9 @@ async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, sh
             debug!(error = %e, "cannot answer; closing connection");
             return;
         }
+        // The master has been busy until now: a relayed request that took longer than
+        // the idle timeout must not close the connection under its answer.
+        last_heard = Instant::now();
     }
 }
 

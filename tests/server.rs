@@ -353,9 +353,37 @@ async fn malformed_header_closes_only_that_connection() {
     let mut bad = TcpStream::connect(addr).await.expect("connect");
     bad.write_all(&[0, 1, 0, 0, 0, 0]).await.expect("send");
     assert!(closed(&mut bad, SECS(2)).await, "length 0 closes the connection at once");
+    // What was asked before a bad frame is still answered, then the connection closes.
+    let mut late = TcpStream::connect(addr).await.expect("connect");
+    let mut both = mbap(7, 20, &[0x03, 0, 4, 0, 1]);
+    both.extend_from_slice(&[0, 8, 0, 0, 0, 0]);
+    late.write_all(&both).await.expect("send");
+    let mut answer = [0u8; 11];
+    within(SECS(3), "answer", late.read_exact(&mut answer)).await.expect("answered");
+    assert_eq!(answer, [0, 7, 0, 0, 0, 5, 20, 0x03, 0x02, 0x03, 0xEC]);
+    assert!(closed(&mut late, SECS(2)).await, "then closed");
     assert_eq!(good.read_holding_registers(1, 1).await.expect("transport"), Ok(vec![1001]));
     let mut again = master(addr, 20).await;
     assert_eq!(again.read_holding_registers(2, 1).await.expect("transport"), Ok(vec![1002]));
+    rig.stop().await;
+}
+
+/// A relayed request that takes longer than the idle timeout keeps its connection: the
+/// idle time counts from the answer, not from the request.
+#[tokio::test]
+async fn a_slow_answer_does_not_idle_out_its_connection() {
+    let sim = "[[unit]]\nunit = 4\nfault = \"late 1300ms\"\n[[unit.register]]\ntable = \"holding\"\naddress = 0\nvalues = [42]\n";
+    let gateway = "[gateway]\nname = \"test\"\n[[bus]]\nname = \"line\"\nport = \"{port}\"\nretries = 0\n\
+        [[device]]\nname = \"slow\"\nbus = \"line\"\nunit = 4\ninterval = \"1h\"\ntimeout = \"2s\"\n\
+        point = [{ name = \"x\", table = \"holding\", address = 0 }]\n\
+        [server]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\n[[server.unit]]\nunit = 4\npass = \"slow\"\n";
+    let rig = Rig::start(sim, gateway);
+    let addr = rig.gateway().server_addr.expect("server listening");
+    let mut m = TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(raw(&mut m, 1, 4, &[0x03, 0, 0, 0, 1]).await, [0x03, 0x02, 0, 42]);
+    // Right after a 1.3 s answer the connection is still there for the next request.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(raw(&mut m, 2, 4, &[0x03, 0, 0, 0, 1]).await, [0x03, 0x02, 0, 42]);
     rig.stop().await;
 }
 
