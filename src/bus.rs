@@ -9,6 +9,9 @@
 //!   configured) since the last byte seen; anything heard by then is stale and discarded;
 //! - bytes that arrive before our request has been written cannot be its reply and are
 //!   discarded; the response timeout runs from the moment the request has left the UART;
+//! - on a bus with `local_echo`, the request's own bytes are taken off the front of what
+//!   comes back before the reply is looked for: our FC5/6 request is byte for byte a
+//!   valid reply, and must never be taken for the device's confirmation;
 //! - a reply from another unit or for another function, or with a bad CRC, is discarded
 //!   while the timeout keeps running — it is never returned as data;
 //! - the queue is bounded: a full queue refuses new work (`BusError::QueueFull`) instead
@@ -246,6 +249,7 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
     let engine =
         Engine::new(bus.name.clone(), bus.line, framing, bus.queue_depth, bus.reopen_max, stats.clone())
             .with_frame_gap(bus.frame_gap)
+            .with_local_echo(bus.local_echo)
             .with_silence(silence);
     let handle = BusHandle { name: Arc::from(bus.name.as_str()), tx, pass: engine.pass_queue(), stats };
     tracker.spawn(engine.run(rx, opener, shutdown));
@@ -291,6 +295,8 @@ pub struct Engine {
     t35: Duration,
     /// The silence kept before each request we send.
     gap: Duration,
+    /// The adapter echoes what we send.
+    local_echo: bool,
     /// When the line last carried a byte (ours or anyone's).
     last_activity: Instant,
     buf: Vec<u8>,
@@ -322,6 +328,7 @@ impl Engine {
             pass: Arc::default(),
             t35: rtu::t35(&line),
             gap: rtu::t35(&line),
+            local_echo: false,
             last_activity: Instant::now(),
             buf: Vec::with_capacity(512),
             out: Vec::with_capacity(260),
@@ -336,6 +343,12 @@ impl Engine {
     /// Keeps `gap` of line silence before each request instead of t3.5.
     pub fn with_frame_gap(mut self, gap: Duration) -> Self {
         self.gap = gap;
+        self
+    }
+
+    /// Expects the request's own bytes back before the reply (an adapter that echoes).
+    pub fn with_local_echo(mut self, echo: bool) -> Self {
+        self.local_echo = echo;
         self
     }
 
@@ -632,6 +645,8 @@ impl Engine {
         // before new bytes arrive cannot change the verdict (and, with the silence in the
         // past, would spin on the CPU while a slow adapter delivers the rest of a frame).
         let mut judged_silent = false;
+        // Bytes of our own echo still to come (and to take off).
+        let mut echo = if self.local_echo { self.out.len() } else { 0 };
         loop {
             // Frames we cannot length end at a t3.5 silence.
             let silence_at = (!self.buf.is_empty() && !judged_silent).then(|| self.last_activity + self.t35);
@@ -642,6 +657,12 @@ impl Engine {
                     self.last_activity = Instant::now();
                     self.buf.extend_from_slice(&scratch[..n]);
                     judged_silent = false;
+                    if echo > 0 {
+                        echo = self.take_echo(echo);
+                        if echo > 0 || self.buf.is_empty() {
+                            continue;
+                        }
+                    }
                     false
                 }
                 Ok(Err(e)) => return Err(e),
@@ -677,6 +698,24 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Engine {
+    /// Takes the echo of our request off the front of the buffer, with `left` of its
+    /// bytes still expected; returns how many are still expected. Bytes that are not the
+    /// echo end the search for it (the adapter dropped it, or it was garbled): they are
+    /// judged as the reply, which rejects them if they are not.
+    fn take_echo(&mut self, left: usize) -> usize {
+        let from = self.out.len() - left;
+        let n = left.min(self.buf.len());
+        if self.buf[..n] == self.out[from..from + n] {
+            self.buf.drain(..n);
+            left - n
+        } else {
+            debug!("expected the local echo of the request, got other bytes");
+            0
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct PollSpec {
     pub timeout: Duration,
     /// Retries.
     pub retries: u8,
+    /// The adapter echoes what is sent.
+    pub local_echo: bool,
 }
 
 /// The result of one read.
@@ -162,6 +164,7 @@ impl Poll {
             line: spec.line,
             protocol: Protocol::ModbusRtu,
             frame_gap: crate::rtu::t35(&spec.line),
+            local_echo: spec.local_echo,
             timeout: spec.timeout,
             retries: spec.retries,
             queue_depth: 1,
@@ -352,6 +355,7 @@ pub async fn raw_once(spec: &RawSpec) -> Result<RawResult, PollError> {
         line: spec.line,
         protocol: Protocol::Raw,
         frame_gap: crate::rtu::t35(&spec.line),
+        local_echo: false,
         timeout: spec.timeout,
         retries: 0,
         queue_depth: 1,

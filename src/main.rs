@@ -196,6 +196,9 @@ struct PollArgs {
     /// Retries after a timeout.
     #[arg(long, default_value_t = 0)]
     retries: u8,
+    /// The adapter echoes what is sent (2-wire RS-485 without echo suppression).
+    #[arg(long)]
+    local_echo: bool,
     /// Read this many times (0 = until Ctrl-C).
     #[arg(long, default_value_t = 1)]
     repeat: u32,
@@ -394,6 +397,7 @@ async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
         scale: a.scale,
         timeout: a.timeout,
         retries: a.retries,
+        local_echo: a.local_echo,
     };
     spec.request()?;
     let shutdown = shutdown_on_signals()?;

@@ -83,6 +83,9 @@ pub struct Bus {
     /// spec's inter-frame gap); shorter (down to zero) for virtual links and device
     /// servers that time the line themselves.
     pub frame_gap: Duration,
+    /// The adapter echoes what we send (2-wire RS-485 without echo suppression): the
+    /// request's own bytes come back first and are taken off before the reply.
+    pub local_echo: bool,
     /// Default response timeout for the devices on this bus.
     pub timeout: Duration,
     /// Retries after a timeout or a corrupt reply before a transaction fails.

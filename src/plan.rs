@@ -499,6 +499,7 @@ mod tests {
                 line: line_9600(Parity::None),
                 protocol: Protocol::ModbusRtu,
                 frame_gap: t35(&line_9600(Parity::None)),
+                local_echo: false,
                 timeout: Duration::from_millis(200),
                 retries: 1,
                 queue_depth: 16,

@@ -76,6 +76,10 @@ pub struct SimConfig {
     /// units or raw devices.
     #[serde(default)]
     pub raw: Vec<crate::simraw::RawSimConfig>,
+    /// `echo = true`: the master hears every byte it sends echoed back before any reply,
+    /// as through a 2-wire RS-485 adapter without echo suppression.
+    #[serde(default)]
+    pub echo: bool,
 }
 
 /// The Modbus framing of the simulated units.
@@ -383,7 +387,7 @@ impl SimConfig {
         } else {
             SimProtocol::Rtu
         };
-        SimConfig { line: Some(line), units, protocol, raw: Vec::new() }
+        SimConfig { line: Some(line), units, protocol, raw: Vec::new(), echo: false }
     }
 
     /// [`SimConfig::from_bus`] for every bus of a gateway config in one simulation (the
@@ -688,6 +692,7 @@ count = 16
             line: Line { baud: 19200, data_bits: 8, parity: Parity::None, stop_bits: 1 },
             protocol: crate::model::Protocol::ModbusRtu,
             frame_gap: Duration::from_micros(1750),
+            local_echo: false,
             timeout: Duration::from_millis(500),
             retries: 1,
             queue_depth: 16,

@@ -170,6 +170,9 @@ pub struct Simulator {
     pace: bool,
     /// Frame the units' messages as Modbus ASCII instead of RTU.
     ascii: bool,
+    /// Send every byte received straight back, like a 2-wire RS-485 adapter whose
+    /// receiver hears its own transmitter.
+    echo: bool,
 }
 
 /// Control and inspection of a running simulation (tests set values and faults here).
@@ -331,6 +334,7 @@ impl Simulator {
             timing: config.line,
             pace: true,
             ascii: config.protocol == SimProtocol::Ascii,
+            echo: config.echo,
         }
     }
 
@@ -406,6 +410,9 @@ impl Simulator {
                 Ok(Ok(n)) => {
                     if framer.buf.is_empty() {
                         first_at = Instant::now();
+                    }
+                    if self.echo {
+                        io.write_all(&chunk[..n]).await?;
                     }
                     framer.push(&chunk[..n]);
                 }

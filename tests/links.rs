@@ -698,6 +698,7 @@ fn rtu_bus(path: &str, points: Vec<Point>) -> model::Bus {
         line: Line { baud: 115_200, data_bits: 8, parity: Parity::None, stop_bits: 1 },
         protocol: Protocol::ModbusRtu,
         frame_gap: Duration::from_micros(1750),
+        local_echo: false,
         timeout: Duration::from_millis(300),
         retries: 1,
         queue_depth: 16,

@@ -12,7 +12,7 @@ use common::{Rig, wait_until, within};
 use m2m_gateway::bus::{Job, PASS_THROUGH_STREAK, Priority};
 use m2m_gateway::gateway::Gateway;
 use m2m_gateway::simulate::{Fault, Simulator};
-use m2m_gateway::value::Table;
+use m2m_gateway::value::{Table, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_modbus::client::{Context, Reader, Writer};
@@ -764,5 +764,32 @@ async fn oversized_requests_are_answered_not_dropped() {
     assert_eq!(raw(&mut s, 3, 20, &fc15).await, [0x8F, 0x03]);
     assert_eq!(raw(&mut s, 4, 30, &fc16).await, [0x90, 0x01]);
     assert_eq!(raw(&mut s, 5, 20, &[0x03, 0, 0, 0, 1]).await, [0x03, 0x02, 0x03, 0xE8]);
+    rig.stop().await;
+}
+
+/// A 2-wire RS-485 adapter without echo suppression hands every request back before the
+/// reply. Our FC6 request is, byte for byte, the device's confirmation: with
+/// `local_echo` the echo is taken off, so a refused write is reported as refused.
+#[tokio::test]
+async fn local_echo_is_taken_off_and_never_taken_for_the_reply() {
+    let sim = "echo = true\n[[unit]]\nunit = 5\n[[unit.register]]\ntable = \"holding\"\naddress = 0\nvalues = [1, 2]\n";
+    let gateway = "[gateway]\nname = \"test\"\n[[bus]]\nname = \"line\"\nport = \"{port}\"\nlocal_echo = true\nretries = 0\n\
+        [[device]]\nname = \"drive\"\nbus = \"line\"\nunit = 5\ninterval = \"50ms\"\n\
+        point = [{ name = \"a\", table = \"holding\", address = 0 }, { name = \"b\", table = \"holding\", address = 1 }]\n\
+        [server]\nlisten = \"127.0.0.1:0\"\n[[server.unit]]\nunit = 5\npass = \"drive\"\n\
+        [[server.grant]]\nunit = 5\ntable = \"holding\"\naddress = 0\ncount = 10\n";
+    let rig = Rig::start(sim, gateway);
+    wait_until("polls through the echo", SECS(3), || rig.value("drive.b") == Some(Value::UInt(2))).await;
+    let addr = rig.gateway().server_addr.expect("server listening");
+    let mut m = TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(raw(&mut m, 1, 5, &[0x03, 0, 0, 0, 2]).await, [0x03, 0x04, 0, 1, 0, 2]);
+    // A write the device takes: its confirmation, and the register changed.
+    assert_eq!(raw(&mut m, 2, 5, &[0x06, 0, 1, 0, 9]).await, [0x06, 0, 1, 0, 9]);
+    assert_eq!(rig.sim.register(5, Table::Holding, 1), Some(9));
+    // A write the device refuses (no register 7): its exception, not our own echo.
+    assert_eq!(raw(&mut m, 3, 5, &[0x06, 0, 7, 0, 9]).await, [0x86, 0x02]);
+    let stats = rig.gateway().buses[0].stats();
+    assert_eq!(stats.crc_errors.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(stats.foreign_frames.load(std::sync::atomic::Ordering::Relaxed), 0);
     rig.stop().await;
 }

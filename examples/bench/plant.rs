@@ -54,6 +54,7 @@ pub(crate) fn one_bus(line: Line, devices: Vec<Device>) -> Model {
             line,
             protocol: Protocol::ModbusRtu,
             frame_gap: rtu::t35(&line),
+            local_echo: false,
             timeout: Duration::from_secs(1),
             retries: 1,
             queue_depth: 64,

@@ -15,6 +15,8 @@
 //!                            #   (3.5 characters, 1.75ms above 19200 baud), at most 1s;
 //!                            #   "0s" for a virtual link or a device server that times
 //!                            #   the line itself
+//! local_echo = false         # true: the adapter echoes what we send (2-wire RS-485
+//!                            #   without echo suppression); the echo is taken off
 //! timeout = "200ms"          # default response timeout of its devices, at least 1ms
 //! retries = 1                # default 1, 0..=10
 //! queue_depth = 64           # default 64, 1..=65536
@@ -54,6 +56,8 @@ pub(super) struct RawBus {
     data_bits: Option<Spanned<i64>>,
     stop_bits: Option<Spanned<i64>>,
     frame_gap: Option<Spanned<String>>,
+    #[serde(default)]
+    local_echo: bool,
     timeout: Option<Spanned<String>>,
     retries: Option<Spanned<i64>>,
     queue_depth: Option<Spanned<i64>>,
@@ -138,6 +142,7 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
             path,
             "frame_gap",
         ),
+        local_echo: r.local_echo,
         timeout: check.duration(r.timeout.as_ref(), TIMEOUT, TIMEOUT_MIN, path, "timeout"),
         retries: check.int(r.retries.as_ref(), RETRIES, 0..=10, path, "retries"),
         queue_depth: check.int(r.queue_depth.as_ref(), QUEUE_DEPTH, 1..=65_536, path, "queue_depth"),
