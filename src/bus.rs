@@ -39,7 +39,7 @@ use tracing::{debug, info, instrument, warn};
 use crate::framing::{Decoded, Framing, SkipReason};
 use crate::model::{Bus, Line, Parity, Protocol};
 use crate::pdu::PduError;
-use crate::relay::{MasterId, PassQueue};
+use crate::relay::{MasterId, PassQueue, Taken};
 use crate::rtu;
 
 /// Why a transaction did not produce a response.
@@ -123,6 +123,8 @@ pub struct BusStats {
     pub queue_full: AtomicU64,
     /// Nanoseconds the line was busy with transactions.
     pub busy_ns: AtomicU64,
+    /// Masters' reads answered by another master's identical read (relay.rs).
+    pub shared_answers: AtomicU64,
 }
 
 /// A cheap handle to a running bus task.
@@ -446,12 +448,12 @@ impl Engine {
             };
             let from_master =
                 if masters_turn { self.pass.take(|unit| !quarantine.contains_key(&unit)) } else { None };
-            let (job, master) = match (from_master, picked) {
-                (Some(job), picked) => {
+            let (taken, master) = match (from_master, picked) {
+                (Some(taken), picked) => {
                     heap.extend(picked);
-                    (job, true)
+                    (taken, true)
                 }
-                (None, Some(q)) => (q.job, false),
+                (None, Some(q)) => (Taken { job: q.job, shared: Vec::new() }, false),
                 (None, None) => {
                     // Idle: wait for work, shutdown, the next reopen attempt or a unit's
                     // release.
@@ -486,19 +488,20 @@ impl Engine {
             // it counts against the master's in-flight limit until then.
             let running = master.then(|| Running(self.pass.clone()));
             if shutdown.is_cancelled() {
-                let _ = job.reply.send(Err(BusError::Closed));
+                taken.answer(Err(BusError::Closed));
                 break;
             }
-            if job.reply.is_closed() {
+            if taken.abandoned() {
                 continue; // nobody waits for it any more
             }
+            let job = &taken.job;
             pass_streak = if job.priority == Priority::PassThrough { pass_streak + 1 } else { 0 };
             let Some(p) = port.as_mut() else {
-                let _ = job.reply.send(Err(BusError::PortDown(last_error.clone())));
+                taken.answer(Err(BusError::PortDown(last_error.clone())));
                 continue;
             };
             let started = Instant::now();
-            let outcome = self.transaction(p.as_mut(), &job).await;
+            let outcome = self.transaction(p.as_mut(), job).await;
             self.stats.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
             let outcome = match outcome {
                 Ok(r) => {
@@ -534,7 +537,8 @@ impl Engine {
                 }
             }
             drop(running);
-            let _ = job.reply.send(outcome);
+            self.stats.shared_answers.fetch_add(taken.shared.len() as u64, Relaxed);
+            taken.answer(outcome);
         }
         // Whatever is still queued learns that the bus is gone (dropping the sender).
         self.pass.close();
@@ -798,14 +802,20 @@ pub fn summary(stats: &BusStats, since: &BusStats, elapsed: Duration) -> String 
     let d = |a: &AtomicU64, b: &AtomicU64| a.load(Relaxed).saturating_sub(b.load(Relaxed));
     let tx = d(&stats.transactions, &since.transactions);
     let secs = elapsed.as_secs_f64().max(1e-9);
+    let shared = d(&stats.shared_answers, &since.shared_answers);
     format!(
-        "{tx} transactions ({:.1}/s), {} timeouts, {} crc errors, {} foreign frames, {} exceptions, line busy {:.1}%",
+        "{tx} transactions ({:.1}/s), {} timeouts, {} crc errors, {} foreign frames, {} exceptions, line busy {:.1}%{}",
         tx as f64 / secs,
         d(&stats.timeouts, &since.timeouts),
         d(&stats.crc_errors, &since.crc_errors),
         d(&stats.foreign_frames, &since.foreign_frames),
         d(&stats.exceptions, &since.exceptions),
         d(&stats.busy_ns, &since.busy_ns) as f64 / 1e9 / secs * 100.0,
+        if shared > 0 {
+            format!(", {shared} masters' reads answered by a shared read")
+        } else {
+            String::new()
+        },
     )
 }
 
@@ -823,6 +833,7 @@ impl BusStats {
             opens: c(&self.opens),
             queue_full: c(&self.queue_full),
             busy_ns: c(&self.busy_ns),
+            shared_answers: c(&self.shared_answers),
         }
     }
 }

@@ -8,6 +8,14 @@
 //! for a unit the bus can serve now. With no task in between, a request costs one hand-off
 //! to the bus and one back.
 //!
+//! Reads are shared: when the bus takes a read (FC1-4), the identical reads (same unit,
+//! function, address and quantity) waiting at the head of other masters' queues are
+//! taken with it and get the same answer. Each of them arrived before that transaction
+//! started, so its answer is as fresh as if it had its own; several HMIs polling the same
+//! registers cost the line one transaction instead of one each. Writes and other
+//! functions are never shared, and a master's own requests keep their order (only queue
+//! heads are shared).
+//!
 //! A master may have at most `max_in_flight` requests waiting or running on a bus; one
 //! more is refused at once with `BusError::QueueFull` (the server answers exception 0x06,
 //! server busy), as is any request past [`CAPACITY`] waiting on the bus.
@@ -26,7 +34,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
+use tokio_modbus::{Request, Response};
 
 use crate::bus::{BusError, Job};
 
@@ -48,8 +57,8 @@ pub struct PassQueue {
 #[derive(Debug, Default)]
 struct State {
     queues: BTreeMap<MasterId, VecDeque<Job>>,
-    /// The master whose request is on the line.
-    running: Option<MasterId>,
+    /// The masters whose requests are on the line (several when a read is shared).
+    running: Vec<MasterId>,
     /// The master served last (round-robin position).
     last: MasterId,
     /// Requests waiting, all masters.
@@ -74,7 +83,7 @@ impl PassQueue {
         if s.closed {
             return Err(BusError::Closed);
         }
-        let running = usize::from(s.running == Some(master));
+        let running = usize::from(s.running.contains(&master));
         let State { queues, waiting, .. } = &mut *s;
         let queue = queues.entry(master).or_default();
         let before = queue.len();
@@ -100,9 +109,10 @@ impl PassQueue {
 
     /// Takes the next live request whose unit `ready` accepts, from the first master
     /// after the last one served (in id order, wrapping) that has one at the head of its
-    /// queue; that master's request is then running until [`finish`](Self::finish).
-    /// Requests of masters that have gone are dropped on the way.
-    pub fn take(&self, ready: impl Fn(u8) -> bool) -> Option<Job> {
+    /// queue, with the identical reads at the head of other queues (whose masters get
+    /// the same answer: [`Taken::answer`]); they are running until
+    /// [`finish`](Self::finish). Requests of masters that have gone are dropped on the way.
+    pub fn take(&self, ready: impl Fn(u8) -> bool) -> Option<Taken> {
         let mut s = self.state();
         let State { queues, running, last, waiting, .. } = &mut *s;
         let mut cursor = *last;
@@ -123,9 +133,11 @@ impl PassQueue {
                 if queue.is_empty() {
                     queues.remove(&master);
                 }
-                *running = Some(master);
+                *running = vec![master];
                 *last = master;
-                return Some(job);
+                let shared =
+                    if is_read(&job.request) { share(queues, waiting, running, &job) } else { Vec::new() };
+                return Some(Taken { job, shared });
             }
             if queue.is_empty() {
                 queues.remove(&master);
@@ -136,7 +148,7 @@ impl PassQueue {
 
     /// The request taken last is over (its outcome is about to be sent).
     pub fn finish(&self) {
-        self.state().running = None;
+        self.state().running.clear();
     }
 
     /// Waits until a request comes in (returns at once if one came in since the last
@@ -153,6 +165,66 @@ impl PassQueue {
         s.queues.clear();
         s.waiting = 0;
     }
+}
+
+/// A request taken for the line, and the masters sharing its answer.
+#[derive(Debug)]
+pub struct Taken {
+    /// The request to run.
+    pub job: Job,
+    /// Where the same answer goes too (identical reads of other masters).
+    pub shared: Vec<oneshot::Sender<Result<Response, BusError>>>,
+}
+
+impl Taken {
+    /// Nobody waits for the answer any more.
+    pub fn abandoned(&self) -> bool {
+        self.job.reply.is_closed() && self.shared.iter().all(oneshot::Sender::is_closed)
+    }
+
+    /// Sends `outcome` to every master waiting for it.
+    pub fn answer(self, outcome: Result<Response, BusError>) {
+        for other in self.shared {
+            let _ = other.send(outcome.clone());
+        }
+        let _ = self.job.reply.send(outcome);
+    }
+}
+
+fn is_read(request: &Request<'_>) -> bool {
+    matches!(
+        request,
+        Request::ReadCoils(..)
+            | Request::ReadDiscreteInputs(..)
+            | Request::ReadHoldingRegisters(..)
+            | Request::ReadInputRegisters(..)
+    )
+}
+
+/// Takes the reads identical to `job` off the heads of the other masters' queues (the
+/// only one in `running` is `job`'s); their masters are running too.
+fn share(
+    queues: &mut BTreeMap<MasterId, VecDeque<Job>>,
+    waiting: &mut usize,
+    running: &mut Vec<MasterId>,
+    job: &Job,
+) -> Vec<oneshot::Sender<Result<Response, BusError>>> {
+    let mut shared = Vec::new();
+    let taker = running.first().copied();
+    queues.retain(|master, queue| {
+        if Some(*master) != taker
+            && queue
+                .front()
+                .is_some_and(|j| j.unit == job.unit && j.request == job.request && !j.reply.is_closed())
+            && let Some(twin) = queue.pop_front()
+        {
+            *waiting -= 1;
+            running.push(*master);
+            shared.push(twin.reply);
+        }
+        !queue.is_empty()
+    });
+    shared
 }
 
 #[cfg(test)]
@@ -177,10 +249,49 @@ mod tests {
         (job, rx)
     }
 
+    #[test]
+    fn identical_reads_at_the_heads_of_queues_share_one_transaction() {
+        let q = PassQueue::default();
+        let mut keep = Vec::new();
+        let mut put = |master, unit, request| {
+            let (mut j, rx) = job(unit);
+            j.request = request;
+            keep.push(rx);
+            q.submit(master, j, 8).expect("room");
+        };
+        let read = Request::ReadHoldingRegisters(0, 10);
+        put(1, 5, read.clone());
+        put(2, 5, read.clone());
+        put(3, 5, Request::ReadHoldingRegisters(0, 11)); // another quantity
+        put(4, 6, read.clone()); // another unit
+        put(5, 5, Request::WriteSingleRegister(0, 1));
+        put(5, 5, read.clone()); // behind master 5's write: keeps its order
+        put(1, 5, read.clone()); // master 1's second: after its first is answered
+        let first = q.take(|_| true).expect("waiting");
+        assert_eq!(first.shared.len(), 1, "master 2's twin only");
+        // Masters 1 and 2 are both running: each has used one of its in-flight slots.
+        let (extra, _rx) = job(7);
+        assert_eq!(q.submit(2, extra, 1), Err(BusError::QueueFull));
+        let (mut a, mut b) = (keep.remove(0), keep.remove(0));
+        first.answer(Ok(Response::ReadHoldingRegisters(vec![7; 10])));
+        assert_eq!(a.try_recv().expect("answered"), Ok(Response::ReadHoldingRegisters(vec![7; 10])));
+        assert_eq!(b.try_recv().expect("answered"), Ok(Response::ReadHoldingRegisters(vec![7; 10])));
+        q.finish();
+        // Writes are never shared.
+        let units: Vec<(u8, usize)> = std::iter::from_fn(|| {
+            let t = q.take(|_| true)?;
+            q.finish();
+            Some((t.job.unit, t.shared.len()))
+        })
+        .collect();
+        assert_eq!(units, [(5, 0), (6, 0), (5, 0), (5, 1)], "{units:?}");
+    }
+
     fn drain(q: &PassQueue) -> Vec<u8> {
         let mut order = Vec::new();
-        while let Some(j) = q.take(|_| true) {
-            order.push(j.unit);
+        while let Some(t) = q.take(|_| true) {
+            order.push(t.job.unit);
+            order.extend(t.shared.iter().map(|_| 0));
             q.finish();
         }
         order
@@ -238,15 +349,15 @@ mod tests {
     fn a_unit_that_is_not_ready_is_passed_over_without_losing_its_turn_order() {
         let q = PassQueue::default();
         let mut keep = Vec::new();
-        for (master, unit) in [(1, 9), (2, 20), (3, 9), (3, 31)] {
+        for (master, unit) in [(1, 9), (2, 20), (3, 8), (3, 31)] {
             let (j, rx) = job(unit);
             keep.push(rx);
             q.submit(master, j, 8).expect("room");
         }
-        let got = q.take(|u| u != 9).map(|j| j.unit);
+        let got = q.take(|u| u != 9 && u != 8).map(|t| t.job.unit);
         q.finish();
         assert_eq!(got, Some(20));
-        assert_eq!(drain(&q), [9, 9, 31]);
+        assert_eq!(drain(&q), [8, 9, 31]);
     }
 
     #[test]

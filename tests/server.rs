@@ -442,6 +442,39 @@ async fn many_masters_are_served_fairly_and_polls_keep_their_rate() {
     rig.stop().await;
 }
 
+/// Masters reading the same registers at the same time share bus transactions: each gets
+/// the right answer, and the device sees one request per shared read.
+#[tokio::test]
+async fn identical_reads_of_several_masters_share_a_transaction() {
+    let (rig, addr) = start("");
+    wait_until("meter polled", SECS(3), || rig.value("meter.e").is_some()).await;
+    let before = rig.sim.stats(2).requests;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        tasks.push(tokio::spawn(async move {
+            let mut m = master(addr, 20).await;
+            let mut ok = 0u32;
+            for _ in 0..30 {
+                let words = m.read_holding_registers(0, 10).await.expect("transport").expect("data");
+                assert_eq!(words, (1000..1010).collect::<Vec<u16>>());
+                ok += 1;
+            }
+            ok
+        }));
+    }
+    let mut answered = 0u32;
+    for t in tasks {
+        answered += t.await.expect("master task");
+    }
+    let sent = rig.sim.stats(2).requests - before;
+    let shared = rig.gateway().buses[0].stats().shared_answers.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{answered} answers, {sent} requests on the line, {shared} shared");
+    assert_eq!(answered, 240);
+    assert_eq!(sent + shared, 240, "every answer came from one transaction on the line");
+    assert!(shared > 0, "concurrent identical reads were shared");
+    rig.stop().await;
+}
+
 /// A "serial device server": accepts TCP connections one after another and serves each
 /// with the simulator, as an NPort in TCP-server mode passes bytes to its RS-485 port.
 /// Returns its port, a receiver of each connection's stop token, and a token ending it.

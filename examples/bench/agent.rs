@@ -3,7 +3,7 @@
 
 use m2m_gateway::model::ServeMode;
 
-use super::passthrough::{READ_REGS, drive, serving_gateway};
+use super::passthrough::{READ_REGS, Reads, drive, serving_gateway};
 use super::*;
 
 /// Agent-mode target: requests/s with 8 masters.
@@ -27,7 +27,7 @@ pub(crate) async fn agent_mode(s: &Settings) -> Result<Figure, BoxError> {
     let addr = gateway.server_addr.ok_or("gateway server did not start")?;
     let mut eight = None;
     for n in [1, 8] {
-        let l = drive(addr, 1, n, s).await?;
+        let l = drive(addr, 1, n, Reads::Same, s).await?;
         let [a, b, c, d] = l.cells();
         eprintln!("bench:     agent x{n}: {a}/s p50 {b} p99 {c} errors {d}");
         f.rows.push(vec![n.to_string(), a, b, c, d]);

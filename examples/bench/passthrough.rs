@@ -42,13 +42,32 @@ async fn connect(addr: SocketAddr, unit: u8) -> Result<Context, BoxError> {
     }
 }
 
+/// Which registers the masters read.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Reads {
+    /// All the same `READ_REGS` from address 0 (HMIs showing the same screen).
+    Same,
+    /// Master k reads `READ_REGS` from address k: no two requests alike.
+    Distinct,
+}
+
+/// Registers of the bench device (enough for 8 distinct reads).
+const DEVICE_REGS: u16 = READ_REGS + 8;
+
 /// `n` masters on `addr` each reading `READ_REGS` holding registers of `unit` back to back:
 /// a warm-up, then `s.runs` windows of `s.window`.
-pub(crate) async fn drive(addr: SocketAddr, unit: u8, n: usize, s: &Settings) -> Result<Load, BoxError> {
+pub(crate) async fn drive(
+    addr: SocketAddr,
+    unit: u8,
+    n: usize,
+    reads: Reads,
+    s: &Settings,
+) -> Result<Load, BoxError> {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now() + s.warmup;
     let mut tasks = Vec::new();
-    for _ in 0..n {
+    for k in 0..n {
+        let start_at = if reads == Reads::Distinct { k as u16 } else { 0 };
         let mut ctx = connect(addr, unit).await?;
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
@@ -57,7 +76,7 @@ pub(crate) async fn drive(addr: SocketAddr, unit: u8, n: usize, s: &Settings) ->
             let mut errors = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
-                match ctx.read_holding_registers(0, READ_REGS).await {
+                match ctx.read_holding_registers(start_at, READ_REGS).await {
                     Ok(Ok(words)) if words.len() == usize::from(READ_REGS) => {
                         let t1 = Instant::now();
                         done.push((t1, t1 - t0));
@@ -104,7 +123,7 @@ const LINE: Line = Line { baud: 115_200, data_bits: 8, parity: Parity::None, sto
 /// The bench device (10 registers, polled every `every`) on a fresh pty simulator:
 /// answering at once, or (`timed`) emulating the 115200 8N1 line and a 2 ms turnaround.
 fn pty_device(every: Duration, timed: bool) -> Result<(Model, VirtualPort, SimHandle), BoxError> {
-    let mut model = one_bus(LINE, vec![block_device(READ_REGS, every)]);
+    let mut model = one_bus(LINE, vec![block_device(DEVICE_REGS, every)]);
     let mut sim = sim_for(&model.buses[0]);
     if !timed {
         sim.line = None;
@@ -134,9 +153,22 @@ fn ours_config(device: &Path, port: u16, frame_gap: Duration) -> String {
     )
 }
 
+/// The three loads of this figure: 1 master, 8 reading the same registers, 8 reading
+/// distinct ones.
+async fn drive_all(addr: SocketAddr, s: &Settings) -> Result<[Load; 3], BoxError> {
+    Ok([
+        drive(addr, 1, 1, Reads::Same, s).await?,
+        drive(addr, 1, 8, Reads::Same, s).await?,
+        drive(addr, 1, 8, Reads::Distinct, s).await?,
+    ])
+}
+
+/// The masters of each load, as the table names them.
+const LOADS: [&str; 3] = ["1", "8, same registers", "8, distinct registers"];
+
 /// Our gateway (`m2m-gateway run`, a separate process like modbus-relay) on its own pty
 /// simulator: (1 master, 8 masters), collisions.
-async fn measure_ours(s: &Settings, timed: bool, frame_gap: Duration) -> Result<(Load, Load, u64), BoxError> {
+async fn measure_ours(s: &Settings, timed: bool, frame_gap: Duration) -> Result<([Load; 3], u64), BoxError> {
     let bin = block_in_place(footprint::gateway_binary)?;
     let (_, pty, handle) = pty_device(Duration::from_secs(3600), timed)?;
     let dir = tempfile::tempdir()?;
@@ -146,11 +178,10 @@ async fn measure_ours(s: &Settings, timed: bool, frame_gap: Duration) -> Result<
     let child = footprint::RunChild::spawn(&bin, &config)?;
     block_in_place(|| child.wait_for("modbus-tcp server listening", Duration::from_secs(10)))?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let one = drive(addr, 1, 1, s).await?;
-    let eight = drive(addr, 1, 8, s).await?;
+    let loads = drive_all(addr, s).await?;
     child.stop();
     drop(pty);
-    Ok((one, eight, handle.bus_stats().garbage_bytes))
+    Ok((loads, handle.bus_stats().garbage_bytes))
 }
 
 /// A gateway on a fresh pty simulator (see [`pty_device`]) serving the bench device as
@@ -236,7 +267,7 @@ impl Drop for Reaped {
 }
 
 /// modbus-relay on its own pty simulator: (1 master, 8 masters), collisions.
-async fn measure_relay(s: &Settings, timed: bool) -> Result<(Load, Load, u64), BoxError> {
+async fn measure_relay(s: &Settings, timed: bool) -> Result<([Load; 3], u64), BoxError> {
     let bin = block_in_place(relay_binary)?;
     let (_, pty, handle) = pty_device(Duration::from_secs(3600), timed)?;
     let dir = tempfile::tempdir()?;
@@ -261,11 +292,10 @@ async fn measure_relay(s: &Settings, timed: bool) -> Result<(Load, Load, u64), B
         }
         return Err(format!("modbus-relay exited ({status}): {}", err.trim()).into());
     }
-    let one = drive(addr, 1, 1, s).await?;
-    let eight = drive(addr, 1, 8, s).await?;
+    let loads = drive_all(addr, s).await?;
     drop(child);
     drop(pty);
-    Ok((one, eight, handle.bus_stats().garbage_bytes))
+    Ok((loads, handle.bus_stats().garbage_bytes))
 }
 
 pub(crate) async fn pass_through(s: &Settings) -> Result<Figure, BoxError> {
@@ -295,10 +325,21 @@ pub(crate) async fn pass_through(s: &Settings) -> Result<Figure, BoxError> {
             "collisions",
         ],
     );
-    let mut row = |relay: &str, setup: &str, n: usize, l: &Load, collisions: u64| {
-        let [a, b, c, d] = l.cells();
-        eprintln!("bench:     {relay} {setup} x{n}: {a}/s p50 {b} p99 {c}");
-        f.rows.push(vec![relay.into(), setup.into(), n.to_string(), a, b, c, d, collisions.to_string()]);
+    let mut rows = |relay: &str, setup: &str, loads: &[Load; 3], collisions: u64| {
+        for (masters, l) in LOADS.iter().zip(loads) {
+            let [a, b, c, d] = l.cells();
+            eprintln!("bench:     {relay} {setup} x{masters}: {a}/s p50 {b} p99 {c}");
+            f.rows.push(vec![
+                relay.into(),
+                setup.into(),
+                masters.to_string(),
+                a,
+                b,
+                c,
+                d,
+                collisions.to_string(),
+            ]);
+        }
     };
     // (device, our frame gap): the like-for-like pair is an instant device with no gap.
     let mut ours = Vec::new();
@@ -306,16 +347,15 @@ pub(crate) async fn pass_through(s: &Settings) -> Result<Figure, BoxError> {
         let setup = if timed { "line-timed" } else { "instant" };
         let relay = format!("ours, frame_gap {}", if gap.is_zero() { "0".into() } else { ms(gap) });
         eprintln!("bench:   {relay}, {setup} device");
-        let (one, eight, collisions) = measure_ours(s, timed, gap).await?;
-        row(&relay, setup, 1, &one, collisions);
-        row(&relay, setup, 8, &eight, collisions);
-        ours.push((timed, gap, one, eight));
+        let (loads, collisions) = measure_ours(s, timed, gap).await?;
+        rows(&relay, setup, &loads, collisions);
+        ours.push((timed, gap, loads));
     }
     let mut relay_err = None;
     for timed in [false, true] {
         let setup = if timed { "line-timed" } else { "instant" };
         eprintln!("bench:   modbus-relay, {setup} device");
-        let (r1, r8, collisions) = match measure_relay(s, timed).await {
+        let (theirs, collisions) = match measure_relay(s, timed).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("modbus-relay: not measured ({e})");
@@ -323,10 +363,9 @@ pub(crate) async fn pass_through(s: &Settings) -> Result<Figure, BoxError> {
                 break;
             }
         };
-        row("modbus-relay", setup, 1, &r1, collisions);
-        row("modbus-relay", setup, 8, &r8, collisions);
-        for (_, gap, o1, o8) in ours.iter().filter(|o| o.0 == timed) {
-            for (n, o, r) in [(1, o1, &r1), (8, o8, &r8)] {
+        rows("modbus-relay", setup, &theirs, collisions);
+        for (_, gap, loads) in ours.iter().filter(|o| o.0 == timed) {
+            for ((masters, o), r) in LOADS.iter().zip(loads).zip(&theirs) {
                 let ratio = o.rps / r.rps.max(1e-9);
                 let gap = if gap.is_zero() { "0".into() } else { ms(*gap) };
                 // The target is for the instant device (the relays' own costs); with t3.5
@@ -334,7 +373,7 @@ pub(crate) async fn pass_through(s: &Settings) -> Result<Figure, BoxError> {
                 let target = !timed && gap == "0";
                 f.verdicts.push((
                     format!(
-                        "pass-through, {setup} device, frame_gap {gap}, {n} master(s): ours / modbus-relay"
+                        "pass-through, {setup} device, frame_gap {gap}, masters {masters}: ours / modbus-relay"
                     ),
                     format!("{ratio:.2}x requests/s; p99 {} vs {}", ms(o.p99), ms(r.p99)),
                     if target { ">= 1.5x and a lower p99".into() } else { "reported".into() },
@@ -342,12 +381,12 @@ pub(crate) async fn pass_through(s: &Settings) -> Result<Figure, BoxError> {
                 ));
             }
         }
-        if !timed && let Some((_, _, o1, _)) = ours.first() {
+        if !timed && let Some((_, _, [o1, ..])) = ours.first() {
             f.notes.push(format!(
                 "Per request, instant device, 1 master (1 / requests/s): ours {:.0} µs with no frame \
                  gap, modbus-relay {:.0} µs. Both include the masters' and the simulator's share.",
                 1e6 / o1.rps.max(1e-9),
-                1e6 / r1.rps.max(1e-9)
+                1e6 / theirs[0].rps.max(1e-9)
             ));
         }
     }
