@@ -67,7 +67,11 @@ fn peer(name: &str, id: &Identity, dial: Dial, send: Vec<SendRule>) -> Peer {
 
 fn model(name: &str, links: Links) -> Model {
     Model {
-        gateway: model::Gateway { name: name.into(), summary_interval: Duration::from_secs(3600) },
+        gateway: model::Gateway {
+            name: name.into(),
+            summary_interval: Duration::from_secs(3600),
+            worker_threads: None,
+        },
         buses: vec![],
         links: Some(links),
         server: None,

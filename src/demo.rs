@@ -141,6 +141,7 @@ fn start_peer(
         gateway: model::Gateway {
             name: b_name.to_string(),
             summary_interval: model.gateway.summary_interval,
+            worker_threads: None,
         },
         buses: vec![],
         links: Some(demo_links(

@@ -228,14 +228,30 @@ fn main() -> ExitCode {
     // One-shot commands print their result; their info logs would only be noise.
     let quiet = matches!(cli.command, Command::Poll(_) | Command::Check { .. });
     init_logging(cli.verbose, quiet);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // `run` reads its configuration first: it says how many threads the runtime has.
+    let model = match &cli.command {
+        Command::Run { config } => match load(config) {
+            Ok(model) => Some(model),
+            Err(code) => return code,
+        },
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = model.as_ref().and_then(|m| m.gateway.worker_threads) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let outcome = match model {
+        Some(model) => runtime.block_on(run(&model)),
+        None => runtime.block_on(dispatch(cli.command)),
+    };
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -285,17 +301,21 @@ fn load(path: &std::path::Path) -> Result<m2m_gateway::model::Model, ExitCode> {
     })
 }
 
+/// `run`: the gateway, until Ctrl-C or SIGTERM.
+async fn run(model: &m2m_gateway::model::Model) -> anyhow::Result<ExitCode> {
+    let shutdown = shutdown_on_signals()?;
+    Gateway::start(model, shutdown)?.shutdown(Duration::from_secs(1)).await;
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config } => {
-            let model = match load(&config) {
-                Ok(m) => m,
-                Err(code) => return Ok(code),
-            };
-            let shutdown = shutdown_on_signals()?;
-            Gateway::start(&model, shutdown)?.shutdown(Duration::from_secs(1)).await;
-            Ok(ExitCode::SUCCESS)
-        }
+        // `main` loads the configuration before the runtime it configures and calls
+        // `run` itself; this is the same, on whatever runtime it is given.
+        Command::Run { config } => match load(&config) {
+            Ok(model) => run(&model).await,
+            Err(code) => Ok(code),
+        },
         Command::Check { config } => {
             let model = match load(&config) {
                 Ok(m) => m,

@@ -28,6 +28,8 @@ pub struct Gateway {
     pub name: String,
     /// How often each bus logs its one-line summary at info level.
     pub summary_interval: Duration,
+    /// Threads running the gateway's tasks (`None`: one per CPU core).
+    pub worker_threads: Option<usize>,
 }
 
 /// Parity of a serial line.

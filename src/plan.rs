@@ -492,7 +492,11 @@ mod tests {
 
     fn model(devices: Vec<Device>) -> Model {
         Model {
-            gateway: Gateway { name: "gw".into(), summary_interval: Duration::from_secs(60) },
+            gateway: Gateway {
+                name: "gw".into(),
+                summary_interval: Duration::from_secs(60),
+                worker_threads: None,
+            },
             buses: vec![Bus {
                 name: "field".into(),
                 port: "/dev/ttyUSB0".into(),

@@ -701,7 +701,11 @@ count = 16
             raw_devices: Vec::new(),
         };
         let model = Model {
-            gateway: Gateway { name: "gw".into(), summary_interval: Duration::from_secs(60) },
+            gateway: Gateway {
+                name: "gw".into(),
+                summary_interval: Duration::from_secs(60),
+                worker_threads: None,
+            },
             buses: vec![bus],
             links: None,
             server: None,

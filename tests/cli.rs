@@ -223,10 +223,11 @@ fn run_polls_and_stops_within_a_second_on_sigterm() {
     let text = std::fs::read_to_string(manifest("gateway.toml"))
         .expect("gateway.toml")
         .replace("/dev/ttyUSB0", &port)
-        .replace("summary_interval = \"60s\"", "summary_interval = \"1s\"")
+        .replace("summary_interval = \"60s\"", "summary_interval = \"1s\"\nworker_threads = 1")
         .replace(SHIPPED_LISTEN, ANY_PORT);
     std::fs::write(&config, text).expect("write");
     let mut cmd = gateway();
+    // One worker thread runs everything (and still stops in time).
     cmd.args(["run", "--config"]).arg(&config);
     let mut run = Proc::spawn(cmd);
     Proc::wait_line(&run.stderr, Duration::from_secs(10), "saying the port is open", |l| {

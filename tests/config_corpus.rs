@@ -28,7 +28,7 @@ fn file_name(path: &Path) -> String {
 #[test]
 fn bad_configs_fail_with_their_expected_messages() {
     let files = corpus("bad");
-    assert!(files.len() >= 131, "only {} bad configs", files.len());
+    assert!(files.len() >= 132, "only {} bad configs", files.len());
     let mut failures = Vec::new();
     for path in &files {
         let name = file_name(path);
@@ -90,6 +90,7 @@ fn defaults_are_resolved() {
     let model = good("minimal.toml");
     assert_eq!(model.gateway.name, "plant-7");
     assert_eq!(model.gateway.summary_interval, Duration::from_secs(60));
+    assert_eq!(model.gateway.worker_threads, None, "one per core");
     let bus = &model.buses[0];
     assert_eq!(bus.protocol, Protocol::ModbusRtu);
     assert_eq!(bus.line.baud, 19_200);
@@ -126,6 +127,7 @@ fn address_base_and_overrides_are_applied() {
     assert_eq!(bus.line.parity, Parity::None);
     assert_eq!(bus.line.stop_bits, 2);
     assert_eq!(bus.frame_gap, Duration::ZERO);
+    assert_eq!(model.gateway.worker_threads, Some(1));
     let names: Vec<&str> = bus.devices.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(names, ["first", "second"], "devices keep file order");
     let first = &bus.devices[0];

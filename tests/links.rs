@@ -112,7 +112,11 @@ fn peer(name: &str, fp: String, dial: Dial, send: Vec<SendRule>) -> Peer {
 
 fn model(name: &str, buses: Vec<model::Bus>, links: Links) -> Model {
     Model {
-        gateway: model::Gateway { name: name.into(), summary_interval: Duration::from_secs(3600) },
+        gateway: model::Gateway {
+            name: name.into(),
+            summary_interval: Duration::from_secs(3600),
+            worker_threads: None,
+        },
         buses,
         links: Some(links),
         server: None,

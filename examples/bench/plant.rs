@@ -47,7 +47,11 @@ pub(crate) fn device(name: &str, unit: u8, points: Vec<Point>) -> Device {
 
 pub(crate) fn one_bus(line: Line, devices: Vec<Device>) -> Model {
     Model {
-        gateway: model::Gateway { name: "bench".into(), summary_interval: Duration::from_secs(3600) },
+        gateway: model::Gateway {
+            name: "bench".into(),
+            summary_interval: Duration::from_secs(3600),
+            worker_threads: None,
+        },
         buses: vec![Bus {
             name: "bench".into(),
             port: String::new(),
