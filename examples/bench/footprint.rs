@@ -47,7 +47,6 @@ impl RunChild {
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "info")
-            .envs(std::env::var("BENCH_GW_THREADS").ok().map(|t| ("TOKIO_WORKER_THREADS", t)))
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
