@@ -136,9 +136,15 @@ impl Gateway {
                 tracker.spawn(poller.run(shutdown.clone()));
                 handle
             };
+            let stats = handle.clone();
             tracker.spawn(
-                summarise(handle.clone(), model.gateway.summary_interval, shutdown.clone())
-                    .instrument(info_span!("bus", bus = %bus.name)),
+                summarise(
+                    model.gateway.summary_interval,
+                    shutdown.clone(),
+                    move || stats.stats().snapshot(),
+                    bus::summary,
+                )
+                .instrument(info_span!("bus", bus = %bus.name)),
             );
             buses.push(handle);
         }
@@ -149,10 +155,18 @@ impl Gateway {
             (Some(p), Some(l)) => start_links(model, l, p, &image, &writer, &shutdown, &tracker),
             _ => (Vec::new(), None),
         };
+        let every = model.gateway.summary_interval;
         let mut plcs = Vec::new();
         for (p, spool) in model.plcs.iter().zip(plc_spools) {
             match plc::start(p, image.clone(), spool, &shutdown, &tracker) {
-                Ok(h) => plcs.push(h),
+                Ok(h) => {
+                    let counts = h.clone();
+                    tracker.spawn(
+                        summarise(every, shutdown.clone(), move || counts.counts(), plc::summary)
+                            .instrument(info_span!("plc", plc = %p.name)),
+                    );
+                    plcs.push(h);
+                }
                 Err(e) => error!(plc = %p.name, error = %e, "plc sink not started"),
             }
         }
@@ -160,7 +174,13 @@ impl Gateway {
         for t in model.links.iter().flat_map(|l| &l.tunnels) {
             match links.iter().find(|(peer, _)| *peer == t.peer) {
                 Some((_, link)) => {
-                    tunnels.push(tunnel::spawn(t, link.tunnels().clone(), shutdown.clone(), &tracker));
+                    let handle = tunnel::spawn(t, link.tunnels().clone(), shutdown.clone(), &tracker);
+                    let counts = handle.clone();
+                    tracker.spawn(
+                        summarise(every, shutdown.clone(), move || counts.stats(), tunnel::summary)
+                            .instrument(info_span!("tunnel", tunnel = %t.name)),
+                    );
+                    tunnels.push(handle);
                 }
                 None => {
                     error!(tunnel = %t.name, peer = %t.peer, "the link to the peer did not start; tunnel not started")
@@ -222,9 +242,15 @@ impl Gateway {
     }
 }
 
-/// Logs a one-line summary of a bus every `every`.
-async fn summarise(bus: BusHandle, every: Duration, shutdown: CancellationToken) {
-    let mut last = bus.stats().snapshot();
+/// Logs a one-line summary every `every` (a bus, a link, a PLC, a tunnel): `line` of the
+/// counters now, the counters at the last summary, and the time between.
+async fn summarise<S>(
+    every: Duration,
+    shutdown: CancellationToken,
+    snapshot: impl Fn() -> S,
+    line: impl Fn(&S, &S, Duration) -> String,
+) {
+    let mut last = snapshot();
     let mut last_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
@@ -232,25 +258,9 @@ async fn summarise(bus: BusHandle, every: Duration, shutdown: CancellationToken)
             () = shutdown.cancelled() => return,
         }
         let now = tokio::time::Instant::now();
-        info!("{}", bus::summary(bus.stats(), &last, now - last_at));
-        last = bus.stats().snapshot();
-        last_at = now;
-    }
-}
-
-/// Logs a one-line summary of a peer link every `every`.
-async fn summarise_link(link: LinkHandle, every: Duration, shutdown: CancellationToken) {
-    let mut last = link.stats();
-    let mut last_at = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = shutdown.cancelled() => return,
-        }
-        let now = tokio::time::Instant::now();
-        let stats = link.stats();
-        info!("{}", link::summary(&stats, &last, now - last_at));
-        last = stats;
+        let counts = snapshot();
+        info!("{}", line(&counts, &last, now - last_at));
+        last = counts;
         last_at = now;
     }
 }
@@ -377,8 +387,9 @@ fn start_links(
             shutdown.clone(),
             tracker,
         );
+        let stats = handle.clone();
         tracker.spawn(
-            summarise_link(handle.clone(), model.gateway.summary_interval, shutdown.clone())
+            summarise(model.gateway.summary_interval, shutdown.clone(), move || stats.stats(), link::summary)
                 .instrument(info_span!("link", peer = %peer.name)),
         );
         handles.push((peer.name.clone(), handle));

@@ -326,6 +326,58 @@ pub struct PlcStats {
     pub dropped: AtomicU64,
 }
 
+/// Counters of a PLC sink at one moment, for its periodic summary.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlcCounts {
+    /// Connected then.
+    pub connected: bool,
+    /// Connections made.
+    pub connects: u64,
+    /// Write requests the PLC confirmed.
+    pub requests: u64,
+    /// Values written.
+    pub values: u64,
+    /// Values dropped.
+    pub dropped: u64,
+    /// Batches waiting in the spool.
+    pub spool_pending: u64,
+    /// Values dropped from the spool to its limits since it was created.
+    pub spool_dropped: u64,
+}
+
+impl PlcHandle {
+    /// The counters as they are now.
+    pub fn counts(&self) -> PlcCounts {
+        let s = &self.stats;
+        let spool = self.spool.counters();
+        PlcCounts {
+            connected: s.connected.load(Relaxed),
+            connects: s.connects.load(Relaxed),
+            requests: s.requests.load(Relaxed),
+            values: s.values.load(Relaxed),
+            dropped: s.dropped.load(Relaxed),
+            spool_pending: spool.pending_batches.load(Relaxed),
+            spool_dropped: spool.dropped_samples.load(Relaxed),
+        }
+    }
+}
+
+/// One-line health summary of a PLC sink, for the periodic info log.
+pub fn summary(now: &PlcCounts, since: &PlcCounts, elapsed: Duration) -> String {
+    let values = now.values.saturating_sub(since.values);
+    format!(
+        "{}, {} connections; {} writes confirmed, {values} values written ({:.1}/s), {} refused; \
+         spool pending {}, dropped since start {} values",
+        if now.connected { "connected" } else { "not connected" },
+        now.connects.saturating_sub(since.connects),
+        now.requests.saturating_sub(since.requests),
+        values as f64 / elapsed.as_secs_f64().max(1e-9),
+        now.dropped.saturating_sub(since.dropped),
+        now.spool_pending,
+        now.spool_dropped,
+    )
+}
+
 /// A running PLC sink.
 #[derive(Debug, Clone)]
 pub struct PlcHandle {
@@ -613,6 +665,25 @@ impl Sender {
 mod tests {
     use super::*;
     use crate::value::{DataType, WordOrder};
+
+    #[test]
+    fn summary_counts_since_the_last_one() {
+        let since = PlcCounts { connects: 1, requests: 10, values: 100, ..PlcCounts::default() };
+        let now = PlcCounts {
+            connected: true,
+            connects: 2,
+            requests: 15,
+            values: 150,
+            dropped: 3,
+            spool_pending: 4,
+            spool_dropped: 0,
+        };
+        assert_eq!(
+            summary(&now, &since, Duration::from_secs(10)),
+            "connected, 1 connections; 5 writes confirmed, 50 values written (5.0/s), 3 refused; \
+             spool pending 4, dropped since start 0 values"
+        );
+    }
 
     fn target(table: Table, address: u16, data_type: DataType) -> PlcTarget {
         PlcTarget {

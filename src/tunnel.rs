@@ -172,6 +172,23 @@ pub struct TunnelStats {
     pub buffered: u64,
 }
 
+/// One-line health summary of a tunnel, for the periodic info log.
+pub fn summary(now: &TunnelStats, since: &TunnelStats, _elapsed: std::time::Duration) -> String {
+    let d = |a: u64, b: u64| a.saturating_sub(b);
+    format!(
+        "port {}; to peer {} bytes in {} packets, from peer {} bytes in {} packets; dropped {} bytes \
+         to peer, {} from peer; buffered {} bytes",
+        if now.port_open { "open" } else { "closed" },
+        d(now.bytes_out, since.bytes_out),
+        d(now.packets_out, since.packets_out),
+        d(now.bytes_in, since.bytes_in),
+        d(now.packets_in, since.packets_in),
+        d(now.dropped_out, since.dropped_out),
+        d(now.dropped_in, since.dropped_in),
+        now.buffered,
+    )
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     port_open: AtomicBool,
@@ -518,6 +535,27 @@ pub fn describe(tunnels: &[Tunnel]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn summary_counts_since_the_last_one() {
+        let since = TunnelStats { bytes_out: 100, packets_out: 2, ..TunnelStats::default() };
+        let now = TunnelStats {
+            port_open: true,
+            opens: 1,
+            bytes_out: 350,
+            packets_out: 5,
+            bytes_in: 40,
+            packets_in: 1,
+            dropped_out: 0,
+            dropped_in: 7,
+            buffered: 12,
+        };
+        assert_eq!(
+            summary(&now, &since, std::time::Duration::from_secs(60)),
+            "port open; to peer 250 bytes in 3 packets, from peer 40 bytes in 1 packets; dropped 0 bytes \
+             to peer, 7 from peer; buffered 12 bytes"
+        );
+    }
 
     /// A device server that accepts every connection and closes it at once: the port
     /// opens fine and fails at the first read. It was reopened every 100 ms for ever

@@ -401,7 +401,10 @@ pub(crate) async fn pass_through(s: &Settings) -> Result<Figure, BoxError> {
                 // kept, or on a timed line, the line bounds both and the row is reported.
                 let target = !timed && setup_ours.gap.is_zero();
                 f.verdicts.push((
-                    format!("pass-through, {setup} device, {}, masters {masters}: vs modbus-relay", setup_ours.name()),
+                    format!(
+                        "pass-through, {setup} device, {}, masters {masters}: vs modbus-relay",
+                        setup_ours.name()
+                    ),
                     format!("{ratio:.2}x requests/s; p99 {} vs {}", ms(o.p99), ms(r.p99)),
                     if target { ">= 1.5x and a lower p99".into() } else { "reported".into() },
                     !target || (ratio >= 1.5 && o.p99 < r.p99),
