@@ -2,8 +2,8 @@
 //! how much line time request planning saves, and how little of the machine it takes.
 //!
 //! ```text
-//! cargo run --release --example bench            # full run (~6 min), writes docs/BENCHMARKS.md
-//! cargo run --release --example bench -- --quick # smoke run (~1 min), prints only
+//! cargo run --release --example bench            # full run (~9 min), writes docs/BENCHMARKS.md
+//! cargo run --release --example bench -- --quick # smoke run (~2 min), prints only
 //! cargo run --release --example bench -- --out FILE
 //! cargo run --release --example bench -- --quick --only footprint   # bus | plan | footprint | pass | agent | link
 //! ```
