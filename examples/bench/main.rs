@@ -2,16 +2,15 @@
 //! how much line time request planning saves, and how little of the machine it takes.
 //!
 //! ```text
-//! cargo run --release --example bench            # full run (~6 min), writes docs/BENCHMARKS.md
-//! cargo run --release --example bench -- --quick # smoke run (~1 min), prints only
+//! cargo run --release --example bench            # full run (~9 min), writes docs/BENCHMARKS.md
+//! cargo run --release --example bench -- --quick # smoke run (~2 min), prints only
 //! cargo run --release --example bench -- --out FILE
 //! cargo run --release --example bench -- --quick --only footprint   # bus | plan | footprint | pass | agent | link
 //! ```
 //!
 //! Each figure is one function returning a [`Figure`] (a titled table, its notes and its
 //! verdicts against the targets); `main` runs them in order and renders the report. To add
-//! a figure, write the function (a new file beside these) and push its result in `main`,
-//! and drop its row from [`not_measured_yet`].
+//! a figure, write the function (a new file beside these) and push its result in `main`.
 //!
 //! Files: `main.rs` (options, report), `plant.rs` (devices built in code and their
 //! simulators), `line.rs` (figure 1, bus efficiency), `planning.rs` (figure 2, request
@@ -206,7 +205,6 @@ fn main() -> Result<(), BoxError> {
         eprintln!("bench: peer link ...");
         figures.push(peerlink::peer_link(&settings)?);
     }
-    figures.push(not_measured_yet());
     let report = render(&settings, &figures, started.elapsed());
     print!("{report}");
     if let Some(path) = out {
@@ -289,18 +287,4 @@ fn render(settings: &Settings, figures: &[Figure], took: Duration) -> String {
         out += "\n";
     }
     out
-}
-
-fn not_measured_yet() -> Figure {
-    let mut f = Figure::new(
-        "Not measured yet",
-        "Parts of issue 5 no figure measures yet; each will be one more function (one more \
-         file) in `examples/bench/`.",
-        vec!["figure", "status"],
-    );
-    f.rows.push(vec![
-        "Peer link: bytes/value over TLS, catch-up after an outage".into(),
-        "TODO: not measured yet: link_bench measures values/s and latency only".into(),
-    ]);
-    f
 }
