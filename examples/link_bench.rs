@@ -31,7 +31,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use m2m_gateway::gateway::Gateway;
 use m2m_gateway::image::PointId;
-use m2m_gateway::link::BACKOFF_MAX;
 use m2m_gateway::model::{self, Dial, Links, Model, Peer, SendMode, SendRule};
 use m2m_gateway::tls::{self, Identity};
 use m2m_gateway::value::{Quality, Sample, Value};
@@ -73,6 +72,9 @@ impl Site {
     }
 }
 
+/// The sender's `reconnect_max` (the default of `[[peer]] reconnect_max`).
+pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
 fn peer(name: &str, id: &Identity, dial: Dial, send: Vec<SendRule>) -> Peer {
     Peer {
         name: name.into(),
@@ -82,6 +84,7 @@ fn peer(name: &str, id: &Identity, dial: Dial, send: Vec<SendRule>) -> Peer {
         spool_max_bytes: 1 << 30,
         spool_max_age: Duration::from_secs(3600),
         heartbeat: Duration::from_secs(1),
+        reconnect_max: RECONNECT_MAX,
         send,
         grants: vec![],
         writeback: vec![],
@@ -507,7 +510,7 @@ async fn catch_up(ga: &Gateway, gb: &Gateway, cable: &mut Cable, cut: Duration) 
     tokio::time::sleep(cut).await;
     cable.plug().await?;
     let plugged = Instant::now();
-    let wait = BACKOFF_MAX + Duration::from_secs(10);
+    let wait = RECONNECT_MAX + Duration::from_secs(10);
     if !until(wait, || lb.stats().sessions > sessions).await {
         return Err(format!("no new session within {wait:?} of the network's return"));
     }

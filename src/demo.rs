@@ -108,6 +108,7 @@ fn demo_peer(name: &str, fingerprint: Fingerprint, dial: Dial, send: Vec<SendRul
         spool_max_bytes: 64 << 20,
         spool_max_age: Duration::from_secs(24 * 3600),
         heartbeat: Duration::from_secs(1),
+        reconnect_max: Duration::from_secs(5),
         send,
         grants: vec![],
         writeback: vec![],

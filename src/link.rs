@@ -67,10 +67,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a [`LinkHandle::write`] waits for the peer's result.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// First reconnect delay; doubles per failure up to [`BACKOFF_MAX`].
+/// First reconnect delay; doubles per failure up to the peer's `reconnect_max`.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
-/// Longest reconnect delay (also used after a version or name mismatch).
-pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Reconnect delay after a version or name mismatch (a configuration problem: it will not
+/// go away in seconds, and each attempt logs it), unless `reconnect_max` is longer.
+pub const MISMATCH_BACKOFF: Duration = Duration::from_secs(30);
 /// A session up this long resets the back-off.
 pub const STABLE: Duration = Duration::from_secs(30);
 /// Peer writes carried out at the same time; more are refused as busy.
@@ -411,7 +412,7 @@ impl Task {
                     next = Some(*s);
                     continue;
                 }
-                End::Mismatch => backoff = BACKOFF_MAX,
+                End::Mismatch => backoff = MISMATCH_BACKOFF.max(self.link.peer.reconnect_max),
                 End::Lost => {}
             }
             if matches!(dialer, Dialer::Accept(_)) {
@@ -419,7 +420,7 @@ impl Task {
             }
             // Jitter (50-100 % of the back-off) spreads the reconnects of many gateways.
             let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff = (backoff * 2).min(self.link.peer.reconnect_max).max(BACKOFF_MIN);
             let until = Instant::now() + wait;
             loop {
                 tokio::select! {

@@ -327,6 +327,8 @@ pub struct Peer {
     pub spool_max_age: Duration,
     /// Heartbeat interval; the link is declared dead after 3 missed heartbeats.
     pub heartbeat: Duration,
+    /// Longest wait between reconnect attempts (the dialing side).
+    pub reconnect_max: Duration,
     /// What is sent to this peer; a point matched by several rules is sent by the first.
     pub send: Vec<SendRule>,
     /// What this peer may write here (none: read-only); no point is in two grants.

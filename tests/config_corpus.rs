@@ -28,7 +28,7 @@ fn file_name(path: &Path) -> String {
 #[test]
 fn bad_configs_fail_with_their_expected_messages() {
     let files = corpus("bad");
-    assert!(files.len() >= 132, "only {} bad configs", files.len());
+    assert!(files.len() >= 133, "only {} bad configs", files.len());
     let mut failures = Vec::new();
     for path in &files {
         let name = file_name(path);
@@ -195,6 +195,7 @@ fn peers_resolve_defaults_paths_and_rules() {
     assert_eq!(b.spool_max_bytes, 64 * 1024 * 1024);
     assert_eq!(b.spool_max_age, Duration::from_secs(7 * 24 * 3600));
     assert_eq!(b.heartbeat, Duration::from_secs(5));
+    assert_eq!(b.reconnect_max, Duration::from_secs(5), "default");
 
     // First rule wins: the alarm goes periodically, the rest of the boiler on change.
     let [periodic, change] = &b.send[..] else {
@@ -227,6 +228,7 @@ fn peers_resolve_defaults_paths_and_rules() {
     assert_eq!(c.spool_max_bytes, 1_610_612_736);
     assert_eq!(c.spool_max_age, Duration::from_secs(24 * 3600));
     assert_eq!(c.heartbeat, Duration::from_millis(250));
+    assert_eq!(c.reconnect_max, Duration::from_secs(60));
     assert!(c.grants.is_empty(), "no grant: read-only");
     assert_eq!(
         c.send[0].mode,

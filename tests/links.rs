@@ -104,6 +104,7 @@ fn peer(name: &str, fp: String, dial: Dial, send: Vec<SendRule>) -> Peer {
         spool_max_bytes: 64 << 20,
         spool_max_age: Duration::from_secs(3600),
         heartbeat: Duration::from_millis(500),
+        reconnect_max: Duration::from_secs(5),
         send,
         grants: vec![],
         writeback: vec![],

@@ -4,7 +4,7 @@
 //! per value in both runs, and the catch-up after outages.
 
 use super::*;
-use m2m_gateway::link::{BACKOFF_MAX, BACKOFF_MIN};
+use m2m_gateway::link::BACKOFF_MIN;
 
 /// Peer-link targets.
 const LINK_RATE_TARGET: f64 = 500_000.0;
@@ -162,8 +162,8 @@ pub(crate) fn peer_link(s: &Settings) -> Result<Figure, BoxError> {
             ]);
             f.notes.push(format!(
                 "Catch-up: while the network is down the link's reconnect back-off doubles from \
-                 {BACKOFF_MIN:?} up to {BACKOFF_MAX:?} (with jitter), so the new session comes up to \
-                 {BACKOFF_MAX:?} after the network returns; the backlog then goes at the link's full \
+                 {BACKOFF_MIN:?} up to the peer's `reconnect_max` (default 5s, with jitter), so the \
+                 new session comes up to 5 s after the network returns; the backlog then goes at the link's full \
                  rate. Times are polled every millisecond; the forwarder adds one TCP hop to this \
                  run only."
             ));

@@ -14,6 +14,8 @@
 //!                            #   default 64MiB, at least 1MiB
 //! spool_max_age = "7d"       # oldest value kept in the spool; default 7d, at least 1s
 //! heartbeat = "5s"           # default 5s, 100ms..=60s; 3 missed: the link is down
+//! reconnect_max = "5s"       # the dialing side's back-off between attempts doubles from
+//!                            #   200ms up to this (with jitter); default 5s, 200ms..=10m
 //!
 //! [[peer.send]]              # zero or more; see config/send.rs
 //! [[peer.grant]]             # zero or more; see config/write.rs
@@ -42,6 +44,10 @@ pub(super) const SPOOL_MAX: u64 = 64 * MIB;
 pub(super) const SPOOL_MAX_MIN: u64 = MIB;
 pub(super) const SPOOL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub(super) const SPOOL_MAX_AGE_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between reconnect attempts: a closed link on a plant network can afford an
+/// attempt every few seconds, and a link back in seconds delivers its backlog in seconds.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+const RECONNECT_MAX_MAX: Duration = Duration::from_secs(600);
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
 const HEARTBEAT_MAX: Duration = Duration::from_secs(60);
@@ -57,6 +63,7 @@ pub(super) struct RawPeer {
     spool_max: Option<Spanned<String>>,
     spool_max_age: Option<Spanned<String>>,
     heartbeat: Option<Spanned<String>>,
+    reconnect_max: Option<Spanned<String>>,
     #[serde(default)]
     send: Vec<RawSend>,
     #[serde(default)]
@@ -230,6 +237,13 @@ pub(super) fn validate(
                 HEARTBEAT_MIN..=HEARTBEAT_MAX,
                 &path,
                 "heartbeat",
+            ),
+            reconnect_max: check.duration_within(
+                r.reconnect_max.as_ref(),
+                RECONNECT_MAX,
+                crate::link::BACKOFF_MIN..=RECONNECT_MAX_MAX,
+                &path,
+                "reconnect_max",
             ),
             send: send::validate(&r.send, &points, &path, check),
             grants: write::grants(&r.grant, &points, &path, check),

@@ -8,8 +8,8 @@
 //! unit = 1                   # unit id in every request, 0..=255, default 1
 //! timeout = "1s"             # connect and reply timeout, >= 10ms, default 1s; a timeout
 //!                            #   drops the connection (a late reply is never misread)
-//! reconnect_max = "30s"      # back-off between reconnects doubles from 100ms up to
-//!                            #   this (with jitter), >= 100ms, default 30s
+//! reconnect_max = "5s"       # back-off between reconnects doubles from 100ms up to
+//!                            #   this (with jitter), >= 100ms, default 5s
 //! deliver = "latest"         # latest | all: after an outage, write only the latest value
 //!                            #   of each target (default), or every value in order
 //! spool = "plc-line.db"      # default "plc-<name>.db"; relative: under [link] data_dir,
@@ -55,7 +55,7 @@ use super::peer::{SPOOL_MAX, SPOOL_MAX_AGE, SPOOL_MAX_AGE_MIN, SPOOL_MAX_MIN};
 
 const TIMEOUT: Duration = Duration::from_secs(1);
 const TIMEOUT_MIN: Duration = Duration::from_millis(10);
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 
 /// One `[[plc]]` as written.
