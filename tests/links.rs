@@ -3,6 +3,7 @@
 //! straight into the sending gateway's image. Every wait has a deadline; nothing
 //! synchronises on a fixed sleep.
 
+mod common;
 #[path = "common/proxy.rs"]
 mod proxy;
 
@@ -11,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::{logs, wait_until};
 use futures::{SinkExt, StreamExt};
 use m2m_gateway::gateway::Gateway;
 use m2m_gateway::image::Image;
@@ -28,25 +30,6 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(8);
-
-fn logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-/// Polls `cond` every 5 ms until it holds; panics with `what` after [`DEADLINE`].
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let end = tokio::time::Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 /// One gateway's identity and data directory.
 struct Site {
@@ -230,15 +213,18 @@ async fn values_arrive_with_types_times_and_qualities() {
     for (p, s) in &sent {
         set(&ga.image, p, s.clone());
     }
-    wait_for("every value at b", || sent.iter().all(|(p, _)| gb.image.get(&format!("site-a/{p}")).is_some()))
-        .await;
+    wait_until("every value at b", DEADLINE, || {
+        sent.iter().all(|(p, _)| gb.image.get(&format!("site-a/{p}")).is_some())
+    })
+    .await;
     for (p, s) in &sent {
         assert_eq!(gb.image.get(&format!("site-a/{p}")).as_ref(), Some(s), "{p}");
     }
     let (sa, sb) = (ga.link("site-b").expect("link").stats(), gb.link("site-a").expect("link").stats());
     assert!(sa.connected && sb.connected);
     assert_eq!(sb.duplicates_dropped, 0);
-    wait_for("acks back at a", || ga.link("site-b").expect("link").stats().spool_pending == 0).await;
+    wait_until("acks back at a", DEADLINE, || ga.link("site-b").expect("link").stats().spool_pending == 0)
+        .await;
     shutdown.cancel();
     ga.shutdown(Duration::from_secs(3)).await;
     gb.shutdown(Duration::from_secs(3)).await;
@@ -263,7 +249,8 @@ async fn deadbands_suppress_small_changes_and_integrity_refresh_resends() {
         marker += 1;
         set(&ga.image, "dev.marker", sample(Value::Int(marker), at(1), Quality::Good));
         let m = marker;
-        wait_for("marker", || remote("dev.marker").and_then(|s| s.value) == Some(Value::Int(m))).await;
+        wait_until("marker", DEADLINE, || remote("dev.marker").and_then(|s| s.value) == Some(Value::Int(m)))
+            .await;
     };
 
     set(&ga.image, "dev.abs", good(10.0, 1));
@@ -286,7 +273,7 @@ async fn deadbands_suppress_small_changes_and_integrity_refresh_resends() {
     // Same value, new time: no change event; only the integrity refresh carries it.
     set(&ga.image, "dev.abs", good(12.0, 4));
     let refreshed = tokio::time::Instant::now();
-    wait_for("integrity refresh", || remote("dev.abs").map(|s| s.at) == Some(at(4))).await;
+    wait_until("integrity refresh", DEADLINE, || remote("dev.abs").map(|s| s.at) == Some(at(4))).await;
     assert!(refreshed.elapsed() < Duration::from_secs(2));
     // dev.pct (max_silence 1 h) is not refreshed.
     assert_eq!(remote("dev.pct").map(|s| s.at), Some(at(3)));
@@ -307,13 +294,14 @@ async fn periodic_mode_sends_unchanged_values() {
     let (ga, gb, shutdown) = pair_with(&a, &b, rules, |_| {}, |x| x).await;
     set(&ga.image, "dev.per", sample(Value::Int(5), at(10), Quality::Good));
     set(&ga.image, "dev.other", sample(Value::Int(1), at(10), Quality::Good));
-    wait_for("first periodic send", || gb.image.get("site-a/dev.per").is_some()).await;
+    wait_until("first periodic send", DEADLINE, || gb.image.get("site-a/dev.per").is_some()).await;
     // Unchanged value with a new time: a change rule would not send it.
     set(&ga.image, "dev.per", sample(Value::Int(5), at(20), Quality::Good));
-    wait_for("next period", || gb.image.get("site-a/dev.per").map(|s| s.at) == Some(at(20))).await;
+    wait_until("next period", DEADLINE, || gb.image.get("site-a/dev.per").map(|s| s.at) == Some(at(20)))
+        .await;
     let link = gb.link("site-a").expect("link");
     let n = link.stats().samples_applied;
-    wait_for("three more periods", || link.stats().samples_applied >= n + 3).await;
+    wait_until("three more periods", DEADLINE, || link.stats().samples_applied >= n + 3).await;
     assert!(gb.image.get("site-a/dev.other").is_none(), "a point no rule matches is never sent");
     shutdown.cancel();
     ga.shutdown(Duration::from_secs(3)).await;
@@ -328,7 +316,7 @@ async fn cut_and_restored_link_delivers_every_value_once_in_order() {
     proxy.start().await;
     let got = record(&gb.image, "site-a/dev.counter");
     let la = ga.link("site-b").expect("link").clone();
-    wait_for("link up", || la.stats().connected).await;
+    wait_until("link up", DEADLINE, || la.stats().connected).await;
     const N: u64 = 3000;
     for i in 1..=N {
         set(&ga.image, "dev.counter", sample(Value::UInt(i), SystemTime::now(), Quality::Good));
@@ -338,13 +326,13 @@ async fn cut_and_restored_link_delivers_every_value_once_in_order() {
         }
         if i == 1000 {
             proxy.kill();
-            wait_for("a notices the cut", || !la.stats().connected).await;
+            wait_until("a notices the cut", DEADLINE, || !la.stats().connected).await;
         }
         if i == 2000 {
             proxy.start().await;
         }
     }
-    wait_for("every value at b", || got.lock().expect("lock").len() as u64 >= N).await;
+    wait_until("every value at b", DEADLINE, || got.lock().expect("lock").len() as u64 >= N).await;
     let got = got.lock().expect("lock").clone();
     let want: Vec<Value> = (1..=N).map(Value::UInt).collect();
     assert_eq!(
@@ -357,7 +345,7 @@ async fn cut_and_restored_link_delivers_every_value_once_in_order() {
     assert!(got == want, "in order; first difference at {:?}", first_diff(&got, &want));
     // The value re-sent on reconnect may still be on its way; once a's spool is
     // drained, every batch a spooled was applied exactly once.
-    wait_for("a's spool drained", || la.stats().spool_pending == 0).await;
+    wait_until("a's spool drained", DEADLINE, || la.stats().spool_pending == 0).await;
     let (sa, sb) = (la.stats(), gb.link("site-a").expect("link").stats());
     assert!(sa.sessions >= 2, "{sa:?}");
     assert_eq!(sb.batches_applied, sa.last_seq, "each batch applied once: {sa:?} {sb:?}");
@@ -379,7 +367,7 @@ async fn full_spool_drops_the_oldest_and_counts_them() {
     const N: u64 = 200;
     for i in 1..=N {
         set(&ga.image, "dev.counter", sample(Value::UInt(i), at(i), Quality::Good));
-        wait_for("batch spooled", || {
+        wait_until("batch spooled", DEADLINE, || {
             let s = la.stats();
             s.spool_pending + s.spool_dropped >= i
         })
@@ -390,7 +378,7 @@ async fn full_spool_drops_the_oldest_and_counts_them() {
     assert!(s.spool_pending * 30 <= 2000 + 30, "spool stays bounded: {s:?}");
     assert_eq!(s.spool_pending + s.spool_dropped, N);
     proxy.start().await;
-    wait_for("newest value at b", || {
+    wait_until("newest value at b", DEADLINE, || {
         gb.image.get("site-a/dev.counter").and_then(|s| s.value) == Some(Value::UInt(N))
     })
     .await;
@@ -436,7 +424,7 @@ async fn unpinned_certificate_is_refused_and_no_data_crosses() {
     .expect("start intruder");
     set(&gi.image, "dev.x", sample(Value::Int(1), at(1), Quality::Good));
     let li = gi.link("site-b").expect("link").clone();
-    wait_for("two refused attempts", || li.stats().failed_attempts >= 2).await;
+    wait_until("two refused attempts", DEADLINE, || li.stats().failed_attempts >= 2).await;
     assert_eq!(li.stats().sessions, 0);
     assert_eq!(gb.link("site-a").expect("link").stats().sessions, 0);
     assert!(gb.image.is_empty(), "no data crossed");
@@ -506,7 +494,7 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
     )
     .expect("start a");
     set(&ga.image, "dev.v", sample(Value::Int(1), at(1), Quality::Good));
-    wait_for("a's value at b", || gb.image.get("site-a/dev.v").is_some()).await;
+    wait_until("a's value at b", DEADLINE, || gb.image.get("site-a/dev.v").is_some()).await;
 
     // 1. Garbage instead of a TLS handshake: dropped by the listener.
     let mut raw = TcpStream::connect(b_addr).await.expect("connect");
@@ -553,7 +541,7 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
 
     // The a–b link never noticed.
     set(&ga.image, "dev.v", sample(Value::Int(2), at(2), Quality::Good));
-    wait_for("a's next value at b", || {
+    wait_until("a's next value at b", DEADLINE, || {
         gb.image.get("site-a/dev.v").and_then(|s| s.value) == Some(Value::Int(2))
     })
     .await;
@@ -590,7 +578,7 @@ async fn a_burst_of_more_frames_than_the_window_is_applied_whole() {
     io.write_all(&burst).await.expect("burst");
     io.flush().await.expect("flush");
     let lb = gb.link("site-c").expect("link").clone();
-    wait_for("every batch applied", || lb.stats().batches_applied == N).await;
+    wait_until("every batch applied", DEADLINE, || lb.stats().batches_applied == N).await;
     let mut acked = 0;
     while acked < N {
         match tokio::time::timeout(DEADLINE, framed.next()).await {
@@ -763,7 +751,7 @@ async fn grants_refuse_outside_writes_and_allowed_writes_reach_the_device() {
     )
     .expect("start a");
     let la = ga.link("site-b").expect("link").clone();
-    wait_for("link up", || la.stats().connected).await;
+    wait_until("link up", DEADLINE, || la.stats().connected).await;
 
     let refused = la.write("dev.other", Value::UInt(1)).await.expect_err("not granted");
     assert!(refused.starts_with("not granted"), "{refused}");
@@ -819,23 +807,23 @@ async fn write_back_follows_received_values_and_falls_back_on_loss() {
     let ga = Gateway::start(&model("site-a", vec![], a.links(false, vec![a_peer])), shutdown.child_token())
         .expect("start a");
     let lb = gb.link("site-a").expect("link").clone();
-    wait_for("link up", || lb.stats().connected).await;
+    wait_until("link up", DEADLINE, || lb.stats().connected).await;
     // The start-up outage may already have written the fallback; count from here.
     let base = device.writes.lock().expect("lock").len();
     let cmd = |v: u64, t: u64| sample(Value::UInt(v), at(t), Quality::Good);
     set(&ga.image, "plc.cmd", cmd(7, 1));
-    wait_for("write-back of 7", || {
+    wait_until("write-back of 7", DEADLINE, || {
         device.writes.lock().expect("lock")[base..].contains(&(6, vec![6, 0, 40, 0, 7]))
     })
     .await;
     // A bad-quality sample does not drive the output.
     set(&ga.image, "plc.cmd", sample(Value::UInt(9), at(2), Quality::CommFail));
     set(&ga.image, "plc.marker", cmd(1, 2));
-    wait_for("marker", || gb.image.get("site-a/plc.marker").is_some()).await;
+    wait_until("marker", DEADLINE, || gb.image.get("site-a/plc.marker").is_some()).await;
     let n = device.writes.lock().expect("lock").len();
     // Cut the link: after 3 heartbeats b declares a dead, then 300 ms later falls back.
     proxy.as_mut().expect("proxy").kill();
-    wait_for("fallback write of 0", || {
+    wait_until("fallback write of 0", DEADLINE, || {
         device.writes.lock().expect("lock")[n..].contains(&(6, vec![6, 0, 40, 0, 0]))
     })
     .await;
@@ -882,11 +870,11 @@ async fn abrupt_stop_mid_backlog_then_restart_applies_everything_once() {
             v += 1;
             set(&ga.image, "dev.counter", sample(Value::UInt(v), at(v), Quality::Good));
         }
-        wait_for("batch spooled", || la.stats().spool_pending >= k).await;
+        wait_until("batch spooled", DEADLINE, || la.stats().spool_pending >= k).await;
     }
     proxy.start().await;
     let lb = gb.link("site-a").expect("link").clone();
-    wait_for("part of the backlog applied", || lb.stats().batches_applied >= 10).await;
+    wait_until("part of the backlog applied", DEADLINE, || lb.stats().batches_applied >= 10).await;
     // "kill -9": the proxy drops every connection (no Close reaches b) and a's tasks
     // are cancelled and the gateway dropped without waiting for anything.
     proxy.kill();
@@ -899,7 +887,7 @@ async fn abrupt_stop_mid_backlog_then_restart_applies_everything_once() {
     let ga = Gateway::start(&a_model, CancellationToken::new()).expect("restart a");
     proxy.start().await;
     let total = BATCHES * 10;
-    wait_for("whole backlog at b", || {
+    wait_until("whole backlog at b", DEADLINE, || {
         gb.image.get("site-a/dev.counter").and_then(|s| s.value) == Some(Value::UInt(total))
     })
     .await;
@@ -912,7 +900,8 @@ async fn abrupt_stop_mid_backlog_then_restart_applies_everything_once() {
         got.len(),
         first_diff(&got, &want)
     );
-    wait_for("a's spool drained", || ga.link("site-b").expect("link").stats().spool_pending == 0).await;
+    wait_until("a's spool drained", DEADLINE, || ga.link("site-b").expect("link").stats().spool_pending == 0)
+        .await;
     let (sa, sb) = (ga.link("site-b").expect("link").stats(), lb.stats());
     assert_eq!(sb.batches_applied, sa.last_seq, "each batch applied once: {sa:?} {sb:?}");
     // The backlog, plus the current value a re-sends when the link comes up.
@@ -938,7 +927,7 @@ async fn a_new_connection_of_a_peer_replaces_its_old_session() {
     let mut first = Framed::new(tls_client(&c, &b, b_addr).await, FrameCodec::default());
     first.send(hello()).await.expect("hello");
     let lc = gb.link("site-c").expect("link").clone();
-    wait_for("first session", || lc.stats().sessions == 1).await;
+    wait_until("first session", DEADLINE, || lc.stats().sessions == 1).await;
     // The peer restarted behind a silent network: a second connection while the first
     // still looks alive.
     let mut second = Framed::new(tls_client(&c, &b, b_addr).await, FrameCodec::default());
@@ -948,7 +937,7 @@ async fn a_new_connection_of_a_peer_replaces_its_old_session() {
         seen.iter().any(|f| matches!(f, Frame::Close { reason } if reason.contains("replaced"))),
         "{seen:?}"
     );
-    wait_for("second session", || lc.stats().sessions == 2).await;
+    wait_until("second session", DEADLINE, || lc.stats().sessions == 2).await;
     // The new session is served: a batch is applied and acked.
     let s = sample(Value::Int(42), at(5), Quality::Good);
     second.send(Frame::Batch { seq: 1, samples: vec![("dev.x".into(), s.clone())] }).await.expect("batch");
@@ -990,9 +979,9 @@ async fn peer_points_turn_comm_fail_while_the_link_is_down_and_recover_on_reconn
     proxy.start().await;
     set(&ga.image, "dev.v", sample(Value::Int(7), at(1), Quality::Good));
     let quality = || gb.image.get("site-a/dev.v").map(|s| s.quality);
-    wait_for("value at b", || quality() == Some(Quality::Good)).await;
+    wait_until("value at b", DEADLINE, || quality() == Some(Quality::Good)).await;
     proxy.kill();
-    wait_for("comm_fail at b", || quality() == Some(Quality::CommFail)).await;
+    wait_until("comm_fail at b", DEADLINE, || quality() == Some(Quality::CommFail)).await;
     assert_eq!(
         gb.image.get("site-a/dev.v").and_then(|s| s.value),
         Some(Value::Int(7)),
@@ -1000,7 +989,7 @@ async fn peer_points_turn_comm_fail_while_the_link_is_down_and_recover_on_reconn
     );
     // Nothing changes at a; the reconnect alone makes the value good again.
     proxy.start().await;
-    wait_for("good again at b", || quality() == Some(Quality::Good)).await;
+    wait_until("good again at b", DEADLINE, || quality() == Some(Quality::Good)).await;
     assert_eq!(gb.image.get("site-a/dev.v").map(|s| s.at), Some(at(1)));
     shutdown.cancel();
     ga.shutdown(Duration::from_secs(3)).await;
@@ -1061,7 +1050,7 @@ async fn a_source_outside_allow_is_refused_before_tls() {
     )
     .expect("start a");
     let la = ga.link("site-b").expect("link").clone();
-    wait_for("two refused attempts", || la.stats().failed_attempts >= 2).await;
+    wait_until("two refused attempts", DEADLINE, || la.stats().failed_attempts >= 2).await;
     assert_eq!(gb.link("site-a").expect("link").stats().sessions, 0);
     shutdown.cancel();
     ga.shutdown(Duration::from_secs(3)).await;

@@ -4,12 +4,14 @@
 //! side; the test holds the master side as "the machine" at each end. Every wait has a
 //! deadline; nothing synchronises on a fixed sleep.
 
+mod common;
 #[path = "common/proxy.rs"]
 mod proxy;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::{logs, wait_until};
 use m2m_gateway::config;
 use m2m_gateway::gateway::Gateway;
 use m2m_gateway::link::LinkHandle;
@@ -25,25 +27,6 @@ use tokio_serial::SerialStream;
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(10);
-
-fn logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-/// Polls `cond` every 5 ms until it holds; panics with `what` after [`DEADLINE`].
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let end = tokio::time::Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 /// One gateway's identity, data directory and the pty its tunnel uses (reached
 /// through a `/dev/serial/by-id`-style symlink, so it can be unplugged and re-plugged).
@@ -138,7 +121,7 @@ impl Pair {
         let pair = Self { a, b, ga, gb, proxy, shutdown };
         pair.wait_up().await;
         let (ta, tb) = (pair.ta(), pair.tb());
-        wait_for("both tunnel ports open", || ta.stats().port_open && tb.stats().port_open).await;
+        wait_until("both tunnel ports open", DEADLINE, || ta.stats().port_open && tb.stats().port_open).await;
         pair
     }
 
@@ -160,13 +143,14 @@ impl Pair {
 
     async fn wait_up(&self) {
         let (la, lb) = (self.la().clone(), self.lb().clone());
-        wait_for("link up at both ends", || la.stats().connected && lb.stats().connected).await;
+        wait_until("link up at both ends", DEADLINE, || la.stats().connected && lb.stats().connected).await;
     }
 
     async fn cut(&mut self) {
         self.proxy.kill();
         let (la, lb) = (self.la().clone(), self.lb().clone());
-        wait_for("both ends notice the cut", || !la.stats().connected && !lb.stats().connected).await;
+        wait_until("both ends notice the cut", DEADLINE, || !la.stats().connected && !lb.stats().connected)
+            .await;
     }
 
     async fn restore(&mut self) {
@@ -300,8 +284,8 @@ async fn buffer_policy_carries_bytes_written_during_a_cut_after_restore() {
         p.a.machine.write_all(chunk).await.expect("write a");
     }
     p.b.machine.write_all(&ba).await.expect("write b");
-    wait_for("a buffers what its machine wrote", || ta.stats().buffered == ab.len() as u64).await;
-    wait_for("b buffers what its machine wrote", || tb.stats().buffered == ba.len() as u64).await;
+    wait_until("a buffers what its machine wrote", DEADLINE, || ta.stats().buffered == ab.len() as u64).await;
+    wait_until("b buffers what its machine wrote", DEADLINE, || tb.stats().buffered == ba.len() as u64).await;
     read_nothing(&mut p.b.machine, Duration::from_millis(100), "b during the cut").await;
 
     p.restore().await;
@@ -309,7 +293,7 @@ async fn buffer_policy_carries_bytes_written_during_a_cut_after_restore() {
     assert_same(&got_b, &ab, "buffered a to b");
     let got_a = read_n(&mut p.a.machine, ba.len(), "b's buffered bytes at a").await;
     assert_same(&got_a, &ba, "buffered b to a");
-    wait_for("buffers empty", || ta.stats().buffered == 0 && tb.stats().buffered == 0).await;
+    wait_until("buffers empty", DEADLINE, || ta.stats().buffered == 0 && tb.stats().buffered == 0).await;
 
     // And it goes on working.
     let after = every_byte_value();
@@ -329,7 +313,7 @@ async fn buffer_policy_keeps_only_the_newest_bytes_within_its_bound() {
     let ta = p.ta();
     let data = noise(5, 3000);
     p.a.machine.write_all(&data).await.expect("write");
-    wait_for("a read everything", || {
+    wait_until("a read everything", DEADLINE, || {
         let s = ta.stats();
         s.buffered + s.dropped_out == data.len() as u64
     })
@@ -351,8 +335,11 @@ async fn drop_policy_drops_and_counts_during_a_cut_then_works_again() {
     let (ab, ba) = (noise(6, 2000), noise(7, 500));
     p.a.machine.write_all(&ab).await.expect("write a");
     p.b.machine.write_all(&ba).await.expect("write b");
-    wait_for("a drops and counts", || ta.stats().dropped_out == ab.len() as u64).await;
-    wait_for("b drops and counts (drop is the default)", || tb.stats().dropped_out == ba.len() as u64).await;
+    wait_until("a drops and counts", DEADLINE, || ta.stats().dropped_out == ab.len() as u64).await;
+    wait_until("b drops and counts (drop is the default)", DEADLINE, || {
+        tb.stats().dropped_out == ba.len() as u64
+    })
+    .await;
     assert_eq!((ta.stats().buffered, tb.stats().buffered), (0, 0));
 
     p.restore().await;
@@ -420,7 +407,7 @@ async fn a_replugged_port_is_reopened_and_the_tunnel_carries_on() {
     let got = carry(&mut p.a.machine, &mut p.b.machine, &first, "before the replug").await;
     assert_same(&got, &first, "before the replug");
     p.a.replug().await;
-    wait_for("a reopens its port", || ta.stats().opens == 2 && ta.stats().port_open).await;
+    wait_until("a reopens its port", DEADLINE, || ta.stats().opens == 2 && ta.stats().port_open).await;
     let all = every_byte_value();
     let got = carry(&mut p.a.machine, &mut p.b.machine, &all, "a to b after the replug").await;
     assert_same(&got, &all, "a to b after the replug");
