@@ -495,8 +495,20 @@ pub struct Plc {
     pub spool_max_bytes: u64,
     /// Spool bound: age of the oldest batch.
     pub spool_max_age: Duration,
+    /// The heartbeat register, if any (never a map target).
+    pub watchdog: Option<PlcWatchdog>,
     /// The mapping entries; no point is in two, no two targets overlap.
     pub map: Vec<PlcMap>,
+}
+
+/// A PLC's watchdog (`[plc.watchdog]`): a holding register the gateway counts up while
+/// it is connected, so the PLC logic can tell a live link from frozen values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlcWatchdog {
+    /// Wire (zero-based) holding register address.
+    pub address: u16,
+    /// Time between two writes.
+    pub interval: Duration,
 }
 
 /// How a PLC's backlog is delivered.

@@ -25,6 +25,13 @@
 //! reads the spool, so a slow or absent PLC never slows polling or any other sink.
 //! Values only reach the PLC: quality is not written (a bad-quality sample writes the
 //! last value, the same number).
+//!
+//! Watchdog (`[plc.watchdog]`): while a session is up, the sender writes a u16 counter
+//! (FC6) to one register every interval — at connect, then each time it falls due, even
+//! between two requests of a long delivery, so it delays values by one request at most.
+//! The counter steps by 1 (65535 wraps to 0) only once the PLC answered, so the PLC sees
+//! every value in turn, and carries on across reconnects; it is live only, never
+//! spooled or replayed. A transport failure drops the session like a value write's.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -44,7 +51,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::codec::encode_registers;
 use crate::forward::{Forwarder, RuleError, Rules};
 use crate::image::Image;
-use crate::model::{Deliver, Plc, PlcTarget, SendRule};
+use crate::model::{Deliver, Plc, PlcTarget, PlcWatchdog, SendRule};
 use crate::spooler::{SpoolHandle, SpoolerError};
 use crate::value::{Sample, Table, Value};
 
@@ -294,6 +301,13 @@ pub fn describe(plc: &Plc) -> String {
         };
         out.push_str(&format!("  {line}\n"));
     }
+    if let Some(w) = &plc.watchdog {
+        out.push_str(&format!(
+            "  FC6  holding {} watchdog counter, every {}\n",
+            w.address,
+            humantime::format_duration(w.interval)
+        ));
+    }
     out
 }
 
@@ -324,6 +338,8 @@ pub struct PlcStats {
     pub values: AtomicU64,
     /// Values dropped: refused by the PLC (exception) or not encodable.
     pub dropped: AtomicU64,
+    /// Watchdog writes the PLC confirmed.
+    pub watchdog: AtomicU64,
 }
 
 /// Counters of a PLC sink at one moment, for its periodic summary.
@@ -339,6 +355,8 @@ pub struct PlcCounts {
     pub values: u64,
     /// Values dropped.
     pub dropped: u64,
+    /// Watchdog writes confirmed.
+    pub watchdog: u64,
     /// Batches waiting in the spool.
     pub spool_pending: u64,
     /// Values dropped from the spool to its limits since it was created.
@@ -356,17 +374,23 @@ impl PlcHandle {
             requests: s.requests.load(Relaxed),
             values: s.values.load(Relaxed),
             dropped: s.dropped.load(Relaxed),
+            watchdog: s.watchdog.load(Relaxed),
             spool_pending: spool.pending_batches.load(Relaxed),
             spool_dropped: spool.dropped_samples.load(Relaxed),
         }
     }
 }
 
-/// One-line health summary of a PLC sink, for the periodic info log.
+/// One-line health summary of a PLC sink, for the periodic info log (watchdog writes
+/// only when there were some: most PLCs have no watchdog).
 pub fn summary(now: &PlcCounts, since: &PlcCounts, elapsed: Duration) -> String {
     let values = now.values.saturating_sub(since.values);
+    let watchdog = match now.watchdog.saturating_sub(since.watchdog) {
+        0 => String::new(),
+        n => format!(", {n} watchdog writes"),
+    };
     format!(
-        "{}, {} connections; {} writes confirmed, {values} values written ({:.1}/s), {} refused; \
+        "{}, {} connections; {} writes confirmed, {values} values written ({:.1}/s), {} refused{watchdog}; \
          spool pending {}, dropped since start {} values",
         if now.connected { "connected" } else { "not connected" },
         now.connects.saturating_sub(since.connects),
@@ -410,6 +434,10 @@ pub fn start(
         stats: stats.clone(),
         connected,
         unencodable: Mutex::default(),
+        watchdog: plc.watchdog.map(|config| Watchdog {
+            config,
+            state: Mutex::new(Beat { next: 0, due: Instant::now(), refused: false }),
+        }),
     };
     tracker.spawn(sender.run(shutdown.clone()).instrument(info_span!("plc", plc = %plc.name)));
     Ok(PlcHandle { name: plc.name.clone(), stats, spool })
@@ -430,6 +458,31 @@ struct Sender {
     /// Points whose last value could not be encoded (logged once, until one encodes):
     /// a value out of the target's range usually stays out for many samples.
     unencodable: Mutex<HashSet<String>>,
+    watchdog: Option<Watchdog>,
+}
+
+/// The watchdog register of a PLC and where its counter stands.
+struct Watchdog {
+    config: PlcWatchdog,
+    /// Never held across an `.await`.
+    state: Mutex<Beat>,
+}
+
+/// The watchdog counter (kept across sessions) and its schedule (reset at connect).
+#[derive(Debug, Clone, Copy)]
+struct Beat {
+    /// The value of the next write.
+    next: u16,
+    /// When the next write is due.
+    due: Instant,
+    /// The last write was refused (logged once until one is accepted).
+    refused: bool,
+}
+
+impl Watchdog {
+    fn beat(&self) -> std::sync::MutexGuard<'_, Beat> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Sender {
@@ -494,6 +547,10 @@ impl Sender {
     /// Writes what the spool holds until the connection fails or shutdown.
     async fn session(&self, mut ctx: Context, shutdown: &CancellationToken) -> End {
         let mut appended = self.spool.appended();
+        if let Some(w) = &self.watchdog {
+            // The PLC hears from us at once: its own watchdog timer may be running out.
+            w.beat().due = Instant::now();
+        }
         loop {
             // A PLC that keeps us busy still lets shutdown in between rounds.
             if shutdown.is_cancelled() {
@@ -509,12 +566,67 @@ impl Sender {
                 Ok(false) => {}
                 Err(e) => return End::Lost(e),
             }
-            tokio::select! {
-                // Cancel-safe: watch::changed.
-                r = appended.changed() => if r.is_err() { return End::Shutdown },
-                () = shutdown.cancelled() => return End::Shutdown,
+            loop {
+                let due = self.watchdog.as_ref().map(|w| w.beat().due);
+                let beat = async move {
+                    match due {
+                        Some(due) => sleep_until(due).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    // Cancel-safe: watch::changed.
+                    r = appended.changed() => if r.is_err() { return End::Shutdown } else { break },
+                    // Cancel-safe: a timer; the write runs in the arm's body, never cancelled.
+                    () = beat => if let Err(e) = self.heartbeat(&mut ctx).await { return End::Lost(e) },
+                    () = shutdown.cancelled() => return End::Shutdown,
+                }
             }
         }
+    }
+
+    /// Writes the watchdog counter if it is due (else does nothing). An exception is
+    /// logged (once until a write is accepted) and the counter moves on; a transport
+    /// failure ends the session and the same value is written after the reconnect.
+    async fn heartbeat(&self, ctx: &mut Context) -> Result<(), PlcError> {
+        let Some(w) = &self.watchdog else {
+            return Ok(());
+        };
+        let Beat { next, due, .. } = *w.beat();
+        if due > Instant::now() {
+            return Ok(());
+        }
+        let address = w.config.address;
+        let transport = |reason: String| PlcError::Transport {
+            plc: self.plc.name.clone(),
+            what: format!("write watchdog register {address}"),
+            reason,
+        };
+        let answer =
+            match timeout(self.plc.timeout, ctx.call(Request::WriteSingleRegister(address, next))).await {
+                Err(_) => return Err(transport(format!("no reply within {:?}", self.plc.timeout))),
+                Ok(Err(e)) => return Err(transport(e.to_string())),
+                Ok(Ok(answer)) => answer,
+            };
+        let mut beat = w.beat();
+        beat.next = next.wrapping_add(1);
+        // Never a burst after a slow write: the next one a whole interval from now.
+        beat.due = Instant::now() + w.config.interval;
+        match answer {
+            Ok(_) => {
+                self.stats.watchdog.fetch_add(1, Relaxed);
+                if std::mem::take(&mut beat.refused) {
+                    info!(address, "the plc accepts watchdog writes again");
+                }
+                debug!(address, value = next, "watchdog written");
+            }
+            Err(code) => {
+                if !std::mem::replace(&mut beat.refused, true) {
+                    error!(address, exception = ?code, "the plc refused the watchdog write (logged once until one is accepted)");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Coalesces everything pending into one value per target, writes it and acks.
@@ -629,6 +741,8 @@ impl Sender {
     /// Writes `pending` in as few requests as possible.
     async fn write(&self, ctx: &mut Context, pending: &Pending) -> Result<(), PlcError> {
         for w in plan(pending) {
+            // A long delivery does not starve the watchdog: it goes between requests.
+            self.heartbeat(ctx).await?;
             let what = w.describe();
             let transport = |reason: String| PlcError::Transport {
                 plc: self.plc.name.clone(),
@@ -675,6 +789,7 @@ mod tests {
             requests: 15,
             values: 150,
             dropped: 3,
+            watchdog: 0,
             spool_pending: 4,
             spool_dropped: 0,
         };
@@ -682,6 +797,13 @@ mod tests {
             summary(&now, &since, Duration::from_secs(10)),
             "connected, 1 connections; 5 writes confirmed, 50 values written (5.0/s), 3 refused; \
              spool pending 4, dropped since start 0 values"
+        );
+        let now = PlcCounts { watchdog: 12, ..now };
+        let since = PlcCounts { watchdog: 2, ..since };
+        assert_eq!(
+            summary(&now, &since, Duration::from_secs(10)),
+            "connected, 1 connections; 5 writes confirmed, 50 values written (5.0/s), 3 refused, \
+             10 watchdog writes; spool pending 4, dropped since start 0 values"
         );
     }
 

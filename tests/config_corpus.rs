@@ -28,7 +28,7 @@ fn file_name(path: &Path) -> String {
 #[test]
 fn bad_configs_fail_with_their_expected_messages() {
     let files = corpus("bad");
-    assert!(files.len() >= 133, "only {} bad configs", files.len());
+    assert!(files.len() >= 136, "only {} bad configs", files.len());
     let mut failures = Vec::new();
     for path in &files {
         let name = file_name(path);
@@ -360,13 +360,14 @@ fn server_units_and_grants_are_resolved() {
 
 #[test]
 fn plc_targets_are_resolved() {
-    use m2m_gateway::model::{Deliver, PlcTarget};
+    use m2m_gateway::model::{Deliver, PlcTarget, PlcWatchdog};
     let model = good("plc.toml");
     let plc = &model.plcs[0];
     assert_eq!((plc.name.as_str(), plc.address.as_str(), plc.unit), ("line-plc", "10.0.0.50:502", 3));
     assert_eq!(plc.deliver, Deliver::All);
     assert_eq!(plc.timeout, Duration::from_secs(1));
     assert_eq!(plc.spool, Path::new("/var/lib/m2m-gateway/plc-line.db"));
+    assert_eq!(plc.watchdog, Some(PlcWatchdog { address: 900, interval: Duration::from_millis(500) }));
     let t = &plc.map[0].targets;
     assert_eq!(
         t[0],
@@ -393,4 +394,5 @@ fn plc_targets_are_resolved() {
         shown.contains("FC16 holding 100..=103 (4 registers)") && shown.contains("FC5  coil 7"),
         "{shown}"
     );
+    assert!(shown.contains("FC6  holding 900 watchdog counter, every 500ms"), "{shown}");
 }

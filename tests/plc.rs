@@ -479,3 +479,51 @@ async fn refused_writes_are_dropped_not_retried_forever() {
     sink.stop().await;
     server.abort();
 }
+
+/// The values written to watchdog register `a` (FC6), in order.
+fn watchdog_values(state: &Shared, a: u16) -> Vec<u16> {
+    log(state).iter().filter(|s| s.fc == 6 && s.address == a).map(|s| s.words[0]).collect()
+}
+
+fn assert_counts_by_one(values: &[u16]) {
+    for pair in values.windows(2) {
+        assert_eq!(pair[1], pair[0].wrapping_add(1), "each write one more: {values:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_watchdog_counts_while_connected_and_resumes_after_an_outage() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = Shared::default();
+    let (addr, server) = serve_plc("127.0.0.1:0".parse().expect("addr"), state.clone()).await;
+    let watchdog = "[plc.watchdog]\naddress = 200\ninterval = \"100ms\"";
+    let plc = plc_model(addr, &dir.path().join("plc.db"), watchdog);
+    let sink = Sink::start(&plc, image_with_values());
+    wait_until("watchdog writes", SECS(5), || watchdog_values(&state, 200).len() >= 5).await;
+    let before = watchdog_values(&state, 200);
+    assert_eq!(before[0], 0, "the counter starts at 0");
+    assert_counts_by_one(&before);
+    // Values still arrive beside it, and the watchdog is no value: never spooled.
+    wait_until("values at the plc", SECS(5), || holding(&state, 100) == Some(1234)).await;
+    assert!(sink.handle.stats.watchdog.load(Relaxed) >= 5);
+
+    // The PLC goes away (connections cut) and comes back on the same port.
+    server.abort();
+    let _ = server.await;
+    let last = *watchdog_values(&state, 200).last().expect("writes");
+    let from = log(&state).len();
+    wait_until("the sink notices", SECS(5), || !sink.handle.stats.connected.load(Relaxed)).await;
+    let (_, server) = serve_plc(addr, state.clone()).await;
+    let after = || -> Vec<u16> {
+        log(&state)[from..].iter().filter(|s| s.fc == 6 && s.address == 200).map(|s| s.words[0]).collect()
+    };
+    wait_until("watchdog writes after the outage", SECS(10), || after().len() >= 5).await;
+    let after = after();
+    assert_counts_by_one(&after);
+    // It carries on, not from 0: the write cut by the outage may come again, once.
+    assert!(after[0] == last.wrapping_add(1) || after[0] == last, "{last} then {after:?}");
+    assert!(sink.handle.stats.connects.load(Relaxed) >= 2);
+    sink.stop().await;
+    server.abort();
+}

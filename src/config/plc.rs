@@ -17,6 +17,12 @@
 //! spool_max = "64MiB"        # like [[peer]]: default 64MiB, at least 1MiB
 //! spool_max_age = "7d"       # like [[peer]]: default 7d, at least 1s
 //!
+//! [plc.watchdog]             # optional heartbeat for the PLC logic
+//! address = 900              # required: holding register (wire, zero-based), not a
+//!                            #   [[plc.map]] target; while connected it counts 0, 1, ..
+//!                            #   65535, 0, .. (FC6), live only: never spooled or replayed
+//! interval = "1s"            # one write per interval, 100ms..=1h, default 1s
+//!
 //! [[plc.map]]                # one or more
 //! points = "boiler.*"        # required: point globs (or one); matched points are written
 //!                            #   at consecutive addresses in configuration order
@@ -34,7 +40,8 @@
 //!
 //! Invariants of a validated PLC: every target lies inside 0..=65535, no two targets of
 //! one PLC share a register or coil, no point is mapped twice (a point is written to one
-//! place), and string points are refused (a PLC register block has no text).
+//! place), string points are refused (a PLC register block has no text), and the
+//! watchdog register is no map target's.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -48,7 +55,7 @@ use super::globs::{self, Globs};
 use super::peer::{host_port, size};
 use super::send::{ModeKeys, RawMode, resolve_mode};
 use super::{Checker, item, number, path_key};
-use crate::model::{Deliver, Plc, PlcMap, PlcTarget, Point};
+use crate::model::{Deliver, Plc, PlcMap, PlcTarget, PlcWatchdog, Point};
 use crate::value::{DataType, Table, WordOrder};
 
 use super::peer::{SPOOL_MAX, SPOOL_MAX_AGE, SPOOL_MAX_AGE_MIN, SPOOL_MAX_MIN};
@@ -57,6 +64,9 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 const TIMEOUT_MIN: Duration = Duration::from_millis(10);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const WATCHDOG_INTERVAL: Duration = Duration::from_secs(1);
+const WATCHDOG_MIN: Duration = Duration::from_millis(100);
+const WATCHDOG_MAX: Duration = Duration::from_secs(3600);
 
 /// One `[[plc]]` as written.
 #[derive(Debug, Deserialize)]
@@ -71,8 +81,17 @@ pub(super) struct RawPlc {
     spool: Option<Spanned<String>>,
     spool_max: Option<Spanned<String>>,
     spool_max_age: Option<Spanned<String>>,
+    watchdog: Option<RawWatchdog>,
     #[serde(default)]
     map: Vec<RawMap>,
+}
+
+/// `[plc.watchdog]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatchdog {
+    address: Spanned<i64>,
+    interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -191,6 +210,8 @@ pub(super) fn validate(
         if r.map.is_empty() {
             check.report(r.name.span(), &path, "has no [[plc.map]]: map at least one point");
         }
+        let map = maps(&r.map, points, &path, check);
+        let watchdog = r.watchdog.as_ref().map(|w| watchdog(w, &map, &path, check));
         plcs.push(Plc {
             name: name.to_owned(),
             address: r.address.get_ref().clone(),
@@ -216,7 +237,8 @@ pub(super) fn validate(
                 &path,
                 "spool_max_age",
             ),
-            map: maps(&r.map, points, &path, check),
+            watchdog,
+            map,
         });
     }
     plcs
@@ -315,6 +337,40 @@ fn maps(raw: &[RawMap], points: &[&Point], plc: &str, check: &mut Checker) -> Ve
         });
     }
     out
+}
+
+/// Resolves `[plc.watchdog]`: its register must be no holding target of `map`.
+fn watchdog(raw: &RawWatchdog, map: &[PlcMap], plc: &str, check: &mut Checker) -> PlcWatchdog {
+    let path = format!("{plc} watchdog");
+    let address: u16 = check.int(Some(&raw.address), 0, 0..=65_535, &path, "address");
+    let interval = check.duration_within(
+        raw.interval.as_ref(),
+        WATCHDOG_INTERVAL,
+        WATCHDOG_MIN..=WATCHDOG_MAX,
+        &path,
+        "interval",
+    );
+    let hit = map.iter().enumerate().find_map(|(i, m)| {
+        m.targets
+            .iter()
+            .find(|t| {
+                t.table == Table::Holding
+                    && t.address <= address
+                    && u32::from(address) < u32::from(t.address) + u32::from(t.data_type.width())
+            })
+            .map(|t| (i, t))
+    });
+    if let Some((i, t)) = hit {
+        check.report(
+            raw.address.span(),
+            &path,
+            format!(
+                "address {address} overlaps point {:?} at {} of map[{i}]: the watchdog needs a register of its own",
+                t.point, t.address
+            ),
+        );
+    }
+    PlcWatchdog { address, interval }
 }
 
 /// The register encoding of point `p` written into `table`, or `None` (reported).
