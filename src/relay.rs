@@ -133,7 +133,8 @@ impl PassQueue {
                 if queue.is_empty() {
                     queues.remove(&master);
                 }
-                *running = vec![master];
+                running.clear();
+                running.push(master);
                 *last = master;
                 let shared =
                     if is_read(&job.request) { share(queues, waiting, running, &job) } else { Vec::new() };
