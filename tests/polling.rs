@@ -370,3 +370,32 @@ async fn a_merged_read_refused_for_its_gaps_is_split() {
     assert_eq!(rig.value("d.text"), Some(Value::Text("ABC".into())));
     rig.stop().await;
 }
+
+/// The silence kept before each request is the bus's `frame_gap` when one is set, t3.5
+/// otherwise: measured by the simulated device, from the moment its reply went out to the
+/// first byte of the next request (a lower bound: delays only lengthen it).
+#[tokio::test]
+async fn the_silence_before_each_request_is_the_frame_gap() {
+    // The device emulates the line's timing (and records each exchange).
+    let sim = "[line]\nbaud = 115200\nparity = \"none\"\nturnaround = \"1ms\"\n\
+               [[unit]]\nunit = 1\n[[unit.register]]\ntable = \"holding\"\naddress = 0\nvalues = [1, 2]\n";
+    for (gap, expected) in
+        [("", Duration::from_micros(1750)), ("frame_gap = \"6ms\"\n", Duration::from_millis(6))]
+    {
+        let gateway = format!(
+            "[gateway]\nname = \"test\"\n[[bus]]\nname = \"line\"\nport = \"{{port}}\"\nbaud = 115200\nparity = \"none\"\n{gap}\
+             [[device]]\nname = \"d\"\nbus = \"line\"\nunit = 1\ninterval = \"10ms\"\n\
+             point = [{{ name = \"a\", table = \"holding\", address = 0 }}, {{ name = \"b\", table = \"coils\", address = 0 }}]\n"
+        );
+        let sim = format!("{sim}[[unit.register]]\ntable = \"coils\"\naddress = 0\nvalues = [1]\n");
+        let rig = Rig::start(&sim, &gateway);
+        wait_until("polled", SECS(3), || rig.value("d.a").is_some()).await;
+        rig.sim.take_exchanges();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let ex = rig.sim.take_exchanges();
+        assert!(ex.len() >= 20, "back-to-back polls: {}", ex.len());
+        let min = ex.windows(2).map(|w| w[1].request_at - w[0].reply_end).min().expect("pairs");
+        assert!(min >= expected, "silence {min:?} before a request, frame gap {expected:?}");
+        rig.stop().await;
+    }
+}
