@@ -425,6 +425,21 @@ async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
         Some(addr) => Poll::connect_tcp(addr),
         None => Poll::open(&spec),
     };
+    let outcome =
+        repeat(&a, &shutdown, async || poll.read(&spec).await, |r| commission::render(&spec, r)).await;
+    poll.close().await;
+    outcome
+}
+
+/// Runs `read` `--repeat` times (0: until Ctrl-C), `--interval` apart, printing each
+/// result (a JSON line with `--json`, else `render`'s text) and each error; fails when
+/// any read did.
+async fn repeat<R: serde::Serialize, E: std::fmt::Display>(
+    a: &PollArgs,
+    shutdown: &CancellationToken,
+    mut read: impl AsyncFnMut() -> Result<R, E>,
+    render: impl Fn(&R) -> String,
+) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     let mut n = 0u32;
     while a.repeat == 0 || n < a.repeat {
@@ -435,16 +450,15 @@ async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
             }
         }
         n += 1;
-        match poll.read(&spec).await {
+        match read().await {
             Ok(r) if a.json => println!("{}", serde_json::to_string(&r)?),
-            Ok(r) => print!("{}", commission::render(&spec, &r)),
+            Ok(r) => print!("{}", render(&r)),
             Err(e) => {
                 failed = true;
                 eprintln!("error: {e}");
             }
         }
     }
-    poll.close().await;
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
@@ -472,24 +486,5 @@ async fn poll_raw(a: &PollArgs, line: Line) -> anyhow::Result<ExitCode> {
         timeout: a.timeout,
     };
     let shutdown = shutdown_on_signals()?;
-    let mut failed = false;
-    let mut n = 0u32;
-    while a.repeat == 0 || n < a.repeat {
-        if n > 0 {
-            tokio::select! {
-                () = tokio::time::sleep(a.interval) => {}
-                () = shutdown.cancelled() => break,
-            }
-        }
-        n += 1;
-        match commission::raw_once(&spec).await {
-            Ok(r) if a.json => println!("{}", serde_json::to_string(&r)?),
-            Ok(r) => print!("{}", commission::render_raw(&r)),
-            Err(e) => {
-                failed = true;
-                eprintln!("error: {e}");
-            }
-        }
-    }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    repeat(a, &shutdown, async || commission::raw_once(&spec).await, commission::render_raw).await
 }
