@@ -155,22 +155,32 @@ enum Via {
     Tcp { addr: String, ctx: tokio::sync::Mutex<Option<tokio_modbus::client::Context>> },
 }
 
+/// The bus a commissioning read runs on: the line as given, spec timing, one request at a
+/// time, no retries, reopened quickly; Modbus-RTU with no devices of its own.
+fn commissioning_bus(port: &str, line: Line, timeout: Duration) -> Bus {
+    Bus {
+        name: "poll".into(),
+        port: port.to_owned(),
+        line,
+        protocol: Protocol::ModbusRtu,
+        frame_gap: crate::rtu::t35(&line),
+        local_echo: false,
+        timeout,
+        retries: 0,
+        queue_depth: 1,
+        reopen_max: Duration::from_secs(1),
+        devices: Vec::new(),
+        raw_devices: Vec::new(),
+    }
+}
+
 impl Poll {
     /// Opens the port described by `spec` (the bus task opens it; errors surface on read).
     pub fn open(spec: &PollSpec) -> Self {
         let bus = Bus {
-            name: "poll".into(),
-            port: spec.port.clone(),
-            line: spec.line,
-            protocol: Protocol::ModbusRtu,
-            frame_gap: crate::rtu::t35(&spec.line),
             local_echo: spec.local_echo,
-            timeout: spec.timeout,
             retries: spec.retries,
-            queue_depth: 1,
-            reopen_max: Duration::from_secs(1),
-            devices: Vec::new(),
-            raw_devices: Vec::new(),
+            ..commissioning_bus(&spec.port, spec.line, spec.timeout)
         };
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -350,18 +360,9 @@ pub async fn raw_once(spec: &RawSpec) -> Result<RawResult, PollError> {
         commands: Vec::new(),
     };
     let bus = Bus {
-        name: "poll".into(),
-        port: spec.port.clone(),
-        line: spec.line,
         protocol: Protocol::Raw,
-        frame_gap: crate::rtu::t35(&spec.line),
-        local_echo: false,
-        timeout: spec.timeout,
-        retries: 0,
-        queue_depth: 1,
-        reopen_max: Duration::from_secs(1),
-        devices: Vec::new(),
         raw_devices: vec![device],
+        ..commissioning_bus(&spec.port, spec.line, spec.timeout)
     };
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
