@@ -121,8 +121,6 @@ struct Route {
     turnaround: Duration,
     retries: u8,
     bus: BusHandle,
-    /// Requests a master may have waiting or running on the bus.
-    max_in_flight: usize,
     grants: Vec<WriteGrant>,
 }
 
@@ -131,6 +129,8 @@ struct Shared {
     routes: HashMap<u8, Route>,
     image: Arc<Image>,
     idle_timeout: Duration,
+    /// Requests a master may have waiting or running on one bus.
+    max_in_flight: usize,
 }
 
 /// A bound, not yet running, Modbus-TCP server.
@@ -180,12 +180,16 @@ impl Server {
                     turnaround: device.turnaround,
                     retries: bus.retries,
                     bus: handle.clone(),
-                    max_in_flight: config.max_in_flight,
                     grants: config.grants.iter().filter(|g| g.unit == served.unit).copied().collect(),
                 },
             );
         }
-        let shared = Arc::new(Shared { routes, image, idle_timeout: config.idle_timeout });
+        let shared = Arc::new(Shared {
+            routes,
+            image,
+            idle_timeout: config.idle_timeout,
+            max_in_flight: config.max_in_flight,
+        });
         Self { listener, local, max_connections: config.max_connections, shared }
     }
 
@@ -386,10 +390,10 @@ impl Shared {
                 debug!(unit = frame.unit, ?table, start, count, "write refused");
                 return Answer::Now(frame.exception(code));
             }
-            return relay(route, master, frame, request);
+            return relay(route, master, frame, request, self.max_in_flight);
         }
         match route.mode {
-            ServeMode::Pass => relay(route, master, frame, request),
+            ServeMode::Pass => relay(route, master, frame, request, self.max_in_flight),
             ServeMode::Agent { max_age } => Answer::Now(self.agent_read(route, &frame, &request, max_age)),
         }
     }
@@ -418,7 +422,13 @@ impl Shared {
 }
 
 /// Queues a request for the route's device on its bus; the answer comes later.
-fn relay(route: &Route, master: MasterId, frame: Frame, request: Request<'static>) -> Answer {
+fn relay(
+    route: &Route,
+    master: MasterId,
+    frame: Frame,
+    request: Request<'static>,
+    max_in_flight: usize,
+) -> Answer {
     // Bit replies are padded to whole bytes; answer exactly the bits asked for.
     let bits = match request {
         Request::ReadCoils(_, q) | Request::ReadDiscreteInputs(_, q) => usize::from(q),
@@ -434,7 +444,7 @@ fn relay(route: &Route, master: MasterId, frame: Frame, request: Request<'static
         retries: route.retries,
         reply,
     };
-    if let Err(e) = route.bus.pass_through(master, job, route.max_in_flight) {
+    if let Err(e) = route.bus.pass_through(master, job, max_in_flight) {
         return Answer::Now(frame.exception(exception_for(&e)));
     }
     Answer::Later(Box::pin(async move {
