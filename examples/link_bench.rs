@@ -31,9 +31,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use m2m_gateway::gateway::Gateway;
 use m2m_gateway::image::PointId;
+use m2m_gateway::link::tls::{self, Identity};
 use m2m_gateway::model::{self, Dial, Links, Model, Peer, SendMode, SendRule};
-use m2m_gateway::tls::{self, Identity};
-use m2m_gateway::value::{Quality, Sample, Value};
+use m2m_gateway::point::value::{Quality, Sample, Value};
 use tempfile::TempDir;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast::error::RecvError;

@@ -22,6 +22,8 @@
 //! A port `tcp://host:port` is a serial device server (Moxa NPort, ser2net) carrying the
 //! same RTU frames over TCP: the same engine, timing and reopen back-off apply.
 
+pub mod pass;
+
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
@@ -36,11 +38,11 @@ use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
-use crate::framing::{Decoded, Framing, SkipReason};
+use crate::bus::pass::{MasterId, PassQueue, Taken};
 use crate::model::{Bus, Line, Parity, Protocol};
-use crate::pdu::PduError;
-use crate::relay::{MasterId, PassQueue, Taken};
-use crate::rtu;
+use crate::serial::framing::{Decoded, Framing, SkipReason};
+use crate::serial::pdu::PduError;
+use crate::serial::rtu;
 
 /// Why a transaction did not produce a response.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -123,7 +125,7 @@ pub struct BusStats {
     pub queue_full: AtomicU64,
     /// Nanoseconds the line was busy with transactions.
     pub busy_ns: AtomicU64,
-    /// Masters' reads answered by another master's identical read (relay.rs).
+    /// Masters' reads answered by another master's identical read (bus/pass.rs).
     pub shared_answers: AtomicU64,
 }
 
@@ -160,7 +162,7 @@ impl BusHandle {
 
     /// Queues a Modbus-TCP master's request (`job.priority` is taken as pass-through):
     /// masters are served in turn, each with at most `max_in_flight` requests waiting or
-    /// running on this bus (relay.rs); refuses at once when that is exceeded.
+    /// running on this bus (bus/pass.rs); refuses at once when that is exceeded.
     pub fn pass_through(&self, master: MasterId, job: Job, max_in_flight: usize) -> Result<(), BusError> {
         self.pass.submit(master, job, max_in_flight)
     }
@@ -244,8 +246,10 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
     };
     let framing: Box<dyn Framing> = match bus.protocol {
         Protocol::ModbusRtu => Box::new(rtu::Rtu),
-        Protocol::ModbusAscii => Box::new(crate::ascii::Ascii),
-        Protocol::Raw => Box::new(crate::rawpoll::RawBusFraming::new(&bus.raw_devices)),
+        Protocol::ModbusAscii => Box::new(crate::serial::ascii::Ascii),
+        Protocol::Raw => Box::new(crate::serial::raw::RawBusFraming::new(
+            bus.raw_devices.iter().map(|d| (d.id, d.framing.clone())).collect(),
+        )),
     };
     let silence = bus.raw_devices.iter().map(|d| d.silence).max().unwrap_or_default();
     let engine =

@@ -18,20 +18,20 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::bus::{self, BusHandle};
-use crate::forward::{Forwarder, Rules};
 use crate::image::Image;
+use crate::link::listener::{Listener, Routes};
+use crate::link::tls::{self, Fingerprint};
+use crate::link::tunnel::{self, TunnelHandle};
+use crate::link::writeback::WriteBacks;
 use crate::link::{self, Dialer, Grants, Link, LinkHandle};
-use crate::listener::{Listener, Routes};
 use crate::model::{Dial, Links, Model, Protocol};
 use crate::plc::{self, PlcHandle};
-use crate::poller::Poller;
-use crate::rawpoll::{self, SerialDevices};
+use crate::poll::modbus::Poller;
+use crate::poll::raw::{self, SerialDevices};
 use crate::server::{self, Server, ServerError};
-use crate::spool::SpoolLimits;
-use crate::spooler::SpoolHandle;
-use crate::tls::{self, Fingerprint};
-use crate::tunnel::{self, TunnelHandle};
-use crate::writeback::WriteBacks;
+use crate::spool::SpoolHandle;
+use crate::spool::forward::{Forwarder, Rules};
+use crate::spool::journal::SpoolLimits;
 use crate::writer::Writer;
 
 /// Why the gateway could not start; each names the file, address or peer.
@@ -126,7 +126,7 @@ impl Gateway {
         for bus in &model.buses {
             let handle = if bus.protocol == Protocol::Raw {
                 // A stream bus has a stream task and no bus task (nothing is ever sent).
-                let Some(handle) = rawpoll::start(bus, &image, &mut serial, &shutdown, &tracker) else {
+                let Some(handle) = raw::start(bus, &image, &mut serial, &shutdown, &tracker) else {
                     continue;
                 };
                 handle
@@ -381,7 +381,7 @@ fn start_links(
                 grants: p.grants,
                 writeback: offer,
                 connected,
-                max_frame: crate::proto::DEFAULT_MAX_FRAME,
+                max_frame: crate::link::proto::DEFAULT_MAX_FRAME,
             },
             dialer,
             shutdown.clone(),

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::broadcast;
 
-use crate::value::{Quality, Sample, Table, Value};
+use crate::point::value::{Quality, Sample, Table, Value};
 
 /// Index of a registered point: cheap to copy, stable for the life of the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -23,9 +23,15 @@
 //! - writes are never queued across sessions: a write asked while the link is down, or
 //!   in flight when it drops, fails (at-most-once; replaying commands is dangerous).
 //!
-//! Serial tunnels (tunnel.rs) ride the same session through a [`TunnelHub`]: attached
+//! Serial tunnels (link/tunnel.rs) ride the same session through a [`TunnelHub`]: attached
 //! while a session is up, it lets a tunnel task queue `Tunnel` frames on it, and the
 //! loop hands received `Tunnel` frames to the hub without waiting.
+
+pub mod listener;
+pub mod proto;
+pub mod tls;
+pub mod tunnel;
+pub mod writeback;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -47,14 +53,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::codec::value_as_f64;
 use crate::image::{Image, PointId};
+use crate::link::proto::{Frame, FrameCodec, ProtoError};
+use crate::link::tunnel::TunnelHub;
+use crate::link::writeback::Offer;
 use crate::model::{Grant, Peer};
-use crate::proto::{self, Frame, FrameCodec, ProtoError};
-use crate::spooler::SpoolHandle;
-use crate::tunnel::TunnelHub;
-use crate::value::{Quality, Sample, Value};
-use crate::writeback::Offer;
+use crate::point::registers::value_as_f64;
+use crate::point::value::{Quality, Sample, Value};
+use crate::spool::SpoolHandle;
 use crate::writer::Writer;
 
 /// Most unacked batches in flight.
@@ -67,8 +73,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a [`LinkHandle::write`] waits for the peer's result.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// First reconnect delay; doubles per failure up to the peer's `reconnect_max`.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// First reconnect delay; doubles up to the peer's `reconnect_max`.
+const BACKOFF_MIN: Duration = crate::model::RECONNECT_MIN;
 /// Reconnect delay after a version or name mismatch (a configuration problem: it will not
 /// go away in seconds, and each attempt logs it), unless `reconnect_max` is longer.
 pub const MISMATCH_BACKOFF: Duration = Duration::from_secs(30);
@@ -186,7 +192,7 @@ impl LinkHandle {
         }
     }
 
-    /// The hook serial tunnels to this peer use (see tunnel.rs).
+    /// The hook serial tunnels to this peer use (see link/tunnel.rs).
     pub fn tunnels(&self) -> &Arc<TunnelHub> {
         &self.tunnels
     }
@@ -858,7 +864,7 @@ async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Incoming,
         .map_err(|e| format!("tcp connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let from = tcp.peer_addr().map_err(|e| format!("tcp: {e}"))?;
-    let tls = timeout(CONNECT_TIMEOUT, TlsConnector::from(tls).connect(crate::tls::server_name(), tcp))
+    let tls = timeout(CONNECT_TIMEOUT, TlsConnector::from(tls).connect(crate::link::tls::server_name(), tcp))
         .await
         .map_err(|_| format!("tls handshake timed out after {CONNECT_TIMEOUT:?}"))?
         .map_err(|e| format!("tls handshake: {e}"))?;

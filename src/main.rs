@@ -10,10 +10,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use m2m_gateway::commission::{self, Poll, PollSpec};
 use m2m_gateway::model::{Line, Parity};
-use m2m_gateway::value::{DataType, Table, WordOrder};
-use m2m_gateway::{config, gateway::Gateway, plan, simulate};
+use m2m_gateway::point::value::{DataType, Table, WordOrder};
+use m2m_gateway::poll::plan;
+use m2m_gateway::tools::commission::{self, Poll, PollSpec};
+use m2m_gateway::{config, gateway::Gateway, sim};
 
 /// Exit code for a configuration that does not validate.
 const EXIT_CONFIG: u8 = 2;
@@ -326,27 +327,27 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 print!("{}", m2m_gateway::plc::describe(p));
             }
             if let Some(links) = &model.links {
-                print!("{}", m2m_gateway::tunnel::describe(&links.tunnels));
+                print!("{}", m2m_gateway::link::tunnel::describe(&links.tunnels));
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Poll(args) => poll(args).await,
         Command::Keygen { dir, force } => {
-            let id = m2m_gateway::tls::keygen(&dir, force)?;
+            let id = m2m_gateway::link::tls::keygen(&dir, force)?;
             println!("{}", id.fingerprint);
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate { config, units, registers, link, device } => {
             let cfg = match config {
-                Some(path) => simulate::load(&path)?,
-                None => simulate::quick(&units, registers),
+                Some(path) => sim::load(&path)?,
+                None => sim::quick(&units, registers),
             };
             let shutdown = shutdown_on_signals()?;
-            let sim = simulate::Simulator::new(cfg);
+            let sim = sim::Simulator::new(cfg);
             match device {
                 Some(dev) => sim.serve_device(&dev, shutdown).await?,
                 None => {
-                    simulate::run_virtual(sim, link.as_deref(), shutdown, |p| {
+                    sim::run_virtual(sim, link.as_deref(), shutdown, |p| {
                         println!("{}", p.display());
                     })
                     .await?
@@ -361,7 +362,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             };
             let shutdown = shutdown_on_signals()?;
             let duration = if duration.is_zero() { Duration::MAX / 4 } else { duration };
-            m2m_gateway::demo::run(model, duration, every, shutdown).await?;
+            m2m_gateway::tools::demo::run(model, duration, every, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -464,7 +465,7 @@ async fn repeat<R: serde::Serialize, E: std::fmt::Display>(
 
 /// `poll --raw`: one raw request, its reply in hex and text.
 async fn poll_raw(a: &PollArgs, line: Line) -> anyhow::Result<ExitCode> {
-    use m2m_gateway::raw::{self, FrameEnd, FrameRule};
+    use m2m_gateway::serial::raw::{self, FrameEnd, FrameRule};
     let request = match (&a.raw, &a.raw_hex) {
         (Some(text), _) => raw::unescape(text).context("--raw")?,
         (None, Some(hex)) => raw::parse_hex(hex).context("--raw-hex")?,

@@ -4,7 +4,12 @@
 
 use std::time::Duration;
 
-use crate::value::{DataType, Table, WordOrder};
+use crate::point::value::{DataType, Table, WordOrder};
+pub use crate::serial::line::{Line, Parity};
+
+/// Shortest reconnect delay of a peer link: its first retry, and the least `reconnect_max`
+/// the configuration accepts.
+pub const RECONNECT_MIN: Duration = Duration::from_millis(200);
 
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
@@ -30,30 +35,6 @@ pub struct Gateway {
     pub summary_interval: Duration,
     /// Threads running the gateway's tasks (`None`: one per CPU core).
     pub worker_threads: Option<usize>,
-}
-
-/// Parity of a serial line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Parity {
-    /// No parity bit.
-    None,
-    /// Even parity.
-    Even,
-    /// Odd parity.
-    Odd,
-}
-
-/// Character framing of a serial line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Line {
-    /// Bits per second.
-    pub baud: u32,
-    /// Data bits per character (7 or 8).
-    pub data_bits: u8,
-    /// Parity.
-    pub parity: Parity,
-    /// Stop bits (1 or 2).
-    pub stop_bits: u8,
 }
 
 /// The field protocol spoken on a bus.
@@ -113,16 +94,16 @@ pub struct RawDevice {
     /// Polled with a request, or talking by itself.
     pub mode: RawMode,
     /// How replies (or streamed frames) are delimited and checked.
-    pub framing: crate::raw::RawFraming,
+    pub framing: crate::serial::raw::RawFraming,
     /// The checksum rule applied to what is sent (requests, commands): the reply's rule,
     /// or none when the device takes its requests without a checksum.
-    pub send_checksum: crate::checksum::ChecksumRule,
+    pub send_checksum: crate::serial::checksum::ChecksumRule,
     /// Response timeout.
     pub timeout: Duration,
     /// Line silence that ends a frame for `end = "silence"` (and is kept before requests).
     pub silence: Duration,
     /// How point values are taken from a frame; field `point` indices refer to `points`.
-    pub extract: crate::extract::Extract,
+    pub extract: crate::point::extract::Extract,
     /// The points read from this device.
     pub points: Vec<RawPoint>,
     /// Points that can be written by sending a formatted command.
@@ -159,7 +140,7 @@ pub struct RawPoint {
 pub struct RawCommand {
     /// Full name, `device.command`.
     pub name: String,
-    /// Template for `crate::raw::format_command` (escapes, `{value:SPEC}`); the device's
+    /// Template for `crate::serial::raw::format_command` (escapes, `{value:SPEC}`); the device's
     /// checksum rule is applied to the result.
     pub template: String,
     /// The reply must match this regex for the write to succeed.
@@ -389,7 +370,7 @@ pub enum OnLoss {
     Keep,
     /// Write this value (checked to encode into the target point; a bool for
     /// bool and bit targets).
-    Fallback(crate::value::Value),
+    Fallback(crate::point::value::Value),
 }
 
 /// A received point that drives a write into a local device point.

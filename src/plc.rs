@@ -5,7 +5,7 @@
 //! image with the map's send rules — deadbands, integrity refresh, periodic sends, a
 //! full re-send each time the PLC comes back — and appends batches to the PLC's spool.
 //! The sender here reads the spool, turns samples into register/coil values with
-//! [`crate::codec::encode_registers`], merges them into as few requests as the protocol
+//! [`crate::point::registers::encode_registers`], merges them into as few requests as the protocol
 //! allows ([`plan`]: contiguous registers into one FC16 of up to 123, coils into one
 //! FC15 of up to 1968, a lone register or coil as FC6/FC5) and acknowledges the spool
 //! only after the PLC confirmed every write.
@@ -48,12 +48,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::codec::encode_registers;
-use crate::forward::{Forwarder, RuleError, Rules};
 use crate::image::Image;
 use crate::model::{Deliver, Plc, PlcTarget, PlcWatchdog, SendRule};
-use crate::spooler::{SpoolHandle, SpoolerError};
-use crate::value::{Sample, Table, Value};
+use crate::point::registers::encode_registers;
+use crate::point::value::{Sample, Table, Value};
+use crate::spool::forward::{Forwarder, RuleError, Rules};
+use crate::spool::{SpoolHandle, SpoolerError};
 
 /// Most registers in one FC16 write.
 pub const MAX_WRITE_REGISTERS: usize = 123;
@@ -689,7 +689,7 @@ impl Sender {
             .map_err(|source| PlcError::Spool { plc: self.plc.name.clone(), source })?;
         let mut out = Vec::with_capacity(raw.len());
         for (seq, block) in raw {
-            match crate::proto::decode_samples(&block) {
+            match crate::spool::block::decode_samples(&block) {
                 Ok(samples) => out.push((seq, samples)),
                 // Cannot be written in any form: skipped, and acked with the rest.
                 Err(e) => {
@@ -778,7 +778,7 @@ impl Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::value::{DataType, WordOrder};
+    use crate::point::value::{DataType, WordOrder};
 
     #[test]
     fn summary_counts_since_the_last_one() {

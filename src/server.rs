@@ -42,7 +42,7 @@
 //! [`MAX_PENDING`] requests per connection are being answered at once (agent reads are
 //! answered on the spot and never wait behind relayed ones); past that the connection is
 //! not read until an answer leaves (TCP back-pressure). Relayed requests wait in their
-//! bus's pass-through queue (relay.rs), which holds each master's requests apart
+//! bus's pass-through queue (bus/pass.rs), which holds each master's requests apart
 //! (`max_in_flight` each; more answer 0x06 server busy) and gives the bus one at a time,
 //! taking masters in turn: with N masters busy, each gets 1/N of the pass-through share
 //! of the line however hard it pushes. The bus in turn runs a waiting
@@ -58,6 +58,8 @@
 //! validated; every request on a live connection gets exactly one answer; every task
 //! here stops at shutdown (a relayed transaction on the line finishes, its answer is
 //! dropped).
+
+pub mod mbap;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -76,13 +78,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, instrument, warn};
 
+use crate::bus::pass::MasterId;
 use crate::bus::{BusError, BusHandle, Job, Priority};
 use crate::image::{Image, Raw, RawMiss};
-use crate::mbap::{self, Frame, MbapCodec};
 use crate::model::{self, Model, ServeMode, WriteGrant};
-use crate::pdu;
-use crate::relay::MasterId;
-use crate::value::Table;
+use crate::point::value::Table;
+use crate::serial::pdu;
+use crate::server::mbap::{Frame, MbapCodec};
 
 /// Requests of one connection being answered at once; more wait in the socket.
 pub const MAX_PENDING: usize = 16;

@@ -16,9 +16,9 @@ use tokio::sync::oneshot;
 use tokio_modbus::Request;
 
 use crate::bus::{BusError, BusHandle, Job, Priority};
-use crate::codec::{self, CodecError};
 use crate::model::{Model, Point};
-use crate::value::{DataType, Table, Value};
+use crate::point::registers::{self, CodecError};
+use crate::point::value::{DataType, Table, Value};
 
 /// Why a write did not happen.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -52,7 +52,7 @@ pub enum WriteError {
     },
     /// A raw device's command point refused or failed the write.
     #[error(transparent)]
-    Command(#[from] crate::rawpoll::CommandError),
+    Command(#[from] crate::poll::raw::CommandError),
 }
 
 #[derive(Debug)]
@@ -70,7 +70,7 @@ struct Target {
 pub struct Writer {
     targets: Arc<HashMap<String, Target>>,
     /// Command points of raw serial devices: a write becomes the configured command.
-    commands: Option<Arc<crate::rawpoll::SerialDevices>>,
+    commands: Option<Arc<crate::poll::raw::SerialDevices>>,
 }
 
 impl Writer {
@@ -102,7 +102,7 @@ impl Writer {
     }
 
     /// Also writes the command points of these raw serial devices.
-    pub fn with_commands(mut self, serial: Arc<crate::rawpoll::SerialDevices>) -> Self {
+    pub fn with_commands(mut self, serial: Arc<crate::poll::raw::SerialDevices>) -> Self {
         self.commands = Some(serial);
         self
     }
@@ -153,7 +153,7 @@ fn request_for(p: &Point, value: &Value) -> Result<Request<'static>, WriteError>
     match p.table {
         Table::Input | Table::Discrete => Err(WriteError::ReadOnly { point: p.name.clone(), table: p.table }),
         Table::Coils => {
-            let words = codec::encode_registers(DataType::Bool, p.order, 1.0, 0.0, value).map_err(enc)?;
+            let words = registers::encode_registers(DataType::Bool, p.order, 1.0, 0.0, value).map_err(enc)?;
             Ok(Request::WriteSingleCoil(p.address, words.first().is_some_and(|w| *w != 0)))
         }
         Table::Holding => {
@@ -169,11 +169,11 @@ fn request_for(p: &Point, value: &Value) -> Result<Request<'static>, WriteError>
                         }));
                     }
                 };
-                let (and, or) = codec::bit_masks(n, on).map_err(enc)?;
+                let (and, or) = registers::bit_masks(n, on).map_err(enc)?;
                 return Ok(Request::MaskWriteRegister(p.address, and, or));
             }
             let words =
-                codec::encode_registers(p.data_type, p.order, p.scale, p.offset, value).map_err(enc)?;
+                registers::encode_registers(p.data_type, p.order, p.scale, p.offset, value).map_err(enc)?;
             Ok(match words.as_slice() {
                 [one] => Request::WriteSingleRegister(p.address, *one),
                 _ => Request::WriteMultipleRegisters(p.address, words.into()),
@@ -185,7 +185,7 @@ fn request_for(p: &Point, value: &Value) -> Result<Request<'static>, WriteError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::value::WordOrder;
+    use crate::point::value::WordOrder;
 
     fn point(table: Table, data_type: DataType) -> Point {
         Point {

@@ -43,10 +43,10 @@ use std::time::{Duration, Instant as StdInstant};
 
 use m2m_gateway::gateway::Gateway;
 use m2m_gateway::model::{self, Bus, Device, Line, Model, Parity, Point, Protocol};
-use m2m_gateway::plan::{self, Strategy};
-use m2m_gateway::rtu;
-use m2m_gateway::simulate::{Exchange, SimConfig, Simulator, VirtualPort};
-use m2m_gateway::value::{DataType, Table, WordOrder};
+use m2m_gateway::point::value::{DataType, Table, WordOrder};
+use m2m_gateway::poll::plan::{self, Strategy};
+use m2m_gateway::serial::rtu;
+use m2m_gateway::sim::{Exchange, SimConfig, Simulator, VirtualPort};
 use tokio::task::block_in_place;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use m2m_gateway::model::{ServeMode, ServedUnit};
-use m2m_gateway::simulate::SimHandle;
+use m2m_gateway::sim::SimHandle;
 use tokio_modbus::client::Context;
 use tokio_modbus::prelude::*;
 
@@ -322,14 +322,14 @@ async fn measure_relay(s: &Settings, timed: bool) -> Result<([Load; 3], u64), Bo
 const NOTE_LIMIT: &str = "Where the 1.5x target is missed: with one master, each request is one round trip through the master's TCP stack, the relay, the pty and the simulator in turn, and both relays make the same system calls (read the TCP request, write the pty, wait for the reply, read it, write the TCP answer) and sleep twice per request; what differs is each relay's own share, small next to what they share (masters and simulator in the benchmark process, the kernel's pty and loopback TCP paths). modbus-relay does the serial I/O inside the connection task with a blocking read() (which stalls a runtime thread for up to its serial timeout when a device is slow); ours hands the request to the bus task and back, one wake-up each way. With 8 masters on distinct registers the line is the limit for both: one transaction at a time, at the pty's round-trip time. Only sharing identical reads lifts the line's limit, and only where masters ask for the same registers.";
 
 pub(crate) async fn pass_through(s: &Settings) -> Result<Figure, BoxError> {
-    let t35 = m2m_gateway::rtu::t35(&LINE);
+    let t35 = m2m_gateway::serial::rtu::t35(&LINE);
     let mut f = Figure::new(
         "Modbus-TCP pass-through",
         "Masters are tokio-modbus TCP clients in the benchmark process, each sending FC3 reads \
          of 10 holding registers of unit 1 back to back (one outstanding request per master): \
          1 master; 8 masters reading the same registers (HMIs showing the same screen; our \
          bus answers identical reads waiting at the same time with one transaction, \
-         relay.rs); 8 masters each reading different registers (nothing to share). \
+         bus/pass.rs); 8 masters each reading different registers (nothing to share). \
          *Ours*: `m2m-gateway run` as a separate process, its server with a `pass` unit relayed \
          to the device on its bus (115200 8N1, device polled once an hour, so the line is the \
          masters'), with the bus's `frame_gap` (the silence kept before each request) at the \

@@ -4,7 +4,7 @@
 //! per value in both runs, and the catch-up after outages.
 
 use super::*;
-use m2m_gateway::link::BACKOFF_MIN;
+use m2m_gateway::model::RECONNECT_MIN as BACKOFF_MIN;
 
 /// Peer-link targets.
 const LINK_RATE_TARGET: f64 = 500_000.0;

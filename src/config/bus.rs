@@ -137,7 +137,7 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
         protocol,
         frame_gap: check.duration_within(
             r.frame_gap.as_ref(),
-            crate::rtu::t35(&line),
+            crate::serial::rtu::t35(&line),
             Duration::ZERO..=FRAME_GAP_MAX,
             path,
             "frame_gap",

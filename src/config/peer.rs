@@ -36,7 +36,7 @@ use super::send::{self, RawSend};
 use super::write::{self, RawGrant, RawWriteBack};
 use super::{Checker, gateway, item, path_key};
 use crate::model::{Bus, Dial, Links, Peer, Point};
-use crate::value::{DataType, Table, WordOrder};
+use crate::point::value::{DataType, Table, WordOrder};
 
 const MIB: u64 = 1024 * 1024;
 /// Spool bounds, shared by peer spools and PLC spools (`config/plc.rs`).
@@ -241,7 +241,7 @@ pub(super) fn validate(
             reconnect_max: check.duration_within(
                 r.reconnect_max.as_ref(),
                 RECONNECT_MAX,
-                crate::link::BACKOFF_MIN..=RECONNECT_MAX_MAX,
+                crate::model::RECONNECT_MIN..=RECONNECT_MAX_MAX,
                 &path,
                 "reconnect_max",
             ),

@@ -56,7 +56,7 @@ use super::peer::{host_port, size};
 use super::send::{ModeKeys, RawMode, resolve_mode};
 use super::{Checker, item, number, path_key};
 use crate::model::{Deliver, Plc, PlcMap, PlcTarget, PlcWatchdog, Point};
-use crate::value::{DataType, Table, WordOrder};
+use crate::point::value::{DataType, Table, WordOrder};
 
 use super::peer::{SPOOL_MAX, SPOOL_MAX_AGE, SPOOL_MAX_AGE_MIN, SPOOL_MAX_MIN};
 

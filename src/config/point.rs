@@ -30,7 +30,7 @@ use toml::Spanned;
 use super::Checker;
 use super::device::INTERVAL_MIN;
 use crate::model::Point;
-use crate::value::{DataType, Table, WordOrder};
+use crate::point::value::{DataType, Table, WordOrder};
 
 /// One `[[device.point]]` as written.
 #[derive(Debug, Deserialize)]

@@ -72,11 +72,11 @@ use toml::Spanned;
 
 use super::device::INTERVAL_MIN;
 use super::{Checker, item, number};
-use crate::checksum::{CheckFormat, Checksum, ChecksumRule};
-use crate::extract::{self, BinField, BinKind, Extract, TextField, TextKind};
 use crate::model::{Bus, Protocol, RawCommand, RawDevice, RawMode, RawPoint};
-use crate::raw::{self, FrameEnd, FrameRule, RawFraming};
-use crate::value::{DataType, Value, WordOrder};
+use crate::point::extract::{self, BinField, BinKind, Extract, TextField, TextKind};
+use crate::point::value::{DataType, Value, WordOrder};
+use crate::serial::checksum::{CheckFormat, Checksum, ChecksumRule};
+use crate::serial::raw::{self, FrameEnd, FrameRule, RawFraming};
 
 const INTERVAL: Duration = Duration::from_secs(1);
 const TIMEOUT_MIN: Duration = Duration::from_millis(1);

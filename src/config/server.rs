@@ -36,7 +36,7 @@ use toml::Spanned;
 
 use super::Checker;
 use crate::model::{Bus, ServeMode, ServedUnit, Server, WriteGrant};
-use crate::value::Table;
+use crate::point::value::Table;
 
 const LISTEN: &str = "127.0.0.1:5020";
 const MAX_CONNECTIONS: usize = 16;

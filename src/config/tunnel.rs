@@ -1,5 +1,5 @@
 //! The `[[tunnel]]` sections: serial tunnels, a local serial port bridged to a serial
-//! port on a peer gateway through the link (runtime: tunnel.rs).
+//! port on a peer gateway through the link (runtime: link/tunnel.rs).
 //!
 //! ```toml
 //! [[tunnel]]
@@ -118,7 +118,7 @@ pub(super) fn validate(raw: &[RawTunnel], links: Option<&mut Links>, buses: &[Bu
 fn one(r: &RawTunnel, path: &str, check: &mut Checker) -> Tunnel {
     let line =
         bus::line(r.baud.as_ref(), r.parity, r.data_bits.as_ref(), r.stop_bits.as_ref(), LINE, path, check);
-    let silence_default = crate::rtu::t35(&line).max(SILENCE_MIN);
+    let silence_default = crate::serial::rtu::t35(&line).max(SILENCE_MIN);
     let silence = check.duration_within(
         r.silence.as_ref(),
         silence_default,

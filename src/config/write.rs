@@ -29,9 +29,9 @@ use toml::Spanned;
 
 use super::globs::{self, Globs};
 use super::{Checker, is_name, number};
-use crate::codec;
 use crate::model::{Grant, OnLoss, Point, WriteBack};
-use crate::value::{DataType, Table, Value};
+use crate::point::registers;
+use crate::point::value::{DataType, Table, Value};
 
 const LOSS_AFTER: Duration = Duration::from_secs(30);
 
@@ -272,7 +272,7 @@ fn fallback(value: &toml::Value, target: Option<&Point>) -> Result<Value, String
         (DataType::Bool | DataType::Bit(_), None) => {
             Err(format!("fallback {v} does not fit point {:?}, a bool: use true or false", p.name))
         }
-        _ => codec::encode_registers(p.data_type, p.order, p.scale, p.offset, &v)
+        _ => registers::encode_registers(p.data_type, p.order, p.scale, p.offset, &v)
             .map(|_| v.clone())
             .map_err(|e| format!("fallback {v} does not fit point {:?}: {e}", p.name)),
     }

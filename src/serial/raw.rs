@@ -1,7 +1,7 @@
 //! Raw serial protocols (HMS Anybus-style "custom request/response" and streaming
 //! devices): requests are configured byte templates, replies are frames found by a
 //! [`FrameRule`] and checked by a [`ChecksumRule`], and points are pulled out of a frame
-//! by a regex or by binary field offsets (`crate::extract`).
+//! by a regex or by binary field offsets (`crate::point::extract`).
 //!
 //! Requests travel through the bus as `Request::Custom(0, bytes)`, already complete
 //! (address and checksum in place, see [`build_request`]); a reply is
@@ -18,10 +18,10 @@
 use bytes::Bytes;
 use tokio_modbus::{Request, Response};
 
-use crate::checksum::{Checksum, ChecksumRule};
-use crate::framing::{Decoded, Framing, SkipReason};
-use crate::pdu::PduError;
-use crate::value::Value;
+use crate::point::value::Value;
+use crate::serial::checksum::{Checksum, ChecksumRule};
+use crate::serial::framing::{Decoded, Framing, SkipReason};
+use crate::serial::pdu::PduError;
 
 /// Longest frame accepted, in bytes.
 pub const MAX_FRAME: usize = 1024;
@@ -484,4 +484,44 @@ fn format_value(value: &Value, spec: &str) -> Result<String, FormatFail> {
     } else {
         format!("{}{sign}{digits}", " ".repeat(pad))
     })
+}
+
+/// The framing of a raw bus: each device's frame rule and checksum, picked by the job's
+/// pseudo unit id. Requests are sent as they are (`Request::Custom`).
+#[derive(Debug, Clone)]
+pub struct RawBusFraming {
+    by_unit: Vec<(u8, RawFraming)>,
+}
+
+impl RawBusFraming {
+    /// The framing of the raw devices of one bus: each device's pseudo unit id and its
+    /// frame rule.
+    pub fn new(by_unit: Vec<(u8, RawFraming)>) -> Self {
+        Self { by_unit }
+    }
+}
+
+impl Framing for RawBusFraming {
+    fn encode(&self, unit: u8, request: &Request<'_>, out: &mut Vec<u8>) -> Result<(), PduError> {
+        match self.by_unit.iter().find(|(u, _)| *u == unit) {
+            Some((_, f)) => f.encode(unit, request, out),
+            // Unit 0 (a command without reply) or a one-off request: the bytes as they are.
+            None => match request {
+                Request::Custom(_, bytes) => {
+                    out.extend_from_slice(bytes);
+                    Ok(())
+                }
+                other => {
+                    Err(PduError::Quantity { function: other.function_code().value(), quantity: 0, max: 0 })
+                }
+            },
+        }
+    }
+
+    fn decode(&self, unit: u8, request: &Request<'_>, buf: &[u8], silent: bool) -> Decoded {
+        match self.by_unit.iter().find(|(u, _)| *u == unit) {
+            Some((_, f)) => f.decode(unit, request, buf, silent),
+            None => Decoded::Skip { len: buf.len().max(1), why: SkipReason::Noise },
+        }
+    }
 }

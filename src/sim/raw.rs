@@ -38,10 +38,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::checksum::{CheckFormat, Checksum, ChecksumRule};
-use crate::raw;
-use crate::simulate::{INPUT_CAP, SimError};
-use crate::value::Value;
+use crate::point::value::Value;
+use crate::serial::checksum::{CheckFormat, Checksum, ChecksumRule};
+use crate::serial::raw;
+use crate::sim::{INPUT_CAP, SimError};
 
 /// `[[raw]]`: one simulated raw serial device.
 #[derive(Debug, Clone, Deserialize)]

@@ -1,10 +1,10 @@
-//! Points out of a raw reply frame (see `crate::raw`): text fields by regex captures, or
+//! Points out of a raw reply frame (see `crate::serial::raw`): text fields by regex captures, or
 //! binary fields at byte offsets.
 //!
 //! Invariants: extraction never panics and never guesses. A reply the regex does not
 //! match, an empty capture, a text that is not a number of the field's kind, a binary
 //! field past the end of the frame: each is an error naming the field, and no value is
-//! taken from that frame. Scale and offset follow `crate::codec`: `raw * scale + offset`,
+//! taken from that frame. Scale and offset follow `crate::point::registers`: `raw * scale + offset`,
 //! and any scaled number becomes `Float`.
 //!
 //! Numbers in text (scales, meters, NMEA) are read leniently but exactly: surrounding
@@ -17,8 +17,8 @@ use std::str::FromStr;
 
 use regex::bytes::Regex;
 
-use crate::codec::{CodecError, decode_registers};
-use crate::value::{DataType, Value, WordOrder};
+use crate::point::registers::{CodecError, decode_registers};
+use crate::point::value::{DataType, Value, WordOrder};
 
 /// Why points cannot be taken from a reply, or an extraction rule cannot be built.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

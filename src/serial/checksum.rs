@@ -85,7 +85,7 @@ impl Checksum {
             Checksum::Sum16 => sum() & 0xFFFF,
             Checksum::Xor => u32::from(data.iter().fold(0u8, |x, b| x ^ b)),
             Checksum::Lrc => sum().wrapping_neg() & 0xFF,
-            Checksum::Crc16Modbus => u32::from(crate::rtu::crc16(data)),
+            Checksum::Crc16Modbus => u32::from(crate::serial::rtu::crc16(data)),
             Checksum::Crc16Ccitt => u32::from(crc16_msb(0xFFFF, data)),
             Checksum::Crc16Xmodem => u32::from(crc16_msb(0x0000, data)),
             Checksum::Crc32 => crc32(data),

@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gateway::{Gateway, GatewayError};
 use crate::image::Image;
+use crate::link::tls::{self, Fingerprint, TlsError};
 use crate::model::{self, Dial, Links, Model, Peer, SendMode, SendRule};
 use crate::server::ServerError;
-use crate::simulate::{SimConfig, SimError, Simulator, VirtualPort};
-use crate::tls::{self, Fingerprint, TlsError};
+use crate::sim::{SimConfig, SimError, Simulator, VirtualPort};
 
 /// Virtual serial pairs with a simulator behind each, one per bus of a model.
 pub struct SimulatedPlant {

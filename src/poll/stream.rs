@@ -19,11 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
 use crate::bus::{Port, open_serial};
-use crate::framing::{Decoded, SkipReason};
 use crate::image::{Image, PointId};
 use crate::model::{Bus, Line, RawDevice};
-use crate::rawpoll::{RawStats, apply_frame, register};
-use crate::value::Quality;
+use crate::point::value::Quality;
+use crate::poll::raw::{RawStats, apply_frame, register};
+use crate::serial::framing::{Decoded, SkipReason};
 
 /// How long a port must have worked before a failure reopens it without back-off.
 const STABLE: Duration = Duration::from_secs(10);
@@ -51,7 +51,7 @@ impl Stream {
             device: device.clone(),
             image,
             stats,
-            silence: device.silence.max(crate::rtu::t35(&bus.line)),
+            silence: device.silence.max(crate::serial::rtu::t35(&bus.line)),
         }
     }
 
@@ -98,13 +98,13 @@ impl Stream {
 
     /// Frames the input of an open port; `Ok` on shutdown, `Err` when the port fails.
     async fn read(&self, mut port: Box<dyn Port>, shutdown: &CancellationToken) -> std::io::Result<()> {
-        let mut buf: Vec<u8> = Vec::with_capacity(crate::raw::MAX_FRAME + 512);
+        let mut buf: Vec<u8> = Vec::with_capacity(crate::serial::raw::MAX_FRAME + 512);
         let mut scratch = [0u8; 512];
         let mut silent = false;
         loop {
             while !buf.is_empty() {
                 let rule = &self.device.framing;
-                match crate::raw::find_frame(&rule.framing, &rule.checksum, &buf, silent) {
+                match crate::serial::raw::find_frame(&rule.framing, &rule.checksum, &buf, silent) {
                     Decoded::Incomplete => break,
                     Decoded::Reply { len, reply } => {
                         if let Ok(Response::Custom(_, frame)) = reply {

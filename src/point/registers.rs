@@ -17,7 +17,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::value::{DataType, Quality, Table, Value, WordOrder};
+use crate::point::value::{DataType, Quality, Table, Value, WordOrder};
 
 /// A value that cannot be decoded from, or encoded to, registers.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

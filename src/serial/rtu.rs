@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use crate::framing::{Decoded, Framing, SkipReason};
-use crate::model::{Line, Parity};
-use crate::pdu::PduError;
+use crate::serial::framing::{Decoded, Framing, SkipReason};
+use crate::serial::line::{Line, Parity};
+use crate::serial::pdu::PduError;
 
 /// CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF), sent low byte first.
 pub fn crc16(data: &[u8]) -> u16 {
@@ -100,7 +100,7 @@ pub fn decode_reply(unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8], s
         return Decoded::Incomplete;
     };
     let want = request.function_code().value();
-    let len = match crate::pdu::pdu_len(&buf[1..], false) {
+    let len = match crate::serial::pdu::pdu_len(&buf[1..], false) {
         Some(n) => match request {
             // FC8 answers with as many bytes as it was asked (sub-function 0 loops back any
             // amount of data), not always 4 data bytes.
@@ -170,7 +170,7 @@ pub fn check_reply(
             _ => skip(SkipReason::Mismatch),
         };
     }
-    if crate::pdu::expected_response_len(request).is_some_and(|n| n != pdu.len()) {
+    if crate::serial::pdu::expected_response_len(request).is_some_and(|n| n != pdu.len()) {
         return skip(SkipReason::Mismatch);
     }
     // A function the gateway does not interpret (relayed for a Modbus-TCP master) is
@@ -213,7 +213,7 @@ impl Framing for Rtu {
         out: &mut Vec<u8>,
     ) -> Result<(), PduError> {
         let mut pdu = Vec::with_capacity(256);
-        crate::pdu::encode_request(request, &mut pdu)?;
+        crate::serial::pdu::encode_request(request, &mut pdu)?;
         frame(unit, &pdu, out);
         Ok(())
     }

@@ -1,5 +1,5 @@
 //! Raw serial devices at run time: the per-device framing of a raw bus
-//! ([`RawBusFraming`]), the poller of its request/response devices ([`RawPoller`]), the
+//! (`crate::serial::raw::RawBusFraming`), the poller of its request/response devices ([`RawPoller`]), the
 //! registry of every raw device with its counters and commands ([`SerialDevices`]), and
 //! [`start`], which wires one raw bus (a bus task and a poller, or a stream task).
 //!
@@ -31,13 +31,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, instrument, warn};
 
 use crate::bus::{self, BusError, BusHandle, Job, Priority};
-use crate::extract;
-use crate::framing::{Decoded, Framing, SkipReason};
 use crate::image::{Image, PointId};
 use crate::model::{Bus, RawCommand, RawDevice, RawMode};
-use crate::pdu::PduError;
-use crate::raw::{self, RawFraming};
-use crate::value::{Quality, Sample, Value};
+use crate::point::extract;
+use crate::point::value::{Quality, Sample, Value};
+use crate::serial::raw;
 
 /// Quality given to the points of a frame that could not be parsed (Modbus' "server
 /// device failure": the device answered, but not something we can use).
@@ -111,7 +109,7 @@ pub struct CommandReply {
 struct Entry {
     name: String,
     id: u8,
-    checksum: crate::checksum::ChecksumRule,
+    checksum: crate::serial::checksum::ChecksumRule,
     commands: Vec<RawCommand>,
     stats: Arc<RawStats>,
     bus: Option<BusHandle>,
@@ -199,47 +197,8 @@ async fn send(entry: &Entry, command: &RawCommand, value: &Value) -> Result<Comm
     Ok(CommandReply { sent: bytes, reply })
 }
 
-/// The framing of a raw bus: each device's frame rule and checksum, picked by the job's
-/// pseudo unit id. Requests are sent as they are (`Request::Custom`).
-#[derive(Debug, Clone)]
-pub struct RawBusFraming {
-    by_unit: Vec<(u8, RawFraming)>,
-}
-
-impl RawBusFraming {
-    /// The framing of the raw devices of one bus.
-    pub fn new(devices: &[RawDevice]) -> Self {
-        Self { by_unit: devices.iter().map(|d| (d.id, d.framing.clone())).collect() }
-    }
-}
-
-impl Framing for RawBusFraming {
-    fn encode(&self, unit: u8, request: &Request<'_>, out: &mut Vec<u8>) -> Result<(), PduError> {
-        match self.by_unit.iter().find(|(u, _)| *u == unit) {
-            Some((_, f)) => f.encode(unit, request, out),
-            // Unit 0 (a command without reply) or a one-off request: the bytes as they are.
-            None => match request {
-                Request::Custom(_, bytes) => {
-                    out.extend_from_slice(bytes);
-                    Ok(())
-                }
-                other => {
-                    Err(PduError::Quantity { function: other.function_code().value(), quantity: 0, max: 0 })
-                }
-            },
-        }
-    }
-
-    fn decode(&self, unit: u8, request: &Request<'_>, buf: &[u8], silent: bool) -> Decoded {
-        match self.by_unit.iter().find(|(u, _)| *u == unit) {
-            Some((_, f)) => f.decode(unit, request, buf, silent),
-            None => Decoded::Skip { len: buf.len().max(1), why: SkipReason::Noise },
-        }
-    }
-}
-
 /// Starts what a raw bus needs: a stream task for a `mode = "stream"` device (no bus
-/// task, returns `None`), else a bus task with [`RawBusFraming`] and a [`RawPoller`]
+/// task, returns `None`), else a bus task with `RawBusFraming` and a [`RawPoller`]
 /// (returns the bus handle). Registers the bus's devices in `registry`.
 pub fn start(
     bus: &Bus,
@@ -250,7 +209,7 @@ pub fn start(
 ) -> Option<BusHandle> {
     if let Some(device) = bus.raw_devices.iter().find(|d| d.mode == RawMode::Stream) {
         let stats = registry.add(device, None);
-        let task = crate::rawstream::Stream::new(bus, device, image.clone(), stats);
+        let task = crate::poll::stream::Stream::new(bus, device, image.clone(), stats);
         tracker.spawn(task.run(shutdown.clone()));
         return None;
     }
@@ -419,9 +378,11 @@ impl RawPoller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checksum::{Checksum, ChecksumRule};
-    use crate::extract::Extract;
-    use crate::raw::{FrameEnd, FrameRule};
+    use crate::point::extract::Extract;
+    use crate::serial::checksum::{Checksum, ChecksumRule};
+    use crate::serial::framing::{Decoded, Framing, SkipReason};
+    use crate::serial::raw::{FrameEnd, FrameRule};
+    use crate::serial::raw::{RawBusFraming, RawFraming};
 
     fn device(id: u8, end: FrameEnd) -> RawDevice {
         RawDevice {
@@ -443,10 +404,8 @@ mod tests {
 
     #[test]
     fn bus_framing_picks_the_device_rule_by_unit() {
-        let f = RawBusFraming::new(&[
-            device(1, FrameEnd::Fixed(3)),
-            device(2, FrameEnd::Terminator(b"\n".to_vec())),
-        ]);
+        let devices = [device(1, FrameEnd::Fixed(3)), device(2, FrameEnd::Terminator(b"\n".to_vec()))];
+        let f = RawBusFraming::new(devices.iter().map(|d| (d.id, d.framing.clone())).collect());
         let req = Request::Custom(0, Cow::Borrowed(b"ab"));
         let mut out = Vec::new();
         f.encode(1, &req, &mut out).expect("encodes");
@@ -475,10 +434,10 @@ mod tests {
             unit: None,
         }];
         d.extract = Extract::Binary {
-            fields: vec![crate::extract::BinField {
+            fields: vec![crate::point::extract::BinField {
                 at: 1,
-                kind: crate::extract::BinKind::U8,
-                order: crate::value::WordOrder::Abcd,
+                kind: crate::point::extract::BinKind::U8,
+                order: crate::point::value::WordOrder::Abcd,
                 scale: 1.0,
                 offset: 0.0,
                 point: 0,

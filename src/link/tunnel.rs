@@ -37,8 +37,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::bus::{self, Port};
+use crate::link::proto::Frame;
 use crate::model::{OnLinkDown, Tunnel};
-use crate::proto::Frame;
 
 /// Packets from the peer waiting for the tunnel task; more are dropped and counted.
 pub const INBOX: usize = 256;
@@ -507,12 +507,12 @@ pub fn describe(tunnels: &[Tunnel]) -> String {
             crate::model::Parity::Even => 'E',
             crate::model::Parity::Odd => 'O',
         };
-        let full = crate::rtu::wire_time(l, t.max_packet);
+        let full = crate::serial::rtu::wire_time(l, t.max_packet);
         let down = match t.on_link_down {
             OnLinkDown::Drop => "dropped".to_string(),
             OnLinkDown::Buffer { max_bytes } => format!(
                 "buffered up to {max_bytes} bytes ({:.1} s of a busy line)",
-                crate::rtu::wire_time(l, max_bytes).as_secs_f64()
+                crate::serial::rtu::wire_time(l, max_bytes).as_secs_f64()
             ),
         };
         out.push_str(&format!(

@@ -8,7 +8,7 @@
 
 use tokio_modbus::Request;
 
-use crate::pdu::PduError;
+use crate::serial::pdu::PduError;
 
 /// How one field protocol frames requests and finds replies.
 pub trait Framing: Send + Sync + std::fmt::Debug + 'static {

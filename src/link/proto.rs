@@ -18,12 +18,12 @@
 //! block ([`encode_samples`]/[`decode_samples`]) is the same bytes the spool stores, so
 //! there is exactly one sample format.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::value::{Quality, Sample, Value};
+use crate::point::value::{Sample, Value};
+pub use crate::spool::block::{ProtoError, decode_samples, encode_samples, samples_count};
+use crate::spool::block::{Reader, put_str, put_value};
 
 /// Protocol version carried in [`Frame::Hello`]; peers with a different version are
 /// refused.
@@ -42,109 +42,6 @@ mod ty {
     pub const HEARTBEAT: u8 = 6;
     pub const CLOSE: u8 = 7;
     pub const TUNNEL: u8 = 8;
-}
-
-/// Smallest possible encoded sample (empty point name, tag `none`, quality `good`):
-/// bounds how many samples a body can hold, so a forged count cannot make us allocate.
-const MIN_SAMPLE_LEN: usize = 2 + 8 + 1 + 1;
-
-/// Errors of the wire format.
-#[derive(Debug, thiserror::Error)]
-pub enum ProtoError {
-    /// The length prefix announces more than the configured limit.
-    #[error("oversized frame: announced {announced} bytes, limit is {max} bytes")]
-    Oversized {
-        /// Announced length (type byte + body).
-        announced: usize,
-        /// Configured limit.
-        max: usize,
-    },
-    /// A length prefix of 0: not even a type byte.
-    #[error("empty frame: length prefix is 0, a frame needs at least a type byte")]
-    Empty,
-    /// The type byte is not one of ours.
-    #[error("unknown frame type {0}")]
-    UnknownType(u8),
-    /// The body ended before a field was complete.
-    #[error("truncated {frame} frame: {what} needs {need} bytes at body offset {offset}, {have} left")]
-    Truncated {
-        /// Frame type name.
-        frame: &'static str,
-        /// The field being read.
-        what: &'static str,
-        /// Offset of the field in the body.
-        offset: usize,
-        /// Bytes the field needs.
-        need: usize,
-        /// Bytes left in the body.
-        have: usize,
-    },
-    /// A string is not UTF-8.
-    #[error("invalid utf-8 in {what} of {frame} frame at body offset {offset}")]
-    InvalidUtf8 {
-        /// Frame type name.
-        frame: &'static str,
-        /// The field being read.
-        what: &'static str,
-        /// Offset of the string bytes in the body.
-        offset: usize,
-    },
-    /// The body is longer than its fields.
-    #[error("{count} trailing bytes after {frame} frame body at body offset {offset}")]
-    TrailingBytes {
-        /// Frame type name.
-        frame: &'static str,
-        /// Number of bytes not consumed.
-        count: usize,
-        /// Offset of the first unconsumed byte.
-        offset: usize,
-    },
-    /// A tag byte (value, quality, bool, result) has an unknown value.
-    #[error("bad {what} tag {tag} in {frame} frame at body offset {offset}")]
-    BadTag {
-        /// Frame type name.
-        frame: &'static str,
-        /// Which tag.
-        what: &'static str,
-        /// The byte found.
-        tag: u8,
-        /// Offset of the tag in the body.
-        offset: usize,
-    },
-    /// A sample time outside what `SystemTime` can hold.
-    #[error("time {micros} µs in {frame} frame at body offset {offset} is out of range")]
-    TimeRange {
-        /// Frame type name.
-        frame: &'static str,
-        /// The value read.
-        micros: i64,
-        /// Offset of the field in the body.
-        offset: usize,
-    },
-    /// Encoding: a string longer than a u16 length can announce.
-    #[error("cannot encode {what}: {len} bytes, at most {max}")]
-    TooLong {
-        /// What was too long (a point name, a frame, ...).
-        what: &'static str,
-        /// Its length.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// The peer speaks another protocol version.
-    #[error("protocol version mismatch: peer speaks version {peer}, we speak {ours}")]
-    VersionMismatch {
-        /// Version in the peer's hello.
-        peer: u16,
-        /// Our [`VERSION`].
-        ours: u16,
-    },
-    /// The stream ended inside a frame.
-    #[error("connection closed inside a frame ({0} bytes of an incomplete frame)")]
-    EofInFrame(usize),
-    /// I/O error of the underlying stream.
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
 }
 
 /// One message between two peers. See docs/PROTOCOL.md for semantics.
@@ -393,97 +290,6 @@ fn encode_body(frame: &Frame, dst: &mut BytesMut) -> Result<(), ProtoError> {
     Ok(())
 }
 
-/// Appends the sample block (`u32 count | samples`) to `dst`; the spool stores exactly
-/// these bytes. On error `dst` may hold a partial block: truncate it.
-pub fn encode_samples(samples: &[(String, Sample)], dst: &mut BytesMut) -> Result<(), ProtoError> {
-    let count = u32::try_from(samples.len()).map_err(|_| ProtoError::TooLong {
-        what: "sample count",
-        len: samples.len(),
-        max: u32::MAX as usize,
-    })?;
-    dst.reserve(4 + samples.len() * 24);
-    dst.put_u32(count);
-    for (point, sample) in samples {
-        put_str(dst, point, "point name")?;
-        dst.put_i64(to_micros(sample.at));
-        match sample.quality {
-            Quality::Good => dst.put_u8(0),
-            Quality::Stale => dst.put_u8(1),
-            Quality::CommFail => dst.put_u8(2),
-            Quality::Exception(code) => {
-                dst.put_u8(3);
-                dst.put_u8(code);
-            }
-        }
-        put_value(dst, sample.value.as_ref())?;
-    }
-    Ok(())
-}
-
-/// Decodes a whole sample block as written by [`encode_samples`] (no trailing bytes).
-pub fn decode_samples(block: &[u8]) -> Result<Vec<(String, Sample)>, ProtoError> {
-    let mut r = Reader::new(block, "samples");
-    let samples = r.samples()?;
-    r.finish()?;
-    Ok(samples)
-}
-
-/// Number of samples in a sample block, read from its count prefix without decoding.
-pub fn samples_count(block: &[u8]) -> Result<u32, ProtoError> {
-    Reader::new(block, "samples").u32("sample count")
-}
-
-fn put_str(dst: &mut BytesMut, s: &str, what: &'static str) -> Result<(), ProtoError> {
-    let len = u16::try_from(s.len()).map_err(|_| ProtoError::TooLong {
-        what,
-        len: s.len(),
-        max: u16::MAX as usize,
-    })?;
-    dst.put_u16(len);
-    dst.put_slice(s.as_bytes());
-    Ok(())
-}
-
-fn put_value(dst: &mut BytesMut, value: Option<&Value>) -> Result<(), ProtoError> {
-    match value {
-        None => dst.put_u8(0),
-        Some(Value::Bool(b)) => {
-            dst.put_u8(1);
-            dst.put_u8(u8::from(*b));
-        }
-        Some(Value::Int(i)) => {
-            dst.put_u8(2);
-            dst.put_i64(*i);
-        }
-        Some(Value::UInt(u)) => {
-            dst.put_u8(3);
-            dst.put_u64(*u);
-        }
-        Some(Value::Float(f)) => {
-            dst.put_u8(4);
-            dst.put_u64(f.to_bits());
-        }
-        Some(Value::Text(s)) => {
-            dst.put_u8(5);
-            put_str(dst, s, "text value")?;
-        }
-    }
-    Ok(())
-}
-
-/// Unix microseconds, saturating at the i64 range (times before 1970 are negative).
-fn to_micros(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-        Err(e) => i64::try_from(e.duration().as_micros()).map_or(i64::MIN, |m| -m),
-    }
-}
-
-fn from_micros(micros: i64) -> Option<SystemTime> {
-    let d = Duration::from_micros(micros.unsigned_abs());
-    if micros >= 0 { UNIX_EPOCH.checked_add(d) } else { UNIX_EPOCH.checked_sub(d) }
-}
-
 fn decode_frame(ty: u8, body: &[u8]) -> Result<Frame, ProtoError> {
     let name = match ty {
         ty::HELLO => "hello",
@@ -540,131 +346,13 @@ fn decode_frame(ty: u8, body: &[u8]) -> Result<Frame, ProtoError> {
     Ok(frame)
 }
 
-/// A bounds-checked cursor over one frame body; every read names its field.
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-    frame: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8], frame: &'static str) -> Self {
-        Self { buf, pos: 0, frame }
-    }
-
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ProtoError> {
-        let have = self.buf.len() - self.pos;
-        if have < n {
-            return Err(ProtoError::Truncated { frame: self.frame, what, offset: self.pos, need: n, have });
-        }
-        let out = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(out)
-    }
-
-    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], ProtoError> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N, what)?);
-        Ok(out)
-    }
-
-    fn u8(&mut self, what: &'static str) -> Result<u8, ProtoError> {
-        Ok(self.array::<1>(what)?[0])
-    }
-
-    fn u16(&mut self, what: &'static str) -> Result<u16, ProtoError> {
-        Ok(u16::from_be_bytes(self.array(what)?))
-    }
-
-    fn u32(&mut self, what: &'static str) -> Result<u32, ProtoError> {
-        Ok(u32::from_be_bytes(self.array(what)?))
-    }
-
-    fn u64(&mut self, what: &'static str) -> Result<u64, ProtoError> {
-        Ok(u64::from_be_bytes(self.array(what)?))
-    }
-
-    fn i64(&mut self, what: &'static str) -> Result<i64, ProtoError> {
-        Ok(i64::from_be_bytes(self.array(what)?))
-    }
-
-    fn string(&mut self, what: &'static str) -> Result<String, ProtoError> {
-        let len = self.u16(what)? as usize;
-        let offset = self.pos;
-        let bytes = self.take(len, what)?;
-        match std::str::from_utf8(bytes) {
-            Ok(s) => Ok(s.to_owned()),
-            Err(_) => Err(ProtoError::InvalidUtf8 { frame: self.frame, what, offset }),
-        }
-    }
-
-    fn bad_tag(&self, what: &'static str, tag: u8, offset: usize) -> ProtoError {
-        ProtoError::BadTag { frame: self.frame, what, tag, offset }
-    }
-
-    fn value(&mut self) -> Result<Option<Value>, ProtoError> {
-        let offset = self.pos;
-        Ok(Some(match self.u8("value tag")? {
-            0 => return Ok(None),
-            1 => {
-                let offset = self.pos;
-                match self.u8("bool")? {
-                    0 => Value::Bool(false),
-                    1 => Value::Bool(true),
-                    b => return Err(self.bad_tag("bool", b, offset)),
-                }
-            }
-            2 => Value::Int(self.i64("int value")?),
-            3 => Value::UInt(self.u64("uint value")?),
-            4 => Value::Float(f64::from_bits(self.u64("float value")?)),
-            5 => Value::Text(self.string("text value")?),
-            tag => return Err(self.bad_tag("value", tag, offset)),
-        }))
-    }
-
-    fn quality(&mut self) -> Result<Quality, ProtoError> {
-        let offset = self.pos;
-        Ok(match self.u8("quality")? {
-            0 => Quality::Good,
-            1 => Quality::Stale,
-            2 => Quality::CommFail,
-            3 => Quality::Exception(self.u8("exception code")?),
-            tag => return Err(self.bad_tag("quality", tag, offset)),
-        })
-    }
-
-    fn samples(&mut self) -> Result<Vec<(String, Sample)>, ProtoError> {
-        let count = self.u32("sample count")? as usize;
-        // Never trust the count for allocation: cap by what the remaining bytes can hold.
-        let fits = (self.buf.len() - self.pos) / MIN_SAMPLE_LEN;
-        let mut out = Vec::with_capacity(count.min(fits));
-        for _ in 0..count {
-            let point = self.string("point name")?;
-            let offset = self.pos;
-            let micros = self.i64("time")?;
-            let at =
-                from_micros(micros).ok_or(ProtoError::TimeRange { frame: self.frame, micros, offset })?;
-            let quality = self.quality()?;
-            let value = self.value()?;
-            out.push((point, Sample { value, at, quality }));
-        }
-        Ok(out)
-    }
-
-    fn finish(&self) -> Result<(), ProtoError> {
-        let count = self.buf.len() - self.pos;
-        if count == 0 {
-            Ok(())
-        } else {
-            Err(ProtoError::TrailingBytes { frame: self.frame, count, offset: self.pos })
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::point::value::Quality;
+    use crate::spool::block::from_micros;
     use rand::{Rng, SeedableRng, rngs::StdRng};
+    use std::time::SystemTime;
 
     fn at(micros: i64) -> SystemTime {
         from_micros(micros).expect("in range")

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_serial::{SerialPort, SerialStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::simulate::{SimError, Simulator};
+use crate::sim::{SimError, Simulator};
 
 /// A pseudo-terminal pair standing in for a serial port: the simulator talks on the
 /// master side, the gateway opens [`VirtualPort::path`]. The slave side is kept open so

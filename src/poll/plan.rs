@@ -11,7 +11,7 @@
 //! interval, start. Planning never panics: a point wider than the limit (which config
 //! validation already refuses) simply gets a read of its own.
 //!
-//! Timing uses the RTU frame sizes and [`crate::rtu`]'s character time and t3.5, so the
+//! Timing uses the RTU frame sizes and [`crate::serial::rtu`]'s character time and t3.5, so the
 //! bus load printed by `m2m-gateway check` is what the line will actually carry.
 
 use std::collections::BTreeMap;
@@ -21,9 +21,9 @@ use std::time::Duration;
 use tokio_modbus::Request;
 
 use crate::model::{Bus, Device, Line, Model, Parity};
-use crate::pdu::{MAX_READ_BITS, MAX_READ_REGISTERS};
-use crate::rtu::{t35, wire_time};
-use crate::value::Table;
+use crate::point::value::Table;
+use crate::serial::pdu::{MAX_READ_BITS, MAX_READ_REGISTERS};
+use crate::serial::rtu::{t35, wire_time};
 
 /// Bus load above which `render` adds a note: retries and writes need room too.
 const NOTE_LOAD: f64 = 0.8;
@@ -245,7 +245,7 @@ fn plan_raw(bus: &Bus) -> Vec<RawPlan> {
                 crate::model::RawMode::Stream => (0, None),
             };
             let reply = match d.framing.framing.end {
-                crate::raw::FrameEnd::Fixed(n) => Some(n),
+                crate::serial::raw::FrameEnd::Fixed(n) => Some(n),
                 _ => None,
             };
             let gap = bus.frame_gap.max(d.silence);
@@ -449,7 +449,7 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
 mod tests {
     use super::*;
     use crate::model::{Gateway, Point, Protocol};
-    use crate::value::{DataType, WordOrder};
+    use crate::point::value::{DataType, WordOrder};
 
     const SEC: Duration = Duration::from_secs(1);
 

@@ -29,11 +29,11 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, instrument, warn};
 
-use crate::codec::value_as_f64;
 use crate::image::{Changes, Image};
 use crate::model::{SendMode, SendRule};
-use crate::spooler::SpoolHandle;
-use crate::value::{Quality, Sample, Value};
+use crate::point::registers::value_as_f64;
+use crate::point::value::{Quality, Sample, Value};
+use crate::spool::SpoolHandle;
 
 /// How long the first sample of a batch may wait for more to join it.
 pub const COALESCE: Duration = Duration::from_millis(5);
@@ -502,8 +502,9 @@ mod tests {
     #[tokio::test]
     async fn a_lagging_forwarder_resyncs_from_the_snapshot() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let spool = SpoolHandle::open(&dir.path().join("p.spool"), crate::spool::SpoolLimits::default())
-            .expect("spool");
+        let spool =
+            SpoolHandle::open(&dir.path().join("p.spool"), crate::spool::journal::SpoolLimits::default())
+                .expect("spool");
         let image = Arc::new(Image::new());
         let id = image.register("d.n", Duration::from_secs(60));
         let rules = Rules::new(
@@ -528,7 +529,7 @@ mod tests {
             let batches = spool.read_raw_from(0, 10_000).await.expect("read");
             let values: Vec<Value> = batches
                 .iter()
-                .flat_map(|(_, b)| crate::proto::decode_samples(b).expect("decode"))
+                .flat_map(|(_, b)| crate::spool::block::decode_samples(b).expect("decode"))
                 .filter_map(|(_, s)| s.value)
                 .collect();
             if values.last() == Some(&Value::Int(N)) {

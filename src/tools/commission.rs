@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bus::{self, BusError, Priority};
-use crate::codec;
 use crate::model::{Bus, Line, Protocol};
-use crate::value::{DataType, Table, Value, WordOrder};
+use crate::point::registers;
+use crate::point::value::{DataType, Table, Value, WordOrder};
 
 /// What to read and how to show it.
 #[derive(Debug, Clone)]
@@ -121,9 +121,9 @@ impl PollSpec {
         let width = if bits { 1 } else { u32::from(self.data_type.width()) };
         let needed = u32::from(self.count) * width;
         let (max, what) = if bits {
-            (crate::pdu::MAX_READ_BITS, "bits")
+            (crate::serial::pdu::MAX_READ_BITS, "bits")
         } else {
-            (crate::pdu::MAX_READ_REGISTERS, "registers")
+            (crate::serial::pdu::MAX_READ_REGISTERS, "registers")
         };
         if needed == 0 || needed > u32::from(max) {
             return Err(PollError::TooMany {
@@ -163,7 +163,7 @@ fn commissioning_bus(port: &str, line: Line, timeout: Duration) -> Bus {
         port: port.to_owned(),
         line,
         protocol: Protocol::ModbusRtu,
-        frame_gap: crate::rtu::t35(&line),
+        frame_gap: crate::serial::rtu::t35(&line),
         local_echo: false,
         timeout,
         retries: 0,
@@ -214,7 +214,7 @@ impl Poll {
                 let width = usize::from(spec.data_type.width());
                 let values = words
                     .chunks(width)
-                    .map(|w| codec::decode_registers(spec.data_type, spec.order, spec.scale, 0.0, w))
+                    .map(|w| registers::decode_registers(spec.data_type, spec.order, spec.scale, 0.0, w))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| PollError::Decode(e.to_string()))?;
                 (values, words)
@@ -323,7 +323,7 @@ pub struct RawSpec {
     /// The bytes sent, complete.
     pub request: Vec<u8>,
     /// How the reply is delimited (no checksum is checked: the reply is shown as it is).
-    pub framing: crate::raw::FrameRule,
+    pub framing: crate::serial::raw::FrameRule,
     /// Line silence that ends a reply for `FrameEnd::Silence`.
     pub silence: Duration,
     /// Response timeout.
@@ -343,19 +343,19 @@ pub struct RawResult {
 
 /// Sends one raw request through the bus engine and returns the reply frame.
 pub async fn raw_once(spec: &RawSpec) -> Result<RawResult, PollError> {
-    let framing = crate::raw::RawFraming {
+    let framing = crate::serial::raw::RawFraming {
         framing: spec.framing.clone(),
-        checksum: crate::checksum::ChecksumRule::NONE,
+        checksum: crate::serial::checksum::ChecksumRule::NONE,
     };
     let device = crate::model::RawDevice {
         name: "raw".into(),
         id: 1,
         mode: crate::model::RawMode::Poll { request: spec.request.clone(), interval: Duration::from_secs(1) },
         framing,
-        send_checksum: crate::checksum::ChecksumRule::NONE,
+        send_checksum: crate::serial::checksum::ChecksumRule::NONE,
         timeout: spec.timeout,
         silence: spec.silence,
-        extract: crate::extract::Extract::Binary { fields: Vec::new() },
+        extract: crate::point::extract::Extract::Binary { fields: Vec::new() },
         points: Vec::new(),
         commands: Vec::new(),
     };

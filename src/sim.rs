@@ -1,11 +1,11 @@
 //! Field-device simulator: Modbus-RTU (or Modbus-ASCII) slaves on a half-duplex line, or
-//! raw serial devices (`simraw.rs`), for tests, benchmarks and `m2m-gateway demo`/`simulate`.
+//! raw serial devices (`sim/raw.rs`), for tests, benchmarks and `m2m-gateway demo`/`simulate`.
 //!
 //! This file owns the RTU slave loop ([`Simulator::serve`]): framing the input, applying
 //! faults, pacing replies; and the handle tests use ([`SimHandle`]). Its siblings own the
-//! TOML format (`simconfig.rs`, [`SimConfig`]), the register maps and what a request does
-//! to them (`simmap.rs`), and the pty it usually runs on (`simport.rs`, [`VirtualPort`]);
-//! their public items are re-exported here, so users only ever name `simulate::`.
+//! TOML format (`sim/config.rs`, [`SimConfig`]), the register maps and what a request does
+//! to them (`sim/map.rs`), and the pty it usually runs on (`sim/port.rs`, [`VirtualPort`]);
+//! their public items are re-exported here, so users only ever name `sim::`.
 //!
 //! Invariants:
 //! - bad input never ends [`Simulator::serve`] and never panics: a frame with a bad CRC
@@ -30,6 +30,11 @@
 //! - no lock is held across an `.await`; the register map is a plain struct behind a
 //!   `std::sync::Mutex` shared by the serve loop and every [`SimHandle`].
 
+mod config;
+mod map;
+mod port;
+mod raw;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -39,18 +44,18 @@ use tokio::time::Instant;
 use tokio_serial::SerialPortBuilderExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::rtu;
-use crate::value::Table;
+use crate::point::value::Table;
+use crate::serial::rtu;
 
-pub use crate::simconfig::{
+pub use crate::sim::config::{
     Fault, GenKind, InitValue, LineConfig, ParityName, RegisterConfig, SimConfig, SimProtocol, SimType,
     UnitConfig, load, quick,
 };
-pub(crate) use crate::simconfig::{entry_len, table_name};
-pub use crate::simmap::{BusStats, UnitStats};
-pub(crate) use crate::simmap::{Unit, build as build_units, execute};
-pub use crate::simport::{VirtualPort, run_virtual};
-pub use crate::simraw::{RawFault, RawSimConfig, RawSimStats};
+pub(crate) use crate::sim::config::{entry_len, table_name};
+pub use crate::sim::map::{BusStats, UnitStats};
+pub(crate) use crate::sim::map::{Unit, build as build_units, execute};
+pub use crate::sim::port::{VirtualPort, run_virtual};
+pub use crate::sim::raw::{RawFault, RawSimConfig, RawSimStats};
 
 /// Most bytes of unframed input kept; older bytes are dropped as garbage.
 pub const INPUT_CAP: usize = 512;
@@ -149,7 +154,7 @@ struct Shared {
     /// Time zero of every generator.
     epoch: Instant,
     /// Raw serial devices, served instead of the units when the config has `[[raw]]`.
-    raw: Option<crate::simraw::RawSim>,
+    raw: Option<crate::sim::raw::RawSim>,
 }
 
 impl Shared {
@@ -247,7 +252,8 @@ impl Framer {
             }
             // FC8 requests carry any amount of data (sub-function 0 loops it back): like
             // functions with no length rule, the silence delimits them.
-            let rule = if self.buf[1] == 8 { None } else { crate::pdu::pdu_len(&self.buf[1..], true) };
+            let rule =
+                if self.buf[1] == 8 { None } else { crate::serial::pdu::pdu_len(&self.buf[1..], true) };
             match rule {
                 Some(n) => {
                     let total = n + 3;
@@ -320,7 +326,7 @@ impl Simulator {
         for p in problems {
             tracing::warn!(problem = %p, "simulator config entry skipped");
         }
-        let raw = (!config.raw.is_empty()).then(|| crate::simraw::RawSim::new(&config.raw));
+        let raw = (!config.raw.is_empty()).then(|| crate::sim::raw::RawSim::new(&config.raw));
         Simulator {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
@@ -531,7 +537,7 @@ impl Simulator {
         unit.stats.answered += 1;
         let mut bytes: Vec<u8> = (0..noise).map(|_| rand::random::<u8>()).collect();
         if self.ascii {
-            crate::ascii::frame(reply_id, &pdu, &mut bytes);
+            crate::serial::ascii::frame(reply_id, &pdu, &mut bytes);
             // The LRC's low digit, changed to another hex digit: a clean LRC error.
             let at = bytes.len().saturating_sub(3);
             if let Some(digit) = bytes.get_mut(at).filter(|_| corrupt) {

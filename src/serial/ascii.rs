@@ -7,9 +7,9 @@
 //! noise. Decoding accepts lowercase hex; encoding always writes uppercase. The spec's
 //! one-second inter-character timeout is the bus's response timeout's business.
 
-use crate::checksum::Checksum;
-use crate::framing::{Decoded, Framing, SkipReason};
-use crate::pdu::{MAX_PDU, PduError};
+use crate::serial::checksum::Checksum;
+use crate::serial::framing::{Decoded, Framing, SkipReason};
+use crate::serial::pdu::{MAX_PDU, PduError};
 
 /// Longest ASCII frame: `:` + hex of unit, a 253-byte PDU and LRC + CR LF.
 pub const MAX_FRAME: usize = 1 + 2 * (1 + MAX_PDU + 1) + 2;
@@ -55,7 +55,7 @@ pub fn decode_reply(unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8]) -
     if pdu.is_empty() || bin.iter().fold(0u8, |s, b| s.wrapping_add(*b)) != 0 {
         return corrupt;
     }
-    crate::rtu::check_reply(unit, request, addr, pdu, len)
+    crate::serial::rtu::check_reply(unit, request, addr, pdu, len)
 }
 
 /// Modbus ASCII as a bus framing.
@@ -70,7 +70,7 @@ impl Framing for Ascii {
         out: &mut Vec<u8>,
     ) -> Result<(), PduError> {
         let mut pdu = Vec::with_capacity(256);
-        crate::pdu::encode_request(request, &mut pdu)?;
+        crate::serial::pdu::encode_request(request, &mut pdu)?;
         frame(unit, &pdu, out);
         Ok(())
     }

@@ -28,7 +28,7 @@ use tokio_modbus::{ExceptionCode, Request};
 use tokio_util::codec::{Decoder, Encoder};
 use tracing::debug;
 
-use crate::pdu;
+use crate::serial::pdu;
 
 /// Bytes in an MBAP header, unit id included.
 pub const HEADER_LEN: usize = 7;

@@ -21,11 +21,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
 use crate::bus::{BusError, BusHandle, Job, Priority};
-use crate::codec;
 use crate::image::{Image, PointId, Raw};
 use crate::model::{Bus, Device};
-use crate::plan::{self, Read};
-use crate::value::{Quality, Sample, Table, Value};
+use crate::point::registers;
+use crate::point::value::{Quality, Sample, Table, Value};
+use crate::poll::plan::{self, Read};
 
 /// First pause before re-probing a device that stopped answering.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -271,9 +271,15 @@ fn decode(dev: &DeviceState, r: usize, rsp: &Response) -> Vec<(PointId, Sample)>
                 Table::Holding | Table::Input => {
                     let width = usize::from(point.data_type.width());
                     words.get(at_off..at_off + width).and_then(|w| {
-                        codec::decode_registers(point.data_type, point.order, point.scale, point.offset, w)
-                            .inspect_err(|e| warn!(point = %point.name, error = %e, "cannot decode"))
-                            .ok()
+                        registers::decode_registers(
+                            point.data_type,
+                            point.order,
+                            point.scale,
+                            point.offset,
+                            w,
+                        )
+                        .inspect_err(|e| warn!(point = %point.name, error = %e, "cannot decode"))
+                        .ok()
                     })
                 }
             };

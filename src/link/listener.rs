@@ -20,9 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, instrument, warn};
 
+use crate::link::tls::{self, Fingerprint};
 use crate::link::{CONNECT_TIMEOUT, Incoming};
 use crate::model::IpNet;
-use crate::tls::{self, Fingerprint};
 
 /// Handshakes in progress at once; more connections wait in the kernel backlog.
 pub const HANDSHAKES: usize = 16;

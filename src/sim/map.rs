@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use tokio_modbus::Response;
 
-use crate::pdu;
-use crate::simulate::{Fault, GenKind, InitValue, RegisterConfig, SimConfig, SimType, entry_len, table_name};
-use crate::value::{Table, WordOrder};
+use crate::point::value::{Table, WordOrder};
+use crate::serial::pdu;
+use crate::sim::{Fault, GenKind, InitValue, RegisterConfig, SimConfig, SimType, entry_len, table_name};
 
 /// Exception code: function not supported.
 pub(crate) const ILLEGAL_FUNCTION: u8 = 0x01;
@@ -73,7 +73,7 @@ impl Generator {
 }
 
 /// Encodes `v` as `ty` in `order` (`as` casts saturate; NaN becomes 0). Deliberately
-/// independent of `codec.rs`: the end-to-end decoding tests check the gateway's codec
+/// independent of `point/registers.rs`: the end-to-end decoding tests check the gateway's codec
 /// against this second implementation.
 fn encode(v: f64, ty: SimType, order: WordOrder) -> Vec<u16> {
     let r = v.round();

@@ -38,7 +38,7 @@
 //! ```
 //!
 //! `protocol = "ascii"` (top level) frames the units' messages as Modbus ASCII instead of
-//! RTU; `[[raw]]` entries simulate raw serial devices instead of units (see `simraw.rs`).
+//! RTU; `[[raw]]` entries simulate raw serial devices instead of units (see `sim/raw.rs`).
 //!
 //! Bit tables take `values` or `kind = "toggle"`. Faults: `silent`, `late <duration>`,
 //! `corrupt-crc`, `wrong-unit <id>`, `noise <bytes>`, `exception <code>`,
@@ -56,8 +56,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::{Bus, Line, Model, Parity};
-use crate::simulate::{SimError, build_units};
-use crate::value::{DataType, Table, WordOrder};
+use crate::point::value::{DataType, Table, WordOrder};
+use crate::sim::{SimError, build_units};
 
 /// A simulation: the optional line timing and the simulated units.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -72,10 +72,10 @@ pub struct SimConfig {
     /// How the units frame their messages: `"rtu"` (default) or `"ascii"`.
     #[serde(default)]
     pub protocol: SimProtocol,
-    /// Raw serial devices (`[[raw]]`, see `simraw.rs`); a line simulates either Modbus
+    /// Raw serial devices (`[[raw]]`, see `sim/raw.rs`); a line simulates either Modbus
     /// units or raw devices.
     #[serde(default)]
-    pub raw: Vec<crate::simraw::RawSimConfig>,
+    pub raw: Vec<crate::sim::raw::RawSimConfig>,
     /// `echo = true`: the master hears every byte it sends echoed back before any reply,
     /// as through a 2-wire RS-485 adapter without echo suppression.
     #[serde(default)]
@@ -358,7 +358,7 @@ impl SimConfig {
     /// Checks the config; `Err(SimError::Invalid)` lists every problem.
     pub fn validate(&self) -> Result<(), SimError> {
         let (_, mut problems) = build_units(self);
-        problems.extend(crate::simraw::check(&self.raw));
+        problems.extend(crate::sim::raw::check(&self.raw));
         if !self.raw.is_empty() && !self.units.is_empty() {
             problems.push("a line simulates either [[unit]]s or [[raw]] devices, not both".into());
         }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
 use crate::model::{OnLoss, WriteBack};
-use crate::value::{Quality, Sample, Value};
+use crate::point::value::{Quality, Sample, Value};
 use crate::writer::Writer;
 
 /// The link's side of write-back: where received samples are offered.
