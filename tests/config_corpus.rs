@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use m2m_gateway::config::{self, ConfigError};
 use m2m_gateway::model::{Dial, Model, OnLoss, Parity, Protocol, SendMode, ServeMode, WriteGrant};
-use m2m_gateway::value::{DataType, Table, Value, WordOrder};
+use m2m_gateway::point::value::{DataType, Table, Value, WordOrder};
 
 fn corpus(kind: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs").join(kind);
@@ -100,7 +100,7 @@ fn defaults_are_resolved() {
     assert_eq!(bus.retries, 1);
     assert_eq!(bus.queue_depth, 64);
     assert_eq!(bus.reopen_max, Duration::from_secs(30));
-    assert_eq!(bus.frame_gap, m2m_gateway::rtu::t35(&bus.line), "t3.5 by default");
+    assert_eq!(bus.frame_gap, m2m_gateway::serial::rtu::t35(&bus.line), "t3.5 by default");
     let device = &bus.devices[0];
     assert_eq!(device.timeout, bus.timeout, "device timeout comes from its bus");
     assert_eq!(device.turnaround, Duration::ZERO);
@@ -275,9 +275,9 @@ fn two_site_examples_load_and_pair() {
 
 #[test]
 fn serial_protocols_resolve() {
-    use m2m_gateway::checksum::Checksum;
     use m2m_gateway::model::RawMode;
-    use m2m_gateway::raw::FrameEnd;
+    use m2m_gateway::serial::checksum::Checksum;
+    use m2m_gateway::serial::raw::FrameEnd;
 
     let model = good("serial.toml");
     let ascii = &model.buses[0];

@@ -3,9 +3,8 @@
 //! straight into the sending gateway's image. Every wait has a deadline; nothing
 //! synchronises on a fixed sleep.
 
-mod common;
-#[path = "common/proxy.rs"]
-mod proxy;
+use crate::common;
+use crate::common::proxy;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,12 +15,12 @@ use common::{logs, wait_until};
 use futures::{SinkExt, StreamExt};
 use m2m_gateway::gateway::Gateway;
 use m2m_gateway::image::Image;
+use m2m_gateway::link::proto::{Frame, FrameCodec, VERSION};
+use m2m_gateway::link::tls::{self, Identity};
 use m2m_gateway::model::{
     self, Device, Dial, Grant, Line, Links, Model, Parity, Peer, Point, Protocol, SendMode, SendRule,
 };
-use m2m_gateway::proto::{Frame, FrameCodec, VERSION};
-use m2m_gateway::tls::{self, Identity};
-use m2m_gateway::value::{DataType, Quality, Sample, Table, Value, WordOrder};
+use m2m_gateway::point::value::{DataType, Quality, Sample, Table, Value, WordOrder};
 use proxy::Proxy;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -604,7 +603,7 @@ struct RtuDevice {
 }
 
 fn spawn_rtu_device(unit: u8) -> RtuDevice {
-    use m2m_gateway::rtu;
+    use m2m_gateway::serial::rtu;
     use tokio_serial::SerialPort;
     let (mut master, slave) = tokio_serial::SerialStream::pair().expect("pty pair");
     let path = slave.name().expect("pty name");

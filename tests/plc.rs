@@ -1,7 +1,7 @@
 //! PLC peers end to end: a simulated PLC (a tokio-modbus TCP server holding registers and
 //! coils, and logging every request) on 127.0.0.1, fed by a PLC sink reading an image.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,9 +12,9 @@ use common::{Rig, wait_until};
 use m2m_gateway::image::Image;
 use m2m_gateway::model::Plc;
 use m2m_gateway::plc;
-use m2m_gateway::spool::SpoolLimits;
-use m2m_gateway::spooler::SpoolHandle;
-use m2m_gateway::value::{Quality, Sample, Table, Value};
+use m2m_gateway::point::value::{Quality, Sample, Table, Value};
+use m2m_gateway::spool::SpoolHandle;
+use m2m_gateway::spool::journal::SpoolLimits;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_modbus::server::tcp::{Server, accept_tcp_connection};

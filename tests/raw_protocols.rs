@@ -1,18 +1,18 @@
 //! Raw serial protocols end to end through the pure building blocks: request templates,
 //! frame rules, checksums and extraction, with real device frames.
 
-use m2m_gateway::ascii::Ascii;
-use m2m_gateway::checksum::{CheckFormat, Checksum, ChecksumRule};
-use m2m_gateway::extract::{
+use m2m_gateway::point::extract::{
     BinField, BinKind, Extract, ExtractError, TextField, TextKind, compile_regex, extract, parse_int,
     parse_number,
 };
-use m2m_gateway::framing::{Decoded, Framing, SkipReason};
-use m2m_gateway::raw::{
+use m2m_gateway::point::value::{DataType, Value, WordOrder};
+use m2m_gateway::serial::ascii::Ascii;
+use m2m_gateway::serial::checksum::{CheckFormat, Checksum, ChecksumRule};
+use m2m_gateway::serial::framing::{Decoded, Framing, SkipReason};
+use m2m_gateway::serial::raw::{
     FrameEnd, FrameRule, MAX_FRAME, RawError, RawFraming, build_request, find_frame, format_command,
     parse_hex, unescape,
 };
-use m2m_gateway::value::{DataType, Value, WordOrder};
 use rand::{Rng, SeedableRng};
 use tokio_modbus::{Request, Response};
 

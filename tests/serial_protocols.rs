@@ -3,15 +3,15 @@
 //! checksum), corrupted checksums, partial replies, a streaming NMEA receiver that goes
 //! quiet, commands, and Modbus ASCII reads with an LRC error.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use common::{Rig, wait_until};
-use m2m_gateway::rawpoll::{CommandError, PARSE_FAILURE};
-use m2m_gateway::simulate::{Fault, RawFault};
-use m2m_gateway::value::{Quality, Value};
+use m2m_gateway::point::value::{Quality, Value};
+use m2m_gateway::poll::raw::{CommandError, PARSE_FAILURE};
+use m2m_gateway::sim::{Fault, RawFault};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -191,7 +191,7 @@ bit = 1
 async fn binary_request_response_with_crc() {
     // The request the gateway builds carries the CRC the simulator expects.
     let mut request = vec![0x01, 0x52];
-    m2m_gateway::checksum::ChecksumRule::new(m2m_gateway::checksum::Checksum::Crc16Modbus)
+    m2m_gateway::serial::checksum::ChecksumRule::new(m2m_gateway::serial::checksum::Checksum::Crc16Modbus)
         .apply(&mut request);
     assert_eq!(request, [0x01, 0x52, 0x81, 0xDD]);
     let rig = Rig::start(METER_SIM, METER_GATEWAY);
@@ -357,10 +357,10 @@ async fn modbus_ascii_reads_and_lrc_error() {
 
 #[tokio::test]
 async fn commissioning_raw_request_shows_the_reply() {
-    use m2m_gateway::commission::{RawSpec, raw_once, render_raw};
     use m2m_gateway::model::{Line, Parity};
-    use m2m_gateway::raw::{FrameEnd, FrameRule};
-    use m2m_gateway::simulate::{Simulator, VirtualPort};
+    use m2m_gateway::serial::raw::{FrameEnd, FrameRule};
+    use m2m_gateway::sim::{Simulator, VirtualPort};
+    use m2m_gateway::tools::commission::{RawSpec, raw_once, render_raw};
 
     let mut port = VirtualPort::new().expect("pty pair");
     port.run(Simulator::new(common::sim_config(METER_SIM))).expect("simulator runs");
@@ -387,7 +387,7 @@ async fn commissioning_raw_request_shows_the_reply() {
 
 #[tokio::test]
 async fn stream_port_vanishes_and_comes_back() {
-    use m2m_gateway::simulate::VirtualPort;
+    use m2m_gateway::sim::VirtualPort;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let link = dir.path().join("usb-gps-if00-port0");

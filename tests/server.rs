@@ -3,7 +3,7 @@
 //! polling the project's simulator on a pseudo-terminal, or over TCP like a serial device
 //! server.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::{Rig, wait_until, within};
 use m2m_gateway::bus::{Job, PASS_THROUGH_STREAK, Priority};
 use m2m_gateway::gateway::Gateway;
-use m2m_gateway::simulate::{Fault, Simulator};
-use m2m_gateway::value::{Table, Value};
+use m2m_gateway::point::value::{Table, Value};
+use m2m_gateway::sim::{Fault, Simulator};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_modbus::client::{Context, Reader, Writer};

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use m2m_gateway::rtu;
-use m2m_gateway::simulate::{Fault, SimConfig, SimError, SimHandle, Simulator, VirtualPort};
-use m2m_gateway::value::Table;
+use m2m_gateway::point::value::Table;
+use m2m_gateway::serial::rtu;
+use m2m_gateway::sim::{Fault, SimConfig, SimError, SimHandle, Simulator, VirtualPort};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, timeout};
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
@@ -79,7 +79,7 @@ fn frame(unit: u8, pdu: &[u8]) -> Vec<u8> {
 
 /// Length of a reply frame judged from its first bytes.
 fn reply_len(buf: &[u8]) -> Option<usize> {
-    m2m_gateway::pdu::pdu_len(buf.get(1..)?, false).map(|n| n + 3)
+    m2m_gateway::serial::pdu::pdu_len(buf.get(1..)?, false).map(|n| n + 3)
 }
 
 /// Sends `pdu` to `unit` and reads one reply by its length, within `wait`.
@@ -420,7 +420,7 @@ fn load_reports_problems_with_the_file_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("sim.toml");
     std::fs::write(&path, "[[unit]]\nunit = 1\ncolour = \"red\"\n").expect("write");
-    let e = m2m_gateway::simulate::load(&path).expect_err("unknown field");
+    let e = m2m_gateway::sim::load(&path).expect_err("unknown field");
     let msg = e.to_string();
     assert!(msg.contains("sim.toml") && msg.contains("colour"), "{msg}");
 
@@ -431,20 +431,20 @@ fn load_reports_problems_with_the_file_name() {
          values = [1, 2]\n",
     )
     .expect("write");
-    match m2m_gateway::simulate::load(&path) {
+    match m2m_gateway::sim::load(&path) {
         Err(SimError::Invalid { path: p, problems }) => {
             assert_eq!(p, path);
             assert_eq!(problems.len(), 3, "{problems:?}");
         }
         other => panic!("expected Invalid, got {other:?}"),
     }
-    let missing = m2m_gateway::simulate::load(&dir.path().join("nope.toml")).expect_err("missing");
+    let missing = m2m_gateway::sim::load(&dir.path().join("nope.toml")).expect_err("missing");
     assert!(missing.to_string().contains("nope.toml"));
 }
 
 #[tokio::test]
 async fn quick_simulation_answers_every_unit() {
-    let config = m2m_gateway::simulate::quick(&[1, 2, 3], 10);
+    let config = m2m_gateway::sim::quick(&[1, 2, 3], 10);
     config.validate().expect("quick config is valid");
     let mut r = rig_from(config);
     for unit in [1, 2, 3] {

@@ -4,9 +4,8 @@
 //! side; the test holds the master side as "the machine" at each end. Every wait has a
 //! deadline; nothing synchronises on a fixed sleep.
 
-mod common;
-#[path = "common/proxy.rs"]
-mod proxy;
+use crate::common;
+use crate::common::proxy;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,10 +14,10 @@ use common::{logs, wait_until};
 use m2m_gateway::config;
 use m2m_gateway::gateway::Gateway;
 use m2m_gateway::link::LinkHandle;
+use m2m_gateway::link::tls::{self, Identity};
+use m2m_gateway::link::tunnel::TunnelHandle;
 use m2m_gateway::model::{Model, OnLinkDown};
-use m2m_gateway::simulate::VirtualPort;
-use m2m_gateway::tls::{self, Identity};
-use m2m_gateway::tunnel::TunnelHandle;
+use m2m_gateway::sim::VirtualPort;
 use proxy::Proxy;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tempfile::TempDir;

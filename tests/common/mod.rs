@@ -1,13 +1,15 @@
 //! Shared test rig: a simulator on a real pseudo-terminal pair and a gateway polling it.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::future::Future;
 use std::time::Duration;
 
 use m2m_gateway::gateway::Gateway;
 use m2m_gateway::model::Model;
-use m2m_gateway::simulate::{SimConfig, SimHandle, Simulator, VirtualPort};
-use m2m_gateway::value::{Quality, Sample, Value};
+use m2m_gateway::point::value::{Quality, Sample, Value};
+use m2m_gateway::sim::{SimConfig, SimHandle, Simulator, VirtualPort};
 use tokio_util::sync::CancellationToken;
 
 /// A simulator on a virtual serial pair and a gateway polling it.

@@ -1,0 +1,17 @@
+//! The integration tests, as one binary (as ripgrep does): one link step instead of one
+//! per file. Each module is one area; `common` holds the shared rigs and helpers.
+
+mod common;
+
+mod cli;
+mod config_corpus;
+mod layers;
+mod link_processes;
+mod links;
+mod plc;
+mod polling;
+mod raw_protocols;
+mod serial_protocols;
+mod server;
+mod simulator;
+mod tunnel;
