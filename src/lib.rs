@@ -16,7 +16,7 @@
 //!
 //! | layer | modules | what they own |
 //! |---|---|---|
-//! | 1 | [`point`] | typed values, their register encodings, fields of raw replies |
+//! | 1 | [`point`], [`backoff`] | typed values, their register encodings, fields of raw replies; reconnect back-off |
 //! | 2 | [`serial`], [`image`] | bytes on a line (framings, PDUs, checksums); the live point values |
 //! | 3 | [`model`] | the validated configuration every task runs from |
 //! | 4 | [`config`], [`bus`], [`spool`] | TOML to model; one task per line; the on-disk spool per peer |
@@ -26,6 +26,7 @@
 //! | 8 | [`gateway`] | starts every task of a model under one shutdown token |
 //! | 9 | [`tools`] | commissioning reads and the demo |
 
+pub mod backoff;
 pub mod point;
 
 pub mod image;

@@ -39,7 +39,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_modbus::client::{Client, Context};
@@ -48,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::backoff::Backoff;
 use crate::image::Image;
 use crate::model::{Deliver, Plc, PlcTarget, PlcWatchdog, SendRule};
 use crate::point::registers::encode_registers;
@@ -61,6 +61,8 @@ pub const MAX_WRITE_REGISTERS: usize = 123;
 pub const MAX_WRITE_COILS: usize = 1968;
 /// First pause before a reconnect.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// A connection up this long has proven itself, even if it had nothing to write.
+const STABLE: Duration = Duration::from_secs(30);
 /// Spool batches read at a time.
 const CHUNK: usize = 64;
 
@@ -487,7 +489,11 @@ impl Watchdog {
 
 impl Sender {
     async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
+        // Jitter spreads the reconnects of many sinks. A connect alone proves nothing (a
+        // PLC that accepts and drops at once must not be retried every 100 ms for ever):
+        // the delay starts again only once the PLC confirmed a write, or the connection
+        // stayed up for STABLE.
+        let mut backoff = Backoff::new(BACKOFF_MIN, self.plc.reconnect_max).with_jitter().with_stable(STABLE);
         loop {
             let outcome = tokio::select! {
                 // Not cancel-safe, and need not be: a half-made connection is dropped.
@@ -496,28 +502,37 @@ impl Sender {
             };
             match outcome {
                 Ok(ctx) => {
-                    backoff = BACKOFF_MIN;
+                    backoff.connected(Instant::now());
+                    let confirmed = self.confirmed();
                     self.stats.connects.fetch_add(1, Relaxed);
                     self.set_connected(true);
                     info!(address = %self.plc.address, "connected to the plc");
                     let end = self.session(ctx, &shutdown).await;
                     self.set_connected(false);
+                    if self.confirmed() > confirmed {
+                        backoff.proven();
+                    }
                     match end {
                         End::Shutdown => return,
                         End::Lost(e) => warn!(error = %e, "plc connection lost; values stay spooled"),
                     }
                 }
-                Err(e) => warn!(error = %e, retry_in = ?backoff, "cannot reach the plc; values stay spooled"),
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?backoff.delay(), "cannot reach the plc; values stay spooled")
+                }
             }
-            // Jitter (50-100 % of the back-off) spreads the reconnects of many sinks.
-            let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
-            backoff = (backoff * 2).min(self.plc.reconnect_max);
+            let until = backoff.failed(Instant::now());
             tokio::select! {
                 // Cancel-safe: a timer.
-                () = sleep_until(Instant::now() + wait) => {}
+                () = sleep_until(until) => {}
                 () = shutdown.cancelled() => return,
             }
         }
+    }
+
+    /// Requests the PLC has confirmed so far (writes and watchdog beats).
+    fn confirmed(&self) -> u64 {
+        self.stats.requests.load(Relaxed) + self.stats.watchdog.load(Relaxed)
     }
 
     fn set_connected(&self, up: bool) {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// Bottom up, as in `src/lib.rs`.
 const LAYERS: &[&[&str]] = &[
-    &["point"],
+    &["point", "backoff"],
     &["serial", "image"],
     &["model"],
     &["config", "bus", "spool"],

@@ -530,3 +530,33 @@ async fn the_watchdog_counts_while_connected_and_resumes_after_an_outage() {
     sink.stop().await;
     server.abort();
 }
+
+/// A PLC (or a firewall in front of it) that accepts the connection and drops it at once
+/// was retried every 50-100 ms for ever: the back-off was reset by every TCP connect. A
+/// connect proves nothing; the waits between accepts must keep growing.
+#[tokio::test]
+async fn a_plc_that_accepts_and_drops_is_retried_with_growing_waits() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // reconnect_max 2 s: the waits go 100, 200, 400, 800 ms (jitter takes up to half off).
+    let mut plc = plc_model(addr, &dir.path().join("plc.db"), "");
+    plc.reconnect_max = SECS(2);
+    let sink = Sink::start(&plc, Arc::new(Image::new()));
+    // A value waits to be written, so every session tries, and finds the socket closed.
+    sink.set("d.a", Value::UInt(1));
+    let mut accepted = Vec::new();
+    let deadline = tokio::time::Instant::now() + SECS(10);
+    while accepted.len() < 6 {
+        let (stream, _) = tokio::time::timeout_at(deadline, listener.accept())
+            .await
+            .expect("six connects within 10 s")
+            .expect("accept");
+        accepted.push(tokio::time::Instant::now());
+        drop(stream);
+    }
+    let gaps: Vec<Duration> = accepted.windows(2).map(|w| w[1] - w[0]).collect();
+    // The fifth wait is at least half of 100 ms x 2^4; a reset on connect kept it under 100 ms.
+    assert!(gaps[4] >= Duration::from_millis(700), "waits between connects did not grow: {gaps:?}");
+    sink.stop().await;
+}
