@@ -82,6 +82,7 @@ impl Backoff {
     /// Waits at least `hold` before the next try (a configuration mismatch that retrying
     /// soon cannot fix): the current delay becomes `hold` (or `max`, if longer).
     pub fn hold(&mut self, hold: Duration) {
+        self.up_since = None;
         self.delay = hold.max(self.max);
     }
 }

@@ -42,7 +42,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -53,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::backoff::Backoff;
 use crate::image::{Image, PointId};
 use crate::link::proto::{Frame, FrameCodec, ProtoError};
 use crate::link::tunnel::TunnelHub;
@@ -354,7 +354,10 @@ enum End {
 
 impl Task {
     async fn run(mut self, mut dialer: Dialer) {
-        let mut backoff = BACKOFF_MIN;
+        // Jitter spreads the reconnects of many gateways; a session that stayed up for
+        // STABLE starts the delay again (a peer that accepts and drops does not).
+        let mut backoff =
+            Backoff::new(BACKOFF_MIN, self.link.peer.reconnect_max).with_jitter().with_stable(STABLE);
         let mut next: Option<Incoming> = None;
         loop {
             let incoming = match &mut dialer {
@@ -366,7 +369,7 @@ impl Task {
                         r = connect(&addr, tls) => match r {
                             Ok(s) => Some(s),
                             Err(e) => {
-                                warn!(%addr, error = %e, retry_in = ?backoff, "cannot connect to peer");
+                                warn!(%addr, error = %e, retry_in = ?backoff.delay(), "cannot connect to peer");
                                 None
                             }
                         },
@@ -395,12 +398,9 @@ impl Task {
             let mut end = End::Lost;
             let sessions = self.counters.sessions.load(Relaxed);
             if let Some((stream, from)) = incoming {
-                let started = Instant::now();
+                backoff.connected(Instant::now());
                 end = self.session(stream, from, &mut dialer).await;
                 self.set_connected(false);
-                if started.elapsed() >= STABLE {
-                    backoff = BACKOFF_MIN;
-                }
             }
             if self.counters.sessions.load(Relaxed) == sessions {
                 self.counters.failed.fetch_add(1, Relaxed);
@@ -418,16 +418,13 @@ impl Task {
                     next = Some(*s);
                     continue;
                 }
-                End::Mismatch => backoff = MISMATCH_BACKOFF.max(self.link.peer.reconnect_max),
+                End::Mismatch => backoff.hold(MISMATCH_BACKOFF),
                 End::Lost => {}
             }
             if matches!(dialer, Dialer::Accept(_)) {
                 continue;
             }
-            // Jitter (50-100 % of the back-off) spreads the reconnects of many gateways.
-            let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
-            backoff = (backoff * 2).min(self.link.peer.reconnect_max).max(BACKOFF_MIN);
-            let until = Instant::now() + wait;
+            let until = backoff.failed(Instant::now());
             loop {
                 tokio::select! {
                     // Cancel-safe: a timer, and mpsc::recv.

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::backoff::Backoff;
 use crate::bus::{self, Port};
 use crate::link::proto::Frame;
 use crate::model::{OnLinkDown, Tunnel};
@@ -292,7 +293,8 @@ impl Task {
     async fn run(mut self, shutdown: CancellationToken) {
         let mut port_rd: Option<ReadHalf<Box<dyn Port>>> = None;
         let mut port_wr: Option<WriteHalf<Box<dyn Port>>> = None;
-        let mut backoff = REOPEN_MIN;
+        // Reset only by a port that carried a byte (`proven` below).
+        let mut backoff = Backoff::new(REOPEN_MIN, self.t.reopen_max);
         let mut next_open = Instant::now();
         let mut last_error = String::new();
         // The open port has carried a byte: a port that fails before that (a device
@@ -330,11 +332,10 @@ impl Task {
                     }
                     Err(e) => {
                         if e != last_error {
-                            warn!(error = %e, retry_in = ?backoff, "cannot open tunnel port");
+                            warn!(error = %e, retry_in = ?backoff.delay(), "cannot open tunnel port");
                         }
                         last_error = e;
-                        next_open = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(self.t.reopen_max);
+                        next_open = backoff.failed(Instant::now());
                     }
                 }
             }
@@ -397,12 +398,12 @@ impl Task {
             }
             if let Some(e) = failed.take() {
                 if proven {
-                    backoff = REOPEN_MIN;
+                    backoff.proven();
                 }
                 if proven || e != last_failure {
-                    warn!(error = %e, retry_in = ?backoff, "tunnel port failed; reopening");
+                    warn!(error = %e, retry_in = ?backoff.delay(), "tunnel port failed; reopening");
                 } else {
-                    debug!(error = %e, retry_in = ?backoff, "tunnel port failed again right after opening");
+                    debug!(error = %e, retry_in = ?backoff.delay(), "tunnel port failed again right after opening");
                 }
                 // After a port that worked, the next open is news again.
                 last_failure = if proven { String::new() } else { e };
@@ -414,8 +415,7 @@ impl Task {
                 let lost: usize = wq.drain(..).map(|b| b.len()).sum();
                 self.counters.dropped_in.fetch_add(lost as u64, Relaxed);
                 wq_bytes = 0;
-                next_open = Instant::now() + backoff;
-                backoff = (backoff * 2).min(self.t.reopen_max);
+                next_open = backoff.failed(Instant::now());
             }
         }
         self.counters.port_open.store(false, Relaxed);

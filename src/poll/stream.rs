@@ -18,6 +18,7 @@ use tokio_modbus::Response;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
+use crate::backoff::Backoff;
 use crate::bus::{Port, open_serial};
 use crate::image::{Image, PointId};
 use crate::model::{Bus, Line, RawDevice};
@@ -58,14 +59,16 @@ impl Stream {
     /// Reads and parses until `shutdown` is cancelled, reopening the port when it fails.
     #[instrument(name = "stream", skip_all, fields(device = %self.device.name))]
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        // Only a port that worked for a while earns a quick reopen; one that fails right
+        // after opening keeps backing off (no reopen storm).
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.reopen_max).with_stable(STABLE);
         let mut last_error = String::new();
         loop {
             match open_serial(&self.port, &self.line) {
                 Ok(port) => {
                     info!("serial port open");
                     last_error.clear();
-                    let opened = tokio::time::Instant::now();
+                    backoff.connected(tokio::time::Instant::now());
                     match self.read(port, &shutdown).await {
                         Ok(()) => break,
                         Err(e) => {
@@ -73,25 +76,21 @@ impl Stream {
                             self.image.fail(self.ids.iter().copied(), Quality::CommFail);
                         }
                     }
-                    // Only a port that worked for a while earns a quick reopen; one that
-                    // fails right after opening keeps backing off (no reopen storm).
-                    if opened.elapsed() >= STABLE {
-                        backoff = Duration::from_millis(100);
-                    }
                 }
                 Err(e) => {
                     if e != last_error {
-                        warn!(error = %e, retry_in = ?backoff, "cannot open serial port");
+                        warn!(error = %e, retry_in = ?backoff.delay(), "cannot open serial port");
                         self.image.fail(self.ids.iter().copied(), Quality::CommFail);
                     }
                     last_error = e;
                 }
             }
+            let until = backoff.failed(tokio::time::Instant::now());
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                // Cancel-safe: a timer.
+                () = tokio::time::sleep_until(until) => {}
                 () = shutdown.cancelled() => break,
             }
-            backoff = (backoff * 2).min(self.reopen_max.max(Duration::from_millis(100)));
         }
         info!("stream stopped");
     }
