@@ -253,32 +253,8 @@ pub enum OnLinkDown {
     },
 }
 
-/// An IPv4/IPv6 network in CIDR form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    /// Network address.
-    pub addr: std::net::IpAddr,
-    /// Prefix length.
-    pub prefix: u8,
-}
-
-impl IpNet {
-    /// True when `ip` is inside this network.
-    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
-        use std::net::IpAddr::{V4, V6};
-        match (self.addr, ip) {
-            (V4(n), V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (V6(n), V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
-    }
-}
+/// An IPv4/IPv6 network in CIDR form (`links.allow`).
+pub use ipnet::IpNet;
 
 /// Which side opens the TCP connection.
 #[derive(Debug, Clone, PartialEq, Eq)]

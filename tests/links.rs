@@ -1029,7 +1029,7 @@ async fn a_source_outside_allow_is_refused_before_tls() {
     let (a, b) = (Site::new(), Site::new());
     let shutdown = CancellationToken::new();
     let mut links = b.links(true, vec![peer("site-a", a.fp(), Dial::Accept, vec![])]);
-    links.allow = vec![model::IpNet { addr: "10.0.0.0".parse().expect("ip"), prefix: 8 }];
+    links.allow = vec!["10.0.0.0/8".parse().expect("net")];
     let gb = Gateway::start(&model("site-b", vec![], links), shutdown.child_token()).expect("start b");
     let ga = Gateway::start(
         &model(

@@ -94,27 +94,15 @@ fn cidr(text: &str) -> Result<IpNet, String> {
             Err(_) => return Err(bad()),
         },
     };
-    let network = network(addr, prefix);
-    if network != addr {
+    let net = IpNet::new(addr, prefix).map_err(|_| bad())?;
+    let network = net.trunc();
+    if network != net {
+        let network = network.addr();
         return Err(format!(
             "allow {text:?} has host bits set below the /{prefix} prefix: did you mean \"{network}/{prefix}\"?"
         ));
     }
-    Ok(IpNet { addr, prefix })
-}
-
-/// `addr` with every bit below `prefix` cleared.
-fn network(addr: IpAddr, prefix: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V4((u32::from(a) & mask).into())
-        }
-        IpAddr::V6(a) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V6((u128::from(a) & mask).into())
-        }
-    }
+    Ok(net)
 }
 
 #[cfg(test)]
@@ -124,13 +112,13 @@ mod tests {
     #[test]
     fn networks() {
         let net = cidr("10.0.0.0/8").expect("valid");
-        assert_eq!(net.prefix, 8);
-        assert!(net.contains("10.200.1.2".parse().expect("ip")));
-        assert!(!net.contains("11.0.0.1".parse().expect("ip")));
-        assert_eq!(cidr("192.168.1.20").expect("host").prefix, 32);
-        assert_eq!(cidr("::1").expect("v6 host").prefix, 128);
-        assert_eq!(cidr("fd00::/8").expect("v6 net").prefix, 8);
-        assert_eq!(cidr("0.0.0.0/0").expect("any").prefix, 0);
+        assert_eq!(net.prefix_len(), 8);
+        assert!(net.contains(&"10.200.1.2".parse::<IpAddr>().expect("ip")));
+        assert!(!net.contains(&"11.0.0.1".parse::<IpAddr>().expect("ip")));
+        assert_eq!(cidr("192.168.1.20").expect("host").prefix_len(), 32);
+        assert_eq!(cidr("::1").expect("v6 host").prefix_len(), 128);
+        assert_eq!(cidr("fd00::/8").expect("v6 net").prefix_len(), 8);
+        assert_eq!(cidr("0.0.0.0/0").expect("any").prefix_len(), 0);
         let err = cidr("10.0.0.1/8").expect_err("host bits");
         assert!(err.contains("did you mean \"10.0.0.0/8\""), "{err}");
         assert!(cidr("10.0.0.0/33").is_err());

@@ -73,7 +73,7 @@ impl Listener {
                 () = shutdown.cancelled() => return,
             };
             let ip = from.ip().to_canonical();
-            if !allow.is_empty() && !allow.iter().any(|n| n.contains(ip)) {
+            if !allow.is_empty() && !allow.iter().any(|n| n.contains(&ip)) {
                 warn!(%from, "refused a connection: source address not in links.allow");
                 continue;
             }

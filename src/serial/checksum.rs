@@ -9,6 +9,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crc::Crc;
+
 /// A checksum name that is not known.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChecksumError {
@@ -85,10 +87,10 @@ impl Checksum {
             Checksum::Sum16 => sum() & 0xFFFF,
             Checksum::Xor => u32::from(data.iter().fold(0u8, |x, b| x ^ b)),
             Checksum::Lrc => sum().wrapping_neg() & 0xFF,
-            Checksum::Crc16Modbus => u32::from(crate::serial::rtu::crc16(data)),
-            Checksum::Crc16Ccitt => u32::from(crc16_msb(0xFFFF, data)),
-            Checksum::Crc16Xmodem => u32::from(crc16_msb(0x0000, data)),
-            Checksum::Crc32 => crc32(data),
+            Checksum::Crc16Modbus => u32::from(crc16_modbus(data)),
+            Checksum::Crc16Ccitt => u32::from(CRC16_CCITT.checksum(data)),
+            Checksum::Crc16Xmodem => u32::from(CRC16_XMODEM.checksum(data)),
+            Checksum::Crc32 => CRC32.checksum(data),
         }
     }
 
@@ -165,28 +167,18 @@ impl fmt::Display for Checksum {
     }
 }
 
-/// CRC-16 with poly 0x1021, not reflected, no final xor, from `init`.
-fn crc16_msb(init: u16, data: &[u8]) -> u16 {
-    let mut crc = init;
-    for &b in data {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
-        }
-    }
-    crc
-}
+/// CRC-16/MODBUS (poly 0x8005 reflected, init 0xFFFF): Modbus RTU's frame check.
+const CRC16_MODBUS: Crc<u16> = Crc::<u16>::new(&crc::CRC_16_MODBUS);
+/// CRC-16/IBM-3740, often called CRC-16/CCITT (poly 0x1021, init 0xFFFF, not reflected).
+const CRC16_CCITT: Crc<u16> = Crc::<u16>::new(&crc::CRC_16_IBM_3740);
+/// CRC-16/XMODEM (poly 0x1021, init 0, not reflected).
+const CRC16_XMODEM: Crc<u16> = Crc::<u16>::new(&crc::CRC_16_XMODEM);
+/// CRC-32/ISO-HDLC (Ethernet, zip).
+const CRC32: Crc<u32> = Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 
-/// CRC-32/ISO-HDLC.
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
+/// CRC-16/MODBUS of `data`, as Modbus RTU frames carry it (low byte first on the wire).
+pub fn crc16_modbus(data: &[u8]) -> u16 {
+    CRC16_MODBUS.checksum(data)
 }
 
 /// How a checksum value is written into a frame.

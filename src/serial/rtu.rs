@@ -9,14 +9,7 @@ use crate::serial::pdu::PduError;
 
 /// CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF), sent low byte first.
 pub fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0xFFFF;
-    for &b in data {
-        crc ^= u16::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xA001 } else { crc >> 1 };
-        }
-    }
-    crc
+    crate::serial::checksum::crc16_modbus(data)
 }
 
 /// Appends `unit`, the PDU and the CRC: one complete RTU frame.

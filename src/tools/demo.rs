@@ -121,7 +121,7 @@ fn demo_links(dir: &Path, listen: bool, peer: Peer) -> Links {
         identity_dir: dir.join("identity"),
         data_dir: dir.join("data"),
         listen: listen.then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
-        allow: vec![model::IpNet { addr: [127, 0, 0, 1].into(), prefix: 32 }],
+        allow: vec![model::IpNet::from(std::net::IpAddr::from([127, 0, 0, 1]))],
         peers: vec![peer],
         tunnels: Vec::new(),
     }
