@@ -14,6 +14,10 @@
 //!   valid reply, and must never be taken for the device's confirmation;
 //! - a reply from another unit or for another function, or with a bad CRC, is discarded
 //!   while the timeout keeps running — it is never returned as data;
+//! - nothing is sent to a unit while a request sent to it earlier can still be answered
+//!   (the late-reply ledger, [`schedule::Ledger`]): not the retry, not the next job; a
+//!   reply is taken only when every request still open for its unit is the running
+//!   transaction's. Late replies are counted (`late_replies`);
 //! - the queue is bounded: a full queue refuses new work (`BusError::QueueFull`) instead
 //!   of growing;
 //! - masters cannot starve the polls: after [`PASS_THROUGH_STREAK`] pass-through
@@ -25,7 +29,7 @@
 pub mod pass;
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -43,6 +47,10 @@ use crate::model::{Bus, Line, Parity, Protocol};
 use crate::serial::framing::{Decoded, Framing, SkipReason};
 use crate::serial::pdu::PduError;
 use crate::serial::rtu;
+
+pub mod schedule;
+
+use schedule::{Judged, Key, Ledger};
 
 /// Why a transaction did not produce a response.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -113,6 +121,10 @@ pub struct BusStats {
     pub timeouts: AtomicU64,
     /// Frames dropped for a bad CRC.
     pub crc_errors: AtomicU64,
+    /// Replies that came after their request's timeout. They are discarded, except one
+    /// that answers the very request being retried (nothing else was sent to its unit
+    /// meanwhile); a late reply is never taken as the answer to another request.
+    pub late_replies: AtomicU64,
     /// Valid frames from other units / functions, or not matching the request.
     pub foreign_frames: AtomicU64,
     /// Bytes discarded as noise or stale input.
@@ -305,13 +317,57 @@ pub struct Engine {
     local_echo: bool,
     /// When the line last carried a byte (ours or anyone's).
     last_activity: Instant,
+    /// Requests sent and not answered yet, per unit: what a late reply may still answer.
+    ledger: Ledger<(u8, Request<'static>)>,
+    /// The number of the transaction on the line (attempts of one job share it).
+    txn: u64,
     buf: Vec<u8>,
+    /// Bytes heard outside a transaction's window (while idle, or before a request).
+    stray: Vec<u8>,
     out: Vec<u8>,
 }
 
 enum Attempt {
     Done(Result<Response, ExceptionCode>),
     NoReply,
+}
+
+/// What ended an idle wait.
+enum Woke {
+    Job(Option<Job>),
+    Other,
+    Shutdown,
+    Read(std::io::Result<usize>),
+}
+
+/// The port and its reopen back-off.
+struct Line0 {
+    port: Option<Box<dyn Port>>,
+    backoff: Duration,
+    next_open: Instant,
+    last_error: String,
+    /// The open port has carried a transaction (whatever the device said): a port that
+    /// fails before that is flapping (accepts the open, fails the I/O) and is reopened
+    /// with back-off, not at the poll rate.
+    proven: bool,
+}
+
+impl Line0 {
+    /// The port failed: drop it and schedule the reopen.
+    fn failed(&mut self, e: String, reopen_max: Duration) {
+        if self.proven {
+            warn!(error = %e, "serial port failed; reopening");
+            self.next_open = Instant::now();
+        } else {
+            if e != self.last_error {
+                warn!(error = %e, retry_in = ?self.backoff, "serial port fails as soon as it is open; reopening with back-off");
+            }
+            self.next_open = Instant::now() + self.backoff;
+            self.backoff = (self.backoff * 2).min(reopen_max);
+        }
+        self.last_error = e;
+        self.port = None;
+    }
 }
 
 impl Engine {
@@ -336,7 +392,10 @@ impl Engine {
             gap: rtu::t35(&line),
             local_echo: false,
             last_activity: Instant::now(),
+            ledger: Ledger::default(),
+            txn: 0,
             buf: Vec::with_capacity(512),
+            stray: Vec::with_capacity(512),
             out: Vec::with_capacity(260),
         }
     }
@@ -367,6 +426,11 @@ impl Engine {
         self
     }
 
+    /// Who a reply from `unit` can be told apart as (see [`schedule`]).
+    fn key(&self, unit: u8) -> Key {
+        self.framing.replies_name_unit().then_some(unit)
+    }
+
     /// Runs until shutdown: opens the port (by calling `open` again after a failure, with
     /// back-off), and runs queued jobs one at a time, highest priority first.
     #[instrument(name = "bus", skip_all, fields(bus = %self.name))]
@@ -377,18 +441,17 @@ impl Engine {
     {
         let mut heap = BinaryHeap::new();
         let mut seq = 0u64;
-        let mut port: Option<Box<dyn Port>> = None;
-        let mut backoff = Duration::from_millis(100);
-        let mut next_open = Instant::now();
-        let mut last_error = String::from("not opened yet");
-        let mut quarantine: HashMap<u8, Instant> = HashMap::new();
+        let mut line = Line0 {
+            port: None,
+            backoff: Duration::from_millis(100),
+            next_open: Instant::now(),
+            last_error: String::from("not opened yet"),
+            proven: false,
+        };
         let mut pass_streak = 0u32;
-        // The open port has carried a transaction (whatever the device said): a port
-        // that fails before that is flapping (accepts the open, fails the I/O) and is
-        // reopened with back-off, not at the poll rate.
-        let mut proven = false;
+        let mut scratch = [0u8; 256];
         loop {
-            if port.is_none() && Instant::now() >= next_open {
+            if line.port.is_none() && Instant::now() >= line.next_open {
                 let opened = tokio::select! {
                     // Cancel-safe: an open abandoned half-way (a TCP connect) is dropped.
                     r = open() => r,
@@ -398,17 +461,17 @@ impl Engine {
                     Ok(p) => {
                         self.stats.opens.fetch_add(1, Relaxed);
                         info!("serial port open");
-                        port = Some(p);
-                        proven = false;
+                        line.port = Some(p);
+                        line.proven = false;
                         self.last_activity = Instant::now();
                     }
                     Err(e) => {
-                        if e != last_error {
-                            warn!(error = %e, retry_in = ?backoff, "cannot open serial port");
+                        if e != line.last_error {
+                            warn!(error = %e, retry_in = ?line.backoff, "cannot open serial port");
                         }
-                        last_error = e;
-                        next_open = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(self.reopen_max);
+                        line.last_error = e;
+                        line.next_open = Instant::now() + line.backoff;
+                        line.backoff = (line.backoff * 2).min(self.reopen_max);
                     }
                 }
             }
@@ -422,25 +485,28 @@ impl Engine {
                     Err(_) => break,
                 }
             }
-            // A unit that just timed out may still answer late: hold its next request
-            // until the late reply would have been heard (and discarded), serving the
-            // other units meanwhile.
+            // A unit whose earlier request may still be answered (late) gets nothing new
+            // until that reply is heard or can no longer come; the other units are served
+            // meanwhile (all of them are held on a bus whose replies name no unit).
             let now = Instant::now();
-            quarantine.retain(|_, until| *until > now);
-            let mut held = Vec::new();
+            self.ledger.expire(now);
+            let addressed = self.framing.replies_name_unit();
+            let ledger = &self.ledger;
+            let held = |unit: u8| ledger.pending(addressed.then_some(unit)) > 0;
+            let mut kept = Vec::new();
             let mut picked = None;
             while let Some(q) = heap.pop() {
-                if quarantine.contains_key(&q.job.unit) {
-                    held.push(q);
+                if held(q.job.unit) {
+                    kept.push(q);
                 } else {
                     picked = Some(q);
                     break;
                 }
             }
-            heap.extend(held);
+            heap.extend(kept);
             if pass_streak >= PASS_THROUGH_STREAK
                 && picked.as_ref().is_some_and(|q| q.priority == Priority::PassThrough)
-                && let Some(poll) = take_poll(&mut heap, &quarantine)
+                && let Some(poll) = take_poll(&mut heap, &held)
             {
                 heap.extend(picked.replace(poll));
             }
@@ -450,8 +516,7 @@ impl Engine {
                 None => true,
                 Some(q) => matches!(q.priority, Priority::Poll { .. }) && pass_streak < PASS_THROUGH_STREAK,
             };
-            let from_master =
-                if masters_turn { self.pass.take(|unit| !quarantine.contains_key(&unit)) } else { None };
+            let from_master = if masters_turn { self.pass.take(|unit| !held(unit)) } else { None };
             let (taken, master) = match (from_master, picked) {
                 (Some(taken), picked) => {
                     heap.extend(picked);
@@ -460,9 +525,11 @@ impl Engine {
                 (None, Some(q)) => (Taken { job: q.job, shared: Vec::new() }, false),
                 (None, None) => {
                     // Idle: wait for work, shutdown, the next reopen attempt or a unit's
-                    // release.
-                    let down = port.is_none();
-                    let release = quarantine.values().min().copied();
+                    // release; listen while a late reply may still come, so it frees its
+                    // unit as soon as it is heard.
+                    let down = line.port.is_none();
+                    let release = self.ledger.next_expiry();
+                    let next_open = line.next_open;
                     let reopen = async move {
                         match (down, release) {
                             (true, Some(r)) => sleep_until(next_open.min(r)).await,
@@ -471,19 +538,40 @@ impl Engine {
                             (false, None) => std::future::pending().await,
                         }
                     };
-                    tokio::select! {
+                    let listening = self.ledger.any_pending();
+                    let read = async {
+                        match line.port.as_mut() {
+                            Some(p) if listening => p.read(&mut scratch).await,
+                            _ => std::future::pending().await,
+                        }
+                    };
+                    let woke = tokio::select! {
                         // Cancel-safe: a job not yet received stays in the channel.
-                        job = rx.recv() => match job {
-                            Some(job) => {
-                                seq += 1;
-                                heap.push(Queued { priority: job.priority, seq, job });
-                            }
-                            None => break,
-                        },
+                        job = rx.recv() => Woke::Job(job),
                         // Cancel-safe: a notification not taken is kept for the next wait.
-                        () = self.pass.arrived() => {}
-                        () = shutdown.cancelled() => break,
-                        () = reopen => {}
+                        () = self.pass.arrived() => Woke::Other,
+                        () = shutdown.cancelled() => Woke::Shutdown,
+                        () = reopen => Woke::Other,
+                        // Cancel-safe: `read` is; bytes read are handled below.
+                        r = read => Woke::Read(r),
+                    };
+                    match woke {
+                        Woke::Job(Some(job)) => {
+                            seq += 1;
+                            heap.push(Queued { priority: job.priority, seq, job });
+                        }
+                        Woke::Job(None) | Woke::Shutdown => break,
+                        Woke::Other => {}
+                        Woke::Read(Ok(n)) if n > 0 => {
+                            self.last_activity = Instant::now();
+                            self.stray.extend_from_slice(&scratch[..n]);
+                            self.sort_stray(false);
+                        }
+                        Woke::Read(Ok(_)) => line.failed(
+                            std::io::Error::from(std::io::ErrorKind::UnexpectedEof).to_string(),
+                            self.reopen_max,
+                        ),
+                        Woke::Read(Err(e)) => line.failed(e.to_string(), self.reopen_max),
                     }
                     continue;
                 }
@@ -500,46 +588,28 @@ impl Engine {
             }
             let job = &taken.job;
             pass_streak = if job.priority == Priority::PassThrough { pass_streak + 1 } else { 0 };
-            let Some(p) = port.as_mut() else {
-                taken.answer(Err(BusError::PortDown(last_error.clone())));
+            let Some(p) = line.port.as_mut() else {
+                taken.answer(Err(BusError::PortDown(line.last_error.clone())));
                 continue;
             };
             let started = Instant::now();
             let outcome = self.transaction(p.as_mut(), job).await;
+            // A reply cut off by the deadline may be finished by the idle listening.
+            self.stray.append(&mut self.buf);
             self.stats.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
             let outcome = match outcome {
                 Ok(r) => {
-                    if !proven {
-                        proven = true;
-                        backoff = Duration::from_millis(100);
+                    if !line.proven {
+                        line.proven = true;
+                        line.backoff = Duration::from_millis(100);
                     }
                     r
                 }
                 Err(e) => {
-                    let e = format!("{e}");
-                    if proven {
-                        warn!(error = %e, "serial port failed; reopening");
-                        next_open = Instant::now();
-                    } else {
-                        if e != last_error {
-                            warn!(error = %e, retry_in = ?backoff, "serial port fails as soon as it is open; reopening with back-off");
-                        }
-                        next_open = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(self.reopen_max);
-                    }
-                    last_error = e;
-                    port = None;
-                    Err(BusError::PortDown(last_error.clone()))
+                    line.failed(e.to_string(), self.reopen_max);
+                    Err(BusError::PortDown(line.last_error.clone()))
                 }
             };
-            match &outcome {
-                Err(BusError::Timeout { .. }) => {
-                    quarantine.insert(job.unit, Instant::now() + job.timeout);
-                }
-                _ => {
-                    quarantine.remove(&job.unit);
-                }
-            }
             drop(running);
             self.stats.shared_answers.fetch_add(taken.shared.len() as u64, Relaxed);
             taken.answer(outcome);
@@ -559,20 +629,21 @@ impl Engine {
         if let Err(e) = self.framing.encode(job.unit, &job.request, &mut self.out) {
             return Ok(Err(BusError::Invalid(e)));
         }
+        self.txn += 1;
+        let key = self.key(job.unit);
         let attempts = job.retries.saturating_add(1);
         for attempt in 1..=attempts {
-            let result = self.attempt(port, job).await?;
-            match result {
-                Attempt::Done(Ok(rsp)) => {
-                    self.stats.transactions.fetch_add(1, Relaxed);
-                    return Ok(Ok(rsp));
+            // The attempt before may still be answered: the retry waits for that reply
+            // (the same request's answer, so it is taken) or until it can no longer come.
+            // Sending it earlier would leave two replies for one request, the second of
+            // which would land in the next transaction's window.
+            while let Some(until) = self.ledger.blocked_until(key, Instant::now()) {
+                if let Some(reply) = self.listen(port, job, until, 0).await? {
+                    return Ok(self.done(job, reply));
                 }
-                Attempt::Done(Err(code)) => {
-                    self.stats.transactions.fetch_add(1, Relaxed);
-                    self.stats.exceptions.fetch_add(1, Relaxed);
-                    debug!(unit = job.unit, ?code, "exception reply");
-                    return Ok(Err(BusError::Exception(code)));
-                }
+            }
+            match self.attempt(port, job).await? {
+                Attempt::Done(reply) => return Ok(self.done(job, reply)),
                 Attempt::NoReply if job.unit == 0 => return Ok(Ok(broadcast_echo(&job.request))),
                 Attempt::NoReply => {
                     self.stats.timeouts.fetch_add(1, Relaxed);
@@ -583,8 +654,18 @@ impl Engine {
         Ok(Err(BusError::Timeout { attempts }))
     }
 
+    /// Counts a transaction's answer and turns it into its outcome.
+    fn done(&self, job: &Job, reply: Result<Response, ExceptionCode>) -> Result<Response, BusError> {
+        self.stats.transactions.fetch_add(1, Relaxed);
+        reply.map_err(|code| {
+            self.stats.exceptions.fetch_add(1, Relaxed);
+            debug!(unit = job.unit, ?code, "exception reply");
+            BusError::Exception(code)
+        })
+    }
+
     /// Waits until the line has been silent for the frame gap since the last byte and
-    /// `not_before` has passed, discarding anything heard meanwhile (a late reply, noise)
+    /// `not_before` has passed, sorting out anything heard meanwhile (a late reply, noise)
     /// and anything already waiting in the port. Gives up waiting — and sends anyway —
     /// after `limit`, so a jabbering line cannot stall the bus for ever.
     async fn wait_silence(
@@ -604,36 +685,99 @@ impl Engine {
                 match port.read(&mut scratch).now_or_never() {
                     Some(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
                     Some(Ok(n)) => {
-                        self.stats.noise_bytes.fetch_add(n as u64, Relaxed);
                         self.last_activity = Instant::now();
+                        self.stray.extend_from_slice(&scratch[..n]);
+                        self.sort_stray(false);
                         continue;
                     }
                     Some(Err(e)) => return Err(e),
-                    None => return Ok(()),
+                    None => {
+                        self.sort_stray(true);
+                        return Ok(());
+                    }
                 }
             }
             // The silence is timed precisely: the 1 ms timer would add up to a whole
             // t3.5 at 115200 baud (1.75 ms) to every transaction.
             let read = tokio::select! {
                 // Cancel-safety: `read` is cancel-safe; a dropped sleep only ends early.
-                () = sleep_until_precise(quiet_at) => return Ok(()),
+                () = sleep_until_precise(quiet_at) => continue,
                 r = port.read(&mut scratch) => r,
             };
             match read {
                 Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => {
-                    self.stats.noise_bytes.fetch_add(n as u64, Relaxed);
                     self.last_activity = Instant::now();
+                    self.stray.extend_from_slice(&scratch[..n]);
+                    self.sort_stray(false);
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
+    /// Sorts out bytes heard outside a transaction's window: a reply to a request still
+    /// open (or just given up on) in the ledger is a late reply, counted and dropped;
+    /// anything else is noise. With `silent` the line has gone quiet, so what cannot be
+    /// completed is dropped too.
+    fn sort_stray(&mut self, silent: bool) {
+        let now = Instant::now();
+        while !self.stray.is_empty() {
+            let (mut hit, mut waiting, mut skip, mut any) = (None, false, usize::MAX, false);
+            for (key, e) in self.ledger.candidates(now) {
+                any = true;
+                match self.framing.decode(e.what.0, &e.what.1, &self.stray, silent) {
+                    Decoded::Reply { len, .. } => {
+                        hit = Some((key, len));
+                        break;
+                    }
+                    Decoded::Incomplete => waiting = true,
+                    Decoded::Skip { len, .. } => skip = skip.min(len.max(1)),
+                }
+            }
+            if let Some((key, len)) = hit {
+                self.ledger.stray(key, now);
+                self.stats.late_replies.fetch_add(1, Relaxed);
+                debug!(unit = key.map(u32::from), "late reply discarded");
+                self.stray.drain(..len.min(self.stray.len()));
+                continue;
+            }
+            if any && waiting && !silent {
+                return;
+            }
+            let n = if any && skip != usize::MAX { skip.min(self.stray.len()) } else { self.stray.len() };
+            self.stats.noise_bytes.fetch_add(n as u64, Relaxed);
+            self.stray.drain(..n);
+        }
+    }
+
+    /// True when `frame` (already cut out of the line) is the reply to the oldest open
+    /// request of some unit other than the transaction's: a late reply, which answers that
+    /// request in the ledger.
+    fn attribute(&mut self, frame: &[u8]) -> bool {
+        let now = Instant::now();
+        let hit = self.ledger.candidates(now).find_map(|(key, e)| {
+            matches!(self.framing.decode(e.what.0, &e.what.1, frame, true), Decoded::Reply { len, .. } if len == frame.len())
+                .then_some(key)
+        });
+        match hit {
+            Some(key) => {
+                self.ledger.stray(key, now);
+                self.stats.late_replies.fetch_add(1, Relaxed);
+                debug!(unit = key.map(u32::from), "late reply discarded");
+                true
+            }
+            None => false,
+        }
+    }
+
     async fn attempt(&mut self, port: &mut dyn Port, job: &Job) -> std::io::Result<Attempt> {
         // A device that needs a longer turnaround gets it on top of the t3.5 silence.
+        // What the last window left unfinished is judged with what comes before the send.
+        self.stray.append(&mut self.buf);
         let not_before = Instant::now() + job.turnaround;
         self.wait_silence(port, not_before, job.timeout.max(self.gap * 4) + job.turnaround).await?;
+        self.buf.clear();
         let write_start = Instant::now();
         port.write_all(&self.out).await?;
         let written = Instant::now();
@@ -646,15 +790,32 @@ impl Engine {
             sleep_until(drained + self.gap + job.turnaround).await;
             return Ok(Attempt::NoReply);
         }
-        let deadline = drained + job.timeout;
-        self.buf.clear();
+        self.ledger.sent(self.key(job.unit), self.txn, job.timeout, (job.unit, job.request.clone()), drained);
+        // Bytes of our own echo still to come (and to take off).
+        let echo = if self.local_echo { self.out.len() } else { 0 };
+        Ok(match self.listen(port, job, drained + job.timeout, echo).await? {
+            Some(reply) => Attempt::Done(reply),
+            None => Attempt::NoReply,
+        })
+    }
+
+    /// Listens for the reply to `job` until `deadline`, with `echo` bytes of our own
+    /// request to take off first; what is in the buffer already (the part of a reply the
+    /// attempt before heard) counts. `Some` is the answer (accepted by the ledger: nothing
+    /// sent earlier to the unit can still be answered); `None`, no answer in time.
+    async fn listen(
+        &mut self,
+        port: &mut dyn Port,
+        job: &Job,
+        deadline: Instant,
+        mut echo: usize,
+    ) -> std::io::Result<Option<Result<Response, ExceptionCode>>> {
+        let key = self.key(job.unit);
         let mut scratch = [0u8; 256];
         // The buffer as it stands has been judged at a silence already: judging it again
         // before new bytes arrive cannot change the verdict (and, with the silence in the
         // past, would spin on the CPU while a slow adapter delivers the rest of a frame).
         let mut judged_silent = false;
-        // Bytes of our own echo still to come (and to take off).
-        let mut echo = if self.local_echo { self.out.len() } else { 0 };
         loop {
             // Frames we cannot length end at a t3.5 silence.
             let silence_at = (!self.buf.is_empty() && !judged_silent).then(|| self.last_activity + self.t35);
@@ -674,7 +835,7 @@ impl Engine {
                     false
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(_) if Instant::now() >= deadline => return Ok(Attempt::NoReply),
+                Err(_) if Instant::now() >= deadline => return Ok(None),
                 Err(_) => {
                     judged_silent = true;
                     true
@@ -684,26 +845,50 @@ impl Engine {
                 match self.framing.decode(job.unit, &job.request, &self.buf, silent) {
                     Decoded::Incomplete => break,
                     Decoded::Reply { reply, len } => {
-                        if len < self.buf.len() {
-                            self.stats.noise_bytes.fetch_add((self.buf.len() - len) as u64, Relaxed);
+                        match self.ledger.judge(key, self.txn, Instant::now()) {
+                            Judged::Accept { late } => {
+                                if late {
+                                    // The retry was held back for it: the same request's answer.
+                                    self.stats.late_replies.fetch_add(1, Relaxed);
+                                    debug!(
+                                        unit = job.unit,
+                                        "late reply taken: it answers the request being retried"
+                                    );
+                                }
+                                if len < self.buf.len() {
+                                    self.stats.noise_bytes.fetch_add((self.buf.len() - len) as u64, Relaxed);
+                                }
+                                return Ok(Some(reply));
+                            }
+                            Judged::Late | Judged::Unexpected => {
+                                self.stats.late_replies.fetch_add(1, Relaxed);
+                                debug!(unit = job.unit, "late reply to an earlier request discarded");
+                                self.buf.drain(..len.min(self.buf.len()));
+                            }
                         }
-                        return Ok(Attempt::Done(reply));
                     }
                     Decoded::Skip { len, why } => {
-                        let counter = match why {
-                            SkipReason::Crc => &self.stats.crc_errors,
-                            SkipReason::Foreign | SkipReason::Mismatch => &self.stats.foreign_frames,
-                            SkipReason::Noise => &self.stats.noise_bytes,
+                        let len = len.min(self.buf.len());
+                        let late = matches!(why, SkipReason::Foreign | SkipReason::Mismatch) && {
+                            let frame = self.buf[..len].to_vec();
+                            self.attribute(&frame)
                         };
-                        if why != SkipReason::Noise {
-                            debug!(unit = job.unit, ?why, "frame discarded");
+                        if !late {
+                            let counter = match why {
+                                SkipReason::Crc => &self.stats.crc_errors,
+                                SkipReason::Foreign | SkipReason::Mismatch => &self.stats.foreign_frames,
+                                SkipReason::Noise => &self.stats.noise_bytes,
+                            };
+                            if why != SkipReason::Noise {
+                                debug!(unit = job.unit, ?why, "frame discarded");
+                            }
+                            counter.fetch_add(if why == SkipReason::Noise { len as u64 } else { 1 }, Relaxed);
                         }
-                        counter.fetch_add(if why == SkipReason::Noise { len as u64 } else { 1 }, Relaxed);
-                        self.buf.drain(..len.min(self.buf.len()));
-                        if self.buf.is_empty() {
-                            break;
-                        }
+                        self.buf.drain(..len);
                     }
+                }
+                if self.buf.is_empty() {
+                    break;
                 }
             }
         }
@@ -738,12 +923,12 @@ impl Drop for Running {
 }
 
 /// Takes the most urgent poll out of `heap` whose unit is not held back, if any.
-fn take_poll(heap: &mut BinaryHeap<Queued>, quarantine: &HashMap<u8, Instant>) -> Option<Queued> {
+fn take_poll(heap: &mut BinaryHeap<Queued>, held: &impl Fn(u8) -> bool) -> Option<Queued> {
     let mut items = std::mem::take(heap).into_vec();
     let best = items
         .iter()
         .enumerate()
-        .filter(|(_, q)| matches!(q.priority, Priority::Poll { .. }) && !quarantine.contains_key(&q.job.unit))
+        .filter(|(_, q)| matches!(q.priority, Priority::Poll { .. }) && !held(q.job.unit))
         .max_by(|a, b| a.1.cmp(b.1))
         .map(|(i, _)| i);
     let poll = best.map(|i| items.swap_remove(i));
@@ -808,9 +993,10 @@ pub fn summary(stats: &BusStats, since: &BusStats, elapsed: Duration) -> String 
     let secs = elapsed.as_secs_f64().max(1e-9);
     let shared = d(&stats.shared_answers, &since.shared_answers);
     format!(
-        "{tx} transactions ({:.1}/s), {} timeouts, {} crc errors, {} foreign frames, {} exceptions, line busy {:.1}%{}",
+        "{tx} transactions ({:.1}/s), {} timeouts, {} late replies, {} crc errors, {} foreign frames, {} exceptions, line busy {:.1}%{}",
         tx as f64 / secs,
         d(&stats.timeouts, &since.timeouts),
+        d(&stats.late_replies, &since.late_replies),
         d(&stats.crc_errors, &since.crc_errors),
         d(&stats.foreign_frames, &since.foreign_frames),
         d(&stats.exceptions, &since.exceptions),
@@ -831,6 +1017,7 @@ impl BusStats {
             transactions: c(&self.transactions),
             timeouts: c(&self.timeouts),
             crc_errors: c(&self.crc_errors),
+            late_replies: c(&self.late_replies),
             foreign_frames: c(&self.foreign_frames),
             noise_bytes: c(&self.noise_bytes),
             exceptions: c(&self.exceptions),

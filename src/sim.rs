@@ -93,7 +93,7 @@ pub enum SimError {
     },
     /// A fault spec that does not parse.
     #[error(
-        "bad fault {spec:?}: expected silent | late <duration> | corrupt-crc | wrong-unit <id> | noise <bytes> | exception <code> | drop-every <n>"
+        "bad fault {spec:?}: expected silent | late <duration> | queued <duration> | corrupt-crc | wrong-unit <id> | noise <bytes> | exception <code> | drop-every <n> | drop-byte <n>"
     )]
     Fault {
         /// The text given.
@@ -190,6 +190,9 @@ pub struct SimHandle {
 struct Outgoing {
     bytes: Vec<u8>,
     delay: Duration,
+    /// Answered from the unit's receive queue ([`Fault::Queued`]): the serve loop keeps
+    /// reading while it waits.
+    queued: bool,
 }
 
 /// When the request being answered arrived, for pacing and the exchange record.
@@ -369,6 +372,8 @@ impl Simulator {
         let mut framer = Framer { ascii: self.ascii, ..Framer::default() };
         let mut chunk = [0u8; 256];
         let mut silent = false;
+        // Replies of units with a receive queue ([`Fault::Queued`]), due in order.
+        let mut queue: std::collections::VecDeque<(Instant, Outgoing, Arrival)> = Default::default();
         // When the first byte still in the framer arrived.
         let mut first_at = Instant::now();
         loop {
@@ -386,12 +391,26 @@ impl Simulator {
                         self.on_frame(&f).map(|out| (out, arrival))
                     }
                 };
-                if let Some((out, arrival)) = out {
-                    tokio::select! {
-                        // Cancel-safety: a reply cut short by shutdown is what a device
-                        // losing power mid-frame sends; nothing else is lost.
-                        _ = shutdown.cancelled() => return Ok(()),
-                        r = self.send(&mut io, out, arrival, &mut framer) => r?,
+                match out {
+                    None => {}
+                    Some((out, arrival)) if out.queued => {
+                        let heard = match self.timing.filter(|_| self.pace) {
+                            Some(l) => {
+                                arrival.at + rtu::wire_time(&l.line(), arrival.len) + rtu::t35(&l.line())
+                            }
+                            None => Instant::now(),
+                        };
+                        let turnaround = self.timing.map_or(Duration::ZERO, |l| l.turnaround);
+                        let busy = queue.back().map_or(heard, |(due, _, _)| (*due).max(heard));
+                        queue.push_back((busy + turnaround + out.delay, out, arrival));
+                    }
+                    Some((out, arrival)) => {
+                        tokio::select! {
+                            // Cancel-safety: a reply cut short by shutdown is what a device
+                            // losing power mid-frame sends; nothing else is lost.
+                            _ = shutdown.cancelled() => return Ok(()),
+                            r = self.send(&mut io, out, arrival, &mut framer) => r?,
+                        }
                     }
                 }
             }
@@ -405,10 +424,21 @@ impl Simulator {
                     Ok(io.read(&mut chunk).await)
                 }
             };
+            let due = queue.front().map(|(due, _, _)| *due);
             let read = tokio::select! {
                 // Cancel-safety: `read` is cancel-safe, no accepted byte is lost.
                 _ = shutdown.cancelled() => return Ok(()),
                 r = read => r,
+                // Cancel-safety: a dropped sleep only ends early; the reply stays queued.
+                () = crate::bus::sleep_until_precise(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                    if let Some((_, out, arrival)) = queue.pop_front() {
+                        let at = Instant::now();
+                        io.write_all(&out.bytes).await?;
+                        io.flush().await?;
+                        self.record(arrival, out.bytes.len(), at);
+                    }
+                    continue;
+                }
             };
             match read {
                 Err(_elapsed) => silent = true,
@@ -511,6 +541,7 @@ impl Simulator {
         let unit = st.units.get_mut(&id)?;
         unit.stats.requests += 1;
         let (mut delay, mut reply_id, mut corrupt, mut noise) = (Duration::ZERO, id, false, 0);
+        let (mut queued, mut drop_byte) = (false, false);
         let pdu = match unit.fault {
             Some(Fault::Silent) => return None,
             Some(Fault::DropEvery(n)) if n > 0 && unit.stats.requests % u64::from(n) == 0 => {
@@ -520,6 +551,8 @@ impl Simulator {
             fault => {
                 match fault {
                     Some(Fault::Late(d)) => delay = d,
+                    Some(Fault::Queued(d)) => (delay, queued) = (d, true),
+                    Some(Fault::DropByte(n)) => drop_byte = n > 0 && unit.stats.answered % u64::from(n) == 0,
                     Some(Fault::CorruptCrc) => corrupt = true,
                     Some(Fault::WrongUnit(u)) => reply_id = u,
                     Some(Fault::NoiseBefore(n)) => noise = n,
@@ -551,7 +584,10 @@ impl Simulator {
                 }
             }
         }
-        Some(Outgoing { bytes, delay })
+        if drop_byte {
+            bytes.remove(bytes.len() / 2);
+        }
+        Some(Outgoing { bytes, delay, queued })
     }
 
     /// Sends a reply: after the request's emulated wire time, t3.5 and the turnaround
@@ -828,9 +864,17 @@ mod tests {
 
     #[test]
     fn fault_specs_round_trip() {
-        for s in
-            ["silent", "late 300ms", "corrupt-crc", "wrong-unit 9", "noise 5", "exception 4", "drop-every 3"]
-        {
+        for s in [
+            "silent",
+            "late 300ms",
+            "queued 260ms",
+            "corrupt-crc",
+            "wrong-unit 9",
+            "noise 5",
+            "exception 4",
+            "drop-every 3",
+            "drop-byte 10",
+        ] {
             let f: Fault = s.parse().expect("valid spec");
             assert_eq!(f.to_string(), s);
         }

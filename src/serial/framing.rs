@@ -19,6 +19,14 @@ pub trait Framing: Send + Sync + std::fmt::Debug + 'static {
     /// line has been quiet for the inter-frame silence since the last byte in `buf`, for
     /// protocols whose frames end with silence.
     fn decode(&self, unit: u8, request: &Request<'_>, buf: &[u8], silent: bool) -> Decoded;
+
+    /// True when a reply names the unit that sent it (Modbus: the address byte), so a
+    /// late reply from one unit can never answer a request to another and the bus may
+    /// serve other units while one may still answer late. False (raw devices) makes the
+    /// whole bus one unit for that purpose.
+    fn replies_name_unit(&self) -> bool {
+        true
+    }
 }
 
 /// What the bytes received so far say about the reply to a request.

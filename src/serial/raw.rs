@@ -524,4 +524,10 @@ impl Framing for RawBusFraming {
             None => Decoded::Skip { len: buf.len().max(1), why: SkipReason::Noise },
         }
     }
+
+    /// Raw replies carry no address the bus can read: a late reply from one device could
+    /// pass for another's, so the bus is held as a whole while any reply may still come.
+    fn replies_name_unit(&self) -> bool {
+        false
+    }
 }

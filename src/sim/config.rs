@@ -41,8 +41,8 @@
 //! RTU; `[[raw]]` entries simulate raw serial devices instead of units (see `sim/raw.rs`).
 //!
 //! Bit tables take `values` or `kind = "toggle"`. Faults: `silent`, `late <duration>`,
-//! `corrupt-crc`, `wrong-unit <id>`, `noise <bytes>`, `exception <code>`,
-//! `drop-every <n>`.
+//! `queued <duration>`, `corrupt-crc`, `wrong-unit <id>`, `noise <bytes>`,
+//! `exception <code>`, `drop-every <n>`, `drop-byte <n>`.
 //!
 //! Invariants: raw serde types use `deny_unknown_fields`; a config that passed
 //! [`SimConfig::validate`] compiles into register maps without any entry skipped.
@@ -278,13 +278,20 @@ impl SimType {
 }
 
 /// A way a unit misbehaves. In TOML and on the command line: `silent`, `late 300ms`,
-/// `corrupt-crc`, `wrong-unit 9`, `noise 5`, `exception 4`, `drop-every 3`.
+/// `queued 300ms`, `corrupt-crc`, `wrong-unit 9`, `noise 5`, `exception 4`,
+/// `drop-every 3`, `drop-byte 10`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// Never answers, applies nothing (a dead or disconnected device).
     Silent,
-    /// Answers after this extra delay.
+    /// Answers after this extra delay. Requests that arrive meanwhile are lost (the
+    /// device is not listening while it works on one).
     Late(Duration),
+    /// Answers every request after this delay, in order, one at a time, like a device
+    /// with a receive queue: the reply to request k leaves at
+    /// `max(request k heard, reply k-1 sent) + delay`, and requests that arrive meanwhile
+    /// (a master's retries) are queued and answered too.
+    Queued(Duration),
     /// Answers with a wrong CRC.
     CorruptCrc,
     /// Answers with this unit id in the reply.
@@ -295,6 +302,9 @@ pub enum Fault {
     Exception(u8),
     /// Ignores every n-th request addressed to it (as if lost on the line).
     DropEvery(u32),
+    /// Loses one byte (in the middle) of every n-th reply, as a noisy line drops a
+    /// character: the reply arrives one byte short.
+    DropByte(u32),
 }
 
 impl FromStr for Fault {
@@ -311,10 +321,12 @@ impl FromStr for Fault {
             ("silent", None) => Fault::Silent,
             ("corrupt-crc", None) => Fault::CorruptCrc,
             ("late", Some(d)) => Fault::Late(humantime::parse_duration(d).map_err(|_| bad())?),
+            ("queued", Some(d)) => Fault::Queued(humantime::parse_duration(d).map_err(|_| bad())?),
             ("wrong-unit", a) => Fault::WrongUnit(u8::try_from(num(a)?).map_err(|_| bad())?),
             ("noise", a) => Fault::NoiseBefore(usize::try_from(num(a)?).map_err(|_| bad())?),
             ("exception", a) => Fault::Exception(u8::try_from(num(a)?).map_err(|_| bad())?),
             ("drop-every", a) => Fault::DropEvery(u32::try_from(num(a)?).map_err(|_| bad())?),
+            ("drop-byte", a) => Fault::DropByte(u32::try_from(num(a)?).map_err(|_| bad())?),
             _ => return Err(bad()),
         })
     }
@@ -325,11 +337,13 @@ impl fmt::Display for Fault {
         match self {
             Fault::Silent => write!(f, "silent"),
             Fault::Late(d) => write!(f, "late {}", humantime::format_duration(*d)),
+            Fault::Queued(d) => write!(f, "queued {}", humantime::format_duration(*d)),
             Fault::CorruptCrc => write!(f, "corrupt-crc"),
             Fault::WrongUnit(u) => write!(f, "wrong-unit {u}"),
             Fault::NoiseBefore(n) => write!(f, "noise {n}"),
             Fault::Exception(c) => write!(f, "exception {c}"),
             Fault::DropEvery(n) => write!(f, "drop-every {n}"),
+            Fault::DropByte(n) => write!(f, "drop-byte {n}"),
         }
     }
 }
