@@ -56,7 +56,7 @@ enum Command {
     },
     /// Serve simulated field devices on a virtual serial pair (or a real port).
     Simulate {
-        /// Simulation file (see README); without it, --units makes a quick one.
+        /// Simulation file (see docs/SIMULATOR.md); without it, --units makes a quick one.
         #[arg(short, long)]
         config: Option<PathBuf>,
         /// Unit ids for the quick simulation.
