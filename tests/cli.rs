@@ -191,6 +191,13 @@ fn poll_reads_a_simulated_device_like_mbpoll() {
         assert_eq!(r["table"], "holding");
         assert_eq!(r["values"].as_array().map(Vec::len), Some(5));
         assert_eq!(r["raw"].as_array().map(Vec::len), Some(5));
+        assert!(r["millis"].as_f64().is_some_and(|m| m > 0.0), "{r}");
+    }
+    // The round-trip time is in whole microseconds, not 2.4565889999999997.
+    for line in text.lines() {
+        let millis = line.split("\"millis\":").nth(1).and_then(|m| m.split([',', '}']).next());
+        let decimals = millis.and_then(|m| m.split_once('.')).map_or(0, |(_, d)| d.len());
+        assert!(millis.is_some() && decimals <= 3, "{line}");
     }
     // Typed decoding: the quick simulation keeps f32 sines in input registers 0, 2, ...
     let out = gateway()
