@@ -345,7 +345,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let shutdown = shutdown_on_signals()?;
             let sim = sim::Simulator::new(cfg);
             match device {
-                Some(dev) => sim.serve_device(&dev, shutdown).await?,
+                Some(dev) => {
+                    sim.serve_device(&dev, shutdown, |p| {
+                        println!("serving on {}", p.display());
+                    })
+                    .await?
+                }
                 None => {
                     sim::run_virtual(sim, link.as_deref(), shutdown, |p| {
                         println!("{}", p.display());

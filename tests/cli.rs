@@ -223,6 +223,26 @@ fn poll_reads_a_simulated_device_like_mbpoll() {
 }
 
 #[test]
+fn simulate_on_a_real_port_says_so() {
+    // A port that does not exist: the error names it, and no "virtual port".
+    let out = gateway().args(["simulate", "--device", "/dev/m2m-no-such-tty"]).output().expect("simulate");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot open serial port /dev/m2m-no-such-tty: "), "{err}");
+    assert!(!err.contains("virtual"), "{err}");
+    // A port that exists (the gateway side of another simulator's virtual pair, a tty
+    // like any other): it says it serves there.
+    let (_sim, port) = simulator("1");
+    let mut cmd = gateway();
+    cmd.args(["simulate", "--device", &port]);
+    let mut device = Proc::spawn(cmd);
+    let line = Proc::wait_line(&device.stdout, Duration::from_secs(10), "saying where it serves", |_| true);
+    assert_eq!(line, format!("serving on {port}"));
+    device.signal("-TERM");
+    assert!(device.wait_exit(Duration::from_secs(5)).success());
+}
+
+#[test]
 fn run_polls_and_stops_within_a_second_on_sigterm() {
     let (_sim, port) = simulator("1,2,3");
     let dir = tempfile::tempdir().expect("tempdir");
