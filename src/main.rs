@@ -56,7 +56,7 @@ enum Command {
     },
     /// Serve simulated field devices on a virtual serial pair (or a real port).
     Simulate {
-        /// Simulation file (see README); without it, --units makes a quick one.
+        /// Simulation file (see docs/SIMULATOR.md); without it, --units makes a quick one.
         #[arg(short, long)]
         config: Option<PathBuf>,
         /// Unit ids for the quick simulation.
@@ -345,7 +345,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let shutdown = shutdown_on_signals()?;
             let sim = sim::Simulator::new(cfg);
             match device {
-                Some(dev) => sim.serve_device(&dev, shutdown).await?,
+                Some(dev) => {
+                    sim.serve_device(&dev, shutdown, |p| {
+                        println!("serving on {}", p.display());
+                    })
+                    .await?
+                }
                 None => {
                     sim::run_virtual(sim, link.as_deref(), shutdown, |p| {
                         println!("{}", p.display());

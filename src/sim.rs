@@ -120,6 +120,14 @@ pub enum SimError {
         /// The OS error.
         message: String,
     },
+    /// A real serial port (`simulate --device`) could not be opened.
+    #[error("cannot open serial port {}: {message}", path.display())]
+    Device {
+        /// The port.
+        path: std::path::PathBuf,
+        /// The OS error.
+        message: String,
+    },
     /// Reading or writing the line failed.
     #[error("simulator line i/o: {0}")]
     Io(#[from] std::io::Error),
@@ -466,9 +474,15 @@ impl Simulator {
     }
 
     /// Serves a real serial device (e.g. a USB adapter cabled to a gateway) with the
-    /// `[line]` settings (9600 8E1 without `[line]`). The UART paces the bytes, so only
-    /// the turnaround and fault delays are applied here.
-    pub async fn serve_device(mut self, path: &Path, shutdown: CancellationToken) -> Result<(), SimError> {
+    /// `[line]` settings (9600 8E1 without `[line]`) until `shutdown`; `ready` is called
+    /// once the port is open. The UART paces the bytes, so only the turnaround and fault
+    /// delays are applied here.
+    pub async fn serve_device(
+        mut self,
+        path: &Path,
+        shutdown: CancellationToken,
+        ready: impl FnOnce(&Path),
+    ) -> Result<(), SimError> {
         let line = self.timing.unwrap_or(LineConfig {
             baud: 9600,
             parity: ParityName::Even,
@@ -493,10 +507,8 @@ impl Simulator {
                 ParityName::Odd => tokio_serial::Parity::Odd,
             })
             .open_native_async()
-            .map_err(|e| SimError::Port {
-                what: format!("open {}", path.display()),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| SimError::Device { path: path.to_path_buf(), message: e.to_string() })?;
+        ready(path);
         self.timing = Some(line);
         self.pace = false;
         self.serve(port, shutdown).await

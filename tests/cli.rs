@@ -191,6 +191,13 @@ fn poll_reads_a_simulated_device_like_mbpoll() {
         assert_eq!(r["table"], "holding");
         assert_eq!(r["values"].as_array().map(Vec::len), Some(5));
         assert_eq!(r["raw"].as_array().map(Vec::len), Some(5));
+        assert!(r["millis"].as_f64().is_some_and(|m| m > 0.0), "{r}");
+    }
+    // The round-trip time is in whole microseconds, not 2.4565889999999997.
+    for line in text.lines() {
+        let millis = line.split("\"millis\":").nth(1).and_then(|m| m.split([',', '}']).next());
+        let decimals = millis.and_then(|m| m.split_once('.')).map_or(0, |(_, d)| d.len());
+        assert!(millis.is_some() && decimals <= 3, "{line}");
     }
     // Typed decoding: the quick simulation keeps f32 sines in input registers 0, 2, ...
     let out = gateway()
@@ -213,6 +220,26 @@ fn poll_reads_a_simulated_device_like_mbpoll() {
         .expect("run poll");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unit 9: no valid reply"));
+}
+
+#[test]
+fn simulate_on_a_real_port_says_so() {
+    // A port that does not exist: the error names it, and no "virtual port".
+    let out = gateway().args(["simulate", "--device", "/dev/m2m-no-such-tty"]).output().expect("simulate");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot open serial port /dev/m2m-no-such-tty: "), "{err}");
+    assert!(!err.contains("virtual"), "{err}");
+    // A port that exists (the gateway side of another simulator's virtual pair, a tty
+    // like any other): it says it serves there.
+    let (_sim, port) = simulator("1");
+    let mut cmd = gateway();
+    cmd.args(["simulate", "--device", &port]);
+    let mut device = Proc::spawn(cmd);
+    let line = Proc::wait_line(&device.stdout, Duration::from_secs(10), "saying where it serves", |_| true);
+    assert_eq!(line, format!("serving on {port}"));
+    device.signal("-TERM");
+    assert!(device.wait_exit(Duration::from_secs(5)).success());
 }
 
 #[test]

@@ -156,18 +156,26 @@ impl fmt::Display for Quality {
 }
 
 impl fmt::Display for Value {
-    /// Floats print in their shortest form that reads back to the same number; text
-    /// prints as-is.
+    /// Floats print in their shortest form that reads back to the same number, in
+    /// exponent form when very small or very large (see [`PLAIN_FLOATS`]); text prints
+    /// as-is.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Value::Bool(b) => write!(f, "{b}"),
             Value::Int(i) => write!(f, "{i}"),
             Value::UInt(u) => write!(f, "{u}"),
+            Value::Float(x) if *x != 0.0 && !PLAIN_FLOATS.contains(&x.abs()) => write!(f, "{x:e}"),
             Value::Float(x) => write!(f, "{x}"),
             Value::Text(s) => f.write_str(s),
         }
     }
 }
+
+/// Magnitudes a float value prints in plain decimals; outside them (and not 0, inf or
+/// NaN) it prints in exponent form, so a denormal f32 reads `6.42855e-40` instead of 45
+/// zeros, and `1e20` does not print 21 digits that were never measured. The upper bound
+/// is where f64 stops holding every integer exactly.
+pub const PLAIN_FLOATS: std::ops::Range<f64> = 1e-5..1e16;
 
 /// True when the order swaps the bytes inside each word.
 fn swaps_bytes(order: WordOrder) -> bool {
@@ -661,6 +669,17 @@ mod tests {
         assert_eq!(Table::Discrete.to_string(), "discrete");
         assert_eq!(Quality::Exception(2).to_string(), "exception 0x02");
         assert_eq!(Value::Float(0.1).to_string(), "0.1");
+        assert_eq!(Value::Float(-273.15).to_string(), "-273.15");
+        assert_eq!(Value::Float(0.0).to_string(), "0");
+        assert_eq!(Value::Float(0.00001).to_string(), "0.00001");
+        assert_eq!(Value::Float(0.000001).to_string(), "1e-6");
+        assert_eq!(Value::Float(9_007_199_254_740_992.0).to_string(), "9007199254740992");
+        assert_eq!(Value::Float(1e16).to_string(), "1e16");
+        assert_eq!(Value::Float(-1.5e300).to_string(), "-1.5e300");
+        assert_eq!(Value::Float(f64::INFINITY).to_string(), "inf");
+        assert_eq!(Value::Float(f64::NAN).to_string(), "NaN");
+        // A denormal f32 off the wire (issue 11): two small counters read as one f32.
+        assert_eq!(dec(DataType::F32, Abcd, &[0x0007, 0x0005]).to_string(), "6.42855e-40");
         assert_eq!(dec(DataType::F32, Abcd, &[0x3DCC, 0xCCCD]).to_string(), "0.1");
         assert_eq!(Value::Text("a b".into()).to_string(), "a b");
         assert_eq!(Value::Int(-5).to_string(), "-5");

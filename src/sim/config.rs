@@ -596,7 +596,7 @@ mod tests {
     use super::*;
     use crate::model::{Device, Gateway, Point};
 
-    /// The example from the README, in full.
+    /// A simulation file using the keys of docs/SIMULATOR.md.
     const EXAMPLE: &str = r#"
 [line]
 baud = 9600

@@ -61,7 +61,7 @@ pub struct PollResult {
     pub values: Vec<Value>,
     /// Raw registers (empty for bit tables).
     pub raw: Vec<u16>,
-    /// Round-trip time in milliseconds.
+    /// Round-trip time in milliseconds, in whole microseconds ([`millis`]).
     pub millis: f64,
 }
 
@@ -205,7 +205,7 @@ impl Poll {
                 .map_err(|source| PollError::Bus { unit: spec.unit, source })?,
             Via::Tcp { addr, ctx } => tcp_read(addr, ctx, spec, request).await?,
         };
-        let millis = started.elapsed().as_secs_f64() * 1000.0;
+        let millis = millis(started.elapsed());
         let (values, raw) = match rsp {
             Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits) => {
                 (bits.iter().take(usize::from(spec.count)).map(|b| Value::Bool(*b)).collect(), Vec::new())
@@ -288,6 +288,15 @@ async fn tcp_read(
     }
 }
 
+/// A round-trip time in milliseconds, in whole microseconds: `2.457`, not the
+/// `2.4565889999999997` a nanosecond count divided in floating point prints in JSON.
+/// (Below 2^53 µs, about 285 years, the quotient is the f64 nearest to that decimal, so
+/// it prints with at most three decimals.)
+pub fn millis(elapsed: Duration) -> f64 {
+    let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+    micros as f64 / 1000.0
+}
+
 /// Human-readable lines for a result, mbpoll style.
 pub fn render(spec: &PollSpec, r: &PollResult) -> String {
     let width = if matches!(spec.table, Table::Coils | Table::Discrete) { 1 } else { spec.data_type.width() };
@@ -337,7 +346,7 @@ pub struct RawResult {
     pub sent: Vec<u8>,
     /// The reply frame.
     pub reply: Vec<u8>,
-    /// Round-trip time in milliseconds.
+    /// Round-trip time in milliseconds, in whole microseconds ([`millis`]).
     pub millis: f64,
 }
 
@@ -370,7 +379,7 @@ pub async fn raw_once(spec: &RawSpec) -> Result<RawResult, PollError> {
     let started = std::time::Instant::now();
     let request = Request::Custom(0, std::borrow::Cow::Owned(spec.request.clone()));
     let outcome = handle.transact(1, request, Priority::PassThrough, spec.timeout, 0).await;
-    let millis = started.elapsed().as_secs_f64() * 1000.0;
+    let millis = millis(started.elapsed());
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
@@ -395,4 +404,25 @@ pub fn render_raw(r: &RawResult) -> String {
         hex(&r.reply),
         r.reply.escape_ascii()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_times_print_in_whole_microseconds() {
+        // 2.456589 ms as a float product prints 2.4565889999999997.
+        let t = Duration::from_nanos(2_456_589);
+        assert_eq!(serde_json::to_string(&millis(t)).expect("json"), "2.456");
+        assert_eq!(millis(Duration::from_micros(11_595_566)).to_string(), "11595.566");
+        assert_eq!(millis(Duration::from_micros(700)).to_string(), "0.7");
+        assert_eq!(millis(Duration::ZERO).to_string(), "0");
+        // Every microsecond count below a minute prints with at most three decimals.
+        for micros in (0..60_000_000u64).step_by(7_919) {
+            let text = millis(Duration::from_micros(micros)).to_string();
+            let decimals = text.split_once('.').map_or(0, |(_, d)| d.len());
+            assert!(decimals <= 3, "{micros} µs printed as {text}");
+        }
+    }
 }

@@ -1,0 +1,227 @@
+//! The reference docs, checked against the parsers so they cannot drift.
+//!
+//! The keys are not listed by hand: the parsers say which they accept. Every raw config
+//! struct denies unknown fields, and serde's error for an unknown key lists the keys the
+//! struct expects (``unknown field `zzz`, expected one of `a`, `b` ``). So a probe puts a
+//! bogus key into a table and reads the list out of the error. The sections themselves
+//! are found the same way: a key of a section is a sub-section when a bogus key inside it
+//! (`[[device.point]] zzz = 1`, `[plc.watchdog] zzz = 1`) is refused as an unknown field
+//! of a table of its own. Starting from the file's top level this walks every section,
+//! and a key or section added to the parser shows up here without touching this file.
+//!
+//! `docs/CONFIGURATION.md` must then have one `## ` heading per section (`` ## `[[bus]]` ``)
+//! whose table rows name exactly that section's keys; `docs/SIMULATOR.md` must show every
+//! key of the simulation file in its TOML examples.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// The bogus key every probe adds.
+const BOGUS: &str = "zzz";
+
+/// One table of a TOML file: its dotted path and whether it is an array of tables.
+#[derive(Clone, Debug)]
+struct Segment {
+    name: String,
+    array: bool,
+}
+
+/// The TOML that puts `zzz = 1` into the table at `path` (each parent opened once).
+fn probe_text(path: &[Segment]) -> String {
+    let mut text = String::new();
+    for (i, _) in path.iter().enumerate() {
+        let dotted = path[..=i].iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(".");
+        if path[i].array {
+            text.push_str(&format!("[[{dotted}]]\n"));
+        } else {
+            text.push_str(&format!("[{dotted}]\n"));
+        }
+    }
+    text.push_str(&format!("{BOGUS} = 1\n"));
+    text
+}
+
+/// The keys serde says the table expects, when `message` is the unknown-field error for
+/// the bogus key; `None` for any other error.
+fn expected_keys(message: &str) -> Option<BTreeSet<String>> {
+    let unknown = format!("unknown field `{BOGUS}`");
+    let at = message.find(&unknown)?;
+    let rest = &message[at + unknown.len()..];
+    let line = rest.lines().next().unwrap_or("");
+    if line.contains("there are no fields") {
+        return Some(BTreeSet::new());
+    }
+    let list = line.split_once("expected")?.1;
+    Some(list.split('`').skip(1).step_by(2).map(str::to_owned).collect())
+}
+
+/// Walks every table a parser accepts, from the top level down: the map from each
+/// section's dotted name (`""` for the top level) to its keys, and whether it is an
+/// array of tables. `refusal` parses a text and returns its error message.
+fn walk(refusal: &dyn Fn(&str) -> Option<String>) -> BTreeMap<String, (bool, BTreeSet<String>)> {
+    let mut found = BTreeMap::new();
+    let mut queue: Vec<Vec<Segment>> = vec![Vec::new()];
+    while let Some(path) = queue.pop() {
+        let text = probe_text(&path);
+        let message = refusal(&text).unwrap_or_else(|| panic!("the probe was accepted:\n{text}"));
+        let keys = expected_keys(&message)
+            .unwrap_or_else(|| panic!("no unknown-field error for the probe\n{text}\ngot: {message}"));
+        let dotted = path.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(".");
+        for key in &keys {
+            for array in [true, false] {
+                let mut child = path.clone();
+                child.push(Segment { name: key.clone(), array });
+                let child_text = probe_text(&child);
+                if refusal(&child_text).as_deref().and_then(expected_keys).is_some() {
+                    queue.push(child);
+                    break;
+                }
+            }
+        }
+        let array = path.last().is_some_and(|s| s.array);
+        found.insert(dotted, (array, keys));
+    }
+    found
+}
+
+fn read_doc(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// The sections of docs/CONFIGURATION.md: each `` ## `[name]` `` or `` ## `[[name]]` ``
+/// heading, with the keys its table rows name in their first column.
+fn documented_sections(doc: &str) -> BTreeMap<String, (bool, BTreeSet<String>)> {
+    let mut sections = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in doc.lines() {
+        if let Some(heading) = line.strip_prefix("## ") {
+            current = None;
+            let heading = heading.trim().trim_matches('`');
+            if let Some(name) = heading.strip_prefix("[[").and_then(|h| h.strip_suffix("]]")) {
+                current = Some(name.to_owned());
+                sections.insert(name.to_owned(), (true, BTreeSet::new()));
+            } else if let Some(name) = heading.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                current = Some(name.to_owned());
+                sections.insert(name.to_owned(), (false, BTreeSet::new()));
+            }
+            continue;
+        }
+        let (Some(section), Some(row)) = (&current, line.strip_prefix("| `")) else {
+            continue;
+        };
+        let key = row.split('`').next().unwrap_or("").to_owned();
+        if let Some((_, keys)) = sections.get_mut(section) {
+            keys.insert(key);
+        }
+    }
+    sections
+}
+
+fn gateway_config_refusal(text: &str) -> Option<String> {
+    m2m_gateway::config::parse(text, "probe.toml").err().map(|e| e.to_string())
+}
+
+#[test]
+fn every_config_key_the_parser_accepts_is_documented_and_no_other() {
+    let parsed = walk(&gateway_config_refusal);
+    let documented = documented_sections(&read_doc("CONFIGURATION.md"));
+
+    // The top level's keys are the sections; each must have its heading.
+    let (_, top) = parsed.get("").expect("the top level was probed");
+    let documented_top: BTreeSet<String> = documented.keys().filter(|k| !k.contains('.')).cloned().collect();
+    assert_eq!(
+        top, &documented_top,
+        "top-level sections: parser (left) vs docs/CONFIGURATION.md headings (right)"
+    );
+
+    let sections: BTreeMap<_, _> = parsed.into_iter().filter(|(name, _)| !name.is_empty()).collect();
+    // 19 today: gateway, bus, device(.point), raw_device(.point, .command), link,
+    // peer(.send, .grant, .writeback), server(.unit, .grant), plc(.watchdog, .map), tunnel.
+    assert!(sections.len() >= 19, "only {} sections found: {:?}", sections.len(), sections.keys());
+    assert!(sections.contains_key("plc.watchdog") && sections.contains_key("raw_device.command"));
+
+    let mut problems = Vec::new();
+    for (name, (array, keys)) in &sections {
+        let shown = if *array { format!("[[{name}]]") } else { format!("[{name}]") };
+        let Some((doc_array, doc_keys)) = documented.get(name) else {
+            problems.push(format!("{shown}: no `## `{shown}`` heading in docs/CONFIGURATION.md"));
+            continue;
+        };
+        if doc_array != array {
+            problems.push(format!("{name}: the heading's brackets are wrong, the parser takes {shown}"));
+        }
+        for key in keys.difference(doc_keys) {
+            problems.push(format!("{shown}: key `{key}` is accepted but not documented"));
+        }
+        for key in doc_keys.difference(keys) {
+            problems.push(format!("{shown}: key `{key}` is documented but not accepted"));
+        }
+    }
+    for name in documented.keys().filter(|n| !sections.contains_key(*n)) {
+        problems.push(format!("docs/CONFIGURATION.md documents `{name}`, which the parser does not accept"));
+    }
+    assert!(
+        problems.is_empty(),
+        "docs/CONFIGURATION.md is out of step with src/config:\n{}",
+        problems.join("\n")
+    );
+    assert_eq!(sections.len(), documented.len(), "sections checked");
+}
+
+/// Every key of the simulation file (`m2m-gateway simulate --config`) appears as
+/// `key = ...` in a TOML block of docs/SIMULATOR.md, and each section's header too.
+#[test]
+fn every_simulator_key_is_in_the_simulator_doc() {
+    let refusal =
+        |text: &str| toml::from_str::<m2m_gateway::sim::SimConfig>(text).err().map(|e| e.to_string());
+    let parsed = walk(&refusal);
+    // The top level, [line], [[unit]], [[unit.register]], [[raw]].
+    assert!(parsed.len() >= 5, "only {} simulator tables found: {:?}", parsed.len(), parsed.keys());
+
+    let doc = read_doc("SIMULATOR.md");
+    let mut in_toml = false;
+    let mut headers = BTreeSet::new();
+    let mut keys = BTreeSet::new();
+    for line in doc.lines() {
+        if line.starts_with("```") {
+            in_toml = line == "```toml";
+            continue;
+        }
+        if !in_toml {
+            continue;
+        }
+        let line = line.trim();
+        if line.starts_with('[') {
+            headers.insert(line.split('#').next().unwrap_or("").trim().to_owned());
+        } else if let Some((key, _)) = line.split_once('=') {
+            keys.insert(key.trim().to_owned());
+        }
+    }
+    let mut problems = Vec::new();
+    for (name, (array, section_keys)) in &parsed {
+        if !name.is_empty() {
+            let header = if *array { format!("[[{name}]]") } else { format!("[{name}]") };
+            if !headers.contains(&header) {
+                problems.push(format!("section {header} is not shown"));
+            }
+        }
+        for key in section_keys {
+            // Sub-tables are shown by their headers.
+            let sub = if name.is_empty() { key.clone() } else { format!("{name}.{key}") };
+            if !parsed.contains_key(&sub) && !keys.contains(key) {
+                problems.push(format!("key `{key}` of [{name}] is not shown"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "docs/SIMULATOR.md is out of step with src/sim:\n{}", problems.join("\n"));
+}
+
+#[test]
+fn the_probe_reads_both_shapes_of_serde_error() {
+    let many = "unknown field `zzz`, expected one of `name`, `bus`, `unit`";
+    assert_eq!(expected_keys(many), Some(["bus", "name", "unit"].map(String::from).into()));
+    let one = "probe.toml:2:1: unknown field `zzz`, expected `points`";
+    assert_eq!(expected_keys(one), Some(["points"].map(String::from).into()));
+    assert_eq!(expected_keys("invalid type: map, expected a string"), None);
+}
