@@ -590,10 +590,8 @@ impl Simulator {
             }
         } else {
             rtu::frame(reply_id, &pdu, &mut bytes);
-            if corrupt {
-                if let Some(last) = bytes.last_mut() {
-                    *last ^= 0xA5;
-                }
+            if corrupt && let Some(last) = bytes.last_mut() {
+                *last ^= 0xA5;
             }
         }
         if drop_byte {

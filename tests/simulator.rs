@@ -93,10 +93,10 @@ async fn read_reply(m: &mut SerialStream, wait: Duration) -> Option<Vec<u8>> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 300];
     loop {
-        if let Some(n) = reply_len(&buf) {
-            if buf.len() >= n {
-                return Some(buf);
-            }
+        if let Some(n) = reply_len(&buf)
+            && buf.len() >= n
+        {
+            return Some(buf);
         }
         let n = timeout(deadline - Instant::now(), m.read(&mut chunk)).await.ok()?.ok()?;
         buf.extend_from_slice(&chunk[..n]);

@@ -258,10 +258,10 @@ fn maps(raw: &[RawMap], points: &[&Point], plc: &str, check: &mut Checker) -> Ve
         }
         let start: u16 = check.int(Some(&r.address), 0, 0..=65_535, &path, "address");
         let scale = number(check, r.scale.as_ref(), 1.0, f64::MIN..=f64::MAX, "finite", &path, "scale");
-        if scale == 0.0 {
-            if let Some(s) = &r.scale {
-                check.report(s.span(), &path, "scale 0 would divide by zero");
-            }
+        if scale == 0.0
+            && let Some(s) = &r.scale
+        {
+            check.report(s.span(), &path, "scale 0 would divide by zero");
         }
         let offset = number(check, r.offset.as_ref(), 0.0, f64::MIN..=f64::MAX, "finite", &path, "offset");
         let type_span = r.data_type.as_ref().map_or(r.table.span(), |t| t.span());

@@ -506,10 +506,10 @@ fn points(
             check.report(p.name.span(), &path, "name is already used by another point of this device");
         }
         let scale = number(check, p.scale.as_ref(), 1.0, f64::MIN..=f64::MAX, "finite", &path, "scale");
-        if scale == 0.0 {
-            if let Some(s) = &p.scale {
-                check.report(s.span(), &path, "scale 0 would make every value 0");
-            }
+        if scale == 0.0
+            && let Some(s) = &p.scale
+        {
+            check.report(s.span(), &path, "scale 0 would make every value 0");
         }
         let offset = number(check, p.offset.as_ref(), 0.0, f64::MIN..=f64::MAX, "finite", &path, "offset");
         if r.regex.is_some() {
@@ -527,19 +527,19 @@ fn points(
             };
             let capture = p.capture.as_ref().unwrap_or(&p.name);
             let field = TextField { capture: capture.get_ref().clone(), point: i, kind, scale, offset };
-            if let Some(re) = &re {
-                if extract::check_captures(re, std::slice::from_ref(&field)).is_err() {
-                    let groups: Vec<&str> = re.capture_names().flatten().collect();
-                    check.report(
-                        capture.span(),
-                        &path,
-                        format!(
-                            "regex has no capture group {:?} (named groups: {})",
-                            capture.get_ref(),
-                            if groups.is_empty() { "none".to_string() } else { groups.join(", ") }
-                        ),
-                    );
-                }
+            if let Some(re) = &re
+                && extract::check_captures(re, std::slice::from_ref(&field)).is_err()
+            {
+                let groups: Vec<&str> = re.capture_names().flatten().collect();
+                check.report(
+                    capture.span(),
+                    &path,
+                    format!(
+                        "regex has no capture group {:?} (named groups: {})",
+                        capture.get_ref(),
+                        if groups.is_empty() { "none".to_string() } else { groups.join(", ") }
+                    ),
+                );
             }
             text_fields.push(field);
         } else {

@@ -76,10 +76,10 @@ pub(super) fn grants(raw: &[RawGrant], points: &[&Point], peer: &str, check: &mu
         let inf = f64::NEG_INFINITY..=f64::INFINITY;
         let min = r.min.as_ref().map(|v| number(check, Some(v), 0.0, inf.clone(), "", &path, "min"));
         let max = r.max.as_ref().map(|v| number(check, Some(v), 0.0, inf.clone(), "", &path, "max"));
-        if let (Some(lo), Some(hi), Some(span)) = (min, max, r.max.as_ref().map(|m| m.span())) {
-            if lo > hi {
-                check.report(span, &path, format!("max {hi} is below min {lo}"));
-            }
+        if let (Some(lo), Some(hi), Some(span)) = (min, max, r.max.as_ref().map(|m| m.span()))
+            && lo > hi
+        {
+            check.report(span, &path, format!("max {hi} is below min {lo}"));
         }
         // Where a limit on a non-numeric point is reported: the first limit written.
         let limit = r
@@ -100,18 +100,19 @@ pub(super) fn grants(raw: &[RawGrant], points: &[&Point], peer: &str, check: &mu
                     );
                     continue;
                 }
-                if let Some((span, key)) = limit.clone() {
-                    if !numeric(p.data_type) && !limit_reported {
-                        limit_reported = true;
-                        check.report(
-                            span,
-                            &path,
-                            format!(
-                                "{key} applies to numeric points only, and point {:?} is not a number",
-                                p.name
-                            ),
-                        );
-                    }
+                if let Some((span, key)) = limit.clone()
+                    && !numeric(p.data_type)
+                    && !limit_reported
+                {
+                    limit_reported = true;
+                    check.report(
+                        span,
+                        &path,
+                        format!(
+                            "{key} applies to numeric points only, and point {:?} is not a number",
+                            p.name
+                        ),
+                    );
                 }
                 match granted.get(p.name.as_str()) {
                     Some(&other) if other != i => check.report(
@@ -195,10 +196,10 @@ pub(super) fn writebacks(
                 }
             },
         };
-        if let (OnLoss::Keep, Some(l)) = (&on_loss, &r.loss_after) {
-            if r.on_loss.as_ref().is_none_or(|o| *o.get_ref() == RawOnLoss::Keep) {
-                check.report(l.span(), &path, "loss_after applies only with on_loss = \"fallback\"");
-            }
+        if let (OnLoss::Keep, Some(l)) = (&on_loss, &r.loss_after)
+            && r.on_loss.as_ref().is_none_or(|o| *o.get_ref() == RawOnLoss::Keep)
+        {
+            check.report(l.span(), &path, "loss_after applies only with on_loss = \"fallback\"");
         }
         out.push(WriteBack {
             from: from.clone(),

@@ -140,11 +140,10 @@ impl WriteBacks {
                             continue;
                         }
                         fell_back[i] = true;
-                        if let OnLoss::Fallback(v) = w.on_loss.clone() {
-                            if self.write(i, &v, "link lost: fallback").await {
+                        if let OnLoss::Fallback(v) = w.on_loss.clone()
+                            && self.write(i, &v, "link lost: fallback").await {
                                 last[i] = Some(v);
                             }
-                        }
                     }
                 }
                 () = shutdown.cancelled() => return,

@@ -184,14 +184,14 @@ async fn send(entry: &Entry, command: &RawCommand, value: &Value) -> Result<Comm
         Response::Custom(_, frame) if command.reply => frame.to_vec(),
         _ => Vec::new(),
     };
-    if let Some(ok) = &command.ok {
-        if !ok.is_match(&reply) {
-            return Err(CommandError::Refused {
-                point: point(),
-                reply: format!("\"{}\"", reply.escape_ascii()),
-                pattern: ok.as_str().to_string(),
-            });
-        }
+    if let Some(ok) = &command.ok
+        && !ok.is_match(&reply)
+    {
+        return Err(CommandError::Refused {
+            point: point(),
+            reply: format!("\"{}\"", reply.escape_ascii()),
+            pattern: ok.as_str().to_string(),
+        });
     }
     debug!(command = %command.name, sent = %bytes.escape_ascii(), "command accepted");
     Ok(CommandReply { sent: bytes, reply })

@@ -463,11 +463,11 @@ fn format_value(value: &Value, spec: &str) -> Result<String, FormatFail> {
         Value::UInt(u) => (false, u.to_string()),
     };
     let mut digits = digits;
-    if let (Some(p), Value::Bool(_) | Value::Int(_) | Value::UInt(_)) = (precision, value) {
-        if p > 0 {
-            digits.push('.');
-            digits.extend(std::iter::repeat_n('0', p));
-        }
+    if let (Some(p), Value::Bool(_) | Value::Int(_) | Value::UInt(_)) = (precision, value)
+        && p > 0
+    {
+        digits.push('.');
+        digits.extend(std::iter::repeat_n('0', p));
     }
     // A value that rounds to zero is not negative ("-0.0").
     let negative = negative && digits.bytes().any(|b| b.is_ascii_digit() && b != b'0');

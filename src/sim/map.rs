@@ -58,7 +58,7 @@ impl Generator {
                 self.walk = (self.walk + mv).clamp(self.min, self.max.max(self.min));
                 self.walk
             }
-            GenKind::Toggle if (cycles.floor() as u64) % 2 == 0 => self.min,
+            GenKind::Toggle if (cycles.floor() as u64).is_multiple_of(2) => self.min,
             GenKind::Toggle => self.max,
         }
     }
@@ -192,13 +192,13 @@ impl Unit {
     /// other words of a multi-register value stay consistent.
     pub(crate) fn set(&mut self, table: Table, addr: u16, value: u16, t: Duration) {
         let ti = table_index(table);
-        if let Some(Cell::Gen(g, _)) = self.tables[ti].get(&addr).copied() {
-            if let Some(g0) = self.gens.get_mut(g) {
-                let words = g0.words(t);
-                for (a, w) in (g0.base..).zip(words) {
-                    if matches!(self.tables[ti].get(&a), Some(Cell::Gen(x, _)) if *x == g) {
-                        self.tables[ti].insert(a, Cell::Fixed(w));
-                    }
+        if let Some(Cell::Gen(g, _)) = self.tables[ti].get(&addr).copied()
+            && let Some(g0) = self.gens.get_mut(g)
+        {
+            let words = g0.words(t);
+            for (a, w) in (g0.base..).zip(words) {
+                if matches!(self.tables[ti].get(&a), Some(Cell::Gen(x, _)) if *x == g) {
+                    self.tables[ti].insert(a, Cell::Fixed(w));
                 }
             }
         }
