@@ -28,6 +28,7 @@ mod globs;
 mod link;
 mod peer;
 mod plc;
+mod regmap;
 mod point;
 mod rawdevice;
 mod send;

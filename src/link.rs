@@ -146,6 +146,51 @@ struct WriteCmd {
     reply: oneshot::Sender<Result<(), String>>,
 }
 
+/// Why a peer write ([`LinkHandle::write`]) did not happen, or may not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerWriteError {
+    /// No session: nothing was sent.
+    #[error("link to {peer} is down")]
+    Down {
+        /// The peer.
+        peer: String,
+    },
+    /// Too many writes waiting (here or at the owner): nothing was written.
+    #[error("link to {peer}: too many writes waiting")]
+    Busy {
+        /// The peer.
+        peer: String,
+    },
+    /// The owner's `[[peer.grant]]` refused it: `reason` is the owner's.
+    #[error("{reason}")]
+    Refused {
+        /// The peer.
+        peer: String,
+        /// The owner's words (`not granted: ...`).
+        reason: String,
+    },
+    /// The owner tried and its device write failed.
+    #[error("peer {peer} could not write: {reason}")]
+    Failed {
+        /// The peer.
+        peer: String,
+        /// The owner's words.
+        reason: String,
+    },
+    /// The session dropped with the write in flight: outcome unknown.
+    #[error("link to {peer} went down before the write result arrived (outcome unknown)")]
+    Lost {
+        /// The peer.
+        peer: String,
+    },
+    /// No result within [`WRITE_TIMEOUT`]: outcome unknown.
+    #[error("link to {peer}: no write result within {WRITE_TIMEOUT:?} (outcome unknown)")]
+    Timeout {
+        /// The peer.
+        peer: String,
+    },
+}
+
 /// A cheap handle to a running link.
 #[derive(Clone)]
 pub struct LinkHandle {
@@ -170,26 +215,32 @@ impl LinkHandle {
 
     /// Asks the peer to write `value` into its point `point` and waits for the result
     /// (at most [`WRITE_TIMEOUT`]). Fails at once when the link is down. Never resent.
-    pub async fn write(&self, point: &str, value: Value) -> Result<(), String> {
+    pub async fn write(&self, point: &str, value: Value) -> Result<(), PeerWriteError> {
+        let peer = self.peer.to_string();
         if !self.counters.connected.load(Relaxed) {
-            return Err(format!("link to {} is down", self.peer));
+            return Err(PeerWriteError::Down { peer });
         }
         let (reply, rx) = oneshot::channel();
         let deadline = Instant::now() + WRITE_TIMEOUT;
-        self.writes
-            .try_send(WriteCmd { point: point.to_string(), value, deadline, reply })
-            .map_err(|_| format!("link to {}: too many writes waiting", self.peer))?;
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(format!(
-                "link to {} went down before the write result arrived (outcome unknown)",
-                self.peer
-            )),
-            Err(_) => Err(format!(
-                "link to {}: no write result within {WRITE_TIMEOUT:?} (outcome unknown)",
-                self.peer
-            )),
+        if self.writes.try_send(WriteCmd { point: point.to_string(), value, deadline, reply }).is_err() {
+            return Err(PeerWriteError::Busy { peer });
         }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(reason))) if reason == DOWN => Err(PeerWriteError::Down { peer }),
+            // The owner's grants refuse with "not granted: ..." (Grants::check), and a
+            // busy owner with "busy: ..."; anything else is the owner's device write.
+            Ok(Ok(Err(reason))) if reason.starts_with("not granted") => Err(PeerWriteError::Refused { peer, reason }),
+            Ok(Ok(Err(reason))) if reason.starts_with("busy") => Err(PeerWriteError::Busy { peer }),
+            Ok(Ok(Err(reason))) => Err(PeerWriteError::Failed { peer, reason }),
+            Ok(Err(_)) => Err(PeerWriteError::Lost { peer }),
+            Err(_) => Err(PeerWriteError::Timeout { peer }),
+        }
+    }
+
+    /// True while a session with the peer is up.
+    pub fn is_connected(&self) -> bool {
+        self.counters.connected.load(Relaxed)
     }
 
     /// The hook serial tunnels to this peer use (see link/tunnel.rs).
@@ -389,7 +440,7 @@ impl Task {
                                     return;
                                 }
                             },
-                            Some(cmd) = self.writes.recv() => refuse_down(cmd, &self.link.peer.name),
+                            Some(cmd) = self.writes.recv() => refuse_down(cmd),
                             () = self.shutdown.cancelled() => return,
                         }
                     },
@@ -429,7 +480,7 @@ impl Task {
                 tokio::select! {
                     // Cancel-safe: a timer, and mpsc::recv.
                     () = sleep_until(until) => break,
-                    Some(cmd) = self.writes.recv() => refuse_down(cmd, &self.link.peer.name),
+                    Some(cmd) = self.writes.recv() => refuse_down(cmd),
                     () = self.shutdown.cancelled() => return,
                 }
             }
@@ -849,9 +900,12 @@ async fn recv_incoming(dialer: &mut Dialer) -> Option<Incoming> {
     }
 }
 
-fn refuse_down(cmd: WriteCmd, peer: &str) {
-    let _ = cmd.reply.send(Err(format!("link to {peer} is down")));
+fn refuse_down(cmd: WriteCmd) {
+    let _ = cmd.reply.send(Err(DOWN.to_string()));
 }
+
+/// The reply of a write asked while the link was down (never sent to a peer).
+const DOWN: &str = "\0link down";
 
 /// Dials `addr` and runs the TLS handshake pinning the peer.
 async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Incoming, String> {

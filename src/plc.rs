@@ -49,7 +49,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::image::Image;
-use crate::model::{Deliver, Plc, PlcTarget, PlcWatchdog, SendRule};
+use crate::model::{Deliver, MapTarget, Plc, PlcWatchdog, SendRule};
 use crate::point::registers::encode_registers;
 use crate::point::value::{Sample, Table, Value};
 use crate::spool::forward::{Forwarder, RuleError, Rules};
@@ -168,7 +168,7 @@ impl Pending {
     }
 
     /// True when `target` already has a value waiting.
-    fn holds(&self, target: &PlcTarget) -> bool {
+    fn holds(&self, target: &MapTarget) -> bool {
         match target.table {
             Table::Coils => self.coils.contains_key(&target.address),
             _ => self.registers.contains_key(&target.address),
@@ -176,7 +176,7 @@ impl Pending {
     }
 
     /// Sets `target` to `value` (a newer value replaces an older one).
-    fn put(&mut self, target: &PlcTarget, value: Encoded) {
+    fn put(&mut self, target: &MapTarget, value: Encoded) {
         match value {
             Encoded::Bit(b) => {
                 self.coils.insert(target.address, b);
@@ -198,7 +198,7 @@ pub enum Encoded {
 }
 
 /// Encodes `value` for `target`.
-pub fn encode(target: &PlcTarget, value: &Value) -> Result<Encoded, String> {
+pub fn encode(target: &MapTarget, value: &Value) -> Result<Encoded, String> {
     if target.table == Table::Coils {
         return match value {
             Value::Bool(b) => Ok(Encoded::Bit(*b)),
@@ -453,7 +453,7 @@ enum End {
 
 struct Sender {
     plc: Plc,
-    targets: HashMap<String, PlcTarget>,
+    targets: HashMap<String, MapTarget>,
     spool: SpoolHandle,
     stats: Arc<PlcStats>,
     connected: watch::Sender<bool>,
@@ -726,7 +726,7 @@ impl Sender {
 
     /// The target of `name` and the encoded value of `sample`, if it is mapped, has a
     /// value and encodes.
-    fn encoded(&self, name: &str, sample: &Sample) -> Option<(&PlcTarget, Encoded)> {
+    fn encoded(&self, name: &str, sample: &Sample) -> Option<(&MapTarget, Encoded)> {
         let Some(target) = self.targets.get(name) else {
             // Spooled under an older configuration.
             debug!(point = %name, "spooled point is no longer mapped; skipped");
@@ -822,8 +822,8 @@ mod tests {
         );
     }
 
-    fn target(table: Table, address: u16, data_type: DataType) -> PlcTarget {
-        PlcTarget {
+    fn target(table: Table, address: u16, data_type: DataType) -> MapTarget {
+        MapTarget {
             point: "d.p".into(),
             table,
             address,
@@ -831,6 +831,7 @@ mod tests {
             order: WordOrder::Abcd,
             scale: 1.0,
             offset: 0.0,
+            eng_unit: None,
         }
     }
 
