@@ -230,7 +230,9 @@ impl LinkHandle {
             Ok(Ok(Err(reason))) if reason == DOWN => Err(PeerWriteError::Down { peer }),
             // The owner's grants refuse with "not granted: ..." (Grants::check), and a
             // busy owner with "busy: ..."; anything else is the owner's device write.
-            Ok(Ok(Err(reason))) if reason.starts_with("not granted") => Err(PeerWriteError::Refused { peer, reason }),
+            Ok(Ok(Err(reason))) if reason.starts_with("not granted") => {
+                Err(PeerWriteError::Refused { peer, reason })
+            }
             Ok(Ok(Err(reason))) if reason.starts_with("busy") => Err(PeerWriteError::Busy { peer }),
             Ok(Ok(Err(reason))) => Err(PeerWriteError::Failed { peer, reason }),
             Ok(Err(_)) => Err(PeerWriteError::Lost { peer }),
@@ -351,6 +353,30 @@ pub struct Link {
     pub connected: watch::Sender<bool>,
     /// Frame size limit.
     pub max_frame: usize,
+    /// Local sinks (PLCs) fed with the peer's points: each gets every received sample
+    /// of the points it maps, in its spool, before the batch is acked.
+    pub sinks: Vec<ReceivedSink>,
+}
+
+/// A local sink fed from the peer: the received points it maps (full `peer/point`
+/// names) and its spool.
+#[derive(Debug, Clone)]
+pub struct ReceivedSink {
+    /// The sink, for logs (`plc line-plc`).
+    pub name: String,
+    /// Full names of the points it takes.
+    pub points: std::collections::HashSet<String>,
+    /// Its spool.
+    pub spool: SpoolHandle,
+}
+
+/// A [`ReceivedSink`] inside a link task: the peer batch seq its spool holds up to,
+/// and the samples taken for it but not yet stored.
+struct Sink {
+    config: ReceivedSink,
+    /// `None` until read from the spool (at the first session).
+    mark: Option<u64>,
+    pending: Vec<(String, Sample)>,
 }
 
 /// Starts the task of one link under `tracker`; returns its handle.
@@ -366,6 +392,8 @@ pub fn spawn(link: Link, dialer: Dialer, shutdown: CancellationToken, tracker: &
         tunnels: tunnels.clone(),
     };
     let span = info_span!("link", peer = %link.peer.name);
+    let sinks =
+        link.sinks.iter().map(|c| Sink { config: c.clone(), mark: None, pending: Vec::new() }).collect();
     let task = Task {
         link,
         counters,
@@ -374,6 +402,7 @@ pub fn spawn(link: Link, dialer: Dialer, shutdown: CancellationToken, tracker: &
         tracker: tracker.clone(),
         names: HashMap::new(),
         tunnels,
+        sinks,
     };
     tracker.spawn(task.run(dialer).instrument(span));
     handle
@@ -389,6 +418,8 @@ struct Task {
     names: HashMap<String, PointId>,
     /// Serial tunnels riding this link.
     tunnels: Arc<TunnelHub>,
+    /// Local sinks fed with received samples (from `link.sinks`).
+    sinks: Vec<Sink>,
 }
 
 /// How a session ended.
@@ -573,6 +604,16 @@ impl Task {
             error!(error = %e, "cannot apply the peer's resume point; closing the link");
             return End::Lost;
         }
+        for sink in self.sinks.iter_mut().filter(|s| s.mark.is_none()) {
+            match sink.config.spool.received_mark(&peer).await {
+                Ok(m) => sink.mark = Some(m),
+                Err(e) => {
+                    error!(sink = %sink.config.name, error = %e, "cannot read the sink's spool; closing the link");
+                    return End::Lost;
+                }
+            }
+            sink.pending.clear();
+        }
         // Tunnels may queue frames on this session now, up to half of OUT_LIMIT, so
         // they alone never make the peer look like it stopped reading.
         let tunnel_out = out.clone();
@@ -754,8 +795,23 @@ impl Task {
                 }
             }
             // Everything applied is recorded, even when the session is ending: else the
-            // peer would resend it and it would be applied twice.
+            // peer would resend it and it would be applied twice. Sinks store their
+            // samples first: a crash in between re-sends the batches, and the sinks'
+            // marks keep them from being stored twice.
             if applied_upto > applied {
+                for sink in &mut self.sinks {
+                    if sink.pending.is_empty() {
+                        continue;
+                    }
+                    let samples = std::mem::take(&mut sink.pending);
+                    if let Err(e) = sink.config.spool.append_received(samples, &peer, applied_upto).await {
+                        error!(sink = %sink.config.name, error = %e, "cannot store received values for the sink; closing the link without acking (the peer re-sends them)");
+                        // Read the mark again at the next session.
+                        sink.mark = None;
+                        return End::Lost;
+                    }
+                    sink.mark = Some(applied_upto);
+                }
                 if let Err(e) = spool.set_applied(applied_upto).await {
                     error!(error = %e, "cannot record applied batches; closing the link without acking");
                     return End::Lost;
@@ -807,6 +863,14 @@ impl Task {
             );
         }
         image.update(updates);
+        for sink in &mut self.sinks {
+            if sink.mark.is_some_and(|m| seq > m) {
+                sink.pending.extend(samples.iter().filter_map(|(point, sample)| {
+                    let name = format!("{peer}/{point}");
+                    sink.config.points.contains(&name).then(|| (name, sample.clone()))
+                }));
+            }
+        }
         self.link.writeback.offer(samples.iter().map(|(p, s)| (p.as_str(), s)));
         self.counters.applied.fetch_add(1, Relaxed);
         self.counters.samples_applied.fetch_add(samples.len() as u64, Relaxed);

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::point::value::{DataType, Table, WordOrder};
+use crate::point::value::{DataType, Table, Value, WordOrder};
 pub use crate::serial::line::{Line, Parity};
 
 /// Shortest reconnect delay of a peer link: its first retry, and the least `reconnect_max`
@@ -569,4 +569,35 @@ impl MapTarget {
     pub fn received(&self) -> Option<(&str, &str)> {
         self.point.split_once('/')
     }
+}
+
+/// A value encoded for its target.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Encoded {
+    /// A coil.
+    Bit(bool),
+    /// Registers.
+    Words(Vec<u16>),
+}
+
+/// Encodes `value` for `target`.
+/// (Also how a virtual unit of the Modbus-TCP server encodes what it serves.)
+pub fn encode(target: &MapTarget, value: &Value) -> Result<Encoded, String> {
+    if matches!(target.table, Table::Coils | Table::Discrete) {
+        return match value {
+            Value::Bool(b) => Ok(Encoded::Bit(*b)),
+            Value::Int(0) | Value::UInt(0) => Ok(Encoded::Bit(false)),
+            Value::Int(1) | Value::UInt(1) => Ok(Encoded::Bit(true)),
+            other => Err(format!("{other} is not a bool")),
+        };
+    }
+    crate::point::registers::encode_registers(
+        target.data_type,
+        target.order,
+        target.scale,
+        target.offset,
+        value,
+    )
+    .map(Encoded::Words)
+    .map_err(|e| e.to_string())
 }

@@ -50,8 +50,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::backoff::Backoff;
 use crate::image::Image;
 use crate::model::{Deliver, MapTarget, Plc, PlcWatchdog, SendRule};
-use crate::point::registers::encode_registers;
-use crate::point::value::{Sample, Table, Value};
+use crate::point::value::{Sample, Table};
 use crate::spool::forward::{Forwarder, RuleError, Rules};
 use crate::spool::{SpoolHandle, SpoolerError};
 
@@ -188,29 +187,7 @@ impl Pending {
     }
 }
 
-/// A value encoded for its target.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Encoded {
-    /// A coil.
-    Bit(bool),
-    /// Registers.
-    Words(Vec<u16>),
-}
-
-/// Encodes `value` for `target`.
-pub fn encode(target: &MapTarget, value: &Value) -> Result<Encoded, String> {
-    if target.table == Table::Coils {
-        return match value {
-            Value::Bool(b) => Ok(Encoded::Bit(*b)),
-            Value::Int(0) | Value::UInt(0) => Ok(Encoded::Bit(false)),
-            Value::Int(1) | Value::UInt(1) => Ok(Encoded::Bit(true)),
-            other => Err(format!("{other} is not a bool")),
-        };
-    }
-    encode_registers(target.data_type, target.order, target.scale, target.offset, value)
-        .map(Encoded::Words)
-        .map_err(|e| e.to_string())
-}
+pub use crate::model::{Encoded, encode};
 
 /// Merges `pending` into the fewest requests: adjacent register targets into one FC16
 /// of at most [`MAX_WRITE_REGISTERS`] (a value is never split), adjacent coils into one
@@ -793,7 +770,7 @@ impl Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::point::value::{DataType, WordOrder};
+    use crate::point::value::{DataType, Value, WordOrder};
 
     #[test]
     fn summary_counts_since_the_last_one() {

@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::{logs, wait_until};
 use futures::{SinkExt, StreamExt};
 use m2m_gateway::gateway::Gateway;
-use m2m_gateway::link::PeerWriteError;
 use m2m_gateway::image::Image;
+use m2m_gateway::link::PeerWriteError;
 use m2m_gateway::link::proto::{Frame, FrameCodec, VERSION};
 use m2m_gateway::link::tls::{self, Identity};
 use m2m_gateway::model::{

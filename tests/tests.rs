@@ -5,6 +5,7 @@ mod common;
 
 mod cli;
 mod config_corpus;
+mod deliver;
 mod layers;
 mod link_processes;
 mod links;

@@ -113,7 +113,9 @@ pub(super) fn resolve_one<'p>(
                 check.report(
                     span,
                     path,
-                    format!("points glob {glob:?} matches no configured point (full names are \"device.point\")"),
+                    format!(
+                        "points glob {glob:?} matches no configured point (full names are \"device.point\")"
+                    ),
                 );
             }
             matched

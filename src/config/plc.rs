@@ -52,8 +52,8 @@ use toml::Spanned;
 
 use super::globs::{self, Globs};
 use super::peer::{host_port, size};
-use super::send::{ModeKeys, RawMode, resolve_mode};
 use super::regmap::{Entry, Kind, Layout, RawType};
+use super::send::{ModeKeys, RawMode, resolve_mode};
 use super::{Checker, item, path_key};
 use crate::model::{Deliver, Plc, PlcMap, PlcWatchdog, Point};
 use crate::point::value::{Table, WordOrder};

@@ -195,7 +195,10 @@ impl Layout {
                 order: e.order.unwrap_or_default(),
                 scale,
                 offset,
-                eng_unit: e.eng_unit.map(|u| u.get_ref().clone()).or_else(|| named.own.and_then(|p| p.unit.clone())),
+                eng_unit: e
+                    .eng_unit
+                    .map(|u| u.get_ref().clone())
+                    .or_else(|| named.own.and_then(|p| p.unit.clone())),
             });
             next = end;
         }
@@ -204,7 +207,13 @@ impl Layout {
 
     /// The points entry `e` names, in order: local globs matched against `points`,
     /// received names taken as written.
-    fn names<'p>(&self, e: &Entry<'_>, points: &[&'p Point], path: &str, check: &mut Checker) -> Vec<Named<'p>> {
+    fn names<'p>(
+        &self,
+        e: &Entry<'_>,
+        points: &[&'p Point],
+        path: &str,
+        check: &mut Checker,
+    ) -> Vec<Named<'p>> {
         let written = globs::written(e.points);
         if written.is_empty() {
             check.report(
@@ -229,11 +238,7 @@ impl Layout {
                 }
                 let ok = |s: &str| !s.is_empty() && !s.contains('/') && !s.contains(char::is_whitespace);
                 if !ok(peer) || !ok(point) {
-                    check.report(
-                        span,
-                        path,
-                        format!("received point {glob:?} is not \"peer/device.point\""),
-                    );
+                    check.report(span, path, format!("received point {glob:?} is not \"peer/device.point\""));
                     continue;
                 }
                 if e.data_type.is_none() {
@@ -284,7 +289,11 @@ impl Layout {
         }
         if matches!(table, Table::Coils | Table::Discrete) {
             if let Some(t) = e.data_type.filter(|t| !matches!(t.get_ref(), RawType::Bool)) {
-                check.report(t.span(), path, "coils and discrete inputs hold single bits: type must be bool (or left out)");
+                check.report(
+                    t.span(),
+                    path,
+                    "coils and discrete inputs hold single bits: type must be bool (or left out)",
+                );
                 return None;
             }
             if !is_bool {
@@ -298,7 +307,11 @@ impl Layout {
             return Some(DataType::Bool);
         }
         if is_text && !matches!(written.unwrap_or(own), DataType::Str(_)) {
-            check.report(type_span.clone(), path, format!("point {name:?} is a string: its type must be string"));
+            check.report(
+                type_span.clone(),
+                path,
+                format!("point {name:?} is a string: its type must be string"),
+            );
             return None;
         }
         if matches!(written, Some(DataType::Str(_))) && !is_text {

@@ -269,7 +269,13 @@ pub(super) fn validate(raw: &RawServer, buses: &[Bus], check: &mut Checker) -> S
 }
 
 /// Resolves a virtual unit (one with `[[server.unit.map]]`): `None` when reported.
-fn virtual_unit(r: &RawUnit, unit: u8, points: &[&Point], path: &str, check: &mut Checker) -> Option<VirtualUnit> {
+fn virtual_unit(
+    r: &RawUnit,
+    unit: u8,
+    points: &[&Point],
+    path: &str,
+    check: &mut Checker,
+) -> Option<VirtualUnit> {
     for (key, v) in [("agent", &r.agent), ("pass", &r.pass), ("max_age", &r.max_age)] {
         if let Some(v) = v {
             check.report(
@@ -317,12 +323,18 @@ fn virtual_unit(r: &RawUnit, unit: u8, points: &[&Point], path: &str, check: &mu
         let start: u16 = check.int(Some(s), 0, 0..=65_535, path, "status");
         let len = v.status_len();
         if u32::from(start) + u32::from(len) > 65_536 {
-            check.report(s.span(), path, format!("status block of {len} registers from {start} passes the last address 65535"));
+            check.report(
+                s.span(),
+                path,
+                format!("status block of {len} registers from {start} passes the last address 65535"),
+            );
         } else if let Some((i, p)) = layout.covering(Table::Input, start, len) {
             check.report(
                 s.span(),
                 path,
-                format!("status block of {len} input registers from {start} overlaps point {p:?} of map[{i}]"),
+                format!(
+                    "status block of {len} input registers from {start} overlaps point {p:?} of map[{i}]"
+                ),
             );
         }
         v.status = Some(start);
