@@ -91,6 +91,40 @@ use crate::serial::pdu;
 use crate::server::mbap::{Frame, MbapCodec};
 use vunit::{SharedVUnit, VUnit};
 
+/// What `check` shows for a virtual unit: its register map, one line per point
+/// (address, table, type, order, scale, point, engineering unit), then the status block.
+pub fn describe(v: &model::VirtualUnit) -> String {
+    let mut out = format!(
+        "virtual unit {} ({} point(s), on_bad {}):\n",
+        v.unit,
+        v.targets.len(),
+        if v.on_bad == model::OnBad::Last { "last" } else { "exception" }
+    );
+    for t in &v.targets {
+        let end = u32::from(t.address) + u32::from(t.width()) - 1;
+        out.push_str(&format!(
+            "  {:<8} {:>5}..={:<5} {:<10} {} scale {} offset {}  {}{}\n",
+            format!("{:?}", t.table).to_lowercase(),
+            t.address,
+            end,
+            t.data_type.to_string(),
+            format!("{:?}", t.order).to_lowercase(),
+            t.scale,
+            t.offset,
+            t.point,
+            t.eng_unit.as_deref().map(|u| format!(" [{u}]")).unwrap_or_default()
+        ));
+    }
+    if let Some(s) = v.status {
+        out.push_str(&format!(
+            "  input    {s:>5}..={:<5} status: heartbeat, link bits ({}), point quality bits\n",
+            u32::from(s) + u32::from(v.status_len()) - 1,
+            v.peers().join(", ")
+        ));
+    }
+    out
+}
+
 /// Requests of one connection being answered at once; more wait in the socket.
 pub const MAX_PENDING: usize = 16;
 
