@@ -30,6 +30,7 @@ mod peer;
 mod plc;
 mod point;
 mod rawdevice;
+mod regmap;
 mod send;
 mod server;
 mod tunnel;

@@ -9,6 +9,9 @@
 //! Invariant: every task spawned here watches the shutdown token and is tracked, so
 //! [`Gateway::shutdown`] returns once everything has stopped (or the grace period ran out).
 
+use std::collections::{HashMap, HashSet};
+
+use futures::future::BoxFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,16 +26,17 @@ use crate::link::listener::{Listener, Routes};
 use crate::link::tls::{self, Fingerprint};
 use crate::link::tunnel::{self, TunnelHandle};
 use crate::link::writeback::WriteBacks;
-use crate::link::{self, Dialer, Grants, Link, LinkHandle};
+use crate::link::{self, Dialer, Grants, Link, LinkHandle, PeerWriteError, ReceivedSink};
 use crate::model::{Dial, Links, Model, Protocol};
 use crate::plc::{self, PlcHandle};
+use crate::point::value::Value;
 use crate::poll::modbus::Poller;
 use crate::poll::raw::{self, SerialDevices};
-use crate::server::{self, Server, ServerError};
+use crate::server::{self, Owners, Server, ServerError, WriteFailure};
 use crate::spool::SpoolHandle;
 use crate::spool::forward::{Forwarder, Rules};
 use crate::spool::journal::SpoolLimits;
-use crate::writer::Writer;
+use crate::writer::{WriteError, Writer};
 
 /// Why the gateway could not start; each names the file, address or peer.
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +156,7 @@ impl Gateway {
         let serial = Arc::new(serial);
         let writer = Writer::new(model, &buses).with_commands(serial.clone());
         let (links, listen_addr) = match (prepared, &model.links) {
-            (Some(p), Some(l)) => start_links(model, l, p, &image, &writer, &shutdown, &tracker),
+            (Some(p), Some(l)) => start_links(model, l, p, &image, &writer, &plc_spools, &shutdown, &tracker),
             _ => (Vec::new(), None),
         };
         let every = model.gateway.summary_interval;
@@ -189,7 +193,14 @@ impl Gateway {
         }
         let mut server_addr = None;
         if let (Some(config), Some(listener)) = (&model.server, listener) {
-            let server = Server::new(listener, config, model, &buses, image.clone());
+            let server = Server::new(
+                listener,
+                config,
+                model,
+                &buses,
+                image.clone(),
+                Arc::new(PointOwners { writer: writer.clone(), links: links.iter().cloned().collect() }),
+            );
             server_addr = Some(server.local_addr());
             tracker.spawn(server.run(shutdown.clone(), tracker.clone()));
         }
@@ -294,6 +305,80 @@ fn open_plc_spools(model: &Model) -> Result<Vec<SpoolHandle>, GatewayError> {
         .collect()
 }
 
+/// What virtual units write through: the writer for local points, the peer links for
+/// received points (`peer/point`).
+struct PointOwners {
+    writer: Writer,
+    links: HashMap<String, LinkHandle>,
+}
+
+impl Owners for PointOwners {
+    fn write(&self, point: &str, value: Value) -> BoxFuture<'static, Result<(), WriteFailure>> {
+        let Some((peer, remote)) = point.split_once('/') else {
+            let (writer, point) = (self.writer.clone(), point.to_string());
+            return Box::pin(async move {
+                writer.write(&point, &value).await.map_err(|e| match e {
+                    WriteError::UnknownPoint(_) | WriteError::ReadOnly { .. } => {
+                        WriteFailure::NotWritable(e.to_string())
+                    }
+                    WriteError::Encode { .. } => WriteFailure::BadValue(e.to_string()),
+                    _ => WriteFailure::Unavailable(e.to_string()),
+                })
+            });
+        };
+        let Some(link) = self.links.get(peer).cloned() else {
+            let why = format!("no [[peer]] {peer:?} to carry the write to the point's owner");
+            return Box::pin(async move { Err(WriteFailure::NoPath(why)) });
+        };
+        let remote = remote.to_string();
+        Box::pin(async move {
+            link.write(&remote, value).await.map_err(|e| {
+                let text = e.to_string();
+                match e {
+                    PeerWriteError::Refused { reason, .. }
+                        if reason.contains("outside the granted range") =>
+                    {
+                        WriteFailure::BadValue(text)
+                    }
+                    PeerWriteError::Refused { .. } => WriteFailure::NotWritable(text),
+                    PeerWriteError::Busy { .. } => WriteFailure::Busy(text),
+                    PeerWriteError::Failed { .. } => WriteFailure::Failed(text),
+                    PeerWriteError::Down { .. }
+                    | PeerWriteError::Lost { .. }
+                    | PeerWriteError::Timeout { .. } => WriteFailure::Unavailable(text),
+                }
+            })
+        })
+    }
+
+    fn link_up(&self, peer: &str) -> bool {
+        self.links.get(peer).is_some_and(LinkHandle::is_connected)
+    }
+}
+
+/// The PLCs that map points received from `peer`, as sinks of its link.
+fn received_sinks(model: &Model, peer: &str, plc_spools: &[SpoolHandle]) -> Vec<ReceivedSink> {
+    model
+        .plcs
+        .iter()
+        .zip(plc_spools)
+        .filter_map(|(p, spool)| {
+            let points: HashSet<String> = p
+                .map
+                .iter()
+                .flat_map(|m| &m.targets)
+                .filter(|t| t.received().is_some_and(|(from, _)| from == peer))
+                .map(|t| t.point.clone())
+                .collect();
+            (!points.is_empty()).then(|| ReceivedSink {
+                name: format!("plc {}", p.name),
+                points,
+                spool: spool.clone(),
+            })
+        })
+        .collect()
+}
+
 /// What the links need, opened before any task starts.
 struct Prepared {
     identity: tls::Identity,
@@ -336,12 +421,14 @@ fn prepare_links(links: &Links) -> Result<Prepared, GatewayError> {
     Ok(Prepared { identity, peers, listener })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn start_links(
     model: &Model,
     links: &Links,
     prepared: Prepared,
     image: &Arc<Image>,
     writer: &Writer,
+    plc_spools: &[SpoolHandle],
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> (Vec<(String, LinkHandle)>, Option<SocketAddr>) {
@@ -382,6 +469,7 @@ fn start_links(
                 writeback: offer,
                 connected,
                 max_frame: crate::link::proto::DEFAULT_MAX_FRAME,
+                sinks: received_sinks(model, &peer.name, plc_spools),
             },
             dialer,
             shutdown.clone(),

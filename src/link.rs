@@ -146,6 +146,51 @@ struct WriteCmd {
     reply: oneshot::Sender<Result<(), String>>,
 }
 
+/// Why a peer write ([`LinkHandle::write`]) did not happen, or may not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerWriteError {
+    /// No session: nothing was sent.
+    #[error("link to {peer} is down")]
+    Down {
+        /// The peer.
+        peer: String,
+    },
+    /// Too many writes waiting (here or at the owner): nothing was written.
+    #[error("link to {peer}: too many writes waiting")]
+    Busy {
+        /// The peer.
+        peer: String,
+    },
+    /// The owner's `[[peer.grant]]` refused it: `reason` is the owner's.
+    #[error("{reason}")]
+    Refused {
+        /// The peer.
+        peer: String,
+        /// The owner's words (`not granted: ...`).
+        reason: String,
+    },
+    /// The owner tried and its device write failed.
+    #[error("peer {peer} could not write: {reason}")]
+    Failed {
+        /// The peer.
+        peer: String,
+        /// The owner's words.
+        reason: String,
+    },
+    /// The session dropped with the write in flight: outcome unknown.
+    #[error("link to {peer} went down before the write result arrived (outcome unknown)")]
+    Lost {
+        /// The peer.
+        peer: String,
+    },
+    /// No result within [`WRITE_TIMEOUT`]: outcome unknown.
+    #[error("link to {peer}: no write result within {WRITE_TIMEOUT:?} (outcome unknown)")]
+    Timeout {
+        /// The peer.
+        peer: String,
+    },
+}
+
 /// A cheap handle to a running link.
 #[derive(Clone)]
 pub struct LinkHandle {
@@ -170,26 +215,34 @@ impl LinkHandle {
 
     /// Asks the peer to write `value` into its point `point` and waits for the result
     /// (at most [`WRITE_TIMEOUT`]). Fails at once when the link is down. Never resent.
-    pub async fn write(&self, point: &str, value: Value) -> Result<(), String> {
+    pub async fn write(&self, point: &str, value: Value) -> Result<(), PeerWriteError> {
+        let peer = self.peer.to_string();
         if !self.counters.connected.load(Relaxed) {
-            return Err(format!("link to {} is down", self.peer));
+            return Err(PeerWriteError::Down { peer });
         }
         let (reply, rx) = oneshot::channel();
         let deadline = Instant::now() + WRITE_TIMEOUT;
-        self.writes
-            .try_send(WriteCmd { point: point.to_string(), value, deadline, reply })
-            .map_err(|_| format!("link to {}: too many writes waiting", self.peer))?;
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(format!(
-                "link to {} went down before the write result arrived (outcome unknown)",
-                self.peer
-            )),
-            Err(_) => Err(format!(
-                "link to {}: no write result within {WRITE_TIMEOUT:?} (outcome unknown)",
-                self.peer
-            )),
+        if self.writes.try_send(WriteCmd { point: point.to_string(), value, deadline, reply }).is_err() {
+            return Err(PeerWriteError::Busy { peer });
         }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(reason))) if reason == DOWN => Err(PeerWriteError::Down { peer }),
+            // The owner's grants refuse with "not granted: ..." (Grants::check), and a
+            // busy owner with "busy: ..."; anything else is the owner's device write.
+            Ok(Ok(Err(reason))) if reason.starts_with("not granted") => {
+                Err(PeerWriteError::Refused { peer, reason })
+            }
+            Ok(Ok(Err(reason))) if reason.starts_with("busy") => Err(PeerWriteError::Busy { peer }),
+            Ok(Ok(Err(reason))) => Err(PeerWriteError::Failed { peer, reason }),
+            Ok(Err(_)) => Err(PeerWriteError::Lost { peer }),
+            Err(_) => Err(PeerWriteError::Timeout { peer }),
+        }
+    }
+
+    /// True while a session with the peer is up.
+    pub fn is_connected(&self) -> bool {
+        self.counters.connected.load(Relaxed)
     }
 
     /// The hook serial tunnels to this peer use (see link/tunnel.rs).
@@ -300,6 +353,30 @@ pub struct Link {
     pub connected: watch::Sender<bool>,
     /// Frame size limit.
     pub max_frame: usize,
+    /// Local sinks (PLCs) fed with the peer's points: each gets every received sample
+    /// of the points it maps, in its spool, before the batch is acked.
+    pub sinks: Vec<ReceivedSink>,
+}
+
+/// A local sink fed from the peer: the received points it maps (full `peer/point`
+/// names) and its spool.
+#[derive(Debug, Clone)]
+pub struct ReceivedSink {
+    /// The sink, for logs (`plc line-plc`).
+    pub name: String,
+    /// Full names of the points it takes.
+    pub points: std::collections::HashSet<String>,
+    /// Its spool.
+    pub spool: SpoolHandle,
+}
+
+/// A [`ReceivedSink`] inside a link task: the peer batch seq its spool holds up to,
+/// and the samples taken for it but not yet stored.
+struct Sink {
+    config: ReceivedSink,
+    /// `None` until read from the spool (at the first session).
+    mark: Option<u64>,
+    pending: Vec<(String, Sample)>,
 }
 
 /// Starts the task of one link under `tracker`; returns its handle.
@@ -315,6 +392,8 @@ pub fn spawn(link: Link, dialer: Dialer, shutdown: CancellationToken, tracker: &
         tunnels: tunnels.clone(),
     };
     let span = info_span!("link", peer = %link.peer.name);
+    let sinks =
+        link.sinks.iter().map(|c| Sink { config: c.clone(), mark: None, pending: Vec::new() }).collect();
     let task = Task {
         link,
         counters,
@@ -323,6 +402,7 @@ pub fn spawn(link: Link, dialer: Dialer, shutdown: CancellationToken, tracker: &
         tracker: tracker.clone(),
         names: HashMap::new(),
         tunnels,
+        sinks,
     };
     tracker.spawn(task.run(dialer).instrument(span));
     handle
@@ -338,6 +418,8 @@ struct Task {
     names: HashMap<String, PointId>,
     /// Serial tunnels riding this link.
     tunnels: Arc<TunnelHub>,
+    /// Local sinks fed with received samples (from `link.sinks`).
+    sinks: Vec<Sink>,
 }
 
 /// How a session ended.
@@ -389,7 +471,7 @@ impl Task {
                                     return;
                                 }
                             },
-                            Some(cmd) = self.writes.recv() => refuse_down(cmd, &self.link.peer.name),
+                            Some(cmd) = self.writes.recv() => refuse_down(cmd),
                             () = self.shutdown.cancelled() => return,
                         }
                     },
@@ -429,7 +511,7 @@ impl Task {
                 tokio::select! {
                     // Cancel-safe: a timer, and mpsc::recv.
                     () = sleep_until(until) => break,
-                    Some(cmd) = self.writes.recv() => refuse_down(cmd, &self.link.peer.name),
+                    Some(cmd) = self.writes.recv() => refuse_down(cmd),
                     () = self.shutdown.cancelled() => return,
                 }
             }
@@ -521,6 +603,16 @@ impl Task {
         if let Err(e) = spool.ack(resume).await {
             error!(error = %e, "cannot apply the peer's resume point; closing the link");
             return End::Lost;
+        }
+        for sink in self.sinks.iter_mut().filter(|s| s.mark.is_none()) {
+            match sink.config.spool.received_mark(&peer).await {
+                Ok(m) => sink.mark = Some(m),
+                Err(e) => {
+                    error!(sink = %sink.config.name, error = %e, "cannot read the sink's spool; closing the link");
+                    return End::Lost;
+                }
+            }
+            sink.pending.clear();
         }
         // Tunnels may queue frames on this session now, up to half of OUT_LIMIT, so
         // they alone never make the peer look like it stopped reading.
@@ -703,8 +795,23 @@ impl Task {
                 }
             }
             // Everything applied is recorded, even when the session is ending: else the
-            // peer would resend it and it would be applied twice.
+            // peer would resend it and it would be applied twice. Sinks store their
+            // samples first: a crash in between re-sends the batches, and the sinks'
+            // marks keep them from being stored twice.
             if applied_upto > applied {
+                for sink in &mut self.sinks {
+                    if sink.pending.is_empty() {
+                        continue;
+                    }
+                    let samples = std::mem::take(&mut sink.pending);
+                    if let Err(e) = sink.config.spool.append_received(samples, &peer, applied_upto).await {
+                        error!(sink = %sink.config.name, error = %e, "cannot store received values for the sink; closing the link without acking (the peer re-sends them)");
+                        // Read the mark again at the next session.
+                        sink.mark = None;
+                        return End::Lost;
+                    }
+                    sink.mark = Some(applied_upto);
+                }
                 if let Err(e) = spool.set_applied(applied_upto).await {
                     error!(error = %e, "cannot record applied batches; closing the link without acking");
                     return End::Lost;
@@ -756,6 +863,14 @@ impl Task {
             );
         }
         image.update(updates);
+        for sink in &mut self.sinks {
+            if sink.mark.is_some_and(|m| seq > m) {
+                sink.pending.extend(samples.iter().filter_map(|(point, sample)| {
+                    let name = format!("{peer}/{point}");
+                    sink.config.points.contains(&name).then(|| (name, sample.clone()))
+                }));
+            }
+        }
         self.link.writeback.offer(samples.iter().map(|(p, s)| (p.as_str(), s)));
         self.counters.applied.fetch_add(1, Relaxed);
         self.counters.samples_applied.fetch_add(samples.len() as u64, Relaxed);
@@ -849,9 +964,12 @@ async fn recv_incoming(dialer: &mut Dialer) -> Option<Incoming> {
     }
 }
 
-fn refuse_down(cmd: WriteCmd, peer: &str) {
-    let _ = cmd.reply.send(Err(format!("link to {peer} is down")));
+fn refuse_down(cmd: WriteCmd) {
+    let _ = cmd.reply.send(Err(DOWN.to_string()));
 }
+
+/// The reply of a write asked while the link was down (never sent to a peer).
+const DOWN: &str = "\0link down";
 
 /// Dials `addr` and runs the TLS handshake pinning the peer.
 async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Incoming, String> {

@@ -326,6 +326,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             for p in &model.plcs {
                 print!("{}", m2m_gateway::plc::describe(p));
             }
+            for v in model.server.iter().flat_map(|s| &s.virtual_units) {
+                print!("{}", m2m_gateway::server::describe(v));
+            }
             if let Some(links) = &model.links {
                 print!("{}", m2m_gateway::link::tunnel::describe(&links.tunnels));
             }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::point::value::{DataType, Table, WordOrder};
+use crate::point::value::{DataType, Table, Value, WordOrder};
 pub use crate::serial::line::{Line, Parity};
 
 /// Shortest reconnect delay of a peer link: its first retry, and the least `reconnect_max`
@@ -379,6 +379,51 @@ pub struct Server {
     pub units: Vec<ServedUnit>,
     /// What masters may write (nothing else is writable).
     pub grants: Vec<WriteGrant>,
+    /// Units answered from a register map over the image (`[[server.unit.map]]`).
+    pub virtual_units: Vec<VirtualUnit>,
+}
+
+/// A unit id answered from a register map over the image: local and received points
+/// encoded like `[[plc.map]]`, read at once; writes go to the owner of each point.
+#[derive(Debug, Clone)]
+pub struct VirtualUnit {
+    /// The unit id masters use (1..=255).
+    pub unit: u8,
+    /// Every mapped point, in configuration order; no two overlap in one table.
+    pub targets: Vec<MapTarget>,
+    /// What a read of a point that is not good answers.
+    pub on_bad: OnBad,
+    /// First input register of the status block, if any (see [`VirtualUnit::status_len`]).
+    pub status: Option<u16>,
+}
+
+impl VirtualUnit {
+    /// Registers of the status block: heartbeat, link bits, then one quality bit per
+    /// target (16 a register).
+    pub fn status_len(&self) -> u16 {
+        2 + u16::try_from(self.targets.len().div_ceil(16)).unwrap_or(u16::MAX - 2)
+    }
+
+    /// The peers whose points the unit maps, in order of first appearance: bit `i` of
+    /// the status block's link register is the link to peer `i`.
+    pub fn peers(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for (peer, _) in self.targets.iter().filter_map(MapTarget::received) {
+            if !out.contains(&peer) {
+                out.push(peer);
+            }
+        }
+        out
+    }
+}
+
+/// What a virtual unit answers for a read covering a point whose quality is not good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBad {
+    /// Exception 0x0B (gateway target device failed to respond): the default.
+    Exception,
+    /// The last value (a never-received point still answers 0x0B).
+    Last,
 }
 
 /// One unit id a master can address, and where its answers come from.
@@ -484,21 +529,23 @@ pub struct PlcMap {
     pub points: Vec<String>,
     /// Each matched point with where and how it is written (model order, consecutive
     /// addresses from the entry's `address`).
-    pub targets: Vec<PlcTarget>,
+    pub targets: Vec<MapTarget>,
     /// When a value is sent.
     pub mode: SendMode,
 }
 
-/// Where one local point lands in a PLC and how it is encoded.
+/// Where one point lands in a register map (a PLC's `[[plc.map]]`, a virtual unit's
+/// `[[server.unit.map]]`) and how it is encoded.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PlcTarget {
-    /// Local point (full name).
+pub struct MapTarget {
+    /// Full point name: local `device.point`, or received `peer/device.point`.
     pub point: String,
-    /// `Holding` or `Coils`.
+    /// The table: `Holding` or `Coils` in a PLC; any of the four in a virtual unit.
     pub table: Table,
     /// First wire (zero-based) address.
     pub address: u16,
-    /// Register encoding (`Bool` for coils); never `Bit` or `Str`.
+    /// Register encoding (`Bool` for coils and discrete inputs); never `Bit`; `Str`
+    /// only in a virtual unit.
     pub data_type: DataType,
     /// Word order.
     pub order: WordOrder,
@@ -506,4 +553,51 @@ pub struct PlcTarget {
     pub scale: f64,
     /// See `scale`.
     pub offset: f64,
+    /// Engineering unit (the local point's `unit`, or the map entry's `eng_unit`), for
+    /// `check` and tag lists only.
+    pub eng_unit: Option<String>,
+}
+
+impl MapTarget {
+    /// Registers (or bits, in a bit table) the target takes.
+    pub fn width(&self) -> u16 {
+        if matches!(self.table, Table::Coils | Table::Discrete) { 1 } else { self.data_type.width() }
+    }
+
+    /// The peer a received point comes from (`site-a` of `site-a/boiler.temp`), and
+    /// its name there; `None` for a local point.
+    pub fn received(&self) -> Option<(&str, &str)> {
+        self.point.split_once('/')
+    }
+}
+
+/// A value encoded for its target.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Encoded {
+    /// A coil.
+    Bit(bool),
+    /// Registers.
+    Words(Vec<u16>),
+}
+
+/// Encodes `value` for `target`.
+/// (Also how a virtual unit of the Modbus-TCP server encodes what it serves.)
+pub fn encode(target: &MapTarget, value: &Value) -> Result<Encoded, String> {
+    if matches!(target.table, Table::Coils | Table::Discrete) {
+        return match value {
+            Value::Bool(b) => Ok(Encoded::Bit(*b)),
+            Value::Int(0) | Value::UInt(0) => Ok(Encoded::Bit(false)),
+            Value::Int(1) | Value::UInt(1) => Ok(Encoded::Bit(true)),
+            other => Err(format!("{other} is not a bool")),
+        };
+    }
+    crate::point::registers::encode_registers(
+        target.data_type,
+        target.order,
+        target.scale,
+        target.offset,
+        value,
+    )
+    .map(Encoded::Words)
+    .map_err(|e| e.to_string())
 }

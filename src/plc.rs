@@ -49,9 +49,8 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::image::Image;
-use crate::model::{Deliver, Plc, PlcTarget, PlcWatchdog, SendRule};
-use crate::point::registers::encode_registers;
-use crate::point::value::{Sample, Table, Value};
+use crate::model::{Deliver, MapTarget, Plc, PlcWatchdog, SendRule};
+use crate::point::value::{Sample, Table};
 use crate::spool::forward::{Forwarder, RuleError, Rules};
 use crate::spool::{SpoolHandle, SpoolerError};
 
@@ -168,7 +167,7 @@ impl Pending {
     }
 
     /// True when `target` already has a value waiting.
-    fn holds(&self, target: &PlcTarget) -> bool {
+    fn holds(&self, target: &MapTarget) -> bool {
         match target.table {
             Table::Coils => self.coils.contains_key(&target.address),
             _ => self.registers.contains_key(&target.address),
@@ -176,7 +175,7 @@ impl Pending {
     }
 
     /// Sets `target` to `value` (a newer value replaces an older one).
-    fn put(&mut self, target: &PlcTarget, value: Encoded) {
+    fn put(&mut self, target: &MapTarget, value: Encoded) {
         match value {
             Encoded::Bit(b) => {
                 self.coils.insert(target.address, b);
@@ -188,29 +187,7 @@ impl Pending {
     }
 }
 
-/// A value encoded for its target.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Encoded {
-    /// A coil.
-    Bit(bool),
-    /// Registers.
-    Words(Vec<u16>),
-}
-
-/// Encodes `value` for `target`.
-pub fn encode(target: &PlcTarget, value: &Value) -> Result<Encoded, String> {
-    if target.table == Table::Coils {
-        return match value {
-            Value::Bool(b) => Ok(Encoded::Bit(*b)),
-            Value::Int(0) | Value::UInt(0) => Ok(Encoded::Bit(false)),
-            Value::Int(1) | Value::UInt(1) => Ok(Encoded::Bit(true)),
-            other => Err(format!("{other} is not a bool")),
-        };
-    }
-    encode_registers(target.data_type, target.order, target.scale, target.offset, value)
-        .map(Encoded::Words)
-        .map_err(|e| e.to_string())
-}
+pub use crate::model::{Encoded, encode};
 
 /// Merges `pending` into the fewest requests: adjacent register targets into one FC16
 /// of at most [`MAX_WRITE_REGISTERS`] (a value is never split), adjacent coils into one
@@ -453,7 +430,7 @@ enum End {
 
 struct Sender {
     plc: Plc,
-    targets: HashMap<String, PlcTarget>,
+    targets: HashMap<String, MapTarget>,
     spool: SpoolHandle,
     stats: Arc<PlcStats>,
     connected: watch::Sender<bool>,
@@ -726,7 +703,7 @@ impl Sender {
 
     /// The target of `name` and the encoded value of `sample`, if it is mapped, has a
     /// value and encodes.
-    fn encoded(&self, name: &str, sample: &Sample) -> Option<(&PlcTarget, Encoded)> {
+    fn encoded(&self, name: &str, sample: &Sample) -> Option<(&MapTarget, Encoded)> {
         let Some(target) = self.targets.get(name) else {
             // Spooled under an older configuration.
             debug!(point = %name, "spooled point is no longer mapped; skipped");
@@ -793,7 +770,7 @@ impl Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::point::value::{DataType, WordOrder};
+    use crate::point::value::{DataType, Value, WordOrder};
 
     #[test]
     fn summary_counts_since_the_last_one() {
@@ -822,8 +799,8 @@ mod tests {
         );
     }
 
-    fn target(table: Table, address: u16, data_type: DataType) -> PlcTarget {
-        PlcTarget {
+    fn target(table: Table, address: u16, data_type: DataType) -> MapTarget {
+        MapTarget {
             point: "d.p".into(),
             table,
             address,
@@ -831,6 +808,7 @@ mod tests {
             order: WordOrder::Abcd,
             scale: 1.0,
             offset: 0.0,
+            eng_unit: None,
         }
     }
 

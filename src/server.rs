@@ -78,6 +78,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, instrument, warn};
 
+mod vunit;
+
+pub use vunit::{Owners, WriteFailure};
+
 use crate::bus::pass::MasterId;
 use crate::bus::{BusError, BusHandle, Job, Priority};
 use crate::image::{Image, Raw, RawMiss};
@@ -85,6 +89,41 @@ use crate::model::{self, Model, ServeMode, WriteGrant};
 use crate::point::value::Table;
 use crate::serial::pdu;
 use crate::server::mbap::{Frame, MbapCodec};
+use vunit::{SharedVUnit, VUnit};
+
+/// What `check` shows for a virtual unit: its register map, one line per point
+/// (address, table, type, order, scale, point, engineering unit), then the status block.
+pub fn describe(v: &model::VirtualUnit) -> String {
+    let mut out = format!(
+        "virtual unit {} ({} point(s), on_bad {}):\n",
+        v.unit,
+        v.targets.len(),
+        if v.on_bad == model::OnBad::Last { "last" } else { "exception" }
+    );
+    for t in &v.targets {
+        let end = u32::from(t.address) + u32::from(t.width()) - 1;
+        out.push_str(&format!(
+            "  {:<8} {:>5}..={:<5} {:<10} {} scale {} offset {}  {}{}\n",
+            format!("{:?}", t.table).to_lowercase(),
+            t.address,
+            end,
+            t.data_type.to_string(),
+            format!("{:?}", t.order).to_lowercase(),
+            t.scale,
+            t.offset,
+            t.point,
+            t.eng_unit.as_deref().map(|u| format!(" [{u}]")).unwrap_or_default()
+        ));
+    }
+    if let Some(s) = v.status {
+        out.push_str(&format!(
+            "  input    {s:>5}..={:<5} status: heartbeat, link bits ({}), point quality bits\n",
+            u32::from(s) + u32::from(v.status_len()) - 1,
+            v.peers().join(", ")
+        ));
+    }
+    out
+}
 
 /// Requests of one connection being answered at once; more wait in the socket.
 pub const MAX_PENDING: usize = 16;
@@ -129,6 +168,8 @@ struct Route {
 /// What the connections share.
 struct Shared {
     routes: HashMap<u8, Route>,
+    /// Units answered from a register map (`[[server.unit.map]]`).
+    virtuals: HashMap<u8, SharedVUnit>,
     image: Arc<Image>,
     idle_timeout: Duration,
     /// Requests a master may have waiting or running on one bus.
@@ -145,7 +186,8 @@ pub struct Server {
 
 impl Server {
     /// A server on `listener` (from [`listen`]) with the routes of `config` to `buses`
-    /// (the running bus tasks, any order) and `image`. A unit whose bus is not among
+    /// (the running bus tasks, any order) and `image`; virtual units write through
+    /// `owners` (local points to their devices, received points over the links). A unit whose bus is not among
     /// `buses` (a model and handles that do not match) is logged and left unserved.
     pub fn new(
         listener: TcpListener,
@@ -153,6 +195,7 @@ impl Server {
         model: &Model,
         buses: &[BusHandle],
         image: Arc<Image>,
+        owners: Arc<dyn Owners>,
     ) -> Self {
         let local = listener.local_addr().unwrap_or(config.listen);
         let mut routes = HashMap::new();
@@ -186,8 +229,17 @@ impl Server {
                 },
             );
         }
+        let virtuals = config
+            .virtual_units
+            .iter()
+            .map(|v| {
+                let grants = config.grants.iter().filter(|g| g.unit == v.unit).copied().collect();
+                (v.unit, Arc::new(VUnit::new(v.clone(), owners.clone(), grants)))
+            })
+            .collect();
         let shared = Arc::new(Shared {
             routes,
+            virtuals,
             image,
             idle_timeout: config.idle_timeout,
             max_in_flight: config.max_in_flight,
@@ -375,6 +427,9 @@ impl Route {
 
 impl Shared {
     fn handle(&self, master: MasterId, frame: Frame) -> Answer {
+        if let Some(v) = self.virtuals.get(&frame.unit) {
+            return self.virtual_unit(v, frame);
+        }
         let Some(route) = self.routes.get(&frame.unit) else {
             return Answer::Now(frame.exception(ExceptionCode::GatewayPathUnavailable));
         };
@@ -398,6 +453,39 @@ impl Shared {
             ServeMode::Pass => relay(route, master, frame, request, self.max_in_flight),
             ServeMode::Agent { max_age } => Answer::Now(self.agent_read(route, &frame, &request, max_age)),
         }
+    }
+
+    /// Answers a request to a virtual unit: reads now, writes once carried out.
+    fn virtual_unit(&self, v: &SharedVUnit, frame: Frame) -> Answer {
+        if !frame.pdu.first().is_some_and(|f| v.serves(*f)) {
+            return Answer::Now(frame.exception(ExceptionCode::IllegalFunction));
+        }
+        let request = match mbap::decode_request(&frame.pdu) {
+            Ok(r) => r,
+            Err(code) => return Answer::Now(frame.exception(code)),
+        };
+        let encode = |frame: &Frame, rsp: &Response| {
+            let mut pdu = Vec::with_capacity(pdu::MAX_PDU);
+            pdu::encode_response(rsp, &mut pdu);
+            frame.answer(pdu)
+        };
+        let Some(response) = vunit::write_response(&request) else {
+            return Answer::Now(match v.read(&self.image, &request) {
+                Ok(rsp) => encode(&frame, &rsp),
+                Err(code) => frame.exception(code),
+            });
+        };
+        let planned = match v.plan_write(&request) {
+            Ok(p) => p,
+            Err(code) => return Answer::Now(frame.exception(code)),
+        };
+        let v = v.clone();
+        Answer::Later(Box::pin(async move {
+            match v.write(planned).await {
+                Ok(()) => encode(&frame, &response),
+                Err(code) => frame.exception(code),
+            }
+        }))
     }
 
     /// Answers a read from the raw cache of the image.

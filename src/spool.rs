@@ -51,6 +51,8 @@ enum Op {
     Ack(u64, Reply<usize>),
     ReadRaw(u64, usize, Reply<Vec<(u64, Vec<u8>)>>),
     SetApplied(u64, Reply<()>),
+    AppendReceived(Vec<(String, Sample)>, String, u64, Reply<Option<u64>>),
+    ReceivedMark(String, Reply<u64>),
 }
 
 /// Errors of the spool handle.
@@ -126,6 +128,24 @@ impl SpoolHandle {
         self.call(|r| Op::SetApplied(seq, r)).await
     }
 
+    /// Stores samples received from peer `from` in its batches up to `seq`, unless a
+    /// batch that far was already stored (see [`Spool::append_received`]).
+    pub async fn append_received(
+        &self,
+        samples: Vec<(String, Sample)>,
+        from: &str,
+        seq: u64,
+    ) -> Result<Option<u64>, SpoolerError> {
+        let from = from.to_string();
+        self.call(|r| Op::AppendReceived(samples, from, seq, r)).await
+    }
+
+    /// The peer batch seq [`SpoolHandle::append_received`] last stored for `from`.
+    pub async fn received_mark(&self, from: &str) -> Result<u64, SpoolerError> {
+        let from = from.to_string();
+        self.call(|r| Op::ReceivedMark(from, r)).await
+    }
+
     /// Highest seq applied from the peer (as of the last operation).
     pub fn applied(&self) -> u64 {
         self.counters.applied.load(Relaxed)
@@ -183,6 +203,17 @@ fn run(
             }
             Op::ReadRaw(after, max, r) => {
                 let _ = r.send(spool.read_raw_from(after, max));
+            }
+            Op::AppendReceived(samples, from, seq, r) => {
+                let out = spool.append_received(&samples, &from, seq);
+                update(&counters, &spool);
+                if let Ok(Some(seq)) = out {
+                    appended.send_replace(seq);
+                }
+                let _ = r.send(out);
+            }
+            Op::ReceivedMark(from, r) => {
+                let _ = r.send(spool.received_mark(&from));
             }
             Op::SetApplied(seq, r) => {
                 let out = spool.set_applied(seq);

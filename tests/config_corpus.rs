@@ -28,7 +28,7 @@ fn file_name(path: &Path) -> String {
 #[test]
 fn bad_configs_fail_with_their_expected_messages() {
     let files = corpus("bad");
-    assert!(files.len() >= 136, "only {} bad configs", files.len());
+    assert!(files.len() >= 143, "only {} bad configs", files.len());
     let mut failures = Vec::new();
     for path in &files {
         let name = file_name(path);
@@ -360,7 +360,7 @@ fn server_units_and_grants_are_resolved() {
 
 #[test]
 fn plc_targets_are_resolved() {
-    use m2m_gateway::model::{Deliver, PlcTarget, PlcWatchdog};
+    use m2m_gateway::model::{Deliver, MapTarget, PlcWatchdog};
     let model = good("plc.toml");
     let plc = &model.plcs[0];
     assert_eq!((plc.name.as_str(), plc.address.as_str(), plc.unit), ("line-plc", "10.0.0.50:502", 3));
@@ -371,7 +371,7 @@ fn plc_targets_are_resolved() {
     let t = &plc.map[0].targets;
     assert_eq!(
         t[0],
-        PlcTarget {
+        MapTarget {
             point: "boiler.temp".into(),
             table: Table::Holding,
             address: 100,
@@ -379,6 +379,7 @@ fn plc_targets_are_resolved() {
             order: WordOrder::Cdab,
             scale: 1.0,
             offset: 0.0,
+            eng_unit: None,
         },
         "a scaled point goes as f32"
     );

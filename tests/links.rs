@@ -15,6 +15,7 @@ use common::{logs, wait_until};
 use futures::{SinkExt, StreamExt};
 use m2m_gateway::gateway::Gateway;
 use m2m_gateway::image::Image;
+use m2m_gateway::link::PeerWriteError;
 use m2m_gateway::link::proto::{Frame, FrameCodec, VERSION};
 use m2m_gateway::link::tls::{self, Identity};
 use m2m_gateway::model::{
@@ -753,8 +754,9 @@ async fn grants_refuse_outside_writes_and_allowed_writes_reach_the_device() {
     wait_until("link up", DEADLINE, || la.stats().connected).await;
 
     let refused = la.write("dev.other", Value::UInt(1)).await.expect_err("not granted");
-    assert!(refused.starts_with("not granted"), "{refused}");
-    let refused = la.write("dev.sp1", Value::UInt(150)).await.expect_err("out of range");
+    assert!(matches!(refused, PeerWriteError::Refused { .. }), "{refused:?}");
+    assert!(refused.to_string().starts_with("not granted"), "{refused}");
+    let refused = la.write("dev.sp1", Value::UInt(150)).await.expect_err("out of range").to_string();
     assert!(refused.contains("outside the granted range"), "{refused}");
     let lb = gb.link("site-a").expect("link");
     assert_eq!(lb.stats().writes_refused, 2);
@@ -777,7 +779,7 @@ async fn grants_refuse_outside_writes_and_allowed_writes_reach_the_device() {
     ga.shutdown(Duration::from_secs(3)).await;
     gb.shutdown(Duration::from_secs(3)).await;
     let down = la.write("dev.sp1", Value::UInt(1)).await.expect_err("down");
-    assert!(down.contains("down"), "{down}");
+    assert_eq!(down, PeerWriteError::Down { peer: "site-b".into() });
 }
 
 #[tokio::test]

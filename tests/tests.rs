@@ -5,6 +5,7 @@ mod common;
 
 mod cli;
 mod config_corpus;
+mod deliver;
 mod docs;
 mod late_replies;
 mod layers;

@@ -219,6 +219,7 @@ pub(crate) fn serving_gateway(
         max_in_flight: 4,
         units: vec![ServedUnit { unit: 1, device: "block".into(), bus: "bench".into(), mode }],
         grants: Vec::new(),
+        virtual_units: Vec::new(),
     });
     let shutdown = CancellationToken::new();
     let gateway = Gateway::start(&model, shutdown.clone())?;

@@ -88,40 +88,41 @@ pub(super) fn resolve<'p>(
     }
     written
         .into_iter()
-        .map(|(glob, span)| {
-            let matched = match globset::Glob::new(glob) {
-                Ok(g) => {
-                    let matcher = g.compile_matcher();
-                    let matched: Vec<&Point> = points
-                        .iter()
-                        .copied()
-                        .filter(|p| matcher.is_match(&p.name))
-                        .collect();
-                    if matched.is_empty() {
-                        check.report(
-                            span.clone(),
-                            path,
-                            format!(
-                                "points glob {glob:?} matches no configured point (full names are \"device.point\")"
-                            ),
-                        );
-                    }
-                    matched
-                }
-                Err(e) => {
-                    check.report(
-                        span.clone(),
-                        path,
-                        format!("points glob {glob:?} is not valid: {}", e.kind()),
-                    );
-                    Vec::new()
-                }
-            };
-            Matched {
-                glob: glob.to_owned(),
-                span,
-                points: matched,
-            }
+        .map(|(glob, span)| Matched {
+            glob: glob.to_owned(),
+            span: span.clone(),
+            points: resolve_one(glob, span, points, path, check),
         })
         .collect()
+}
+
+/// The points one glob (written at `span`) matches, in model order; a glob that does
+/// not parse or matches nothing is reported and matches nothing.
+pub(super) fn resolve_one<'p>(
+    glob: &str,
+    span: Range<usize>,
+    points: &[&'p Point],
+    path: &str,
+    check: &mut Checker,
+) -> Vec<&'p Point> {
+    match globset::Glob::new(glob) {
+        Ok(g) => {
+            let matcher = g.compile_matcher();
+            let matched: Vec<&Point> = points.iter().copied().filter(|p| matcher.is_match(&p.name)).collect();
+            if matched.is_empty() {
+                check.report(
+                    span,
+                    path,
+                    format!(
+                        "points glob {glob:?} matches no configured point (full names are \"device.point\")"
+                    ),
+                );
+            }
+            matched
+        }
+        Err(e) => {
+            check.report(span, path, format!("points glob {glob:?} is not valid: {}", e.kind()));
+            Vec::new()
+        }
+    }
 }

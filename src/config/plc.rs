@@ -44,7 +44,6 @@
 //! watchdog register is no map target's.
 
 use std::collections::{HashMap, HashSet};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -53,10 +52,11 @@ use toml::Spanned;
 
 use super::globs::{self, Globs};
 use super::peer::{host_port, size};
+use super::regmap::{Entry, Kind, Layout, RawType};
 use super::send::{ModeKeys, RawMode, resolve_mode};
-use super::{Checker, item, number, path_key};
-use crate::model::{Deliver, Plc, PlcMap, PlcTarget, PlcWatchdog, Point};
-use crate::point::value::{DataType, Table, WordOrder};
+use super::{Checker, item, path_key};
+use crate::model::{Deliver, Plc, PlcMap, PlcWatchdog, Point};
+use crate::point::value::{Table, WordOrder};
 
 use super::peer::{SPOOL_MAX, SPOOL_MAX_AGE, SPOOL_MAX_AGE_MIN, SPOOL_MAX_MIN};
 
@@ -118,36 +118,6 @@ struct RawMap {
     deadband_percent: Option<Spanned<f64>>,
     max_silence: Option<Spanned<String>>,
     interval: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum RawType {
-    Bool,
-    U16,
-    I16,
-    U32,
-    I32,
-    U64,
-    I64,
-    F32,
-    F64,
-}
-
-impl From<RawType> for DataType {
-    fn from(t: RawType) -> Self {
-        match t {
-            RawType::Bool => DataType::Bool,
-            RawType::U16 => DataType::U16,
-            RawType::I16 => DataType::I16,
-            RawType::U32 => DataType::U32,
-            RawType::I32 => DataType::I32,
-            RawType::U64 => DataType::U64,
-            RawType::I64 => DataType::I64,
-            RawType::F32 => DataType::F32,
-            RawType::F64 => DataType::F64,
-        }
-    }
 }
 
 /// Resolves every `[[plc]]`. Relative spool paths go under `data_dir`; `taken` holds
@@ -244,84 +214,24 @@ pub(super) fn validate(
     plcs
 }
 
-/// Resolves the map entries of one PLC and checks points and targets are unique.
+/// Resolves the map entries of one PLC (regmap.rs places the points).
 fn maps(raw: &[RawMap], points: &[&Point], plc: &str, check: &mut Checker) -> Vec<PlcMap> {
-    let mut mapped: HashMap<String, usize> = HashMap::new();
-    // (table, start, end exclusive, entry index, point)
-    let mut used: Vec<(Table, u32, u32, usize, String)> = Vec::new();
+    let mut layout = Layout::new(Kind::Plc);
     let mut out = Vec::with_capacity(raw.len());
     for (i, r) in raw.iter().enumerate() {
         let path = format!("{plc} map[{i}]");
-        let table = *r.table.get_ref();
-        if !matches!(table, Table::Holding | Table::Coils) {
-            check.report(r.table.span(), &path, "table must be holding or coils: a PLC is written, not read");
-        }
-        let start: u16 = check.int(Some(&r.address), 0, 0..=65_535, &path, "address");
-        let scale = number(check, r.scale.as_ref(), 1.0, f64::MIN..=f64::MAX, "finite", &path, "scale");
-        if scale == 0.0
-            && let Some(s) = &r.scale
-        {
-            check.report(s.span(), &path, "scale 0 would divide by zero");
-        }
-        let offset = number(check, r.offset.as_ref(), 0.0, f64::MIN..=f64::MAX, "finite", &path, "offset");
-        let type_span = r.data_type.as_ref().map_or(r.table.span(), |t| t.span());
-        let mut next = u32::from(start);
-        let mut targets = Vec::new();
-        for m in globs::resolve(&r.points, points, &path, check) {
-            for p in m.points {
-                if let Some(first) = mapped.insert(p.name.clone(), i) {
-                    check.report(
-                        m.span.clone(),
-                        &path,
-                        format!(
-                            "point {:?} is already mapped by map[{first}]: a point is written to one place",
-                            p.name
-                        ),
-                    );
-                    continue;
-                }
-                let Some(data_type) = target_type(table, r.data_type.as_ref(), p, &type_span, &path, check)
-                else {
-                    continue;
-                };
-                let width = if table == Table::Coils { 1 } else { u32::from(data_type.width()) };
-                let end = next + width;
-                if end > 65_536 {
-                    check.report(
-                        r.address.span(),
-                        &path,
-                        format!("point {:?} would be written past the last address 65535", p.name),
-                    );
-                    break;
-                }
-                if let Some((_, _, _, j, other)) =
-                    used.iter().find(|(t, s, e, _, _)| *t == table && *s < end && next < *e)
-                {
-                    check.report(
-                        r.address.span(),
-                        &path,
-                        format!(
-                            "point {:?} at {} overlaps point {other:?} of map[{j}] in the same {} table",
-                            p.name,
-                            next,
-                            table_name(table)
-                        ),
-                    );
-                }
-                used.push((table, next, end, i, p.name.clone()));
-                targets.push(PlcTarget {
-                    point: p.name.clone(),
-                    table,
-                    // `end` <= 65536, so `next` fits.
-                    address: u16::try_from(next).unwrap_or(u16::MAX),
-                    data_type,
-                    order: r.order.unwrap_or_default(),
-                    scale,
-                    offset,
-                });
-                next = end;
-            }
-        }
+        let entry = Entry {
+            points: &r.points,
+            table: &r.table,
+            address: &r.address,
+            data_type: r.data_type.as_ref(),
+            length: None,
+            order: r.order,
+            scale: r.scale.as_ref(),
+            offset: r.offset.as_ref(),
+            eng_unit: None,
+        };
+        let targets = layout.place(i, &entry, points, &path, check);
         let keys = ModeKeys {
             mode: r.mode.as_ref(),
             deadband: r.deadband.as_ref(),
@@ -371,54 +281,4 @@ fn watchdog(raw: &RawWatchdog, map: &[PlcMap], plc: &str, check: &mut Checker) -
         );
     }
     PlcWatchdog { address, interval }
-}
-
-/// The register encoding of point `p` written into `table`, or `None` (reported).
-fn target_type(
-    table: Table,
-    written: Option<&Spanned<RawType>>,
-    p: &Point,
-    type_span: &Range<usize>,
-    path: &str,
-    check: &mut Checker,
-) -> Option<DataType> {
-    let is_bool = matches!(p.data_type, DataType::Bool | DataType::Bit(_));
-    if matches!(p.data_type, DataType::Str(_)) {
-        check.report(
-            type_span.clone(),
-            path,
-            format!("point {:?} is a string: only numbers and bools can be written to a PLC", p.name),
-        );
-        return None;
-    }
-    if table == Table::Coils {
-        if let Some(t) = written.filter(|t| !matches!(t.get_ref(), RawType::Bool)) {
-            check.report(t.span(), path, "coils hold single bits: type must be bool (or left out)");
-            return None;
-        }
-        if !is_bool {
-            check.report(
-                type_span.clone(),
-                path,
-                format!("point {:?} is not a bool: only bool and bit points can be written to coils", p.name),
-            );
-            return None;
-        }
-        return Some(DataType::Bool);
-    }
-    Some(match written {
-        Some(t) => DataType::from(*t.get_ref()),
-        None if is_bool => DataType::Bool,
-        None if p.scale != 1.0 || p.offset != 0.0 => DataType::F32,
-        None => p.data_type,
-    })
-}
-
-fn table_name(t: Table) -> &'static str {
-    match t {
-        Table::Coils => "coils",
-        Table::Discrete => "discrete",
-        Table::Holding => "holding",
-        Table::Input => "input",
-    }
 }

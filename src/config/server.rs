@@ -18,6 +18,31 @@
 //!                            #   device's longest point stale_after
 //! # pass = "meter"           # or: pass every request through to this device
 //!
+//! [[server.unit]]            # a virtual unit: answered from a register map over
+//! unit = 10                  #   the image (local and received points), no device
+//! on_bad = "exception"       # a read covering a point that is not good: "exception"
+//!                            #   (default) answers 0x0B; "last" serves the last value
+//!                            #   (a point never received still answers 0x0B)
+//! status = 1000              # optional: first input register of the status block:
+//!                            #   +0 heartbeat (counts seconds, wraps), +1 link bits
+//!                            #   (bit i: the link to the i-th peer the map names is
+//!                            #   up), +2.. one bit per mapped point (1 = good), 16 a
+//!                            #   register, in map order
+//! [[server.unit.map]]        # one or more; matched points take consecutive addresses
+//! points = "boiler.*"        # required: local point globs, and/or received points
+//!                            #   named one by one: ["site-a/boiler.flow_temp"]
+//! table = "holding"          # required: holding | input | coils | discrete
+//! address = 0                # required: first wire (zero-based) address
+//! type = "f32"               # u16|i16|u32|i32|u64|i64|f32|f64|bool|string; default
+//!                            #   the local point's own (f32 when scaled); required
+//!                            #   when received points are named
+//! length = 16                # bytes, with type = "string" only
+//! order = "abcd"             # abcd|dcba|badc|cdab, default abcd
+//! scale = 1.0                # raw = (value - offset) / scale; default 1
+//! offset = 0.0               # default 0
+//! eng_unit = "degC"          # engineering unit for `check`'s tag list; default the
+//!                            #   local point's unit
+//!
 //! [[server.grant]]           # what masters may write; nothing else is writable
 //! unit = 1                   # required: a served unit id
 //! table = "holding"          # required: coils | holding
@@ -26,6 +51,11 @@
 //! ```
 //!
 //! Server addresses are always wire addresses: Modbus-TCP has no address base.
+//!
+//! A `[[server.grant]]` on a virtual unit makes the registers of *local* points
+//! writable (the write goes to the device through the point). Registers of received
+//! points need no local grant: a write goes over the link to the owning gateway, whose
+//! `[[peer.grant]]` decides.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,8 +65,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::Checker;
-use crate::model::{Bus, ServeMode, ServedUnit, Server, WriteGrant};
-use crate::point::value::Table;
+use super::globs::Globs;
+use super::regmap::{Entry, Kind, Layout, RawType};
+use crate::model::{Bus, OnBad, Point, ServeMode, ServedUnit, Server, VirtualUnit, WriteGrant};
+use crate::point::value::{Table, WordOrder};
 
 const LISTEN: &str = "127.0.0.1:5020";
 const MAX_CONNECTIONS: usize = 16;
@@ -67,6 +99,33 @@ struct RawUnit {
     agent: Option<Spanned<String>>,
     pass: Option<Spanned<String>>,
     max_age: Option<Spanned<String>>,
+    on_bad: Option<Spanned<RawOnBad>>,
+    status: Option<Spanned<i64>>,
+    #[serde(default)]
+    map: Vec<RawUnitMap>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawOnBad {
+    Exception,
+    Last,
+}
+
+/// `[[server.unit.map]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnitMap {
+    points: Spanned<Globs>,
+    table: Spanned<Table>,
+    address: Spanned<i64>,
+    #[serde(rename = "type")]
+    data_type: Option<Spanned<RawType>>,
+    length: Option<Spanned<i64>>,
+    order: Option<WordOrder>,
+    scale: Option<Spanned<f64>>,
+    offset: Option<Spanned<f64>>,
+    eng_unit: Option<Spanned<String>>,
 }
 
 /// `[[server.grant]]` as written.
@@ -106,7 +165,9 @@ pub(super) fn validate(raw: &RawServer, buses: &[Bus], check: &mut Checker) -> S
         check.duration(raw.idle_timeout.as_ref(), IDLE_TIMEOUT, IDLE_TIMEOUT_MIN, PATH, "idle_timeout");
     let max_in_flight = check.int(raw.max_in_flight.as_ref(), MAX_IN_FLIGHT, 1..=16, PATH, "max_in_flight");
 
+    let points: Vec<&Point> = buses.iter().flat_map(|b| &b.devices).flat_map(|d| &d.points).collect();
     let mut units = Vec::with_capacity(raw.unit.len());
+    let mut virtual_units = Vec::new();
     let mut seen: HashMap<i64, usize> = HashMap::new();
     for (i, r) in raw.unit.iter().enumerate() {
         let path = format!("server unit[{i}]");
@@ -117,6 +178,12 @@ pub(super) fn validate(raw: &RawServer, buses: &[Bus], check: &mut Checker) -> S
                 &path,
                 format!("unit {unit} is already served by server unit[{first}]"),
             );
+        }
+        if !r.map.is_empty() || r.on_bad.is_some() || r.status.is_some() {
+            if let Some(v) = virtual_unit(r, unit, &points, &path, check) {
+                virtual_units.push(v);
+            }
+            continue;
         }
         let (name, mode) = match (&r.agent, &r.pass) {
             (Some(a), None) => (a, Some(r.max_age.as_ref())),
@@ -131,7 +198,11 @@ pub(super) fn validate(raw: &RawServer, buses: &[Bus], check: &mut Checker) -> S
                 continue;
             }
             (None, None) => {
-                check.report(r.unit.span(), &path, "give agent = \"<device>\" or pass = \"<device>\"");
+                check.report(
+                    r.unit.span(),
+                    &path,
+                    "give agent = \"<device>\", pass = \"<device>\" or a register map ([[server.unit.map]])",
+                );
                 continue;
             }
         };
@@ -194,5 +265,79 @@ pub(super) fn validate(raw: &RawServer, buses: &[Bus], check: &mut Checker) -> S
         grants.push(WriteGrant { unit, table, start, count });
     }
 
-    Server { listen, max_connections, idle_timeout, max_in_flight, units, grants }
+    Server { listen, max_connections, idle_timeout, max_in_flight, units, grants, virtual_units }
+}
+
+/// Resolves a virtual unit (one with `[[server.unit.map]]`): `None` when reported.
+fn virtual_unit(
+    r: &RawUnit,
+    unit: u8,
+    points: &[&Point],
+    path: &str,
+    check: &mut Checker,
+) -> Option<VirtualUnit> {
+    for (key, v) in [("agent", &r.agent), ("pass", &r.pass), ("max_age", &r.max_age)] {
+        if let Some(v) = v {
+            check.report(
+                v.span(),
+                path,
+                format!("{key} does not go with a register map ([[server.unit.map]]): a unit serves a device or a map"),
+            );
+        }
+    }
+    if r.map.is_empty() {
+        let span = r.on_bad.as_ref().map(|o| o.span()).or(r.status.as_ref().map(|s| s.span()));
+        check.report(
+            span.unwrap_or(r.unit.span()),
+            path,
+            "on_bad and status are for virtual units: add at least one [[server.unit.map]]",
+        );
+        return None;
+    }
+    let mut layout = Layout::new(Kind::Unit);
+    let mut targets = Vec::new();
+    for (i, m) in r.map.iter().enumerate() {
+        let entry = Entry {
+            points: &m.points,
+            table: &m.table,
+            address: &m.address,
+            data_type: m.data_type.as_ref(),
+            length: m.length.as_ref(),
+            order: m.order,
+            scale: m.scale.as_ref(),
+            offset: m.offset.as_ref(),
+            eng_unit: m.eng_unit.as_ref(),
+        };
+        targets.extend(layout.place(i, &entry, points, &format!("{path} map[{i}]"), check));
+    }
+    let mut v = VirtualUnit {
+        unit,
+        targets,
+        on_bad: match r.on_bad.as_ref().map(|o| *o.get_ref()) {
+            None | Some(RawOnBad::Exception) => OnBad::Exception,
+            Some(RawOnBad::Last) => OnBad::Last,
+        },
+        status: None,
+    };
+    if let Some(s) = &r.status {
+        let start: u16 = check.int(Some(s), 0, 0..=65_535, path, "status");
+        let len = v.status_len();
+        if u32::from(start) + u32::from(len) > 65_536 {
+            check.report(
+                s.span(),
+                path,
+                format!("status block of {len} registers from {start} passes the last address 65535"),
+            );
+        } else if let Some((i, p)) = layout.covering(Table::Input, start, len) {
+            check.report(
+                s.span(),
+                path,
+                format!(
+                    "status block of {len} input registers from {start} overlaps point {p:?} of map[{i}]"
+                ),
+            );
+        }
+        v.status = Some(start);
+    }
+    Some(v)
 }

@@ -12,7 +12,9 @@
 //!     samples number of samples in `bytes` (so counters need no decoding)
 //!     bytes   the proto sample block (`proto::encode_samples`): one format only
 //! meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL)
-//!     schema_version, next_seq, dropped_batches, dropped_samples, applied
+//!     schema_version, next_seq, dropped_batches, dropped_samples, applied,
+//!     received:<peer> (sink spools only: the peer batch seq last appended, see
+//!     `append_received`; an older build ignores the row)
 //! ```
 //!
 //! Durability: WAL journal with `synchronous=FULL`. In WAL mode `NORMAL` only syncs
@@ -486,6 +488,61 @@ impl Spool {
             .map_err(self.sql("cannot record applied seq"))?;
         self.applied = seq;
         Ok(())
+    }
+
+    /// Appends `samples`, received from peer `from` in its batches up to `seq`, and
+    /// records `seq` in the same transaction, so a batch the peer re-sends after a crash
+    /// is never appended twice. `None` (nothing appended) when `seq` is not past the
+    /// recorded mark. Used by the spools of sinks fed from peers (a PLC mapping received
+    /// points); limits apply as for [`Spool::append`].
+    pub fn append_received(
+        &mut self,
+        samples: &[(String, Sample)],
+        from: &str,
+        seq: u64,
+    ) -> Result<Option<u64>, SpoolError> {
+        if seq <= self.received_mark(from)? {
+            return Ok(None);
+        }
+        if samples.is_empty() {
+            return Err(SpoolError::Empty { path: self.path.clone() });
+        }
+        self.buf.clear();
+        proto::encode_samples(samples, &mut self.buf)
+            .map_err(|source| SpoolError::Encode { path: self.path.clone(), source })?;
+        let now_us = unix_micros(SystemTime::now());
+        let next = self.next_seq;
+        let key = format!("received:{from}");
+        let e = self.sql("cannot append received batch");
+        let block = &self.buf[..];
+        in_transaction(&mut self.conn, |tx| {
+            tx.prepare_cached("INSERT INTO batches(seq, at_us, samples, bytes) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![next as i64, now_us, samples.len() as i64, block])?;
+            tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?
+                .execute([next as i64 + 1])?;
+            tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)")?
+                .execute(params![key, seq as i64])?;
+            Ok(())
+        })
+        .map_err(e)?;
+        self.next_seq = next + 1;
+        self.pending.batches += 1;
+        self.pending.samples += samples.len() as u64;
+        self.pending.bytes += self.buf.len() as u64;
+        self.enforce_limits(next, now_us)?;
+        Ok(Some(next))
+    }
+
+    /// The highest batch seq of peer `from` whose samples [`Spool::append_received`]
+    /// took (0: none).
+    pub fn received_mark(&self, from: &str) -> Result<u64, SpoolError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [format!("received:{from}")], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|v| v.unwrap_or(0) as u64)
+            .map_err(self.sql("cannot read received mark"))
     }
 
     /// Data lost to the limits since the file was created.

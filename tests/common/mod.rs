@@ -1,6 +1,7 @@
 //! Shared test rig: a simulator on a real pseudo-terminal pair and a gateway polling it.
 #![allow(dead_code)]
 
+pub mod procs;
 pub mod proxy;
 
 use std::future::Future;
