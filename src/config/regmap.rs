@@ -125,10 +125,10 @@ impl Layout {
         let bits = matches!(table, Table::Coils | Table::Discrete);
         let start: u16 = check.int(Some(e.address), 0, 0..=65_535, path, "address");
         let scale = number(check, e.scale, 1.0, f64::MIN..=f64::MAX, "finite", path, "scale");
-        if scale == 0.0 {
-            if let Some(s) = e.scale {
-                check.report(s.span(), path, "scale 0 would divide by zero");
-            }
+        if scale == 0.0
+            && let Some(s) = e.scale
+        {
+            check.report(s.span(), path, "scale 0 would divide by zero");
         }
         let offset = number(check, e.offset, 0.0, f64::MIN..=f64::MAX, "finite", path, "offset");
         let length: Option<u16> = e.length.map(|l| check.int(Some(l), 2, 1..=MAX_LENGTH, path, "length"));
@@ -146,18 +146,18 @@ impl Layout {
         let mut next = u32::from(start);
         let mut targets = Vec::new();
         for named in self.names(e, points, path, check) {
-            if self.kind == Kind::Plc {
-                if let Some(first) = self.mapped.insert(named.name.clone(), i) {
-                    check.report(
-                        named.span.clone(),
-                        path,
-                        format!(
-                            "point {:?} is already mapped by map[{first}]: a point is written to one place",
-                            named.name
-                        ),
-                    );
-                    continue;
-                }
+            if self.kind == Kind::Plc
+                && let Some(first) = self.mapped.insert(named.name.clone(), i)
+            {
+                check.report(
+                    named.span.clone(),
+                    path,
+                    format!(
+                        "point {:?} is already mapped by map[{first}]: a point is written to one place",
+                        named.name
+                    ),
+                );
+                continue;
             }
             let Some(data_type) = self.target_type(table, e, length, &named, &type_span, path, check) else {
                 continue;
