@@ -131,7 +131,7 @@ pub struct RawPoint {
     pub name: String,
     /// After this long without a good frame the value is reported stale.
     pub stale_after: Duration,
-    /// Engineering unit, for display only.
+    /// Engineering unit, for people only (`demo` shows it next to the value).
     pub unit: Option<String>,
 }
 
@@ -195,7 +195,7 @@ pub struct Point {
     pub interval: Duration,
     /// After this long without a good read the value is reported stale.
     pub stale_after: Duration,
-    /// Engineering unit, for display only.
+    /// Engineering unit, for people only (`demo` shows it next to the value).
     pub unit: Option<String>,
 }
 

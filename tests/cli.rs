@@ -303,6 +303,14 @@ fn demo_shows_live_values_with_no_hardware() {
     let text = String::from_utf8_lossy(&out.stdout);
     let good = text.lines().filter(|l| l.starts_with("boiler.flow_temp") && l.contains(" good ")).count();
     assert!(good >= 1, "no good boiler.flow_temp row in:\n{text}");
+    // Each value with its engineering unit (`unit = "degC"` in gateway.toml), here and
+    // at the peer; a point without one shows none.
+    let row = |name: &str| text.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or("");
+    assert_eq!(row("boiler.flow_temp").split_whitespace().nth(2), Some("degC"), "{text}");
+    assert_eq!(row("meter.energy_import").split_whitespace().nth(2), Some("kWh"), "{text}");
+    assert_eq!(row("site-a/boiler.pressure").split_whitespace().nth(2), Some("bar"), "{text}");
+    let burner = row("boiler.burner_on");
+    assert!(burner.split_whitespace().nth(2).is_some_and(|w| w != "degC"), "{text}");
     // The demo peer received it over the authenticated link.
     assert!(text.contains("TLS 1.3") && text.contains("fingerprint"), "no link header in:\n{text}");
     let received =

@@ -225,3 +225,80 @@ fn the_probe_reads_both_shapes_of_serde_error() {
     assert_eq!(expected_keys(one), Some(["points"].map(String::from).into()));
     assert_eq!(expected_keys("invalid type: map, expected a string"), None);
 }
+
+/// GitHub's anchor for a heading: lowercase, punctuation dropped, spaces as dashes.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every relative link of README.md and docs/*.md names a file that exists, and an
+/// `#anchor` names a heading of that file, so moving or renaming a section breaks a test
+/// instead of a reader's click.
+#[test]
+fn links_between_the_docs_resolve() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).expect("docs/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "md") {
+            pages.push(path);
+        }
+    }
+    assert!(pages.len() >= 8, "README and the docs: {pages:?}");
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for page in &pages {
+        let text = std::fs::read_to_string(page).expect("read page");
+        for (_, rest) in text.match_indices("](").map(|(i, _)| text.split_at(i + 2)) {
+            let target = rest.split(')').next().unwrap_or("");
+            if target.contains("://") || target.contains(' ') {
+                continue;
+            }
+            checked += 1;
+            let (file, fragment) = target.split_once('#').unwrap_or((target, ""));
+            let path = if file.is_empty() { page.clone() } else { page.parent().expect("dir").join(file) };
+            if !path.exists() {
+                problems.push(format!("{}: link to {target}: no such file", page.display()));
+                continue;
+            }
+            if !fragment.is_empty() {
+                let linked = std::fs::read_to_string(&path).unwrap_or_default();
+                let found = linked
+                    .lines()
+                    .filter_map(|l| l.strip_prefix('#').map(|h| h.trim_start_matches('#')))
+                    .any(|h| anchor(h) == fragment);
+                if !found {
+                    problems.push(format!("{}: link to {target}: no such heading", page.display()));
+                }
+            }
+        }
+    }
+    assert!(checked >= 50, "only {checked} links checked");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The test command README.md gives is the one CI runs (`.ci/run`).
+#[test]
+fn the_readme_test_command_is_what_ci_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ci = std::fs::read_to_string(root.join(".ci/run")).expect(".ci/run");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let ci_test =
+        ci.lines().rev().find(|l| l.trim_start().starts_with("cargo test")).expect("a cargo test line");
+    let readme_test = readme
+        .lines()
+        .find(|l| l.starts_with("cargo test"))
+        .and_then(|l| l.split('#').next())
+        .expect("README gives a test command");
+    assert_eq!(readme_test.trim(), ci_test.trim());
+    assert!(readme.contains("cargo run --release -- demo"), "README gives the demo command");
+}

@@ -10,6 +10,7 @@
 //! never dials real peers); the temporary directory is removed when the demo ends; a
 //! `[server]` whose port is taken is moved to a free port instead of failing.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -210,6 +211,8 @@ pub async fn run(
         }
     };
     let local = model.gateway.name.clone();
+    let local_units = units(&model, "");
+    let peer_units = units(&model, &format!("{local}/"));
     println!(
         "demo: {local} forwards every point on change to {peer_name} (127.0.0.1:{}) over a peer link:",
         peer.listen_addr().map_or(0, |a| a.port())
@@ -236,8 +239,11 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                print!("\n== {local}: polled from the simulated plant =={}", table(&gateway.image));
-                print!("\n== {peer_name}: received from {local} over the link =={}", table(&peer.image));
+                print!("\n== {local}: polled from the simulated plant =={}", table(&gateway.image, &local_units));
+                print!(
+                    "\n== {peer_name}: received from {local} over the link =={}",
+                    table(&peer.image, &peer_units)
+                );
             }
             () = &mut until_end => break,
             () = shutdown.cancelled() => break,
@@ -251,18 +257,39 @@ pub async fn run(
     Ok(())
 }
 
-/// The image as a table: point, value, quality, age.
-pub fn table(image: &Image) -> String {
+/// The engineering unit of every point of `model` that has one (`unit = "degC"`), by
+/// full name as an image holds it: `boiler.flow_temp`, or with `prefix` (`site-a/`) as a
+/// peer names it.
+pub fn units(model: &Model, prefix: &str) -> HashMap<String, String> {
+    let mut units = HashMap::new();
+    for bus in &model.buses {
+        let points = bus.devices.iter().flat_map(|d| d.points.iter().map(|p| (&p.name, &p.unit)));
+        let raw = bus.raw_devices.iter().flat_map(|d| d.points.iter().map(|p| (&p.name, &p.unit)));
+        for (name, unit) in points.chain(raw) {
+            if let Some(unit) = unit {
+                units.insert(format!("{prefix}{name}"), unit.clone());
+            }
+        }
+    }
+    units
+}
+
+/// The image as a table: point, value and its engineering unit (from `units`), quality,
+/// age.
+pub fn table(image: &Image, units: &HashMap<String, String>) -> String {
     let now = SystemTime::now();
     let rows = image.snapshot();
     let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(5).max(5);
-    let mut out = format!("\n{:width$}  {:>14}  {:<12}  age\n", "point", "value", "quality");
+    let unit_width = units.values().map(String::len).max().unwrap_or(0).max(4);
+    let mut out =
+        format!("\n{:width$}  {:>14} {:unit_width$}  {:<12}  age\n", "point", "value", "unit", "quality");
     for (name, s) in rows {
         let value = s.value.map_or_else(|| "-".to_string(), |v| v.to_string());
+        let unit = units.get(&*name).map_or("", String::as_str);
         let age = now.duration_since(s.at).unwrap_or_default();
         let _ = writeln!(
             out,
-            "{name:width$}  {value:>14}  {:<12}  {:.1}s",
+            "{name:width$}  {value:>14} {unit:unit_width$}  {:<12}  {:.1}s",
             s.quality.to_string(),
             age.as_secs_f64()
         );
