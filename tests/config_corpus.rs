@@ -38,7 +38,8 @@ fn bad_configs_fail_with_their_expected_messages() {
             failures.push(format!("{name}: no `# expect:` line"));
             continue;
         }
-        match config::parse(&text, &name) {
+        // Included files resolve against the corpus directory.
+        match config::parse_in(&text, &name, path.parent().expect("corpus dir")) {
             Ok(_) => failures.push(format!("{name}: parsed, but should fail")),
             Err(err) => {
                 let shown = err.to_string();
@@ -395,4 +396,34 @@ fn plc_targets_are_resolved() {
         "{shown}"
     );
     assert!(shown.contains("FC6  holding 900 watchdog counter, every 500ms"), "{shown}");
+}
+
+#[test]
+fn templates_and_includes_expand() {
+    let model = good("templates.toml");
+    let bus = &model.buses[0];
+    let names: Vec<&str> = bus.devices.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["meter_1", "meter_2"], "devices from the included file");
+    let [one, two] = &bus.devices[..] else { panic!("two meters") };
+    assert_eq!(one.template.as_deref(), Some("meter"));
+    let points = |d: &m2m_gateway::model::Device| d.points.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+    assert_eq!(points(one), ["meter_1.voltage", "meter_1.energy"]);
+    assert_eq!(
+        points(two),
+        ["meter_2.voltage", "meter_2.energy", "meter_2.frequency"],
+        "template points first"
+    );
+    // The template's settings, 1-based addresses and the per-device overrides.
+    assert_eq!(one.points[0].address, 0);
+    assert_eq!(one.points[1].address, 342);
+    assert_eq!(one.points[1].interval, Duration::from_secs(5));
+    assert_eq!((one.points[1].scale, one.points[1].unit.as_deref()), (1.0, Some("kWh")));
+    assert_eq!(two.points[1].interval, Duration::from_secs(1), "device interval overrides the template's");
+    assert_eq!((two.points[1].scale, two.points[1].unit.as_deref()), (1000.0, Some("Wh")));
+    assert_eq!(
+        (two.points[1].table, two.points[1].address),
+        (Table::Input, 342),
+        "the rest from the template"
+    );
+    assert_eq!(two.points[2].address, 70);
 }

@@ -263,6 +263,8 @@ pub struct DevicePlan {
     pub device: String,
     /// Modbus unit id.
     pub unit: u8,
+    /// The `[[template]]` the device was made from, if any.
+    pub template: Option<String>,
     /// The reads, ordered by table, interval, start.
     pub reads: Vec<Read>,
     /// The line time of each read (same index as `reads`).
@@ -289,7 +291,7 @@ pub fn plan_bus(bus: &Bus) -> BusPlan {
             for (r, t) in reads.iter().zip(&times) {
                 load += share(*t, r.interval);
             }
-            DevicePlan { device: d.name.clone(), unit: d.unit, reads, times }
+            DevicePlan { device: d.name.clone(), unit: d.unit, template: d.template.clone(), reads, times }
         })
         .collect();
     let raw = plan_raw(bus);
@@ -376,7 +378,10 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
         // Rows of (device label or blank, range, size, cost), padded per bus.
         let mut rows: Vec<(String, [String; 3])> = Vec::new();
         for d in &plan.devices {
-            let label = format!("{} (unit {})", d.device, d.unit);
+            let label = match &d.template {
+                Some(t) => format!("{} (unit {}, template {t})", d.device, d.unit),
+                None => format!("{} (unit {})", d.device, d.unit),
+            };
             if d.reads.is_empty() {
                 rows.push((label, ["no points".to_string(), String::new(), String::new()]));
                 continue;
@@ -476,6 +481,7 @@ mod tests {
         Device {
             name: "boiler".into(),
             unit: 1,
+            template: None,
             timeout: Duration::from_millis(200),
             turnaround: Duration::ZERO,
             max_registers: 125,

@@ -163,6 +163,29 @@ pub struct Spool {
     unlogged: Dropped,
 }
 
+/// Checks, without changing anything, that the existing file at `path` is a spool this
+/// build can open: an SQLite database holding the spool's schema version. An empty file
+/// passes ([`Spool::open`] makes it a spool). `check` uses it before `run` would open.
+pub fn inspect(path: &Path) -> Result<(), SpoolError> {
+    let err = |op| {
+        let path = path.to_path_buf();
+        move |source| SpoolError::Sqlite { path, op, source }
+    };
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        return Ok(());
+    }
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(err("cannot open"))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err("cannot set busy timeout"))?;
+    let found: i64 = conn
+        .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+        .map_err(err("not a spool file (cannot read its schema version)"))?;
+    if found != SCHEMA_VERSION {
+        return Err(SpoolError::Schema { path: path.to_path_buf(), found });
+    }
+    Ok(())
+}
+
 impl Spool {
     /// Opens (creating if needed) the spool file at `path`.
     pub fn open(path: &Path, limits: SpoolLimits) -> Result<Self, SpoolError> {
