@@ -368,7 +368,9 @@ fn check_and_run_refuse_a_missing_or_mismatched_identity_in_one_line_with_the_fi
     }
 
     // A file in the spool's place that is not a spool is found before run opens it.
-    assert!(gateway().args(["keygen", "--force", "--dir"]).arg(&id).output().expect("keygen").status.success());
+    assert!(
+        gateway().args(["keygen", "--force", "--dir"]).arg(&id).output().expect("keygen").status.success()
+    );
     std::fs::create_dir(dir.path().join("data")).expect("data dir");
     std::fs::write(dir.path().join("data/spool-b.db"), "not a database, and not empty").expect("write");
     let (code, err) = config_command(&["check"], &config);
@@ -393,8 +395,11 @@ fn listen_accepts_localhost_in_check_and_run() {
     let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "saying the server listens", |l| {
         l.contains("modbus-tcp server listening on")
     });
-    let addr: std::net::SocketAddr =
-        line.rsplit("addr=").next().and_then(|a| a.trim().parse().ok()).unwrap_or_else(|| panic!("no address in {line}"));
+    let addr: std::net::SocketAddr = line
+        .rsplit("addr=")
+        .next()
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line}"));
     assert!(addr.ip().is_loopback() && addr.is_ipv4(), "{addr}");
     std::net::TcpStream::connect(addr).expect("the server accepts on localhost");
     run.signal("-TERM");

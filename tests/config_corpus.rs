@@ -427,3 +427,52 @@ fn templates_and_includes_expand() {
     );
     assert_eq!(two.points[2].address, 70);
 }
+
+#[test]
+fn site_a_includes_the_boiler_house_of_gateway_toml() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let load = |path: &str| config::load(&root.join(path)).unwrap_or_else(|e| panic!("{path}:\n{e}"));
+    let (site_a, shipped) = (load("examples/site-a.toml"), load("gateway.toml"));
+    // The included file and gateway.toml describe one plant: same buses, devices, points.
+    assert_eq!(format!("{:?}", site_a.buses), format!("{:?}", shipped.buses));
+    assert_eq!(site_a.buses[0].devices.iter().map(|d| d.points.len()).sum::<usize>(), 17);
+}
+
+#[test]
+fn example_templates_expand_in_the_metering_example() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/metering.toml");
+    let model = config::load(&path).unwrap_or_else(|e| panic!("examples/metering.toml:\n{e}"));
+    let devices = &model.buses[0].devices;
+    let made_from: Vec<(&str, Option<&str>)> =
+        devices.iter().map(|d| (d.name.as_str(), d.template.as_deref())).collect();
+    assert_eq!(
+        made_from,
+        [
+            ("incomer", Some("schneider-pm5xxx")),
+            ("feeder_1", Some("eastron-sdm630")),
+            ("feeder_2", Some("eastron-sdm630")),
+            ("lighting", Some("eastron-sdm120")),
+            ("fan_1", Some("altivar-atv320")),
+        ]
+    );
+    let point = |device: usize, name: &str| {
+        devices[device]
+            .points
+            .iter()
+            .find(|p| p.name.ends_with(&format!(".{name}")))
+            .unwrap_or_else(|| panic!("{} has no point {name}", devices[device].name))
+    };
+    // Register numbers as the manuals print them, 1-based: 30001 is wire address 0.
+    assert_eq!((point(1, "voltage_l1").table, point(1, "voltage_l1").address), (Table::Input, 0));
+    assert_eq!(point(1, "voltage_l1").data_type, DataType::F32);
+    assert_eq!((point(0, "current_a").table, point(0, "current_a").address), (Table::Holding, 2999));
+    assert_eq!(point(4, "output_frequency").address, 3202, "the drive's logical addresses");
+    assert_eq!(point(4, "fault").data_type, DataType::Bit(3));
+    // feeder_2: its interval, one overridden point, one added; the rest as feeder_1's.
+    assert_eq!(point(2, "voltage_l1").interval, Duration::from_secs(2));
+    assert_eq!(point(1, "voltage_l1").interval, Duration::from_secs(5));
+    assert_eq!(point(2, "energy_import").interval, Duration::from_secs(10));
+    assert_eq!(point(2, "energy_import").address, point(1, "energy_import").address);
+    assert_eq!(point(2, "total_energy").address, 342);
+    assert_eq!(devices[2].points.len(), devices[1].points.len() + 1);
+}
