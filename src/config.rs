@@ -18,8 +18,15 @@
 //! directory of the configuration file ([`load`]), or the directory given to
 //! [`parse_in`]; [`parse`] leaves them relative to the working directory.
 //!
+//! The files: [`document`] reads the main file and the files its `include` names, and
+//! deserializes each section and each `[[...]]` entry on its own, so that a shape error
+//! (unknown key, wrong type) in one does not hide the problems of the others. With
+//! [`load_for_run`], `host` then checks what `run` needs from the machine (identity,
+//! data directory, spool files) while every value's position is still known.
+//!
 //! Adding a top-level section (`[server]`, ...) is a new file under `config/` with its
-//! raw type and its `validate`, one field in [`Raw`] and one call in [`parse_in`].
+//! raw type and its `validate`, one field in `document::Raw` (and its name in
+//! `document::SECTIONS` and `document::collect`) and one call in `build`.
 
 mod bus;
 mod device;

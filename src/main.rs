@@ -350,6 +350,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             print!("{}", plan::render(&model, &plan::plan_model(&model)));
+            print!("{}", plan::render_templated(&model));
             for p in &model.plcs {
                 print!("{}", m2m_gateway::plc::describe(p));
             }

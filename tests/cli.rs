@@ -405,3 +405,29 @@ fn listen_accepts_localhost_in_check_and_run() {
     run.signal("-TERM");
     assert!(run.wait_exit(Duration::from_secs(3)).success());
 }
+
+#[test]
+fn check_shows_devices_made_from_templates_expanded() {
+    let out = gateway()
+        .args(["check", "--config", &manifest("tests/configs/good/templates.toml")])
+        .output()
+        .expect("check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The plan names the template; the expansion shows each point as it resolved,
+    // with meter_2's overrides (scale, unit, interval) and its added point.
+    assert!(text.contains("meter_2 (unit 2, template meter)  input 0..=1"), "{text}");
+    let expanded =
+        text.split("devices made from templates, expanded").nth(1).unwrap_or_else(|| panic!("{text}"));
+    let lines: Vec<String> =
+        expanded.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    for want in [
+        "meter_1 (unit 1, template meter)",
+        "energy input 342 f32 kWh every 5s",
+        "meter_2 (unit 2, template meter)",
+        "energy input 342 f32 x1000 Wh every 1s",
+        "frequency input 70 f32 every 1s",
+    ] {
+        assert!(lines.iter().any(|l| l == want), "no line {want:?} in:\n{expanded}");
+    }
+}

@@ -252,16 +252,15 @@ fn single<T: DeserializeOwned>(value: Spanned<DeValue<'_>>, item: &str, check: &
 /// An array of tables (`[[device]]`): each entry on its own, so one bad entry does not
 /// hide the others.
 fn entries<T: DeserializeOwned>(value: Spanned<DeValue<'_>>, key: &str, check: &mut Checker) -> Vec<T> {
-    let span = value.span();
-    let DeValue::Array(array) = value.into_inner() else {
+    if !matches!(value.get_ref(), DeValue::Array(_)) {
         // Not an array (`[device]` for `[[device]]`): serde says so in its words.
-        let value = Spanned::new(span.clone(), DeValue::Boolean(false));
+        let span = value.span();
         if let Err(e) = Vec::<T>::deserialize(ValueDeserializer::from(value)) {
-            let message = plain_types(e.message()).replace("boolean `false`", "a single table");
-            check.report_always(span, key, message);
+            check.report_always(span, key, plain_types(e.message().trim_end()));
         }
         return Vec::new();
-    };
+    }
+    let DeValue::Array(array) = value.into_inner() else { return Vec::new() };
     array
         .into_iter()
         .enumerate()
@@ -300,7 +299,12 @@ fn lenient<T: DeserializeOwned>(
         // A key we left out, missed in its table: not the user's problem.
         let follow_on = e.message().starts_with("missing field") && check.is_quiet(at.start);
         if !follow_on {
-            check.report_always(at, &path, plain_types(e.message().trim_end()));
+            let mut message = plain_types(e.message().trim_end());
+            if message.starts_with("unknown field `include`") {
+                // TOML puts a key below a [header] into that table.
+                message.push_str(": `include` goes at the top of the main file, before the first [section]");
+            }
+            check.report_always(at, &path, message);
         }
         match outcome {
             Pruned::Key(extent) => check.quiet.push(extent),
