@@ -631,6 +631,48 @@ baud = 0
         assert_eq!(problems[0].path, "gateway");
     }
 
+    #[test]
+    fn a_repaired_device_still_checks_its_points() {
+        // The device's own table had a wrong type (left out, reported); its points are
+        // tables of their own and are still checked; a missing key in a point drops the
+        // point only.
+        let text = r#"[gateway]
+name = "a"
+
+[[bus]]
+name = "l"
+port = "/dev/null"
+
+[[device]]
+name = "d"
+bus = "l"
+unit = 1
+timeout = 5
+
+[[device.point]]
+name = "p"
+table = "holding"
+address = 0
+scale = 0
+
+[[device.point]]
+table = "holding"
+address = 1
+"#;
+        let Err(ConfigError::Invalid(problems)) = parse(text, "g.toml") else {
+            panic!("expected problems");
+        };
+        let shown: Vec<String> = problems.iter().map(Problem::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "g.toml:12:11: device \"d\": invalid type: integer `5`, expected a string",
+                "g.toml:18:9: device \"d\" point \"p\": scale 0 would turn every value into 0",
+                "g.toml:20:1: device \"d\" point[1]: missing field `name`",
+            ]
+        );
+    }
+
     const LINK: &str = r#"
 [gateway]
 name = "a"

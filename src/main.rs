@@ -37,7 +37,8 @@ enum Command {
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
     },
-    /// Validate a configuration and show the polling plan and bus load.
+    /// Validate a configuration (and the files it includes) and what `run` needs from this
+    /// machine (identity, data directory, spools); show the polling plan and bus load.
     Check {
         /// Configuration file.
         #[arg(short, long, default_value = "gateway.toml")]

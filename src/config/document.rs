@@ -330,10 +330,10 @@ enum Pruned {
 /// Leaves out the key or nested entry of `value` that the shape error at offset `at`
 /// concerns, extending `path` with the nested entries it passes (`point "p"`).
 fn prune(value: &mut Spanned<DeValue<'_>>, at: usize, path: &mut String) -> Pruned {
-    let header = value.span();
     let table_extent = extent(value);
+    let own = own_extent(value);
     let DeValue::Table(table) = value.get_mut() else {
-        return if table_extent.contains(&at) || header.start == at {
+        return if table_extent.contains(&at) || value.span().start == at {
             Pruned::Whole
         } else {
             Pruned::Nothing
@@ -368,7 +368,7 @@ fn prune(value: &mut Spanned<DeValue<'_>>, at: usize, path: &mut String) -> Prun
             return match prune(v, at, path) {
                 Pruned::Whole => {
                     table.remove(key.as_str());
-                    Pruned::Key(table_extent)
+                    Pruned::Key(own)
                 }
                 other => other,
             };
@@ -393,7 +393,7 @@ fn prune(value: &mut Spanned<DeValue<'_>>, at: usize, path: &mut String) -> Prun
         };
     }
     table.remove(key.as_str());
-    Pruned::Key(table_extent)
+    Pruned::Key(own)
 }
 
 /// The bytes a value covers: its own span and those of everything inside it (a table's
@@ -413,6 +413,28 @@ fn extent(value: &Spanned<DeValue<'_>>) -> Range<usize> {
         }
         DeValue::Array(array) => array.iter().for_each(|v| widen(extent(v))),
         _ => {}
+    }
+    range
+}
+
+/// The bytes of a table's own keys: its extent without the tables nested in it
+/// (`[[device.point]]` entries are tables of their own, whose problems are not
+/// follow-ons of a repair in the device).
+fn own_extent(value: &Spanned<DeValue<'_>>) -> Range<usize> {
+    let mut range = value.span();
+    if let DeValue::Table(table) = value.get_ref() {
+        for (key, v) in table.iter() {
+            let nested = match v.get_ref() {
+                DeValue::Table(_) => true,
+                DeValue::Array(a) => a.iter().any(|e| e.get_ref().is_table()),
+                _ => false,
+            };
+            if !nested {
+                let r = extent(v);
+                range.start = range.start.min(key.span().start).min(r.start);
+                range.end = range.end.max(key.span().end).max(r.end);
+            }
+        }
     }
     range
 }
