@@ -523,3 +523,26 @@ async fn poll_raw(a: &PollArgs, line: Line) -> anyhow::Result<ExitCode> {
     let shutdown = shutdown_on_signals()?;
     repeat(a, &shutdown, async || commission::raw_once(&spec).await, commission::render_raw).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        // What `run` printed for a missing key before: the OS error three times.
+        let path = std::path::PathBuf::from("/x/key.pem");
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let tls = m2m_gateway::link::tls::TlsError::Io { path, source: io };
+        let e = anyhow::Error::from(m2m_gateway::gateway::GatewayError::Identity {
+            dir: "/x".into(),
+            source: tls,
+        });
+        let shown = causes(&e);
+        assert_eq!(shown.matches("entity not found").count(), 1, "{shown}");
+        assert!(shown.starts_with("peer links: identity in /x: /x/key.pem: "), "{shown}");
+        // A cause not already in the message is still shown.
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(causes(&e), "outer: inner");
+    }
+}

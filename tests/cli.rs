@@ -431,3 +431,41 @@ fn check_shows_devices_made_from_templates_expanded() {
         assert!(lines.iter().any(|l| l == want), "no line {want:?} in:\n{expanded}");
     }
 }
+
+#[test]
+fn run_polls_devices_made_from_an_included_template() {
+    let (_sim, port) = simulator("1,2");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("templates")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("templates/probe.toml"),
+        "[[template]]\nname = \"probe\"\ninterval = \"100ms\"\n\n[[template.point]]\nname = \"level\"\ntable = \"holding\"\naddress = 3\n",
+    )
+    .expect("write template");
+    let config = dir.path().join("plant.toml");
+    let devices: String = (1..=2)
+        .map(|unit| {
+            format!(
+                "[[device]]\nname = \"probe_{unit}\"\nbus = \"l\"\nunit = {unit}\ntemplate = \"probe\"\n\n"
+            )
+        })
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "include = [\"templates/*.toml\"]\n\n[gateway]\nname = \"p\"\nsummary_interval = \"1s\"\n\n[[bus]]\nname = \"l\"\nport = \"{port}\"\n\n{devices}"
+        ),
+    )
+    .expect("write config");
+    let mut cmd = gateway();
+    cmd.args(["run", "--config"]).arg(&config);
+    let mut run = Proc::spawn(cmd);
+    // Both devices answer (the quick simulation serves units 1 and 2): transactions, no
+    // timeouts and no exceptions.
+    let summary = Proc::wait_line(&run.stderr, Duration::from_secs(10), "with a bus summary", |l| {
+        l.contains("transactions (") && !l.contains(" 0 transactions")
+    });
+    assert!(summary.contains(" 0 timeouts") && summary.contains(" 0 exceptions"), "{summary}");
+    run.signal("-TERM");
+    assert!(run.wait_exit(Duration::from_secs(3)).success());
+}
