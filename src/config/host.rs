@@ -135,3 +135,24 @@ fn spool(
         check.report(span, path, format!("spool directory {e}"));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directories_that_exist_or_can_be_made_are_writable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(writable_dir(dir.path()), Ok(()));
+        assert_eq!(writable_dir(&dir.path().join("a/b/c")), Ok(()), "run creates missing parents");
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").expect("write");
+        let err = writable_dir(&file).expect_err("a file is no directory");
+        assert!(err.ends_with("file is not a directory"), "{err}");
+        let err = writable_dir(&file.join("data")).expect_err("nothing can be made under a file");
+        assert!(
+            err.contains("data cannot be created: ") && err.ends_with("file is not a directory"),
+            "{err}"
+        );
+    }
+}

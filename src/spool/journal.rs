@@ -565,6 +565,24 @@ mod tests {
     }
 
     #[test]
+    fn inspect_accepts_spools_and_empty_files_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("peer.spool");
+        drop(open(&dir, SpoolLimits::default()));
+        inspect(&path).expect("a spool");
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, "").expect("write");
+        inspect(&empty).expect("an empty file becomes a spool");
+        let junk = dir.path().join("junk.db");
+        std::fs::write(&junk, "not a database, not empty").expect("write");
+        assert!(matches!(inspect(&junk), Err(SpoolError::Sqlite { .. })));
+        let conn = Connection::open(&path).expect("open");
+        conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", []).expect("update");
+        drop(conn);
+        assert!(matches!(inspect(&path), Err(SpoolError::Schema { found: 99, .. })));
+    }
+
+    #[test]
     fn append_read_ack_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = open(&dir, SpoolLimits::default());
