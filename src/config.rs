@@ -18,13 +18,22 @@
 //! directory of the configuration file ([`load`]), or the directory given to
 //! [`parse_in`]; [`parse`] leaves them relative to the working directory.
 //!
+//! The files: [`document`] reads the main file and the files its `include` names, and
+//! deserializes each section and each `[[...]]` entry on its own, so that a shape error
+//! (unknown key, wrong type) in one does not hide the problems of the others. With
+//! [`load_for_run`], `host` then checks what `run` needs from the machine (identity,
+//! data directory, spool files) while every value's position is still known.
+//!
 //! Adding a top-level section (`[server]`, ...) is a new file under `config/` with its
-//! raw type and its `validate`, one field in [`Raw`] and one call in [`parse_in`].
+//! raw type and its `validate`, one field in `document::Raw` (and its name in
+//! `document::SECTIONS` and `document::collect`) and one call in `build`.
 
 mod bus;
 mod device;
+mod document;
 mod gateway;
 mod globs;
+mod host;
 mod link;
 mod peer;
 mod plc;
@@ -33,6 +42,7 @@ mod rawdevice;
 mod regmap;
 mod send;
 mod server;
+mod template;
 mod tunnel;
 mod write;
 
@@ -41,8 +51,9 @@ use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
 use toml::Spanned;
+
+pub use host::Machine;
 
 use crate::model::Model;
 
@@ -124,14 +135,28 @@ impl fmt::Display for Location<'_> {
     }
 }
 
-/// Reads and validates the configuration file at `path`; relative paths inside it
-/// resolve against the file's directory (made absolute, so they survive a `chdir`).
+/// Reads and validates the configuration file at `path` (and the files it includes);
+/// relative paths inside it resolve against the file's directory (made absolute, so they
+/// survive a `chdir`). Checks the text only: see [`load_for_run`] for the machine.
 pub fn load(path: &Path) -> Result<Model, ConfigError> {
+    load_with(path, None)
+}
+
+/// [`load`], then everything `run` needs from the machine short of opening devices and
+/// sockets: the identity files exist, are readable and match, `data_dir` and the spool
+/// directories are writable or can be created, existing spool files open. `check` and
+/// `run` both use it (with `gateway::Preflight`), so `check` accepts exactly what `run`
+/// will start with.
+pub fn load_for_run(path: &Path, machine: &dyn Machine) -> Result<Model, ConfigError> {
+    load_with(path, Some(machine))
+}
+
+fn load_with(path: &Path, machine: Option<&dyn Machine>) -> Result<Model, ConfigError> {
     let text =
         std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
     let dir = absolute.parent().unwrap_or(Path::new(""));
-    parse_in(&text, &path.display().to_string(), dir)
+    build(&text, &path.display().to_string(), dir, machine)
 }
 
 /// Parses and validates configuration `text`; `origin` (usually the file name) prefixes
@@ -141,19 +166,28 @@ pub fn parse(text: &str, origin: &str) -> Result<Model, ConfigError> {
     parse_in(text, origin, Path::new(""))
 }
 
-/// Like [`parse`], with relative paths in the text (`[link] identity`, `data_dir`)
-/// resolved against `dir`, the directory the text was read from.
+/// Like [`parse`], with relative paths in the text (`[link] identity`, `data_dir`,
+/// `include`) resolved against `dir`, the directory the text was read from.
 pub fn parse_in(text: &str, origin: &str, dir: &Path) -> Result<Model, ConfigError> {
-    let mut check = Checker::new(text, origin);
-    let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-        origin: origin.to_owned(),
-        position: e.span().map(|span| check.position(span.start)),
-        message: plain_types(e.message().trim_end()),
-    })?;
+    build(text, origin, dir, None)
+}
 
-    let gateway = gateway::validate(&raw.gateway, &mut check);
+fn build(text: &str, origin: &str, dir: &Path, machine: Option<&dyn Machine>) -> Result<Model, ConfigError> {
+    let mut check = Checker::default();
+    let raw = document::read(text, origin, dir, &mut check)?;
+
+    let gateway = match &raw.gateway {
+        Some(g) => gateway::validate(g, &mut check),
+        // Reported by `document::read`; a stand-in lets every other section be checked.
+        None => crate::model::Gateway {
+            name: String::new(),
+            summary_interval: Duration::from_secs(60),
+            worker_threads: None,
+        },
+    };
     let mut buses = bus::validate(&raw.bus, &mut check);
-    device::validate(&raw.device, &mut buses, &mut check);
+    let templates = template::validate(&raw.template, &mut check);
+    device::validate(&raw.device, &templates, &mut buses, &mut check);
     rawdevice::validate(&raw.raw_device, &mut buses, &mut check);
     let mut links = peer::validate(raw.link.as_ref(), &raw.peer, &gateway.name, &buses, dir, &mut check);
     tunnel::validate(&raw.tunnel, links.as_mut(), &buses, &mut check);
@@ -165,14 +199,17 @@ pub fn parse_in(text: &str, origin: &str, dir: &Path) -> Result<Model, ConfigErr
         let taken: Vec<PathBuf> = links.iter().flat_map(|l| &l.peers).map(|p| p.spool.clone()).collect();
         plc::validate(&raw.plc, &points, data_dir, &taken, &mut check)
     };
+    if let Some(machine) = machine {
+        host::check(&raw, links.as_ref(), &plcs, machine, &mut check);
+    }
 
     // Sections are checked one after the other (overlaps after all points of a device);
-    // list the problems as the reader meets them in the file.
-    check.problems.sort_by_key(|p| (p.line, p.col));
+    // list the problems as the reader meets them: by file, then line.
+    check.problems.sort_by_key(|(offset, _)| *offset);
     if check.problems.is_empty() {
         Ok(Model { gateway, buses, links, server, plcs })
     } else {
-        Err(ConfigError::Invalid(check.problems))
+        Err(ConfigError::Invalid(check.problems.into_iter().map(|(_, p)| p).collect()))
     }
 }
 
@@ -182,64 +219,97 @@ fn plain_types(message: &str) -> String {
     message.replace("expected i64", "expected an integer").replace("expected f64", "expected a number")
 }
 
-/// The whole file, one field per top-level section.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Raw {
-    gateway: gateway::RawGateway,
-    #[serde(default)]
-    bus: Vec<bus::RawBus>,
-    #[serde(default)]
-    device: Vec<device::RawDevice>,
-    #[serde(default)]
-    raw_device: Vec<rawdevice::RawSerialDevice>,
-    link: Option<link::RawLink>,
-    #[serde(default)]
-    peer: Vec<peer::RawPeer>,
-    server: Option<server::RawServer>,
-    #[serde(default)]
-    plc: Vec<plc::RawPlc>,
-    #[serde(default)]
-    tunnel: Vec<tunnel::RawTunnel>,
-}
-
 /// Collects problems while a configuration is validated, and turns byte offsets into
-/// line and column. The field helpers report a problem and return a fallback value, so
-/// validation goes on and finds every other problem too; the fallback never reaches a
+/// file, line and column. The field helpers report a problem and return a fallback value,
+/// so validation goes on and finds every other problem too; the fallback never reaches a
 /// model because any problem fails the whole load.
-struct Checker<'a> {
-    origin: &'a str,
-    text: &'a str,
-    /// Byte offset at which each line starts.
-    line_starts: Vec<usize>,
-    problems: Vec<Problem>,
+///
+/// Every file of a configuration (the main one and its includes) has its own range of
+/// offsets: file `n` starts where file `n - 1` ends, plus one. Spans in the raw sections
+/// are in that shared space ([`document`] shifts them), so one offset names one place.
+#[derive(Default)]
+struct Checker {
+    sources: Vec<Source>,
+    /// Problems with the offset they were found at, for sorting.
+    problems: Vec<(usize, Problem)>,
+    /// Spans of tables a shape error was repaired in (a key left out): problems found
+    /// there are follow-ons of the reported one (a default stood in), not the user's.
+    quiet: Vec<Range<usize>>,
 }
 
-impl<'a> Checker<'a> {
-    fn new(text: &'a str, origin: &'a str) -> Self {
-        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
-        Checker { origin, text, line_starts, problems: Vec::new() }
+/// One file of the configuration.
+struct Source {
+    origin: String,
+    /// Offset of the file's first byte in the shared space.
+    base: usize,
+    text: String,
+    /// Byte offset (within the file) at which each line starts.
+    line_starts: Vec<usize>,
+}
+
+impl Checker {
+    #[cfg(test)]
+    fn new(text: &str, origin: &str) -> Self {
+        let mut check = Checker::default();
+        check.add_source(text, origin);
+        check
     }
 
-    /// 1-based line and column (in characters) of byte `offset`.
+    /// Registers a file; returns the offset its spans must be shifted by.
+    fn add_source(&mut self, text: &str, origin: &str) -> usize {
+        let base = self.sources.last().map_or(0, |s| s.base + s.text.len() + 1);
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        self.sources.push(Source { origin: origin.to_owned(), base, text: text.to_owned(), line_starts });
+        base
+    }
+
+    /// The file holding `offset`, and the offset within it.
+    fn source(&self, offset: usize) -> Option<(&Source, usize)> {
+        let i = self.sources.partition_point(|s| s.base <= offset).checked_sub(1)?;
+        self.sources.get(i).map(|s| (s, offset - s.base))
+    }
+
+    /// 1-based line and column (in characters) of `offset`, in its file.
     fn position(&self, offset: usize) -> (usize, usize) {
-        let offset = offset.min(self.text.len());
-        let line = self.line_starts.partition_point(|&start| start <= offset);
-        let start = self.line_starts.get(line.wrapping_sub(1)).copied().unwrap_or(0);
-        let col = self.text.get(start..offset).map_or(offset - start, |s| s.chars().count());
+        let Some((source, offset)) = self.source(offset) else {
+            return (1, 1);
+        };
+        let offset = offset.min(source.text.len());
+        let line = source.line_starts.partition_point(|&start| start <= offset);
+        let start = source.line_starts.get(line.wrapping_sub(1)).copied().unwrap_or(0);
+        let col = source.text.get(start..offset).map_or(offset - start, |s| s.chars().count());
         (line.max(1), col + 1)
+    }
+
+    /// The file name of `offset`.
+    fn origin(&self, offset: usize) -> &str {
+        self.source(offset).map_or("", |(s, _)| s.origin.as_str())
     }
 
     /// Records a problem with the value at `span`.
     fn report(&mut self, span: Range<usize>, path: &str, message: impl Into<String>) {
+        if self.is_quiet(span.start) {
+            return;
+        }
+        self.report_always(span, path, message);
+    }
+
+    /// Records a problem even inside a repaired table (shape errors themselves). The
+    /// same message at the same place is said once (a template's problem, met again in
+    /// each device made from it).
+    fn report_always(&mut self, span: Range<usize>, path: &str, message: impl Into<String>) {
+        let message = message.into();
+        if self.problems.iter().any(|(at, p)| *at == span.start && p.message == message) {
+            return;
+        }
         let (line, col) = self.position(span.start);
-        self.problems.push(Problem {
-            origin: self.origin.to_owned(),
-            line,
-            col,
-            path: path.to_owned(),
-            message: message.into(),
-        });
+        let problem =
+            Problem { origin: self.origin(span.start).to_owned(), line, col, path: path.to_owned(), message };
+        self.problems.push((span.start, problem));
+    }
+
+    fn is_quiet(&self, offset: usize) -> bool {
+        self.quiet.iter().any(|q| q.contains(&offset))
     }
 
     /// Checks a bus/device/point name: a letter or digit, then letters, digits, `_`,
@@ -403,6 +473,34 @@ fn path_key(check: &mut Checker, value: &Spanned<String>, base: &Path, path: &st
     base.join(written)
 }
 
+/// A listen address: `ip:port`, or `host:port` with a name the machine resolves
+/// (`localhost:5020`), as `std::net::ToSocketAddrs` does; of a name's addresses the
+/// first IPv4 one is taken (else the first), so `localhost` is 127.0.0.1 even where
+/// `::1` comes first. `Err(None)`: not of the form `host:port` at all; `Err(Some(m))`:
+/// a name that does not resolve, `m` says why.
+fn socket_addr(text: &str) -> Result<std::net::SocketAddr, Option<String>> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else { return Err(None) };
+    if host.is_empty() || host.contains([':', '[', ']', '/']) || port.parse::<u16>().is_err() {
+        return Err(None);
+    }
+    let addrs: Vec<std::net::SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| {
+            Some(format!("listen {text:?}: host {host:?} does not resolve ({e}): write an ip:port"))
+        })?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| Some(format!("listen {text:?}: host {host:?} has no address: write an ip:port")))
+}
+
 /// `name "x"`-style quoting used in every item path.
 fn item(kind: &str, name: &Spanned<String>) -> String {
     format!("{kind} {:?}", name.get_ref())
@@ -442,8 +540,76 @@ mod tests {
     fn syntax_error_has_position() {
         let err = parse("[gateway]\nname = \"a\"\nbogus = 1\n", "g.toml").expect_err("unknown key must fail");
         let text = err.to_string();
-        assert!(text.starts_with("g.toml:3:1: unknown field `bogus`"), "{text}");
+        assert!(text.starts_with("g.toml:3:1: gateway: unknown field `bogus`"), "{text}");
         assert_eq!(err.exit_code(), 2);
+        let err = parse("[gateway]\nname = \"a\"\nbogus =\n", "g.toml").expect_err("not toml");
+        assert!(matches!(err, ConfigError::Syntax { position: Some((3, 8)), .. }), "{err}");
+    }
+
+    #[test]
+    fn shape_errors_do_not_hide_each_other() {
+        // A typo'd enum value, an unknown key and a wrong type, in three entries, and a
+        // validation problem in a fourth: all four are reported.
+        let text = r#"[gateway]
+name = "a"
+
+[[bus]]
+name = "l"
+port = "/dev/null"
+parity = "evn"
+
+[[device]]
+name = "d"
+bus = "l"
+unit = 1
+
+[[device.point]]
+name = "p"
+table = "hodling"
+address = 0
+
+[[device.point]]
+name = "q"
+table = "input"
+address = 0
+scael = 2
+
+[[device]]
+name = "e"
+bus = "l"
+unit = "two"
+
+[[device.point]]
+name = "r"
+table = "input"
+address = 0
+
+[[device]]
+name = "f"
+bus = "l"
+unit = 300
+
+[[device.point]]
+name = "s"
+table = "input"
+address = 0
+"#;
+        let Err(ConfigError::Invalid(problems)) = parse(text, "g.toml") else {
+            panic!("expected problems");
+        };
+        let shown: Vec<String> = problems.iter().map(Problem::to_string).collect();
+        assert_eq!(shown.len(), 5, "{shown:#?}");
+        assert!(shown[0].starts_with("g.toml:7:10: bus \"l\": unknown variant `evn`"), "{shown:#?}");
+        assert!(
+            shown[1].starts_with("g.toml:16:9: device \"d\" point \"p\": unknown variant `hodling`"),
+            "{shown:#?}"
+        );
+        assert!(
+            shown[2].starts_with("g.toml:23:1: device \"d\" point \"q\": unknown field `scael`"),
+            "{shown:#?}"
+        );
+        assert_eq!(shown[3], "g.toml:28:8: device \"e\": invalid type: string \"two\", expected an integer");
+        assert_eq!(shown[4], "g.toml:38:8: device \"f\": unit 300 is out of range 1..=247");
     }
 
     #[test]
@@ -464,6 +630,48 @@ baud = 0
         assert_eq!(problems.len(), 3, "{problems:#?}");
         assert_eq!((problems[0].line, problems[0].col), (3, 8));
         assert_eq!(problems[0].path, "gateway");
+    }
+
+    #[test]
+    fn a_repaired_device_still_checks_its_points() {
+        // The device's own table had a wrong type (left out, reported); its points are
+        // tables of their own and are still checked; a missing key in a point drops the
+        // point only.
+        let text = r#"[gateway]
+name = "a"
+
+[[bus]]
+name = "l"
+port = "/dev/null"
+
+[[device]]
+name = "d"
+bus = "l"
+unit = 1
+timeout = 5
+
+[[device.point]]
+name = "p"
+table = "holding"
+address = 0
+scale = 0
+
+[[device.point]]
+table = "holding"
+address = 1
+"#;
+        let Err(ConfigError::Invalid(problems)) = parse(text, "g.toml") else {
+            panic!("expected problems");
+        };
+        let shown: Vec<String> = problems.iter().map(Problem::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "g.toml:12:11: device \"d\": invalid type: integer `5`, expected a string",
+                "g.toml:18:9: device \"d\" point \"p\": scale 0 would turn every value into 0",
+                "g.toml:20:1: device \"d\" point[1]: missing field `name`",
+            ]
+        );
     }
 
     const LINK: &str = r#"

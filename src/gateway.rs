@@ -10,20 +10,23 @@
 //! [`Gateway::shutdown`] returns once everything has stopped (or the grace period ran out).
 
 use std::collections::{HashMap, HashSet};
-
-use futures::future::BoxFuture;
+use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::bus::{self, BusHandle};
+use crate::config;
 use crate::image::Image;
 use crate::link::listener::{Listener, Routes};
-use crate::link::tls::{self, Fingerprint};
+use crate::link::tls::{self, Fingerprint, TlsError};
 use crate::link::tunnel::{self, TunnelHandle};
 use crate::link::writeback::WriteBacks;
 use crate::link::{self, Dialer, Grants, Link, LinkHandle, PeerWriteError, ReceivedSink};
@@ -84,6 +87,54 @@ pub enum GatewayError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// What `check` and `run` verify on this machine before `run` opens anything: the
+/// identity is loaded by the function `run` loads it with, spool files are inspected by
+/// the spool's own reader. Handed to [`config::load_for_run`].
+pub struct Preflight;
+
+impl config::Machine for Preflight {
+    /// The identity `run` loads ([`tls::load_identity`]), or the one line saying what is
+    /// wrong and what to do.
+    fn identity(&self, dir: &Path) -> Result<(), String> {
+        let keygen = format!("run m2m-gateway keygen --dir {}", dir.display());
+        let key = dir.join(tls::KEY_FILE);
+        let replace =
+            format!("{keygen} --force (a new key: every peer must then pin the new fingerprint it prints)");
+        match tls::load_identity(dir) {
+            Ok(_) => Ok(()),
+            Err(TlsError::Io { path, source }) if source.kind() == ErrorKind::NotFound => {
+                if path == key {
+                    Err(format!("identity key {} not found: {keygen}", path.display()))
+                } else {
+                    Err(format!("identity certificate {} not found: {replace}", path.display()))
+                }
+            }
+            Err(TlsError::Io { path, source }) if source.kind() == ErrorKind::PermissionDenied => {
+                Err(format!(
+                    "identity file {} cannot be read by this user ({source}): run the gateway as the user owning it, or chown it",
+                    path.display()
+                ))
+            }
+            Err(TlsError::Io { path, source }) => {
+                Err(format!("identity file {} cannot be read: {source}", path.display()))
+            }
+            Err(TlsError::Pem { path, reason }) => {
+                Err(format!("identity file {}: {reason}: {replace}", path.display()))
+            }
+            Err(TlsError::KeyMismatch { key, cert }) => Err(format!(
+                "identity key {} does not match certificate {} (one of them was replaced): {replace}",
+                key.display(),
+                cert.display()
+            )),
+            Err(e) => Err(format!("identity in {}: {e}", dir.display())),
+        }
+    }
+
+    fn spool(&self, file: &Path) -> Result<(), String> {
+        crate::spool::journal::inspect(file).map_err(|e| e.to_string())
+    }
 }
 
 /// A running gateway.

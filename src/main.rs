@@ -37,7 +37,8 @@ enum Command {
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
     },
-    /// Validate a configuration and show the polling plan and bus load.
+    /// Validate a configuration (and the files it includes) and what `run` needs from this
+    /// machine (identity, data directory, spools); show the polling plan and bus load.
     Check {
         /// Configuration file.
         #[arg(short, long, default_value = "gateway.toml")]
@@ -231,7 +232,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose, quiet);
     // `run` reads its configuration first: it says how many threads the runtime has.
     let model = match &cli.command {
-        Command::Run { config } => match load(config) {
+        Command::Run { config } => match load_for_run(config) {
             Ok(model) => Some(model),
             Err(code) => return code,
         },
@@ -255,10 +256,27 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", causes(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once: most error messages here already
+/// include their cause's text (`identity in …: key.pem: No such file …`), and `{:#}` would
+/// repeat it after each.
+fn causes(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -302,6 +320,16 @@ fn load(path: &std::path::Path) -> Result<m2m_gateway::model::Model, ExitCode> {
     })
 }
 
+/// The configuration as `run` takes it: valid, and its identity, data directory and
+/// spool files usable on this machine. `check` uses the same, so it accepts exactly
+/// what `run` will start with (short of opening devices and sockets).
+fn load_for_run(path: &std::path::Path) -> Result<m2m_gateway::model::Model, ExitCode> {
+    config::load_for_run(path, &m2m_gateway::gateway::Preflight).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
 /// `run`: the gateway, until Ctrl-C or SIGTERM.
 async fn run(model: &m2m_gateway::model::Model) -> anyhow::Result<ExitCode> {
     let shutdown = shutdown_on_signals()?;
@@ -313,16 +341,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         // `main` loads the configuration before the runtime it configures and calls
         // `run` itself; this is the same, on whatever runtime it is given.
-        Command::Run { config } => match load(&config) {
+        Command::Run { config } => match load_for_run(&config) {
             Ok(model) => run(&model).await,
             Err(code) => Ok(code),
         },
         Command::Check { config } => {
-            let model = match load(&config) {
+            let model = match load_for_run(&config) {
                 Ok(m) => m,
                 Err(code) => return Ok(code),
             };
             print!("{}", plan::render(&model, &plan::plan_model(&model)));
+            print!("{}", plan::render_templated(&model));
             for p in &model.plcs {
                 print!("{}", m2m_gateway::plc::describe(p));
             }
@@ -496,4 +525,27 @@ async fn poll_raw(a: &PollArgs, line: Line) -> anyhow::Result<ExitCode> {
     };
     let shutdown = shutdown_on_signals()?;
     repeat(a, &shutdown, async || commission::raw_once(&spec).await, commission::render_raw).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        // What `run` printed for a missing key before: the OS error three times.
+        let path = std::path::PathBuf::from("/x/key.pem");
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let tls = m2m_gateway::link::tls::TlsError::Io { path, source: io };
+        let e = anyhow::Error::from(m2m_gateway::gateway::GatewayError::Identity {
+            dir: "/x".into(),
+            source: tls,
+        });
+        let shown = causes(&e);
+        assert_eq!(shown.matches("entity not found").count(), 1, "{shown}");
+        assert!(shown.starts_with("peer links: identity in /x: /x/key.pem: "), "{shown}");
+        // A cause not already in the message is still shown.
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(causes(&e), "outer: inner");
+    }
 }

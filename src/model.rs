@@ -158,6 +158,8 @@ pub struct Device {
     pub name: String,
     /// Modbus unit id, 1..=247.
     pub unit: u8,
+    /// The `[[template]]` the device was made from, if any (shown by `check`).
+    pub template: Option<String>,
     /// Response timeout (the bus default unless overridden).
     pub timeout: Duration,
     /// Extra pause before each request to this device, for slow turnaround.

@@ -317,3 +317,163 @@ fn demo_shows_live_values_with_no_hardware() {
         text.lines().filter(|l| l.starts_with("site-a/boiler.flow_temp") && l.contains(" good ")).count();
     assert!(received >= 1, "no good site-a/boiler.flow_temp row at the peer in:\n{text}");
 }
+
+/// A gateway with a peer link: identity and data directory relative to the file in `dir`.
+fn linked_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("linked.toml");
+    let text = format!(
+        "[gateway]\nname = \"a\"\n\n[link]\nidentity = \"id\"\ndata_dir = \"data\"\n\n[[peer]]\nname = \"b\"\nfingerprint = \"{}\"\ndial = \"127.0.0.1:7700\"\n",
+        "AB".repeat(32)
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Runs `m2m-gateway <args> --config <path>`; returns the exit code and stderr lines.
+fn config_command(args: &[&str], path: &std::path::Path) -> (Option<i32>, Vec<String>) {
+    let out = gateway().args(args).arg("--config").arg(path).output().expect("run m2m-gateway");
+    let err = String::from_utf8_lossy(&out.stderr).lines().map(str::to_owned).collect();
+    (out.status.code(), err)
+}
+
+#[test]
+fn check_and_run_refuse_a_missing_or_mismatched_identity_in_one_line_with_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = linked_config(dir.path());
+    let id = dir.path().join("id");
+    let keygen = format!("run m2m-gateway keygen --dir {}", id.display());
+
+    // No identity yet: check and run say the same one line, with the keygen command.
+    for command in ["check", "run"] {
+        let (code, err) = config_command(&[command], &config);
+        assert_eq!(code, Some(2), "{command}: {err:?}");
+        assert_eq!(err.len(), 1, "{command}: one line: {err:?}");
+        let want = format!(
+            "{}:5:12: link: identity key {}/key.pem not found: {keygen}",
+            config.display(),
+            id.display()
+        );
+        assert_eq!(err[0], want, "{command}");
+    }
+
+    // After keygen, check passes and creates nothing (data_dir is made by run).
+    let out = gateway().args(["keygen", "--dir"]).arg(&id).output().expect("keygen");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, err) = config_command(&["check"], &config);
+    assert_eq!(code, Some(0), "{err:?}");
+    assert!(!dir.path().join("data").exists(), "check changes nothing");
+
+    // A certificate that is not the key's (copied from another identity).
+    let other = dir.path().join("other");
+    assert!(gateway().args(["keygen", "--dir"]).arg(&other).output().expect("keygen").status.success());
+    std::fs::copy(other.join("cert.pem"), id.join("cert.pem")).expect("copy cert");
+    for command in ["check", "run"] {
+        let (code, err) = config_command(&[command], &config);
+        assert_eq!(code, Some(2), "{command}: {err:?}");
+        assert_eq!(err.len(), 1, "{command}: one line: {err:?}");
+        assert!(err[0].contains("does not match certificate"), "{err:?}");
+        assert!(err[0].contains(&format!("{keygen} --force")), "{err:?}");
+    }
+
+    // A file in the spool's place that is not a spool is found before run opens it.
+    assert!(
+        gateway().args(["keygen", "--force", "--dir"]).arg(&id).output().expect("keygen").status.success()
+    );
+    std::fs::create_dir(dir.path().join("data")).expect("data dir");
+    std::fs::write(dir.path().join("data/spool-b.db"), "not a database, and not empty").expect("write");
+    let (code, err) = config_command(&["check"], &config);
+    assert_eq!(code, Some(2), "{err:?}");
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].contains("peer \"b\": spool ") && err[0].contains("spool-b.db"), "{err:?}");
+}
+
+#[test]
+fn listen_accepts_localhost_in_check_and_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(manifest("gateway.toml")).expect("gateway.toml");
+    let config = dir.path().join("gateway.toml");
+    // check takes the address users write; run binds localhost on a free port.
+    std::fs::write(&config, text.replace(SHIPPED_LISTEN, "listen = \"localhost:5020\"")).expect("write");
+    let (code, err) = config_command(&["check"], &config);
+    assert_eq!(code, Some(0), "{err:?}");
+    std::fs::write(&config, text.replace(SHIPPED_LISTEN, "listen = \"localhost:0\"")).expect("write");
+    let mut cmd = gateway();
+    cmd.args(["run", "--config"]).arg(&config);
+    let mut run = Proc::spawn(cmd);
+    let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "saying the server listens", |l| {
+        l.contains("modbus-tcp server listening on")
+    });
+    let addr: std::net::SocketAddr = line
+        .rsplit("addr=")
+        .next()
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line}"));
+    assert!(addr.ip().is_loopback() && addr.is_ipv4(), "{addr}");
+    std::net::TcpStream::connect(addr).expect("the server accepts on localhost");
+    run.signal("-TERM");
+    assert!(run.wait_exit(Duration::from_secs(3)).success());
+}
+
+#[test]
+fn check_shows_devices_made_from_templates_expanded() {
+    let out = gateway()
+        .args(["check", "--config", &manifest("tests/configs/good/templates.toml")])
+        .output()
+        .expect("check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The plan names the template; the expansion shows each point as it resolved,
+    // with meter_2's overrides (scale, unit, interval) and its added point.
+    assert!(text.contains("meter_2 (unit 2, template meter)  input 0..=1"), "{text}");
+    let expanded =
+        text.split("devices made from templates, expanded").nth(1).unwrap_or_else(|| panic!("{text}"));
+    let lines: Vec<String> =
+        expanded.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    for want in [
+        "meter_1 (unit 1, template meter)",
+        "energy input 342 f32 kWh every 5s",
+        "meter_2 (unit 2, template meter)",
+        "energy input 342 f32 x1000 Wh every 1s",
+        "frequency input 70 f32 every 1s",
+    ] {
+        assert!(lines.iter().any(|l| l == want), "no line {want:?} in:\n{expanded}");
+    }
+}
+
+#[test]
+fn run_polls_devices_made_from_an_included_template() {
+    let (_sim, port) = simulator("1,2");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("templates")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("templates/probe.toml"),
+        "[[template]]\nname = \"probe\"\ninterval = \"100ms\"\n\n[[template.point]]\nname = \"level\"\ntable = \"holding\"\naddress = 3\n",
+    )
+    .expect("write template");
+    let config = dir.path().join("plant.toml");
+    let devices: String = (1..=2)
+        .map(|unit| {
+            format!(
+                "[[device]]\nname = \"probe_{unit}\"\nbus = \"l\"\nunit = {unit}\ntemplate = \"probe\"\n\n"
+            )
+        })
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "include = [\"templates/*.toml\"]\n\n[gateway]\nname = \"p\"\nsummary_interval = \"1s\"\n\n[[bus]]\nname = \"l\"\nport = \"{port}\"\n\n{devices}"
+        ),
+    )
+    .expect("write config");
+    let mut cmd = gateway();
+    cmd.args(["run", "--config"]).arg(&config);
+    let mut run = Proc::spawn(cmd);
+    // Both devices answer (the quick simulation serves units 1 and 2): transactions, no
+    // timeouts and no exceptions.
+    let summary = Proc::wait_line(&run.stderr, Duration::from_secs(10), "with a bus summary", |l| {
+        l.contains("transactions (") && !l.contains(" 0 transactions")
+    });
+    assert!(summary.contains(" 0 timeouts") && summary.contains(" 0 exceptions"), "{summary}");
+    run.signal("-TERM");
+    assert!(run.wait_exit(Duration::from_secs(3)).success());
+}

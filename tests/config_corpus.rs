@@ -38,7 +38,8 @@ fn bad_configs_fail_with_their_expected_messages() {
             failures.push(format!("{name}: no `# expect:` line"));
             continue;
         }
-        match config::parse(&text, &name) {
+        // Included files resolve against the corpus directory.
+        match config::parse_in(&text, &name, path.parent().expect("corpus dir")) {
             Ok(_) => failures.push(format!("{name}: parsed, but should fail")),
             Err(err) => {
                 let shown = err.to_string();
@@ -396,4 +397,83 @@ fn plc_targets_are_resolved() {
         "{shown}"
     );
     assert!(shown.contains("FC6  holding 900 watchdog counter, every 500ms"), "{shown}");
+}
+
+#[test]
+fn templates_and_includes_expand() {
+    let model = good("templates.toml");
+    let bus = &model.buses[0];
+    let names: Vec<&str> = bus.devices.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["meter_1", "meter_2"], "devices from the included file");
+    let [one, two] = &bus.devices[..] else { panic!("two meters") };
+    assert_eq!(one.template.as_deref(), Some("meter"));
+    let points = |d: &m2m_gateway::model::Device| d.points.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+    assert_eq!(points(one), ["meter_1.voltage", "meter_1.energy"]);
+    assert_eq!(
+        points(two),
+        ["meter_2.voltage", "meter_2.energy", "meter_2.frequency"],
+        "template points first"
+    );
+    // The template's settings, 1-based addresses and the per-device overrides.
+    assert_eq!(one.points[0].address, 0);
+    assert_eq!(one.points[1].address, 342);
+    assert_eq!(one.points[1].interval, Duration::from_secs(5));
+    assert_eq!((one.points[1].scale, one.points[1].unit.as_deref()), (1.0, Some("kWh")));
+    assert_eq!(two.points[1].interval, Duration::from_secs(1), "device interval overrides the template's");
+    assert_eq!((two.points[1].scale, two.points[1].unit.as_deref()), (1000.0, Some("Wh")));
+    assert_eq!(
+        (two.points[1].table, two.points[1].address),
+        (Table::Input, 342),
+        "the rest from the template"
+    );
+    assert_eq!(two.points[2].address, 70);
+}
+
+#[test]
+fn site_a_includes_the_boiler_house_of_gateway_toml() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let load = |path: &str| config::load(&root.join(path)).unwrap_or_else(|e| panic!("{path}:\n{e}"));
+    let (site_a, shipped) = (load("examples/site-a.toml"), load("gateway.toml"));
+    // The included file and gateway.toml describe one plant: same buses, devices, points.
+    assert_eq!(format!("{:?}", site_a.buses), format!("{:?}", shipped.buses));
+    assert_eq!(site_a.buses[0].devices.iter().map(|d| d.points.len()).sum::<usize>(), 17);
+}
+
+#[test]
+fn example_templates_expand_in_the_metering_example() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/metering.toml");
+    let model = config::load(&path).unwrap_or_else(|e| panic!("examples/metering.toml:\n{e}"));
+    let devices = &model.buses[0].devices;
+    let made_from: Vec<(&str, Option<&str>)> =
+        devices.iter().map(|d| (d.name.as_str(), d.template.as_deref())).collect();
+    assert_eq!(
+        made_from,
+        [
+            ("incomer", Some("schneider-pm5xxx")),
+            ("feeder_1", Some("eastron-sdm630")),
+            ("feeder_2", Some("eastron-sdm630")),
+            ("lighting", Some("eastron-sdm120")),
+            ("fan_1", Some("altivar-atv320")),
+        ]
+    );
+    let point = |device: usize, name: &str| {
+        devices[device]
+            .points
+            .iter()
+            .find(|p| p.name.ends_with(&format!(".{name}")))
+            .unwrap_or_else(|| panic!("{} has no point {name}", devices[device].name))
+    };
+    // Register numbers as the manuals print them, 1-based: 30001 is wire address 0.
+    assert_eq!((point(1, "voltage_l1").table, point(1, "voltage_l1").address), (Table::Input, 0));
+    assert_eq!(point(1, "voltage_l1").data_type, DataType::F32);
+    assert_eq!((point(0, "current_a").table, point(0, "current_a").address), (Table::Holding, 2999));
+    assert_eq!(point(4, "output_frequency").address, 3202, "the drive's logical addresses");
+    assert_eq!(point(4, "fault").data_type, DataType::Bit(3));
+    // feeder_2: its interval, one overridden point, one added; the rest as feeder_1's.
+    assert_eq!(point(2, "voltage_l1").interval, Duration::from_secs(2));
+    assert_eq!(point(1, "voltage_l1").interval, Duration::from_secs(5));
+    assert_eq!(point(2, "energy_import").interval, Duration::from_secs(10));
+    assert_eq!(point(2, "energy_import").address, point(1, "energy_import").address);
+    assert_eq!(point(2, "total_energy").address, 342);
+    assert_eq!(devices[2].points.len(), devices[1].points.len() + 1);
 }

@@ -706,6 +706,7 @@ fn rtu_bus(path: &str, points: Vec<Point>) -> model::Bus {
         devices: vec![Device {
             name: "dev".into(),
             unit: 7,
+            template: None,
             timeout: Duration::from_millis(300),
             turnaround: Duration::ZERO,
             max_registers: 125,

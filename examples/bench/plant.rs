@@ -35,6 +35,7 @@ pub(crate) fn device(name: &str, unit: u8, points: Vec<Point>) -> Device {
     Device {
         name: name.into(),
         unit,
+        template: None,
         timeout: Duration::from_secs(1),
         turnaround: Duration::ZERO,
         max_registers: 125,

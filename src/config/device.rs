@@ -13,11 +13,19 @@
 //! max_bits = 2000            # most bits per read, 1..=2000, default 2000
 //! max_gap = 8                # unwanted registers/bits read to merge reads, default 8
 //! backoff_max = "60s"        # longest pause between re-probes, default 60s, >= 100ms
+//! template = "sdm630"        # optional: a [[template]] giving settings and points; every
+//!                            #   key above set here overrides the template's
 //!
-//! [[device.point]]           # at least one; see config/point.rs
+//! [[device.point]]           # at least one (with the template's); see config/point.rs.
+//!                            #   With a template, a point named like one of the
+//!                            #   template's overrides the keys it sets (`scale = 0.01`);
+//!                            #   other points (with table and address) are added.
 //! ```
 //!
-//! Devices are attached to their bus in file order.
+//! Devices are attached to their bus in file order. A device made from a template is
+//! validated as if it were written out in full; its problems name the device and the
+//! template (`device "m3" (template "sdm630") point "energy"`) and point at the key that
+//! holds the offending value, in the template or in the device.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -26,6 +34,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::point::{self, RawPoint};
+use super::template::Templates;
 use super::{Checker, item};
 use crate::model::{Bus, Device};
 
@@ -46,6 +55,7 @@ pub(super) struct RawDevice {
     name: Spanned<String>,
     bus: Spanned<String>,
     unit: Spanned<i64>,
+    template: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
     turnaround: Option<Spanned<String>>,
     interval: Option<Spanned<String>>,
@@ -55,11 +65,87 @@ pub(super) struct RawDevice {
     max_gap: Option<Spanned<i64>>,
     backoff_max: Option<Spanned<String>>,
     #[serde(default)]
-    point: Vec<RawPoint>,
+    point: Vec<Spanned<RawPoint>>,
+}
+
+impl RawDevice {
+    fn settings(&self) -> Settings {
+        Settings {
+            timeout: self.timeout.clone(),
+            turnaround: self.turnaround.clone(),
+            interval: self.interval.clone(),
+            address_base: self.address_base.clone(),
+            max_registers: self.max_registers.clone(),
+            max_bits: self.max_bits.clone(),
+            max_gap: self.max_gap.clone(),
+            backoff_max: self.backoff_max.clone(),
+            point: self.point.clone(),
+        }
+    }
+}
+
+/// The keys a `[[device]]` and a `[[template]]` share: everything but the device's
+/// name, bus, unit and template. (Written out in both raw types: serde's `flatten`
+/// would lose the spans and `deny_unknown_fields`.)
+#[derive(Debug, Clone, Default)]
+pub(super) struct Settings {
+    pub(super) timeout: Option<Spanned<String>>,
+    pub(super) turnaround: Option<Spanned<String>>,
+    pub(super) interval: Option<Spanned<String>>,
+    pub(super) address_base: Option<Spanned<i64>>,
+    pub(super) max_registers: Option<Spanned<i64>>,
+    pub(super) max_bits: Option<Spanned<i64>>,
+    pub(super) max_gap: Option<Spanned<i64>>,
+    pub(super) backoff_max: Option<Spanned<String>>,
+    pub(super) point: Vec<Spanned<RawPoint>>,
+}
+
+impl Settings {
+    /// These settings with every key they leave unset taken from `base`, and the
+    /// points of `base` first, overridden by same-named points of ours; our other
+    /// points follow. A point of ours that names no point of `base` and has no table
+    /// (so it can only be meant as an override) is reported.
+    fn over(&self, base: &Settings, template: &str, path: &str, check: &mut Checker) -> Settings {
+        let mut points: Vec<Spanned<RawPoint>> = base.point.clone();
+        let mut overridden: HashSet<&str> = HashSet::new();
+        let mut extra = Vec::new();
+        for p in &self.point {
+            let name = p.get_ref().name();
+            match points.iter_mut().find(|t| t.get_ref().name().get_ref() == name.get_ref()) {
+                Some(_) if !overridden.insert(name.get_ref()) => check.report(
+                    name.span(),
+                    &format!("{path} point {:?}", name.get_ref()),
+                    "name is already used by another point of this device",
+                ),
+                Some(t) => *t = Spanned::new(t.span(), p.get_ref().over(t.get_ref())),
+                None if p.get_ref().is_override() => check.report(
+                    name.span(),
+                    &format!("{path} point {:?}", name.get_ref()),
+                    format!(
+                        "template {template:?} has no point {:?} to override; to add a point, give its table and address",
+                        name.get_ref()
+                    ),
+                ),
+                None => extra.push(p.clone()),
+            }
+        }
+        points.extend(extra);
+        Settings {
+            timeout: self.timeout.clone().or_else(|| base.timeout.clone()),
+            turnaround: self.turnaround.clone().or_else(|| base.turnaround.clone()),
+            interval: self.interval.clone().or_else(|| base.interval.clone()),
+            address_base: self.address_base.clone().or_else(|| base.address_base.clone()),
+            max_registers: self.max_registers.clone().or_else(|| base.max_registers.clone()),
+            max_bits: self.max_bits.clone().or_else(|| base.max_bits.clone()),
+            max_gap: self.max_gap.clone().or_else(|| base.max_gap.clone()),
+            backoff_max: self.backoff_max.clone().or_else(|| base.backoff_max.clone()),
+            point: points,
+        }
+    }
 }
 
 /// Resolves every `[[device]]` and appends it to its bus's `devices`.
-pub(super) fn validate(raw: &[RawDevice], buses: &mut [Bus], check: &mut Checker) {
+pub(super) fn validate(raw: &[RawDevice], templates: &Templates, buses: &mut [Bus], check: &mut Checker) {
     let mut names: HashSet<&str> = HashSet::new();
     // (bus index, unit) -> device name.
     let mut units: HashMap<(usize, i64), &str> = HashMap::new();
@@ -106,7 +192,33 @@ pub(super) fn validate(raw: &[RawDevice], buses: &mut [Bus], check: &mut Checker
         }
 
         let bus_timeout = bus.and_then(|b| buses.get(b)).map(|b| b.timeout);
-        let device = resolve(r, &path, unit, bus_timeout, check);
+        let settings = r.settings();
+        let device = match &r.template {
+            None => resolve(&r.name, &settings, &path, unit, bus_timeout, check),
+            Some(name) => match templates.get(name.get_ref()) {
+                Some(template) => {
+                    let path = format!("{path} (template {:?})", name.get_ref());
+                    let settings = settings.over(template, name.get_ref(), &path, check);
+                    let mut device = resolve(&r.name, &settings, &path, unit, bus_timeout, check);
+                    device.template = Some(name.get_ref().clone());
+                    device
+                }
+                None => {
+                    check.report(
+                        name.span(),
+                        &path,
+                        format!("template {:?} is not defined by any [[template]]", name.get_ref()),
+                    );
+                    // Its points are the template's: without it, do not also say it has none.
+                    let mut settings = settings;
+                    settings.point.retain(|p| !p.get_ref().is_override());
+                    check.quiet.push(r.name.span());
+                    let device = resolve(&r.name, &settings, &path, unit, bus_timeout, check);
+                    check.quiet.pop();
+                    device
+                }
+            },
+        };
 
         if unique {
             // Within the device, a repeated point name is reported by point::validate.
@@ -123,8 +235,10 @@ pub(super) fn validate(raw: &[RawDevice], buses: &mut [Bus], check: &mut Checker
     }
 }
 
-fn resolve(
-    r: &RawDevice,
+/// Resolves one device (or, with unit 1 and no bus, a template on its own).
+pub(super) fn resolve(
+    name: &Spanned<String>,
+    r: &Settings,
     path: &str,
     unit: u8,
     bus_timeout: Option<Duration>,
@@ -149,11 +263,12 @@ fn resolve(
         check.duration(r.backoff_max.as_ref(), BACKOFF_MAX, BACKOFF_MAX_MIN, path, "backoff_max");
 
     if r.point.is_empty() {
-        check.report(r.name.span(), path, "has no points: add at least one [[device.point]]");
+        check.report(name.span(), path, "has no points: add at least one [[device.point]]");
     }
-    let context = point::Context { device: r.name.get_ref(), path, address_base, max_registers, interval };
+    let context = point::Context { device: name.get_ref(), path, address_base, max_registers, interval };
     Device {
-        name: r.name.get_ref().clone(),
+        name: name.get_ref().clone(),
+        template: None,
         unit,
         timeout,
         turnaround,

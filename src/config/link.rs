@@ -5,7 +5,8 @@
 //! identity = "/etc/m2m-gateway"     # required: directory with cert.pem and key.pem,
 //!                                   #   made by `m2m-gateway keygen`
 //! data_dir = "/var/lib/m2m-gateway" # required: the per-peer spools live here
-//! listen = "0.0.0.0:7700"    # optional: ip:port to accept peers that do not `dial`;
+//! listen = "0.0.0.0:7700"    # optional: ip:port (or host:port, e.g. localhost:7700: the
+//!                            #   name's first IPv4 address) to accept peers that do not `dial`;
 //!                            #   required as soon as one peer has no `dial`
 //! allow = ["10.0.0.0/8", "192.168.1.20"]  # optional source allowlist (CIDR; a bare
 //!                            #   address is /32 or /128); empty: any source (the
@@ -57,10 +58,12 @@ pub(super) fn validate(raw: &RawLink, dir: &Path, check: &mut Checker) -> Links 
     Links { identity_dir, data_dir, listen, allow, peers: Vec::new(), tunnels: Vec::new() }
 }
 
-/// `ip:port` to listen on, port not 0.
+/// `ip:port` (or `host:port`, see [`super::socket_addr`]) to listen on, port not 0.
 fn listen(text: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = text.parse().map_err(|_| {
-        format!("listen {text:?} is not an ip:port address (like \"0.0.0.0:7700\" or \"[::]:7700\")")
+    let addr: SocketAddr = super::socket_addr(text).map_err(|e| {
+        e.unwrap_or_else(|| {
+            format!("listen {text:?} is not an ip:port address (like \"0.0.0.0:7700\" or \"[::]:7700\")")
+        })
     })?;
     if addr.port() == 0 {
         return Err(format!("listen {text:?} has port 0: peers need a fixed port to dial"));
@@ -132,7 +135,12 @@ mod tests {
         assert_eq!(listen("0.0.0.0:7700").expect("v4").port(), 7700, "an ip:port listens");
         assert!(listen("[::]:7700").is_ok());
         assert!(listen("0.0.0.0:0").is_err());
-        assert!(listen("localhost:7700").is_err(), "listen takes an ip");
+        assert_eq!(
+            listen("localhost:7700").expect("a name resolves"),
+            "127.0.0.1:7700".parse().expect("addr"),
+            "localhost is the IPv4 loopback"
+        );
+        assert!(listen("no-such-host.invalid:7700").is_err());
         assert!(listen("7700").is_err());
     }
 }

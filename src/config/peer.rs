@@ -72,6 +72,18 @@ pub(super) struct RawPeer {
     writeback: Vec<RawWriteBack>,
 }
 
+impl RawPeer {
+    /// The peer's name as written.
+    pub(super) fn name(&self) -> &str {
+        self.name.get_ref()
+    }
+
+    /// Where a problem with the spool file points: `spool`, else the name.
+    pub(super) fn spool_span(&self) -> std::ops::Range<usize> {
+        self.spool.as_ref().map_or(self.name.span(), |s| s.span())
+    }
+}
+
 /// Resolves `[link]` and every `[[peer]]`; `None` without a `[link]` section.
 pub(super) fn validate(
     raw_link: Option<&RawLink>,

@@ -86,6 +86,18 @@ pub(super) struct RawPlc {
     map: Vec<RawMap>,
 }
 
+impl RawPlc {
+    /// The PLC's name as written.
+    pub(super) fn name(&self) -> &str {
+        self.name.get_ref()
+    }
+
+    /// Where a problem with the spool file points: `spool`, else the name.
+    pub(super) fn spool_span(&self) -> std::ops::Range<usize> {
+        self.spool.as_ref().map_or(self.name.span(), |s| s.span())
+    }
+}
+
 /// `[plc.watchdog]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

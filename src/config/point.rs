@@ -17,6 +17,10 @@
 //! unit = "degC"              # engineering unit label, optional
 //! ```
 //!
+//! `[[template.point]]` entries are written the same way. In a device made from a
+//! template, a `[[device.point]]` with the name of a template point overrides only the
+//! keys it sets (then `table` and `address` may be left out).
+//!
 //! Invariant of a validated device: no two points read a common register or bit of one
 //! table, except `bit` points sharing one register, each with its own bit.
 
@@ -32,13 +36,14 @@ use super::device::INTERVAL_MIN;
 use crate::model::Point;
 use crate::point::value::{DataType, Table, WordOrder};
 
-/// One `[[device.point]]` as written.
-#[derive(Debug, Deserialize)]
+/// One `[[device.point]]` (or `[[template.point]]`) as written. `table` and `address`
+/// are required, except in a point that overrides a template's.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPoint {
     name: Spanned<String>,
-    table: Spanned<Table>,
-    address: Spanned<i64>,
+    table: Option<Spanned<Table>>,
+    address: Option<Spanned<i64>>,
     #[serde(rename = "type")]
     data_type: Option<Spanned<RawType>>,
     bit: Option<Spanned<i64>>,
@@ -49,6 +54,36 @@ pub(super) struct RawPoint {
     interval: Option<Spanned<String>>,
     stale_after: Option<Spanned<String>>,
     unit: Option<String>,
+}
+
+impl RawPoint {
+    pub(super) fn name(&self) -> &Spanned<String> {
+        &self.name
+    }
+
+    /// True when the point gives neither table nor address: it can only mean to
+    /// override a template's point of its name.
+    pub(super) fn is_override(&self) -> bool {
+        self.table.is_none() && self.address.is_none()
+    }
+
+    /// This point with every key it leaves unset taken from `base`.
+    pub(super) fn over(&self, base: &RawPoint) -> RawPoint {
+        RawPoint {
+            name: self.name.clone(),
+            table: self.table.clone().or_else(|| base.table.clone()),
+            address: self.address.clone().or_else(|| base.address.clone()),
+            data_type: self.data_type.clone().or_else(|| base.data_type.clone()),
+            bit: self.bit.clone().or_else(|| base.bit.clone()),
+            length: self.length.clone().or_else(|| base.length.clone()),
+            order: self.order.or(base.order),
+            scale: self.scale.clone().or_else(|| base.scale.clone()),
+            offset: self.offset.clone().or_else(|| base.offset.clone()),
+            interval: self.interval.clone().or_else(|| base.interval.clone()),
+            stale_after: self.stale_after.clone().or_else(|| base.stale_after.clone()),
+            unit: self.unit.clone().or_else(|| base.unit.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -115,28 +150,39 @@ struct Extent<'a> {
 }
 
 /// Resolves the points of one device, in file order, and checks they do not overlap.
-pub(super) fn validate(raw: &[RawPoint], ctx: &Context, check: &mut Checker) -> Vec<Point> {
+pub(super) fn validate(raw: &[Spanned<RawPoint>], ctx: &Context, check: &mut Checker) -> Vec<Point> {
     let mut names: HashSet<&str> = HashSet::new();
     let mut extents = Vec::with_capacity(raw.len());
     let mut points = Vec::with_capacity(raw.len());
-    for r in raw {
+    for spanned in raw {
+        let r = spanned.get_ref();
         let path = format!("{} point {:?}", ctx.path, r.name.get_ref());
         check.name(&r.name, &path);
         if !names.insert(r.name.get_ref()) {
             check.report(r.name.span(), &path, "name is already used by another point of this device");
         }
-        let (point, extent) = resolve(r, &path, ctx, check);
+        // Missing keys are found here, not by serde: a template point's override may
+        // leave them out.
+        let (Some(table), Some(address)) = (&r.table, &r.address) else {
+            for (missing, key) in [(r.table.is_none(), "table"), (r.address.is_none(), "address")] {
+                if missing {
+                    check.report(spanned.span(), &path, format!("missing field `{key}`"));
+                }
+            }
+            continue;
+        };
+        let (point, extent) = resolve(r, table, address, &path, ctx, check);
         points.push(point);
         if let Some(range) = extent {
             extents.push(Extent {
-                table: *r.table.get_ref(),
+                table: *table.get_ref(),
                 range,
                 bit: match points.last().map(|p| p.data_type) {
                     Some(DataType::Bit(b)) => Some(b),
                     _ => None,
                 },
                 name: r.name.get_ref(),
-                address: &r.address,
+                address,
                 path,
             });
         }
@@ -146,13 +192,20 @@ pub(super) fn validate(raw: &[RawPoint], ctx: &Context, check: &mut Checker) -> 
 }
 
 /// Resolves one point; also returns its wire address range when the address is valid.
-fn resolve(r: &RawPoint, path: &str, ctx: &Context, check: &mut Checker) -> (Point, Option<Range<u32>>) {
-    let table = *r.table.get_ref();
+fn resolve(
+    r: &RawPoint,
+    table_key: &Spanned<Table>,
+    address_key: &Spanned<i64>,
+    path: &str,
+    ctx: &Context,
+    check: &mut Checker,
+) -> (Point, Option<Range<u32>>) {
+    let table = *table_key.get_ref();
     let bits_table = matches!(table, Table::Coils | Table::Discrete);
     let raw_type = r.data_type.as_ref().map(|t| *t.get_ref());
     let ty = raw_type.unwrap_or(if bits_table { RawType::Bool } else { RawType::U16 });
     // Where problems about the type as a whole point at: the type, else the table.
-    let type_span = r.data_type.as_ref().map_or(r.table.span(), |t| t.span());
+    let type_span = r.data_type.as_ref().map_or(table_key.span(), |t| t.span());
 
     if bits_table && ty != RawType::Bool {
         check.report(
@@ -238,7 +291,7 @@ fn resolve(r: &RawPoint, path: &str, ctx: &Context, check: &mut Checker) -> (Poi
         );
     }
 
-    let (address, extent) = address(r, width, bits_table, ctx.address_base, path, check);
+    let (address, extent) = address(address_key, width, bits_table, ctx.address_base, path, check);
 
     let scale = finite(r.scale.as_ref(), 1.0, ty, path, "scale", check);
     if let Some(s) = r.scale.as_ref().filter(|s| *s.get_ref() == 0.0) {
@@ -284,17 +337,17 @@ fn resolve(r: &RawPoint, path: &str, ctx: &Context, check: &mut Checker) -> (Poi
 /// Checks the address against the base and the end of the table; returns the wire
 /// address and range.
 fn address(
-    r: &RawPoint,
+    key: &Spanned<i64>,
     width: u32,
     bits_table: bool,
     base: u16,
     path: &str,
     check: &mut Checker,
 ) -> (u16, Option<Range<u32>>) {
-    let written = *r.address.get_ref();
+    let written = *key.get_ref();
     let base = i64::from(base);
     let last = 65_535 + base;
-    let span = r.address.span();
+    let span = key.span();
     let units = if bits_table { "bits" } else { "registers" };
     if written < base {
         check.report(span, path, format!("address {written} is below the device's address_base ({base})"));

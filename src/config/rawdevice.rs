@@ -709,11 +709,11 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_and_missing_end_are_syntax_errors() {
+    fn unknown_keys_and_missing_end_are_shape_errors() {
         let text = format!("{HEAD}[[raw_device]]\nname = \"a\"\nbus = \"l\"\nrequest = \"?\"\n");
         let err = parse(&text, "t.toml").expect_err("end is required");
-        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
-        assert!(err.to_string().contains("missing field `end`"), "{err}");
+        assert!(matches!(&err, ConfigError::Invalid(p) if p.len() == 1), "{err}");
+        assert!(err.to_string().contains("raw_device \"a\": missing field `end`"), "{err}");
         let text = format!("{HEAD}[[raw_device]]\nname = \"a\"\nbus = \"l\"\nend = \"silence\"\nbogus = 1\n");
         let err = parse(&text, "t.toml").expect_err("unknown key");
         assert!(err.to_string().contains("unknown field `bogus`"), "{err}");

@@ -4,7 +4,9 @@
 //! [server]                   # optional; without it nothing listens for Modbus-TCP
 //! listen = "127.0.0.1:5020"  # default 127.0.0.1:5020: loopback only, and a port above
 //!                            #   1024 so no root is needed (502 is the registered port;
-//!                            #   say "0.0.0.0:502" to serve the plant network)
+//!                            #   say "0.0.0.0:502" to serve the plant network); a
+//!                            #   host:port (localhost:5020) takes the name's first IPv4
+//!                            #   address
 //! max_connections = 16       # masters connected at once, 1..=1024, default 16
 //! idle_timeout = "60s"       # close a connection silent this long, default 60s, >= 1s
 //! max_in_flight = 2          # pass-through requests one master may have queued per
@@ -143,18 +145,15 @@ pub(super) fn validate(raw: &RawServer, buses: &[Bus], check: &mut Checker) -> S
     const PATH: &str = "server";
     let listen = match &raw.listen {
         None => LISTEN.parse().ok(),
-        Some(l) => l
-            .get_ref()
-            .parse::<SocketAddr>()
-            .map_err(|_| {
-                check.report(
-                    l.span(),
-                    PATH,
+        Some(l) => super::socket_addr(l.get_ref())
+            .map_err(|e| {
+                let message = e.unwrap_or_else(|| {
                     format!(
                         "listen {:?} is not an ip:port address (like \"127.0.0.1:5020\" or \"0.0.0.0:502\")",
                         l.get_ref()
-                    ),
-                )
+                    )
+                });
+                check.report(l.span(), PATH, message)
             })
             .ok(),
     };

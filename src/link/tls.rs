@@ -61,6 +61,14 @@ pub enum TlsError {
         /// What is wrong.
         reason: String,
     },
+    /// The private key is not the one the certificate was made for.
+    #[error("private key {key} does not match certificate {cert}")]
+    KeyMismatch {
+        /// The key file.
+        key: PathBuf,
+        /// The certificate file.
+        cert: PathBuf,
+    },
     /// Certificate generation failed.
     #[error("cannot generate certificate: {0}")]
     Generate(#[from] rcgen::Error),
@@ -256,8 +264,9 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
     f.sync_all().map_err(io_err(path))
 }
 
-/// Loads `cert.pem` and `key.pem` from `dir`. Warns if the key is readable by group or
-/// others.
+/// Loads `cert.pem` and `key.pem` from `dir` and checks that the key is the
+/// certificate's (the public key in the certificate is the one the private key gives).
+/// Warns if the key is readable by group or others. `check` and `run` both use it.
 pub fn load_identity(dir: &Path) -> Result<Identity, TlsError> {
     let cert_path = dir.join(CERT_FILE);
     let key_path = dir.join(KEY_FILE);
@@ -278,6 +287,14 @@ pub fn load_identity(dir: &Path) -> Result<Identity, TlsError> {
     let cert_pem = fs::read(&cert_path).map_err(io_err(&cert_path))?;
     let cert = CertificateDer::from_pem_slice(&cert_pem)
         .map_err(|e| pem_err(&cert_path, format!("no usable certificate: {e}")))?;
+
+    match rustls::sign::CertifiedKey::from_der(vec![cert.clone()], key.clone_key(), &provider()) {
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            return Err(TlsError::KeyMismatch { key: key_path, cert: cert_path });
+        }
+        Err(e) => return Err(pem_err(&key_path, format!("unusable private key or certificate: {e}"))),
+        Ok(_) => {}
+    }
 
     let fingerprint = Fingerprint::of(&cert);
     Ok(Identity { cert, key: PrivateKey(key), fingerprint })

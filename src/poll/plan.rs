@@ -263,6 +263,8 @@ pub struct DevicePlan {
     pub device: String,
     /// Modbus unit id.
     pub unit: u8,
+    /// The `[[template]]` the device was made from, if any.
+    pub template: Option<String>,
     /// The reads, ordered by table, interval, start.
     pub reads: Vec<Read>,
     /// The line time of each read (same index as `reads`).
@@ -289,7 +291,7 @@ pub fn plan_bus(bus: &Bus) -> BusPlan {
             for (r, t) in reads.iter().zip(&times) {
                 load += share(*t, r.interval);
             }
-            DevicePlan { device: d.name.clone(), unit: d.unit, reads, times }
+            DevicePlan { device: d.name.clone(), unit: d.unit, template: d.template.clone(), reads, times }
         })
         .collect();
     let raw = plan_raw(bus);
@@ -306,6 +308,78 @@ fn share(time: Duration, interval: Duration) -> f64 {
 /// Plans every bus of the model.
 pub fn plan_model(model: &Model) -> Vec<BusPlan> {
     model.buses.iter().map(plan_bus).collect()
+}
+
+/// The points of every device made from a `[[template]]`, expanded: what the template
+/// and the device's overrides resolved to (for `check`). Empty when no device uses one.
+pub fn render_templated(model: &Model) -> String {
+    let mut out = String::new();
+    let devices = model.buses.iter().flat_map(|b| &b.devices);
+    for d in devices.filter(|d| d.template.is_some()) {
+        if out.is_empty() {
+            out.push_str("devices made from templates, expanded (wire addresses):\n");
+        }
+        let _ =
+            writeln!(out, "  {} (unit {}, template {})", d.name, d.unit, d.template.as_deref().unwrap_or(""));
+        let rows: Vec<[String; 5]> = d
+            .points
+            .iter()
+            .map(|p| {
+                let short = p.name.strip_prefix(&format!("{}.", d.name)).unwrap_or(&p.name).to_string();
+                let mut decode = type_label(p.data_type);
+                if p.order != crate::point::value::WordOrder::Abcd {
+                    let _ = write!(decode, " {:?}", p.order);
+                    decode = decode.to_lowercase();
+                }
+                if p.scale != 1.0 {
+                    let _ = write!(decode, " x{}", p.scale);
+                }
+                if p.offset != 0.0 {
+                    let _ = write!(decode, " {:+}", p.offset);
+                }
+                [
+                    short,
+                    format!("{} {}", table_label(p.table), p.address),
+                    decode,
+                    p.unit.clone().unwrap_or_default(),
+                    format!("every {}", humantime::format_duration(p.interval)),
+                ]
+            })
+            .collect();
+        let width = |i: usize| rows.iter().map(|r| r[i].len()).max().unwrap_or(0);
+        let (w0, w1, w2, w3) = (width(0), width(1), width(2), width(3));
+        for [name, at, decode, unit, every] in rows {
+            let _ = writeln!(out, "    {name:w0$}  {at:w1$}  {decode:w2$}  {unit:w3$}  {every}");
+        }
+    }
+    out
+}
+
+/// A point's type as the configuration writes it.
+fn type_label(t: crate::point::value::DataType) -> String {
+    use crate::point::value::DataType;
+    match t {
+        DataType::Bool => "bool".into(),
+        DataType::U16 => "u16".into(),
+        DataType::I16 => "i16".into(),
+        DataType::U32 => "u32".into(),
+        DataType::I32 => "i32".into(),
+        DataType::U64 => "u64".into(),
+        DataType::I64 => "i64".into(),
+        DataType::F32 => "f32".into(),
+        DataType::F64 => "f64".into(),
+        DataType::Bit(b) => format!("bit {b}"),
+        DataType::Str(n) => format!("string {n}"),
+    }
+}
+
+fn table_label(table: Table) -> &'static str {
+    match table {
+        Table::Coils => "coil",
+        Table::Discrete => "discrete",
+        Table::Holding => "holding",
+        Table::Input => "input",
+    }
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
@@ -376,7 +450,10 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
         // Rows of (device label or blank, range, size, cost), padded per bus.
         let mut rows: Vec<(String, [String; 3])> = Vec::new();
         for d in &plan.devices {
-            let label = format!("{} (unit {})", d.device, d.unit);
+            let label = match &d.template {
+                Some(t) => format!("{} (unit {}, template {t})", d.device, d.unit),
+                None => format!("{} (unit {})", d.device, d.unit),
+            };
             if d.reads.is_empty() {
                 rows.push((label, ["no points".to_string(), String::new(), String::new()]));
                 continue;
@@ -476,6 +553,7 @@ mod tests {
         Device {
             name: "boiler".into(),
             unit: 1,
+            template: None,
             timeout: Duration::from_millis(200),
             turnaround: Duration::ZERO,
             max_registers: 125,

@@ -684,6 +684,7 @@ count = 16
         let device = Device {
             name: "pump".into(),
             unit: 5,
+            template: None,
             timeout: Duration::from_millis(500),
             turnaround: Duration::ZERO,
             max_registers: 125,

@@ -165,6 +165,29 @@ pub struct Spool {
     unlogged: Dropped,
 }
 
+/// Checks, without changing anything, that the existing file at `path` is a spool this
+/// build can open: an SQLite database holding the spool's schema version. An empty file
+/// passes ([`Spool::open`] makes it a spool). `check` uses it before `run` would open.
+pub fn inspect(path: &Path) -> Result<(), SpoolError> {
+    let err = |op| {
+        let path = path.to_path_buf();
+        move |source| SpoolError::Sqlite { path, op, source }
+    };
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        return Ok(());
+    }
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(err("cannot open"))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err("cannot set busy timeout"))?;
+    let found: i64 = conn
+        .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+        .map_err(err("not a spool file (cannot read its schema version)"))?;
+    if found != SCHEMA_VERSION {
+        return Err(SpoolError::Schema { path: path.to_path_buf(), found });
+    }
+    Ok(())
+}
+
 impl Spool {
     /// Opens (creating if needed) the spool file at `path`.
     pub fn open(path: &Path, limits: SpoolLimits) -> Result<Self, SpoolError> {
@@ -596,6 +619,24 @@ mod tests {
 
     fn open(dir: &tempfile::TempDir, limits: SpoolLimits) -> Spool {
         Spool::open(&dir.path().join("peer.spool"), limits).expect("open spool")
+    }
+
+    #[test]
+    fn inspect_accepts_spools_and_empty_files_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("peer.spool");
+        drop(open(&dir, SpoolLimits::default()));
+        inspect(&path).expect("a spool");
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, "").expect("write");
+        inspect(&empty).expect("an empty file becomes a spool");
+        let junk = dir.path().join("junk.db");
+        std::fs::write(&junk, "not a database, not empty").expect("write");
+        assert!(matches!(inspect(&junk), Err(SpoolError::Sqlite { .. })));
+        let conn = Connection::open(&path).expect("open");
+        conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", []).expect("update");
+        drop(conn);
+        assert!(matches!(inspect(&path), Err(SpoolError::Schema { found: 99, .. })));
     }
 
     #[test]
