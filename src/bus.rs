@@ -227,7 +227,12 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
         Engine::new(bus.name.clone(), bus.line, framing, bus.queue_depth, bus.reopen_max, stats.clone())
             .with_frame_gap(bus.frame_gap)
             .with_local_echo(bus.local_echo)
-            .with_silence(silence);
+            .with_silence(silence)
+            .with_burst_gap(if bus.port.starts_with("tcp://") {
+                engine::TCP_BURST_GAP
+            } else {
+                engine::BURST_GAP
+            });
     let handle = BusHandle { name: Arc::from(bus.name.as_str()), tx, pass: engine.pass_queue(), stats };
     tracker.spawn(engine.run(rx, opener, shutdown));
     handle

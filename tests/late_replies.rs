@@ -277,3 +277,38 @@ async fn polls_agent_reads_and_pass_through_serve_no_wrong_value() {
     }
     assert!(wrong.is_empty(), "{} wrong values:\n{}", wrong.len(), wrong.join("\n"));
 }
+
+/// Issue 10, "slow recovery from a dropped byte": a reply that lost a byte is dead at the
+/// first long silence, counted as a framing error, and retried at once — not after the
+/// whole timeout — and never taken as a value.
+#[tokio::test]
+async fn a_reply_short_of_a_byte_is_retried_at_once() {
+    const TIMEOUT: Duration = Duration::from_millis(400);
+    let mut port = VirtualPort::new().expect("pty pair");
+    let sim = Simulator::new(common::sim_config(&sim("fault = \"drop-byte 3\"")));
+    port.run(sim).expect("simulator runs");
+    let model = common::model(&bus_toml(1), &port.path().display().to_string());
+    let shutdown = CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let bus = m2m_gateway::bus::spawn(&model.buses[0], shutdown.clone(), &tracker);
+    let started = tokio::time::Instant::now();
+    let mut wrong = Vec::new();
+    for k in 0..12u16 {
+        let op = Op::Read(if k % 2 == 0 { 0 } else { 100 }, 8);
+        match bus.transact(1, op.request(), Priority::Write, TIMEOUT, 1).await {
+            Ok(rsp) if op.right(&rsp) => {}
+            other => wrong.push(format!("asked {op:?}, got {other:?}")),
+        }
+    }
+    let took = started.elapsed();
+    let stats = bus.stats();
+    let framing = stats.framing_errors.load(Relaxed);
+    assert!(wrong.is_empty(), "{wrong:?}");
+    assert!(framing >= 4, "every third reply is cut short: {framing} framing errors");
+    assert_eq!(stats.timeouts.load(Relaxed), 0, "no attempt waited for its timeout");
+    // Waiting out the timeout for each would have taken framing x 400 ms.
+    assert!(took < TIMEOUT * 2, "12 reads with {framing} cut replies took {took:?}");
+    shutdown.cancel();
+    tracker.close();
+    within(SECS(2), "bus stops", tracker.wait()).await;
+}

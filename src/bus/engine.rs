@@ -44,6 +44,8 @@ pub struct Engine {
     gap: Duration,
     /// The adapter echoes what we send.
     local_echo: bool,
+    /// The silence after which a frame still short of its known length is dead.
+    dead_after: Duration,
     /// When the line last carried a byte (ours or anyone's).
     last_activity: Instant,
     /// The queue, its priorities, and the requests a late reply may still answer.
@@ -56,9 +58,30 @@ pub struct Engine {
     out: Vec<u8>,
 }
 
+/// The longest pause a serial port leaves inside a frame: USB adapters deliver bytes in
+/// bursts, up to their latency timer apart (16 ms on FTDI chips by default), so only a
+/// silence longer than that says a frame lost a byte.
+pub const BURST_GAP: Duration = Duration::from_millis(20);
+
+/// The same for a serial device server reached over TCP (`tcp://`): network delivery
+/// may pause longer inside a frame.
+pub const TCP_BURST_GAP: Duration = Duration::from_millis(100);
+
 enum Attempt {
     Done(Result<Response, ExceptionCode>),
     NoReply,
+    /// The reply came cut short or corrupt: the attempt is over at once.
+    Garbled,
+}
+
+/// What listening for a reply heard.
+enum Heard {
+    Reply(Result<Response, ExceptionCode>),
+    /// Nothing that answers, by the deadline.
+    Nothing,
+    /// A frame from the unit died short of its length or failed its CRC: it answered,
+    /// unreadably.
+    Garbled,
 }
 
 /// What ended an idle wait.
@@ -120,6 +143,7 @@ impl Engine {
             t35: rtu::t35(&line),
             gap: rtu::t35(&line),
             local_echo: false,
+            dead_after: rtu::t35(&line).max(BURST_GAP),
             last_activity: Instant::now(),
             schedule: Schedule::new(depth, addressed),
             txn: 0,
@@ -146,12 +170,20 @@ impl Engine {
         self
     }
 
+    /// Waits `gap` of silence (at least t3.5) before declaring a frame that is short of its
+    /// length dead: the longest pause the port may leave inside a frame.
+    pub fn with_burst_gap(mut self, gap: Duration) -> Self {
+        self.dead_after = self.t35.max(gap);
+        self
+    }
+
     /// Keeps at least `silence` of line silence where the gaps are shorter: before each
     /// request, and as the end of a frame for framings that end frames with silence (raw
     /// devices with `end = "silence"` behind USB adapters that deliver bytes in bursts).
     pub fn with_silence(mut self, silence: Duration) -> Self {
         self.t35 = self.t35.max(silence);
         self.gap = self.gap.max(silence);
+        self.dead_after = self.dead_after.max(silence);
         self
     }
 
@@ -324,7 +356,7 @@ impl Engine {
             // Sending it earlier would leave two replies for one request, the second of
             // which would land in the next transaction's window.
             while let Some(until) = self.schedule.ledger.blocked_until(key, Instant::now()) {
-                if let Some(reply) = self.listen(port, job, until, 0).await? {
+                if let Heard::Reply(reply) = self.listen(port, job, until, 0).await? {
                     return Ok(self.done(job, reply));
                 }
             }
@@ -335,6 +367,7 @@ impl Engine {
                     self.stats.timeouts.fetch_add(1, Relaxed);
                     debug!(unit = job.unit, attempt, "no valid reply");
                 }
+                Attempt::Garbled => debug!(unit = job.unit, attempt, "reply unreadable"),
             }
         }
         Ok(Err(BusError::Timeout { attempts }))
@@ -486,31 +519,44 @@ impl Engine {
         // Bytes of our own echo still to come (and to take off).
         let echo = if self.local_echo { self.out.len() } else { 0 };
         Ok(match self.listen(port, job, drained + job.timeout, echo).await? {
-            Some(reply) => Attempt::Done(reply),
-            None => Attempt::NoReply,
+            Heard::Reply(reply) => Attempt::Done(reply),
+            Heard::Nothing => Attempt::NoReply,
+            Heard::Garbled => Attempt::Garbled,
         })
     }
 
     /// Listens for the reply to `job` until `deadline`, with `echo` bytes of our own
     /// request to take off first; what is in the buffer already (the part of a reply the
-    /// attempt before heard) counts. `Some` is the answer (accepted by the ledger: nothing
-    /// sent earlier to the unit can still be answered); `None`, no answer in time.
+    /// attempt before heard) counts. [`Heard::Reply`] is the answer (accepted by the ledger:
+    /// nothing sent earlier to the unit can still be answered).
+    ///
+    /// A frame from the unit that stops short of its length, followed by a silence of
+    /// [`Engine::dead_after`], is dead: a byte was lost. It is counted as a framing error
+    /// and answers the unit's oldest request in the ledger (it was the unit's reply, if
+    /// unreadable), so the retry goes out at once instead of after the timeout.
     async fn listen(
         &mut self,
         port: &mut dyn Port,
         job: &Job,
         deadline: Instant,
         mut echo: usize,
-    ) -> std::io::Result<Option<Result<Response, ExceptionCode>>> {
+    ) -> std::io::Result<Heard> {
         let key = self.key(job.unit);
         let mut scratch = [0u8; 256];
         // The buffer as it stands has been judged at a silence already: judging it again
         // before new bytes arrive cannot change the verdict (and, with the silence in the
         // past, would spin on the CPU while a slow adapter delivers the rest of a frame).
         let mut judged_silent = false;
+        // An unreadable frame from the unit may end the attempt early (it was the reply).
+        let mut trust_garbled = true;
         loop {
             // Frames we cannot length end at a t3.5 silence.
-            let silence_at = (!self.buf.is_empty() && !judged_silent).then(|| self.last_activity + self.t35);
+            // A frame still short of its length after a longer silence is dead.
+            let silence_at = match (self.buf.is_empty(), judged_silent) {
+                (true, _) => None,
+                (false, false) => Some(self.last_activity + self.t35),
+                (false, true) => Some(self.last_activity + self.dead_after),
+            };
             let wake = silence_at.map_or(deadline, |s| s.min(deadline));
             let silent = match timeout_at(wake, port.read(&mut scratch)).await {
                 Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
@@ -519,7 +565,15 @@ impl Engine {
                     self.buf.extend_from_slice(&scratch[..n]);
                     judged_silent = false;
                     if echo > 0 {
-                        echo = self.take_echo(echo);
+                        echo = match self.take_echo(echo) {
+                            Some(left) => left,
+                            None => {
+                                // A garbled echo may look like a garbled reply: only a
+                                // readable reply ends this attempt now.
+                                trust_garbled = false;
+                                0
+                            }
+                        };
                         if echo > 0 || self.buf.is_empty() {
                             continue;
                         }
@@ -527,7 +581,22 @@ impl Engine {
                     false
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(_) if Instant::now() >= deadline => return Ok(None),
+                Err(_) if Instant::now() >= deadline => return Ok(Heard::Nothing),
+                Err(_) if judged_silent => {
+                    self.stats.framing_errors.fetch_add(1, Relaxed);
+                    debug!(
+                        unit = job.unit,
+                        bytes = self.buf.len(),
+                        "frame cut short by silence: framing error"
+                    );
+                    let from_unit = !self.framing.replies_name_unit()
+                        || self.framing.frame_unit(&self.buf) == Some(job.unit);
+                    self.buf.clear();
+                    match (from_unit && trust_garbled).then(|| self.garbled(job)).flatten() {
+                        Some(heard) => return Ok(heard),
+                        None => continue,
+                    }
+                }
                 Err(_) => {
                     judged_silent = true;
                     true
@@ -550,7 +619,7 @@ impl Engine {
                                 if len < self.buf.len() {
                                     self.stats.noise_bytes.fetch_add((self.buf.len() - len) as u64, Relaxed);
                                 }
-                                return Ok(Some(reply));
+                                return Ok(Heard::Reply(reply));
                             }
                             Judged::Late | Judged::Unexpected => {
                                 self.stats.late_replies.fetch_add(1, Relaxed);
@@ -565,6 +634,18 @@ impl Engine {
                             let frame = self.buf[..len].to_vec();
                             self.attribute(&frame)
                         };
+                        if why == SkipReason::Crc
+                            && trust_garbled
+                            && self.framing.frame_unit(&self.buf) == Some(job.unit)
+                            && let Some(heard) = self.garbled(job)
+                        {
+                            self.stats.crc_errors.fetch_add(1, Relaxed);
+                            self.stats
+                                .noise_bytes
+                                .fetch_add(self.buf.len().saturating_sub(1) as u64, Relaxed);
+                            self.buf.clear();
+                            return Ok(heard);
+                        }
                         if !late {
                             let counter = match why {
                                 SkipReason::Crc => &self.stats.crc_errors,
@@ -588,19 +669,33 @@ impl Engine {
 }
 
 impl Engine {
+    /// A frame from `job`'s unit arrived unreadable (cut short, or a bad CRC): it is the
+    /// unit's reply to its oldest open request. If that is this transaction's, the attempt
+    /// is over and the retry may go at once ([`Heard::Garbled`]); if it was an earlier
+    /// request's, it was a late reply, counted, and listening goes on (`None`).
+    fn garbled(&mut self, job: &Job) -> Option<Heard> {
+        match self.schedule.ledger.judge(self.key(job.unit), self.txn, Instant::now()) {
+            Judged::Accept { .. } => Some(Heard::Garbled),
+            Judged::Late | Judged::Unexpected => {
+                self.stats.late_replies.fetch_add(1, Relaxed);
+                None
+            }
+        }
+    }
+
     /// Takes the echo of our request off the front of the buffer, with `left` of its
     /// bytes still expected; returns how many are still expected. Bytes that are not the
     /// echo end the search for it (the adapter dropped it, or it was garbled): they are
-    /// judged as the reply, which rejects them if they are not.
-    fn take_echo(&mut self, left: usize) -> usize {
+    /// judged as the reply, which rejects them if they are not (`None`).
+    fn take_echo(&mut self, left: usize) -> Option<usize> {
         let from = self.out.len() - left;
         let n = left.min(self.buf.len());
         if self.buf[..n] == self.out[from..from + n] {
             self.buf.drain(..n);
-            left - n
+            Some(left - n)
         } else {
             debug!("expected the local echo of the request, got other bytes");
-            0
+            None
         }
     }
 }
