@@ -619,6 +619,9 @@ impl Engine {
                                 if len < self.buf.len() {
                                     self.stats.noise_bytes.fetch_add((self.buf.len() - len) as u64, Relaxed);
                                 }
+                                // The transaction is over: nothing of this window is
+                                // left for the next one to judge.
+                                self.buf.clear();
                                 return Ok(Heard::Reply(reply));
                             }
                             Judged::Late | Judged::Unexpected => {
