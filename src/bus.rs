@@ -48,8 +48,10 @@ use crate::serial::line::open_port;
 
 pub mod engine;
 pub mod schedule;
+pub mod trace;
 
 pub use engine::Engine;
+pub use trace::{TraceDir, TraceEvent, Verdict};
 
 /// Why a transaction did not produce a response.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -154,6 +156,7 @@ pub struct BusHandle {
     tx: mpsc::Sender<Job>,
     pass: Arc<PassQueue>,
     stats: Arc<BusStats>,
+    tap: trace::Tap,
 }
 
 impl BusHandle {
@@ -165,6 +168,14 @@ impl BusHandle {
     /// The bus counters.
     pub fn stats(&self) -> &BusStats {
         &self.stats
+    }
+
+    /// Subscribes to the bus traffic: every frame sent or heard from now on, with its
+    /// verdict ([`TraceEvent`]). Costs the bus nothing while nobody subscribes; a
+    /// subscriber that falls more than [`trace::TRACE_CAPACITY`] events behind loses the
+    /// oldest (`RecvError::Lagged`), the bus never waits for it.
+    pub fn trace(&self) -> tokio::sync::broadcast::Receiver<TraceEvent> {
+        self.tap.subscribe()
     }
 
     /// Queues a job; refuses at once when the queue is full.
@@ -233,7 +244,13 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
             } else {
                 engine::BURST_GAP
             });
-    let handle = BusHandle { name: Arc::from(bus.name.as_str()), tx, pass: engine.pass_queue(), stats };
+    let handle = BusHandle {
+        name: Arc::from(bus.name.as_str()),
+        tx,
+        pass: engine.pass_queue(),
+        stats,
+        tap: engine.tap(),
+    };
     tracker.spawn(engine.run(rx, opener, shutdown));
     handle
 }

@@ -23,6 +23,7 @@ use tracing::{debug, info, instrument, warn};
 
 use super::pass::PassQueue;
 use super::schedule::{Judged, Key, Schedule};
+use super::trace::{Tap, TraceDir, Verdict, describe_reply, describe_request};
 use super::{BusError, BusStats, Job, Port};
 use crate::model::Line;
 use crate::serial::framing::{Decoded, Framing, SkipReason};
@@ -50,6 +51,8 @@ pub struct Engine {
     last_activity: Instant,
     /// The queue, its priorities, and the requests a late reply may still answer.
     schedule: Schedule,
+    /// The traffic tap (events are built only while someone subscribes).
+    tap: Tap,
     /// The number of the transaction on the line (attempts of one job share it).
     txn: u64,
     buf: Vec<u8>,
@@ -146,11 +149,17 @@ impl Engine {
             dead_after: rtu::t35(&line).max(BURST_GAP),
             last_activity: Instant::now(),
             schedule: Schedule::new(depth, addressed),
+            tap: Tap::default(),
             txn: 0,
             buf: Vec::with_capacity(512),
             stray: Vec::with_capacity(512),
             out: Vec::with_capacity(260),
         }
+    }
+
+    /// The traffic tap, to subscribe to ([`super::BusHandle::trace`]).
+    pub fn tap(&self) -> Tap {
+        self.tap.clone()
     }
 
     /// The queue masters' requests for this bus go into ([`BusHandle::pass_through`]).
@@ -365,6 +374,13 @@ impl Engine {
                 Attempt::NoReply if job.unit == 0 => return Ok(Ok(broadcast_echo(&job.request))),
                 Attempt::NoReply => {
                     self.stats.timeouts.fetch_add(1, Relaxed);
+                    self.tap.emit(TraceDir::Rx, &[], Some(job.unit), Verdict::Timeout, || {
+                        format!(
+                            "unit {} no reply within {}",
+                            job.unit,
+                            humantime::format_duration(job.timeout)
+                        )
+                    });
                     debug!(unit = job.unit, attempt, "no valid reply");
                 }
                 Attempt::Garbled => debug!(unit = job.unit, attempt, "reply unreadable"),
@@ -455,6 +471,10 @@ impl Engine {
                 }
             }
             if let Some((key, len)) = hit {
+                let len = len.min(self.stray.len());
+                self.tap.emit(TraceDir::Rx, &self.stray[..len], key, Verdict::LateReplyDiscarded, || {
+                    "late reply, discarded".into()
+                });
                 self.schedule.ledger.stray(key, now);
                 self.stats.late_replies.fetch_add(1, Relaxed);
                 debug!(unit = key.map(u32::from), "late reply discarded");
@@ -466,6 +486,9 @@ impl Engine {
             }
             let n = if any && skip != usize::MAX { skip.min(self.stray.len()) } else { self.stray.len() };
             self.stats.noise_bytes.fetch_add(n as u64, Relaxed);
+            self.tap.emit(TraceDir::Rx, &self.stray[..n], None, Verdict::Noise, || {
+                format!("{n} stray bytes outside a reply window, discarded")
+            });
             self.stray.drain(..n);
         }
     }
@@ -504,6 +527,10 @@ impl Engine {
         let drained = written.max(write_start + rtu::wire_time(&self.line, self.out.len()));
         self.last_activity = drained;
         debug!(unit = job.unit, request = ?job.request, "sent");
+        let verdict = if job.unit == 0 { Verdict::Broadcast } else { Verdict::Sent };
+        self.tap.emit(TraceDir::Tx, &self.out, Some(job.unit), verdict, || {
+            describe_request(job.unit, &job.request)
+        });
         if job.unit == 0 {
             // Broadcast: nobody answers; give the devices their turnaround to act.
             sleep_until(drained + self.gap + job.turnaround).await;
@@ -589,6 +616,13 @@ impl Engine {
                         bytes = self.buf.len(),
                         "frame cut short by silence: framing error"
                     );
+                    self.tap.emit(
+                        TraceDir::Rx,
+                        &self.buf,
+                        self.framing.frame_unit(&self.buf),
+                        Verdict::FramingError,
+                        || format!("frame cut short after {} bytes, discarded", self.buf.len()),
+                    );
                     let from_unit = !self.framing.replies_name_unit()
                         || self.framing.frame_unit(&self.buf) == Some(job.unit);
                     self.buf.clear();
@@ -606,7 +640,17 @@ impl Engine {
                 match self.framing.decode(job.unit, &job.request, &self.buf, silent) {
                     Decoded::Incomplete => break,
                     Decoded::Reply { reply, len } => {
-                        match self.schedule.ledger.judge(key, self.txn, Instant::now()) {
+                        let verdict = self.schedule.ledger.judge(key, self.txn, Instant::now());
+                        let (tv, tag) = match (&verdict, &reply) {
+                            (Judged::Accept { .. }, Ok(_)) => (Verdict::Ok, ""),
+                            (Judged::Accept { .. }, Err(_)) => (Verdict::Exception, ""),
+                            _ => (Verdict::LateReplyDiscarded, "late, discarded: "),
+                        };
+                        let frame = &self.buf[..len.min(self.buf.len())];
+                        self.tap.emit(TraceDir::Rx, frame, Some(job.unit), tv, || {
+                            format!("{tag}{}", describe_reply(job.unit, &reply))
+                        });
+                        match verdict {
                             Judged::Accept { late } => {
                                 if late {
                                     // The retry was held back for it: the same request's answer.
@@ -637,6 +681,31 @@ impl Engine {
                             let frame = self.buf[..len].to_vec();
                             self.attribute(&frame)
                         };
+                        let tv = match why {
+                            _ if late => Verdict::LateReplyDiscarded,
+                            SkipReason::Crc => Verdict::CrcError,
+                            SkipReason::Foreign => Verdict::WrongUnit,
+                            SkipReason::Mismatch => Verdict::Mismatch,
+                            SkipReason::Noise => Verdict::Noise,
+                        };
+                        let shown = if why == SkipReason::Crc { self.buf.len() } else { len };
+                        self.tap.emit(
+                            TraceDir::Rx,
+                            &self.buf[..shown],
+                            self.framing.frame_unit(&self.buf),
+                            tv,
+                            || match tv {
+                                Verdict::LateReplyDiscarded => {
+                                    "late reply to an earlier request, discarded".into()
+                                }
+                                Verdict::CrcError => "frame with a bad checksum, discarded".into(),
+                                Verdict::WrongUnit => {
+                                    "frame from another unit or for another function".into()
+                                }
+                                Verdict::Mismatch => "frame that does not fit the request, discarded".into(),
+                                _ => format!("{len} bytes of noise"),
+                            },
+                        );
                         if why == SkipReason::Crc
                             && trust_garbled
                             && self.framing.frame_unit(&self.buf) == Some(job.unit)
@@ -694,6 +763,9 @@ impl Engine {
         let from = self.out.len() - left;
         let n = left.min(self.buf.len());
         if self.buf[..n] == self.out[from..from + n] {
+            self.tap.emit(TraceDir::Rx, &self.buf[..n], None, Verdict::EchoRemoved, || {
+                format!("{n} bytes of our own request echoed, taken off")
+            });
             self.buf.drain(..n);
             Some(left - n)
         } else {
