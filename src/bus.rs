@@ -262,11 +262,12 @@ pub fn summary(stats: &BusStats, since: &BusStats, elapsed: Duration) -> String 
     let secs = elapsed.as_secs_f64().max(1e-9);
     let shared = d(&stats.shared_answers, &since.shared_answers);
     format!(
-        "{tx} transactions ({:.1}/s), {} timeouts, {} late replies, {} crc errors, {} foreign frames, {} exceptions, line busy {:.1}%{}",
+        "{tx} transactions ({:.1}/s), {} timeouts, {} late replies, {} crc errors, {} framing errors, {} foreign frames, {} exceptions, line busy {:.1}%{}",
         tx as f64 / secs,
         d(&stats.timeouts, &since.timeouts),
         d(&stats.late_replies, &since.late_replies),
         d(&stats.crc_errors, &since.crc_errors),
+        d(&stats.framing_errors, &since.framing_errors),
         d(&stats.foreign_frames, &since.foreign_frames),
         d(&stats.exceptions, &since.exceptions),
         d(&stats.busy_ns, &since.busy_ns) as f64 / 1e9 / secs * 100.0,
