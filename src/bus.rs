@@ -133,6 +133,8 @@ pub struct BusStats {
     pub exceptions: AtomicU64,
     /// Times the port was (re)opened.
     pub opens: AtomicU64,
+    /// Times opening the port was tried (successes and failures).
+    pub open_attempts: AtomicU64,
     /// Jobs refused because the queue was full.
     pub queue_full: AtomicU64,
     /// Nanoseconds the line was busy with transactions.
@@ -325,6 +327,8 @@ pub struct Engine {
     /// Bytes heard outside a transaction's window (while idle, or before a request).
     stray: Vec<u8>,
     out: Vec<u8>,
+    /// Liveness for the watchdog: beaten on every turn of the loop (`health`).
+    beat: Arc<crate::health::Beat>,
 }
 
 enum Attempt {
@@ -380,6 +384,7 @@ impl Engine {
         reopen_max: Duration,
         stats: Arc<BusStats>,
     ) -> Self {
+        let beat = crate::health::beat(format!("bus {name}"));
         Self {
             name,
             line,
@@ -397,6 +402,7 @@ impl Engine {
             buf: Vec::with_capacity(512),
             stray: Vec::with_capacity(512),
             out: Vec::with_capacity(260),
+            beat,
         }
     }
 
@@ -450,13 +456,21 @@ impl Engine {
         };
         let mut pass_streak = 0u32;
         let mut scratch = [0u8; 256];
+        let hang_at = crate::health::hang_after(&self.name).map(|d| Instant::now() + d);
         loop {
+            if hang_at.is_some_and(|at| Instant::now() >= at) {
+                // The test fault hook (health::HANG_BUS_ENV): wedge like a deadlock would.
+                warn!("test fault hook: this bus engine hangs now");
+                std::future::pending::<()>().await;
+            }
             if line.port.is_none() && Instant::now() >= line.next_open {
+                self.beat.busy(Instant::now().into_std(), TCP_CONNECT_TIMEOUT);
                 let opened = tokio::select! {
                     // Cancel-safe: an open abandoned half-way (a TCP connect) is dropped.
                     r = open() => r,
                     () = shutdown.cancelled() => break,
                 };
+                self.stats.open_attempts.fetch_add(1, Relaxed);
                 match opened {
                     Ok(p) => {
                         self.stats.opens.fetch_add(1, Relaxed);
@@ -545,6 +559,7 @@ impl Engine {
                             _ => std::future::pending().await,
                         }
                     };
+                    self.beat.idle(Instant::now().into_std());
                     let woke = tokio::select! {
                         // Cancel-safe: a job not yet received stays in the channel.
                         job = rx.recv() => Woke::Job(job),
@@ -554,6 +569,8 @@ impl Engine {
                         () = reopen => Woke::Other,
                         // Cancel-safe: `read` is; bytes read are handled below.
                         r = read => Woke::Read(r),
+                        // Wake to beat even when nothing happens (the watchdog).
+                        () = tokio::time::sleep(self.beat.tick()) => Woke::Other,
                     };
                     match woke {
                         Woke::Job(Some(job)) => {
@@ -593,6 +610,12 @@ impl Engine {
                 continue;
             };
             let started = Instant::now();
+            // The longest a transaction can take: every attempt's timeout, with margin
+            // for the line time, the gaps and a late reply waited out.
+            let attempts = u32::from(job.retries) + 1;
+            let longest =
+                (job.timeout + job.turnaround).saturating_mul(2 * attempts) + Duration::from_secs(1);
+            self.beat.busy(started.into_std(), longest);
             let outcome = self.transaction(p.as_mut(), job).await;
             // A reply cut off by the deadline may be finished by the idle listening.
             self.stray.append(&mut self.buf);
@@ -1022,6 +1045,7 @@ impl BusStats {
             noise_bytes: c(&self.noise_bytes),
             exceptions: c(&self.exceptions),
             opens: c(&self.opens),
+            open_attempts: c(&self.open_attempts),
             queue_full: c(&self.queue_full),
             busy_ns: c(&self.busy_ns),
             shared_answers: c(&self.shared_answers),
