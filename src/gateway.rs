@@ -307,6 +307,7 @@ impl Gateway {
         };
         let prepared = gateway.prepare(model)?;
         gateway.apply(model, prepared, &mut Changes::default());
+        gateway.model = model.clone();
         gateway.tracker.spawn(sweep(gateway.image.clone(), gateway.shutdown.clone()));
         info!(
             gateway = %model.gateway.name,
