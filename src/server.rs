@@ -364,8 +364,9 @@ async fn connection(stream: TcpStream, master: MasterId, tables: Tables, shutdow
         if !reading && pending.is_empty() {
             return;
         }
-        // The tables of the latest reload: a request is routed by those current when it
-        // is read; one already on a bus finishes where it was sent.
+        // The timing of this wait comes from the tables now; each request is routed by
+        // the tables current when it is read (a reload may come between), and one already
+        // on a bus finishes where it was sent.
         let shared = tables.current();
         let idle_at = last_heard + shared.idle_timeout;
         let idle = pending.is_empty();
@@ -374,7 +375,7 @@ async fn connection(stream: TcpStream, master: MasterId, tables: Tables, shutdow
             frame = input.next(), if reading && pending.len() < MAX_PENDING => match frame {
                 Some(Ok(frame)) => {
                     last_heard = Instant::now();
-                    match shared.handle(master, frame) {
+                    match tables.current().handle(master, frame) {
                         Answer::Now(f) => f,
                         Answer::Later(fut) => {
                             pending.push(fut);
