@@ -531,15 +531,14 @@ impl Gateway {
             }
         }
         parts.plcs = kept;
-        if prepared.server_socket.is_some() || new.server.is_none() {
-            if let Some(s) = parts.server.take() {
-                s.part.stop("modbus-tcp server").await;
-                match &new.server {
-                    Some(_) => changes
-                        .restarted
-                        .push(format!("modbus-tcp server: its listen address changed (was {})", s.addr)),
-                    None => changes.removed.push(format!("modbus-tcp server on {}", s.addr)),
-                }
+        let server_changes = prepared.server_socket.is_some() || new.server.is_none();
+        if server_changes && let Some(s) = parts.server.take() {
+            s.part.stop("modbus-tcp server").await;
+            match &new.server {
+                Some(_) => changes
+                    .restarted
+                    .push(format!("modbus-tcp server: its listen address changed (was {})", s.addr)),
+                None => changes.removed.push(format!("modbus-tcp server on {}", s.addr)),
             }
         }
         let listen_changes = prepared.links.as_ref().is_none_or(|l| l.listen_socket.is_some())

@@ -4,13 +4,13 @@
 //! a change of bus settings reopens it, removed devices' points turn `comm_fail`, and a
 //! configuration the machine cannot honour is refused with nothing stopped.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use common::{Rig, model, wait_until, within};
-use m2m_gateway::value::Quality;
+use m2m_gateway::point::value::Quality;
 use tokio_modbus::client::{Reader, tcp::connect_slave};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};

@@ -5,14 +5,11 @@
 //!
 //! Every wait has a deadline; every child is killed when the test ends.
 
-#[path = "common/process.rs"]
-mod process;
-
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use process::{DEADLINE, Proc, free_port, keygen, path, write};
+use crate::common::procs::{DEADLINE, Proc, free_port, keygen, path, write};
 
 /// Datagrams received on `sock` until `until`.
 fn receive(sock: &UnixDatagram, until: Instant) -> Vec<String> {
