@@ -138,6 +138,8 @@ pub struct BusStats {
     pub exceptions: AtomicU64,
     /// Times the port was (re)opened.
     pub opens: AtomicU64,
+    /// Times opening the port was tried (successes and failures).
+    pub open_attempts: AtomicU64,
     /// Jobs refused because the queue was full.
     pub queue_full: AtomicU64,
     /// Nanoseconds the line was busy with transactions.
@@ -294,6 +296,7 @@ impl BusStats {
             noise_bytes: c(&self.noise_bytes),
             exceptions: c(&self.exceptions),
             opens: c(&self.opens),
+            open_attempts: c(&self.open_attempts),
             queue_full: c(&self.queue_full),
             busy_ns: c(&self.busy_ns),
             shared_answers: c(&self.shared_answers),

@@ -16,17 +16,18 @@
 //!
 //! | layer | modules | what they own |
 //! |---|---|---|
-//! | 1 | [`point`], [`backoff`] | typed values, their register encodings, fields of raw replies; reconnect back-off |
+//! | 1 | [`point`], [`backoff`], [`health`] | typed values, their register encodings, fields of raw replies; reconnect back-off; liveness beats of the core tasks |
 //! | 2 | [`serial`], [`image`] | bytes on a line (framings, PDUs, checksums); the live point values |
 //! | 3 | [`model`] | the validated configuration every task runs from |
 //! | 4 | [`config`], [`bus`], [`spool`] | TOML to model; one task per line; the on-disk spool per peer |
 //! | 5 | [`poll`], [`server`], [`plc`], [`sim`] | polling devices; Modbus-TCP masters; PLC sinks; the simulator |
 //! | 6 | [`writer`] | a typed write into a local point through its bus |
 //! | 7 | [`link`] | peer links: TLS, the protocol, grants, write-back, serial tunnels |
-//! | 8 | [`gateway`] | starts every task of a model under one shutdown token |
+//! | 8 | [`gateway`], [`service`] | starts every task of a model under one shutdown token, reloads it; the systemd notify protocol and watchdog |
 //! | 9 | [`tools`] | commissioning reads and the demo |
 
 pub mod backoff;
+pub mod health;
 pub mod point;
 
 pub mod image;
@@ -48,5 +49,6 @@ pub mod writer;
 pub mod link;
 
 pub mod gateway;
+pub mod service;
 
 pub mod tools;

@@ -82,6 +82,9 @@ pub const MISMATCH_BACKOFF: Duration = Duration::from_secs(30);
 pub const STABLE: Duration = Duration::from_secs(30);
 /// Peer writes carried out at the same time; more are refused as busy.
 const WRITES_AT_ONCE: usize = 4;
+/// Longest the session loop may spend on spool reads and writes in one turn before the
+/// watchdog takes the link task for wedged.
+const SESSION_STEP: Duration = Duration::from_secs(10);
 /// Received points never go stale by age here: the sender re-sends at least every
 /// `max_silence`, and the sender's own quality travels with each sample.
 const REMOTE_STALE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -394,6 +397,7 @@ pub fn spawn(link: Link, dialer: Dialer, shutdown: CancellationToken, tracker: &
     let span = info_span!("link", peer = %link.peer.name);
     let sinks =
         link.sinks.iter().map(|c| Sink { config: c.clone(), mark: None, pending: Vec::new() }).collect();
+    let link_name = link.peer.name.clone();
     let task = Task {
         link,
         counters,
@@ -403,6 +407,7 @@ pub fn spawn(link: Link, dialer: Dialer, shutdown: CancellationToken, tracker: &
         names: HashMap::new(),
         tunnels,
         sinks,
+        beat: crate::health::beat(format!("link to {}", link_name)),
     };
     tracker.spawn(task.run(dialer).instrument(span));
     handle
@@ -420,6 +425,8 @@ struct Task {
     tunnels: Arc<TunnelHub>,
     /// Local sinks fed with received samples (from `link.sinks`).
     sinks: Vec<Sink>,
+    /// Liveness for the watchdog: beaten on every turn of every wait (`health`).
+    beat: Arc<crate::health::Beat>,
 }
 
 /// How a session ended.
@@ -445,6 +452,7 @@ impl Task {
             let incoming = match &mut dialer {
                 Dialer::Connect { addr, tls } => {
                     let (addr, tls) = (addr.clone(), tls.clone());
+                    self.beat.busy(std::time::Instant::now(), 2 * CONNECT_TIMEOUT);
                     tokio::select! {
                         // Not cancel-safe, and need not be: a half-made connection is
                         // simply dropped at shutdown.
@@ -461,6 +469,7 @@ impl Task {
                 Dialer::Accept(rx) => match next.take() {
                     Some(s) => Some(s),
                     None => loop {
+                        self.beat.idle(std::time::Instant::now());
                         tokio::select! {
                             // Cancel-safe: mpsc::recv (also the next arm).
                             s = rx.recv() => match s {
@@ -473,6 +482,8 @@ impl Task {
                             },
                             Some(cmd) = self.writes.recv() => refuse_down(cmd),
                             () = self.shutdown.cancelled() => return,
+                            // Wake to beat even when no peer calls (the watchdog).
+                            () = tokio::time::sleep(self.beat.tick()) => {}
                         }
                     },
                 },
@@ -481,6 +492,8 @@ impl Task {
             let sessions = self.counters.sessions.load(Relaxed);
             if let Some((stream, from)) = incoming {
                 backoff.connected(Instant::now());
+                // The handshake is bounded by its own timeouts; the session loop beats.
+                self.beat.busy(std::time::Instant::now(), 2 * CONNECT_TIMEOUT);
                 end = self.session(stream, from, &mut dialer).await;
                 self.set_connected(false);
             }
@@ -508,11 +521,13 @@ impl Task {
             }
             let until = backoff.failed(Instant::now());
             loop {
+                self.beat.idle(std::time::Instant::now());
                 tokio::select! {
                     // Cancel-safe: a timer, and mpsc::recv.
                     () = sleep_until(until) => break,
                     Some(cmd) = self.writes.recv() => refuse_down(cmd),
                     () = self.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(self.beat.tick()) => {}
                 }
             }
         }
@@ -640,6 +655,9 @@ impl Task {
         let permits = Arc::new(Semaphore::new(WRITES_AT_ONCE));
         let mut buf = BytesMut::new();
         loop {
+            // One turn: spool reads and writes (bounded by the disk), then one wait that
+            // wakes at least every tick.
+            self.beat.busy(std::time::Instant::now(), SESSION_STEP);
             // Fill the window from the spool.
             if more && inflight.len() < WINDOW {
                 appended.borrow_and_update();
@@ -793,6 +811,8 @@ impl Task {
                     out.close("shutting down");
                     return End::Shutdown;
                 }
+                // Cancel-safe: a timer; wakes the loop to beat (the watchdog).
+                () = tokio::time::sleep(self.beat.tick()) => {}
             }
             // Everything applied is recorded, even when the session is ending: else the
             // peer would resend it and it would be applied twice. Sinks store their

@@ -8,13 +8,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info};
 
 use m2m_gateway::model::{Line, Parity};
 use m2m_gateway::point::value::{DataType, Table, WordOrder};
 use m2m_gateway::poll::plan;
 use m2m_gateway::tools::commission::{self, Poll, PollSpec};
-use m2m_gateway::{config, gateway::Gateway, sim};
+use m2m_gateway::{config, gateway::Gateway, service, sim};
 
 /// Exit code for a configuration that does not validate.
 const EXIT_CONFIG: u8 = 2;
@@ -31,11 +31,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway.
+    /// Run the gateway. SIGHUP reloads the configuration file; SIGTERM or SIGINT stop.
     Run {
         /// Configuration file.
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
+        /// Write the process id to this file (removed at exit), for `reload --pid-file`.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+    },
+    /// Tell a running gateway to reload its configuration (sends it SIGHUP). Under
+    /// systemd, `systemctl reload m2m-gateway` does the same.
+    Reload {
+        /// The gateway's process id.
+        #[arg(long, conflicts_with = "pid_file", required_unless_present = "pid_file")]
+        pid: Option<i32>,
+        /// A file holding the gateway's process id (`run --pid-file`).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
     },
     /// Validate a configuration (and the files it includes) and what `run` needs from this
     /// machine (identity, data directory, spools); show the polling plan and bus load.
@@ -232,7 +245,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose, quiet);
     // `run` reads its configuration first: it says how many threads the runtime has.
     let model = match &cli.command {
-        Command::Run { config } => match load_for_run(config) {
+        Command::Run { config, .. } => match load_for_run(config) {
             Ok(model) => Some(model),
             Err(code) => return code,
         },
@@ -249,9 +262,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = match model {
-        Some(model) => runtime.block_on(run(&model)),
-        None => runtime.block_on(dispatch(cli.command)),
+    let outcome = match (model, cli.command) {
+        (Some(model), Command::Run { config, pid_file }) => {
+            runtime.block_on(run(&config, model, pid_file.as_deref()))
+        }
+        (_, command) => runtime.block_on(dispatch(command)),
     };
     match outcome {
         Ok(code) => code,
@@ -330,10 +345,127 @@ fn load_for_run(path: &std::path::Path) -> Result<m2m_gateway::model::Model, Exi
     })
 }
 
-/// `run`: the gateway, until Ctrl-C or SIGTERM.
-async fn run(model: &m2m_gateway::model::Model) -> anyhow::Result<ExitCode> {
+/// How often the status line for the service manager is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// Longest wait for every bus to try its port before telling systemd we are ready.
+const READY_WAIT: Duration = Duration::from_secs(5);
+
+/// `run`: the gateway, until Ctrl-C or SIGTERM; SIGHUP reloads `path`.
+async fn run(
+    path: &std::path::Path,
+    model: m2m_gateway::model::Model,
+    pid_file: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let watchdog = service::init();
     let shutdown = shutdown_on_signals()?;
-    Gateway::start(model, shutdown)?.shutdown(Duration::from_secs(1)).await;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut gateway = Gateway::start(&model, shutdown.clone())?;
+    let _pid = match pid_file {
+        Some(p) => Some(PidFile::write(p)?),
+        None => None,
+    };
+    let until = tokio::time::Instant::now() + READY_WAIT;
+    while !gateway.buses_tried() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    service::ready(&gateway.status());
+    let pinger = watchdog.map(|every| tokio::spawn(service::watchdog(every, shutdown.clone())));
+    let mut status = tokio::time::interval(STATUS_EVERY);
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                service::reloading();
+                reload(&mut gateway, path).await;
+                service::ready(&gateway.status());
+            }
+            _ = status.tick() => service::status(&gateway.status()),
+            () = shutdown.cancelled() => break,
+        }
+    }
+    service::stopping();
+    gateway.shutdown(Duration::from_secs(1)).await;
+    if let Some(p) = pinger {
+        let _ = p.await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP: reads and validates `path`; applies it when valid, else logs every error
+/// and keeps the running configuration.
+async fn reload(gateway: &mut Gateway, path: &std::path::Path) {
+    info!("SIGHUP: reloading the configuration from {}", path.display());
+    let model = match config::load_for_run(path, &m2m_gateway::gateway::Preflight) {
+        Ok(model) => model,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                error!("{line}");
+            }
+            error!("reload refused: the configuration has errors (above); the running configuration is kept");
+            return;
+        }
+    };
+    match gateway.reload(&model).await {
+        Ok(changes) if changes.is_empty() => info!("reload: nothing changed"),
+        Ok(changes) => {
+            for what in &changes.added {
+                info!("reload: added {what}");
+            }
+            for what in &changes.removed {
+                info!("reload: removed {what}");
+            }
+            for what in &changes.restarted {
+                info!("reload: restarted {what}");
+            }
+            for what in &changes.updated {
+                info!("reload: updated {what}");
+            }
+            info!(
+                added = changes.added.len(),
+                removed = changes.removed.len(),
+                restarted = changes.restarted.len(),
+                "reload done; everything else kept running"
+            );
+        }
+        Err(e) => error!("reload refused: {e}; the running configuration is kept"),
+    }
+}
+
+/// The pid file of `run --pid-file`, removed when dropped.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: &std::path::Path) -> anyhow::Result<Self> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing the pid file {}", path.display()))?;
+        Ok(Self(path.to_path_buf()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `reload`: SIGHUP to the gateway's process.
+fn send_reload(pid: Option<i32>, pid_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let pid = match (pid, pid_file) {
+        (Some(pid), _) => pid,
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading the pid file {}", file.display()))?;
+            text.trim()
+                .parse()
+                .with_context(|| format!("{}: not a process id: {:?}", file.display(), text.trim()))?
+        }
+        (None, None) => anyhow::bail!("--pid or --pid-file is required"),
+    };
+    let target = rustix::process::Pid::from_raw(pid).with_context(|| format!("{pid} is not a process id"))?;
+    rustix::process::kill_process(target, rustix::process::Signal::HUP)
+        .with_context(|| format!("sending SIGHUP to process {pid}"))?;
+    println!("asked process {pid} to reload its configuration (its log says what changed)");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -341,10 +473,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         // `main` loads the configuration before the runtime it configures and calls
         // `run` itself; this is the same, on whatever runtime it is given.
-        Command::Run { config } => match load_for_run(&config) {
-            Ok(model) => run(&model).await,
+        Command::Run { config, pid_file } => match load_for_run(&config) {
+            Ok(model) => run(&config, model, pid_file.as_deref()).await,
             Err(code) => Ok(code),
         },
+        Command::Reload { pid, pid_file } => send_reload(pid, pid_file),
         Command::Check { config } => {
             let model = match load_for_run(&config) {
                 Ok(m) => m,

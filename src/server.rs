@@ -176,12 +176,37 @@ struct Shared {
     max_in_flight: usize,
 }
 
+/// The routing and unit tables every connection reads, swapped whole on a reload
+/// ([`Server::tables`]): each request is served with the tables current when it arrives.
+#[derive(Clone)]
+pub struct Tables(Arc<std::sync::RwLock<Arc<Shared>>>);
+
+impl Tables {
+    fn current(&self) -> Arc<Shared> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the tables with those of `config` over `buses` (as [`Server::new`]
+    /// builds them); the listening socket and the connections stay as they are.
+    pub fn replace(
+        &self,
+        config: &model::Server,
+        model: &Model,
+        buses: &[BusHandle],
+        owners: Arc<dyn Owners>,
+    ) {
+        let image = self.current().image.clone();
+        let shared = Arc::new(Shared::new(config, model, buses, image, owners));
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = shared;
+    }
+}
+
 /// A bound, not yet running, Modbus-TCP server.
 pub struct Server {
     listener: TcpListener,
     local: SocketAddr,
     max_connections: usize,
-    shared: Arc<Shared>,
+    tables: Tables,
 }
 
 impl Server {
@@ -198,6 +223,27 @@ impl Server {
         owners: Arc<dyn Owners>,
     ) -> Self {
         let local = listener.local_addr().unwrap_or(config.listen);
+        let shared = Arc::new(Shared::new(config, model, buses, image, owners));
+        let tables = Tables(Arc::new(std::sync::RwLock::new(shared)));
+        Self { listener, local, max_connections: config.max_connections, tables }
+    }
+
+    /// The tables the connections read; replace them to apply a reloaded configuration.
+    pub fn tables(&self) -> Tables {
+        self.tables.clone()
+    }
+}
+
+impl Shared {
+    /// The routes of `config` to `buses` and its virtual units writing through `owners`;
+    /// a unit whose bus or device is missing is logged and left unserved.
+    fn new(
+        config: &model::Server,
+        model: &Model,
+        buses: &[BusHandle],
+        image: Arc<Image>,
+        owners: Arc<dyn Owners>,
+    ) -> Self {
         let mut routes = HashMap::new();
         for served in &config.units {
             let found = model.buses.iter().find(|b| b.name == served.bus).and_then(|bus| {
@@ -237,16 +283,17 @@ impl Server {
                 (v.unit, Arc::new(VUnit::new(v.clone(), owners.clone(), grants)))
             })
             .collect();
-        let shared = Arc::new(Shared {
+        Shared {
             routes,
             virtuals,
             image,
             idle_timeout: config.idle_timeout,
             max_in_flight: config.max_in_flight,
-        });
-        Self { listener, local, max_connections: config.max_connections, shared }
+        }
     }
+}
 
+impl Server {
     /// The address actually bound (the port chosen when the configured one was 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
@@ -281,7 +328,7 @@ impl Server {
             next_master += 1;
             let master = next_master;
             let _ = stream.set_nodelay(true);
-            let shared = self.shared.clone();
+            let shared = self.tables.clone();
             let shutdown = shutdown.clone();
             tracker.spawn(
                 async move {
@@ -304,7 +351,7 @@ enum Answer {
 
 /// Serves one master until it leaves (a master that half-closes still gets the answers
 /// to what it asked before), idles out, breaks framing, or shutdown.
-async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn connection(stream: TcpStream, master: MasterId, tables: Tables, shutdown: CancellationToken) {
     let (rd, wr) = stream.into_split();
     let mut input = FramedRead::new(rd, MbapCodec);
     let mut output = FramedWrite::new(wr, MbapCodec);
@@ -317,6 +364,10 @@ async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, sh
         if !reading && pending.is_empty() {
             return;
         }
+        // The timing of this wait comes from the tables now; each request is routed by
+        // the tables current when it is read (a reload may come between), and one already
+        // on a bus finishes where it was sent.
+        let shared = tables.current();
         let idle_at = last_heard + shared.idle_timeout;
         let idle = pending.is_empty();
         let out = tokio::select! {
@@ -324,7 +375,7 @@ async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, sh
             frame = input.next(), if reading && pending.len() < MAX_PENDING => match frame {
                 Some(Ok(frame)) => {
                     last_heard = Instant::now();
-                    match shared.handle(master, frame) {
+                    match tables.current().handle(master, frame) {
                         Answer::Now(f) => f,
                         Answer::Later(fut) => {
                             pending.push(fut);

@@ -536,6 +536,9 @@ impl Simulator {
         let id = *frame.first()?;
         let p = frame.get(1..frame.len().saturating_sub(2))?;
         let function = *p.first()?;
+        // One line per request at debug level: what a test (or a commissioning engineer
+        // with `-v`) counts and times.
+        tracing::debug!(unit = id, function, "request");
         if id == 0 {
             if broadcastable(function) {
                 for unit in st.units.values_mut() {

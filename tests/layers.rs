@@ -8,14 +8,14 @@ use std::path::{Path, PathBuf};
 
 /// Bottom up, as in `src/lib.rs`.
 const LAYERS: &[&[&str]] = &[
-    &["point", "backoff"],
+    &["point", "backoff", "health"],
     &["serial", "image"],
     &["model"],
     &["config", "bus", "spool"],
     &["poll", "server", "plc", "sim"],
     &["writer"],
     &["link"],
-    &["gateway"],
+    &["gateway", "service"],
     &["tools"],
 ];
 

@@ -59,6 +59,8 @@ pub struct Engine {
     /// Bytes heard outside a transaction's window (while idle, or before a request).
     stray: Vec<u8>,
     out: Vec<u8>,
+    /// Liveness for the watchdog: beaten on every turn of the loop (`health`).
+    beat: Arc<crate::health::Beat>,
 }
 
 /// The longest pause a serial port leaves inside a frame: USB adapters deliver bytes in
@@ -69,6 +71,10 @@ pub const BURST_GAP: Duration = Duration::from_millis(20);
 /// The same for a serial device server reached over TCP (`tcp://`): network delivery
 /// may pause longer inside a frame.
 pub const TCP_BURST_GAP: Duration = Duration::from_millis(100);
+
+/// The longest opening a port can take (a device server's TCP connect is bounded at 5 s),
+/// for the watchdog's progress promise.
+const OPEN_LIMIT: Duration = Duration::from_secs(6);
 
 enum Attempt {
     Done(Result<Response, ExceptionCode>),
@@ -136,6 +142,7 @@ impl Engine {
         stats: Arc<BusStats>,
     ) -> Self {
         let addressed = framing.replies_name_unit();
+        let beat = crate::health::beat(format!("bus {name}"));
         Self {
             name,
             line,
@@ -154,6 +161,7 @@ impl Engine {
             buf: Vec::with_capacity(512),
             stray: Vec::with_capacity(512),
             out: Vec::with_capacity(260),
+            beat,
         }
     }
 
@@ -217,13 +225,21 @@ impl Engine {
             proven: false,
         };
         let mut scratch = [0u8; 256];
+        let hang_at = crate::health::hang_after(&self.name).map(|d| Instant::now() + d);
         loop {
+            if hang_at.is_some_and(|at| Instant::now() >= at) {
+                // The test fault hook (health::HANG_BUS_ENV): wedge like a deadlock would.
+                warn!("test fault hook: this bus engine hangs now");
+                std::future::pending::<()>().await;
+            }
             if line.port.is_none() && Instant::now() >= line.next_open {
+                self.beat.busy(Instant::now().into_std(), OPEN_LIMIT);
                 let opened = tokio::select! {
                     // Cancel-safe: an open abandoned half-way (a TCP connect) is dropped.
                     r = open() => r,
                     () = shutdown.cancelled() => break,
                 };
+                self.stats.open_attempts.fetch_add(1, Relaxed);
                 match opened {
                     Ok(p) => {
                         self.stats.opens.fetch_add(1, Relaxed);
@@ -275,6 +291,7 @@ impl Engine {
                             _ => std::future::pending().await,
                         }
                     };
+                    self.beat.idle(Instant::now().into_std());
                     let woke = tokio::select! {
                         // Cancel-safe: a job not yet received stays in the channel.
                         job = rx.recv() => Woke::Job(job),
@@ -284,6 +301,8 @@ impl Engine {
                         () = reopen => Woke::Other,
                         // Cancel-safe: `read` is; bytes read are handled below.
                         r = read => Woke::Read(r),
+                        // Cancel-safe: a timer. Wake to beat even when nothing happens (the watchdog).
+                        () = tokio::time::sleep(self.beat.tick()) => Woke::Other,
                     };
                     match woke {
                         Woke::Job(Some(job)) => self.schedule.push(job),
@@ -320,6 +339,13 @@ impl Engine {
                 continue;
             };
             let started = Instant::now();
+            // The longest a transaction can take: every attempt's timeout and the late-reply
+            // hold before its retry (up to 4 timeouts, or the learned delay of up to 30 s),
+            // with margin for the line time and the gaps.
+            let attempts = u32::from(job.retries) + 1;
+            let longest =
+                (job.timeout + job.turnaround).saturating_mul(5 * attempts) + Duration::from_secs(31);
+            self.beat.busy(started.into_std(), longest);
             let outcome = self.transaction(p.as_mut(), job).await;
             // A reply cut off by the deadline may be finished by the idle listening.
             self.stray.append(&mut self.buf);
