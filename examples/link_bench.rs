@@ -102,6 +102,7 @@ fn model(name: &str, links: Links) -> Model {
         links: Some(links),
         server: None,
         plcs: Vec::new(),
+        http: None,
     }
 }
 

@@ -161,6 +161,12 @@ impl BusHandle {
         &self.stats
     }
 
+    /// Transactions queued for the bus task and not yet taken (polls and writes; a
+    /// master's pass-through requests wait in their own queue).
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// Queues a job; refuses at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), BusError> {
         self.tx.try_send(job).map_err(|e| match e {

@@ -25,6 +25,7 @@ mod bus;
 mod device;
 mod gateway;
 mod globs;
+pub mod http;
 mod link;
 mod peer;
 mod plc;
@@ -165,12 +166,17 @@ pub fn parse_in(text: &str, origin: &str, dir: &Path) -> Result<Model, ConfigErr
         let taken: Vec<PathBuf> = links.iter().flat_map(|l| &l.peers).map(|p| p.spool.clone()).collect();
         plc::validate(&raw.plc, &points, data_dir, &taken, &mut check)
     };
+    let http = {
+        let points: Vec<&crate::model::Point> =
+            buses.iter().flat_map(|b| &b.devices).flat_map(|d| &d.points).collect();
+        http::validate(raw.http.as_ref(), &points, dir, &mut check)
+    };
 
     // Sections are checked one after the other (overlaps after all points of a device);
     // list the problems as the reader meets them in the file.
     check.problems.sort_by_key(|p| (p.line, p.col));
     if check.problems.is_empty() {
-        Ok(Model { gateway, buses, links, server, plcs })
+        Ok(Model { gateway, buses, links, server, plcs, http })
     } else {
         Err(ConfigError::Invalid(check.problems))
     }
@@ -201,6 +207,7 @@ struct Raw {
     plc: Vec<plc::RawPlc>,
     #[serde(default)]
     tunnel: Vec<tunnel::RawTunnel>,
+    http: Option<http::RawHttp>,
 }
 
 /// Collects problems while a configuration is validated, and turns byte offsets into

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::bus::{self, BusHandle};
+use crate::http::Observed;
 use crate::image::Image;
 use crate::link::listener::{Listener, Routes};
 use crate::link::tls::{self, Fingerprint};
@@ -30,9 +31,9 @@ use crate::link::{self, Dialer, Grants, Link, LinkHandle, PeerWriteError, Receiv
 use crate::model::{Dial, Links, Model, Protocol};
 use crate::plc::{self, PlcHandle};
 use crate::point::value::Value;
-use crate::poll::modbus::Poller;
+use crate::poll::modbus::{DeviceHealth, Poller};
 use crate::poll::raw::{self, SerialDevices};
-use crate::server::{self, Owners, Server, ServerError, WriteFailure};
+use crate::server::{self, Owners, Server, ServerError, ServerStats, WriteFailure};
 use crate::spool::SpoolHandle;
 use crate::spool::forward::{Forwarder, Rules};
 use crate::spool::journal::SpoolLimits;
@@ -68,6 +69,9 @@ pub enum GatewayError {
     /// The Modbus-TCP server socket could not be opened.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// The HTTP endpoint cannot start (its socket or token file).
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
     /// A PLC sink cannot start (its spool).
     #[error("plc {plc}: {reason}")]
     Plc {
@@ -105,6 +109,12 @@ pub struct Gateway {
     pub plcs: Vec<PlcHandle>,
     /// One handle per serial tunnel whose link started, in model order.
     pub tunnels: Vec<TunnelHandle>,
+    /// The health of every polled Modbus device, in model order.
+    pub devices: Vec<Arc<DeviceHealth>>,
+    /// The Modbus-TCP server's counters (`None`: no server).
+    pub server_stats: Option<Arc<ServerStats>>,
+    /// Where the HTTP endpoint listens (`None`: disabled, or its default port was taken).
+    pub http_addr: Option<SocketAddr>,
     listen_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -125,7 +135,9 @@ impl Gateway {
             None => None,
         };
         let plc_spools = open_plc_spools(model)?;
+        let http = model.http.as_ref().map(crate::http::prepare).transpose()?.flatten();
         let mut buses = Vec::new();
+        let mut devices = Vec::new();
         let mut serial = SerialDevices::new();
         for bus in &model.buses {
             let handle = if bus.protocol == Protocol::Raw {
@@ -137,6 +149,7 @@ impl Gateway {
             } else {
                 let handle = bus::spawn(bus, shutdown.clone(), &tracker);
                 let poller = Poller::new(bus, handle.clone(), image.clone());
+                devices.extend(poller.health());
                 tracker.spawn(poller.run(shutdown.clone()));
                 handle
             };
@@ -192,6 +205,7 @@ impl Gateway {
             }
         }
         let mut server_addr = None;
+        let mut server_stats = None;
         if let (Some(config), Some(listener)) = (&model.server, listener) {
             let server = Server::new(
                 listener,
@@ -202,15 +216,36 @@ impl Gateway {
                 Arc::new(PointOwners { writer: writer.clone(), links: links.iter().cloned().collect() }),
             );
             server_addr = Some(server.local_addr());
+            server_stats = Some(server.stats());
             tracker.spawn(server.run(shutdown.clone(), tracker.clone()));
         }
+        let http_addr = http.and_then(|prepared| {
+            let (points, ports) = Observed::describe(model);
+            let seen = Observed {
+                name: model.gateway.name.clone(),
+                started: std::time::SystemTime::now(),
+                image: image.clone(),
+                buses: buses.clone(),
+                devices: devices.clone(),
+                links: links.clone(),
+                plcs: plcs.clone(),
+                tunnels: tunnels.clone(),
+                server: server_addr.zip(server_stats.clone()),
+                writer: writer.clone(),
+                points,
+                ports,
+            };
+            crate::http::spawn(prepared, seen, &shutdown, &tracker)
+        });
+        let shown = |a: Option<SocketAddr>| a.map_or_else(|| "none".to_string(), |a| a.to_string());
         info!(
             gateway = %model.gateway.name,
             buses = model.buses.len(),
             points = image.len(),
             peers = links.len(),
             plcs = plcs.len(),
-            server = ?server_addr,
+            server = %shown(server_addr),
+            http = %shown(http_addr),
             "gateway started"
         );
         Ok(Self {
@@ -222,6 +257,9 @@ impl Gateway {
             links,
             plcs,
             tunnels,
+            devices,
+            server_stats,
+            http_addr,
             listen_addr,
             shutdown,
             tracker,

@@ -24,6 +24,23 @@ pub struct Model {
     pub server: Option<Server>,
     /// Modbus-TCP PLCs that receive local values by register/coil writes (`[[plc]]`).
     pub plcs: Vec<Plc>,
+    /// The local HTTP endpoint: status page, metrics, JSON API (`None`: disabled).
+    pub http: Option<Http>,
+}
+
+/// The local HTTP endpoint (`[http]`): status page, Prometheus metrics, JSON API.
+#[derive(Debug, Clone)]
+pub struct Http {
+    /// Address the listening socket binds (port 0: any free port, for tests).
+    pub listen: std::net::SocketAddr,
+    /// The file holding the access token (`None`: no token; then only loopback may
+    /// connect and nothing can be written).
+    pub token_file: Option<std::path::PathBuf>,
+    /// The points operators may write through the API, with their limits.
+    pub grants: Vec<Grant>,
+    /// The section was written: a listener that cannot bind stops the start. Without
+    /// it (the defaults), a taken port is only a warning.
+    pub required: bool,
 }
 
 /// Gateway-wide settings.

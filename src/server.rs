@@ -64,6 +64,7 @@ pub mod mbap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -150,6 +151,49 @@ pub fn listen(config: &model::Server) -> Result<TcpListener, ServerError> {
     TcpListener::from_std(std_listener).map_err(bind_err)
 }
 
+/// Counters of the server, readable while it runs (the status page and `/metrics`).
+#[derive(Debug)]
+pub struct ServerStats {
+    /// Masters connected now.
+    pub connected: AtomicU64,
+    /// Connections accepted since start.
+    pub accepted: AtomicU64,
+    /// Connections refused because `max_connections` masters were connected.
+    pub refused: AtomicU64,
+    /// Requests received, by function code (index 0..=127; a code above 127 counts at 0).
+    pub requests: [AtomicU64; 128],
+    /// Exception answers sent, by exception code (index 0..=15; others count at 0).
+    pub exceptions: [AtomicU64; 16],
+}
+
+impl Default for ServerStats {
+    fn default() -> Self {
+        Self {
+            connected: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            requests: std::array::from_fn(|_| AtomicU64::new(0)),
+            exceptions: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl ServerStats {
+    fn request(&self, pdu: &[u8]) {
+        let f = pdu.first().map_or(0, |f| usize::from(*f));
+        self.requests.get(f).unwrap_or(&self.requests[0]).fetch_add(1, Relaxed);
+    }
+
+    fn answer(&self, pdu: &[u8]) {
+        if let [f, code, ..] = pdu
+            && *f >= 0x80
+        {
+            let c = usize::from(*code);
+            self.exceptions.get(c).unwrap_or(&self.exceptions[0]).fetch_add(1, Relaxed);
+        }
+    }
+}
+
 /// Where one served unit's requests go.
 struct Route {
     /// The served unit id.
@@ -174,6 +218,7 @@ struct Shared {
     idle_timeout: Duration,
     /// Requests a master may have waiting or running on one bus.
     max_in_flight: usize,
+    stats: Arc<ServerStats>,
 }
 
 /// A bound, not yet running, Modbus-TCP server.
@@ -243,6 +288,7 @@ impl Server {
             image,
             idle_timeout: config.idle_timeout,
             max_in_flight: config.max_in_flight,
+            stats: Arc::new(ServerStats::default()),
         });
         Self { listener, local, max_connections: config.max_connections, shared }
     }
@@ -250,6 +296,11 @@ impl Server {
     /// The address actually bound (the port chosen when the configured one was 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.shared.stats.clone()
     }
 
     /// Accepts masters until `shutdown`; every task it starts is tracked by `tracker`.
@@ -274,6 +325,7 @@ impl Server {
                 }
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
+                self.shared.stats.refused.fetch_add(1, Relaxed);
                 warn!(%peer, max = self.max_connections, "connection refused: too many masters");
                 drop(stream);
                 continue;
@@ -286,7 +338,11 @@ impl Server {
             tracker.spawn(
                 async move {
                     debug!("master connected");
+                    shared.stats.accepted.fetch_add(1, Relaxed);
+                    shared.stats.connected.fetch_add(1, Relaxed);
+                    let stats = shared.stats.clone();
                     connection(stream, master, shared, shutdown).await;
+                    stats.connected.fetch_sub(1, Relaxed);
                     debug!("master disconnected");
                     drop(permit);
                 }
@@ -324,6 +380,7 @@ async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, sh
             frame = input.next(), if reading && pending.len() < MAX_PENDING => match frame {
                 Some(Ok(frame)) => {
                     last_heard = Instant::now();
+                    shared.stats.request(&frame.pdu);
                     match shared.handle(master, frame) {
                         Answer::Now(f) => f,
                         Answer::Later(fut) => {
@@ -352,6 +409,7 @@ async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, sh
             }
             () = shutdown.cancelled() => return,
         };
+        shared.stats.answer(&out.pdu);
         let sent = tokio::select! {
             // Not cancel-safe (a frame may be cut), which is why both other arms close
             // the connection.

@@ -105,6 +105,7 @@ fn model(name: &str, buses: Vec<model::Bus>, links: Links) -> Model {
         links: Some(links),
         server: None,
         plcs: Vec::new(),
+        http: None,
     }
 }
 

@@ -7,6 +7,7 @@ mod cli;
 mod config_corpus;
 mod deliver;
 mod docs;
+mod http;
 mod late_replies;
 mod layers;
 mod link_processes;

@@ -69,6 +69,7 @@ pub(crate) fn one_bus(line: Line, devices: Vec<Device>) -> Model {
         links: None,
         server: None,
         plcs: Vec::new(),
+        http: None,
     }
 }
 

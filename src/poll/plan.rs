@@ -514,6 +514,7 @@ mod tests {
             links: None,
             server: None,
             plcs: Vec::new(),
+            http: None,
         }
     }
 

@@ -724,6 +724,7 @@ count = 16
             links: None,
             server: None,
             plcs: Vec::new(),
+            http: None,
         };
         let config = SimConfig::from_model(&model);
         config.validate().expect("valid");

@@ -146,6 +146,7 @@ fn start_peer(
             worker_threads: None,
         },
         buses: vec![],
+        http: None,
         links: Some(demo_links(
             &b_dir,
             true,
