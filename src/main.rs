@@ -14,6 +14,7 @@ use m2m_gateway::model::{Line, Parity};
 use m2m_gateway::point::value::{DataType, Table, WordOrder};
 use m2m_gateway::poll::plan;
 use m2m_gateway::tools::commission::{self, Poll, PollSpec};
+use m2m_gateway::tools::remote;
 use m2m_gateway::{config, gateway::Gateway, sim};
 
 /// Exit code for a configuration that does not validate.
@@ -72,6 +73,39 @@ enum Command {
         #[arg(long, conflicts_with = "link")]
         device: Option<PathBuf>,
     },
+    /// Show a running gateway's health: buses, devices, peers, PLCs, tunnels, server.
+    Status {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Print the JSON of /api/v1/status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the values of a running gateway's points (value, unit, quality, age).
+    Read {
+        /// Point glob, like 'boiler.*' (default: every point).
+        #[arg(default_value = "*")]
+        glob: String,
+        /// Keep printing every change until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON lines, one per point.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Write a value into a point of a running gateway: only points an [[http.grant]]
+    /// covers, within its limits, with the access token.
+    Write {
+        /// The point, like boiler.setpoint.
+        point: String,
+        /// The value: a number, or true/false.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// Run a configuration against simulated devices on virtual serial pairs and show
     /// the live values. No hardware needed.
     Demo {
@@ -85,6 +119,28 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = duration)]
         every: Duration,
     },
+}
+
+/// Where a running gateway's HTTP endpoint is.
+#[derive(Args)]
+struct TargetArgs {
+    /// The gateway's HTTP endpoint, like http://127.0.0.1:8502 (default: from --config,
+    /// else http://127.0.0.1:8502).
+    #[arg(long)]
+    url: Option<String>,
+    /// The gateway's configuration: its [http] listen address and token_file.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// A file holding the access token (default: the config's [http] token_file).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    fn client(self) -> anyhow::Result<m2m_gateway::http::client::Client> {
+        let target = remote::Target { url: self.url, config: self.config, token_file: self.token_file };
+        Ok(target.client()?)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -227,7 +283,14 @@ fn duration(text: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // One-shot commands print their result; their info logs would only be noise.
-    let quiet = matches!(cli.command, Command::Poll(_) | Command::Check { .. });
+    let quiet = matches!(
+        cli.command,
+        Command::Poll(_)
+            | Command::Check { .. }
+            | Command::Status { .. }
+            | Command::Read { .. }
+            | Command::Write { .. }
+    );
     init_logging(cli.verbose, quiet);
     // `run` reads its configuration first: it says how many threads the runtime has.
     let model = match &cli.command {
@@ -361,6 +424,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     .await?
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { target, json } => {
+            print!("{}", remote::status(&target.client()?, json).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Read { glob, watch, json, target } => {
+            let client = target.client()?;
+            if watch {
+                let shutdown = shutdown_on_signals()?;
+                let print = |text: &str| {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+                };
+                remote::watch(&client, &glob, json, print, shutdown.cancelled_owned()).await?;
+            } else {
+                print!("{}", remote::read(&client, &glob, json).await?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Write { point, value, target } => {
+            print!("{}", remote::write(&target.client()?, &point, &value).await?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { config, duration, every } => {

@@ -103,11 +103,32 @@ function renderStatus(s) {
   }
 }
 
+// The stream carries changes only; a value read again unchanged gets younger, so the ages
+// are refreshed from the point list along with the status.
+async function refreshAges() {
+  const g = glob();
+  const r = await fetch("/api/v1/points" + (g ? "?glob=" + encodeURIComponent(g) : ""), { headers: headers() });
+  if (!r.ok) return;
+  const now = performance.now();
+  for (const p of await r.json()) {
+    const known = points.get(p.name);
+    if (!known) continue;
+    if (known.view.quality === p.quality && JSON.stringify(known.view.value) === JSON.stringify(p.value)) {
+      known.view = p;
+      known.received = now;
+    } else {
+      upsert(p, true);
+    }
+  }
+  tickAges();
+}
+
 async function pollStatus() {
   try {
     const r = await fetch("/api/v1/status", { headers: headers() });
     if (!r.ok) throw new Error((await r.json()).error || r.statusText);
     renderStatus(await r.json());
+    await refreshAges();
   } catch (e) {
     const h = $("#health");
     h.textContent = "unreachable";
