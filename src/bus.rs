@@ -56,7 +56,7 @@ use schedule::{Judged, Key, Ledger};
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
     /// The device answered with a Modbus exception (the request was bad, not the line).
-    #[error("device answered exception {0:?}")]
+    #[error("device answered exception {}", crate::serial::pdu::exception_text(u8::from(*.0)))]
     Exception(ExceptionCode),
     /// No valid reply within the timeout, after every retry.
     #[error("no valid reply after {attempts} attempt(s)")]

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use m2m_gateway::model::{Line, Parity};
+use m2m_gateway::model::{Line, LogFormat, Parity};
 use m2m_gateway::point::value::{DataType, Table, WordOrder};
 use m2m_gateway::poll::plan;
 use m2m_gateway::tools::commission::{self, Poll, PollSpec};
@@ -26,6 +26,11 @@ struct Cli {
     /// More logging (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Log lines as text or as one JSON object each (default: [gateway] log_format, else
+    /// text). Under systemd (JOURNAL_STREAM set) text lines carry no timestamp: journald
+    /// adds its own. NO_COLOR, or output that is not a terminal, turns colours off.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<CliLogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -141,6 +146,12 @@ impl TargetArgs {
         let target = remote::Target { url: self.url, config: self.config, token_file: self.token_file };
         Ok(target.client()?)
     }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CliLogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -291,8 +302,8 @@ fn main() -> ExitCode {
             | Command::Read { .. }
             | Command::Write { .. }
     );
-    init_logging(cli.verbose, quiet);
-    // `run` reads its configuration first: it says how many threads the runtime has.
+    // `run` reads its configuration first: it says how many threads the runtime has,
+    // and how to log.
     let model = match &cli.command {
         Command::Run { config } => match load(config) {
             Ok(model) => Some(model),
@@ -300,6 +311,12 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
+    let format = match cli.log_format {
+        Some(CliLogFormat::Text) => LogFormat::Text,
+        Some(CliLogFormat::Json) => LogFormat::Json,
+        None => model.as_ref().map_or(LogFormat::Text, |m| m.gateway.log_format),
+    };
+    init_logging(cli.verbose, quiet, format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = model.as_ref().and_then(|m| m.gateway.worker_threads) {
         builder.worker_threads(n);
@@ -324,7 +341,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8, quiet: bool) {
+/// How log lines look: with timestamps (not under journald, which adds its own) and with
+/// colours (only on a terminal, and not when NO_COLOR is set to anything but "").
+fn log_style(journal: bool, tty: bool, no_color: Option<&std::ffi::OsStr>) -> (bool, bool) {
+    let timestamps = !journal;
+    let ansi = tty && no_color.is_none_or(|v| v.is_empty());
+    (timestamps, ansi)
+}
+
+fn init_logging(verbose: u8, quiet: bool, format: LogFormat) {
     let default = match verbose {
         0 if quiet => "warn",
         0 => "info",
@@ -334,11 +359,18 @@ fn init_logging(verbose: u8, quiet: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let (timestamps, ansi) = log_style(
+        std::env::var_os("JOURNAL_STREAM").is_some(),
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match (format, timestamps) {
+        // JSON keeps its timestamp under journald too: collectors read it from the object.
+        (LogFormat::Json, _) => builder.json().with_ansi(false).flatten_event(true).init(),
+        (LogFormat::Text, true) => builder.with_ansi(ansi).init(),
+        (LogFormat::Text, false) => builder.with_ansi(ansi).without_time().init(),
+    }
 }
 
 /// A token cancelled by the first SIGINT or SIGTERM.
@@ -582,4 +614,19 @@ async fn poll_raw(a: &PollArgs, line: Line) -> anyhow::Result<ExitCode> {
     };
     let shutdown = shutdown_on_signals()?;
     repeat(a, &shutdown, async || commission::raw_once(&spec).await, commission::render_raw).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_style_follows_journald_no_color_and_the_terminal() {
+        use std::ffi::OsStr;
+        assert_eq!(log_style(false, true, None), (true, true));
+        assert_eq!(log_style(true, true, None), (false, true), "journald: no timestamps");
+        assert_eq!(log_style(false, false, None), (true, false), "not a terminal: no colours");
+        assert_eq!(log_style(false, true, Some(OsStr::new("1"))), (true, false), "NO_COLOR");
+        assert_eq!(log_style(false, true, Some(OsStr::new(""))), (true, true), "NO_COLOR empty: ignored");
+    }
 }

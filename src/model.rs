@@ -52,6 +52,19 @@ pub struct Gateway {
     pub summary_interval: Duration,
     /// Threads running the gateway's tasks (`None`: one per CPU core).
     pub worker_threads: Option<usize>,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (`[gateway] log_format`, `--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per event, for people (and journald).
+    #[default]
+    Text,
+    /// One JSON object per event, for log collectors.
+    Json,
 }
 
 /// The field protocol spoken on a bus.

@@ -434,3 +434,44 @@ max = 100
     assert!(!nobody.status.success());
     assert!(err_of(&nobody).contains("cannot reach the gateway at 127.0.0.1:1"), "{}", err_of(&nobody));
 }
+
+#[test]
+fn logs_as_json_lines_and_without_timestamps_under_journald() {
+    let (_sim, port) = simulator("1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, format: &str| {
+        let path = dir.path().join(name);
+        let text = format!(
+            "[gateway]\nname = \"logs\"\n{format}\n[[bus]]\nname = \"line1\"\nport = \"{port}\"\n\
+             [[device]]\nname = \"d\"\nbus = \"line1\"\nunit = 1\n\
+             point = [ {{ name = \"p\", table = \"holding\", address = 0 }} ]\n[http]\nenabled = false\n"
+        );
+        std::fs::write(&path, text).expect("config");
+        path
+    };
+    // [gateway] log_format = "json": one JSON object per line, fields at the top level.
+    let mut cmd = gateway();
+    cmd.args(["run", "--config"]).arg(write("json.toml", "log_format = \"json\""));
+    let run = Proc::spawn(cmd);
+    let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "saying it started", |l| {
+        l.contains("gateway started")
+    });
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["message"], "gateway started", "{line}");
+    assert_eq!(v["level"], "INFO");
+    assert_eq!(v["gateway"], "logs");
+    assert!(v["timestamp"].is_string(), "{line}");
+    drop(run);
+
+    // --log-format text overrides the key; under systemd no timestamp (journald adds one).
+    let mut cmd = gateway();
+    cmd.env("JOURNAL_STREAM", "8:12345").args(["--log-format", "text", "run", "--config"]);
+    cmd.arg(write("text.toml", "log_format = \"json\""));
+    let run = Proc::spawn(cmd);
+    let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "saying it started", |l| {
+        l.contains("gateway started")
+    });
+    assert!(line.trim_start().starts_with("INFO "), "no timestamp under journald: {line:?}");
+    assert!(!line.contains('\u{1b}'), "no colours when stderr is not a terminal: {line:?}");
+    assert!(line.contains("http=none"), "{line}");
+}

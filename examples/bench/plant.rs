@@ -51,6 +51,7 @@ pub(crate) fn one_bus(line: Line, devices: Vec<Device>) -> Model {
             name: "bench".into(),
             summary_interval: Duration::from_secs(3600),
             worker_threads: None,
+            log_format: Default::default(),
         },
         buses: vec![Bus {
             name: "bench".into(),

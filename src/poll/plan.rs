@@ -496,6 +496,7 @@ mod tests {
                 name: "gw".into(),
                 summary_interval: Duration::from_secs(60),
                 worker_threads: None,
+                log_format: Default::default(),
             },
             buses: vec![Bus {
                 name: "field".into(),

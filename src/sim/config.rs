@@ -719,6 +719,7 @@ count = 16
                 name: "gw".into(),
                 summary_interval: Duration::from_secs(60),
                 worker_threads: None,
+                log_format: Default::default(),
             },
             buses: vec![bus],
             links: None,

@@ -144,6 +144,7 @@ fn start_peer(
             name: b_name.to_string(),
             summary_interval: model.gateway.summary_interval,
             worker_threads: None,
+            log_format: Default::default(),
         },
         buses: vec![],
         http: None,

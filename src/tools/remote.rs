@@ -102,6 +102,15 @@ pub fn age(seconds: Option<f64>) -> String {
     }
 }
 
+/// How long ago: `never`, `just now`, `12 s ago`.
+fn ago(seconds: Option<f64>) -> String {
+    match seconds {
+        None => "never".into(),
+        Some(s) if s < 1.0 => "just now".into(),
+        s => format!("{} ago", age(s)),
+    }
+}
+
 /// A byte count: `512 B`, `1.5 KiB`, `3.2 MiB`.
 fn bytes(n: u64) -> String {
     match n {
@@ -150,10 +159,7 @@ pub fn render_status(s: &Overview) -> String {
                 d.name,
                 d.unit,
                 state,
-                match d.last_answer_age_seconds {
-                    None => "never".to_string(),
-                    Some(a) => format!("{} ago", age(Some(a))),
-                }
+                ago(d.last_answer_age_seconds)
             );
         }
     }
@@ -167,10 +173,7 @@ pub fn render_status(s: &Overview) -> String {
             p.spool_pending_values,
             bytes(p.spool_pending_bytes),
             p.spool_oldest_age_seconds.map_or(String::new(), |a| format!(", oldest {}", age(Some(a)))),
-            match p.last_ack_age_seconds {
-                None => "never".to_string(),
-                Some(a) => format!("{} ago", age(Some(a))),
-            }
+            ago(p.last_ack_age_seconds)
         );
     }
     for p in &s.plcs {
