@@ -213,6 +213,7 @@ async fn metrics_after_a_dead_device_a_cut_link_and_refused_writes() {
     assert!(get(r#"m2m_gateway_bus_timeouts_total{bus="line"}"#) >= 1.0, "the pump's silence times out");
     assert_eq!(get(r#"m2m_gateway_bus_crc_errors_total{bus="line"}"#), 0.0);
     assert_eq!(get(r#"m2m_gateway_bus_framing_errors_total{bus="line"}"#), 0.0);
+    assert_eq!(get(r#"m2m_gateway_bus_late_replies_total{bus="line"}"#), 0.0);
     assert_eq!(get(r#"m2m_gateway_bus_port_opens_total{bus="line"}"#), 1.0);
     for family in [
         "m2m_gateway_bus_noise_bytes_total",

@@ -111,6 +111,8 @@ pub struct BusView {
     pub crc_errors: u64,
     /// Frames that did not answer the request.
     pub framing_errors: u64,
+    /// Replies that came after their request timed out (discarded).
+    pub late_replies: u64,
     /// Exception replies.
     pub exceptions: u64,
     /// Bytes discarded as noise.
@@ -265,6 +267,7 @@ pub(super) fn overview(app: &App) -> Overview {
                 timeouts: s.timeouts.load(Relaxed),
                 crc_errors: s.crc_errors.load(Relaxed),
                 framing_errors: s.foreign_frames.load(Relaxed),
+                late_replies: s.late_replies.load(Relaxed),
                 exceptions: s.exceptions.load(Relaxed),
                 noise_bytes: s.noise_bytes.load(Relaxed),
                 port_opens: s.opens.load(Relaxed),

@@ -143,6 +143,12 @@ pub(super) fn render(app: &App) -> String {
     });
     bus_counter(
         &mut out,
+        "m2m_gateway_bus_late_replies_total",
+        "Replies that came after their request's timeout; never taken as another request's answer.",
+        |s| s.late_replies.load(Relaxed),
+    );
+    bus_counter(
+        &mut out,
         "m2m_gateway_bus_framing_errors_total",
         "Valid frames that did not answer the request (another unit or function, wrong length); dropped.",
         |s| s.foreign_frames.load(Relaxed),
@@ -156,7 +162,7 @@ pub(super) fn render(app: &App) -> String {
     bus_counter(
         &mut out,
         "m2m_gateway_bus_noise_bytes_total",
-        "Bytes discarded as noise or stale input (late replies included).",
+        "Bytes discarded as noise or stale input.",
         |s| s.noise_bytes.load(Relaxed),
     );
     bus_counter(

@@ -139,7 +139,7 @@ pub fn render_status(s: &Overview) -> String {
     for b in &s.buses {
         let _ = writeln!(
             out,
-            "bus {}  {} {}  load {:.1}%  {} transactions, {} timeouts, {} crc errors, {} framing errors, {} exceptions, {} queued",
+            "bus {}  {} {}  load {:.1}%  {} transactions, {} timeouts, {} crc errors, {} framing errors, {} late replies, {} exceptions, {} queued",
             b.name,
             b.port,
             b.protocol,
@@ -148,6 +148,7 @@ pub fn render_status(s: &Overview) -> String {
             b.timeouts,
             b.crc_errors,
             b.framing_errors,
+            b.late_replies,
             b.exceptions,
             b.queued
         );

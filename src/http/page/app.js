@@ -72,7 +72,7 @@ function renderStatus(s) {
       el("h3", {}, el("span", {}, b.name), el("span", { class: "muted" }, `${load}% busy`)),
       bar,
       el("div", { class: "muted" }, `${b.port} · ${b.protocol}`),
-      el("div", {}, `${b.transactions} transactions · ${b.timeouts} timeouts · ${b.crc_errors} CRC · ${b.framing_errors} framing · ${b.exceptions} exceptions · ${b.queued} queued`),
+      el("div", {}, `${b.transactions} transactions · ${b.timeouts} timeouts · ${b.crc_errors} CRC · ${b.framing_errors} framing · ${b.late_replies} late · ${b.exceptions} exceptions · ${b.queued} queued`),
       devs);
   }));
 
