@@ -96,11 +96,6 @@ function renderStatus(s) {
   if (s.server) {
     $("#server").textContent = `listening on ${s.server.listen} · ${s.server.connections} masters connected · ${s.server.requests} requests · ${s.server.exceptions} exceptions`;
   }
-  const sel = $("#traffic-bus");
-  if (window.TRAFFIC && sel.options.length === 0) {
-    for (const b of s.buses) sel.append(el("option", { value: b.name }, b.name));
-    $("#traffic-section").hidden = s.buses.length === 0;
-  }
 }
 
 // The stream carries changes only; a value read again unchanged gets younger, so the ages
