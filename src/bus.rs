@@ -57,7 +57,7 @@ pub use trace::{TraceDir, TraceEvent, Verdict};
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
     /// The device answered with a Modbus exception (the request was bad, not the line).
-    #[error("device answered exception {0:?}")]
+    #[error("device answered exception {}", crate::serial::pdu::exception_text(u8::from(*.0)))]
     Exception(ExceptionCode),
     /// No valid reply within the timeout, after every retry.
     #[error("no valid reply after {attempts} attempt(s)")]
@@ -178,6 +178,12 @@ impl BusHandle {
     /// oldest (`RecvError::Lagged`), the bus never waits for it.
     pub fn trace(&self) -> tokio::sync::broadcast::Receiver<TraceEvent> {
         self.tap.subscribe()
+    }
+
+    /// Transactions queued for the bus task and not yet taken (polls and writes; a
+    /// master's pass-through requests wait in their own queue).
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     /// Queues a job; refuses at once when the queue is full.

@@ -24,6 +24,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::bus::{self, BusHandle};
 use crate::config;
+use crate::http::Observed;
 use crate::image::Image;
 use crate::link::listener::{AcceptTables, Accepting, Listener, Routes};
 use crate::link::tls::{self, Fingerprint, TlsError};
@@ -33,9 +34,9 @@ use crate::link::{self, Dialer, Grants, Link, LinkHandle, PeerWriteError, Receiv
 use crate::model::{self, Bus, Dial, Links, Model, Peer, Plc, Protocol, Tunnel};
 use crate::plc::{self, PlcHandle};
 use crate::point::value::{Quality, Value};
-use crate::poll::modbus::Poller;
+use crate::poll::modbus::{DeviceHealth, Poller};
 use crate::poll::raw::{self, SerialDevices};
-use crate::server::{self, Owners, Server, ServerError, WriteFailure};
+use crate::server::{self, Owners, Server, ServerError, ServerStats, WriteFailure};
 use crate::spool::SpoolHandle;
 use crate::spool::forward::{Forwarder, Rules};
 use crate::spool::journal::SpoolLimits;
@@ -71,6 +72,9 @@ pub enum GatewayError {
     /// The Modbus-TCP server socket could not be opened.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// The HTTP endpoint cannot start (its socket or token file).
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
     /// A PLC sink cannot start (its spool).
     #[error("plc {plc}: {reason}")]
     Plc {
@@ -160,12 +164,20 @@ pub struct Gateway {
     pub plcs: Vec<PlcHandle>,
     /// One handle per serial tunnel whose link started, in model order.
     pub tunnels: Vec<TunnelHandle>,
+    /// The health of every polled Modbus device, in model order.
+    pub devices: Vec<Arc<DeviceHealth>>,
+    /// The Modbus-TCP server's counters (`None`: no server).
+    pub server_stats: Option<Arc<ServerStats>>,
+    /// Where the HTTP endpoint listens (`None`: disabled, or its default port was taken).
+    pub http_addr: Option<SocketAddr>,
     listen_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     /// The configuration running now.
     model: Model,
     parts: Parts,
+    /// When the gateway started (reloads do not change it).
+    started: std::time::SystemTime,
 }
 
 /// One independently restartable piece of the gateway: its tasks watch `token` (a
@@ -199,6 +211,8 @@ struct BusPart {
     poller: Option<Part>,
     /// The raw devices of a raw bus.
     serial: SerialDevices,
+    /// The health of the poller's devices (replaced when the poller restarts).
+    devices: Vec<Arc<DeviceHealth>>,
 }
 
 /// A peer: its link, write-backs and summary; the forwarder is a part of its own (a
@@ -231,6 +245,7 @@ struct ServerPart {
     part: Part,
     tables: server::Tables,
     addr: SocketAddr,
+    stats: Arc<ServerStats>,
 }
 
 struct ListenerPart {
@@ -247,6 +262,8 @@ struct Parts {
     tunnels: Vec<TunnelPart>,
     server: Option<ServerPart>,
     listener: Option<ListenerPart>,
+    /// The HTTP endpoint: restarted after every reload with a view of what now runs.
+    http: Option<Part>,
     identity: Option<tls::Identity>,
 }
 
@@ -260,6 +277,7 @@ impl Parts {
             .chain(self.tunnels.iter().map(|t| &t.part))
             .chain(self.server.iter().map(|s| &s.part))
             .chain(self.listener.iter().map(|l| &l.part))
+            .chain(self.http.iter())
     }
 }
 
@@ -339,7 +357,10 @@ impl Gateway {
             links: None,
             server: None,
             plcs: Vec::new(),
+            http: None,
         };
+        // Bound first: a taken port fails the start before anything runs.
+        let http = model.http.as_ref().map(crate::http::prepare).transpose()?.flatten();
         let mut gateway = Self {
             image: Arc::new(Image::new()),
             buses: Vec::new(),
@@ -349,15 +370,20 @@ impl Gateway {
             links: Vec::new(),
             plcs: Vec::new(),
             tunnels: Vec::new(),
+            devices: Vec::new(),
+            server_stats: None,
+            http_addr: None,
             listen_addr: None,
             shutdown,
             tracker: TaskTracker::new(),
             model: empty,
             parts: Parts::default(),
+            started: std::time::SystemTime::now(),
         };
         let prepared = gateway.prepare(model)?;
         gateway.apply(model, prepared, &mut Changes::default());
         gateway.model = model.clone();
+        gateway.start_http(model, http);
         gateway.tracker.spawn(sweep(gateway.image.clone(), gateway.shutdown.clone()));
         info!(
             gateway = %model.gateway.name,
@@ -366,6 +392,7 @@ impl Gateway {
             peers = gateway.links.len(),
             plcs = gateway.plcs.len(),
             server = %gateway.server_addr.map_or("none".to_string(), |a| a.to_string()),
+            http = %gateway.http_addr.map_or("none".to_string(), |a| a.to_string()),
             "gateway started"
         );
         Ok(gateway)
@@ -406,7 +433,42 @@ impl Gateway {
             changes.updated.push("worker_threads: takes effect at the next restart".into());
         }
         self.model = model.clone();
+        // The HTTP endpoint shows what runs now: it restarts on its port (a moment without
+        // it; its socket cannot be bound twice). Failing to bind keeps everything else.
+        if let Some(http) = self.parts.http.take() {
+            http.stop("http endpoint").await;
+        }
+        self.http_addr = None;
+        match model.http.as_ref().map(crate::http::prepare).transpose() {
+            Ok(http) => self.start_http(model, http.flatten()),
+            Err(e) => error!(error = %e, "http endpoint not restarted after the reload"),
+        }
         Ok(changes)
+    }
+
+    /// Starts the HTTP endpoint on `prepared`'s socket, observing what runs now.
+    fn start_http(&mut self, model: &Model, prepared: Option<crate::http::Prepared>) {
+        let Some(prepared) = prepared else {
+            return;
+        };
+        let part = Part::new(&self.shutdown);
+        let (points, ports) = Observed::describe(model);
+        let seen = Observed {
+            name: model.gateway.name.clone(),
+            started: self.started,
+            image: self.image.clone(),
+            buses: self.buses.clone(),
+            devices: self.devices.clone(),
+            links: self.links.clone(),
+            plcs: self.plcs.clone(),
+            tunnels: self.tunnels.clone(),
+            server: self.server_addr.zip(self.server_stats.clone()),
+            writer: self.writer.clone(),
+            points,
+            ports,
+        };
+        self.http_addr = crate::http::spawn(prepared, seen, &part.token, &part.tracker);
+        self.parts.http = Some(part);
     }
 
     /// Opens what the new configuration needs from the machine and compiles what can
@@ -644,7 +706,9 @@ impl Gateway {
                         && let Some(handle) = &b.handle
                         && bus.protocol != Protocol::Raw
                     {
-                        b.poller = Some(start_poller(bus, handle, &image, &b.part.token));
+                        let (part, health) = start_poller(bus, handle, &image, &b.part.token);
+                        b.poller = Some(part);
+                        b.devices = health;
                     }
                     b.model = bus.clone();
                     self.parts.buses.push(b);
@@ -660,6 +724,7 @@ impl Gateway {
             }
         }
         self.buses = self.parts.buses.iter().filter_map(|b| b.handle.clone()).collect();
+        self.devices = self.parts.buses.iter().flat_map(|b| b.devices.iter().cloned()).collect();
         let mut serial = SerialDevices::new();
         for b in &self.parts.buses {
             serial.extend(&b.serial);
@@ -821,11 +886,12 @@ impl Gateway {
                 let server = Server::new(socket, config, new, &self.buses, image.clone(), owners);
                 let addr = server.local_addr();
                 let tables = server.tables();
+                let stats = server.stats();
                 part.tracker.spawn(server.run(part.token.clone(), part.tracker.clone()));
                 if self.model.server.is_none() {
                     changes.added.push(format!("modbus-tcp server on {addr}"));
                 }
-                self.parts.server = Some(ServerPart { config: config.clone(), part, tables, addr });
+                self.parts.server = Some(ServerPart { config: config.clone(), part, tables, addr, stats });
             }
             (Some(config), None, Some(running)) => {
                 running.tables.replace(config, new, &self.buses, owners);
@@ -842,6 +908,7 @@ impl Gateway {
             _ => {}
         }
         self.server_addr = self.parts.server.as_ref().map(|s| s.addr);
+        self.server_stats = self.parts.server.as_ref().map(|s| s.stats.clone());
         if !same(&new.buses, &self.model.buses) && !self.model.buses.is_empty() {
             changes.updated.push("writer: point table swapped".into());
         }
@@ -958,12 +1025,15 @@ fn start_bus(bus: &Bus, image: &Arc<Image>, every: Duration, parent: &Cancellati
     let part = Part::new(parent);
     let mut serial = SerialDevices::new();
     let mut poller = None;
+    let mut devices = Vec::new();
     let handle = if bus.protocol == Protocol::Raw {
         // A stream bus has a stream task and no bus task (nothing is ever sent).
         raw::start(bus, image, &mut serial, &part.token, &part.tracker)
     } else {
         let handle = bus::spawn(bus, part.token.clone(), &part.tracker);
-        poller = Some(start_poller(bus, &handle, image, &part.token));
+        let (part, health) = start_poller(bus, &handle, image, &part.token);
+        poller = Some(part);
+        devices = health;
         Some(handle)
     };
     if let Some(handle) = &handle {
@@ -973,15 +1043,21 @@ fn start_bus(bus: &Bus, image: &Arc<Image>, every: Duration, parent: &Cancellati
                 .instrument(info_span!("bus", bus = %bus.name)),
         );
     }
-    BusPart { model: bus.clone(), part, handle, poller, serial }
+    BusPart { model: bus.clone(), part, handle, poller, serial, devices }
 }
 
 /// Starts the poller of a Modbus bus under a part of its own (a child of the bus's).
-fn start_poller(bus: &Bus, handle: &BusHandle, image: &Arc<Image>, parent: &CancellationToken) -> Part {
+fn start_poller(
+    bus: &Bus,
+    handle: &BusHandle,
+    image: &Arc<Image>,
+    parent: &CancellationToken,
+) -> (Part, Vec<Arc<DeviceHealth>>) {
     let part = Part::new(parent);
     let poller = Poller::new(bus, handle.clone(), image.clone());
+    let health = poller.health();
     part.tracker.spawn(poller.run(part.token.clone()));
-    part
+    (part, health)
 }
 
 /// What every link shares.

@@ -23,8 +23,9 @@
 //! | 5 | [`poll`], [`server`], [`plc`], [`sim`] | polling devices; Modbus-TCP masters; PLC sinks; the simulator |
 //! | 6 | [`writer`] | a typed write into a local point through its bus |
 //! | 7 | [`link`] | peer links: TLS, the protocol, grants, write-back, serial tunnels |
-//! | 8 | [`gateway`], [`service`] | starts every task of a model under one shutdown token, reloads it; the systemd notify protocol and watchdog |
-//! | 9 | [`tools`] | commissioning reads and the demo |
+//! | 8 | [`http`] | observers: status page, Prometheus metrics, JSON API, operator writes |
+//! | 9 | [`gateway`], [`service`] | starts every task of a model under one shutdown token, reloads it; the systemd notify protocol and watchdog |
+//! | 10 | [`tools`] | commissioning reads and the demo |
 
 pub mod backoff;
 pub mod health;
@@ -47,6 +48,8 @@ pub mod sim;
 pub mod writer;
 
 pub mod link;
+
+pub mod http;
 
 pub mod gateway;
 pub mod service;

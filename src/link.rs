@@ -127,6 +127,14 @@ pub struct LinkStats {
     pub spool_dropped: u64,
     /// Samples in them.
     pub spool_dropped_samples: u64,
+    /// Values in the batches waiting in the spool.
+    pub spool_pending_values: u64,
+    /// Bytes of the batches waiting in the spool.
+    pub spool_pending_bytes: u64,
+    /// When the oldest batch waiting in the spool was stored (`None`: none waits).
+    pub spool_oldest: Option<std::time::SystemTime>,
+    /// When the peer last acknowledged a batch (`None`: not since start).
+    pub last_ack: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, Default)]
@@ -140,6 +148,8 @@ struct Counters {
     samples_applied: AtomicU64,
     duplicates: AtomicU64,
     refused: AtomicU64,
+    /// Unix milliseconds of the last ack (0: none yet).
+    last_ack_ms: AtomicU64,
 }
 
 struct WriteCmd {
@@ -271,6 +281,16 @@ impl LinkHandle {
             last_seq: *self.spool.appended().borrow(),
             spool_dropped: s.dropped_batches.load(Relaxed),
             spool_dropped_samples: s.dropped_samples.load(Relaxed),
+            spool_pending_values: s.pending_samples.load(Relaxed),
+            spool_pending_bytes: s.pending_bytes.load(Relaxed),
+            spool_oldest: match s.oldest_pending_us.load(Relaxed) {
+                0 => None,
+                us => Some(std::time::UNIX_EPOCH + Duration::from_micros(us)),
+            },
+            last_ack: match c.last_ack_ms.load(Relaxed) {
+                0 => None,
+                ms => Some(std::time::UNIX_EPOCH + Duration::from_millis(ms)),
+            },
         }
     }
 }
@@ -295,6 +315,11 @@ impl Grants {
             })
             .collect::<Result<_, globset::Error>>()?;
         Ok(Self { grants })
+    }
+
+    /// True when some grant covers `point` (whatever the value).
+    pub fn covers(&self, point: &str) -> bool {
+        self.grants.iter().any(|(m, _)| m.is_match(point))
     }
 
     /// Ok when some grant covers `point` and admits `value`; else the refusal reason.
@@ -729,6 +754,8 @@ impl Task {
                                         }
                                     }
                                     Frame::Ack { seq } => {
+                                        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                                        self.counters.last_ack_ms.store(now.map_or(1, |d| d.as_millis() as u64).max(1), Relaxed);
                                         while inflight.front().is_some_and(|s| *s <= seq) {
                                             inflight.pop_front();
                                             self.counters.acked.fetch_add(1, Relaxed);

@@ -10,10 +10,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use m2m_gateway::model::{Line, Parity};
+use m2m_gateway::model::{Line, LogFormat, Parity};
 use m2m_gateway::point::value::{DataType, Table, WordOrder};
 use m2m_gateway::poll::plan;
 use m2m_gateway::tools::commission::{self, Poll, PollSpec};
+use m2m_gateway::tools::remote;
 use m2m_gateway::{config, gateway::Gateway, service, sim};
 
 /// Exit code for a configuration that does not validate.
@@ -25,6 +26,11 @@ struct Cli {
     /// More logging (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Log lines as text or as one JSON object each (default: [gateway] log_format, else
+    /// text). Under systemd (JOURNAL_STREAM set) text lines carry no timestamp: journald
+    /// adds its own. NO_COLOR, or output that is not a terminal, turns colours off.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<CliLogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,6 +92,39 @@ enum Command {
         #[arg(long, conflicts_with = "link")]
         device: Option<PathBuf>,
     },
+    /// Show a running gateway's health: buses, devices, peers, PLCs, tunnels, server.
+    Status {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Print the JSON of /api/v1/status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the values of a running gateway's points (value, unit, quality, age).
+    Read {
+        /// Point glob, like 'boiler.*' (default: every point).
+        #[arg(default_value = "*")]
+        glob: String,
+        /// Keep printing every change until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON lines, one per point.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Write a value into a point of a running gateway: only points an [[http.grant]]
+    /// covers, within its limits, with the access token.
+    Write {
+        /// The point, like boiler.setpoint.
+        point: String,
+        /// The value: a number, or true/false.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// Run a configuration against simulated devices on virtual serial pairs and show
     /// the live values. No hardware needed.
     Demo {
@@ -99,6 +138,34 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = duration)]
         every: Duration,
     },
+}
+
+/// Where a running gateway's HTTP endpoint is.
+#[derive(Args)]
+struct TargetArgs {
+    /// The gateway's HTTP endpoint, like http://127.0.0.1:8502 (default: from --config,
+    /// else http://127.0.0.1:8502).
+    #[arg(long)]
+    url: Option<String>,
+    /// The gateway's configuration: its [http] listen address and token_file.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// A file holding the access token (default: the config's [http] token_file).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    fn client(self) -> anyhow::Result<m2m_gateway::http::client::Client> {
+        let target = remote::Target { url: self.url, config: self.config, token_file: self.token_file };
+        Ok(target.client()?)
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CliLogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -241,9 +308,16 @@ fn duration(text: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // One-shot commands print their result; their info logs would only be noise.
-    let quiet = matches!(cli.command, Command::Poll(_) | Command::Check { .. });
-    init_logging(cli.verbose, quiet);
-    // `run` reads its configuration first: it says how many threads the runtime has.
+    let quiet = matches!(
+        cli.command,
+        Command::Poll(_)
+            | Command::Check { .. }
+            | Command::Status { .. }
+            | Command::Read { .. }
+            | Command::Write { .. }
+    );
+    // `run` reads its configuration first: it says how many threads the runtime has,
+    // and how to log.
     let model = match &cli.command {
         Command::Run { config, .. } => match load_for_run(config) {
             Ok(model) => Some(model),
@@ -251,6 +325,12 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
+    let format = match cli.log_format {
+        Some(CliLogFormat::Text) => LogFormat::Text,
+        Some(CliLogFormat::Json) => LogFormat::Json,
+        None => model.as_ref().map_or(LogFormat::Text, |m| m.gateway.log_format),
+    };
+    init_logging(cli.verbose, quiet, format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = model.as_ref().and_then(|m| m.gateway.worker_threads) {
         builder.worker_threads(n);
@@ -294,7 +374,15 @@ fn causes(e: &anyhow::Error) -> String {
     out
 }
 
-fn init_logging(verbose: u8, quiet: bool) {
+/// How log lines look: with timestamps (not under journald, which adds its own) and with
+/// colours (only on a terminal, and not when NO_COLOR is set to anything but "").
+fn log_style(journal: bool, tty: bool, no_color: Option<&std::ffi::OsStr>) -> (bool, bool) {
+    let timestamps = !journal;
+    let ansi = tty && no_color.is_none_or(|v| v.is_empty());
+    (timestamps, ansi)
+}
+
+fn init_logging(verbose: u8, quiet: bool, format: LogFormat) {
     let default = match verbose {
         0 if quiet => "warn",
         0 => "info",
@@ -304,11 +392,18 @@ fn init_logging(verbose: u8, quiet: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let (timestamps, ansi) = log_style(
+        std::env::var_os("JOURNAL_STREAM").is_some(),
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match (format, timestamps) {
+        // JSON keeps its timestamp under journald too: collectors read it from the object.
+        (LogFormat::Json, _) => builder.json().with_ansi(false).flatten_event(true).init(),
+        (LogFormat::Text, true) => builder.with_ansi(ansi).init(),
+        (LogFormat::Text, false) => builder.with_ansi(ansi).without_time().init(),
+    }
 }
 
 /// A token cancelled by the first SIGINT or SIGTERM.
@@ -525,6 +620,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status { target, json } => {
+            print!("{}", remote::status(&target.client()?, json).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Read { glob, watch, json, target } => {
+            let client = target.client()?;
+            if watch {
+                let shutdown = shutdown_on_signals()?;
+                let print = |text: &str| {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+                };
+                remote::watch(&client, &glob, json, print, shutdown.cancelled_owned()).await?;
+            } else {
+                print!("{}", remote::read(&client, &glob, json).await?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Write { point, value, target } => {
+            print!("{}", remote::write(&target.client()?, &point, &value).await?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { config, duration, every } => {
             let model = match load(&config) {
                 Ok(m) => m,
@@ -680,5 +798,15 @@ mod tests {
         // A cause not already in the message is still shown.
         let e = anyhow::anyhow!("inner").context("outer");
         assert_eq!(causes(&e), "outer: inner");
+    }
+
+    #[test]
+    fn log_style_follows_journald_no_color_and_the_terminal() {
+        use std::ffi::OsStr;
+        assert_eq!(log_style(false, true, None), (true, true));
+        assert_eq!(log_style(true, true, None), (false, true), "journald: no timestamps");
+        assert_eq!(log_style(false, false, None), (true, false), "not a terminal: no colours");
+        assert_eq!(log_style(false, true, Some(OsStr::new("1"))), (true, false), "NO_COLOR");
+        assert_eq!(log_style(false, true, Some(OsStr::new(""))), (true, true), "NO_COLOR empty: ignored");
     }
 }

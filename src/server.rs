@@ -64,6 +64,7 @@ pub mod mbap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -150,6 +151,49 @@ pub fn listen(config: &model::Server) -> Result<TcpListener, ServerError> {
     TcpListener::from_std(std_listener).map_err(bind_err)
 }
 
+/// Counters of the server, readable while it runs (the status page and `/metrics`).
+#[derive(Debug)]
+pub struct ServerStats {
+    /// Masters connected now.
+    pub connected: AtomicU64,
+    /// Connections accepted since start.
+    pub accepted: AtomicU64,
+    /// Connections refused because `max_connections` masters were connected.
+    pub refused: AtomicU64,
+    /// Requests received, by function code (index 0..=127; a code above 127 counts at 0).
+    pub requests: [AtomicU64; 128],
+    /// Exception answers sent, by exception code (index 0..=15; others count at 0).
+    pub exceptions: [AtomicU64; 16],
+}
+
+impl Default for ServerStats {
+    fn default() -> Self {
+        Self {
+            connected: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            requests: std::array::from_fn(|_| AtomicU64::new(0)),
+            exceptions: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl ServerStats {
+    fn request(&self, pdu: &[u8]) {
+        let f = pdu.first().map_or(0, |f| usize::from(*f));
+        self.requests.get(f).unwrap_or(&self.requests[0]).fetch_add(1, Relaxed);
+    }
+
+    fn answer(&self, pdu: &[u8]) {
+        if let [f, code, ..] = pdu
+            && *f >= 0x80
+        {
+            let c = usize::from(*code);
+            self.exceptions.get(c).unwrap_or(&self.exceptions[0]).fetch_add(1, Relaxed);
+        }
+    }
+}
+
 /// Where one served unit's requests go.
 struct Route {
     /// The served unit id.
@@ -207,6 +251,8 @@ pub struct Server {
     local: SocketAddr,
     max_connections: usize,
     tables: Tables,
+    /// Kept here, not in the tables: a reload swaps those, the counters go on.
+    stats: Arc<ServerStats>,
 }
 
 impl Server {
@@ -225,7 +271,8 @@ impl Server {
         let local = listener.local_addr().unwrap_or(config.listen);
         let shared = Arc::new(Shared::new(config, model, buses, image, owners));
         let tables = Tables(Arc::new(std::sync::RwLock::new(shared)));
-        Self { listener, local, max_connections: config.max_connections, tables }
+        let stats = Arc::new(ServerStats::default());
+        Self { listener, local, max_connections: config.max_connections, tables, stats }
     }
 
     /// The tables the connections read; replace them to apply a reloaded configuration.
@@ -299,6 +346,11 @@ impl Server {
         self.local
     }
 
+    /// The server's counters.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.stats.clone()
+    }
+
     /// Accepts masters until `shutdown`; every task it starts is tracked by `tracker`.
     #[instrument(name = "server", skip_all, fields(listen = %self.local))]
     pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
@@ -321,6 +373,7 @@ impl Server {
                 }
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
+                self.stats.refused.fetch_add(1, Relaxed);
                 warn!(%peer, max = self.max_connections, "connection refused: too many masters");
                 drop(stream);
                 continue;
@@ -328,12 +381,16 @@ impl Server {
             next_master += 1;
             let master = next_master;
             let _ = stream.set_nodelay(true);
-            let shared = self.tables.clone();
+            let tables = self.tables.clone();
+            let stats = self.stats.clone();
             let shutdown = shutdown.clone();
             tracker.spawn(
                 async move {
                     debug!("master connected");
-                    connection(stream, master, shared, shutdown).await;
+                    stats.accepted.fetch_add(1, Relaxed);
+                    stats.connected.fetch_add(1, Relaxed);
+                    connection(stream, master, tables, &stats, shutdown).await;
+                    stats.connected.fetch_sub(1, Relaxed);
                     debug!("master disconnected");
                     drop(permit);
                 }
@@ -351,7 +408,13 @@ enum Answer {
 
 /// Serves one master until it leaves (a master that half-closes still gets the answers
 /// to what it asked before), idles out, breaks framing, or shutdown.
-async fn connection(stream: TcpStream, master: MasterId, tables: Tables, shutdown: CancellationToken) {
+async fn connection(
+    stream: TcpStream,
+    master: MasterId,
+    tables: Tables,
+    stats: &ServerStats,
+    shutdown: CancellationToken,
+) {
     let (rd, wr) = stream.into_split();
     let mut input = FramedRead::new(rd, MbapCodec);
     let mut output = FramedWrite::new(wr, MbapCodec);
@@ -375,6 +438,7 @@ async fn connection(stream: TcpStream, master: MasterId, tables: Tables, shutdow
             frame = input.next(), if reading && pending.len() < MAX_PENDING => match frame {
                 Some(Ok(frame)) => {
                     last_heard = Instant::now();
+                    stats.request(&frame.pdu);
                     match tables.current().handle(master, frame) {
                         Answer::Now(f) => f,
                         Answer::Later(fut) => {
@@ -403,6 +467,7 @@ async fn connection(stream: TcpStream, master: MasterId, tables: Tables, shutdow
             }
             () = shutdown.cancelled() => return,
         };
+        stats.answer(&out.pdu);
         let sent = tokio::select! {
             // Not cancel-safe (a frame may be cut), which is why both other arms close
             // the connection.

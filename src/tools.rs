@@ -1,5 +1,7 @@
 //! Operator tools built on the library: commissioning reads (`poll`, [`commission`]) and
-//! the no-hardware demo ([`demo`]).
+//! the no-hardware demo ([`demo`]), and the commands that ask a running gateway through its
+//! HTTP API ([`remote`]: `status`, `read`, `write`).
 
 pub mod commission;
 pub mod demo;
+pub mod remote;

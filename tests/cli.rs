@@ -477,3 +477,161 @@ fn run_polls_devices_made_from_an_included_template() {
     run.signal("-TERM");
     assert!(run.wait_exit(Duration::from_secs(3)).success());
 }
+
+/// The URL the gateway's log gives for its HTTP endpoint.
+fn http_url(run: &Proc) -> String {
+    let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "with the http address", |l| {
+        l.contains("status page, metrics and API on http://")
+    });
+    let at = line.find("http://").expect("url in the line");
+    line[at..].trim_end_matches('/').to_string()
+}
+
+#[test]
+fn status_read_and_write_ask_a_running_gateway() {
+    let (_sim, port) = simulator("1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "cli-test-token-0123456789\n").expect("token");
+    let config = dir.path().join("gateway.toml");
+    let text = format!(
+        r#"
+[gateway]
+name = "cli-test"
+[[bus]]
+name = "line1"
+port = "{port}"
+[[device]]
+name = "boiler"
+bus = "line1"
+unit = 1
+interval = "100ms"
+point = [
+  {{ name = "level", table = "holding", address = 0, unit = "%" }},
+  {{ name = "setpoint", table = "holding", address = 1 }},
+]
+[http]
+listen = "127.0.0.1:0"
+token_file = "{}"
+[[http.grant]]
+points = "boiler.setpoint"
+max = 100
+"#,
+        token.display()
+    );
+    std::fs::write(&config, text).expect("config");
+    let mut cmd = gateway();
+    cmd.args(["run", "--config"]).arg(&config);
+    let run = Proc::spawn(cmd);
+    let url = http_url(&run);
+    let cli = |args: &[&str]| gateway().args(args).args(["--url", &url]).output().expect("run the command");
+    let out_of = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    let err_of = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // Wait for the first poll, through the API itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let read = loop {
+        let o = cli(&["read", "boiler.*", "--json"]);
+        assert!(o.status.success(), "{}", err_of(&o));
+        let lines: Vec<serde_json::Value> =
+            out_of(&o).lines().map(|l| serde_json::from_str(l).expect("a JSON line per point")).collect();
+        if lines.len() == 2 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "no values: {}", out_of(&o));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(read[0]["name"], "boiler.level");
+    assert_eq!(read[0]["unit"], "%");
+    assert_eq!(read[0]["quality"], "good");
+
+    let status = cli(&["status"]);
+    assert!(status.status.success(), "{}", err_of(&status));
+    let s = out_of(&status);
+    assert!(s.starts_with("cli-test  OK"), "{s}");
+    assert!(s.contains("bus line1") && s.contains("boiler") && s.contains("unit 1"), "{s}");
+
+    let table = out_of(&cli(&["read"]));
+    assert!(table.starts_with("POINT") && table.contains("boiler.setpoint"), "{table}");
+
+    // Writes: refused without the token, refused past the grant's max, done with both.
+    let refused = cli(&["write", "boiler.setpoint", "42"]);
+    assert!(!refused.status.success());
+    assert!(err_of(&refused).contains("writes need the access token"), "{}", err_of(&refused));
+    let token = token.display().to_string();
+    let over = cli(&["write", "boiler.setpoint", "500", "--token-file", &token]);
+    assert!(!over.status.success());
+    assert!(err_of(&over).contains("outside the granted range"), "{}", err_of(&over));
+    let level = cli(&["write", "boiler.level", "1", "--token-file", &token]);
+    assert!(err_of(&level).contains("no [[http.grant]] covers point boiler.level"), "{}", err_of(&level));
+    let done = cli(&["write", "boiler.setpoint", "42", "--token-file", &token]);
+    assert!(done.status.success(), "{}", err_of(&done));
+    assert_eq!(out_of(&done), "boiler.setpoint = 42 written\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let o = out_of(&cli(&["read", "boiler.setpoint", "--json"]));
+        let v: serde_json::Value = serde_json::from_str(o.trim()).expect("json");
+        if v["value"] == 42 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the written value never came back from the device: {o}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // --watch prints the values, then follows.
+    let mut cmd = gateway();
+    cmd.args(["read", "boiler.level", "--watch", "--url", &url]);
+    let watch = Proc::spawn(cmd);
+    Proc::wait_line(&watch.stdout, Duration::from_secs(5), "with the table header", |l| {
+        l.starts_with("POINT")
+    });
+    Proc::wait_line(&watch.stdout, Duration::from_secs(5), "with the level", |l| {
+        l.starts_with("boiler.level")
+    });
+
+    // Nothing listening: a clear error.
+    let nobody = gateway().args(["status", "--url", "http://127.0.0.1:1"]).output().expect("run");
+    assert!(!nobody.status.success());
+    assert!(err_of(&nobody).contains("cannot reach the gateway at 127.0.0.1:1"), "{}", err_of(&nobody));
+}
+
+#[test]
+fn logs_as_json_lines_and_without_timestamps_under_journald() {
+    let (_sim, port) = simulator("1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, format: &str| {
+        let path = dir.path().join(name);
+        let text = format!(
+            "[gateway]\nname = \"logs\"\n{format}\n[[bus]]\nname = \"line1\"\nport = \"{port}\"\n\
+             [[device]]\nname = \"d\"\nbus = \"line1\"\nunit = 1\n\
+             point = [ {{ name = \"p\", table = \"holding\", address = 0 }} ]\n[http]\nenabled = false\n"
+        );
+        std::fs::write(&path, text).expect("config");
+        path
+    };
+    // [gateway] log_format = "json": one JSON object per line, fields at the top level.
+    let mut cmd = gateway();
+    cmd.args(["run", "--config"]).arg(write("json.toml", "log_format = \"json\""));
+    let run = Proc::spawn(cmd);
+    let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "saying it started", |l| {
+        l.contains("gateway started")
+    });
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["message"], "gateway started", "{line}");
+    assert_eq!(v["level"], "INFO");
+    assert_eq!(v["gateway"], "logs");
+    assert!(v["timestamp"].is_string(), "{line}");
+    drop(run);
+
+    // --log-format text overrides the key; under systemd no timestamp (journald adds one).
+    let mut cmd = gateway();
+    cmd.env("JOURNAL_STREAM", "8:12345").args(["--log-format", "text", "run", "--config"]);
+    cmd.arg(write("text.toml", "log_format = \"json\""));
+    let run = Proc::spawn(cmd);
+    let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "saying it started", |l| {
+        l.contains("gateway started")
+    });
+    assert!(line.trim_start().starts_with("INFO "), "no timestamp under journald: {line:?}");
+    assert!(!line.contains('\u{1b}'), "no colours when stderr is not a terminal: {line:?}");
+    assert!(line.contains("http=none"), "{line}");
+}

@@ -15,6 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["poll", "server", "plc", "sim"],
     &["writer"],
     &["link"],
+    &["http"],
     &["gateway", "service"],
     &["tools"],
 ];

@@ -100,11 +100,13 @@ fn model(name: &str, buses: Vec<model::Bus>, links: Links) -> Model {
             name: name.into(),
             summary_interval: Duration::from_secs(3600),
             worker_threads: None,
+            log_format: Default::default(),
         },
         buses,
         links: Some(links),
         server: None,
         plcs: Vec::new(),
+        http: None,
     }
 }
 

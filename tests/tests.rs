@@ -3,10 +3,12 @@
 
 mod common;
 
+mod browser;
 mod cli;
 mod config_corpus;
 mod deliver;
 mod docs;
+mod http;
 mod late_replies;
 mod layers;
 mod link_processes;

@@ -144,8 +144,10 @@ fn start_peer(
             name: b_name.to_string(),
             summary_interval: model.gateway.summary_interval,
             worker_threads: None,
+            log_format: Default::default(),
         },
         buses: vec![],
+        http: None,
         links: Some(demo_links(
             &b_dir,
             true,
