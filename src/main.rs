@@ -352,6 +352,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             };
             print!("{}", plan::render(&model, &plan::plan_model(&model)));
             print!("{}", plan::render_templated(&model));
+            if let Some(server) = &model.server {
+                print!("{}", m2m_gateway::server::describe_server(server));
+            }
             for p in &model.plcs {
                 print!("{}", m2m_gateway::plc::describe(p));
             }

@@ -14,6 +14,7 @@ mod links;
 mod plc;
 mod polling;
 mod raw_protocols;
+mod routes;
 mod serial_protocols;
 mod server;
 mod simulator;

@@ -17,6 +17,10 @@
 //!                            #   the line itself
 //! local_echo = false         # true: the adapter echoes what we send (2-wire RS-485
 //!                            #   without echo suppression); the echo is taken off
+//! broadcast = false          # true: this line may carry unit-0 broadcast writes
+//!                            #   (FC5/6/15/16, no reply) from masters, through a
+//!                            #   [[server.route]] with broadcast = true; every device
+//!                            #   on the line then acts on them. Default false
 //! timeout = "200ms"          # default response timeout of its devices, at least 1ms
 //! retries = 1                # default 1, 0..=10
 //! queue_depth = 64           # default 64, 1..=65536
@@ -58,6 +62,8 @@ pub(super) struct RawBus {
     frame_gap: Option<Spanned<String>>,
     #[serde(default)]
     local_echo: bool,
+    #[serde(default)]
+    broadcast: bool,
     timeout: Option<Spanned<String>>,
     retries: Option<Spanned<i64>>,
     queue_depth: Option<Spanned<i64>>,
@@ -147,6 +153,7 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
         retries: check.int(r.retries.as_ref(), RETRIES, 0..=10, path, "retries"),
         queue_depth: check.int(r.queue_depth.as_ref(), QUEUE_DEPTH, 1..=65_536, path, "queue_depth"),
         reopen_max: check.duration(r.reopen_max.as_ref(), REOPEN_MAX, REOPEN_MAX_MIN, path, "reopen_max"),
+        broadcast: r.broadcast,
         devices: Vec::new(),
         raw_devices: Vec::new(),
     }

@@ -587,6 +587,7 @@ mod tests {
                 queue_depth: 16,
                 reopen_max: Duration::from_secs(30),
                 devices,
+                broadcast: false,
                 raw_devices: Vec::new(),
             }],
             links: None,

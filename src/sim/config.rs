@@ -713,6 +713,7 @@ count = 16
             queue_depth: 16,
             reopen_max: Duration::from_secs(30),
             devices: vec![device],
+            broadcast: false,
             raw_devices: Vec::new(),
         };
         let model = Model {

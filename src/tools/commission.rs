@@ -170,6 +170,7 @@ fn commissioning_bus(port: &str, line: Line, timeout: Duration) -> Bus {
         queue_depth: 1,
         reopen_max: Duration::from_secs(1),
         devices: Vec::new(),
+        broadcast: false,
         raw_devices: Vec::new(),
     }
 }
