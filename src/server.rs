@@ -632,11 +632,10 @@ pub fn describe_server(config: &model::Server) -> String {
         let _ = writeln!(out, "  unit {}: {how}, {} write grant(s)", u.unit, grants(u.unit));
     }
     for r in &config.routes {
-        let (first, last) = (r.units.first().copied().unwrap_or(0), r.units.last().copied().unwrap_or(0));
-        let to = if r.unit_offset == 0 {
-            "the same unit ids".to_owned()
-        } else {
-            format!("bus units {}..={}", r.bus_unit(first), r.bus_unit(last))
+        let to = match r.unit_offset {
+            0 => "the same unit ids".to_owned(),
+            o if o > 0 => format!("unit id - {o}"),
+            o => format!("unit id + {}", -o),
         };
         let writes = if r.writable {
             "writable".to_owned()
