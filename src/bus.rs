@@ -24,7 +24,11 @@
 //!   transactions in a row, a waiting poll (polls are queued only once due) runs next.
 //!
 //! A port `tcp://host:port` is a serial device server (Moxa NPort, ser2net) carrying the
-//! same RTU frames over TCP: the same engine, timing and reopen back-off apply.
+//! same RTU frames over TCP: the same engine, timing and reopen back-off apply. A port
+//! `modbus-tcp://host:port` is a Modbus-TCP device (`serial::mbap` frames it): the same
+//! engine, with no line timing (no wire time, frame gap 0 by default), and a request
+//! whose connection turns out to be lost (a device that closed an idle connection, a
+//! reset) is sent once more on a fresh connection before it fails.
 
 pub mod pass;
 
@@ -206,10 +210,11 @@ pub const PASS_THROUGH_STREAK: u32 = 2;
 /// Longest wait for a serial device server to accept a TCP connection.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Opens a bus port: `tcp://host:port` connects to a serial device server, anything
-/// else is a serial device path ([`open_serial`]).
+/// Opens a bus port: `tcp://host:port` connects to a serial device server,
+/// `modbus-tcp://host:port` to a Modbus-TCP device, anything else is a serial device
+/// path ([`open_serial`]).
 pub async fn open_port(port: &str, line: &Line) -> Result<Box<dyn Port>, String> {
-    let Some(addr) = port.strip_prefix("tcp://") else {
+    let Some(addr) = port.strip_prefix("tcp://").or_else(|| port.strip_prefix("modbus-tcp://")) else {
         return open_serial(port, line);
     };
     match tokio::time::timeout(TCP_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
@@ -259,6 +264,7 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
     let framing: Box<dyn Framing> = match bus.protocol {
         Protocol::ModbusRtu => Box::new(rtu::Rtu),
         Protocol::ModbusAscii => Box::new(crate::serial::ascii::Ascii),
+        Protocol::ModbusTcp => Box::new(crate::serial::mbap::Mbap::default()),
         Protocol::Raw => Box::new(crate::serial::raw::RawBusFraming::new(
             bus.raw_devices.iter().map(|d| (d.id, d.framing.clone())).collect(),
         )),
@@ -268,7 +274,8 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
         Engine::new(bus.name.clone(), bus.line, framing, bus.queue_depth, bus.reopen_max, stats.clone())
             .with_frame_gap(bus.frame_gap)
             .with_local_echo(bus.local_echo)
-            .with_silence(silence);
+            .with_silence(silence)
+            .with_tcp_device(bus.protocol == Protocol::ModbusTcp);
     let handle = BusHandle { name: Arc::from(bus.name.as_str()), tx, pass: engine.pass_queue(), stats };
     tracker.spawn(engine.run(rx, opener, shutdown));
     handle
@@ -315,6 +322,8 @@ pub struct Engine {
     gap: Duration,
     /// The adapter echoes what we send.
     local_echo: bool,
+    /// A Modbus-TCP device: no wire time, and a lost connection is retried once.
+    tcp_device: bool,
     /// When the line last carried a byte (ours or anyone's).
     last_activity: Instant,
     /// Requests sent and not answered yet, per unit: what a late reply may still answer.
@@ -391,6 +400,7 @@ impl Engine {
             t35: rtu::t35(&line),
             gap: rtu::t35(&line),
             local_echo: false,
+            tcp_device: false,
             last_activity: Instant::now(),
             ledger: Ledger::default(),
             txn: 0,
@@ -414,6 +424,13 @@ impl Engine {
     /// Expects the request's own bytes back before the reply (an adapter that echoes).
     pub fn with_local_echo(mut self, echo: bool) -> Self {
         self.local_echo = echo;
+        self
+    }
+
+    /// Talks to a Modbus-TCP device, not a line: a request has no wire time, and a
+    /// request whose proven connection fails is sent once more on a new connection.
+    pub fn with_tcp_device(mut self, tcp: bool) -> Self {
+        self.tcp_device = tcp;
         self
     }
 
@@ -593,9 +610,22 @@ impl Engine {
                 continue;
             };
             let started = Instant::now();
-            let outcome = self.transaction(p.as_mut(), job).await;
+            let mut outcome = self.transaction(p.as_mut(), job).await;
             // A reply cut off by the deadline may be finished by the idle listening.
             self.stray.append(&mut self.buf);
+            if let (Err(e), true, true) = (&outcome, line.proven, self.tcp_device) {
+                // Devices close idle connections; that is not the request's fault.
+                debug!(error = %e, "connection lost; reconnecting to send the request again");
+                if let Ok(fresh) = open().await {
+                    self.stats.opens.fetch_add(1, Relaxed);
+                    *p = fresh;
+                    self.last_activity = Instant::now();
+                    // What the old connection left behind is not this connection's.
+                    self.stray.clear();
+                    outcome = self.transaction(p.as_mut(), job).await;
+                    self.stray.append(&mut self.buf);
+                }
+            }
             self.stats.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
             let outcome = match outcome {
                 Ok(r) => {
@@ -782,7 +812,8 @@ impl Engine {
         port.write_all(&self.out).await?;
         let written = Instant::now();
         // The request has left the UART when its last character is on the wire.
-        let drained = written.max(write_start + rtu::wire_time(&self.line, self.out.len()));
+        let wire = if self.tcp_device { Duration::ZERO } else { rtu::wire_time(&self.line, self.out.len()) };
+        let drained = written.max(write_start + wire);
         self.last_activity = drained;
         debug!(unit = job.unit, request = ?job.request, "sent");
         if job.unit == 0 {

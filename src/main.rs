@@ -72,6 +72,10 @@ enum Command {
         /// Serve a real serial port instead of a virtual pair.
         #[arg(long, conflicts_with = "link")]
         device: Option<PathBuf>,
+        /// Serve the units as Modbus-TCP devices on this address instead (port 0: any
+        /// free port; the address bound is printed), for `modbus-tcp://` buses.
+        #[arg(long, conflicts_with_all = ["link", "device"])]
+        tcp: Option<std::net::SocketAddr>,
     },
     /// Run a configuration against simulated devices on virtual serial pairs and show
     /// the live values. No hardware needed.
@@ -372,21 +376,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", id.fingerprint);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Simulate { config, units, registers, link, device } => {
+        Command::Simulate { config, units, registers, link, device, tcp } => {
             let cfg = match config {
                 Some(path) => sim::load(&path)?,
                 None => sim::quick(&units, registers),
             };
             let shutdown = shutdown_on_signals()?;
             let sim = sim::Simulator::new(cfg);
-            match device {
-                Some(dev) => {
+            match (device, tcp) {
+                (Some(dev), _) => {
                     sim.serve_device(&dev, shutdown, |p| {
                         println!("serving on {}", p.display());
                     })
                     .await?
                 }
-                None => {
+                (None, Some(addr)) => {
+                    sim::run_tcp(sim, addr, shutdown, |a| {
+                        use std::io::Write;
+                        println!("modbus-tcp://{a}");
+                        let _ = std::io::stdout().flush();
+                    })
+                    .await?
+                }
+                (None, None) => {
                     sim::run_virtual(sim, link.as_deref(), shutdown, |p| {
                         println!("{}", p.display());
                     })

@@ -44,6 +44,9 @@ pub enum Protocol {
     ModbusRtu,
     /// Modbus ASCII (`:` hex LRC CR LF frames); same devices and points as RTU.
     ModbusAscii,
+    /// Modbus-TCP devices reached over TCP (`modbus-tcp://host:port`): MBAP frames, no
+    /// line timing; same devices and points as RTU.
+    ModbusTcp,
     /// Raw serial devices with their own request/response or streaming protocols
     /// ([`Bus::raw_devices`]; no Modbus devices).
     Raw,

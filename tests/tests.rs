@@ -11,6 +11,7 @@ mod late_replies;
 mod layers;
 mod link_processes;
 mod links;
+mod modbus_tcp;
 mod plc;
 mod polling;
 mod raw_protocols;

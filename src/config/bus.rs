@@ -4,14 +4,22 @@
 //! [[bus]]
 //! name = "line1"             # required, unique
 //! port = "/dev/ttyUSB0"      # required, unique; or "tcp://host:port": RTU frames over
-//!                            #   TCP to a serial device server (NPort, ser2net)
-//! protocol = "modbus-rtu"    # modbus-rtu|modbus-ascii|raw, default modbus-rtu; a raw bus
-//!                            #   carries [[raw_device]]s only (see config/rawdevice.rs)
+//!                            #   TCP to a serial device server (NPort, ser2net); or
+//!                            #   "modbus-tcp://host:port" (port usually 502): Modbus-TCP
+//!                            #   devices (meters, drives, PLCs), MBAP frames, one
+//!                            #   transaction at a time, reconnect with back-off
+//! protocol = "modbus-rtu"    # modbus-rtu|modbus-ascii|raw|modbus-tcp, default modbus-rtu
+//!                            #   (modbus-tcp for a modbus-tcp:// port, the only protocol
+//!                            #   it speaks); a raw bus carries [[raw_device]]s only (see
+//!                            #   config/rawdevice.rs)
 //! baud = 19200               # default 19200, 300..=4000000
 //! parity = "even"            # none|even|odd, default even (Modbus' 8E1)
 //! data_bits = 8              # 7|8, default 8 (modbus-rtu needs 8; ascii and raw may use 7)
 //! stop_bits = 1              # 1|2, default 1
+//!                            # (baud, parity, data_bits, stop_bits, local_echo and
+//!                            #   broadcast have no meaning on a modbus-tcp bus)
 //! frame_gap = "1.75ms"       # silence before each request; default t3.5 of the line
+//!                            #   (0 on a modbus-tcp bus)
 //!                            #   (3.5 characters, 1.75ms above 19200 baud), at most 1s;
 //!                            #   "0s" for a virtual link or a device server that times
 //!                            #   the line itself
@@ -76,6 +84,7 @@ enum RawProtocol {
     ModbusRtu,
     ModbusAscii,
     Raw,
+    ModbusTcp,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -102,6 +111,8 @@ pub(super) fn validate(raw: &[RawBus], check: &mut Checker) -> Vec<Bus> {
             check.report(r.port.span(), &path, "port is empty");
         } else if let Some(Err(e)) = port.strip_prefix("tcp://").map(tcp_port) {
             check.report(r.port.span(), &path, e);
+        } else if let Some(Err(e)) = port.strip_prefix("modbus-tcp://").map(modbus_tcp_port) {
+            check.report(r.port.span(), &path, e);
         } else if let Some(other) = ports.insert(port, r.name.get_ref()) {
             check.report(r.port.span(), &path, format!("port {port:?} is already used by bus {other:?}"));
         }
@@ -124,12 +135,54 @@ pub(super) fn tcp_port(addr: &str) -> Result<(), String> {
     }
 }
 
+/// Checks the `host:port` of a `modbus-tcp://` port, as [`tcp_port`].
+fn modbus_tcp_port(addr: &str) -> Result<(), String> {
+    tcp_port(addr).map_err(|_| {
+        format!(
+            "port \"modbus-tcp://{addr}\" is not modbus-tcp://host:port (like \"modbus-tcp://10.0.0.9:502\" or \"modbus-tcp://meter-3:502\")"
+        )
+    })
+}
+
 fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
+    let tcp_device = r.port.get_ref().starts_with("modbus-tcp://");
     let protocol = match r.protocol.as_ref().map(|p| *p.get_ref()) {
+        None if tcp_device => Protocol::ModbusTcp,
         None | Some(RawProtocol::ModbusRtu) => Protocol::ModbusRtu,
         Some(RawProtocol::ModbusAscii) => Protocol::ModbusAscii,
         Some(RawProtocol::Raw) => Protocol::Raw,
+        Some(RawProtocol::ModbusTcp) => Protocol::ModbusTcp,
     };
+    if let Some(p) = &r.protocol {
+        if tcp_device && protocol != Protocol::ModbusTcp {
+            check.report(
+                p.span(),
+                path,
+                "a modbus-tcp:// port speaks modbus-tcp only (for RTU frames over TCP use tcp://)",
+            );
+        } else if !tcp_device && protocol == Protocol::ModbusTcp {
+            check.report(p.span(), path, "protocol modbus-tcp needs a port \"modbus-tcp://host:port\"");
+        }
+    }
+    if tcp_device {
+        let serial_only = [
+            ("baud", r.baud.as_ref().map(Spanned::span)),
+            ("parity", r.parity.map(|_| r.port.span())),
+            ("data_bits", r.data_bits.as_ref().map(Spanned::span)),
+            ("stop_bits", r.stop_bits.as_ref().map(Spanned::span)),
+            ("local_echo", r.local_echo.then(|| r.port.span())),
+            ("broadcast", r.broadcast.then(|| r.port.span())),
+        ];
+        for (key, span) in serial_only {
+            if let Some(span) = span {
+                check.report(
+                    span,
+                    path,
+                    format!("{key} has no meaning on a modbus-tcp bus (no serial line)"),
+                );
+            }
+        }
+    }
     let default = Line { baud: BAUD, data_bits: 8, parity: Parity::Even, stop_bits: 1 };
     let line =
         line(r.baud.as_ref(), r.parity, r.data_bits.as_ref(), r.stop_bits.as_ref(), default, path, check);
@@ -143,7 +196,7 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
         protocol,
         frame_gap: check.duration_within(
             r.frame_gap.as_ref(),
-            crate::serial::rtu::t35(&line),
+            if protocol == Protocol::ModbusTcp { Duration::ZERO } else { crate::serial::rtu::t35(&line) },
             Duration::ZERO..=FRAME_GAP_MAX,
             path,
             "frame_gap",

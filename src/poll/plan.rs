@@ -285,6 +285,10 @@ pub fn plan_bus(bus: &Bus) -> BusPlan {
                 .iter()
                 .map(|r| {
                     let (req, rsp) = (size(request_bytes(r)), size(response_bytes(r)));
+                    if bus.protocol == crate::model::Protocol::ModbusTcp {
+                        // No line: the device's own response time is all there is.
+                        return bus.frame_gap + d.turnaround;
+                    }
                     transaction_time(&bus.line, bus.frame_gap, d.turnaround, req, rsp)
                 })
                 .collect();
@@ -430,6 +434,13 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
     for plan in plans {
         let bus = model.buses.iter().find(|b| b.name == plan.bus);
         match bus {
+            Some(b) if b.protocol == crate::model::Protocol::ModbusTcp => {
+                let _ = writeln!(
+                    out,
+                    "bus {} ({}, modbus-tcp device(s), one transaction at a time; line times do not apply)",
+                    b.name, b.port
+                );
+            }
             Some(b) => {
                 let _ = writeln!(
                     out,

@@ -130,6 +130,8 @@ pub struct BusStats {
     pub crc_errors: u64,
     /// Bytes dropped while resynchronising (and bytes that collided with a reply).
     pub garbage_bytes: u64,
+    /// Modbus-TCP connections accepted (`Simulator::serve_tcp`).
+    pub tcp_connections: u64,
 }
 
 #[derive(Debug, Default)]
