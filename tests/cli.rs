@@ -476,4 +476,59 @@ fn run_polls_devices_made_from_an_included_template() {
     assert!(summary.contains(" 0 timeouts") && summary.contains(" 0 exceptions"), "{summary}");
     run.signal("-TERM");
     assert!(run.wait_exit(Duration::from_secs(3)).success());
+
+/// `m2m-gateway simulate --config FILE EXTRA..`; returns the process and the first line
+/// it prints (the device path, or the `modbus-tcp://` address with --tcp).
+fn simulator_from(dir: &std::path::Path, sim_toml: &str, extra: &[&str]) -> (Proc, String) {
+    let path = dir.join("sim.toml");
+    std::fs::write(&path, sim_toml).expect("write simulation");
+    let mut cmd = gateway();
+    cmd.args(["simulate", "--config"]).arg(&path).args(extra);
+    let sim = Proc::spawn(cmd);
+    let first = Proc::wait_line(&sim.stdout, Duration::from_secs(10), "with the address", |l| {
+        l.starts_with('/') || l.starts_with("modbus-tcp://")
+    });
+    (sim, first)
+}
+
+const THREE_REGISTERS: &str = r#"
+[[unit]]
+unit = 3
+[[unit.register]]
+table = "holding"
+address = 0
+values = [11, 12, 13]
+"#;
+
+/// The raw registers `poll --json` printed (one read).
+fn polled(args: &[&str]) -> Result<Vec<u64>, String> {
+    let out =
+        gateway().arg("poll").args(args).args(["--json", "--timeout", "300ms"]).output().expect("run poll");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let r: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON object");
+    Ok(r["raw"].as_array().expect("raw registers").iter().map(|v| v.as_u64().expect("a number")).collect())
+}
+
+#[test]
+fn poll_commissions_modbus_ascii_devices_with_protocol_ascii() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_sim, port) = simulator_from(dir.path(), &format!("protocol = \"ascii\"\n{THREE_REGISTERS}"), &[]);
+    let args = ["--port", &port, "--unit", "3", "--count", "3"];
+    assert_eq!(polled(&[&args[..], &["--protocol", "ascii"]].concat()), Ok(vec![11, 12, 13]));
+    // The same device read as RTU hears nothing it understands.
+    let err = polled(&args).expect_err("an ascii device does not answer rtu");
+    assert!(err.contains("unit 3: no valid reply"), "{err}");
+}
+
+#[test]
+fn poll_reads_a_modbus_tcp_device_through_the_bus_engine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_sim, addr) = simulator_from(dir.path(), THREE_REGISTERS, &["--tcp", "127.0.0.1:0"]);
+    assert!(addr.starts_with("modbus-tcp://127.0.0.1:"), "{addr}");
+    assert_eq!(polled(&["--port", &addr, "--unit", "3", "--count", "3"]), Ok(vec![11, 12, 13]));
+    let err = polled(&["--port", &addr, "--unit", "3", "--protocol", "ascii"]).expect_err("refused");
+    assert!(err.contains("speaks modbus-tcp"), "{err}");
 }
