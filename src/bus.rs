@@ -257,9 +257,16 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
     let stats = Arc::new(BusStats::default());
     let port = bus.port.clone();
     let line = bus.line;
+    let rs485 = bus.rs485;
     let opener = move || {
         let port = port.clone();
-        async move { open_port(&port, &line).await }
+        async move {
+            // Kernel RS-485 mode first: a port that refuses it is not driven at all.
+            if let Some(mode) = rs485 {
+                mode.apply(&port)?;
+            }
+            open_port(&port, &line).await
+        }
     };
     let framing: Box<dyn Framing> = match bus.protocol {
         Protocol::ModbusRtu => Box::new(rtu::Rtu),

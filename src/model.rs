@@ -80,6 +80,9 @@ pub struct Bus {
     pub queue_depth: usize,
     /// Longest wait between attempts to reopen a port that failed.
     pub reopen_max: Duration,
+    /// Kernel RS-485 direction control (`rs485 = "kernel"`), applied at each open;
+    /// `None`: the adapter switches direction itself.
+    pub rs485: Option<crate::serial::rs485::Rs485>,
     /// Unit-0 writes may be sent on this line as broadcasts (every device on it accepts
     /// them); only a `[[server.route]]` with `broadcast = true` sends any.
     pub broadcast: bool,

@@ -12,4 +12,5 @@ pub mod line;
 pub mod mbap;
 pub mod pdu;
 pub mod raw;
+pub mod rs485;
 pub mod rtu;

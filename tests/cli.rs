@@ -532,3 +532,47 @@ fn poll_reads_a_modbus_tcp_device_through_the_bus_engine() {
     let err = polled(&["--port", &addr, "--unit", "3", "--protocol", "ascii"]).expect_err("refused");
     assert!(err.contains("speaks modbus-tcp"), "{err}");
 }
+
+#[test]
+fn kernel_rs485_on_a_port_that_refuses_it_is_one_clear_error() {
+    let (_sim, port) = simulator("1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("gateway.toml");
+    let text = format!(
+        r#"
+[gateway]
+name = "rs485"
+[[bus]]
+name = "line1"
+port = "{port}"
+rs485 = "kernel"
+rs485_delay_after = "1ms"
+reopen_max = "100ms"
+[[device]]
+name = "d"
+bus = "line1"
+unit = 1
+interval = "50ms"
+point = [{{ name = "x", table = "holding", address = 0 }}]
+"#
+    );
+    std::fs::write(&config, text).expect("write");
+    // check explains the option and accepts it.
+    let out = gateway().args(["check", "--config"]).arg(&config).output().expect("run check");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("kernel RS-485 direction control"), "{shown}");
+    let mut cmd = gateway();
+    cmd.args(["run", "--config"]).arg(&config);
+    let mut run = Proc::spawn(cmd);
+    let line =
+        Proc::wait_line(&run.stderr, Duration::from_secs(10), "refusing rs-485", |l| l.contains("RS-485"));
+    // The log line names the port, the option and the way out.
+    assert!(line.contains(&port) && line.contains("kernel") && line.contains("remove rs485"), "{line}");
+    // Said once, not at every reopen attempt (every 100 ms here).
+    std::thread::sleep(Duration::from_millis(500));
+    let again: Vec<String> = run.stderr.try_iter().filter(|l| l.contains("RS-485")).collect();
+    assert!(again.is_empty(), "repeated: {again:?}");
+    run.signal("-TERM");
+    assert!(run.wait_exit(Duration::from_secs(3)).success());
+}

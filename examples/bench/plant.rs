@@ -65,6 +65,7 @@ pub(crate) fn one_bus(line: Line, devices: Vec<Device>) -> Model {
             queue_depth: 64,
             reopen_max: Duration::from_secs(1),
             broadcast: false,
+            rs485: None,
             devices,
             raw_devices: Vec::new(),
         }],

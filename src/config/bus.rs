@@ -29,6 +29,17 @@
 //!                            #   (FC5/6/15/16, no reply) from masters, through a
 //!                            #   [[server.route]] with broadcast = true; every device
 //!                            #   on the line then acts on them. Default false
+//! rs485 = "off"              # off (default): the adapter switches the RS-485
+//!                            #   direction itself; "kernel": the UART driver drives RTS
+//!                            #   around each transmission (TIOCSRS485), as mbusd -t
+//!                            #   does; a port whose driver refuses it (a pty, most USB
+//!                            #   adapters) is not opened: the error names the port
+//! rs485_invert_rts = false   # kernel mode: true = RTS low while sending, high after
+//! rs485_delay_before = "0ms" # kernel mode: RTS this long before the first bit (whole ms,
+//!                            #   at most 1s)
+//! rs485_delay_after = "0ms"  # kernel mode: RTS kept this long after the last bit
+//! rs485_rx_during_tx = false # kernel mode: receiver on while sending (4-wire); on a
+//!                            #   2-wire line set local_echo too
 //! timeout = "200ms"          # default response timeout of its devices, at least 1ms
 //! retries = 1                # default 1, 0..=10
 //! queue_depth = 64           # default 64, 1..=65536
@@ -46,6 +57,7 @@ use toml::Spanned;
 
 use super::{Checker, item};
 use crate::model::{Bus, Line, Parity, Protocol};
+use crate::serial::rs485::Rs485;
 
 const BAUD: u32 = 19_200;
 const TIMEOUT: Duration = Duration::from_millis(200);
@@ -72,6 +84,11 @@ pub(super) struct RawBus {
     local_echo: bool,
     #[serde(default)]
     broadcast: bool,
+    rs485: Option<Spanned<RawRs485>>,
+    rs485_invert_rts: Option<Spanned<bool>>,
+    rs485_delay_before: Option<Spanned<String>>,
+    rs485_delay_after: Option<Spanned<String>>,
+    rs485_rx_during_tx: Option<Spanned<bool>>,
     timeout: Option<Spanned<String>>,
     retries: Option<Spanned<i64>>,
     queue_depth: Option<Spanned<i64>>,
@@ -85,6 +102,13 @@ enum RawProtocol {
     ModbusAscii,
     Raw,
     ModbusTcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawRs485 {
+    Off,
+    Kernel,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -207,9 +231,49 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
         queue_depth: check.int(r.queue_depth.as_ref(), QUEUE_DEPTH, 1..=65_536, path, "queue_depth"),
         reopen_max: check.duration(r.reopen_max.as_ref(), REOPEN_MAX, REOPEN_MAX_MIN, path, "reopen_max"),
         broadcast: r.broadcast,
+        rs485: rs485(r, path, check),
         devices: Vec::new(),
         raw_devices: Vec::new(),
     }
+}
+
+/// The kernel RS-485 keys: `rs485 = "kernel"` and its `rs485_*` options (which need it);
+/// only on a serial port.
+fn rs485(r: &RawBus, path: &str, check: &mut Checker) -> Option<Rs485> {
+    let on = r.rs485.as_ref().is_some_and(|m| *m.get_ref() == RawRs485::Kernel);
+    let options = [
+        ("rs485_invert_rts", r.rs485_invert_rts.as_ref().map(Spanned::span)),
+        ("rs485_delay_before", r.rs485_delay_before.as_ref().map(Spanned::span)),
+        ("rs485_delay_after", r.rs485_delay_after.as_ref().map(Spanned::span)),
+        ("rs485_rx_during_tx", r.rs485_rx_during_tx.as_ref().map(Spanned::span)),
+    ];
+    if !on {
+        for (key, span) in options {
+            if let Some(span) = span {
+                check.report(span, path, format!("{key} needs rs485 = \"kernel\""));
+            }
+        }
+        return None;
+    }
+    let port = r.port.get_ref();
+    if port.contains("://") {
+        let span = r.rs485.as_ref().map_or(r.port.span(), Spanned::span);
+        check.report(span, path, format!("rs485 applies to a local serial port, not {port:?}"));
+    }
+    let mut delay = |value: Option<&Spanned<String>>, key: &str| {
+        let d =
+            check.duration_within(value, Duration::ZERO, Duration::ZERO..=Duration::from_secs(1), path, key);
+        if let Some(v) = value.filter(|_| d.subsec_nanos() % 1_000_000 != 0) {
+            check.report(v.span(), path, format!("{key} is set in whole milliseconds (the kernel's unit)"));
+        }
+        d
+    };
+    Some(Rs485 {
+        invert_rts: r.rs485_invert_rts.as_ref().is_some_and(|b| *b.get_ref()),
+        delay_before: delay(r.rs485_delay_before.as_ref(), "rs485_delay_before"),
+        delay_after: delay(r.rs485_delay_after.as_ref(), "rs485_delay_after"),
+        rx_during_tx: r.rs485_rx_during_tx.as_ref().is_some_and(|b| *b.get_ref()),
+    })
 }
 
 /// The serial settings keys (`baud` 300..=4000000, `parity`, `data_bits` 7|8,

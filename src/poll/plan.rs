@@ -452,6 +452,20 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
                     if b.frame_gap == t35(&b.line) { "t3.5" } else { "frame gap" },
                     format_args!("{:.2} ms", b.frame_gap.as_secs_f64() * 1000.0),
                 );
+                if let Some(r) = &b.rs485 {
+                    let _ = writeln!(
+                        out,
+                        "  kernel RS-485 direction control: RTS {} while sending, raised {:?} before and \
+                         kept {:?} after; receiver {} while sending (a port whose driver refuses \
+                         it is not opened)",
+                        if r.invert_rts { "low" } else { "high" },
+                        r.delay_before,
+                        r.delay_after,
+                        if r.rx_during_tx { "on" } else { "off" },
+                    );
+                } else if b.local_echo {
+                    let _ = writeln!(out, "  the adapter's echo of each request is taken off (local_echo)");
+                }
             }
             None => {
                 let _ = writeln!(out, "bus {}", plan.bus);
@@ -599,6 +613,7 @@ mod tests {
                 reopen_max: Duration::from_secs(30),
                 devices,
                 broadcast: false,
+                rs485: None,
                 raw_devices: Vec::new(),
             }],
             links: None,

@@ -714,6 +714,7 @@ count = 16
             reopen_max: Duration::from_secs(30),
             devices: vec![device],
             broadcast: false,
+            rs485: None,
             raw_devices: Vec::new(),
         };
         let model = Model {

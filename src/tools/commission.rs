@@ -175,6 +175,7 @@ fn commissioning_bus(port: &str, line: Line, timeout: Duration) -> Bus {
         reopen_max: Duration::from_secs(1),
         devices: Vec::new(),
         broadcast: false,
+        rs485: None,
         raw_devices: Vec::new(),
     }
 }
