@@ -576,3 +576,37 @@ point = [{{ name = "x", table = "holding", address = 0 }}]
     run.signal("-TERM");
     assert!(run.wait_exit(Duration::from_secs(3)).success());
 }
+
+#[test]
+fn demo_serves_a_modbus_tcp_bus_from_the_simulator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tcp.toml");
+    std::fs::write(
+        &config,
+        r#"
+[gateway]
+name = "site-t"
+[[bus]]
+name = "plc"
+port = "modbus-tcp://10.0.0.9:502"
+[[device]]
+name = "meter"
+bus = "plc"
+unit = 1
+interval = "200ms"
+point = [{ name = "energy", table = "holding", address = 0, type = "u32" }]
+"#,
+    )
+    .expect("write");
+    let out = gateway()
+        .args(["demo", "--config"])
+        .arg(&config)
+        .args(["--for", "2s", "--every", "1s"])
+        .output()
+        .expect("run demo");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("bus plc -> modbus-tcp://127.0.0.1:"), "{text}");
+    let good = text.lines().filter(|l| l.starts_with("meter.energy") && l.contains(" good ")).count();
+    assert!(good >= 1, "no good meter.energy row in:\n{text}");
+}
