@@ -263,7 +263,7 @@ fn rs485(r: &RawBus, path: &str, check: &mut Checker) -> Option<Rs485> {
     let mut delay = |value: Option<&Spanned<String>>, key: &str| {
         let d =
             check.duration_within(value, Duration::ZERO, Duration::ZERO..=Duration::from_secs(1), path, key);
-        if let Some(v) = value.filter(|_| d.subsec_nanos() % 1_000_000 != 0) {
+        if let Some(v) = value.filter(|_| !d.subsec_nanos().is_multiple_of(1_000_000)) {
             check.report(v.span(), path, format!("{key} is set in whole milliseconds (the kernel's unit)"));
         }
         d
