@@ -476,6 +476,7 @@ fn run_polls_devices_made_from_an_included_template() {
     assert!(summary.contains(" 0 timeouts") && summary.contains(" 0 exceptions"), "{summary}");
     run.signal("-TERM");
     assert!(run.wait_exit(Duration::from_secs(3)).success());
+}
 
 /// `m2m-gateway simulate --config FILE EXTRA..`; returns the process and the first line
 /// it prints (the device path, or the `modbus-tcp://` address with --tcp).
