@@ -24,7 +24,11 @@
 //!   transactions in a row, a waiting poll (polls are queued only once due) runs next.
 //!
 //! A port `tcp://host:port` is a serial device server (Moxa NPort, ser2net) carrying the
-//! same RTU frames over TCP: the same engine, timing and reopen back-off apply.
+//! same RTU frames over TCP: the same engine, timing and reopen back-off apply. A port
+//! `modbus-tcp://host:port` is a Modbus-TCP device (`serial::mbap` frames it): the same
+//! engine, with no line timing (no wire time, frame gap 0 by default), and a request
+//! whose connection turns out to be lost (a device that closed an idle connection, a
+//! reset) is sent once more on a fresh connection before it fails.
 
 pub mod pass;
 
@@ -230,13 +234,21 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
     let stats = Arc::new(BusStats::default());
     let port = bus.port.clone();
     let line = bus.line;
+    let rs485 = bus.rs485;
     let opener = move || {
         let port = port.clone();
-        async move { open_port(&port, &line).await }
+        async move {
+            // Kernel RS-485 mode first: a port that refuses it is not driven at all.
+            if let Some(mode) = rs485 {
+                mode.apply(&port)?;
+            }
+            open_port(&port, &line).await
+        }
     };
     let framing: Box<dyn Framing> = match bus.protocol {
         Protocol::ModbusRtu => Box::new(rtu::Rtu),
         Protocol::ModbusAscii => Box::new(crate::serial::ascii::Ascii),
+        Protocol::ModbusTcp => Box::new(crate::serial::mbap::Mbap::default()),
         Protocol::Raw => Box::new(crate::serial::raw::RawBusFraming::new(
             bus.raw_devices.iter().map(|d| (d.id, d.framing.clone())).collect(),
         )),
@@ -247,11 +259,12 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
             .with_frame_gap(bus.frame_gap)
             .with_local_echo(bus.local_echo)
             .with_silence(silence)
-            .with_burst_gap(if bus.port.starts_with("tcp://") {
+            .with_burst_gap(if bus.port.starts_with("tcp://") || bus.port.starts_with("modbus-tcp://") {
                 engine::TCP_BURST_GAP
             } else {
                 engine::BURST_GAP
-            });
+            })
+            .with_tcp_device(bus.protocol == Protocol::ModbusTcp);
     let handle = BusHandle {
         name: Arc::from(bus.name.as_str()),
         tx,

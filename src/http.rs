@@ -193,6 +193,7 @@ impl Observed {
                 let protocol = match b.protocol {
                     model::Protocol::ModbusRtu => "modbus-rtu",
                     model::Protocol::ModbusAscii => "modbus-ascii",
+                    model::Protocol::ModbusTcp => "modbus-tcp",
                     model::Protocol::Raw => "raw",
                 };
                 (b.port.clone(), protocol.to_string())

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use m2m_gateway::model::{Line, LogFormat, Parity};
+use m2m_gateway::model::{Line, LogFormat, Parity, Protocol};
 use m2m_gateway::point::value::{DataType, Table, WordOrder};
 use m2m_gateway::poll::plan;
 use m2m_gateway::tools::commission::{self, Poll, PollSpec};
@@ -91,6 +91,10 @@ enum Command {
         /// Serve a real serial port instead of a virtual pair.
         #[arg(long, conflicts_with = "link")]
         device: Option<PathBuf>,
+        /// Serve the units as Modbus-TCP devices on this address instead (port 0: any
+        /// free port; the address bound is printed), for `modbus-tcp://` buses.
+        #[arg(long, conflicts_with_all = ["link", "device"])]
+        tcp: Option<std::net::SocketAddr>,
     },
     /// Show a running gateway's health: buses, devices, peers, PLCs, tunnels, server.
     Status {
@@ -169,6 +173,14 @@ enum CliLogFormat {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum CliProtocol {
+    /// Modbus-RTU (binary frames, CRC).
+    Rtu,
+    /// Modbus-ASCII (`:` hex LRC CR LF frames).
+    Ascii,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum CliParity {
     None,
     Even,
@@ -213,9 +225,15 @@ enum CliOrder {
 
 #[derive(Args)]
 struct PollArgs {
-    /// Serial device path.
+    /// Serial device path, `tcp://host:port` of a serial device server, or
+    /// `modbus-tcp://host:port` of a Modbus-TCP device (read by the gateway's own bus
+    /// engine, as a `[[bus]]` with that port would).
     #[arg(long, required_unless_present = "tcp")]
     port: Option<String>,
+    /// Field protocol on a serial port (or behind a `tcp://` device server); a
+    /// `modbus-tcp://` port speaks Modbus-TCP. Raw devices: see --raw.
+    #[arg(long, value_enum, default_value = "rtu")]
+    protocol: CliProtocol,
     /// Read over Modbus-TCP from this host:port instead of a serial port (e.g. the
     /// gateway's own server: --tcp 127.0.0.1:5020).
     #[arg(long, conflicts_with_all = ["port", "raw", "raw_hex"])]
@@ -580,6 +598,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             };
             print!("{}", plan::render(&model, &plan::plan_model(&model)));
             print!("{}", plan::render_templated(&model));
+            if let Some(server) = &model.server {
+                print!("{}", m2m_gateway::server::describe_server(server));
+            }
             for p in &model.plcs {
                 print!("{}", m2m_gateway::plc::describe(p));
             }
@@ -597,21 +618,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", id.fingerprint);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Simulate { config, units, registers, link, device } => {
+        Command::Simulate { config, units, registers, link, device, tcp } => {
             let cfg = match config {
                 Some(path) => sim::load(&path)?,
                 None => sim::quick(&units, registers),
             };
             let shutdown = shutdown_on_signals()?;
             let sim = sim::Simulator::new(cfg);
-            match device {
-                Some(dev) => {
+            match (device, tcp) {
+                (Some(dev), _) => {
                     sim.serve_device(&dev, shutdown, |p| {
                         println!("serving on {}", p.display());
                     })
                     .await?
                 }
-                None => {
+                (None, Some(addr)) => {
+                    sim::run_tcp(sim, addr, shutdown, |a| {
+                        use std::io::Write;
+                        println!("modbus-tcp://{a}");
+                        let _ = std::io::stdout().flush();
+                    })
+                    .await?
+                }
+                (None, None) => {
                     sim::run_virtual(sim, link.as_deref(), shutdown, |p| {
                         println!("{}", p.display());
                     })
@@ -671,12 +700,25 @@ async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
         return poll_raw(&a, line).await;
     }
     let unit = a.unit.context("--unit is required")?;
-    if a.tcp.is_none() && !(1..=247).contains(&unit) {
+    let tcp_device = a.port.as_deref().is_some_and(|p| p.starts_with("modbus-tcp://"));
+    let protocol = match a.protocol {
+        _ if tcp_device => Protocol::ModbusTcp,
+        CliProtocol::Rtu => Protocol::ModbusRtu,
+        CliProtocol::Ascii => Protocol::ModbusAscii,
+    };
+    if tcp_device && matches!(a.protocol, CliProtocol::Ascii) {
+        anyhow::bail!("--protocol ascii: a modbus-tcp:// port speaks modbus-tcp");
+    }
+    if tcp_device && unit == 0 {
+        anyhow::bail!("--unit 0: a modbus-tcp device is addressed as 1..=255 (0 would be a broadcast)");
+    }
+    if a.tcp.is_none() && !tcp_device && !(1..=247).contains(&unit) {
         anyhow::bail!("--unit {unit}: a serial unit id is 1..=247");
     }
     let spec = PollSpec {
         port: a.port.clone().or_else(|| a.tcp.clone()).unwrap_or_default(),
         line,
+        protocol,
         unit,
         table: match a.table {
             CliTable::Coils => Table::Coils,

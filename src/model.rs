@@ -74,6 +74,9 @@ pub enum Protocol {
     ModbusRtu,
     /// Modbus ASCII (`:` hex LRC CR LF frames); same devices and points as RTU.
     ModbusAscii,
+    /// Modbus-TCP devices reached over TCP (`modbus-tcp://host:port`): MBAP frames, no
+    /// line timing; same devices and points as RTU.
+    ModbusTcp,
     /// Raw serial devices with their own request/response or streaming protocols
     /// ([`Bus::raw_devices`]; no Modbus devices).
     Raw,
@@ -107,6 +110,12 @@ pub struct Bus {
     pub queue_depth: usize,
     /// Longest wait between attempts to reopen a port that failed.
     pub reopen_max: Duration,
+    /// Kernel RS-485 direction control (`rs485 = "kernel"`), applied at each open;
+    /// `None`: the adapter switches direction itself.
+    pub rs485: Option<crate::serial::rs485::Rs485>,
+    /// Unit-0 writes may be sent on this line as broadcasts (every device on it accepts
+    /// them); only a `[[server.route]]` with `broadcast = true` sends any.
+    pub broadcast: bool,
     /// The devices on this bus.
     pub devices: Vec<Device>,
     /// The raw devices of a [`Protocol::Raw`] bus (empty on Modbus buses).
@@ -409,6 +418,9 @@ pub struct Server {
     pub max_in_flight: usize,
     /// The unit ids served (unique ids).
     pub units: Vec<ServedUnit>,
+    /// Unit ids relayed to a bus without a declared device (`[[server.route]]`); no
+    /// unit id is in two routes or in a route and `units`.
+    pub routes: Vec<Route>,
     /// What masters may write (nothing else is writable).
     pub grants: Vec<WriteGrant>,
     /// Units answered from a register map over the image (`[[server.unit.map]]`).
@@ -469,6 +481,37 @@ pub struct ServedUnit {
     pub bus: String,
     /// How reads are answered.
     pub mode: ServeMode,
+}
+
+/// A transparent route (`[[server.route]]`): requests for `units` go to `bus`, to unit
+/// `unit - unit_offset`, as they would through mbusd or an MGate in transparent mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The unit ids masters use (ascending, unique, 1..=255).
+    pub units: Vec<u8>,
+    /// The bus they are relayed to.
+    pub bus: String,
+    /// Subtracted from a master's unit id to give the unit id on the bus (each result is
+    /// 1..=247).
+    pub unit_offset: i16,
+    /// Masters may write through the route without grants (false: only what
+    /// `[[server.grant]]`s cover; with none, the route is read-only).
+    pub writable: bool,
+    /// A master's unit-0 write (FC5/6/15/16) is sent on the bus as a broadcast (the bus
+    /// allows broadcasts; at most one route has this).
+    pub broadcast: bool,
+    /// Response timeout on the bus.
+    pub timeout: Duration,
+    /// Extra silence before each request to these units; after a broadcast, the pause
+    /// before the next request (at least `server::BROADCAST_TURNAROUND`).
+    pub turnaround: Duration,
+}
+
+impl Route {
+    /// The unit id on the bus of a master's unit id `unit` (one of [`Route::units`]).
+    pub fn bus_unit(&self, unit: u8) -> u8 {
+        u8::try_from(i16::from(unit) - self.unit_offset).unwrap_or(0)
+    }
 }
 
 /// How a served unit answers.

@@ -13,16 +13,26 @@
 //! - **pass** units relay every request to the device on its bus (with the device's own
 //!   unit id, timeout, turnaround and the bus retries): the device's answer, or its
 //!   exception, goes back as is; no answer is 0x0B; a port that is down is 0x0A.
+//! - **routed** units (`[[server.route]]`) are relayed like pass units, with no device
+//!   declared: to the route's bus, unit id less the route's `unit_offset`, with the
+//!   route's timeout and turnaround and the bus retries. Their writes need
+//!   `writable = true` or grants.
 //! - any other unit id answers 0x0A (gateway path unavailable).
 //!
 //! Unit ids 0 and 255. The TCP implementation guide has a master that addresses a TCP
 //! server directly send 255 (libmodbus' and tokio-modbus' default) or 0 (pymodbus 2.x's
-//! default); on a serial line 0 is a broadcast. Through this gateway both are ordinary
-//! unit ids: 255 is served when a `[[server.unit]]` names it, and 0 (which config cannot
-//! name) answers 0x0A like any id nobody serves. A master's unit 0 is never turned into a
-//! serial broadcast: a broadcast write cannot be confirmed, and grants are per unit.
-//! Answering it (rather than staying silent, as a serial slave would) lets a master that
-//! meant "the device itself" fail at once instead of timing out.
+//! default); on a serial line 0 is a broadcast. Through this gateway 255 is an ordinary
+//! unit id, served when a `[[server.unit]]` or route names it. Unit 0 is a broadcast
+//! only where the configuration says so (opt-in: a route with `broadcast = true`, on a
+//! bus with `broadcast = true`): then FC5/6/15/16 to unit 0 are sent on that bus as
+//! broadcasts (the devices answer nothing, as the serial line spec says; the bus waits
+//! the turnaround delay, at least [`BROADCAST_TURNAROUND`], before its next request) and
+//! the master gets the normal answer of its write (the echo) once the broadcast is on
+//! the line, as MGate-style gateways answer: a master that waits for an answer to every
+//! request does not time out, and one that expects none ignores it. Any other function
+//! to unit 0 there answers 0x01. Without that option unit 0 answers 0x0A like any id
+//! nobody serves, at once, so a master that meant "the device itself" fails fast instead
+//! of timing out.
 //!
 //! Checked by the gateway itself, before any bus is touched: the MBAP header (a length
 //! no Modbus request can have, 0, 1 or past `mbap::MAX_LENGTH`, closes that connection
@@ -30,13 +40,15 @@
 //! of 124 registers, is framed and answered 0x03; a frame of another protocol id is
 //! discarded unanswered), then the request in the order of the spec's
 //! state diagrams: the function (0x01: 0, 0x80.., a write on a unit without grants,
-//! anything but FC1-4 on an agent unit), the PDU (`mbap::decode_request`: 0x03 bad
+//! anything but FC1-4 on an agent unit, anything but FC5/6/15/16 to a broadcast unit 0),
+//! the PDU (`mbap::decode_request`: 0x03 bad
 //! quantity, byte count or length, e.g. a 126-register read; 0x02 range past 65535),
 //! then the addresses written. Writes (FC5, 6, 15, 16, 22, 23) are refused unless a
 //! `[[server.grant]]` covers every address written: a unit with no grant at all answers
 //! 0x01 (illegal function: writing is not an allowed action on it), a unit with grants
 //! answers 0x02 for addresses outside them (illegal data address), as the spec words
-//! those two codes. Granted writes to agent units go to the device too.
+//! those two codes; a route with `writable = true` takes every write. Granted writes to
+//! agent units go to the device too.
 //!
 //! Fairness. Each connection is one master. A master may pipeline: up to
 //! [`MAX_PENDING`] requests per connection are being answered at once (agent reads are
@@ -126,6 +138,11 @@ pub fn describe(v: &model::VirtualUnit) -> String {
     out
 }
 
+/// The least pause a bus keeps after a broadcast before its next request: the serial
+/// line spec's "turnaround delay" (typically 100 to 200 ms), which lets the slowest
+/// device act on a broadcast it cannot confirm.
+pub const BROADCAST_TURNAROUND: Duration = Duration::from_millis(100);
+
 /// Requests of one connection being answered at once; more wait in the socket.
 pub const MAX_PENDING: usize = 16;
 
@@ -198,8 +215,15 @@ impl ServerStats {
 struct Route {
     /// The served unit id.
     unit: u8,
+    /// The declared device (agent units read its part of the image), or for a
+    /// `[[server.route]]` what logs call it.
     device: Arc<str>,
     mode: ServeMode,
+    /// Writes need no grant (a `[[server.route]]` with `writable = true`).
+    writable: bool,
+    /// Unit 0 of a `[[server.route]]` with `broadcast = true`: writes go out as a
+    /// broadcast, nothing else is served.
+    broadcast: bool,
     /// The device's own unit id on its bus.
     device_unit: u8,
     timeout: Duration,
@@ -313,6 +337,8 @@ impl Shared {
                     unit: served.unit,
                     device: Arc::from(device.name.as_str()),
                     mode: served.mode,
+                    writable: false,
+                    broadcast: false,
                     device_unit: device.unit,
                     timeout: device.timeout,
                     turnaround: device.turnaround,
@@ -321,6 +347,37 @@ impl Shared {
                     grants: config.grants.iter().filter(|g| g.unit == served.unit).copied().collect(),
                 },
             );
+        }
+        for route in &config.routes {
+            let Some(handle) = buses.iter().find(|h| h.name() == route.bus) else {
+                error!(bus = %route.bus, "no such running bus; route not served");
+                continue;
+            };
+            let retries = model.buses.iter().find(|b| b.name == route.bus).map_or(0, |b| b.retries);
+            let broadcast = route.broadcast.then_some(0);
+            for unit in route.units.iter().copied().chain(broadcast) {
+                let device_unit = if unit == 0 { 0 } else { route.bus_unit(unit) };
+                routes.insert(
+                    unit,
+                    Route {
+                        unit,
+                        device: Arc::from(format!("{} unit {device_unit}", route.bus)),
+                        mode: ServeMode::Pass,
+                        writable: route.writable,
+                        broadcast: unit == 0,
+                        device_unit,
+                        timeout: route.timeout,
+                        turnaround: if unit == 0 {
+                            route.turnaround.max(BROADCAST_TURNAROUND)
+                        } else {
+                            route.turnaround
+                        },
+                        retries,
+                        bus: handle.clone(),
+                        grants: config.grants.iter().filter(|g| g.unit == unit).copied().collect(),
+                    },
+                );
+            }
         }
         let virtuals = config
             .virtual_units
@@ -523,8 +580,11 @@ impl Route {
     /// grants offers; an agent unit reads FC1-4 and nothing else; a pass unit offers what
     /// its device offers (the device judges).
     fn serves(&self, function: u8) -> bool {
+        if self.broadcast {
+            return matches!(function, 5 | 6 | 15 | 16);
+        }
         if is_write(function) {
-            return !self.grants.is_empty();
+            return self.writable || !self.grants.is_empty();
         }
         match self.mode {
             ServeMode::Pass => true,
@@ -534,6 +594,9 @@ impl Route {
 
     /// `Ok` when grants cover every address of the write.
     fn may_write(&self, table: Table, start: u16, count: usize) -> Result<(), ExceptionCode> {
+        if self.writable {
+            return Ok(());
+        }
         let covered = (usize::from(start)..usize::from(start) + count).all(|a| {
             u16::try_from(a).is_ok_and(|a| self.grants.iter().any(|g| g.covers(self.unit, table, a)))
         });
@@ -666,4 +729,78 @@ fn relay(
             Err(e) => frame.exception(exception_for(&e)),
         }
     }))
+}
+
+/// What `check` shows of the server: where it listens, the units it serves and the
+/// routes, in words.
+pub fn describe_server(config: &model::Server) -> String {
+    use std::fmt::Write;
+    let mut out = format!(
+        "server on {} (at most {} masters, {} pass-through request(s) each per bus)\n",
+        config.listen, config.max_connections, config.max_in_flight
+    );
+    let grants = |unit: u8| config.grants.iter().filter(|g| g.unit == unit).count();
+    for u in &config.units {
+        let how = match u.mode {
+            ServeMode::Agent { max_age } => format!("agent for {} (values up to {max_age:?} old)", u.device),
+            ServeMode::Pass => format!("passed through to {} on bus {}", u.device, u.bus),
+        };
+        let _ = writeln!(out, "  unit {}: {how}, {} write grant(s)", u.unit, grants(u.unit));
+    }
+    for r in &config.routes {
+        let to = match r.unit_offset {
+            0 => "the same unit ids".to_owned(),
+            o if o > 0 => format!("unit id - {o}"),
+            o => format!("unit id + {}", -o),
+        };
+        let writes = if r.writable {
+            "writable".to_owned()
+        } else {
+            let n: usize = r.units.iter().map(|u| grants(*u)).sum();
+            if n == 0 { "read-only".to_owned() } else { format!("{n} write grant(s)") }
+        };
+        let _ = writeln!(
+            out,
+            "  units {} ({} ids) routed to bus {} as {to}, {writes}, timeout {:?}",
+            ranges(&r.units),
+            r.units.len(),
+            r.bus,
+            r.timeout
+        );
+        if r.broadcast {
+            let _ = writeln!(
+                out,
+                "  unit 0: writes (FC5/6/15/16) broadcast on bus {}, answered with their echo",
+                r.bus
+            );
+        }
+    }
+    out
+}
+
+/// `[1, 2, 3, 7]` as `"1-3,7"`.
+fn ranges(units: &[u8]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < units.len() {
+        let mut j = i;
+        while j + 1 < units.len() && units[j + 1] == units[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j { units[i].to_string() } else { format!("{}-{}", units[i], units[j]) });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ranges;
+
+    #[test]
+    fn unit_ranges_read_as_written() {
+        assert_eq!(ranges(&[1, 2, 3, 7, 9, 10]), "1-3,7,9-10");
+        assert_eq!(ranges(&[5]), "5");
+        assert_eq!(ranges(&[]), "");
+    }
 }

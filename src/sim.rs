@@ -1,6 +1,8 @@
 //! Field-device simulator: Modbus-RTU (or Modbus-ASCII) slaves on a half-duplex line, or
 //! raw serial devices (`sim/raw.rs`), for tests, benchmarks and `m2m-gateway demo`/`simulate`.
 //!
+//! Units can also be served as Modbus-TCP servers (`simtcp.rs`, [`Simulator::serve_tcp`]).
+//!
 //! This file owns the RTU slave loop ([`Simulator::serve`]): framing the input, applying
 //! faults, pacing replies; and the handle tests use ([`SimHandle`]). Its siblings own the
 //! TOML format (`sim/config.rs`, [`SimConfig`]), the register maps and what a request does
@@ -34,6 +36,7 @@ mod config;
 mod map;
 mod port;
 mod raw;
+mod tcp;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -56,6 +59,7 @@ pub use crate::sim::map::{BusStats, UnitStats};
 pub(crate) use crate::sim::map::{Unit, build as build_units, execute};
 pub use crate::sim::port::{VirtualPort, run_virtual};
 pub use crate::sim::raw::{RawFault, RawSimConfig, RawSimStats};
+pub use crate::sim::tcp::run_tcp;
 
 /// Most bytes of unframed input kept; older bytes are dropped as garbage.
 pub const INPUT_CAP: usize = 512;
@@ -163,6 +167,8 @@ struct Shared {
     epoch: Instant,
     /// Raw serial devices, served instead of the units when the config has `[[raw]]`.
     raw: Option<crate::sim::raw::RawSim>,
+    /// Bumped by [`SimHandle::reset_connections`]: every Modbus-TCP connection is reset.
+    resets: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -192,6 +198,25 @@ pub struct Simulator {
 #[derive(Clone)]
 pub struct SimHandle {
     shared: Arc<Shared>,
+}
+
+/// A reply decided under the lock, before it is framed.
+pub(crate) struct Decision {
+    /// The unit id the reply carries (another one with the wrong-unit fault).
+    pub(crate) unit: u8,
+    /// The reply PDU.
+    pub(crate) pdu: Vec<u8>,
+    /// Extra wait before replying (the late fault).
+    pub(crate) delay: Duration,
+    /// Break the frame's check (CRC or LRC; ignored on Modbus-TCP, which has none).
+    corrupt: bool,
+    /// Random bytes before the frame (ignored on Modbus-TCP: MBAP cannot resynchronise).
+    noise: usize,
+    /// The reply is queued behind the delay (the queued fault; on Modbus-TCP every reply
+    /// is: a connection is served in order).
+    queued: bool,
+    /// One byte of the frame is lost (ignored on Modbus-TCP, which cannot lose one).
+    drop_byte: bool,
 }
 
 /// A reply decided under the lock, sent after it is released.
@@ -347,6 +372,7 @@ impl Simulator {
                 }),
                 epoch: Instant::now(),
                 raw,
+                resets: tokio::sync::watch::Sender::new(0),
             }),
             timing: config.line,
             pace: true,
@@ -358,6 +384,12 @@ impl Simulator {
     /// A handle on the shared state.
     pub fn handle(&self) -> SimHandle {
         SimHandle { shared: self.shared.clone() }
+    }
+
+    /// Watches [`SimHandle::reset_connections`], and counts the connection (simtcp.rs).
+    pub(crate) fn tcp_connected(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.lock().bus.tcp_connections += 1;
+        self.shared.resets.subscribe()
     }
 
     /// The emulated line, if any.
@@ -528,8 +560,9 @@ impl Simulator {
         }
     }
 
-    /// Applies a good frame to the map and decides the reply (faults included).
-    fn on_frame(&self, frame: &[u8]) -> Option<Outgoing> {
+    /// Applies a good frame (RTU-shaped: unit, PDU, two CRC bytes, not checked here) to
+    /// the map and decides the reply, faults included.
+    pub(crate) fn decide(&self, frame: &[u8]) -> Option<Decision> {
         let t = self.shared.epoch.elapsed();
         let mut st = self.shared.lock();
         st.bus.frames_received += 1;
@@ -583,6 +616,14 @@ impl Simulator {
             }
         };
         unit.stats.answered += 1;
+        Some(Decision { unit: reply_id, pdu, delay, corrupt, noise, queued, drop_byte })
+    }
+
+    /// Applies a good frame to the map and frames the reply for the line (faults
+    /// included).
+    fn on_frame(&self, frame: &[u8]) -> Option<Outgoing> {
+        let Decision { unit: reply_id, pdu, delay, corrupt, noise, queued, drop_byte } =
+            self.decide(frame)?;
         let mut bytes: Vec<u8> = (0..noise).map(|_| rand::random::<u8>()).collect();
         if self.ascii {
             crate::serial::ascii::frame(reply_id, &pdu, &mut bytes);
@@ -780,6 +821,12 @@ impl SimHandle {
     /// Bus-wide counters.
     pub fn bus_stats(&self) -> BusStats {
         self.shared.lock().bus
+    }
+
+    /// Resets every open Modbus-TCP connection (`Simulator::serve_tcp`), as a device
+    /// that reboots or drops its connections does; new connections are accepted.
+    pub fn reset_connections(&self) {
+        self.shared.resets.send_modify(|n| *n += 1);
     }
 
     /// The exchanges recorded since the last call (oldest first), emptying the record.

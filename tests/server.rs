@@ -297,9 +297,9 @@ async fn pass_through_every_function() {
         m.read_holding_registers(500, 1).await.expect("transport"),
         Err(ExceptionCode::IllegalDataAddress)
     );
-    // ... and a function it does not support (FC8 diagnostics).
+    // ... and a function it does not support (0x41, user defined).
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    assert_eq!(raw(&mut s, 7, 20, &[0x08, 0, 0, 0xA5, 0x37]).await, [0x88, 0x01]);
+    assert_eq!(raw(&mut s, 7, 20, &[0x41, 0x01]).await, [0xC1, 0x01]);
     rig.stop().await;
 }
 

@@ -200,9 +200,12 @@ async fn exceptions_like_a_real_device() {
     // Unknown function code (no length rule: framed by the silence).
     let rsp = transact(m, 1, &[0x41, 1, 2, 3], WAIT).await.expect("reply");
     assert_eq!(rsp, frame(1, &[0xC1, 1]));
-    // Known length, unsupported: FC8 diagnostics.
-    let rsp = transact(m, 1, &[8, 0, 0, 0x12, 0x34], WAIT).await.expect("reply");
+    // Known length, unsupported: FC8 diagnostics other than sub-function 0 (return query
+    // data, which loops the request back).
+    let rsp = transact(m, 1, &[8, 0, 1, 0x12, 0x34], WAIT).await.expect("reply");
     assert_eq!(rsp, frame(1, &[0x88, 1]));
+    let rsp = transact(m, 1, &[8, 0, 0, 0x12, 0x34], WAIT).await.expect("reply");
+    assert_eq!(rsp, frame(1, &[8, 0, 0, 0x12, 0x34]));
 }
 
 #[tokio::test]

@@ -218,6 +218,7 @@ pub(crate) fn serving_gateway(
         idle_timeout: Duration::from_secs(60),
         max_in_flight: 4,
         units: vec![ServedUnit { unit: 1, device: "block".into(), bus: "bench".into(), mode }],
+        routes: Vec::new(),
         grants: Vec::new(),
         virtual_units: Vec::new(),
     });

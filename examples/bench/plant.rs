@@ -65,6 +65,8 @@ pub(crate) fn one_bus(line: Line, devices: Vec<Device>) -> Model {
             retries: 1,
             queue_depth: 64,
             reopen_max: Duration::from_secs(1),
+            broadcast: false,
+            rs485: None,
             devices,
             raw_devices: Vec::new(),
         }],

@@ -45,6 +45,8 @@ pub struct Engine {
     gap: Duration,
     /// The adapter echoes what we send.
     local_echo: bool,
+    /// A Modbus-TCP device: no wire time, and a lost connection is retried once.
+    tcp_device: bool,
     /// The silence after which a frame still short of its known length is dead.
     dead_after: Duration,
     /// When the line last carried a byte (ours or anyone's).
@@ -153,6 +155,7 @@ impl Engine {
             t35: rtu::t35(&line),
             gap: rtu::t35(&line),
             local_echo: false,
+            tcp_device: false,
             dead_after: rtu::t35(&line).max(BURST_GAP),
             last_activity: Instant::now(),
             schedule: Schedule::new(depth, addressed),
@@ -184,6 +187,13 @@ impl Engine {
     /// Expects the request's own bytes back before the reply (an adapter that echoes).
     pub fn with_local_echo(mut self, echo: bool) -> Self {
         self.local_echo = echo;
+        self
+    }
+
+    /// Talks to a Modbus-TCP device, not a line: a request has no wire time, and a
+    /// request whose proven connection fails is sent once more on a new connection.
+    pub fn with_tcp_device(mut self, tcp: bool) -> Self {
+        self.tcp_device = tcp;
         self
     }
 
@@ -346,9 +356,23 @@ impl Engine {
             let longest =
                 (job.timeout + job.turnaround).saturating_mul(5 * attempts) + Duration::from_secs(31);
             self.beat.busy(started.into_std(), longest);
-            let outcome = self.transaction(p.as_mut(), job).await;
+            let mut outcome = self.transaction(p.as_mut(), job).await;
             // A reply cut off by the deadline may be finished by the idle listening.
             self.stray.append(&mut self.buf);
+            if let (Err(e), true, true) = (&outcome, line.proven, self.tcp_device) {
+                // Devices close idle connections; that is not the request's fault.
+                debug!(error = %e, "connection lost; reconnecting to send the request again");
+                self.stats.open_attempts.fetch_add(1, Relaxed);
+                if let Ok(fresh) = open().await {
+                    self.stats.opens.fetch_add(1, Relaxed);
+                    *p = fresh;
+                    self.last_activity = Instant::now();
+                    // What the old connection left behind is not this connection's.
+                    self.stray.clear();
+                    outcome = self.transaction(p.as_mut(), job).await;
+                    self.stray.append(&mut self.buf);
+                }
+            }
             self.stats.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
             let outcome = match outcome {
                 Ok(r) => {
@@ -550,7 +574,8 @@ impl Engine {
         port.write_all(&self.out).await?;
         let written = Instant::now();
         // The request has left the UART when its last character is on the wire.
-        let drained = written.max(write_start + rtu::wire_time(&self.line, self.out.len()));
+        let wire = if self.tcp_device { Duration::ZERO } else { rtu::wire_time(&self.line, self.out.len()) };
+        let drained = written.max(write_start + wire);
         self.last_activity = drained;
         debug!(unit = job.unit, request = ?job.request, "sent");
         let verdict = if job.unit == 0 { Verdict::Broadcast } else { Verdict::Sent };

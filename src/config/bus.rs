@@ -4,19 +4,42 @@
 //! [[bus]]
 //! name = "line1"             # required, unique
 //! port = "/dev/ttyUSB0"      # required, unique; or "tcp://host:port": RTU frames over
-//!                            #   TCP to a serial device server (NPort, ser2net)
-//! protocol = "modbus-rtu"    # modbus-rtu|modbus-ascii|raw, default modbus-rtu; a raw bus
-//!                            #   carries [[raw_device]]s only (see config/rawdevice.rs)
+//!                            #   TCP to a serial device server (NPort, ser2net); or
+//!                            #   "modbus-tcp://host:port" (port usually 502): Modbus-TCP
+//!                            #   devices (meters, drives, PLCs), MBAP frames, one
+//!                            #   transaction at a time, reconnect with back-off
+//! protocol = "modbus-rtu"    # modbus-rtu|modbus-ascii|raw|modbus-tcp, default modbus-rtu
+//!                            #   (modbus-tcp for a modbus-tcp:// port, the only protocol
+//!                            #   it speaks); a raw bus carries [[raw_device]]s only (see
+//!                            #   config/rawdevice.rs)
 //! baud = 19200               # default 19200, 300..=4000000
 //! parity = "even"            # none|even|odd, default even (Modbus' 8E1)
 //! data_bits = 8              # 7|8, default 8 (modbus-rtu needs 8; ascii and raw may use 7)
 //! stop_bits = 1              # 1|2, default 1
+//!                            # (baud, parity, data_bits, stop_bits, local_echo and
+//!                            #   broadcast have no meaning on a modbus-tcp bus)
 //! frame_gap = "1.75ms"       # silence before each request; default t3.5 of the line
+//!                            #   (0 on a modbus-tcp bus)
 //!                            #   (3.5 characters, 1.75ms above 19200 baud), at most 1s;
 //!                            #   "0s" for a virtual link or a device server that times
 //!                            #   the line itself
 //! local_echo = false         # true: the adapter echoes what we send (2-wire RS-485
 //!                            #   without echo suppression); the echo is taken off
+//! broadcast = false          # true: this line may carry unit-0 broadcast writes
+//!                            #   (FC5/6/15/16, no reply) from masters, through a
+//!                            #   [[server.route]] with broadcast = true; every device
+//!                            #   on the line then acts on them. Default false
+//! rs485 = "off"              # off (default): the adapter switches the RS-485
+//!                            #   direction itself; "kernel": the UART driver drives RTS
+//!                            #   around each transmission (TIOCSRS485), as mbusd -t
+//!                            #   does; a port whose driver refuses it (a pty, most USB
+//!                            #   adapters) is not opened: the error names the port
+//! rs485_invert_rts = false   # kernel mode: true = RTS low while sending, high after
+//! rs485_delay_before = "0ms" # kernel mode: RTS this long before the first bit (whole ms,
+//!                            #   at most 1s)
+//! rs485_delay_after = "0ms"  # kernel mode: RTS kept this long after the last bit
+//! rs485_rx_during_tx = false # kernel mode: receiver on while sending (4-wire); on a
+//!                            #   2-wire line set local_echo too
 //! timeout = "200ms"          # default response timeout of its devices, at least 1ms
 //! retries = 1                # default 1, 0..=10
 //! queue_depth = 64           # default 64, 1..=65536
@@ -34,6 +57,7 @@ use toml::Spanned;
 
 use super::{Checker, item};
 use crate::model::{Bus, Line, Parity, Protocol};
+use crate::serial::rs485::Rs485;
 
 const BAUD: u32 = 19_200;
 const TIMEOUT: Duration = Duration::from_millis(200);
@@ -58,6 +82,13 @@ pub(super) struct RawBus {
     frame_gap: Option<Spanned<String>>,
     #[serde(default)]
     local_echo: bool,
+    #[serde(default)]
+    broadcast: bool,
+    rs485: Option<Spanned<RawRs485>>,
+    rs485_invert_rts: Option<Spanned<bool>>,
+    rs485_delay_before: Option<Spanned<String>>,
+    rs485_delay_after: Option<Spanned<String>>,
+    rs485_rx_during_tx: Option<Spanned<bool>>,
     timeout: Option<Spanned<String>>,
     retries: Option<Spanned<i64>>,
     queue_depth: Option<Spanned<i64>>,
@@ -70,6 +101,14 @@ enum RawProtocol {
     ModbusRtu,
     ModbusAscii,
     Raw,
+    ModbusTcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawRs485 {
+    Off,
+    Kernel,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -96,6 +135,8 @@ pub(super) fn validate(raw: &[RawBus], check: &mut Checker) -> Vec<Bus> {
             check.report(r.port.span(), &path, "port is empty");
         } else if let Some(Err(e)) = port.strip_prefix("tcp://").map(tcp_port) {
             check.report(r.port.span(), &path, e);
+        } else if let Some(Err(e)) = port.strip_prefix("modbus-tcp://").map(modbus_tcp_port) {
+            check.report(r.port.span(), &path, e);
         } else if let Some(other) = ports.insert(port, r.name.get_ref()) {
             check.report(r.port.span(), &path, format!("port {port:?} is already used by bus {other:?}"));
         }
@@ -118,12 +159,54 @@ pub(super) fn tcp_port(addr: &str) -> Result<(), String> {
     }
 }
 
+/// Checks the `host:port` of a `modbus-tcp://` port, as [`tcp_port`].
+fn modbus_tcp_port(addr: &str) -> Result<(), String> {
+    tcp_port(addr).map_err(|_| {
+        format!(
+            "port \"modbus-tcp://{addr}\" is not modbus-tcp://host:port (like \"modbus-tcp://10.0.0.9:502\" or \"modbus-tcp://meter-3:502\")"
+        )
+    })
+}
+
 fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
+    let tcp_device = r.port.get_ref().starts_with("modbus-tcp://");
     let protocol = match r.protocol.as_ref().map(|p| *p.get_ref()) {
+        None if tcp_device => Protocol::ModbusTcp,
         None | Some(RawProtocol::ModbusRtu) => Protocol::ModbusRtu,
         Some(RawProtocol::ModbusAscii) => Protocol::ModbusAscii,
         Some(RawProtocol::Raw) => Protocol::Raw,
+        Some(RawProtocol::ModbusTcp) => Protocol::ModbusTcp,
     };
+    if let Some(p) = &r.protocol {
+        if tcp_device && protocol != Protocol::ModbusTcp {
+            check.report(
+                p.span(),
+                path,
+                "a modbus-tcp:// port speaks modbus-tcp only (for RTU frames over TCP use tcp://)",
+            );
+        } else if !tcp_device && protocol == Protocol::ModbusTcp {
+            check.report(p.span(), path, "protocol modbus-tcp needs a port \"modbus-tcp://host:port\"");
+        }
+    }
+    if tcp_device {
+        let serial_only = [
+            ("baud", r.baud.as_ref().map(Spanned::span)),
+            ("parity", r.parity.map(|_| r.port.span())),
+            ("data_bits", r.data_bits.as_ref().map(Spanned::span)),
+            ("stop_bits", r.stop_bits.as_ref().map(Spanned::span)),
+            ("local_echo", r.local_echo.then(|| r.port.span())),
+            ("broadcast", r.broadcast.then(|| r.port.span())),
+        ];
+        for (key, span) in serial_only {
+            if let Some(span) = span {
+                check.report(
+                    span,
+                    path,
+                    format!("{key} has no meaning on a modbus-tcp bus (no serial line)"),
+                );
+            }
+        }
+    }
     let default = Line { baud: BAUD, data_bits: 8, parity: Parity::Even, stop_bits: 1 };
     let line =
         line(r.baud.as_ref(), r.parity, r.data_bits.as_ref(), r.stop_bits.as_ref(), default, path, check);
@@ -137,7 +220,7 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
         protocol,
         frame_gap: check.duration_within(
             r.frame_gap.as_ref(),
-            crate::serial::rtu::t35(&line),
+            if protocol == Protocol::ModbusTcp { Duration::ZERO } else { crate::serial::rtu::t35(&line) },
             Duration::ZERO..=FRAME_GAP_MAX,
             path,
             "frame_gap",
@@ -147,9 +230,50 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
         retries: check.int(r.retries.as_ref(), RETRIES, 0..=10, path, "retries"),
         queue_depth: check.int(r.queue_depth.as_ref(), QUEUE_DEPTH, 1..=65_536, path, "queue_depth"),
         reopen_max: check.duration(r.reopen_max.as_ref(), REOPEN_MAX, REOPEN_MAX_MIN, path, "reopen_max"),
+        broadcast: r.broadcast,
+        rs485: rs485(r, path, check),
         devices: Vec::new(),
         raw_devices: Vec::new(),
     }
+}
+
+/// The kernel RS-485 keys: `rs485 = "kernel"` and its `rs485_*` options (which need it);
+/// only on a serial port.
+fn rs485(r: &RawBus, path: &str, check: &mut Checker) -> Option<Rs485> {
+    let on = r.rs485.as_ref().is_some_and(|m| *m.get_ref() == RawRs485::Kernel);
+    let options = [
+        ("rs485_invert_rts", r.rs485_invert_rts.as_ref().map(Spanned::span)),
+        ("rs485_delay_before", r.rs485_delay_before.as_ref().map(Spanned::span)),
+        ("rs485_delay_after", r.rs485_delay_after.as_ref().map(Spanned::span)),
+        ("rs485_rx_during_tx", r.rs485_rx_during_tx.as_ref().map(Spanned::span)),
+    ];
+    if !on {
+        for (key, span) in options {
+            if let Some(span) = span {
+                check.report(span, path, format!("{key} needs rs485 = \"kernel\""));
+            }
+        }
+        return None;
+    }
+    let port = r.port.get_ref();
+    if port.contains("://") {
+        let span = r.rs485.as_ref().map_or(r.port.span(), Spanned::span);
+        check.report(span, path, format!("rs485 applies to a local serial port, not {port:?}"));
+    }
+    let mut delay = |value: Option<&Spanned<String>>, key: &str| {
+        let d =
+            check.duration_within(value, Duration::ZERO, Duration::ZERO..=Duration::from_secs(1), path, key);
+        if let Some(v) = value.filter(|_| !d.subsec_nanos().is_multiple_of(1_000_000)) {
+            check.report(v.span(), path, format!("{key} is set in whole milliseconds (the kernel's unit)"));
+        }
+        d
+    };
+    Some(Rs485 {
+        invert_rts: r.rs485_invert_rts.as_ref().is_some_and(|b| *b.get_ref()),
+        delay_before: delay(r.rs485_delay_before.as_ref(), "rs485_delay_before"),
+        delay_after: delay(r.rs485_delay_after.as_ref(), "rs485_delay_after"),
+        rx_during_tx: r.rs485_rx_during_tx.as_ref().is_some_and(|b| *b.get_ref()),
+    })
 }
 
 /// The serial settings keys (`baud` 300..=4000000, `parity`, `data_bits` 7|8,

@@ -44,9 +44,29 @@
 //! offset = 0.0               # default 0
 //! eng_unit = "degC"          # engineering unit for `check`'s tag list; default the
 //!                            #   local point's unit
+//! [[server.route]]           # transparent routing, no device declared (mbusd, MGate)
+//! units = "1-247"            # required: the unit ids masters use, 1..=255, as a list
+//!                            #   of ids and ranges ("1,3,10-20"); no id in two routes
+//!                            #   or in a route and a [[server.unit]]
+//! bus = "line1"              # required: a modbus-rtu, modbus-ascii or modbus-tcp bus
+//! unit_offset = 100          # default 0: bus unit = master's unit - unit_offset (so
+//!                            #   units "101-110" reach bus units 1-10); every bus unit
+//!                            #   must be 1..=247
+//! writable = false           # default false: writes only where a [[server.grant]]
+//!                            #   covers them (none: read-only); true: every write
+//!                            #   goes through
+//! broadcast = false          # true: a master's unit-0 write (FC5/6/15/16) goes on this
+//!                            #   bus as a broadcast; needs writable = true and
+//!                            #   broadcast = true on the [[bus]]; one route at most
+//! timeout = "200ms"          # default the bus's timeout
+//! turnaround = "0ms"         # default 0: extra silence before each request to these
+//!                            #   units; after a broadcast the bus waits this long, at
+//!                            #   least 100ms (the serial line spec's turnaround delay),
+//!                            #   before the next request, so the devices can act on it
 //!
 //! [[server.grant]]           # what masters may write; nothing else is writable
-//! unit = 1                   # required: a served unit id
+//! unit = 1                   # required: a served unit id (a [[server.unit]] or in a
+//!                            #   route)
 //! table = "holding"          # required: coils | holding
 //! address = 100              # required: first wire (zero-based) address, 0..=65535
 //! count = 10                 # default 1; address + count <= 65536
@@ -69,7 +89,9 @@ use toml::Spanned;
 use super::Checker;
 use super::globs::Globs;
 use super::regmap::{Entry, Kind, Layout, RawType};
-use crate::model::{Bus, OnBad, Point, ServeMode, ServedUnit, Server, VirtualUnit, WriteGrant};
+use crate::model::{
+    Bus, OnBad, Point, Protocol, Route, ServeMode, ServedUnit, Server, VirtualUnit, WriteGrant,
+};
 use crate::point::value::{Table, WordOrder};
 
 const LISTEN: &str = "127.0.0.1:5020";
@@ -91,6 +113,22 @@ pub(super) struct RawServer {
     unit: Vec<RawUnit>,
     #[serde(default)]
     grant: Vec<RawGrant>,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+}
+
+/// `[[server.route]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    units: Spanned<String>,
+    bus: Spanned<String>,
+    unit_offset: Option<Spanned<i64>>,
+    #[serde(default)]
+    writable: bool,
+    broadcast: Option<Spanned<bool>>,
+    timeout: Option<Spanned<String>>,
+    turnaround: Option<Spanned<String>>,
 }
 
 /// `[[server.unit]]` as written.
@@ -231,14 +269,21 @@ pub(super) fn validate(raw: &RawServer, buses: &[Bus], check: &mut Checker) -> S
         units.push(ServedUnit { unit, device: device.name.clone(), bus: bus.name.clone(), mode });
     }
 
+    let routes = routes(&raw.route, &seen, buses, check);
+
     let mut grants = Vec::with_capacity(raw.grant.len());
     for (i, r) in raw.grant.iter().enumerate() {
         let path = format!("server grant[{i}]");
         let unit = check.int(Some(&r.unit), 1, 1..=255, &path, "unit");
         if (1..=255).contains(r.unit.get_ref())
             && !raw.unit.iter().any(|u| u.unit.get_ref() == r.unit.get_ref())
+            && !routes.iter().any(|route| route.units.contains(&unit))
         {
-            check.report(r.unit.span(), &path, format!("unit {unit} is not served by any [[server.unit]]"));
+            check.report(
+                r.unit.span(),
+                &path,
+                format!("unit {unit} is not served by any [[server.unit]] or [[server.route]]"),
+            );
         }
         let table = *r.table.get_ref();
         if !matches!(table, Table::Coils | Table::Holding) {
@@ -264,7 +309,7 @@ pub(super) fn validate(raw: &RawServer, buses: &[Bus], check: &mut Checker) -> S
         grants.push(WriteGrant { unit, table, start, count });
     }
 
-    Server { listen, max_connections, idle_timeout, max_in_flight, units, grants, virtual_units }
+    Server { listen, max_connections, idle_timeout, max_in_flight, units, routes, grants, virtual_units }
 }
 
 /// Resolves a virtual unit (one with `[[server.unit.map]]`): `None` when reported.
@@ -339,4 +384,157 @@ fn virtual_unit(
         v.status = Some(start);
     }
     Some(v)
+}
+
+/// Parses a unit list: ids and ranges separated by commas (`"1,3,10-20"`), each id in
+/// `1..=255`. Returns the ids ascending; an id given twice is an error.
+pub(super) fn unit_list(text: &str) -> Result<Vec<u8>, String> {
+    let bad =
+        |part: &str| format!("units {text:?}: {part:?} is not a unit id 1..=255 or a range like \"10-20\"");
+    let id = |s: &str| s.trim().parse::<u8>().ok().filter(|u| *u >= 1);
+    let mut units = Vec::new();
+    for part in text.split(',') {
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (id(a).ok_or_else(|| bad(part))?, id(b).ok_or_else(|| bad(part))?),
+            None => {
+                let u = id(part).ok_or_else(|| bad(part))?;
+                (u, u)
+            }
+        };
+        if first > last {
+            return Err(format!("units {text:?}: range {:?} runs backwards", part.trim()));
+        }
+        units.extend(first..=last);
+    }
+    units.sort_unstable();
+    if let Some(w) = units.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("units {text:?}: unit {} is listed twice", w[0]));
+    }
+    Ok(units)
+}
+
+/// Resolves the `[[server.route]]`s; `declared` maps the ids of `[[server.unit]]`s to
+/// their index.
+fn routes(
+    raw: &[RawRoute],
+    declared: &HashMap<i64, usize>,
+    buses: &[Bus],
+    check: &mut Checker,
+) -> Vec<Route> {
+    let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
+    let mut broadcaster: Option<usize> = None;
+    for (i, r) in raw.iter().enumerate() {
+        let path = format!("server route[{i}]");
+        let units = unit_list(r.units.get_ref()).unwrap_or_else(|e| {
+            check.report(r.units.span(), &path, e);
+            Vec::new()
+        });
+        let unit_offset: i16 = check.int(r.unit_offset.as_ref(), 0, -246..=254, &path, "unit_offset");
+        for &u in &units {
+            if let Some(first) = declared.get(&i64::from(u)) {
+                check.report(
+                    r.units.span(),
+                    &path,
+                    format!("unit {u} is already served by server unit[{first}]"),
+                );
+                break;
+            }
+            if let Some(other) = routes.iter().position(|o| o.units.contains(&u)) {
+                check.report(
+                    r.units.span(),
+                    &path,
+                    format!("unit {u} is already routed by server route[{other}]"),
+                );
+                break;
+            }
+            let on_bus = i16::from(u) - unit_offset;
+            if !(1..=247).contains(&on_bus) {
+                let span = r.unit_offset.as_ref().map_or(r.units.span(), |o| o.span());
+                check.report(
+                    span,
+                    &path,
+                    if unit_offset == 0 {
+                        format!("unit {u} cannot be on a bus: bus unit ids are 1..=247 (see unit_offset)")
+                    } else {
+                        format!(
+                            "unit {u} - unit_offset {unit_offset} = {on_bus} is not a bus unit id 1..=247"
+                        )
+                    },
+                );
+                break;
+            }
+        }
+        let bus = buses.iter().find(|b| b.name == *r.bus.get_ref());
+        match bus {
+            None => check.report(
+                r.bus.span(),
+                &path,
+                format!("bus {:?} is not defined by any [[bus]]", r.bus.get_ref()),
+            ),
+            Some(b) if b.protocol == Protocol::Raw => check.report(
+                r.bus.span(),
+                &path,
+                format!("bus {:?} is a raw bus: only modbus buses can be routed to", b.name),
+            ),
+            Some(_) => {}
+        }
+        let broadcast = r.broadcast.as_ref().is_some_and(|b| *b.get_ref());
+        if let (Some(b), true) = (&r.broadcast, broadcast) {
+            if let Some(first) = broadcaster {
+                check.report(b.span(), &path, format!("server route[{first}] already takes the broadcasts"));
+            }
+            if !r.writable {
+                check.report(
+                    b.span(),
+                    &path,
+                    "broadcast = true needs writable = true (a broadcast is a write)",
+                );
+            }
+            if bus.is_some_and(|b| !b.broadcast) {
+                check.report(
+                    b.span(),
+                    &path,
+                    format!(
+                        "bus {:?} does not allow broadcasts: set broadcast = true on its [[bus]] too",
+                        r.bus.get_ref()
+                    ),
+                );
+            }
+            broadcaster.get_or_insert(i);
+        }
+        let default = bus.map_or(Duration::from_millis(200), |b| b.timeout);
+        let timeout = check.duration(r.timeout.as_ref(), default, Duration::from_millis(1), &path, "timeout");
+        let turnaround = check.duration_within(
+            r.turnaround.as_ref(),
+            Duration::ZERO,
+            Duration::ZERO..=Duration::from_secs(10),
+            &path,
+            "turnaround",
+        );
+        routes.push(Route {
+            units,
+            bus: r.bus.get_ref().clone(),
+            unit_offset,
+            writable: r.writable,
+            broadcast,
+            timeout,
+            turnaround,
+        });
+    }
+    routes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unit_list;
+
+    #[test]
+    fn unit_lists() {
+        assert_eq!(unit_list("1,3,10-12").expect("valid"), [1, 3, 10, 11, 12]);
+        assert_eq!(unit_list(" 7 ").expect("valid"), [7]);
+        assert_eq!(unit_list("1-255").expect("valid").len(), 255);
+        for bad in ["", "0", "256", "1-", "5-3", "a", "1,,2", "1-3,2"] {
+            assert!(unit_list(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }

@@ -285,6 +285,10 @@ pub fn plan_bus(bus: &Bus) -> BusPlan {
                 .iter()
                 .map(|r| {
                     let (req, rsp) = (size(request_bytes(r)), size(response_bytes(r)));
+                    if bus.protocol == crate::model::Protocol::ModbusTcp {
+                        // No line: the device's own response time is all there is.
+                        return bus.frame_gap + d.turnaround;
+                    }
                     transaction_time(&bus.line, bus.frame_gap, d.turnaround, req, rsp)
                 })
                 .collect();
@@ -430,6 +434,13 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
     for plan in plans {
         let bus = model.buses.iter().find(|b| b.name == plan.bus);
         match bus {
+            Some(b) if b.protocol == crate::model::Protocol::ModbusTcp => {
+                let _ = writeln!(
+                    out,
+                    "bus {} ({}, modbus-tcp device(s), one transaction at a time; line times do not apply)",
+                    b.name, b.port
+                );
+            }
             Some(b) => {
                 let _ = writeln!(
                     out,
@@ -441,6 +452,20 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
                     if b.frame_gap == t35(&b.line) { "t3.5" } else { "frame gap" },
                     format_args!("{:.2} ms", b.frame_gap.as_secs_f64() * 1000.0),
                 );
+                if let Some(r) = &b.rs485 {
+                    let _ = writeln!(
+                        out,
+                        "  kernel RS-485 direction control: RTS {} while sending, raised {:?} before and \
+                         kept {:?} after; receiver {} while sending (a port whose driver refuses \
+                         it is not opened)",
+                        if r.invert_rts { "low" } else { "high" },
+                        r.delay_before,
+                        r.delay_after,
+                        if r.rx_during_tx { "on" } else { "off" },
+                    );
+                } else if b.local_echo {
+                    let _ = writeln!(out, "  the adapter's echo of each request is taken off (local_echo)");
+                }
             }
             None => {
                 let _ = writeln!(out, "bus {}", plan.bus);
@@ -588,6 +613,8 @@ mod tests {
                 queue_depth: 16,
                 reopen_max: Duration::from_secs(30),
                 devices,
+                broadcast: false,
+                rs485: None,
                 raw_devices: Vec::new(),
             }],
             links: None,

@@ -43,10 +43,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Port for T {}
 /// Longest wait for a serial device server to accept a TCP connection.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Opens a bus port: `tcp://host:port` connects to a serial device server, anything
-/// else is a serial device path ([`open_serial`]).
+/// Opens a bus port: `tcp://host:port` connects to a serial device server,
+/// `modbus-tcp://host:port` to a Modbus-TCP device, anything else is a serial device
+/// path ([`open_serial`]).
 pub async fn open_port(port: &str, line: &Line) -> Result<Box<dyn Port>, String> {
-    let Some(addr) = port.strip_prefix("tcp://") else {
+    let Some(addr) = port.strip_prefix("tcp://").or_else(|| port.strip_prefix("modbus-tcp://")) else {
         return open_serial(port, line);
     };
     match tokio::time::timeout(TCP_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {

@@ -713,6 +713,8 @@ count = 16
             queue_depth: 16,
             reopen_max: Duration::from_secs(30),
             devices: vec![device],
+            broadcast: false,
+            rs485: None,
             raw_devices: Vec::new(),
         };
         let model = Model {

@@ -130,6 +130,8 @@ pub struct BusStats {
     pub crc_errors: u64,
     /// Bytes dropped while resynchronising (and bytes that collided with a reply).
     pub garbage_bytes: u64,
+    /// Modbus-TCP connections accepted (`Simulator::serve_tcp`).
+    pub tcp_connections: u64,
 }
 
 #[derive(Debug, Default)]
@@ -313,6 +315,33 @@ pub(crate) fn execute(unit: &mut Unit, p: &[u8], t: Duration) -> Result<(Vec<u8>
             let v = unit.read(Table::Holding, a, q, t)?;
             pdu::encode_response(&Response::ReadWriteMultipleRegisters(v), &mut out);
             Ok((out, true))
+        }
+        // Diagnostics, sub-function 0 (return query data): the request comes back as is.
+        8 if p.len() >= 3 && be16(p, 1) == 0 => Ok((p.to_vec(), false)),
+        8 => Err(ILLEGAL_FUNCTION),
+        // Read device identification, basic objects (vendor, product code, revision),
+        // read as a stream (code 1) or one object (code 4).
+        43 if p.get(1) == Some(&0x0E) => {
+            let (code, first) = (p.get(2).copied(), p.get(3).copied());
+            if p.len() != 4 || !matches!(code, Some(1 | 4)) {
+                return Err(ILLEGAL_VALUE);
+            }
+            let first = first.unwrap_or(0);
+            if first > 2 {
+                return Err(ILLEGAL_ADDRESS);
+            }
+            let objects: Vec<(u8, &[u8])> = [(0u8, &b"m2m-gateway"[..]), (1, b"SIM-RTU"), (2, b"1.0")]
+                .into_iter()
+                .filter(|(id, _)| if code == Some(4) { *id == first } else { *id >= first })
+                .collect();
+            // Conformity level 0x01: basic identification, stream access only.
+            out.extend_from_slice(&[43, 0x0E, code.unwrap_or(1), 0x01, 0, 0, objects.len() as u8]);
+            for (id, value) in objects {
+                out.push(id);
+                out.push(value.len() as u8);
+                out.extend_from_slice(value);
+            }
+            Ok((out, false))
         }
         _ => Err(ILLEGAL_FUNCTION),
     }
@@ -528,7 +557,16 @@ mod tests {
         assert_eq!(execute(&mut u, &[5, 0, 0, 0x12, 0x34], T), Err(ILLEGAL_VALUE));
         assert_eq!(execute(&mut u, &[5, 0, 0, 0xFF, 0], T), Err(ILLEGAL_ADDRESS));
         assert_eq!(execute(&mut u, &[16, 0, 0, 0, 2, 3, 0, 0, 0], T), Err(ILLEGAL_VALUE));
-        assert_eq!(execute(&mut u, &[43, 14, 1, 0], T), Err(ILLEGAL_FUNCTION));
+        // Device identification: the basic objects, or one; other MEI types are refused.
+        let id = ok(execute(&mut u, &[43, 14, 1, 0], T));
+        assert_eq!(&id[..7], [43, 14, 1, 1, 0, 0, 3]);
+        assert_eq!(pdu::pdu_len(&id, false), Some(id.len()), "a well-formed reply");
+        assert_eq!(ok(execute(&mut u, &[43, 14, 4, 2], T)), [43, 14, 4, 1, 0, 0, 1, 2, 3, b'1', b'.', b'0']);
+        assert_eq!(execute(&mut u, &[43, 14, 4, 3], T), Err(ILLEGAL_ADDRESS));
+        assert_eq!(execute(&mut u, &[43, 13, 0], T), Err(ILLEGAL_FUNCTION));
+        // Diagnostics: sub-function 0 returns the query; others are not supported.
+        assert_eq!(ok(execute(&mut u, &[8, 0, 0, 0xA5, 0x37], T)), [8, 0, 0, 0xA5, 0x37]);
+        assert_eq!(execute(&mut u, &[8, 0, 1, 0, 0], T), Err(ILLEGAL_FUNCTION));
         // Short or long fixed-length requests change nothing (ASCII frames any length).
         assert_eq!(execute(&mut u, &[6, 0, 1], T), Err(ILLEGAL_VALUE));
         assert_eq!(execute(&mut u, &[6, 0, 1, 0, 9, 9], T), Err(ILLEGAL_VALUE));

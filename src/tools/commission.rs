@@ -22,10 +22,14 @@ use crate::point::value::{DataType, Table, Value, WordOrder};
 /// What to read and how to show it.
 #[derive(Debug, Clone)]
 pub struct PollSpec {
-    /// Serial device path.
+    /// Serial device path, `tcp://host:port` of a serial device server, or
+    /// `modbus-tcp://host:port` of a Modbus-TCP device.
     pub port: String,
     /// Line settings.
     pub line: Line,
+    /// Field protocol: Modbus-RTU or -ASCII on a serial port, Modbus-TCP with a
+    /// `modbus-tcp://` port.
+    pub protocol: Protocol,
     /// Unit id.
     pub unit: u8,
     /// Table.
@@ -170,6 +174,8 @@ fn commissioning_bus(port: &str, line: Line, timeout: Duration) -> Bus {
         queue_depth: 1,
         reopen_max: Duration::from_secs(1),
         devices: Vec::new(),
+        broadcast: false,
+        rs485: None,
         raw_devices: Vec::new(),
     }
 }
@@ -177,10 +183,14 @@ fn commissioning_bus(port: &str, line: Line, timeout: Duration) -> Bus {
 impl Poll {
     /// Opens the port described by `spec` (the bus task opens it; errors surface on read).
     pub fn open(spec: &PollSpec) -> Self {
+        let base = commissioning_bus(&spec.port, spec.line, spec.timeout);
         let bus = Bus {
             local_echo: spec.local_echo,
             retries: spec.retries,
-            ..commissioning_bus(&spec.port, spec.line, spec.timeout)
+            protocol: spec.protocol,
+            // No line to keep silent on a Modbus-TCP connection.
+            frame_gap: if spec.protocol == Protocol::ModbusTcp { Duration::ZERO } else { base.frame_gap },
+            ..base
         };
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();

@@ -1,5 +1,6 @@
 //! `m2m-gateway demo`: the main job with no hardware. Every bus of a configuration is
-//! served by a simulator on its own virtual serial pair, the gateway polls them through
+//! served by a simulator on its own virtual serial pair (a `modbus-tcp://` bus by the
+//! simulator's Modbus-TCP mode on 127.0.0.1), the gateway polls them through
 //! its real bus engine, and forwards every point on change to a second gateway started
 //! in the same process: a peer with fresh identities (made in a temporary directory),
 //! listening on 127.0.0.1, reached over the real link (TLS 1.3, mutual authentication
@@ -24,32 +25,53 @@ use crate::model::{self, Dial, Links, Model, Peer, SendMode, SendRule};
 use crate::server::ServerError;
 use crate::sim::{SimConfig, SimError, Simulator, VirtualPort};
 
-/// Virtual serial pairs with a simulator behind each, one per bus of a model.
+/// Virtual serial pairs with a simulator behind each, one per bus of a model (a
+/// Modbus-TCP bus gets a simulator serving Modbus-TCP on 127.0.0.1 instead).
 pub struct SimulatedPlant {
     ports: Vec<VirtualPort>,
+    /// Stops the Modbus-TCP simulators when dropped.
+    tcp: Vec<tokio_util::sync::DropGuard>,
 }
 
 impl SimulatedPlant {
-    /// Starts a simulator for every bus of `model` and points the bus at its virtual port.
+    /// Starts a simulator for every bus of `model` and points the bus at it. Must be
+    /// called inside a tokio runtime.
     pub fn start(model: &mut Model) -> Result<Self, SimError> {
         let mut ports = Vec::new();
+        let mut tcp = Vec::new();
         for bus in &mut model.buses {
+            let sim = Simulator::new(SimConfig::from_bus(bus));
+            if bus.protocol == model::Protocol::ModbusTcp {
+                let port_err = |e: std::io::Error| SimError::Port {
+                    what: "listen on 127.0.0.1".into(),
+                    message: e.to_string(),
+                };
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(port_err)?;
+                listener.set_nonblocking(true).map_err(port_err)?;
+                let addr = listener.local_addr().map_err(port_err)?;
+                let listener = tokio::net::TcpListener::from_std(listener).map_err(port_err)?;
+                let stop = CancellationToken::new();
+                tokio::spawn(sim.serve_tcp(listener, stop.clone()));
+                tcp.push(stop.drop_guard());
+                bus.port = format!("modbus-tcp://{addr}");
+                continue;
+            }
             let mut port = VirtualPort::new()?;
-            port.run(Simulator::new(SimConfig::from_bus(bus)))?;
+            port.run(sim)?;
             bus.port = port.path().display().to_string();
             ports.push(port);
         }
-        Ok(Self { ports })
+        Ok(Self { ports, tcp })
     }
 
     /// Number of simulated buses.
     pub fn len(&self) -> usize {
-        self.ports.len()
+        self.ports.len() + self.tcp.len()
     }
 
     /// True when the model had no bus.
     pub fn is_empty(&self) -> bool {
-        self.ports.is_empty()
+        self.len() == 0
     }
 }
 
