@@ -313,3 +313,96 @@ address = 10
     shutdown.cancel();
     gateway.shutdown(SECS(2)).await;
 }
+
+/// A Modbus-TCP device that answers one FC3 request per connection with registers
+/// holding 42 and then closes the connection (FIN), as devices that drop idle
+/// connections do: every next request meets a connection the device has closed.
+async fn one_answer_per_connection(
+    listener: TcpListener,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    shutdown: CancellationToken,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let (mut stream, _) = tokio::select! {
+            a = listener.accept() => a.expect("accept"),
+            () = shutdown.cancelled() => return,
+        };
+        accepted.fetch_add(1, Relaxed);
+        tokio::spawn(async move {
+            let mut head = [0u8; 7];
+            if stream.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = usize::from(u16::from_be_bytes([head[4], head[5]]));
+            let mut pdu = vec![0u8; len.saturating_sub(1)];
+            if stream.read_exact(&mut pdu).await.is_err() || pdu.first() != Some(&3) || pdu.len() != 5 {
+                return;
+            }
+            let count = u16::from_be_bytes([pdu[3], pdu[4]]);
+            let mut reply = head[..4].to_vec();
+            reply.extend_from_slice(&(3 + 2 * count).to_be_bytes());
+            reply.extend_from_slice(&[head[6], 3, (2 * count) as u8]);
+            for _ in 0..count {
+                reply.extend_from_slice(&42u16.to_be_bytes());
+            }
+            let _ = stream.write_all(&reply).await;
+            // Dropping the stream closes it: a FIN, not a reset.
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_connection_the_device_closed_is_reopened_and_the_request_sent_again() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = format!("modbus-tcp://{}", listener.local_addr().expect("addr"));
+    let shutdown = CancellationToken::new();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    tokio::spawn(one_answer_per_connection(listener, accepted.clone(), shutdown.clone()));
+    let model = common::model(
+        r#"
+[gateway]
+name = "closing"
+[[bus]]
+name = "plc"
+port = "{port}"
+timeout = "1s"
+retries = 0
+[[device]]
+name = "meter"
+bus = "plc"
+unit = 2
+interval = "1h"
+point = [{ name = "e", table = "holding", address = 0 }]
+[server]
+listen = "127.0.0.1:0"
+[[server.unit]]
+unit = 20
+pass = "meter"
+"#,
+        &port,
+    );
+    let gateway = Gateway::start(&model, shutdown.clone()).expect("gateway starts");
+    wait_until("polled", SECS(3), || gateway.image.good_value("meter.e").is_some()).await;
+    let server = gateway.server_addr.expect("server");
+    let mut pass = within(SECS(2), "connect", tokio_modbus::client::tcp::connect_slave(server, Slave(20)))
+        .await
+        .expect("connects");
+    for round in 1..=3 {
+        // The gateway finds the connection closed (before or after sending) and sends the
+        // request again on a new one at once: the master never sees the closed connection,
+        // and nothing waits for an answer the old connection cannot bring (1 s timeout).
+        let started = std::time::Instant::now();
+        assert_eq!(
+            within(SECS(10), "answer", pass.read_holding_registers(0, 2)).await.expect("transport"),
+            Ok(vec![42, 42]),
+            "round {round}"
+        );
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(800), "round {round}: answered after {took:?}");
+        // The first poll's connection, then one per request.
+        assert_eq!(accepted.load(Relaxed), 1 + round, "round {round}: one new connection");
+    }
+    shutdown.cancel();
+    gateway.shutdown(SECS(2)).await;
+}
