@@ -1,8 +1,9 @@
 //! `Gateway::reload` in one process, against the simulator on a virtual serial pair and a
 //! Modbus-TCP master on 127.0.0.1: the server keeps its socket and its masters'
-//! connections while its unit table changes, a change of devices keeps the line open,
-//! a change of bus settings reopens it, removed devices' points turn `comm_fail`, and a
-//! configuration the machine cannot honour is refused with nothing stopped.
+//! connections while its unit table (units and routes) changes, a change of devices
+//! keeps the line open, a change of bus settings reopens it, removed devices' points turn
+//! `comm_fail`, and a configuration the machine cannot honour is refused with nothing
+//! stopped.
 
 use crate::common;
 
@@ -164,5 +165,44 @@ async fn a_configuration_the_machine_cannot_honour_is_refused_and_nothing_stops(
     let before = bus.stats().transactions.load(Relaxed);
     wait_until("polls go on", S, || bus.stats().transactions.load(Relaxed) > before + 5).await;
     assert!(rig.gateway().image.get("meter.e").is_none(), "nothing of the refused file runs");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rebuilds_the_routes_with_the_unit_table() {
+    let mut rig = Rig::start(SIM, V1);
+    let port = rig.port.path().display().to_string();
+    let addr = rig.gateway().server_addr.expect("server listening");
+    let mut master = within(S, "connect", connect_slave(addr, Slave(102))).await.expect("connect");
+    assert_eq!(
+        master.read_holding_registers(0, 1).await.expect("transport"),
+        Err(ExceptionCode::GatewayPathUnavailable),
+        "unit 102 is not routed yet"
+    );
+
+    // A route is added: masters' units 102-103 reach bus units 2-3, on the open connection.
+    let route = "\n[[server.route]]\nunits = \"102-103\"\nbus = \"line\"\nunit_offset = 100\n";
+    let gateway = rig.gateway.as_mut().expect("running");
+    let changes = gateway.reload(&model(&format!("{V1}{route}"), &port)).await.expect("reload");
+    assert_eq!(
+        changes.updated,
+        vec!["modbus-tcp server: unit table swapped (connections kept)".to_string()],
+        "{changes:?}"
+    );
+    assert_eq!(master.read_holding_registers(0, 1).await.expect("the same connection"), Ok(vec![7]));
+
+    // The offset changes: the same master unit now reaches bus unit 1.
+    let gateway = rig.gateway.as_mut().expect("running");
+    let moved = route.replace("unit_offset = 100", "unit_offset = 101");
+    gateway.reload(&model(&format!("{V1}{moved}"), &port)).await.expect("reload");
+    assert_eq!(master.read_holding_registers(0, 1).await.expect("the same connection"), Ok(vec![100]));
+
+    // The route goes: the unit is no longer served.
+    let gateway = rig.gateway.as_mut().expect("running");
+    gateway.reload(&model(V1, &port)).await.expect("reload");
+    assert_eq!(
+        master.read_holding_registers(0, 1).await.expect("transport"),
+        Err(ExceptionCode::GatewayPathUnavailable)
+    );
     rig.stop().await;
 }
