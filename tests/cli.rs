@@ -141,6 +141,78 @@ fn check_warns_when_intervals_cannot_fit_the_line() {
 }
 
 #[test]
+fn check_writes_tag_lists_and_warns_about_received_points_no_peer_supplies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("site-b.toml");
+    // site-b's example, plus a PLC map naming a point of a gateway site-b has no link to.
+    let text = std::fs::read_to_string(manifest("examples/site-b.toml")).expect("site-b.toml")
+        + "\n[[plc.map]]\npoints = \"line-3/press.force\"\ntable = \"holding\"\naddress = 10\ntype = \"u16\"\n";
+    std::fs::write(&path, text).expect("write");
+    // check verifies the identity `run` will need: site-b's, next to the copied file.
+    let id = dir.path().join("site-b/identity");
+    assert!(gateway().args(["keygen", "--dir"]).arg(&id).output().expect("keygen").status.success());
+    let tags = dir.path().join("tags");
+    let out =
+        gateway().args(["check", "--config"]).arg(&path).arg("--map-csv").arg(&tags).output().expect("check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "check failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("plc \"line-plc\" expects from site-a: boiler.flow_temp\n"), "{text}");
+    assert!(text.contains("plc \"line-plc\" expects from line-3: press.force\n"), "{text}");
+    assert!(
+        text.contains(
+            "virtual unit 10 expects from site-a: boiler.flow_temp, boiler.return_temp, boiler.setpoint,"
+        ),
+        "{text}"
+    );
+    let warnings: Vec<&str> = text.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0]
+            .contains("plc \"line-plc\" expects points from \"line-3\", but no [[peer]] is named \"line-3\"")
+    );
+    let file = tags.join("unit-10.csv");
+    assert!(text.contains(&format!("wrote {}", file.display())), "{text}");
+
+    let raw = std::fs::read_to_string(&file).expect("unit-10.csv");
+    assert!(raw.ends_with("\r\n"), "RFC 4180 line ends: {raw:?}");
+    let mut reader = csv::Reader::from_path(&file).expect("open csv");
+    let header: Vec<String> = reader.headers().expect("header").iter().map(str::to_owned).collect();
+    assert_eq!(
+        header,
+        [
+            "address",
+            "registers",
+            "table",
+            "type",
+            "order",
+            "scale",
+            "offset",
+            "point",
+            "eng_unit",
+            "description"
+        ]
+    );
+    let rows: Vec<Vec<String>> =
+        reader.records().map(|r| r.expect("row").iter().map(str::to_owned).collect()).collect();
+    let row =
+        |point: &str| rows.iter().find(|r| r[7] == point).unwrap_or_else(|| panic!("no {point} in {rows:?}"));
+    assert_eq!(
+        row("site-a/boiler.flow_temp")[..9],
+        ["0", "2", "holding", "f32", "cdab", "1", "0", "site-a/boiler.flow_temp", "degC"]
+    );
+    assert_eq!(row("site-a/boiler.setpoint")[..3], ["4", "2", "holding"]);
+    assert_eq!(
+        row("site-a/boiler.pressure")[..9],
+        ["6", "1", "input", "i16", "abcd", "0.01", "0", "site-a/boiler.pressure", "bar"]
+    );
+    assert_eq!(row("site-a/boiler.alarm")[..4], ["2", "1", "discrete", "bool"]);
+    assert_eq!(row("status.heartbeat")[..3], ["100", "1", "input"]);
+    assert_eq!(row("status.links")[9], "link up bits; bit 0: site-a");
+    assert_eq!(row("status.quality.0")[..3], ["102", "1", "input"]);
+    assert_eq!(rows.len(), 7 + 3, "seven points and three status registers: {rows:?}");
+}
+
+#[test]
 fn check_reports_every_error_with_its_position_and_exit_code_2() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bad.toml");
