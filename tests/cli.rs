@@ -346,6 +346,67 @@ fn run_polls_and_stops_within_a_second_on_sigterm() {
 }
 
 #[test]
+fn demo_prints_poll_lines_that_read_the_far_sites_values_on_a_virtual_unit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = gateway();
+    cmd.args(["demo", "--config"]).arg(shipped_config(dir.path())).args(["--for", "0s", "--every", "1s"]);
+    let mut demo = Proc::spawn(cmd);
+    let limit = Duration::from_secs(15);
+    Proc::wait_line(&demo.stdout, limit, "announcing the virtual unit", |l| {
+        l.starts_with("demo: site-b serves site-a's values as virtual unit 1 on 127.0.0.1:")
+    });
+    // The register map (as `check` prints it), up to the poll lines.
+    let mut map = Vec::new();
+    let holding = loop {
+        let line = Proc::wait_line(&demo.stdout, limit, "with the holding poll line", |_| true);
+        if line.starts_with("  m2m-gateway poll --tcp 127.0.0.1:") {
+            break line;
+        }
+        map.push(line);
+    };
+    let mapped = |table: &str| map.iter().filter(|l| l.starts_with(&format!("  {table} "))).count();
+    assert!(map.iter().any(|l| l.contains("site-a/boiler.flow_temp [degC]")), "{map:?}");
+    let discrete =
+        Proc::wait_line(&demo.stdout, limit, "with the discrete poll line", |l| l.starts_with("  "));
+    assert!(holding.contains("--table holding") && holding.contains("--type f32"), "{holding}");
+    assert!(discrete.contains("--table discrete") && discrete.contains("--type bool"), "{discrete}");
+    // Every number and bool of gateway.toml the map lists (its string point is left out).
+    let count = |line: &str| -> usize {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "--count").expect("--count");
+        words[at + 1].parse().expect("a count")
+    };
+    assert_eq!((count(&holding), count(&discrete)), (mapped("holding"), mapped("discrete")), "{map:?}");
+    assert!(count(&holding) >= 8 && count(&discrete) >= 3, "{map:?}");
+    assert!(!map.iter().any(|l| l.contains("serial_number")), "{map:?}");
+
+    // Run each printed line as printed (plus --json): once site-a's values have reached
+    // site-b over the link, it answers with every value (before, 0x0B: not good yet).
+    for line in [&holding, &discrete] {
+        let args: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let values = loop {
+            let out = gateway().args(&args).arg("--json").output().expect("run poll");
+            if out.status.success() {
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                let read: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON object");
+                break read["values"].as_array().cloned().expect("values");
+            }
+            assert!(Instant::now() < deadline, "{line}: {}", String::from_utf8_lossy(&out.stderr));
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(values.len(), count(line), "{line}: {values:?}");
+        if line.contains("f32") {
+            assert!(values.iter().all(|v| v.as_f64().is_some_and(f64::is_finite)), "{values:?}");
+        } else {
+            assert!(values.iter().all(serde_json::Value::is_boolean), "{values:?}");
+        }
+    }
+    demo.signal("-TERM");
+    assert!(demo.wait_exit(Duration::from_secs(5)).success());
+}
+
+#[test]
 fn demo_takes_a_zero_interval_and_an_endless_duration() {
     // `--every 0s` panicked in tokio::time::interval; `--for 0` runs until SIGTERM.
     let dir = tempfile::tempdir().expect("tempdir");
