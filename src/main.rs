@@ -62,6 +62,10 @@ enum Command {
         /// Configuration file.
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
+        /// Also write each virtual unit's register map as `DIR/unit-<id>.csv`, a tag list
+        /// to import into the SCADA (the directory is created if missing).
+        #[arg(long, value_name = "DIR")]
+        map_csv: Option<PathBuf>,
     },
     /// Read registers or bits from one device, for commissioning (like mbpoll).
     Poll(PollArgs),
@@ -591,7 +595,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Err(code) => Ok(code),
         },
         Command::Reload { pid, pid_file } => send_reload(pid, pid_file),
-        Command::Check { config } => {
+        Command::Check { config, map_csv } => {
             let model = match load_for_run(&config) {
                 Ok(m) => m,
                 Err(code) => return Ok(code),
@@ -607,8 +611,21 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             for v in model.server.iter().flat_map(|s| &s.virtual_units) {
                 print!("{}", m2m_gateway::server::describe(v));
             }
+            print!("{}", m2m_gateway::tools::maps::describe_received(&model));
             if let Some(links) = &model.links {
                 print!("{}", m2m_gateway::link::tunnel::describe(&links.tunnels));
+            }
+            if let Some(dir) = map_csv {
+                let written = m2m_gateway::tools::maps::write_tag_lists(&model, &dir)?;
+                if written.is_empty() {
+                    println!(
+                        "no virtual unit ([[server.unit.map]]): no tag list written to {}",
+                        dir.display()
+                    );
+                }
+                for path in written {
+                    println!("wrote {}", path.display());
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
