@@ -49,10 +49,17 @@
 //! poll after `bus::PASS_THROUGH_STREAK` pass-through transactions, so all masters
 //! together cannot stop the polls that keep agent mode fresh.
 //!
-//! Limits: at most `max_connections` masters (one more is accepted and closed at once,
-//! so it fails fast instead of hanging in the backlog); a connection with no request for
-//! `idle_timeout` (and nothing pending) is closed. The socket binds 127.0.0.1:5020 unless
-//! configured otherwise.
+//! Limits: at most `max_connections` masters. When all slots are taken, a new master is
+//! not kept out: the slot of the *longest-idle* connection is reclaimed (that connection
+//! is closed) and given to the newcomer; idle means no request of it is being answered,
+//! and the longest-idle is the one whose last request (or connect, if it never asked
+//! anything) is oldest. Only when every connection has a request being answered is the
+//! newcomer accepted and closed at once (it fails fast instead of hanging in the
+//! backlog). So masters that poll slowly (one request every few seconds) cannot keep
+//! every new master out for good, a master that is being answered is never cut, and a
+//! master whose slot was taken gets it back by reconnecting ([`Slots`]). A connection
+//! with no request for `idle_timeout` (and nothing pending) is closed. The socket binds
+//! 127.0.0.1:5020 unless configured otherwise.
 //!
 //! Invariants: nothing a master sends can panic the server or touch a bus before it is
 //! validated; every request on a live connection gets exactly one answer; every task
@@ -63,14 +70,14 @@ pub mod mbap;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until};
 use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -127,6 +134,100 @@ pub fn describe(v: &model::VirtualUnit) -> String {
 
 /// Requests of one connection being answered at once; more wait in the socket.
 pub const MAX_PENDING: usize = 16;
+
+/// The connected masters, and which one gives way when a new one arrives and all slots
+/// are taken. Sans I/O: the caller passes `now` and closes the connection it is told to.
+#[derive(Debug)]
+pub struct Slots {
+    capacity: usize,
+    masters: HashMap<MasterId, Activity>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    /// The last request (or the connect).
+    last: Instant,
+    /// A request of it is being answered.
+    busy: bool,
+}
+
+/// What becomes of a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A free slot.
+    Free,
+    /// The slot of this master, idle this long: close it.
+    Reclaimed(MasterId, Duration),
+    /// Every master is being answered: refuse the newcomer.
+    Full,
+}
+
+impl Slots {
+    /// Room for `capacity` masters.
+    pub fn new(capacity: usize) -> Self {
+        Self { capacity: capacity.max(1), masters: HashMap::new() }
+    }
+
+    /// Admits `master`, reclaiming the longest-idle slot when full.
+    pub fn admit(&mut self, master: MasterId, now: Instant) -> Admission {
+        let verdict = if self.masters.len() < self.capacity {
+            Admission::Free
+        } else {
+            match self.masters.iter().filter(|(_, a)| !a.busy).min_by_key(|(id, a)| (a.last, **id)) {
+                Some((&id, a)) => Admission::Reclaimed(id, now.saturating_duration_since(a.last)),
+                None => return Admission::Full,
+            }
+        };
+        if let Admission::Reclaimed(id, _) = verdict {
+            self.masters.remove(&id);
+        }
+        self.masters.insert(master, Activity { last: now, busy: false });
+        verdict
+    }
+
+    /// `master` sent a request at `now`; it is busy until [`Slots::answered`].
+    pub fn request(&mut self, master: MasterId, now: Instant) {
+        if let Some(a) = self.masters.get_mut(&master) {
+            a.last = now;
+            a.busy = true;
+        }
+    }
+
+    /// Every request of `master` so far is answered.
+    pub fn answered(&mut self, master: MasterId) {
+        if let Some(a) = self.masters.get_mut(&master) {
+            a.busy = false;
+        }
+    }
+
+    /// `master` disconnected.
+    pub fn remove(&mut self, master: MasterId) {
+        self.masters.remove(&master);
+    }
+
+    /// Masters connected.
+    pub fn len(&self) -> usize {
+        self.masters.len()
+    }
+
+    /// No master connected.
+    pub fn is_empty(&self) -> bool {
+        self.masters.is_empty()
+    }
+}
+
+/// The slot table with each connection's close switch, shared by the accept loop and
+/// the connections.
+struct Masters {
+    slots: Slots,
+    close: HashMap<MasterId, (CancellationToken, SocketAddr)>,
+}
+
+type SharedMasters = Arc<Mutex<Masters>>;
+
+fn lock(m: &SharedMasters) -> std::sync::MutexGuard<'_, Masters> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Why the server cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -256,7 +357,8 @@ impl Server {
     #[instrument(name = "server", skip_all, fields(listen = %self.local))]
     pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
         info!(addr = %self.local, "modbus-tcp server listening on {}", self.local);
-        let slots = Arc::new(Semaphore::new(self.max_connections));
+        let masters: SharedMasters =
+            Arc::new(Mutex::new(Masters { slots: Slots::new(self.max_connections), close: HashMap::new() }));
         let mut next_master: MasterId = 0;
         loop {
             let accepted = tokio::select! {
@@ -273,22 +375,49 @@ impl Server {
                     continue;
                 }
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                warn!(%peer, max = self.max_connections, "connection refused: too many masters");
-                drop(stream);
-                continue;
-            };
             next_master += 1;
             let master = next_master;
+            let close = shutdown.child_token();
+            {
+                let mut m = lock(&masters);
+                match m.slots.admit(master, Instant::now()) {
+                    Admission::Free => {}
+                    Admission::Reclaimed(old, idle) => {
+                        let old_peer = m.close.remove(&old).map(|(c, addr)| {
+                            c.cancel();
+                            addr
+                        });
+                        let old_peer = old_peer.map_or_else(|| format!("master {old}"), |a| a.to_string());
+                        info!(
+                            %peer,
+                            "all {} master connections taken: closed the one from {old_peer}, idle for {:.1} s, \
+                             to make room for a new master",
+                            self.max_connections,
+                            idle.as_secs_f64()
+                        );
+                    }
+                    Admission::Full => {
+                        warn!(
+                            %peer,
+                            "connection refused: all {} master connections are busy with requests",
+                            self.max_connections
+                        );
+                        continue;
+                    }
+                }
+                m.close.insert(master, (close.clone(), peer));
+            }
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
-            let shutdown = shutdown.clone();
+            let masters = masters.clone();
             tracker.spawn(
                 async move {
                     debug!("master connected");
-                    connection(stream, master, shared, shutdown).await;
+                    connection(stream, master, shared, &masters, close).await;
                     debug!("master disconnected");
-                    drop(permit);
+                    let mut m = lock(&masters);
+                    m.slots.remove(master);
+                    m.close.remove(&master);
                 }
                 .instrument(info_span!("master", %peer, id = master)),
             );
@@ -304,7 +433,14 @@ enum Answer {
 
 /// Serves one master until it leaves (a master that half-closes still gets the answers
 /// to what it asked before), idles out, breaks framing, or shutdown.
-async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, shutdown: CancellationToken) {
+/// `close` ends it (shutdown, or its slot was reclaimed for a new master).
+async fn connection(
+    stream: TcpStream,
+    master: MasterId,
+    shared: Arc<Shared>,
+    masters: &SharedMasters,
+    close: CancellationToken,
+) {
     let (rd, wr) = stream.into_split();
     let mut input = FramedRead::new(rd, MbapCodec);
     let mut output = FramedWrite::new(wr, MbapCodec);
@@ -324,6 +460,7 @@ async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, sh
             frame = input.next(), if reading && pending.len() < MAX_PENDING => match frame {
                 Some(Ok(frame)) => {
                     last_heard = Instant::now();
+                    lock(masters).slots.request(master, last_heard);
                     match shared.handle(master, frame) {
                         Answer::Now(f) => f,
                         Answer::Later(fut) => {
@@ -350,7 +487,7 @@ async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, sh
                 debug!(idle = ?shared.idle_timeout, "closing idle connection");
                 return;
             }
-            () = shutdown.cancelled() => return,
+            () = close.cancelled() => return,
         };
         let sent = tokio::select! {
             // Not cancel-safe (a frame may be cut), which is why both other arms close
@@ -360,11 +497,14 @@ async fn connection(stream: TcpStream, master: MasterId, shared: Arc<Shared>, sh
                 debug!("master does not take its answers; closing connection");
                 return;
             }
-            () = shutdown.cancelled() => return,
+            () = close.cancelled() => return,
         };
         if let Err(e) = sent {
             debug!(error = %e, "cannot answer; closing connection");
             return;
+        }
+        if pending.is_empty() {
+            lock(masters).slots.answered(master);
         }
         // The master has been busy until now: a relayed request that took longer than
         // the idle timeout must not close the connection under its answer.
@@ -550,4 +690,49 @@ fn relay(
             Err(e) => frame.exception(exception_for(&e)),
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn when_full_the_longest_idle_master_gives_way() {
+        let t0 = Instant::now();
+        let mut s = Slots::new(3);
+        assert_eq!(s.admit(1, t0), Admission::Free);
+        assert_eq!(s.admit(2, t0 + MS(1)), Admission::Free);
+        assert_eq!(s.admit(3, t0 + MS(2)), Admission::Free);
+        // 1 asked something recently and was answered; 2 has been quiet since connecting.
+        s.request(1, t0 + MS(5000));
+        s.answered(1);
+        s.request(3, t0 + MS(6000));
+        s.answered(3);
+        assert_eq!(s.admit(4, t0 + MS(8400)), Admission::Reclaimed(2, MS(8399)));
+        assert_eq!(s.len(), 3);
+        // Next the least recent requester, 1.
+        assert_eq!(s.admit(5, t0 + MS(8500)), Admission::Reclaimed(1, MS(3500)));
+    }
+
+    #[test]
+    fn a_master_being_answered_is_never_reclaimed() {
+        let t0 = Instant::now();
+        let mut s = Slots::new(2);
+        s.admit(1, t0);
+        s.admit(2, t0);
+        s.request(1, t0 + MS(1));
+        // 1 is older-idle by its request time than nothing: only 2 is idle.
+        assert_eq!(s.admit(3, t0 + MS(10)), Admission::Reclaimed(2, MS(10)));
+        s.request(3, t0 + MS(11));
+        // Both busy: the newcomer is refused and nothing changes.
+        assert_eq!(s.admit(4, t0 + MS(20)), Admission::Full);
+        assert_eq!(s.len(), 2);
+        s.answered(1);
+        assert_eq!(s.admit(5, t0 + MS(30)), Admission::Reclaimed(1, MS(29)));
+        s.remove(3);
+        s.remove(5);
+        assert!(s.is_empty());
+    }
 }
