@@ -16,7 +16,7 @@
 //!
 //! | layer | modules | what they own |
 //! |---|---|---|
-//! | 1 | [`point`], [`backoff`] | typed values, their register encodings, fields of raw replies; reconnect back-off |
+//! | 1 | [`point`], [`backoff`], [`loglimit`] | typed values, their register encodings, fields of raw replies; reconnect back-off; rate limits for log lines others can cause |
 //! | 2 | [`serial`], [`image`] | bytes on a line (framings, PDUs, checksums); the live point values |
 //! | 3 | [`model`] | the validated configuration every task runs from |
 //! | 4 | [`config`], [`bus`], [`spool`] | TOML to model; one task per line; the on-disk spool per peer |
@@ -27,6 +27,7 @@
 //! | 9 | [`tools`] | commissioning reads and the demo |
 
 pub mod backoff;
+pub mod loglimit;
 pub mod point;
 
 pub mod image;

@@ -92,6 +92,7 @@ pub use vunit::{Owners, WriteFailure};
 use crate::bus::pass::MasterId;
 use crate::bus::{BusError, BusHandle, Job, Priority};
 use crate::image::{Image, Raw, RawMiss};
+use crate::loglimit::SharedLimiter;
 use crate::model::{self, Model, ServeMode, WriteGrant};
 use crate::point::value::Table;
 use crate::serial::pdu;
@@ -275,6 +276,8 @@ struct Shared {
     idle_timeout: Duration,
     /// Requests a master may have waiting or running on one bus.
     max_in_flight: usize,
+    /// Every log line a master's connection can cause goes through it.
+    log: SharedLimiter,
 }
 
 /// A bound, not yet running, Modbus-TCP server.
@@ -344,6 +347,7 @@ impl Server {
             image,
             idle_timeout: config.idle_timeout,
             max_in_flight: config.max_in_flight,
+            log: SharedLimiter::default(),
         });
         Self { listener, local, max_connections: config.max_connections, shared }
     }
@@ -360,17 +364,27 @@ impl Server {
         let masters: SharedMasters =
             Arc::new(Mutex::new(Masters { slots: Slots::new(self.max_connections), close: HashMap::new() }));
         let mut next_master: MasterId = 0;
+        let log = self.shared.log.clone();
+        let mut flush = log.ticker();
         loop {
             let accepted = tokio::select! {
                 // Cancel-safe: accept loses no connection when dropped.
                 a = self.listener.accept() => a,
+                _ = flush.tick() => {
+                    for s in log.flush() {
+                        warn!("{s}");
+                    }
+                    continue;
+                }
                 () = shutdown.cancelled() => break,
             };
             let (stream, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Out of descriptors and the like: pause rather than spin.
-                    warn!(error = %e, "cannot accept a connection");
+                    if log.allow("failed accepts of master connections", None) {
+                        warn!(error = %e, "cannot accept a connection");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -388,20 +402,26 @@ impl Server {
                             addr
                         });
                         let old_peer = old_peer.map_or_else(|| format!("master {old}"), |a| a.to_string());
-                        info!(
-                            %peer,
-                            "all {} master connections taken: closed the one from {old_peer}, idle for {:.1} s, \
-                             to make room for a new master",
-                            self.max_connections,
-                            idle.as_secs_f64()
-                        );
+                        if log.allow("master connections closed to make room", Some(peer.ip().to_canonical()))
+                        {
+                            info!(
+                                %peer,
+                                "all {} master connections taken: closed the one from {old_peer}, idle for {:.1} s, \
+                                 to make room for a new master",
+                                self.max_connections,
+                                idle.as_secs_f64()
+                            );
+                        }
                     }
                     Admission::Full => {
-                        warn!(
-                            %peer,
-                            "connection refused: all {} master connections are busy with requests",
-                            self.max_connections
-                        );
+                        if log.allow("master connections refused (all busy)", Some(peer.ip().to_canonical()))
+                        {
+                            warn!(
+                                %peer,
+                                "connection refused: all {} master connections are busy with requests",
+                                self.max_connections
+                            );
+                        }
                         continue;
                     }
                 }
@@ -413,7 +433,7 @@ impl Server {
             tracker.spawn(
                 async move {
                     debug!("master connected");
-                    connection(stream, master, shared, &masters, close).await;
+                    connection(stream, peer, master, shared, &masters, close).await;
                     debug!("master disconnected");
                     let mut m = lock(&masters);
                     m.slots.remove(master);
@@ -436,6 +456,7 @@ enum Answer {
 /// `close` ends it (shutdown, or its slot was reclaimed for a new master).
 async fn connection(
     stream: TcpStream,
+    peer: SocketAddr,
     master: MasterId,
     shared: Arc<Shared>,
     masters: &SharedMasters,
@@ -472,7 +493,9 @@ async fn connection(
                 Some(Err(e)) => {
                     // MBAP cannot resynchronise: read no more, but answer what was
                     // asked before the bad frame, then close.
-                    warn!(error = %e, "closing connection: not modbus-tcp");
+                    if shared.log.allow("connections closed for not speaking modbus-tcp", Some(peer.ip().to_canonical())) {
+                        warn!(error = %e, "closing connection: not modbus-tcp");
+                    }
                     reading = false;
                     continue;
                 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// Bottom up, as in `src/lib.rs`.
 const LAYERS: &[&[&str]] = &[
-    &["point", "backoff"],
+    &["point", "backoff", "loglimit"],
     &["serial", "image"],
     &["model"],
     &["config", "bus", "spool"],

@@ -19,6 +19,8 @@
 //! byte of TLS is read; a client that fails the handshake (garbage, no certificate, an
 //! unpinned certificate, too slow, reclaimed) is logged and dropped without touching any
 //! link; handshakes run in their own tasks, so the accept loop never waits on a client.
+//! Every log line a connection can cause before it is authenticated goes through one
+//! [`SharedLimiter`]: a flood of connections logs a few lines and a summary per source.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -35,6 +37,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::link::Incoming;
 use crate::link::tls::{self, Fingerprint};
+use crate::loglimit::SharedLimiter;
 use crate::model::IpNet;
 
 /// Connections in handshake at once (all sources).
@@ -187,23 +190,35 @@ impl Listener {
             table: PreAuth::new(PREAUTH_SLOTS, PREAUTH_PER_SOURCE),
             cancel: HashMap::new(),
         }));
+        let log = SharedLimiter::default();
+        let mut flush = log.ticker();
         loop {
             let (tcp, from) = tokio::select! {
                 // Cancel-safe: TcpListener::accept.
                 r = self.socket.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
-                        warn!(error = %e, "cannot accept a peer connection");
+                        if log.allow("failed accepts of peer connections", None) {
+                            warn!(error = %e, "cannot accept a peer connection");
+                        }
                         // EMFILE and friends: do not spin.
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
+                _ = flush.tick() => {
+                    for s in log.flush() {
+                        warn!("{s}");
+                    }
+                    continue;
+                }
                 () = shutdown.cancelled() => return,
             };
             let ip = from.ip().to_canonical();
             if !allow.is_empty() && !allow.iter().any(|n| n.contains(&ip)) {
-                warn!(%from, "refused a connection: source address not in links.allow");
+                if log.allow("peer connections refused by links.allow", Some(ip)) {
+                    warn!(%from, "refused a connection: source address not in links.allow");
+                }
                 continue;
             }
             let _ = tcp.set_nodelay(true);
@@ -223,12 +238,14 @@ impl Listener {
                     } else {
                         format!("all {PREAUTH_SLOTS} handshake slots taken")
                     };
-                    warn!(
-                        %from,
-                        "{full}: closed {state} from {} after {:.1} s to make room",
-                        r.source,
-                        r.held.as_secs_f64()
-                    );
+                    if log.allow("handshake slots reclaimed", Some(r.source)) {
+                        warn!(
+                            %from,
+                            "{full}: closed {state} from {} after {:.1} s to make room",
+                            r.source,
+                            r.held.as_secs_f64()
+                        );
+                    }
                 }
                 p.cancel.insert(admitted.id, cancel.clone());
                 admitted.id
@@ -236,12 +253,16 @@ impl Listener {
             let acceptor = acceptor.clone();
             let routes = routes.clone();
             let pool = pool.clone();
+            let log = log.clone();
             tracker.spawn(async move {
                 tokio::select! {
-                    () = handshake(acceptor, tcp, from, now, &routes, || {
+                    // A reclaimed connection may not have been polled yet: it must close
+                    // without reading, even if its handshake could finish in this poll.
+                    biased;
+                    () = cancel.cancelled() => {}
+                    () = handshake(acceptor, tcp, from, now, &routes, &log, || {
                         pool.lock().unwrap_or_else(PoisonError::into_inner).table.started(id);
                     }) => {}
-                    () = cancel.cancelled() => {}
                 }
                 let mut p = pool.lock().unwrap_or_else(PoisonError::into_inner);
                 p.table.remove(id);
@@ -257,12 +278,16 @@ async fn handshake(
     from: SocketAddr,
     accepted: Instant,
     routes: &Routes,
+    log: &SharedLimiter,
     started: impl FnOnce(),
 ) {
+    let ip = Some(from.ip().to_canonical());
     let mut first = [0u8; 1];
     match timeout(FIRST_BYTES, tcp.peek(&mut first)).await {
         Err(_) => {
-            warn!(%from, "peer connection sent nothing within {} s; closed", FIRST_BYTES.as_secs());
+            if log.allow("peer connections that sent nothing", ip) {
+                warn!(%from, "peer connection sent nothing within {} s; closed", FIRST_BYTES.as_secs());
+            }
             return;
         }
         Ok(Ok(0)) => {
@@ -277,17 +302,23 @@ async fn handshake(
     }
     let stream = match timeout_at(accepted + HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await {
         Err(_) => {
-            warn!(%from, "tls handshake not finished within {} s; connection closed", HANDSHAKE_DEADLINE.as_secs());
+            if log.allow("unfinished tls handshakes", ip) {
+                warn!(%from, "tls handshake not finished within {} s; connection closed", HANDSHAKE_DEADLINE.as_secs());
+            }
             return;
         }
         Ok(Err(e)) => {
-            warn!(%from, error = %e, "tls handshake failed; connection dropped");
+            if log.allow("failed tls handshakes", ip) {
+                warn!(%from, error = %e, "tls handshake failed; connection dropped");
+            }
             return;
         }
         Ok(Ok(s)) => s,
     };
     let Some(fp) = tls::peer_fingerprint(stream.get_ref().1) else {
-        warn!(%from, "peer presented no certificate; connection dropped");
+        if log.allow("connections without a certificate", ip) {
+            warn!(%from, "peer presented no certificate; connection dropped");
+        }
         return;
     };
     let Some((peer, inbox)) = routes.get(&fp) else {
