@@ -24,7 +24,7 @@
 //! | 6 | [`writer`] | a typed write into a local point through its bus |
 //! | 7 | [`link`] | peer links: TLS, the protocol, grants, write-back, serial tunnels |
 //! | 8 | [`gateway`] | starts every task of a model under one shutdown token |
-//! | 9 | [`tools`] | commissioning reads and the demo |
+//! | 9 | [`tools`], `fuzz_entry` | commissioning reads and the demo; the fuzz targets' entry points |
 
 pub mod backoff;
 pub mod loglimit;
@@ -50,4 +50,6 @@ pub mod link;
 
 pub mod gateway;
 
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod tools;

@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["writer"],
     &["link"],
     &["gateway"],
-    &["tools"],
+    &["tools", "fuzz_entry"],
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
