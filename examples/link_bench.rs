@@ -97,11 +97,13 @@ fn model(name: &str, links: Links) -> Model {
             name: name.into(),
             summary_interval: Duration::from_secs(3600),
             worker_threads: None,
+            log_format: Default::default(),
         },
         buses: vec![],
         links: Some(links),
         server: None,
         plcs: Vec::new(),
+        http: None,
     }
 }
 

@@ -34,6 +34,7 @@ mod document;
 mod gateway;
 mod globs;
 mod host;
+pub mod http;
 mod link;
 mod peer;
 mod plc;
@@ -183,6 +184,7 @@ fn build(text: &str, origin: &str, dir: &Path, machine: Option<&dyn Machine>) ->
             name: String::new(),
             summary_interval: Duration::from_secs(60),
             worker_threads: None,
+            log_format: Default::default(),
         },
     };
     let mut buses = bus::validate(&raw.bus, &mut check);
@@ -199,6 +201,11 @@ fn build(text: &str, origin: &str, dir: &Path, machine: Option<&dyn Machine>) ->
         let taken: Vec<PathBuf> = links.iter().flat_map(|l| &l.peers).map(|p| p.spool.clone()).collect();
         plc::validate(&raw.plc, &points, data_dir, &taken, &mut check)
     };
+    let http = {
+        let points: Vec<&crate::model::Point> =
+            buses.iter().flat_map(|b| &b.devices).flat_map(|d| &d.points).collect();
+        http::validate(raw.http.as_ref(), &points, dir, &mut check)
+    };
     if let Some(machine) = machine {
         host::check(&raw, links.as_ref(), &plcs, machine, &mut check);
     }
@@ -207,7 +214,7 @@ fn build(text: &str, origin: &str, dir: &Path, machine: Option<&dyn Machine>) ->
     // list the problems as the reader meets them: by file, then line.
     check.problems.sort_by_key(|(offset, _)| *offset);
     if check.problems.is_empty() {
-        Ok(Model { gateway, buses, links, server, plcs })
+        Ok(Model { gateway, buses, links, server, plcs, http })
     } else {
         Err(ConfigError::Invalid(check.problems.into_iter().map(|(_, p)| p).collect()))
     }

@@ -82,6 +82,9 @@ pub const MISMATCH_BACKOFF: Duration = Duration::from_secs(30);
 pub const STABLE: Duration = Duration::from_secs(30);
 /// Peer writes carried out at the same time; more are refused as busy.
 const WRITES_AT_ONCE: usize = 4;
+/// Longest the session loop may spend on spool reads and writes in one turn before the
+/// watchdog takes the link task for wedged.
+const SESSION_STEP: Duration = Duration::from_secs(10);
 /// Received points never go stale by age here: the sender re-sends at least every
 /// `max_silence`, and the sender's own quality travels with each sample.
 const REMOTE_STALE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -124,6 +127,14 @@ pub struct LinkStats {
     pub spool_dropped: u64,
     /// Samples in them.
     pub spool_dropped_samples: u64,
+    /// Values in the batches waiting in the spool.
+    pub spool_pending_values: u64,
+    /// Bytes of the batches waiting in the spool.
+    pub spool_pending_bytes: u64,
+    /// When the oldest batch waiting in the spool was stored (`None`: none waits).
+    pub spool_oldest: Option<std::time::SystemTime>,
+    /// When the peer last acknowledged a batch (`None`: not since start).
+    pub last_ack: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +148,8 @@ struct Counters {
     samples_applied: AtomicU64,
     duplicates: AtomicU64,
     refused: AtomicU64,
+    /// Unix milliseconds of the last ack (0: none yet).
+    last_ack_ms: AtomicU64,
 }
 
 struct WriteCmd {
@@ -268,6 +281,16 @@ impl LinkHandle {
             last_seq: *self.spool.appended().borrow(),
             spool_dropped: s.dropped_batches.load(Relaxed),
             spool_dropped_samples: s.dropped_samples.load(Relaxed),
+            spool_pending_values: s.pending_samples.load(Relaxed),
+            spool_pending_bytes: s.pending_bytes.load(Relaxed),
+            spool_oldest: match s.oldest_pending_us.load(Relaxed) {
+                0 => None,
+                us => Some(std::time::UNIX_EPOCH + Duration::from_micros(us)),
+            },
+            last_ack: match c.last_ack_ms.load(Relaxed) {
+                0 => None,
+                ms => Some(std::time::UNIX_EPOCH + Duration::from_millis(ms)),
+            },
         }
     }
 }
@@ -292,6 +315,11 @@ impl Grants {
             })
             .collect::<Result<_, globset::Error>>()?;
         Ok(Self { grants })
+    }
+
+    /// True when some grant covers `point` (whatever the value).
+    pub fn covers(&self, point: &str) -> bool {
+        self.grants.iter().any(|(m, _)| m.is_match(point))
     }
 
     /// Ok when some grant covers `point` and admits `value`; else the refusal reason.
@@ -394,6 +422,7 @@ pub fn spawn(link: Link, dialer: Dialer, shutdown: CancellationToken, tracker: &
     let span = info_span!("link", peer = %link.peer.name);
     let sinks =
         link.sinks.iter().map(|c| Sink { config: c.clone(), mark: None, pending: Vec::new() }).collect();
+    let link_name = link.peer.name.clone();
     let task = Task {
         link,
         counters,
@@ -403,6 +432,7 @@ pub fn spawn(link: Link, dialer: Dialer, shutdown: CancellationToken, tracker: &
         names: HashMap::new(),
         tunnels,
         sinks,
+        beat: crate::health::beat(format!("link to {}", link_name)),
     };
     tracker.spawn(task.run(dialer).instrument(span));
     handle
@@ -420,6 +450,8 @@ struct Task {
     tunnels: Arc<TunnelHub>,
     /// Local sinks fed with received samples (from `link.sinks`).
     sinks: Vec<Sink>,
+    /// Liveness for the watchdog: beaten on every turn of every wait (`health`).
+    beat: Arc<crate::health::Beat>,
 }
 
 /// How a session ended.
@@ -445,6 +477,7 @@ impl Task {
             let incoming = match &mut dialer {
                 Dialer::Connect { addr, tls } => {
                     let (addr, tls) = (addr.clone(), tls.clone());
+                    self.beat.busy(std::time::Instant::now(), 2 * CONNECT_TIMEOUT);
                     tokio::select! {
                         // Not cancel-safe, and need not be: a half-made connection is
                         // simply dropped at shutdown.
@@ -461,6 +494,7 @@ impl Task {
                 Dialer::Accept(rx) => match next.take() {
                     Some(s) => Some(s),
                     None => loop {
+                        self.beat.idle(std::time::Instant::now());
                         tokio::select! {
                             // Cancel-safe: mpsc::recv (also the next arm).
                             s = rx.recv() => match s {
@@ -473,6 +507,8 @@ impl Task {
                             },
                             Some(cmd) = self.writes.recv() => refuse_down(cmd),
                             () = self.shutdown.cancelled() => return,
+                            // Wake to beat even when no peer calls (the watchdog).
+                            () = tokio::time::sleep(self.beat.tick()) => {}
                         }
                     },
                 },
@@ -481,6 +517,8 @@ impl Task {
             let sessions = self.counters.sessions.load(Relaxed);
             if let Some((stream, from)) = incoming {
                 backoff.connected(Instant::now());
+                // The handshake is bounded by its own timeouts; the session loop beats.
+                self.beat.busy(std::time::Instant::now(), 2 * CONNECT_TIMEOUT);
                 end = self.session(stream, from, &mut dialer).await;
                 self.set_connected(false);
             }
@@ -508,11 +546,13 @@ impl Task {
             }
             let until = backoff.failed(Instant::now());
             loop {
+                self.beat.idle(std::time::Instant::now());
                 tokio::select! {
                     // Cancel-safe: a timer, and mpsc::recv.
                     () = sleep_until(until) => break,
                     Some(cmd) = self.writes.recv() => refuse_down(cmd),
                     () = self.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(self.beat.tick()) => {}
                 }
             }
         }
@@ -640,6 +680,9 @@ impl Task {
         let permits = Arc::new(Semaphore::new(WRITES_AT_ONCE));
         let mut buf = BytesMut::new();
         loop {
+            // One turn: spool reads and writes (bounded by the disk), then one wait that
+            // wakes at least every tick.
+            self.beat.busy(std::time::Instant::now(), SESSION_STEP);
             // Fill the window from the spool.
             if more && inflight.len() < WINDOW {
                 appended.borrow_and_update();
@@ -711,6 +754,8 @@ impl Task {
                                         }
                                     }
                                     Frame::Ack { seq } => {
+                                        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                                        self.counters.last_ack_ms.store(now.map_or(1, |d| d.as_millis() as u64).max(1), Relaxed);
                                         while inflight.front().is_some_and(|s| *s <= seq) {
                                             inflight.pop_front();
                                             self.counters.acked.fetch_add(1, Relaxed);
@@ -793,6 +838,8 @@ impl Task {
                     out.close("shutting down");
                     return End::Shutdown;
                 }
+                // Cancel-safe: a timer; wakes the loop to beat (the watchdog).
+                () = tokio::time::sleep(self.beat.tick()) => {}
             }
             // Everything applied is recorded, even when the session is ending: else the
             // peer would resend it and it would be applied twice. Sinks store their

@@ -8,13 +8,14 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info};
 
-use m2m_gateway::model::{Line, Parity};
+use m2m_gateway::model::{Line, LogFormat, Parity};
 use m2m_gateway::point::value::{DataType, Table, WordOrder};
 use m2m_gateway::poll::plan;
 use m2m_gateway::tools::commission::{self, Poll, PollSpec};
-use m2m_gateway::{config, gateway::Gateway, sim};
+use m2m_gateway::tools::remote;
+use m2m_gateway::{config, gateway::Gateway, service, sim};
 
 /// Exit code for a configuration that does not validate.
 const EXIT_CONFIG: u8 = 2;
@@ -25,17 +26,35 @@ struct Cli {
     /// More logging (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Log lines as text or as one JSON object each (default: [gateway] log_format, else
+    /// text). Under systemd (JOURNAL_STREAM set) text lines carry no timestamp: journald
+    /// adds its own. NO_COLOR, or output that is not a terminal, turns colours off.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<CliLogFormat>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway.
+    /// Run the gateway. SIGHUP reloads the configuration file; SIGTERM or SIGINT stop.
     Run {
         /// Configuration file.
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
+        /// Write the process id to this file (removed at exit), for `reload --pid-file`.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+    },
+    /// Tell a running gateway to reload its configuration (sends it SIGHUP). Under
+    /// systemd, `systemctl reload m2m-gateway` does the same.
+    Reload {
+        /// The gateway's process id.
+        #[arg(long, conflicts_with = "pid_file", required_unless_present = "pid_file")]
+        pid: Option<i32>,
+        /// A file holding the gateway's process id (`run --pid-file`).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
     },
     /// Validate a configuration (and the files it includes) and what `run` needs from this
     /// machine (identity, data directory, spools); show the polling plan and bus load.
@@ -43,6 +62,10 @@ enum Command {
         /// Configuration file.
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
+        /// Also write each virtual unit's register map as `DIR/unit-<id>.csv`, a tag list
+        /// to import into the SCADA (the directory is created if missing).
+        #[arg(long, value_name = "DIR")]
+        map_csv: Option<PathBuf>,
     },
     /// Read registers or bits from one device, for commissioning (like mbpoll).
     Poll(PollArgs),
@@ -73,6 +96,39 @@ enum Command {
         #[arg(long, conflicts_with = "link")]
         device: Option<PathBuf>,
     },
+    /// Show a running gateway's health: buses, devices, peers, PLCs, tunnels, server.
+    Status {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Print the JSON of /api/v1/status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the values of a running gateway's points (value, unit, quality, age).
+    Read {
+        /// Point glob, like 'boiler.*' (default: every point).
+        #[arg(default_value = "*")]
+        glob: String,
+        /// Keep printing every change until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON lines, one per point.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Write a value into a point of a running gateway: only points an [[http.grant]]
+    /// covers, within its limits, with the access token.
+    Write {
+        /// The point, like boiler.setpoint.
+        point: String,
+        /// The value: a number, or true/false.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// Run a configuration against simulated devices on virtual serial pairs and show
     /// the live values. No hardware needed.
     Demo {
@@ -86,6 +142,34 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = duration)]
         every: Duration,
     },
+}
+
+/// Where a running gateway's HTTP endpoint is.
+#[derive(Args)]
+struct TargetArgs {
+    /// The gateway's HTTP endpoint, like http://127.0.0.1:8502 (default: from --config,
+    /// else http://127.0.0.1:8502).
+    #[arg(long)]
+    url: Option<String>,
+    /// The gateway's configuration: its [http] listen address and token_file.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// A file holding the access token (default: the config's [http] token_file).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    fn client(self) -> anyhow::Result<m2m_gateway::http::client::Client> {
+        let target = remote::Target { url: self.url, config: self.config, token_file: self.token_file };
+        Ok(target.client()?)
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CliLogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -228,16 +312,29 @@ fn duration(text: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // One-shot commands print their result; their info logs would only be noise.
-    let quiet = matches!(cli.command, Command::Poll(_) | Command::Check { .. });
-    init_logging(cli.verbose, quiet);
-    // `run` reads its configuration first: it says how many threads the runtime has.
+    let quiet = matches!(
+        cli.command,
+        Command::Poll(_)
+            | Command::Check { .. }
+            | Command::Status { .. }
+            | Command::Read { .. }
+            | Command::Write { .. }
+    );
+    // `run` reads its configuration first: it says how many threads the runtime has,
+    // and how to log.
     let model = match &cli.command {
-        Command::Run { config } => match load_for_run(config) {
+        Command::Run { config, .. } => match load_for_run(config) {
             Ok(model) => Some(model),
             Err(code) => return code,
         },
         _ => None,
     };
+    let format = match cli.log_format {
+        Some(CliLogFormat::Text) => LogFormat::Text,
+        Some(CliLogFormat::Json) => LogFormat::Json,
+        None => model.as_ref().map_or(LogFormat::Text, |m| m.gateway.log_format),
+    };
+    init_logging(cli.verbose, quiet, format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = model.as_ref().and_then(|m| m.gateway.worker_threads) {
         builder.worker_threads(n);
@@ -249,9 +346,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = match model {
-        Some(model) => runtime.block_on(run(&model)),
-        None => runtime.block_on(dispatch(cli.command)),
+    let outcome = match (model, cli.command) {
+        (Some(model), Command::Run { config, pid_file }) => {
+            runtime.block_on(run(&config, model, pid_file.as_deref()))
+        }
+        (_, command) => runtime.block_on(dispatch(command)),
     };
     match outcome {
         Ok(code) => code,
@@ -279,7 +378,15 @@ fn causes(e: &anyhow::Error) -> String {
     out
 }
 
-fn init_logging(verbose: u8, quiet: bool) {
+/// How log lines look: with timestamps (not under journald, which adds its own) and with
+/// colours (only on a terminal, and not when NO_COLOR is set to anything but "").
+fn log_style(journal: bool, tty: bool, no_color: Option<&std::ffi::OsStr>) -> (bool, bool) {
+    let timestamps = !journal;
+    let ansi = tty && no_color.is_none_or(|v| v.is_empty());
+    (timestamps, ansi)
+}
+
+fn init_logging(verbose: u8, quiet: bool, format: LogFormat) {
     let default = match verbose {
         0 if quiet => "warn",
         0 => "info",
@@ -289,11 +396,18 @@ fn init_logging(verbose: u8, quiet: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let (timestamps, ansi) = log_style(
+        std::env::var_os("JOURNAL_STREAM").is_some(),
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match (format, timestamps) {
+        // JSON keeps its timestamp under journald too: collectors read it from the object.
+        (LogFormat::Json, _) => builder.json().with_ansi(false).flatten_event(true).init(),
+        (LogFormat::Text, true) => builder.with_ansi(ansi).init(),
+        (LogFormat::Text, false) => builder.with_ansi(ansi).without_time().init(),
+    }
 }
 
 /// A token cancelled by the first SIGINT or SIGTERM.
@@ -330,10 +444,127 @@ fn load_for_run(path: &std::path::Path) -> Result<m2m_gateway::model::Model, Exi
     })
 }
 
-/// `run`: the gateway, until Ctrl-C or SIGTERM.
-async fn run(model: &m2m_gateway::model::Model) -> anyhow::Result<ExitCode> {
+/// How often the status line for the service manager is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// Longest wait for every bus to try its port before telling systemd we are ready.
+const READY_WAIT: Duration = Duration::from_secs(5);
+
+/// `run`: the gateway, until Ctrl-C or SIGTERM; SIGHUP reloads `path`.
+async fn run(
+    path: &std::path::Path,
+    model: m2m_gateway::model::Model,
+    pid_file: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let watchdog = service::init();
     let shutdown = shutdown_on_signals()?;
-    Gateway::start(model, shutdown)?.shutdown(Duration::from_secs(1)).await;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut gateway = Gateway::start(&model, shutdown.clone())?;
+    let _pid = match pid_file {
+        Some(p) => Some(PidFile::write(p)?),
+        None => None,
+    };
+    let until = tokio::time::Instant::now() + READY_WAIT;
+    while !gateway.buses_tried() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    service::ready(&gateway.status());
+    let pinger = watchdog.map(|every| tokio::spawn(service::watchdog(every, shutdown.clone())));
+    let mut status = tokio::time::interval(STATUS_EVERY);
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                service::reloading();
+                reload(&mut gateway, path).await;
+                service::ready(&gateway.status());
+            }
+            _ = status.tick() => service::status(&gateway.status()),
+            () = shutdown.cancelled() => break,
+        }
+    }
+    service::stopping();
+    gateway.shutdown(Duration::from_secs(1)).await;
+    if let Some(p) = pinger {
+        let _ = p.await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP: reads and validates `path`; applies it when valid, else logs every error
+/// and keeps the running configuration.
+async fn reload(gateway: &mut Gateway, path: &std::path::Path) {
+    info!("SIGHUP: reloading the configuration from {}", path.display());
+    let model = match config::load_for_run(path, &m2m_gateway::gateway::Preflight) {
+        Ok(model) => model,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                error!("{line}");
+            }
+            error!("reload refused: the configuration has errors (above); the running configuration is kept");
+            return;
+        }
+    };
+    match gateway.reload(&model).await {
+        Ok(changes) if changes.is_empty() => info!("reload: nothing changed"),
+        Ok(changes) => {
+            for what in &changes.added {
+                info!("reload: added {what}");
+            }
+            for what in &changes.removed {
+                info!("reload: removed {what}");
+            }
+            for what in &changes.restarted {
+                info!("reload: restarted {what}");
+            }
+            for what in &changes.updated {
+                info!("reload: updated {what}");
+            }
+            info!(
+                added = changes.added.len(),
+                removed = changes.removed.len(),
+                restarted = changes.restarted.len(),
+                "reload done; everything else kept running"
+            );
+        }
+        Err(e) => error!("reload refused: {e}; the running configuration is kept"),
+    }
+}
+
+/// The pid file of `run --pid-file`, removed when dropped.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: &std::path::Path) -> anyhow::Result<Self> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing the pid file {}", path.display()))?;
+        Ok(Self(path.to_path_buf()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `reload`: SIGHUP to the gateway's process.
+fn send_reload(pid: Option<i32>, pid_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let pid = match (pid, pid_file) {
+        (Some(pid), _) => pid,
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading the pid file {}", file.display()))?;
+            text.trim()
+                .parse()
+                .with_context(|| format!("{}: not a process id: {:?}", file.display(), text.trim()))?
+        }
+        (None, None) => anyhow::bail!("--pid or --pid-file is required"),
+    };
+    let target = rustix::process::Pid::from_raw(pid).with_context(|| format!("{pid} is not a process id"))?;
+    rustix::process::kill_process(target, rustix::process::Signal::HUP)
+        .with_context(|| format!("sending SIGHUP to process {pid}"))?;
+    println!("asked process {pid} to reload its configuration (its log says what changed)");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -341,11 +572,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         // `main` loads the configuration before the runtime it configures and calls
         // `run` itself; this is the same, on whatever runtime it is given.
-        Command::Run { config } => match load_for_run(&config) {
-            Ok(model) => run(&model).await,
+        Command::Run { config, pid_file } => match load_for_run(&config) {
+            Ok(model) => run(&config, model, pid_file.as_deref()).await,
             Err(code) => Ok(code),
         },
-        Command::Check { config } => {
+        Command::Reload { pid, pid_file } => send_reload(pid, pid_file),
+        Command::Check { config, map_csv } => {
             let model = match load_for_run(&config) {
                 Ok(m) => m,
                 Err(code) => return Ok(code),
@@ -358,8 +590,21 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             for v in model.server.iter().flat_map(|s| &s.virtual_units) {
                 print!("{}", m2m_gateway::server::describe(v));
             }
+            print!("{}", m2m_gateway::tools::maps::describe_received(&model));
             if let Some(links) = &model.links {
                 print!("{}", m2m_gateway::link::tunnel::describe(&links.tunnels));
+            }
+            if let Some(dir) = map_csv {
+                let written = m2m_gateway::tools::maps::write_tag_lists(&model, &dir)?;
+                if written.is_empty() {
+                    println!(
+                        "no virtual unit ([[server.unit.map]]): no tag list written to {}",
+                        dir.display()
+                    );
+                }
+                for path in written {
+                    println!("wrote {}", path.display());
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -390,6 +635,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     .await?
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { target, json } => {
+            print!("{}", remote::status(&target.client()?, json).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Read { glob, watch, json, target } => {
+            let client = target.client()?;
+            if watch {
+                let shutdown = shutdown_on_signals()?;
+                let print = |text: &str| {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+                };
+                remote::watch(&client, &glob, json, print, shutdown.cancelled_owned()).await?;
+            } else {
+                print!("{}", remote::read(&client, &glob, json).await?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Write { point, value, target } => {
+            print!("{}", remote::write(&target.client()?, &point, &value).await?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { config, duration, every } => {
@@ -547,5 +815,15 @@ mod tests {
         // A cause not already in the message is still shown.
         let e = anyhow::anyhow!("inner").context("outer");
         assert_eq!(causes(&e), "outer: inner");
+    }
+
+    #[test]
+    fn log_style_follows_journald_no_color_and_the_terminal() {
+        use std::ffi::OsStr;
+        assert_eq!(log_style(false, true, None), (true, true));
+        assert_eq!(log_style(true, true, None), (false, true), "journald: no timestamps");
+        assert_eq!(log_style(false, false, None), (true, false), "not a terminal: no colours");
+        assert_eq!(log_style(false, true, Some(OsStr::new("1"))), (true, false), "NO_COLOR");
+        assert_eq!(log_style(false, true, Some(OsStr::new(""))), (true, true), "NO_COLOR empty: ignored");
     }
 }

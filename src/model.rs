@@ -24,6 +24,23 @@ pub struct Model {
     pub server: Option<Server>,
     /// Modbus-TCP PLCs that receive local values by register/coil writes (`[[plc]]`).
     pub plcs: Vec<Plc>,
+    /// The local HTTP endpoint: status page, metrics, JSON API (`None`: disabled).
+    pub http: Option<Http>,
+}
+
+/// The local HTTP endpoint (`[http]`): status page, Prometheus metrics, JSON API.
+#[derive(Debug, Clone)]
+pub struct Http {
+    /// Address the listening socket binds (port 0: any free port, for tests).
+    pub listen: std::net::SocketAddr,
+    /// The file holding the access token (`None`: no token; then only loopback may
+    /// connect and nothing can be written).
+    pub token_file: Option<std::path::PathBuf>,
+    /// The points operators may write through the API, with their limits.
+    pub grants: Vec<Grant>,
+    /// The section was written: a listener that cannot bind stops the start. Without
+    /// it (the defaults), a taken port is only a warning.
+    pub required: bool,
 }
 
 /// Gateway-wide settings.
@@ -35,6 +52,19 @@ pub struct Gateway {
     pub summary_interval: Duration,
     /// Threads running the gateway's tasks (`None`: one per CPU core).
     pub worker_threads: Option<usize>,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (`[gateway] log_format`, `--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per event, for people (and journald).
+    #[default]
+    Text,
+    /// One JSON object per event, for log collectors.
+    Json,
 }
 
 /// The field protocol spoken on a bus.

@@ -614,7 +614,7 @@ impl Sender {
             }
             Err(code) => {
                 if !std::mem::replace(&mut beat.refused, true) {
-                    error!(address, exception = ?code, "the plc refused the watchdog write (logged once until one is accepted)");
+                    error!(address, exception = %crate::serial::pdu::exception_text(u8::from(code)), "the plc refused the watchdog write (logged once until one is accepted)");
                 }
             }
         }
@@ -754,7 +754,7 @@ impl Sender {
                 Ok(Err(e)) => return Err(transport(e.to_string())),
                 Ok(Ok(Err(code))) => {
                     self.stats.dropped.fetch_add(values, Relaxed);
-                    error!(request = %what, exception = ?code, "the plc refused a write: values lost");
+                    error!(request = %what, exception = %crate::serial::pdu::exception_text(u8::from(code)), "the plc refused a write: values lost");
                 }
                 Ok(Ok(Ok(_))) => {
                     self.stats.requests.fetch_add(1, Relaxed);

@@ -70,6 +70,7 @@ pub mod mbap;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -252,6 +253,49 @@ pub fn listen(config: &model::Server) -> Result<TcpListener, ServerError> {
     TcpListener::from_std(std_listener).map_err(bind_err)
 }
 
+/// Counters of the server, readable while it runs (the status page and `/metrics`).
+#[derive(Debug)]
+pub struct ServerStats {
+    /// Masters connected now.
+    pub connected: AtomicU64,
+    /// Connections accepted since start.
+    pub accepted: AtomicU64,
+    /// Connections refused because `max_connections` masters were connected.
+    pub refused: AtomicU64,
+    /// Requests received, by function code (index 0..=127; a code above 127 counts at 0).
+    pub requests: [AtomicU64; 128],
+    /// Exception answers sent, by exception code (index 0..=15; others count at 0).
+    pub exceptions: [AtomicU64; 16],
+}
+
+impl Default for ServerStats {
+    fn default() -> Self {
+        Self {
+            connected: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            requests: std::array::from_fn(|_| AtomicU64::new(0)),
+            exceptions: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl ServerStats {
+    fn request(&self, pdu: &[u8]) {
+        let f = pdu.first().map_or(0, |f| usize::from(*f));
+        self.requests.get(f).unwrap_or(&self.requests[0]).fetch_add(1, Relaxed);
+    }
+
+    fn answer(&self, pdu: &[u8]) {
+        if let [f, code, ..] = pdu
+            && *f >= 0x80
+        {
+            let c = usize::from(*code);
+            self.exceptions.get(c).unwrap_or(&self.exceptions[0]).fetch_add(1, Relaxed);
+        }
+    }
+}
+
 /// Where one served unit's requests go.
 struct Route {
     /// The served unit id.
@@ -276,8 +320,31 @@ struct Shared {
     idle_timeout: Duration,
     /// Requests a master may have waiting or running on one bus.
     max_in_flight: usize,
-    /// Every log line a master's connection can cause goes through it.
-    log: SharedLimiter,
+}
+
+/// The routing and unit tables every connection reads, swapped whole on a reload
+/// ([`Server::tables`]): each request is served with the tables current when it arrives.
+#[derive(Clone)]
+pub struct Tables(Arc<std::sync::RwLock<Arc<Shared>>>);
+
+impl Tables {
+    fn current(&self) -> Arc<Shared> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the tables with those of `config` over `buses` (as [`Server::new`]
+    /// builds them); the listening socket and the connections stay as they are.
+    pub fn replace(
+        &self,
+        config: &model::Server,
+        model: &Model,
+        buses: &[BusHandle],
+        owners: Arc<dyn Owners>,
+    ) {
+        let image = self.current().image.clone();
+        let shared = Arc::new(Shared::new(config, model, buses, image, owners));
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = shared;
+    }
 }
 
 /// A bound, not yet running, Modbus-TCP server.
@@ -285,7 +352,12 @@ pub struct Server {
     listener: TcpListener,
     local: SocketAddr,
     max_connections: usize,
-    shared: Arc<Shared>,
+    tables: Tables,
+    /// Kept here, not in the tables: a reload swaps those, the counters go on.
+    stats: Arc<ServerStats>,
+    /// Every log line a master's connection can cause goes through it (kept across
+    /// reloads, which swap the tables).
+    log: SharedLimiter,
 }
 
 impl Server {
@@ -302,6 +374,35 @@ impl Server {
         owners: Arc<dyn Owners>,
     ) -> Self {
         let local = listener.local_addr().unwrap_or(config.listen);
+        let shared = Arc::new(Shared::new(config, model, buses, image, owners));
+        let tables = Tables(Arc::new(std::sync::RwLock::new(shared)));
+        let stats = Arc::new(ServerStats::default());
+        Self {
+            listener,
+            local,
+            max_connections: config.max_connections,
+            tables,
+            stats,
+            log: SharedLimiter::default(),
+        }
+    }
+
+    /// The tables the connections read; replace them to apply a reloaded configuration.
+    pub fn tables(&self) -> Tables {
+        self.tables.clone()
+    }
+}
+
+impl Shared {
+    /// The routes of `config` to `buses` and its virtual units writing through `owners`;
+    /// a unit whose bus or device is missing is logged and left unserved.
+    fn new(
+        config: &model::Server,
+        model: &Model,
+        buses: &[BusHandle],
+        image: Arc<Image>,
+        owners: Arc<dyn Owners>,
+    ) -> Self {
         let mut routes = HashMap::new();
         for served in &config.units {
             let found = model.buses.iter().find(|b| b.name == served.bus).and_then(|bus| {
@@ -341,20 +442,25 @@ impl Server {
                 (v.unit, Arc::new(VUnit::new(v.clone(), owners.clone(), grants)))
             })
             .collect();
-        let shared = Arc::new(Shared {
+        Shared {
             routes,
             virtuals,
             image,
             idle_timeout: config.idle_timeout,
             max_in_flight: config.max_in_flight,
-            log: SharedLimiter::default(),
-        });
-        Self { listener, local, max_connections: config.max_connections, shared }
+        }
     }
+}
 
+impl Server {
     /// The address actually bound (the port chosen when the configured one was 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.stats.clone()
     }
 
     /// Accepts masters until `shutdown`; every task it starts is tracked by `tracker`.
@@ -364,7 +470,7 @@ impl Server {
         let masters: SharedMasters =
             Arc::new(Mutex::new(Masters { slots: Slots::new(self.max_connections), close: HashMap::new() }));
         let mut next_master: MasterId = 0;
-        let log = self.shared.log.clone();
+        let log = self.log.clone();
         let mut flush = log.ticker();
         loop {
             let accepted = tokio::select! {
@@ -428,12 +534,17 @@ impl Server {
                 m.close.insert(master, (close.clone(), peer));
             }
             let _ = stream.set_nodelay(true);
-            let shared = self.shared.clone();
+            let tables = self.tables.clone();
+            let stats = self.stats.clone();
             let masters = masters.clone();
+            let log = log.clone();
             tracker.spawn(
                 async move {
                     debug!("master connected");
-                    connection(stream, peer, master, shared, &masters, close).await;
+                    stats.accepted.fetch_add(1, Relaxed);
+                    stats.connected.fetch_add(1, Relaxed);
+                    connection(stream, peer, master, tables, &stats, &masters, &log, close).await;
+                    stats.connected.fetch_sub(1, Relaxed);
                     debug!("master disconnected");
                     let mut m = lock(&masters);
                     m.slots.remove(master);
@@ -454,12 +565,15 @@ enum Answer {
 /// Serves one master until it leaves (a master that half-closes still gets the answers
 /// to what it asked before), idles out, breaks framing, or shutdown.
 /// `close` ends it (shutdown, or its slot was reclaimed for a new master).
+#[expect(clippy::too_many_arguments, reason = "one connection's context, passed once from the accept loop")]
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     master: MasterId,
-    shared: Arc<Shared>,
+    tables: Tables,
+    stats: &ServerStats,
     masters: &SharedMasters,
+    log: &SharedLimiter,
     close: CancellationToken,
 ) {
     let (rd, wr) = stream.into_split();
@@ -474,6 +588,10 @@ async fn connection(
         if !reading && pending.is_empty() {
             return;
         }
+        // The timing of this wait comes from the tables now; each request is routed by
+        // the tables current when it is read (a reload may come between), and one already
+        // on a bus finishes where it was sent.
+        let shared = tables.current();
         let idle_at = last_heard + shared.idle_timeout;
         let idle = pending.is_empty();
         let out = tokio::select! {
@@ -482,7 +600,8 @@ async fn connection(
                 Some(Ok(frame)) => {
                     last_heard = Instant::now();
                     lock(masters).slots.request(master, last_heard);
-                    match shared.handle(master, frame) {
+                    stats.request(&frame.pdu);
+                    match tables.current().handle(master, frame) {
                         Answer::Now(f) => f,
                         Answer::Later(fut) => {
                             pending.push(fut);
@@ -493,7 +612,7 @@ async fn connection(
                 Some(Err(e)) => {
                     // MBAP cannot resynchronise: read no more, but answer what was
                     // asked before the bad frame, then close.
-                    if shared.log.allow("connections closed for not speaking modbus-tcp", Some(peer.ip().to_canonical())) {
+                    if log.allow("connections closed for not speaking modbus-tcp", Some(peer.ip().to_canonical())) {
                         warn!(error = %e, "closing connection: not modbus-tcp");
                     }
                     reading = false;
@@ -512,6 +631,7 @@ async fn connection(
             }
             () = close.cancelled() => return,
         };
+        stats.answer(&out.pdu);
         let sent = tokio::select! {
             // Not cancel-safe (a frame may be cut), which is why both other arms close
             // the connection.

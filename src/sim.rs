@@ -22,7 +22,7 @@
 //!   time is emulated too: the reply starts no earlier than
 //!   `first byte + wire(request) + t3.5 + turnaround`, as on a real line where the slave
 //!   sees the frame end at the t3.5 silence after its last character. The start and the last reply byte are timed
-//!   with [`crate::bus::sleep_until_precise`], not the 1 ms tokio timer, so the emulated
+//!   with [`crate::serial::line::sleep_until_precise`], not the 1 ms tokio timer, so the emulated
 //!   line is faithful to well under a millisecond.
 //! - with `[line]` every answered exchange is recorded ([`Exchange`]; the most recent
 //!   [`EXCHANGE_CAP`] are kept) so benchmarks can measure throughput and the silence the
@@ -438,7 +438,7 @@ impl Simulator {
                 _ = shutdown.cancelled() => return Ok(()),
                 r = read => r,
                 // Cancel-safety: a dropped sleep only ends early; the reply stays queued.
-                () = crate::bus::sleep_until_precise(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                () = crate::serial::line::sleep_until_precise(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                     if let Some((_, out, arrival)) = queue.pop_front() {
                         let at = Instant::now();
                         io.write_all(&out.bytes).await?;
@@ -536,6 +536,9 @@ impl Simulator {
         let id = *frame.first()?;
         let p = frame.get(1..frame.len().saturating_sub(2))?;
         let function = *p.first()?;
+        // One line per request at debug level: what a test (or a commissioning engineer
+        // with `-v`) counts and times.
+        tracing::debug!(unit = id, function, "request");
         if id == 0 {
             if broadcastable(function) {
                 for unit in st.units.values_mut() {
@@ -621,7 +624,7 @@ impl Simulator {
             None => Instant::now(),
         };
         let start = heard.max(Instant::now()) + turnaround + out.delay;
-        crate::bus::sleep_until_precise(start).await;
+        crate::serial::line::sleep_until_precise(start).await;
         let Some(line) = self.timing.filter(|_| self.pace) else {
             let at = Instant::now();
             io.write_all(&out.bytes).await?;
@@ -657,7 +660,10 @@ impl Simulator {
             let precise = end.saturating_duration_since(now) < Duration::from_millis(3);
             let wake = async {
                 if precise {
-                    crate::bus::sleep_until_precise(end.min(next.max(now + Duration::from_millis(1)))).await;
+                    crate::serial::line::sleep_until_precise(
+                        end.min(next.max(now + Duration::from_millis(1))),
+                    )
+                    .await;
                 } else {
                     tokio::time::sleep_until(next).await;
                 }

@@ -36,6 +36,10 @@ pub struct SpoolCounters {
     pub pending_batches: AtomicU64,
     /// Samples in them.
     pub pending_samples: AtomicU64,
+    /// Bytes of their sample blocks.
+    pub pending_bytes: AtomicU64,
+    /// When the oldest of them was appended, Unix microseconds (0: none waits).
+    pub oldest_pending_us: AtomicU64,
     /// Batches dropped to the limits since the file was created.
     pub dropped_batches: AtomicU64,
     /// Samples dropped to the limits since the file was created.
@@ -172,6 +176,12 @@ fn update(c: &SpoolCounters, s: &Spool) {
     let d = s.dropped();
     c.pending_batches.store(p.batches, Relaxed);
     c.pending_samples.store(p.samples, Relaxed);
+    c.pending_bytes.store(p.bytes, Relaxed);
+    // Nothing to report on a read error: the next operation tries again.
+    let oldest = s.oldest_pending().ok().flatten();
+    let us =
+        oldest.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_micros() as u64);
+    c.oldest_pending_us.store(us, Relaxed);
     c.dropped_batches.store(d.batches, Relaxed);
     c.dropped_samples.store(d.samples, Relaxed);
     c.applied.store(s.applied(), Relaxed);

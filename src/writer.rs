@@ -55,7 +55,7 @@ pub enum WriteError {
     Command(#[from] crate::poll::raw::CommandError),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Target {
     bus: BusHandle,
     unit: u8,
@@ -65,12 +65,19 @@ struct Target {
     point: Point,
 }
 
-/// Writes local points by name. Cheap to clone.
-#[derive(Debug, Clone, Default)]
-pub struct Writer {
-    targets: Arc<HashMap<String, Target>>,
+/// What a writer can address.
+#[derive(Debug, Default)]
+struct Targets {
+    targets: HashMap<String, Target>,
     /// Command points of raw serial devices: a write becomes the configured command.
     commands: Option<Arc<crate::poll::raw::SerialDevices>>,
+}
+
+/// Writes local points by name. Cheap to clone; every clone shares one table, which a
+/// reload replaces ([`Writer::replace`]) so that links and the server keep their writer.
+#[derive(Debug, Clone, Default)]
+pub struct Writer {
+    table: Arc<std::sync::RwLock<Arc<Targets>>>,
 }
 
 impl Writer {
@@ -98,31 +105,52 @@ impl Writer {
                 }
             }
         }
-        Self { targets: Arc::new(targets), commands: None }
+        Self::from(Targets { targets, commands: None })
+    }
+
+    fn from(targets: Targets) -> Self {
+        Self { table: Arc::new(std::sync::RwLock::new(Arc::new(targets))) }
+    }
+
+    fn current(&self) -> Arc<Targets> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Also writes the command points of these raw serial devices.
-    pub fn with_commands(mut self, serial: Arc<crate::poll::raw::SerialDevices>) -> Self {
-        self.commands = Some(serial);
-        self
+    pub fn with_commands(self, serial: Arc<crate::poll::raw::SerialDevices>) -> Self {
+        let targets = self.current();
+        let targets = Targets {
+            targets: targets.targets.iter().map(|(k, t)| (k.clone(), t.clone())).collect(),
+            commands: Some(serial),
+        };
+        Self::from(targets)
+    }
+
+    /// Gives this writer (and every clone of it) the table of `other`: after a reload,
+    /// writes go to the points, devices and buses of the new configuration.
+    pub fn replace(&self, other: &Writer) {
+        let table = other.current();
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = table;
     }
 
     /// True when `point` is a local point (or command point) this writer can address.
     pub fn knows(&self, point: &str) -> bool {
-        self.targets.contains_key(point)
-            || self.commands.as_ref().is_some_and(|s| s.commands().any(|c| c == point))
+        let t = self.current();
+        t.targets.contains_key(point) || t.commands.as_ref().is_some_and(|s| s.commands().any(|c| c == point))
     }
 
     /// The Modbus request that writes `value` into `point` (nothing is sent).
     pub fn request(&self, point: &str, value: &Value) -> Result<Request<'static>, WriteError> {
-        let t = self.targets.get(point).ok_or_else(|| WriteError::UnknownPoint(point.to_string()))?;
+        let table = self.current();
+        let t = table.targets.get(point).ok_or_else(|| WriteError::UnknownPoint(point.to_string()))?;
         request_for(&t.point, value)
     }
 
     /// Writes `value` into `point` and waits until the device accepted it.
     pub async fn write(&self, point: &str, value: &Value) -> Result<(), WriteError> {
-        let Some(t) = self.targets.get(point) else {
-            return match &self.commands {
+        let table = self.current();
+        let Some(t) = table.targets.get(point) else {
+            return match &table.commands {
                 Some(serial) if serial.commands().any(|c| c == point) => {
                     serial.send_command(point, value).await.map(|_| ()).map_err(WriteError::from)
                 }

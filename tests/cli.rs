@@ -141,6 +141,78 @@ fn check_warns_when_intervals_cannot_fit_the_line() {
 }
 
 #[test]
+fn check_writes_tag_lists_and_warns_about_received_points_no_peer_supplies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("site-b.toml");
+    // site-b's example, plus a PLC map naming a point of a gateway site-b has no link to.
+    let text = std::fs::read_to_string(manifest("examples/site-b.toml")).expect("site-b.toml")
+        + "\n[[plc.map]]\npoints = \"line-3/press.force\"\ntable = \"holding\"\naddress = 10\ntype = \"u16\"\n";
+    std::fs::write(&path, text).expect("write");
+    // check verifies the identity `run` will need: site-b's, next to the copied file.
+    let id = dir.path().join("site-b/identity");
+    assert!(gateway().args(["keygen", "--dir"]).arg(&id).output().expect("keygen").status.success());
+    let tags = dir.path().join("tags");
+    let out =
+        gateway().args(["check", "--config"]).arg(&path).arg("--map-csv").arg(&tags).output().expect("check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "check failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("plc \"line-plc\" expects from site-a: boiler.flow_temp\n"), "{text}");
+    assert!(text.contains("plc \"line-plc\" expects from line-3: press.force\n"), "{text}");
+    assert!(
+        text.contains(
+            "virtual unit 10 expects from site-a: boiler.flow_temp, boiler.return_temp, boiler.setpoint,"
+        ),
+        "{text}"
+    );
+    let warnings: Vec<&str> = text.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0]
+            .contains("plc \"line-plc\" expects points from \"line-3\", but no [[peer]] is named \"line-3\"")
+    );
+    let file = tags.join("unit-10.csv");
+    assert!(text.contains(&format!("wrote {}", file.display())), "{text}");
+
+    let raw = std::fs::read_to_string(&file).expect("unit-10.csv");
+    assert!(raw.ends_with("\r\n"), "RFC 4180 line ends: {raw:?}");
+    let mut reader = csv::Reader::from_path(&file).expect("open csv");
+    let header: Vec<String> = reader.headers().expect("header").iter().map(str::to_owned).collect();
+    assert_eq!(
+        header,
+        [
+            "address",
+            "registers",
+            "table",
+            "type",
+            "order",
+            "scale",
+            "offset",
+            "point",
+            "eng_unit",
+            "description"
+        ]
+    );
+    let rows: Vec<Vec<String>> =
+        reader.records().map(|r| r.expect("row").iter().map(str::to_owned).collect()).collect();
+    let row =
+        |point: &str| rows.iter().find(|r| r[7] == point).unwrap_or_else(|| panic!("no {point} in {rows:?}"));
+    assert_eq!(
+        row("site-a/boiler.flow_temp")[..9],
+        ["0", "2", "holding", "f32", "cdab", "1", "0", "site-a/boiler.flow_temp", "degC"]
+    );
+    assert_eq!(row("site-a/boiler.setpoint")[..3], ["4", "2", "holding"]);
+    assert_eq!(
+        row("site-a/boiler.pressure")[..9],
+        ["6", "1", "input", "i16", "abcd", "0.01", "0", "site-a/boiler.pressure", "bar"]
+    );
+    assert_eq!(row("site-a/boiler.alarm")[..4], ["2", "1", "discrete", "bool"]);
+    assert_eq!(row("status.heartbeat")[..3], ["100", "1", "input"]);
+    assert_eq!(row("status.links")[9], "link up bits; bit 0: site-a");
+    assert_eq!(row("status.quality.0")[..3], ["102", "1", "input"]);
+    assert_eq!(rows.len(), 7 + 3, "seven points and three status registers: {rows:?}");
+}
+
+#[test]
 fn check_reports_every_error_with_its_position_and_exit_code_2() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bad.toml");
@@ -271,6 +343,67 @@ fn run_polls_and_stops_within_a_second_on_sigterm() {
     let status = run.wait_exit(Duration::from_secs(3));
     assert!(status.success(), "exit status {status:?}");
     assert!(asked.elapsed() < Duration::from_secs(1), "took {:?} to stop", asked.elapsed());
+}
+
+#[test]
+fn demo_prints_poll_lines_that_read_the_far_sites_values_on_a_virtual_unit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = gateway();
+    cmd.args(["demo", "--config"]).arg(shipped_config(dir.path())).args(["--for", "0s", "--every", "1s"]);
+    let mut demo = Proc::spawn(cmd);
+    let limit = Duration::from_secs(15);
+    Proc::wait_line(&demo.stdout, limit, "announcing the virtual unit", |l| {
+        l.starts_with("demo: site-b serves site-a's values as virtual unit 1 on 127.0.0.1:")
+    });
+    // The register map (as `check` prints it), up to the poll lines.
+    let mut map = Vec::new();
+    let holding = loop {
+        let line = Proc::wait_line(&demo.stdout, limit, "with the holding poll line", |_| true);
+        if line.starts_with("  m2m-gateway poll --tcp 127.0.0.1:") {
+            break line;
+        }
+        map.push(line);
+    };
+    let mapped = |table: &str| map.iter().filter(|l| l.starts_with(&format!("  {table} "))).count();
+    assert!(map.iter().any(|l| l.contains("site-a/boiler.flow_temp [degC]")), "{map:?}");
+    let discrete =
+        Proc::wait_line(&demo.stdout, limit, "with the discrete poll line", |l| l.starts_with("  "));
+    assert!(holding.contains("--table holding") && holding.contains("--type f32"), "{holding}");
+    assert!(discrete.contains("--table discrete") && discrete.contains("--type bool"), "{discrete}");
+    // Every number and bool of gateway.toml the map lists (its string point is left out).
+    let count = |line: &str| -> usize {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "--count").expect("--count");
+        words[at + 1].parse().expect("a count")
+    };
+    assert_eq!((count(&holding), count(&discrete)), (mapped("holding"), mapped("discrete")), "{map:?}");
+    assert!(count(&holding) >= 8 && count(&discrete) >= 3, "{map:?}");
+    assert!(!map.iter().any(|l| l.contains("serial_number")), "{map:?}");
+
+    // Run each printed line as printed (plus --json): once site-a's values have reached
+    // site-b over the link, it answers with every value (before, 0x0B: not good yet).
+    for line in [&holding, &discrete] {
+        let args: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let values = loop {
+            let out = gateway().args(&args).arg("--json").output().expect("run poll");
+            if out.status.success() {
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                let read: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON object");
+                break read["values"].as_array().cloned().expect("values");
+            }
+            assert!(Instant::now() < deadline, "{line}: {}", String::from_utf8_lossy(&out.stderr));
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(values.len(), count(line), "{line}: {values:?}");
+        if line.contains("f32") {
+            assert!(values.iter().all(|v| v.as_f64().is_some_and(f64::is_finite)), "{values:?}");
+        } else {
+            assert!(values.iter().all(serde_json::Value::is_boolean), "{values:?}");
+        }
+    }
+    demo.signal("-TERM");
+    assert!(demo.wait_exit(Duration::from_secs(5)).success());
 }
 
 #[test]
@@ -476,4 +609,162 @@ fn run_polls_devices_made_from_an_included_template() {
     assert!(summary.contains(" 0 timeouts") && summary.contains(" 0 exceptions"), "{summary}");
     run.signal("-TERM");
     assert!(run.wait_exit(Duration::from_secs(3)).success());
+}
+
+/// The URL the gateway's log gives for its HTTP endpoint.
+fn http_url(run: &Proc) -> String {
+    let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "with the http address", |l| {
+        l.contains("status page, metrics and API on http://")
+    });
+    let at = line.find("http://").expect("url in the line");
+    line[at..].trim_end_matches('/').to_string()
+}
+
+#[test]
+fn status_read_and_write_ask_a_running_gateway() {
+    let (_sim, port) = simulator("1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "cli-test-token-0123456789\n").expect("token");
+    let config = dir.path().join("gateway.toml");
+    let text = format!(
+        r#"
+[gateway]
+name = "cli-test"
+[[bus]]
+name = "line1"
+port = "{port}"
+[[device]]
+name = "boiler"
+bus = "line1"
+unit = 1
+interval = "100ms"
+point = [
+  {{ name = "level", table = "holding", address = 0, unit = "%" }},
+  {{ name = "setpoint", table = "holding", address = 1 }},
+]
+[http]
+listen = "127.0.0.1:0"
+token_file = "{}"
+[[http.grant]]
+points = "boiler.setpoint"
+max = 100
+"#,
+        token.display()
+    );
+    std::fs::write(&config, text).expect("config");
+    let mut cmd = gateway();
+    cmd.args(["run", "--config"]).arg(&config);
+    let run = Proc::spawn(cmd);
+    let url = http_url(&run);
+    let cli = |args: &[&str]| gateway().args(args).args(["--url", &url]).output().expect("run the command");
+    let out_of = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    let err_of = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // Wait for the first poll, through the API itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let read = loop {
+        let o = cli(&["read", "boiler.*", "--json"]);
+        assert!(o.status.success(), "{}", err_of(&o));
+        let lines: Vec<serde_json::Value> =
+            out_of(&o).lines().map(|l| serde_json::from_str(l).expect("a JSON line per point")).collect();
+        if lines.len() == 2 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "no values: {}", out_of(&o));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(read[0]["name"], "boiler.level");
+    assert_eq!(read[0]["unit"], "%");
+    assert_eq!(read[0]["quality"], "good");
+
+    let status = cli(&["status"]);
+    assert!(status.status.success(), "{}", err_of(&status));
+    let s = out_of(&status);
+    assert!(s.starts_with("cli-test  OK"), "{s}");
+    assert!(s.contains("bus line1") && s.contains("boiler") && s.contains("unit 1"), "{s}");
+
+    let table = out_of(&cli(&["read"]));
+    assert!(table.starts_with("POINT") && table.contains("boiler.setpoint"), "{table}");
+
+    // Writes: refused without the token, refused past the grant's max, done with both.
+    let refused = cli(&["write", "boiler.setpoint", "42"]);
+    assert!(!refused.status.success());
+    assert!(err_of(&refused).contains("writes need the access token"), "{}", err_of(&refused));
+    let token = token.display().to_string();
+    let over = cli(&["write", "boiler.setpoint", "500", "--token-file", &token]);
+    assert!(!over.status.success());
+    assert!(err_of(&over).contains("outside the granted range"), "{}", err_of(&over));
+    let level = cli(&["write", "boiler.level", "1", "--token-file", &token]);
+    assert!(err_of(&level).contains("no [[http.grant]] covers point boiler.level"), "{}", err_of(&level));
+    let done = cli(&["write", "boiler.setpoint", "42", "--token-file", &token]);
+    assert!(done.status.success(), "{}", err_of(&done));
+    assert_eq!(out_of(&done), "boiler.setpoint = 42 written\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let o = out_of(&cli(&["read", "boiler.setpoint", "--json"]));
+        let v: serde_json::Value = serde_json::from_str(o.trim()).expect("json");
+        if v["value"] == 42 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the written value never came back from the device: {o}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // --watch prints the values, then follows.
+    let mut cmd = gateway();
+    cmd.args(["read", "boiler.level", "--watch", "--url", &url]);
+    let watch = Proc::spawn(cmd);
+    Proc::wait_line(&watch.stdout, Duration::from_secs(5), "with the table header", |l| {
+        l.starts_with("POINT")
+    });
+    Proc::wait_line(&watch.stdout, Duration::from_secs(5), "with the level", |l| {
+        l.starts_with("boiler.level")
+    });
+
+    // Nothing listening: a clear error.
+    let nobody = gateway().args(["status", "--url", "http://127.0.0.1:1"]).output().expect("run");
+    assert!(!nobody.status.success());
+    assert!(err_of(&nobody).contains("cannot reach the gateway at 127.0.0.1:1"), "{}", err_of(&nobody));
+}
+
+#[test]
+fn logs_as_json_lines_and_without_timestamps_under_journald() {
+    let (_sim, port) = simulator("1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, format: &str| {
+        let path = dir.path().join(name);
+        let text = format!(
+            "[gateway]\nname = \"logs\"\n{format}\n[[bus]]\nname = \"line1\"\nport = \"{port}\"\n\
+             [[device]]\nname = \"d\"\nbus = \"line1\"\nunit = 1\n\
+             point = [ {{ name = \"p\", table = \"holding\", address = 0 }} ]\n[http]\nenabled = false\n"
+        );
+        std::fs::write(&path, text).expect("config");
+        path
+    };
+    // [gateway] log_format = "json": one JSON object per line, fields at the top level.
+    let mut cmd = gateway();
+    cmd.args(["run", "--config"]).arg(write("json.toml", "log_format = \"json\""));
+    let run = Proc::spawn(cmd);
+    let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "saying it started", |l| {
+        l.contains("gateway started")
+    });
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["message"], "gateway started", "{line}");
+    assert_eq!(v["level"], "INFO");
+    assert_eq!(v["gateway"], "logs");
+    assert!(v["timestamp"].is_string(), "{line}");
+    drop(run);
+
+    // --log-format text overrides the key; under systemd no timestamp (journald adds one).
+    let mut cmd = gateway();
+    cmd.env("JOURNAL_STREAM", "8:12345").args(["--log-format", "text", "run", "--config"]);
+    cmd.arg(write("text.toml", "log_format = \"json\""));
+    let run = Proc::spawn(cmd);
+    let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "saying it started", |l| {
+        l.contains("gateway started")
+    });
+    assert!(line.trim_start().starts_with("INFO "), "no timestamp under journald: {line:?}");
+    assert!(!line.contains('\u{1b}'), "no colours when stderr is not a terminal: {line:?}");
+    assert!(line.contains("http=none"), "{line}");
 }

@@ -527,7 +527,9 @@ type = "u16"
     log.extend(b.stderr());
     applied(&log, &mut expected);
     let (expected, resent) = increasing(expected.into_values().flatten());
-    assert!(expected.len() >= 80, "only {} values", expected.len());
+    // The steps above waited for 20 + 20 + 40 writes at the plc; a write may carry one
+    // value again after a restart, so at least 60 distinct values went through.
+    assert!(expected.len() >= 60, "only {} values", expected.len());
     assert!(expected.contains(&last), "the last value is {last}");
 
     // Every value site-b took from site-a, in order. A write the PLC confirmed just

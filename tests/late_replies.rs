@@ -277,3 +277,97 @@ async fn polls_agent_reads_and_pass_through_serve_no_wrong_value() {
     }
     assert!(wrong.is_empty(), "{} wrong values:\n{}", wrong.len(), wrong.join("\n"));
 }
+
+/// Issue 10, "slow recovery from a dropped byte": a reply that lost a byte is dead at the
+/// first long silence, counted as a framing error, and retried at once — not after the
+/// whole timeout — and never taken as a value.
+#[tokio::test]
+async fn a_reply_short_of_a_byte_is_retried_at_once() {
+    const TIMEOUT: Duration = Duration::from_millis(400);
+    let mut port = VirtualPort::new().expect("pty pair");
+    let sim = Simulator::new(common::sim_config(&sim("fault = \"drop-byte 3\"")));
+    port.run(sim).expect("simulator runs");
+    let model = common::model(&bus_toml(1), &port.path().display().to_string());
+    let shutdown = CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let bus = m2m_gateway::bus::spawn(&model.buses[0], shutdown.clone(), &tracker);
+    let started = tokio::time::Instant::now();
+    let mut wrong = Vec::new();
+    for k in 0..12u16 {
+        let op = Op::Read(if k % 2 == 0 { 0 } else { 100 }, 8);
+        match bus.transact(1, op.request(), Priority::Write, TIMEOUT, 1).await {
+            Ok(rsp) if op.right(&rsp) => {}
+            other => wrong.push(format!("asked {op:?}, got {other:?}")),
+        }
+    }
+    let took = started.elapsed();
+    let stats = bus.stats();
+    let framing = stats.framing_errors.load(Relaxed);
+    assert!(wrong.is_empty(), "{wrong:?}");
+    assert!(framing >= 4, "every third reply is cut short: {framing} framing errors");
+    assert_eq!(stats.timeouts.load(Relaxed), 0, "no attempt waited for its timeout");
+    // Waiting out the timeout for each would have taken framing x 400 ms.
+    assert!(took < TIMEOUT * 2, "12 reads with {framing} cut replies took {took:?}");
+    shutdown.cancel();
+    tracker.close();
+    within(SECS(2), "bus stops", tracker.wait()).await;
+}
+
+/// The traffic tap: a subscriber sees the request and its reply, and a reply with a bad
+/// CRC as a CRC error, never as a value; a late reply shows as discarded.
+#[tokio::test]
+async fn the_traffic_tap_shows_frames_with_their_verdicts() {
+    use m2m_gateway::bus::{TraceDir, Verdict};
+    let mut port = VirtualPort::new().expect("pty pair");
+    let sim = Simulator::new(common::sim_config(&sim("")));
+    let handle = sim.handle();
+    port.run(sim).expect("simulator runs");
+    let model = common::model(&bus_toml(0), &port.path().display().to_string());
+    let shutdown = CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let bus = m2m_gateway::bus::spawn(&model.buses[0], shutdown.clone(), &tracker);
+    let mut trace = bus.trace();
+    let timeout = Duration::from_millis(TIMEOUT_MS);
+    let read = Request::ReadHoldingRegisters(0, 8);
+    bus.transact(1, read.clone(), Priority::Write, timeout, 0).await.expect("answer");
+    let sent = trace.recv().await.expect("tx event");
+    assert_eq!((sent.dir, sent.verdict, sent.unit), (TraceDir::Tx, Verdict::Sent, Some(1)));
+    assert_eq!(sent.summary, "unit 1 read holding 0+8");
+    assert_eq!(&sent.bytes[..], &[1, 3, 0, 0, 0, 8, 0x44, 0x0C]);
+    let ok = trace.recv().await.expect("rx event");
+    assert_eq!((ok.dir, ok.verdict), (TraceDir::Rx, Verdict::Ok));
+    assert_eq!(ok.bytes.len(), 3 + 16 + 2);
+    assert_eq!(ok.summary, "unit 1 reply [0, 1, 2, 3, 4, 5, 6, 7]");
+
+    handle.set_fault(1, m2m_gateway::sim::Fault::CorruptCrc).expect("fault set");
+    let got = bus.transact(1, read.clone(), Priority::Write, timeout, 0).await;
+    assert!(matches!(got, Err(BusError::Timeout { .. })), "{got:?}");
+    let mut verdicts = Vec::new();
+    while let Ok(ev) = trace.try_recv() {
+        verdicts.push(ev.verdict);
+    }
+    assert_eq!(verdicts.first(), Some(&Verdict::Sent));
+    assert!(verdicts.contains(&Verdict::CrcError), "{verdicts:?}");
+    assert!(!verdicts.contains(&Verdict::Ok), "a corrupt reply is never a value: {verdicts:?}");
+    let json = serde_json::to_string(&sent).expect("serialises");
+    assert!(json.contains(r#""verdict":"sent""#) && json.contains(r#""bytes":"010300000008"#), "{json}");
+
+    // A late reply (queued 1.5x the timeout, no retry) is shown as discarded.
+    handle.set_fault(1, m2m_gateway::sim::Fault::Queued(timeout * 3 / 2)).expect("fault set");
+    let got = bus.transact(1, read, Priority::Write, timeout, 0).await;
+    assert!(matches!(got, Err(BusError::Timeout { .. })), "{got:?}");
+    let discarded = within(SECS(5), "the late reply", async {
+        loop {
+            let ev = trace.recv().await.expect("event");
+            if ev.verdict == Verdict::LateReplyDiscarded {
+                return ev;
+            }
+            assert_ne!(ev.verdict, Verdict::Ok, "{ev:?}");
+        }
+    })
+    .await;
+    assert_eq!(discarded.unit, Some(1));
+    shutdown.cancel();
+    tracker.close();
+    within(SECS(2), "bus stops", tracker.wait()).await;
+}

@@ -8,14 +8,15 @@ use std::path::{Path, PathBuf};
 
 /// Bottom up, as in `src/lib.rs`.
 const LAYERS: &[&[&str]] = &[
-    &["point", "backoff", "loglimit"],
+    &["point", "backoff", "health", "loglimit"],
     &["serial", "image"],
     &["model"],
     &["config", "bus", "spool"],
     &["poll", "server", "plc", "sim"],
     &["writer"],
     &["link"],
-    &["gateway"],
+    &["http"],
+    &["gateway", "service"],
     &["tools", "fuzz_entry"],
 ];
 

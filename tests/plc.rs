@@ -313,14 +313,17 @@ async fn outage(deliver: &str) -> Vec<u16> {
     let (addr, server) = serve_plc("127.0.0.1:0".parse().expect("addr"), state.clone()).await;
     let plc = plc_model(addr, &dir.path().join("plc.db"), &format!("deliver = \"{deliver}\""));
     let sink = Sink::start(&plc, image_with_values());
+    let pending = || sink.handle.spool.counters().pending_samples.load(std::sync::atomic::Ordering::Relaxed);
     wait_until("first values", SECS(5), || holding(&state, 100) == Some(1234)).await;
+    // The first batch holds more targets than register 100: until all are written and the
+    // batch acked, a PLC taken away now would have the whole batch again (at least once).
+    wait_until("first values acked", SECS(5), || pending() == 0).await;
     server.abort();
     let _ = server.await;
     for v in 1..=20u64 {
         sink.set("d.a", Value::UInt(v));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let pending = || sink.handle.spool.counters().pending_samples.load(std::sync::atomic::Ordering::Relaxed);
     // All 20 on disk before the PLC returns: a value still on its way to the spool would
     // be delivered after the reconnect as a new change (not an outage's backlog).
     wait_until("backlog spooled", SECS(5), || pending() >= 20).await;

@@ -3,10 +3,12 @@
 
 mod common;
 
+mod browser;
 mod cli;
 mod config_corpus;
 mod deliver;
 mod docs;
+mod http;
 mod late_replies;
 mod layers;
 mod link_processes;
@@ -14,7 +16,9 @@ mod links;
 mod plc;
 mod polling;
 mod raw_protocols;
+mod reload;
 mod serial_protocols;
 mod server;
+mod service;
 mod simulator;
 mod tunnel;

@@ -49,6 +49,7 @@ pub(crate) async fn measure_line(
     model.buses[0].port = port.path().display().to_string();
     let shutdown = CancellationToken::new();
     let gateway = Gateway::start(model, shutdown.clone()).expect("gateway starts");
+    crate::plant::watch(&gateway);
     tokio::time::sleep(s.warmup).await;
     let mut prev_end = handle.take_exchanges().last().map(|e| e.reply_end);
     let stats0 = gateway.buses[0].stats().snapshot();

@@ -223,6 +223,7 @@ pub(crate) fn serving_gateway(
     });
     let shutdown = CancellationToken::new();
     let gateway = Gateway::start(&model, shutdown.clone())?;
+    crate::plant::watch(&gateway);
     Ok((gateway, port, handle, shutdown))
 }
 

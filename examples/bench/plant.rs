@@ -52,6 +52,7 @@ pub(crate) fn one_bus(line: Line, devices: Vec<Device>) -> Model {
             name: "bench".into(),
             summary_interval: Duration::from_secs(3600),
             worker_threads: None,
+            log_format: Default::default(),
         },
         buses: vec![Bus {
             name: "bench".into(),
@@ -70,6 +71,7 @@ pub(crate) fn one_bus(line: Line, devices: Vec<Device>) -> Model {
         links: None,
         server: None,
         plcs: Vec::new(),
+        http: observed(),
     }
 }
 
@@ -135,4 +137,38 @@ pub(crate) fn sim_for(bus: &Bus) -> SimConfig {
         l.turnaround = TURNAROUND;
     }
     sim
+}
+
+/// With `M2M_BENCH_HTTP=1`, the gateway's HTTP endpoint runs (on a free port) and
+/// [`watch`] follows its point stream and scrapes `/metrics` every second: the rows then
+/// measure the gateway with somebody watching. Without it, no endpoint at all.
+pub(crate) fn observed() -> Option<m2m_gateway::model::Http> {
+    std::env::var_os("M2M_BENCH_HTTP").map(|_| m2m_gateway::model::Http {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        token_file: None,
+        grants: Vec::new(),
+        required: true,
+    })
+}
+
+/// Follows the point stream and scrapes `/metrics` of `gateway` until the process ends,
+/// when its HTTP endpoint runs ([`observed`]).
+pub(crate) fn watch(gateway: &m2m_gateway::gateway::Gateway) {
+    let Some(addr) = gateway.http_addr else {
+        return;
+    };
+    let client = m2m_gateway::http::client::Client::new(&format!("http://{addr}"), None).expect("url");
+    let c = client.clone();
+    tokio::spawn(async move {
+        let Ok(mut events) = c.events("/api/v1/points/stream").await else {
+            return;
+        };
+        while let Ok(Some(_)) = events.next().await {}
+    });
+    tokio::spawn(async move {
+        loop {
+            let _ = client.text("/metrics").await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
 }

@@ -107,6 +107,11 @@ impl PassQueue {
         self.state().waiting == 0
     }
 
+    /// Requests waiting, all masters.
+    pub fn len(&self) -> usize {
+        self.state().waiting
+    }
+
     /// Takes the next live request whose unit `ready` accepts, from the first master
     /// after the last one served (in id order, wrapping) that has one at the head of its
     /// queue, with the identical reads at the head of other queues (whose masters get

@@ -12,11 +12,16 @@
 //!
 //! - every request sent is an entry until a reply from its key is heard (which answers
 //!   the oldest entry: devices answer in order) or it expires;
-//! - an entry can be answered until `from + timeout + max(2 × timeout, learned)`, where
+//! - an entry can be answered until `from + max(4 × timeout, learned + 2 × timeout)`, where
 //!   `from` is the later of its send time and the key's last reply (a device with a
 //!   receive queue starts on a request only once it has answered the one before) and
 //!   `learned` is the longest send-to-reply time seen from the key, measured from the
-//!   oldest entry (the conservative end), capped at [`LEARNED_CAP`];
+//!   oldest entry (the conservative end), capped at [`LEARNED_CAP`]. Before anything is
+//!   learned, a device may be up to about three timeouts late without its reply crossing
+//!   into another request's window; the margin of a whole timeout beyond the learned
+//!   delay absorbs jitter (a busy device, a loaded host). A device slower than that the
+//!   first time can still cross once: nothing on the wire tells its late reply from the
+//!   next request's prompt one;
 //! - nothing new is sent to a key while any of its entries can still be answered
 //!   ([`Ledger::blocked_until`]); the engine listens meanwhile, so a late reply frees the
 //!   key as soon as it is heard;
@@ -29,10 +34,15 @@
 //! and never exceeds [`LEARNED_CAP`]; a key with no entries holds no state but its
 //! learned bound and last reply time.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_modbus::Request;
+
+use super::pass::{PassQueue, Taken};
+use super::{Job, PASS_THROUGH_STREAK, Priority};
 
 /// Who a reply can be attributed to: a unit id, or `None` for the whole bus when the
 /// framing's replies do not name the unit (raw devices).
@@ -74,7 +84,7 @@ impl<T> Default for KeyState<T> {
 impl<T> KeyState<T> {
     fn until(&self, e: &Entry<T>) -> Instant {
         let from = self.last_reply.map_or(e.sent, |r| r.max(e.sent));
-        from + e.timeout + (e.timeout * 2).max(self.learned)
+        from + (e.timeout * 4).max(self.learned + e.timeout * 2)
     }
 
     fn expire(&mut self, now: Instant) -> usize {
@@ -235,6 +245,144 @@ impl<T> Ledger<T> {
     }
 }
 
+/// Heap entry: priority, then submission order.
+#[derive(Debug)]
+struct Queued {
+    priority: Priority,
+    seq: u64,
+    job: Job,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Queued {
+    // BinaryHeap pops the greatest: reverse so the lowest (priority, seq) comes first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.priority, other.seq).cmp(&(self.priority, self.seq))
+    }
+}
+
+/// Takes the most urgent poll out of `heap` whose unit is not held back, if any.
+fn take_poll(heap: &mut BinaryHeap<Queued>, held: &impl Fn(u8) -> bool) -> Option<Queued> {
+    let mut items = std::mem::take(heap).into_vec();
+    let best = items
+        .iter()
+        .enumerate()
+        .filter(|(_, q)| matches!(q.priority, Priority::Poll { .. }) && !held(q.job.unit))
+        .max_by(|a, b| a.1.cmp(b.1))
+        .map(|(i, _)| i);
+    let poll = best.map(|i| items.swap_remove(i));
+    *heap = BinaryHeap::from(items);
+    poll
+}
+
+/// What the bus runs next: its queue by priority, the masters' turn, and the ledger of
+/// requests whose replies may still come. Sans-I/O: [`Schedule::next`] takes `now`.
+///
+/// Invariants: the queue never holds more than its depth; a job for a unit the ledger
+/// holds is never picked (it waits, others go by); after [`PASS_THROUGH_STREAK`]
+/// masters' transactions in a row, a waiting poll goes next.
+#[derive(Debug)]
+pub struct Schedule {
+    heap: BinaryHeap<Queued>,
+    seq: u64,
+    depth: usize,
+    streak: u32,
+    /// Replies name their unit: a held unit holds only itself, not the whole bus.
+    addressed: bool,
+    /// Requests sent and not answered yet.
+    pub ledger: Ledger<(u8, Request<'static>)>,
+}
+
+impl Schedule {
+    /// An empty schedule holding at most `depth` jobs.
+    pub fn new(depth: usize, addressed: bool) -> Self {
+        Self {
+            heap: BinaryHeap::new(),
+            seq: 0,
+            depth: depth.max(1),
+            streak: 0,
+            addressed,
+            ledger: Ledger::default(),
+        }
+    }
+
+    /// True when another job fits.
+    pub fn has_room(&self) -> bool {
+        self.heap.len() < self.depth
+    }
+
+    /// Jobs waiting (masters' requests not counted).
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// True when no job waits.
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+
+    /// Queues a job (the caller checks [`Schedule::has_room`]).
+    pub fn push(&mut self, job: Job) {
+        self.seq += 1;
+        self.heap.push(Queued { priority: job.priority, seq: self.seq, job });
+    }
+
+    /// Records that a job of `priority` went on the line (the masters' streak).
+    pub fn ran(&mut self, priority: Priority) {
+        self.streak = if priority == Priority::PassThrough { self.streak + 1 } else { 0 };
+    }
+
+    /// The transaction to run at `now`, and whether it is a master's; `None` when nothing
+    /// may run (nothing waits, or every waiting job's unit may still answer late).
+    pub fn next(&mut self, now: Instant, pass: &PassQueue) -> Option<(Taken, bool)> {
+        self.ledger.expire(now);
+        let (ledger, addressed) = (&self.ledger, self.addressed);
+        let held = |unit: u8| ledger.pending(addressed.then_some(unit)) > 0;
+        let mut kept = Vec::new();
+        let mut picked = None;
+        while let Some(q) = self.heap.pop() {
+            if held(q.job.unit) {
+                kept.push(q);
+            } else {
+                picked = Some(q);
+                break;
+            }
+        }
+        self.heap.extend(kept);
+        if self.streak >= PASS_THROUGH_STREAK
+            && picked.as_ref().is_some_and(|q| q.priority == Priority::PassThrough)
+            && let Some(poll) = take_poll(&mut self.heap, &held)
+        {
+            self.heap.extend(picked.replace(poll));
+        }
+        // Masters' requests come after writes and before polls, except that a poll that
+        // has waited behind a streak of pass-through transactions goes first.
+        let masters_turn = match &picked {
+            None => true,
+            Some(q) => matches!(q.priority, Priority::Poll { .. }) && self.streak < PASS_THROUGH_STREAK,
+        };
+        let from_master = if masters_turn { pass.take(|unit| !held(unit)) } else { None };
+        match (from_master, picked) {
+            (Some(taken), picked) => {
+                self.heap.extend(picked);
+                Some((taken, true))
+            }
+            (None, Some(q)) => Some((Taken { job: q.job, shared: Vec::new() }, false)),
+            (None, None) => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,17 +394,17 @@ mod tests {
     }
 
     #[test]
-    fn a_timed_out_request_holds_its_unit_for_two_more_timeouts() {
+    fn a_timed_out_request_holds_its_unit_for_three_more_timeouts() {
         let t0 = Instant::now();
         let mut l = Ledger::default();
         l.sent(Some(1), 1, T, (), t0);
-        assert_eq!(l.blocked_until(Some(1), t0 + T), Some(t0 + T * 3));
-        assert!(l.blocked(Some(1), t0 + ms(299)));
-        assert!(!l.blocked(Some(1), t0 + ms(300)), "expired after three timeouts of silence");
+        assert_eq!(l.blocked_until(Some(1), t0 + T), Some(t0 + T * 4));
+        assert!(l.blocked(Some(1), t0 + ms(399)));
+        assert!(!l.blocked(Some(1), t0 + ms(400)), "expired after three more timeouts of silence");
         assert_eq!(l.expired(), 1);
         // Other units were never held.
-        l.sent(Some(1), 2, T, (), t0 + ms(300));
-        assert!(!l.blocked(Some(2), t0 + ms(300)));
+        l.sent(Some(1), 2, T, (), t0 + ms(400));
+        assert!(!l.blocked(Some(2), t0 + ms(400)));
     }
 
     #[test]
@@ -268,10 +416,10 @@ mod tests {
         assert!(l.stray(Some(1), t0 + ms(250)));
         assert!(!l.blocked(Some(1), t0 + ms(250)));
         assert_eq!(l.learned(Some(1)), ms(250));
-        // From now on a timed-out request to this unit is held for timeout + 250 ms
+        // From now on a timed-out request to this unit is held for 250 ms + two timeouts
         // after the later of its send and the last reply.
         l.sent(Some(1), 2, T, (), t0 + ms(260));
-        assert_eq!(l.blocked_until(Some(1), t0 + ms(300)), Some(t0 + ms(260 + 100 + 250)));
+        assert_eq!(l.blocked_until(Some(1), t0 + ms(300)), Some(t0 + ms(260 + 250 + 200)));
     }
 
     /// A device with a receive queue answers request k a delay after the later of its
@@ -282,7 +430,7 @@ mod tests {
         let t0 = Instant::now();
         let d = ms(250);
         let mut l = Ledger::default();
-        // Attempt 1 at 0 is held (no retry) until 300; its reply at 250 arrives during
+        // Attempt 1 at 0 is held (no retry) until 400; its reply at 250 arrives during
         // the hold and answers the transaction.
         l.sent(Some(1), 1, T, (), t0);
         assert_eq!(l.judge(Some(1), 1, t0 + d), Judged::Accept { late: true });
@@ -295,7 +443,7 @@ mod tests {
         assert_eq!(l.pending(Some(1)), 1);
         // A later transaction's request must not go while the device may still answer:
         // its reply is due at 650 + 250 = 900 at the latest, the ledger holds until
-        // 650 + 100 + 250 = 1000.
+        // 650 + 250 + 2 x 100 = 1100.
         let until = l.blocked_until(Some(1), t0 + ms(700)).expect("still held");
         assert!(until > t0 + ms(900), "{:?}", until - t0);
         // And when it comes during another transaction of this unit (the engine would
@@ -337,7 +485,7 @@ mod tests {
         assert_eq!(l.learned(None), LEARNED_CAP);
         l.sent(None, 2, T, (), t0 + Duration::from_secs(100));
         let until = l.blocked_until(None, t0 + Duration::from_secs(100)).expect("held");
-        assert_eq!(until - t0, Duration::from_secs(100) + T + LEARNED_CAP);
+        assert_eq!(until - t0, Duration::from_secs(100) + T * 2 + LEARNED_CAP);
     }
 
     #[test]
@@ -345,7 +493,7 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Ledger::default();
         l.sent(Some(1), 1, T, (), t0);
-        // Expired at 300 but heard at 320 before anything else was sent.
+        // Heard at 320, before its horizon (400).
         assert!(l.stray(Some(1), t0 + ms(320)));
         assert_eq!(l.learned(Some(1)), ms(320));
         // Expired and forgotten by the time the reply comes: still a lesson.
@@ -353,5 +501,76 @@ mod tests {
         assert!(!l.blocked(Some(2), t0 + ms(400)));
         assert!(!l.stray(Some(2), t0 + ms(450)), "nothing open any more");
         assert_eq!(l.learned(Some(2)), ms(450));
+    }
+
+    type Waiting = tokio::sync::oneshot::Receiver<Result<tokio_modbus::Response, crate::bus::BusError>>;
+
+    /// A job reading register `at` (the receiver is pushed to `keep`: a job nobody
+    /// waits for is dropped by the masters' queue).
+    fn job_at(unit: u8, priority: Priority, at: u16, keep: &mut Vec<Waiting>) -> Job {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        keep.push(rx);
+        Job {
+            unit,
+            request: Request::ReadHoldingRegisters(at, 1),
+            priority,
+            timeout: T,
+            turnaround: Duration::ZERO,
+            retries: 1,
+            reply,
+        }
+    }
+
+    /// A unit that may still answer late gets nothing new, writes included; the other
+    /// units go by; once its horizon has passed it is served again, in priority order.
+    #[test]
+    fn a_held_unit_waits_and_the_others_go_by() {
+        let t0 = Instant::now();
+        let (pass, mut keep) = (PassQueue::default(), Vec::new());
+        let mut s = Schedule::new(8, true);
+        s.ledger.sent(Some(1), 1, T, (1, Request::ReadHoldingRegisters(0, 1)), t0);
+        s.push(job_at(1, Priority::Write, 0, &mut keep));
+        s.push(job_at(2, Priority::Poll { deadline: t0 }, 0, &mut keep));
+        let (first, master) = s.next(t0 + T, &pass).expect("unit 2 runs");
+        assert_eq!((first.job.unit, master), (2, false));
+        assert!(s.next(t0 + T, &pass).is_none(), "unit 1 is held");
+        assert_eq!(s.len(), 1);
+        let (second, _) = s.next(t0 + T * 4, &pass).expect("released after four timeouts");
+        assert_eq!(second.job.unit, 1);
+    }
+
+    /// Replies that name no unit (raw devices): one late reply holds the whole bus.
+    #[test]
+    fn a_bus_without_addresses_is_held_whole() {
+        let t0 = Instant::now();
+        let (pass, mut keep) = (PassQueue::default(), Vec::new());
+        let mut s = Schedule::new(8, false);
+        s.ledger.sent(None, 1, T, (1, Request::Custom(0, vec![1].into())), t0);
+        s.push(job_at(2, Priority::Write, 0, &mut keep));
+        assert!(s.next(t0 + T, &pass).is_none());
+        assert!(s.next(t0 + T * 4, &pass).is_some());
+    }
+
+    /// After PASS_THROUGH_STREAK masters' requests in a row, a waiting poll goes first.
+    #[test]
+    fn masters_cannot_starve_polls() {
+        let t0 = Instant::now();
+        let (pass, mut keep) = (PassQueue::default(), Vec::new());
+        let mut s = Schedule::new(8, true);
+        for m in 0..4u16 {
+            pass.submit(u64::from(m), job_at(2, Priority::PassThrough, m, &mut keep), 4).expect("queued");
+        }
+        s.push(job_at(1, Priority::Poll { deadline: t0 }, 0, &mut keep));
+        let mut order = Vec::new();
+        while let Some((taken, master)) = s.next(t0, &pass) {
+            s.ran(taken.job.priority);
+            order.push(if master { 'm' } else { 'p' });
+            pass.finish();
+        }
+        let want: Vec<char> = std::iter::repeat_n('m', PASS_THROUGH_STREAK as usize)
+            .chain(['p'])
+            .chain(std::iter::repeat_n('m', 4 - PASS_THROUGH_STREAK as usize))
+            .collect();
+        assert_eq!(order, want);
     }
 }

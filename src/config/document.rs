@@ -37,7 +37,7 @@ use toml::Spanned;
 use toml::de::{DeArray, DeTable, DeValue, ValueDeserializer};
 
 use super::{Checker, ConfigError, plain_types};
-use super::{bus, device, gateway, link, peer, plc, rawdevice, server, template, tunnel};
+use super::{bus, device, gateway, http, link, peer, plc, rawdevice, server, template, tunnel};
 
 /// The top-level keys, as serde's "expected one of" lists them.
 const SECTIONS: &[&str] = &[
@@ -51,6 +51,7 @@ const SECTIONS: &[&str] = &[
     "plc",
     "tunnel",
     "template",
+    "http",
     "include",
 ];
 
@@ -70,6 +71,7 @@ pub(super) struct Raw {
     pub plc: Vec<plc::RawPlc>,
     pub tunnel: Vec<tunnel::RawTunnel>,
     pub template: Vec<template::RawTemplate>,
+    pub http: Option<http::RawHttp>,
 }
 
 /// Reads the main file's `text` and every file it includes (relative to `dir`) into
@@ -212,7 +214,7 @@ fn collect(
     };
     for (key, value) in table {
         let name = key.get_ref().as_ref();
-        let only_main = matches!(name, "gateway" | "link" | "server" | "include");
+        let only_main = matches!(name, "gateway" | "link" | "server" | "http" | "include");
         if only_main && !main {
             let message = if name == "include" {
                 "include is only read in the main configuration file: an included file cannot include others"
@@ -227,6 +229,7 @@ fn collect(
             "gateway" => raw.gateway = single(value, "gateway", check),
             "link" => raw.link = single(value, "link", check),
             "server" => raw.server = single(value, "server", check),
+            "http" => raw.http = single(value, "http", check),
             "include" => includes = single(value, TOP, check).unwrap_or_default(),
             "bus" => raw.bus.extend(entries(value, name, check)),
             "device" => raw.device.extend(entries(value, name, check)),

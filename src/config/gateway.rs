@@ -7,6 +7,8 @@
 //! worker_threads = 1         # threads running the gateway's tasks, 1..=64; default one
 //!                            #   per CPU core. 1 gives the lowest pass-through latency and
 //!                            #   CPU use on small machines (no hand-offs between threads)
+//! log_format = "text"        # text | json (one JSON object per line), default text;
+//!                            #   `run --log-format` overrides it
 //! ```
 
 use std::time::Duration;
@@ -15,7 +17,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::Checker;
-use crate::model::Gateway;
+use crate::model::{Gateway, LogFormat};
 
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 const SUMMARY_INTERVAL_MIN: Duration = Duration::from_secs(1);
@@ -27,6 +29,7 @@ pub(super) struct RawGateway {
     name: Spanned<String>,
     summary_interval: Option<Spanned<String>>,
     worker_threads: Option<Spanned<i64>>,
+    log_format: Option<Spanned<LogFormat>>,
 }
 
 /// Resolves `[gateway]`. The name is stricter than other names (lowercase only): it is
@@ -47,6 +50,7 @@ pub(super) fn validate(raw: &RawGateway, check: &mut Checker) -> Gateway {
             .worker_threads
             .as_ref()
             .map(|t| check.int(Some(t), 1, 1..=64, PATH, "worker_threads")),
+        log_format: raw.log_format.as_ref().map_or_else(LogFormat::default, |f| *f.get_ref()),
     }
 }
 

@@ -84,6 +84,16 @@ pub(super) enum Kind {
     Unit,
 }
 
+impl Kind {
+    /// What happens to a placed point, as error messages say it.
+    fn placed(self) -> &'static str {
+        match self {
+            Kind::Plc => "written",
+            Kind::Unit => "placed",
+        }
+    }
+}
+
 /// The targets placed so far in one PLC or unit: overlaps and repeats are checked
 /// across all of its entries.
 pub(super) struct Layout {
@@ -168,7 +178,11 @@ impl Layout {
                 check.report(
                     e.address.span(),
                     path,
-                    format!("point {:?} would be placed past the last address 65535", named.name),
+                    format!(
+                        "point {:?} would be {} past the last address 65535",
+                        named.name,
+                        self.kind.placed()
+                    ),
                 );
                 break;
             }
@@ -178,11 +192,19 @@ impl Layout {
                 check.report(
                     e.address.span(),
                     path,
-                    format!(
-                        "point {:?} at {next} overlaps point {other:?} at {s} of map[{j}] in the same {} table",
-                        named.name,
-                        table_name(table)
-                    ),
+                    match self.kind {
+                        // The wording `[[plc.map]]` always had (issue 11: messages unchanged).
+                        Kind::Plc => format!(
+                            "point {:?} at {next} overlaps point {other:?} of map[{j}] in the same {} table",
+                            named.name,
+                            table_name(table)
+                        ),
+                        Kind::Unit => format!(
+                            "point {:?} at {next} overlaps point {other:?} at {s} of map[{j}] in the same {} table",
+                            named.name,
+                            table_name(table)
+                        ),
+                    },
                 );
             }
             self.used.push((table, next, end, i, named.name.clone()));
@@ -289,18 +311,25 @@ impl Layout {
         }
         if matches!(table, Table::Coils | Table::Discrete) {
             if let Some(t) = e.data_type.filter(|t| !matches!(t.get_ref(), RawType::Bool)) {
-                check.report(
-                    t.span(),
-                    path,
-                    "coils and discrete inputs hold single bits: type must be bool (or left out)",
-                );
+                let msg = match self.kind {
+                    Kind::Plc => "coils hold single bits: type must be bool (or left out)",
+                    Kind::Unit => {
+                        "coils and discrete inputs hold single bits: type must be bool (or left out)"
+                    }
+                };
+                check.report(t.span(), path, msg);
                 return None;
             }
             if !is_bool {
                 check.report(
                     type_span.clone(),
                     path,
-                    format!("point {name:?} is not a bool: only bool and bit points fit a bit table"),
+                    match self.kind {
+                        Kind::Plc => {
+                            format!("point {name:?} is not a bool: only bool and bit points can be written to coils")
+                        }
+                        Kind::Unit => format!("point {name:?} is not a bool: only bool and bit points fit a bit table"),
+                    },
                 );
                 return None;
             }

@@ -52,16 +52,45 @@ pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Where an authenticated connection goes: the peer's name and its link's inbox.
 pub type Routes = HashMap<Fingerprint, (String, mpsc::Sender<Incoming>)>;
 
+/// Who may come in, and where each goes: replaced whole on a reload (the socket stays
+/// bound; a handshake already running finishes with the tables it started with).
+pub struct Accepting {
+    /// Allowed source networks (empty: any).
+    pub allow: Vec<IpNet>,
+    /// TLS server config pinning every route's fingerprint (`None`: no peer is
+    /// configured to dial in; every connection is refused).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Fingerprint to peer.
+    pub routes: Routes,
+}
+
+/// The shared, replaceable [`Accepting`] tables of a running listener.
+#[derive(Clone)]
+pub struct AcceptTables(Arc<std::sync::RwLock<Arc<Accepting>>>);
+
+impl AcceptTables {
+    /// Tables holding `accepting`.
+    pub fn new(accepting: Accepting) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(Arc::new(accepting))))
+    }
+
+    /// The tables now.
+    pub fn current(&self) -> Arc<Accepting> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the tables for the connections accepted from now on.
+    pub fn replace(&self, accepting: Accepting) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(accepting);
+    }
+}
+
 /// The listener of one gateway.
 pub struct Listener {
     /// The bound socket.
     pub socket: TcpListener,
-    /// Allowed source networks (empty: any).
-    pub allow: Vec<IpNet>,
-    /// TLS server config pinning every route's fingerprint.
-    pub tls: Arc<rustls::ServerConfig>,
-    /// Fingerprint to peer.
-    pub routes: Routes,
+    /// Who may come in and where each goes.
+    pub tables: AcceptTables,
 }
 
 /// One connection in handshake.
@@ -183,9 +212,6 @@ impl Listener {
     /// Accepts until `shutdown`.
     #[instrument(name = "listener", skip_all)]
     pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
-        let acceptor = TlsAcceptor::from(self.tls);
-        let routes = Arc::new(self.routes);
-        let allow = Arc::new(self.allow);
         let pool = Arc::new(Mutex::new(Pool {
             table: PreAuth::new(PREAUTH_SLOTS, PREAUTH_PER_SOURCE),
             cancel: HashMap::new(),
@@ -215,12 +241,19 @@ impl Listener {
                 () = shutdown.cancelled() => return,
             };
             let ip = from.ip().to_canonical();
-            if !allow.is_empty() && !allow.iter().any(|n| n.contains(&ip)) {
+            let tables = self.tables.current();
+            if !tables.allow.is_empty() && !tables.allow.iter().any(|n| n.contains(&ip)) {
                 if log.allow("peer connections refused by links.allow", Some(ip)) {
                     warn!(%from, "refused a connection: source address not in links.allow");
                 }
                 continue;
             }
+            let Some(tls) = tables.tls.clone() else {
+                if log.allow("peer connections refused (no peer dials in)", Some(ip)) {
+                    warn!(%from, "refused a connection: no peer is configured to dial in");
+                }
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let now = Instant::now();
             let cancel = shutdown.child_token();
@@ -250,8 +283,7 @@ impl Listener {
                 p.cancel.insert(admitted.id, cancel.clone());
                 admitted.id
             };
-            let acceptor = acceptor.clone();
-            let routes = routes.clone();
+            let acceptor = TlsAcceptor::from(tls);
             let pool = pool.clone();
             let log = log.clone();
             tracker.spawn(async move {
@@ -260,7 +292,7 @@ impl Listener {
                     // without reading, even if its handshake could finish in this poll.
                     biased;
                     () = cancel.cancelled() => {}
-                    () = handshake(acceptor, tcp, from, now, &routes, &log, || {
+                    () = handshake(acceptor, tcp, from, now, &tables.routes, &log, || {
                         pool.lock().unwrap_or_else(PoisonError::into_inner).table.started(id);
                     }) => {}
                 }

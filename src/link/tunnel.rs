@@ -37,9 +37,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::Backoff;
-use crate::bus::{self, Port};
 use crate::link::proto::Frame;
 use crate::model::{OnLinkDown, Tunnel};
+use crate::serial::line::Port;
 
 /// Packets from the peer waiting for the tunnel task; more are dropped and counted.
 pub const INBOX: usize = 256;
@@ -313,7 +313,7 @@ impl Task {
             if port_rd.is_none() && Instant::now() >= next_open {
                 let opened = tokio::select! {
                     // Cancel-safe: an open abandoned half-way (a TCP connect) is dropped.
-                    r = bus::open_port(&self.t.port, &self.t.line) => r,
+                    r = crate::serial::line::open_port(&self.t.port, &self.t.line) => r,
                     () = shutdown.cancelled() => break,
                 };
                 match opened {

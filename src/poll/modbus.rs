@@ -9,6 +9,7 @@
 //! schedule on the first answer.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
@@ -37,8 +38,46 @@ struct ReadState {
     busy: bool,
 }
 
+/// What observers (the status page, `/metrics`) see of one polled device; the poller
+/// writes it, nothing waits on it.
+#[derive(Debug)]
+pub struct DeviceHealth {
+    /// The device name.
+    pub name: String,
+    /// Its bus.
+    pub bus: String,
+    /// Its unit id.
+    pub unit: u8,
+    /// False while the device does not answer and is only probed, with back-off.
+    pub online: AtomicBool,
+    /// When a read last got an answer (Unix milliseconds; 0: never).
+    pub last_answer_ms: AtomicU64,
+    /// Reads answered (with data or an exception).
+    pub answered: AtomicU64,
+    /// Reads that failed: no answer in time, or the port was down.
+    pub failed: AtomicU64,
+}
+
+impl DeviceHealth {
+    /// When the device last answered (`None`: never since start).
+    pub fn last_answer(&self) -> Option<SystemTime> {
+        match self.last_answer_ms.load(Relaxed) {
+            0 => None,
+            ms => Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+        }
+    }
+
+    fn answered_now(&self) {
+        let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(1, |d| d.as_millis() as u64);
+        self.last_answer_ms.store(ms.max(1), Relaxed);
+        self.answered.fetch_add(1, Relaxed);
+        self.online.store(true, Relaxed);
+    }
+}
+
 struct DeviceState {
     device: Device,
+    health: Arc<DeviceHealth>,
     retries: u8,
     ids: Vec<PointId>,
     reads: Vec<ReadState>,
@@ -76,6 +115,15 @@ impl Poller {
                         busy: false,
                     })
                     .collect(),
+                health: Arc::new(DeviceHealth {
+                    name: d.name.clone(),
+                    bus: bus.name.clone(),
+                    unit: d.unit,
+                    online: AtomicBool::new(true),
+                    last_answer_ms: AtomicU64::new(0),
+                    answered: AtomicU64::new(0),
+                    failed: AtomicU64::new(0),
+                }),
                 device: d.clone(),
                 retries: bus.retries,
                 online: true,
@@ -89,6 +137,11 @@ impl Poller {
             }
         }
         Self { bus: handle, image, devices, answered: false }
+    }
+
+    /// The health of every device of this bus, in model order, for observers.
+    pub fn health(&self) -> Vec<Arc<DeviceHealth>> {
+        self.devices.iter().map(|d| d.health.clone()).collect()
     }
 
     /// Polls until `shutdown` is cancelled.
@@ -164,6 +217,13 @@ impl Poller {
     fn complete(&mut self, d: usize, r: usize, outcome: Result<Response, BusError>) {
         let dev = &mut self.devices[d];
         dev.reads[r].busy = false;
+        match &outcome {
+            Ok(_) | Err(BusError::Exception(_)) => dev.health.answered_now(),
+            Err(BusError::Timeout { .. } | BusError::PortDown(_)) => {
+                dev.health.failed.fetch_add(1, Relaxed);
+            }
+            Err(_) => {}
+        }
         match outcome {
             Ok(rsp) => {
                 if !dev.online {
@@ -216,6 +276,7 @@ impl Poller {
                 if dev.online {
                     warn!(device = %dev.device.name, unit = dev.device.unit, "device stopped answering; backing off");
                     dev.online = false;
+                    dev.health.online.store(false, Relaxed);
                     dev.backoff = FIRST_BACKOFF;
                     self.image.fail(dev.ids.iter().copied(), Quality::CommFail);
                     self.image.fail_raw(&dev.device.name, None);

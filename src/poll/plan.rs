@@ -574,6 +574,7 @@ mod tests {
                 name: "gw".into(),
                 summary_interval: Duration::from_secs(60),
                 worker_threads: None,
+                log_format: Default::default(),
             },
             buses: vec![Bus {
                 name: "field".into(),
@@ -592,6 +593,7 @@ mod tests {
             links: None,
             server: None,
             plcs: Vec::new(),
+            http: None,
         }
     }
 

@@ -105,7 +105,7 @@ pub struct CommandReply {
     pub reply: Vec<u8>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Entry {
     name: String,
     id: u8,
@@ -126,6 +126,12 @@ impl SerialDevices {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Adds every device of `other` (the same counters and buses: the registry of all
+    /// buses is made from each bus's own).
+    pub fn extend(&mut self, other: &SerialDevices) {
+        self.entries.extend(other.entries.iter().cloned());
     }
 
     fn add(&mut self, device: &RawDevice, bus: Option<BusHandle>) -> Arc<RawStats> {

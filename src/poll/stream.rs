@@ -19,12 +19,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
 use crate::backoff::Backoff;
-use crate::bus::{Port, open_serial};
 use crate::image::{Image, PointId};
 use crate::model::{Bus, Line, RawDevice};
 use crate::point::value::Quality;
 use crate::poll::raw::{RawStats, apply_frame, register};
 use crate::serial::framing::{Decoded, SkipReason};
+use crate::serial::line::{Port, open_serial};
 
 /// How long a port must have worked before a failure reopens it without back-off.
 const STABLE: Duration = Duration::from_secs(10);

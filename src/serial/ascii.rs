@@ -79,6 +79,13 @@ impl Framing for Ascii {
     fn decode(&self, unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8], _silent: bool) -> Decoded {
         decode_reply(unit, request, buf)
     }
+
+    fn frame_unit(&self, buf: &[u8]) -> Option<u8> {
+        match buf {
+            [b':', hi, lo, ..] => hex::decode([*hi, *lo]).ok().map(|b| b[0]),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,13 @@ pub trait Framing: Send + Sync + std::fmt::Debug + 'static {
     fn replies_name_unit(&self) -> bool {
         true
     }
+
+    /// The unit a frame starting at `buf[0]` names, when the bytes say (for telling whether
+    /// a frame cut short came from the unit asked).
+    fn frame_unit(&self, buf: &[u8]) -> Option<u8> {
+        let _ = buf;
+        None
+    }
 }
 
 /// What the bytes received so far say about the reply to a request.

@@ -279,6 +279,24 @@ pub fn expected_response_len(req: &Request<'_>) -> Option<usize> {
     })
 }
 
+/// An exception code as an operator reads it: `0x02 (illegal data address)`.
+pub fn exception_text(code: u8) -> String {
+    let name = match code {
+        0x01 => "illegal function",
+        0x02 => "illegal data address",
+        0x03 => "illegal data value",
+        0x04 => "server device failure",
+        0x05 => "acknowledge",
+        0x06 => "server device busy",
+        0x07 => "negative acknowledge",
+        0x08 => "memory parity error",
+        0x0A => "gateway path unavailable",
+        0x0B => "gateway target device failed to respond",
+        _ => "unknown exception",
+    };
+    format!("0x{code:02X} ({name})")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

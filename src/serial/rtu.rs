@@ -214,6 +214,10 @@ impl Framing for Rtu {
     fn decode(&self, unit: u8, request: &tokio_modbus::Request<'_>, buf: &[u8], silent: bool) -> Decoded {
         decode_reply(unit, request, buf, silent)
     }
+
+    fn frame_unit(&self, buf: &[u8]) -> Option<u8> {
+        buf.first().copied()
+    }
 }
 
 #[cfg(test)]

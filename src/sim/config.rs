@@ -720,11 +720,13 @@ count = 16
                 name: "gw".into(),
                 summary_interval: Duration::from_secs(60),
                 worker_threads: None,
+                log_format: Default::default(),
             },
             buses: vec![bus],
             links: None,
             server: None,
             plcs: Vec::new(),
+            http: None,
         };
         let config = SimConfig::from_model(&model);
         config.validate().expect("valid");

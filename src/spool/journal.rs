@@ -488,6 +488,19 @@ impl Spool {
         self.pending
     }
 
+    /// When the oldest batch waiting for an ack was appended (`None`: nothing waits).
+    pub fn oldest_pending(&self) -> Result<Option<SystemTime>, SpoolError> {
+        if self.pending.batches == 0 {
+            return Ok(None);
+        }
+        let at: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT at_us FROM batches ORDER BY seq LIMIT 1")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+            .map_err(self.sql("cannot read oldest batch"))?;
+        Ok(at.map(|us| SystemTime::UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)))
+    }
+
     /// The seq the next append will get (>= 1).
     pub fn next_seq(&self) -> u64 {
         self.next_seq

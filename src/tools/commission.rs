@@ -85,7 +85,7 @@ pub enum PollError {
         reason: String,
     },
     /// The Modbus-TCP server answered with an exception.
-    #[error("unit {unit}: exception {code:?}")]
+    #[error("unit {unit}: exception {}", crate::serial::pdu::exception_text(u8::from(*code)))]
     Exception {
         /// Unit id.
         unit: u8,

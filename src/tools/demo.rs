@@ -6,6 +6,12 @@
 //! with pinned certificate fingerprints, on-disk spool). Both images are printed as
 //! tables: the local points, and the same points as the peer received them.
 //!
+//! The peer also serves what it received as a virtual Modbus unit ([`DEMO_UNIT`] on
+//! 127.0.0.1, any free port): every number as an f32 (abcd) in holding registers from
+//! 0, every bool in discrete inputs from 0, in configuration order; strings are left
+//! out. The demo prints its register map and the `m2m-gateway poll --tcp` lines that
+//! read it, so a user sees a far site's values reach a local SCADA.
+//!
 //! Invariants: the configuration's own `[link]` is replaced by the demo pair (a demo
 //! never dials real peers); the temporary directory is removed when the demo ends; a
 //! `[server]` whose port is taken is moved to a free port instead of failing.
@@ -20,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::gateway::{Gateway, GatewayError};
 use crate::image::Image;
 use crate::link::tls::{self, Fingerprint, TlsError};
-use crate::model::{self, Dial, Links, Model, Peer, SendMode, SendRule};
+use crate::model::{self, Dial, Links, MapTarget, Model, OnBad, Peer, SendMode, SendRule, VirtualUnit};
+use crate::point::value::{DataType, Table, WordOrder};
 use crate::server::ServerError;
 use crate::sim::{SimConfig, SimError, Simulator, VirtualPort};
 
@@ -128,8 +135,60 @@ fn demo_links(dir: &Path, listen: bool, peer: Peer) -> Links {
     }
 }
 
-/// Starts the peer gateway (listening on 127.0.0.1, any port) and points `model`'s
-/// links at it: every local point on change. Returns the peer and both fingerprints.
+/// The unit id of the peer's virtual unit.
+pub const DEMO_UNIT: u8 = 1;
+
+/// The peer's virtual unit over the points `local` sends: numbers as f32 in holding
+/// registers, bools as discrete inputs, both from address 0 (strings left out).
+fn demo_unit(model: &Model, local: &str) -> VirtualUnit {
+    let (mut register, mut bit) = (0u32, 0u32);
+    let mut targets = Vec::new();
+    for p in model.buses.iter().flat_map(|b| &b.devices).flat_map(|d| &d.points) {
+        let (table, data_type, at) = match p.data_type {
+            DataType::Str(_) => continue,
+            DataType::Bool | DataType::Bit(_) => (Table::Discrete, DataType::Bool, &mut bit),
+            _ => (Table::Holding, DataType::F32, &mut register),
+        };
+        let width = if table == Table::Discrete { 1 } else { u32::from(data_type.width()) };
+        let Ok(address) = u16::try_from(*at) else { continue };
+        if *at + width > 65_536 {
+            continue;
+        }
+        *at += width;
+        targets.push(MapTarget {
+            point: format!("{local}/{}", p.name),
+            table,
+            address,
+            data_type,
+            order: WordOrder::Abcd,
+            scale: 1.0,
+            offset: 0.0,
+            eng_unit: p.unit.clone(),
+        });
+    }
+    VirtualUnit { unit: DEMO_UNIT, targets, on_bad: OnBad::Exception, status: None }
+}
+
+/// The `poll --tcp` command lines that read every point of `unit` served at `addr`.
+pub fn poll_lines(unit: &VirtualUnit, addr: std::net::SocketAddr) -> Vec<String> {
+    let count = |t: Table| unit.targets.iter().filter(|x| x.table == t).count();
+    let mut out = Vec::new();
+    for (table, kind, n) in
+        [("holding", "f32", count(Table::Holding)), ("discrete", "bool", count(Table::Discrete))]
+    {
+        if n > 0 {
+            out.push(format!(
+                "m2m-gateway poll --tcp {addr} --unit {} --table {table} --address 0 --count {n} --type {kind}",
+                unit.unit
+            ));
+        }
+    }
+    out
+}
+
+/// Starts the peer gateway (listening on 127.0.0.1, any port; serving what it receives
+/// as virtual unit [`DEMO_UNIT`]) and points `model`'s links at it: every local point on
+/// change. Returns the peer and both fingerprints.
 fn start_peer(
     model: &mut Model,
     dir: &Path,
@@ -144,14 +203,24 @@ fn start_peer(
             name: b_name.to_string(),
             summary_interval: model.gateway.summary_interval,
             worker_threads: None,
+            log_format: Default::default(),
         },
         buses: vec![],
+        http: None,
         links: Some(demo_links(
             &b_dir,
             true,
             demo_peer(&model.gateway.name, a_fp, Dial::Accept, vec![], b_dir.join("data/spool.db")),
         )),
-        server: None,
+        server: Some(model::Server {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_connections: 16,
+            idle_timeout: Duration::from_secs(60),
+            max_in_flight: 2,
+            units: Vec::new(),
+            grants: Vec::new(),
+            virtual_units: vec![demo_unit(model, &model.gateway.name)],
+        }),
         plcs: Vec::new(),
     };
     let peer = Gateway::start(&b_model, shutdown.child_token())?;
@@ -224,6 +293,17 @@ pub async fn run(
     println!("  {peer_name:<10} {b_fp}");
     if let Some(addr) = gateway.server_addr {
         println!("demo: modbus-tcp server on {addr} (point a Modbus-TCP master at it)");
+    }
+    if let Some(addr) = peer.server_addr {
+        let unit = demo_unit(&model, &local);
+        println!(
+            "demo: {peer_name} serves {local}'s values as virtual unit {DEMO_UNIT} on {addr}, as a SCADA at {peer_name} would read them:"
+        );
+        print!("{}", crate::server::describe(&unit));
+        println!("demo: read them with:");
+        for line in poll_lines(&unit, addr) {
+            println!("  {line}");
+        }
     }
     // `--for` of centuries means "until Ctrl-C"; `--every 0s` means "as often as useful"
     // (an overflowing deadline and a zero interval would panic).

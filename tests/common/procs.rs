@@ -13,7 +13,7 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// A child whose stdout and stderr lines are collected as they come.
 pub struct Proc {
-    name: &'static str,
+    pub name: &'static str,
     child: Child,
     out: Arc<Mutex<Vec<String>>>,
     err: Arc<Mutex<Vec<String>>>,
@@ -32,8 +32,14 @@ pub fn collect(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<Str
 
 impl Proc {
     pub fn spawn(name: &'static str, args: &[&str], rust_log: &str) -> Self {
+        Self::spawn_env(name, args, rust_log, &[])
+    }
+
+    /// As [`Proc::spawn`], with these extra environment variables.
+    pub fn spawn_env(name: &'static str, args: &[&str], rust_log: &str, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", rust_log)
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())
@@ -74,6 +80,13 @@ impl Proc {
             assert!(Instant::now() < end, "{} still running {DEADLINE:?} after SIGTERM", self.name);
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Sends `signal` (`HUP`, `TERM`) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("run kill");
+        assert!(ok.success(), "kill -{signal} {pid}");
     }
 
     /// SIGKILL: no shutdown code runs.

@@ -1,0 +1,182 @@
+//! The status page in a real browser: headless chromium driven over WebDriver
+//! (chromedriver), against a gateway polling the project's simulator on a pty pair. The
+//! page must show the live values, follow their changes, and show a device that stops
+//! answering as failed.
+//!
+//! Without chromedriver the test is skipped with a message, unless `CI` is set: CI
+//! installs chromium and chromium-driver (.ci/run), so there a missing driver fails.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::common;
+use common::{Rig, wait_until};
+use fantoccini::{ClientBuilder, Locator};
+use m2m_gateway::point::value::Table;
+use m2m_gateway::sim::Fault;
+
+const SIM: &str = r#"
+[[unit]]
+unit = 1
+[[unit.register]]
+table = "holding"
+address = 0
+values = [215]
+[[unit]]
+unit = 2
+[[unit.register]]
+table = "holding"
+address = 0
+values = [1400]
+"#;
+
+const GATEWAY: &str = r#"
+[gateway]
+name = "plant-a"
+
+[[bus]]
+name = "line1"
+port = "{port}"
+timeout = "100ms"
+retries = 0
+
+[[device]]
+name = "boiler"
+bus = "line1"
+unit = 1
+interval = "100ms"
+point = [ { name = "temperature", table = "holding", address = 0, scale = 0.1, unit = "°C" } ]
+
+[[device]]
+name = "pump"
+bus = "line1"
+unit = 2
+interval = "100ms"
+point = [ { name = "speed", table = "holding", address = 0, unit = "rpm" } ]
+
+[http]
+listen = "127.0.0.1:0"
+"#;
+
+/// chromedriver on a free port, in its own process group with the browsers it starts;
+/// the whole group is killed on drop, so a failing test leaves no browser behind.
+struct Driver(Child, u16);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts chromedriver, or says why the test cannot run (`None`: skip).
+fn driver() -> Option<Driver> {
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let child = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match child {
+        Ok(c) => Some(Driver(c, port)),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            println!(
+                "SKIPPED browser test: chromedriver not runnable ({e}); apt-get install chromium chromium-driver"
+            );
+            None
+        }
+        Err(e) => panic!("chromedriver is required in CI (apt-get install chromium chromium-driver): {e}"),
+    }
+}
+
+/// The text of the first element matching `css`, or "" when there is none yet.
+async fn text(browser: &fantoccini::Client, css: &str) -> String {
+    match browser.find(Locator::Css(css)).await {
+        Ok(e) => e.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Waits until the text at `css` satisfies `ok`; panics with the last text seen.
+async fn wait_text(browser: &fantoccini::Client, css: &str, what: &str, ok: impl Fn(&str) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let t = text(browser, css).await;
+        if ok(&t) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "page never showed {what}: {css} reads {t:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_live_values_and_a_failed_device() {
+    let Some(driver) = driver() else {
+        return;
+    };
+    let rig = Rig::start(SIM, GATEWAY);
+    let addr = rig.gateway().http_addr.expect("http endpoint");
+    wait_until("the boiler polled", Duration::from_secs(10), || rig.value("boiler.temperature").is_some())
+        .await;
+
+    let caps: serde_json::Map<String, serde_json::Value> = serde_json::from_value(serde_json::json!({
+        "goog:chromeOptions": {
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                     "--disable-sync", "--window-size=800,900"],
+        }
+    }))
+    .expect("capabilities");
+    let url = format!("http://127.0.0.1:{}", driver.1);
+    // chromedriver takes a moment to listen: retry the session until it does.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let browser = loop {
+        match ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps.clone())
+            .connect(&url)
+            .await
+        {
+            Ok(b) => break b,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "no webdriver session: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let outcome = async {
+        browser.goto(&format!("http://{addr}/")).await.expect("open the page");
+        let temp = r#"tr[data-point="boiler.temperature"] .value"#;
+        wait_text(&browser, temp, "the live temperature", |t| t == "21.5").await;
+        wait_text(&browser, r#"tr[data-point="boiler.temperature"] .unit"#, "the unit", |t| t == "°C").await;
+        wait_text(&browser, "#gw-name", "the gateway name", |t| t == "plant-a").await;
+        wait_text(&browser, r#"[data-device="pump"] .state"#, "the pump up", |t| t == "up").await;
+
+        // The value changes at the device: the page follows without a reload.
+        rig.sim.set_register(1, Table::Holding, 0, 634).expect("set");
+        wait_text(&browser, temp, "the new temperature", |t| t == "63.4").await;
+
+        // The pump stops answering: the page shows it failed, its value's quality, and
+        // the gateway degraded.
+        rig.sim.set_fault(2, Fault::Silent).expect("fault");
+        wait_text(&browser, r#"[data-device="pump"] .state"#, "the pump failed", |t| t == "failed").await;
+        wait_text(&browser, r#"tr[data-point="pump.speed"] .quality"#, "comm fail", |t| t == "comm fail")
+            .await;
+        wait_text(&browser, "#health", "degraded health", |t| t.eq_ignore_ascii_case("degraded")).await;
+        wait_text(&browser, "#problems", "the problem named", |t| t.contains("device pump")).await;
+        if let Ok(path) = std::env::var("M2M_SCREENSHOT") {
+            let png = browser.screenshot().await.expect("screenshot");
+            std::fs::write(path, png).expect("write screenshot");
+        }
+    }
+    .await;
+    let _ = browser.close().await;
+    drop(driver);
+    rig.stop().await;
+    outcome
+}
