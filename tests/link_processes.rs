@@ -272,15 +272,27 @@ fn a_flood_of_failed_handshakes_logs_a_few_lines_and_a_summary() {
     );
     // Every connection is accounted for: its handshake failed (logged or counted), or its
     // slot was reclaimed for a newer one before it was read (logged or counted). A
-    // connection reclaimed in the instant after its handshake failed counts twice.
-    let counted: u64 = new
-        .iter()
-        .filter_map(|l| {
-            let at = l.find("… and ")? + "… and ".len();
-            l[at..].split(' ').next()?.replace(',', "").parse::<u64>().ok()
-        })
-        .sum();
-    let logged = (failed + count(new, "to make room")) as u64;
+    // connection reclaimed in the instant after its handshake failed counts twice. Each
+    // kind's summary comes when its own 10 s window ends: wait for them all.
+    let tally = |new: &[String]| -> (u64, u64) {
+        let counted: u64 = new
+            .iter()
+            .filter_map(|l| {
+                let at = l.find("… and ")? + "… and ".len();
+                l[at..].split(' ').next()?.replace(',', "").parse::<u64>().ok()
+            })
+            .sum();
+        (counted, (count(new, "tls handshake failed") + count(new, "to make room")) as u64)
+    };
+    let (counted, logged, new) = loop {
+        let lines = b.stderr();
+        let new = lines[before..].to_vec();
+        let (counted, logged) = tally(&new);
+        if counted + logged >= FLOOD as u64 || Instant::now() >= end {
+            break (counted, logged, new);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         (FLOOD as u64..=FLOOD as u64 + 16).contains(&(counted + logged)),
         "{counted} counted + {logged} logged for {FLOOD} connections:\n{}",
