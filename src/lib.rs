@@ -16,7 +16,7 @@
 //!
 //! | layer | modules | what they own |
 //! |---|---|---|
-//! | 1 | [`point`], [`backoff`], [`health`] | typed values, their register encodings, fields of raw replies; reconnect back-off; liveness beats of the core tasks |
+//! | 1 | [`point`], [`backoff`], [`health`], [`loglimit`] | typed values, their register encodings, fields of raw replies; reconnect back-off; liveness beats of the core tasks; rate limits for log lines others can cause |
 //! | 2 | [`serial`], [`image`] | bytes on a line (framings, PDUs, checksums); the live point values |
 //! | 3 | [`model`] | the validated configuration every task runs from |
 //! | 4 | [`config`], [`bus`], [`spool`] | TOML to model; one task per line; the on-disk spool per peer |
@@ -25,10 +25,11 @@
 //! | 7 | [`link`] | peer links: TLS, the protocol, grants, write-back, serial tunnels |
 //! | 8 | [`http`] | observers: status page, Prometheus metrics, JSON API, operator writes |
 //! | 9 | [`gateway`], [`service`] | starts every task of a model under one shutdown token, reloads it; the systemd notify protocol and watchdog |
-//! | 10 | [`tools`] | commissioning reads and the demo |
+//! | 10 | [`tools`], `fuzz_entry` | commissioning reads and the demo; the fuzz targets' entry points |
 
 pub mod backoff;
 pub mod health;
+pub mod loglimit;
 pub mod point;
 
 pub mod image;
@@ -54,4 +55,6 @@ pub mod http;
 pub mod gateway;
 pub mod service;
 
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod tools;

@@ -61,10 +61,17 @@
 //! poll after `bus::PASS_THROUGH_STREAK` pass-through transactions, so all masters
 //! together cannot stop the polls that keep agent mode fresh.
 //!
-//! Limits: at most `max_connections` masters (one more is accepted and closed at once,
-//! so it fails fast instead of hanging in the backlog); a connection with no request for
-//! `idle_timeout` (and nothing pending) is closed. The socket binds 127.0.0.1:5020 unless
-//! configured otherwise.
+//! Limits: at most `max_connections` masters. When all slots are taken, a new master is
+//! not kept out: the slot of the *longest-idle* connection is reclaimed (that connection
+//! is closed) and given to the newcomer; idle means no request of it is being answered,
+//! and the longest-idle is the one whose last request (or connect, if it never asked
+//! anything) is oldest. Only when every connection has a request being answered is the
+//! newcomer accepted and closed at once (it fails fast instead of hanging in the
+//! backlog). So masters that poll slowly (one request every few seconds) cannot keep
+//! every new master out for good, a master that is being answered is never cut, and a
+//! master whose slot was taken gets it back by reconnecting ([`Slots`]). A connection
+//! with no request for `idle_timeout` (and nothing pending) is closed. The socket binds
+//! 127.0.0.1:5020 unless configured otherwise.
 //!
 //! Invariants: nothing a master sends can panic the server or touch a bus before it is
 //! validated; every request on a live connection gets exactly one answer; every task
@@ -75,15 +82,15 @@ pub mod mbap;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until};
 use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -98,6 +105,7 @@ pub use vunit::{Owners, WriteFailure};
 use crate::bus::pass::MasterId;
 use crate::bus::{BusError, BusHandle, Job, Priority};
 use crate::image::{Image, Raw, RawMiss};
+use crate::loglimit::SharedLimiter;
 use crate::model::{self, Model, ServeMode, WriteGrant};
 use crate::point::value::Table;
 use crate::serial::pdu;
@@ -145,6 +153,100 @@ pub const BROADCAST_TURNAROUND: Duration = Duration::from_millis(100);
 
 /// Requests of one connection being answered at once; more wait in the socket.
 pub const MAX_PENDING: usize = 16;
+
+/// The connected masters, and which one gives way when a new one arrives and all slots
+/// are taken. Sans I/O: the caller passes `now` and closes the connection it is told to.
+#[derive(Debug)]
+pub struct Slots {
+    capacity: usize,
+    masters: HashMap<MasterId, Activity>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    /// The last request (or the connect).
+    last: Instant,
+    /// A request of it is being answered.
+    busy: bool,
+}
+
+/// What becomes of a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A free slot.
+    Free,
+    /// The slot of this master, idle this long: close it.
+    Reclaimed(MasterId, Duration),
+    /// Every master is being answered: refuse the newcomer.
+    Full,
+}
+
+impl Slots {
+    /// Room for `capacity` masters.
+    pub fn new(capacity: usize) -> Self {
+        Self { capacity: capacity.max(1), masters: HashMap::new() }
+    }
+
+    /// Admits `master`, reclaiming the longest-idle slot when full.
+    pub fn admit(&mut self, master: MasterId, now: Instant) -> Admission {
+        let verdict = if self.masters.len() < self.capacity {
+            Admission::Free
+        } else {
+            match self.masters.iter().filter(|(_, a)| !a.busy).min_by_key(|(id, a)| (a.last, **id)) {
+                Some((&id, a)) => Admission::Reclaimed(id, now.saturating_duration_since(a.last)),
+                None => return Admission::Full,
+            }
+        };
+        if let Admission::Reclaimed(id, _) = verdict {
+            self.masters.remove(&id);
+        }
+        self.masters.insert(master, Activity { last: now, busy: false });
+        verdict
+    }
+
+    /// `master` sent a request at `now`; it is busy until [`Slots::answered`].
+    pub fn request(&mut self, master: MasterId, now: Instant) {
+        if let Some(a) = self.masters.get_mut(&master) {
+            a.last = now;
+            a.busy = true;
+        }
+    }
+
+    /// Every request of `master` so far is answered.
+    pub fn answered(&mut self, master: MasterId) {
+        if let Some(a) = self.masters.get_mut(&master) {
+            a.busy = false;
+        }
+    }
+
+    /// `master` disconnected.
+    pub fn remove(&mut self, master: MasterId) {
+        self.masters.remove(&master);
+    }
+
+    /// Masters connected.
+    pub fn len(&self) -> usize {
+        self.masters.len()
+    }
+
+    /// No master connected.
+    pub fn is_empty(&self) -> bool {
+        self.masters.is_empty()
+    }
+}
+
+/// The slot table with each connection's close switch, shared by the accept loop and
+/// the connections.
+struct Masters {
+    slots: Slots,
+    close: HashMap<MasterId, (CancellationToken, SocketAddr)>,
+}
+
+type SharedMasters = Arc<Mutex<Masters>>;
+
+fn lock(m: &SharedMasters) -> std::sync::MutexGuard<'_, Masters> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Why the server cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -277,6 +379,9 @@ pub struct Server {
     tables: Tables,
     /// Kept here, not in the tables: a reload swaps those, the counters go on.
     stats: Arc<ServerStats>,
+    /// Every log line a master's connection can cause goes through it (kept across
+    /// reloads, which swap the tables).
+    log: SharedLimiter,
 }
 
 impl Server {
@@ -296,7 +401,14 @@ impl Server {
         let shared = Arc::new(Shared::new(config, model, buses, image, owners));
         let tables = Tables(Arc::new(std::sync::RwLock::new(shared)));
         let stats = Arc::new(ServerStats::default());
-        Self { listener, local, max_connections: config.max_connections, tables, stats }
+        Self {
+            listener,
+            local,
+            max_connections: config.max_connections,
+            tables,
+            stats,
+            log: SharedLimiter::default(),
+        }
     }
 
     /// The tables the connections read; replace them to apply a reloaded configuration.
@@ -412,44 +524,88 @@ impl Server {
     #[instrument(name = "server", skip_all, fields(listen = %self.local))]
     pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
         info!(addr = %self.local, "modbus-tcp server listening on {}", self.local);
-        let slots = Arc::new(Semaphore::new(self.max_connections));
+        let masters: SharedMasters =
+            Arc::new(Mutex::new(Masters { slots: Slots::new(self.max_connections), close: HashMap::new() }));
         let mut next_master: MasterId = 0;
+        let log = self.log.clone();
+        let mut flush = log.ticker();
         loop {
             let accepted = tokio::select! {
                 // Cancel-safe: accept loses no connection when dropped.
                 a = self.listener.accept() => a,
+                _ = flush.tick() => {
+                    for s in log.flush() {
+                        warn!("{s}");
+                    }
+                    continue;
+                }
                 () = shutdown.cancelled() => break,
             };
             let (stream, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Out of descriptors and the like: pause rather than spin.
-                    warn!(error = %e, "cannot accept a connection");
+                    if log.allow("failed accepts of master connections", None) {
+                        warn!(error = %e, "cannot accept a connection");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                self.stats.refused.fetch_add(1, Relaxed);
-                warn!(%peer, max = self.max_connections, "connection refused: too many masters");
-                drop(stream);
-                continue;
-            };
             next_master += 1;
             let master = next_master;
+            let close = shutdown.child_token();
+            {
+                let mut m = lock(&masters);
+                match m.slots.admit(master, Instant::now()) {
+                    Admission::Free => {}
+                    Admission::Reclaimed(old, idle) => {
+                        let old_peer = m.close.remove(&old).map(|(c, addr)| {
+                            c.cancel();
+                            addr
+                        });
+                        let old_peer = old_peer.map_or_else(|| format!("master {old}"), |a| a.to_string());
+                        if log.allow("master connections closed to make room", Some(peer.ip().to_canonical()))
+                        {
+                            info!(
+                                %peer,
+                                "all {} master connections taken: closed the one from {old_peer}, idle for {:.1} s, \
+                                 to make room for a new master",
+                                self.max_connections,
+                                idle.as_secs_f64()
+                            );
+                        }
+                    }
+                    Admission::Full => {
+                        if log.allow("master connections refused (all busy)", Some(peer.ip().to_canonical()))
+                        {
+                            warn!(
+                                %peer,
+                                "connection refused: all {} master connections are busy with requests",
+                                self.max_connections
+                            );
+                        }
+                        continue;
+                    }
+                }
+                m.close.insert(master, (close.clone(), peer));
+            }
             let _ = stream.set_nodelay(true);
             let tables = self.tables.clone();
             let stats = self.stats.clone();
-            let shutdown = shutdown.clone();
+            let masters = masters.clone();
+            let log = log.clone();
             tracker.spawn(
                 async move {
                     debug!("master connected");
                     stats.accepted.fetch_add(1, Relaxed);
                     stats.connected.fetch_add(1, Relaxed);
-                    connection(stream, master, tables, &stats, shutdown).await;
+                    connection(stream, peer, master, tables, &stats, &masters, &log, close).await;
                     stats.connected.fetch_sub(1, Relaxed);
                     debug!("master disconnected");
-                    drop(permit);
+                    let mut m = lock(&masters);
+                    m.slots.remove(master);
+                    m.close.remove(&master);
                 }
                 .instrument(info_span!("master", %peer, id = master)),
             );
@@ -465,12 +621,17 @@ enum Answer {
 
 /// Serves one master until it leaves (a master that half-closes still gets the answers
 /// to what it asked before), idles out, breaks framing, or shutdown.
+/// `close` ends it (shutdown, or its slot was reclaimed for a new master).
+#[expect(clippy::too_many_arguments, reason = "one connection's context, passed once from the accept loop")]
 async fn connection(
     stream: TcpStream,
+    peer: SocketAddr,
     master: MasterId,
     tables: Tables,
     stats: &ServerStats,
-    shutdown: CancellationToken,
+    masters: &SharedMasters,
+    log: &SharedLimiter,
+    close: CancellationToken,
 ) {
     let (rd, wr) = stream.into_split();
     let mut input = FramedRead::new(rd, MbapCodec);
@@ -495,6 +656,7 @@ async fn connection(
             frame = input.next(), if reading && pending.len() < MAX_PENDING => match frame {
                 Some(Ok(frame)) => {
                     last_heard = Instant::now();
+                    lock(masters).slots.request(master, last_heard);
                     stats.request(&frame.pdu);
                     match tables.current().handle(master, frame) {
                         Answer::Now(f) => f,
@@ -507,7 +669,9 @@ async fn connection(
                 Some(Err(e)) => {
                     // MBAP cannot resynchronise: read no more, but answer what was
                     // asked before the bad frame, then close.
-                    warn!(error = %e, "closing connection: not modbus-tcp");
+                    if log.allow("connections closed for not speaking modbus-tcp", Some(peer.ip().to_canonical())) {
+                        warn!(error = %e, "closing connection: not modbus-tcp");
+                    }
                     reading = false;
                     continue;
                 }
@@ -522,7 +686,7 @@ async fn connection(
                 debug!(idle = ?shared.idle_timeout, "closing idle connection");
                 return;
             }
-            () = shutdown.cancelled() => return,
+            () = close.cancelled() => return,
         };
         stats.answer(&out.pdu);
         let sent = tokio::select! {
@@ -533,11 +697,14 @@ async fn connection(
                 debug!("master does not take its answers; closing connection");
                 return;
             }
-            () = shutdown.cancelled() => return,
+            () = close.cancelled() => return,
         };
         if let Err(e) = sent {
             debug!(error = %e, "cannot answer; closing connection");
             return;
+        }
+        if pending.is_empty() {
+            lock(masters).slots.answered(master);
         }
         // The master has been busy until now: a relayed request that took longer than
         // the idle timeout must not close the connection under its answer.
@@ -795,7 +962,47 @@ fn ranges(units: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::ranges;
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn when_full_the_longest_idle_master_gives_way() {
+        let t0 = Instant::now();
+        let mut s = Slots::new(3);
+        assert_eq!(s.admit(1, t0), Admission::Free);
+        assert_eq!(s.admit(2, t0 + MS(1)), Admission::Free);
+        assert_eq!(s.admit(3, t0 + MS(2)), Admission::Free);
+        // 1 asked something recently and was answered; 2 has been quiet since connecting.
+        s.request(1, t0 + MS(5000));
+        s.answered(1);
+        s.request(3, t0 + MS(6000));
+        s.answered(3);
+        assert_eq!(s.admit(4, t0 + MS(8400)), Admission::Reclaimed(2, MS(8399)));
+        assert_eq!(s.len(), 3);
+        // Next the least recent requester, 1.
+        assert_eq!(s.admit(5, t0 + MS(8500)), Admission::Reclaimed(1, MS(3500)));
+    }
+
+    #[test]
+    fn a_master_being_answered_is_never_reclaimed() {
+        let t0 = Instant::now();
+        let mut s = Slots::new(2);
+        s.admit(1, t0);
+        s.admit(2, t0);
+        s.request(1, t0 + MS(1));
+        // 1 is older-idle by its request time than nothing: only 2 is idle.
+        assert_eq!(s.admit(3, t0 + MS(10)), Admission::Reclaimed(2, MS(10)));
+        s.request(3, t0 + MS(11));
+        // Both busy: the newcomer is refused and nothing changes.
+        assert_eq!(s.admit(4, t0 + MS(20)), Admission::Full);
+        assert_eq!(s.len(), 2);
+        s.answered(1);
+        assert_eq!(s.admit(5, t0 + MS(30)), Admission::Reclaimed(1, MS(29)));
+        s.remove(3);
+        s.remove(5);
+        assert!(s.is_empty());
+    }
 
     #[test]
     fn unit_ranges_read_as_written() {

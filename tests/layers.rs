@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// Bottom up, as in `src/lib.rs`.
 const LAYERS: &[&[&str]] = &[
-    &["point", "backoff", "health"],
+    &["point", "backoff", "health", "loglimit"],
     &["serial", "image"],
     &["model"],
     &["config", "bus", "spool"],
@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["link"],
     &["http"],
     &["gateway", "service"],
-    &["tools"],
+    &["tools", "fuzz_entry"],
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -11,6 +11,8 @@
 //!
 //! Every wait has a deadline; every child is killed when the test ends, pass or fail.
 
+use std::time::{Duration, Instant};
+
 use crate::common;
 
 use common::procs::{Proc, field, free_port, keygen, path, write};
@@ -198,4 +200,103 @@ address = 0
         counters.last().copied().unwrap_or_default(),
     );
     drop(sim);
+}
+
+/// Issue 10 D4: a flood of connections that fail their TLS handshake (here 3,000, each
+/// sending a few bytes of garbage and closing) must not flood the log: a few lines per
+/// source, then one summary line counting the rest.
+#[test]
+fn a_flood_of_failed_handshakes_logs_a_few_lines_and_a_summary() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    keygen(&root.join("b-id"));
+    let fp_a = keygen(&root.join("a-id"));
+    let port = free_port();
+    let cfg = write(
+        &root.join("b.toml"),
+        &format!(
+            "[gateway]\nname = \"site-b\"\n\n[link]\nidentity = \"b-id\"\ndata_dir = \"b-data\"\n\
+             listen = \"127.0.0.1:{port}\"\n\n[[peer]]\nname = \"site-a\"\nfingerprint = \"{fp_a}\"\n"
+        ),
+    );
+    let mut b = Proc::spawn("site-b", &["run", "-c", path(&cfg)], "info");
+    b.wait_err("the listener up", |l| l.iter().find(|l| l.contains("listening")).cloned());
+    let before = b.stderr().len();
+    const FLOOD: usize = 3_000;
+    let started = Instant::now();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                use std::io::Write;
+                for _ in 0..FLOOD / 4 {
+                    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                    let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("flood thread");
+    }
+    let flood_took = started.elapsed();
+    // The summary comes when the 10 s window of the first failures ends.
+    let end = Instant::now() + Duration::from_secs(25);
+    let summary = loop {
+        let lines = b.stderr();
+        if let Some(l) =
+            lines.iter().find(|l| l.contains("more failed tls handshakes from 127.0.0.1 in the last 10 s"))
+        {
+            break l.clone();
+        }
+        assert!(Instant::now() < end, "no summary line within 25 s:\n{}", lines[before..].join("\n"));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let lines = b.stderr();
+    let new = &lines[before..];
+    let failed = count(new, "tls handshake failed");
+    let bytes: usize = new.iter().map(|l| l.len() + 1).sum();
+    eprintln!(
+        "{FLOOD} garbage connections in {flood_took:?}: {} log lines ({bytes} bytes), {failed} handshake failures logged one by one; {summary}",
+        new.len()
+    );
+    assert!(failed >= 1, "the first failures are logged:\n{}", new.join("\n"));
+    // At most 5 lines per kind per 10 s window and one summary each: the bound grows with
+    // the time the flood took on this machine, not with the number of connections.
+    let windows = flood_took.as_secs() / 10 + 3;
+    let bound = usize::try_from(windows * 6).expect("small") + 5;
+    assert!(
+        new.len() <= bound,
+        "{} log lines for {FLOOD} connections (bound {bound}):\n{}",
+        new.len(),
+        new.join("\n")
+    );
+    // Every connection is accounted for: its handshake failed (logged or counted), or its
+    // slot was reclaimed for a newer one before it was read (logged or counted). A
+    // connection reclaimed in the instant after its handshake failed counts twice. Each
+    // kind's summary comes when its own 10 s window ends: wait for them all.
+    let tally = |new: &[String]| -> (u64, u64) {
+        let counted: u64 = new
+            .iter()
+            .filter_map(|l| {
+                let at = l.find("… and ")? + "… and ".len();
+                l[at..].split(' ').next()?.replace(',', "").parse::<u64>().ok()
+            })
+            .sum();
+        (counted, (count(new, "tls handshake failed") + count(new, "to make room")) as u64)
+    };
+    let (counted, logged, new) = loop {
+        let lines = b.stderr();
+        let new = lines[before..].to_vec();
+        let (counted, logged) = tally(&new);
+        if counted + logged >= FLOOD as u64 || Instant::now() >= end {
+            break (counted, logged, new);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        (FLOOD as u64..=FLOOD as u64 + 16).contains(&(counted + logged)),
+        "{counted} counted + {logged} logged for {FLOOD} connections:\n{}",
+        new.join("\n")
+    );
+    b.terminate();
 }

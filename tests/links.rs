@@ -1073,3 +1073,54 @@ async fn a_source_outside_allow_is_refused_before_tls() {
     ga.shutdown(Duration::from_secs(3)).await;
     gb.shutdown(Duration::from_secs(3)).await;
 }
+
+/// Issue 10 D2: 48 sockets that connect and send nothing, reopened as soon as the gateway
+/// closes them, must not keep a pinned peer out: its link is up within 5 s.
+#[tokio::test]
+async fn idle_sockets_held_open_do_not_lock_a_pinned_peer_out() {
+    logs();
+    let (a, b) = (Site::new(), Site::new());
+    let shutdown = CancellationToken::new();
+    let b_peer = peer("site-a", a.fp(), Dial::Accept, vec![]);
+    let gb = Gateway::start(&model("site-b", vec![], b.links(true, vec![b_peer])), shutdown.child_token())
+        .expect("start b");
+    let b_addr = gb.listen_addr().expect("b listens");
+    let attack = CancellationToken::new();
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..48 {
+        let (stop, opened) = (attack.clone(), opened.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let Ok(mut s) = TcpStream::connect(b_addr).await else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut buf = [0u8; 64];
+                // Hold the socket, sending nothing, until the gateway closes it.
+                tokio::select! {
+                    _ = s.read(&mut buf) => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+        });
+    }
+    wait_until("48 idle sockets open", DEADLINE, || opened.load(std::sync::atomic::Ordering::Relaxed) >= 48)
+        .await;
+    let started = tokio::time::Instant::now();
+    let a_peer = peer("site-b", b.fp(), Dial::Connect(b_addr.to_string()), vec![any_change()]);
+    let ga = Gateway::start(&model("site-a", vec![], a.links(false, vec![a_peer])), shutdown.child_token())
+        .expect("start a");
+    let la = ga.link("site-b").expect("link").clone();
+    wait_until("the link up despite 48 idle sockets", Duration::from_secs(5), || la.stats().connected).await;
+    let took = started.elapsed();
+    let lb = gb.link("site-a").expect("link").clone();
+    wait_until("b sees the session", Duration::from_secs(1), || lb.stats().sessions >= 1).await;
+    // The idle sockets were really there the whole time: they kept being reopened.
+    let reopened = opened.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("link up in {took:?} with 48 idle sockets held open ({reopened} opened)");
+    attack.cancel();
+    shutdown.cancel();
+    ga.shutdown(Duration::from_secs(3)).await;
+    gb.shutdown(Duration::from_secs(3)).await;
+}

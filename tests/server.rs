@@ -387,19 +387,45 @@ async fn a_slow_answer_does_not_idle_out_its_connection() {
     rig.stop().await;
 }
 
+/// Issue 10: masters that each ask something every few seconds must not keep a new master
+/// out for good. When all `max_connections` are taken, the longest-idle connection (the
+/// one whose last request is oldest, with nothing being answered) is closed to make room.
 #[tokio::test]
-async fn connection_limit_and_idle_timeout() {
-    let (rig, addr) = start("max_connections = 2\nidle_timeout = \"1s\"");
-    let mut a = master(addr, 20).await;
+async fn when_full_the_longest_idle_master_makes_room_and_idle_ones_time_out() {
+    let (rig, addr) = start("max_connections = 2\nidle_timeout = \"2s\"");
+    let mut a = TcpStream::connect(addr).await.expect("connect");
     let mut b = TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(raw(&mut a, 1, 20, &[0x03, 0, 0, 0, 1]).await, [0x03, 0x02, 0x03, 0xE8]);
     assert_eq!(raw(&mut b, 1, 20, &[0x03, 0, 0, 0, 1]).await, [0x03, 0x02, 0x03, 0xE8]);
+    // `a` asks again: now `b` is the one that has been quiet longest.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(raw(&mut a, 2, 20, &[0x03, 0, 1, 0, 1]).await, [0x03, 0x02, 0x03, 0xE9]);
     let mut c = TcpStream::connect(addr).await.expect("connect");
-    assert!(closed(&mut c, SECS(2)).await, "a third master is turned away");
-    assert_eq!(a.read_holding_registers(0, 1).await.expect("transport"), Ok(vec![1000]));
-    // `b` says nothing for more than the idle timeout and is closed; its slot frees up.
-    assert!(closed(&mut b, SECS(3)).await, "an idle master is closed");
+    assert_eq!(
+        raw(&mut c, 1, 20, &[0x03, 0, 0, 0, 1]).await,
+        [0x03, 0x02, 0x03, 0xE8],
+        "the new master is served"
+    );
+    assert!(closed(&mut b, SECS(2)).await, "the longest-idle master gave way");
+    assert_eq!(
+        raw(&mut a, 3, 20, &[0x03, 0, 1, 0, 1]).await,
+        [0x03, 0x02, 0x03, 0xE9],
+        "the other kept its slot"
+    );
+    // The issue's pattern, shrunk: the masters keep asking every 300 ms, and yet every new
+    // master gets in (each time the longest-idle one makes room and reconnects).
+    for round in 0..4u16 {
+        let mut newcomer = TcpStream::connect(addr).await.expect("connect");
+        assert_eq!(
+            raw(&mut newcomer, 1, 20, &[0x03, 0, 0, 0, 1]).await,
+            [0x03, 0x02, 0x03, 0xE8],
+            "newcomer {round} served"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A master that says nothing for more than the idle timeout is closed.
     let mut d = TcpStream::connect(addr).await.expect("connect");
-    assert_eq!(raw(&mut d, 2, 20, &[0x03, 0, 1, 0, 1]).await, [0x03, 0x02, 0x03, 0xE9]);
+    assert!(closed(&mut d, SECS(4)).await, "an idle master is closed");
     rig.stop().await;
 }
 

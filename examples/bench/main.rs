@@ -6,7 +6,12 @@
 //! cargo run --release --example bench -- --quick # smoke run (~2 min), prints only
 //! cargo run --release --example bench -- --out FILE
 //! cargo run --release --example bench -- --quick --only footprint   # bus | plan | footprint | pass | agent | link
+//! cargo run --release --example bench -- --only soak [--duration 1h] [--cut-every 5m] [--cut-for 30s]
 //! ```
+//!
+//! The soak run (`soak.rs`) is never part of the default run: it takes an hour, and it
+//! writes only its own section of the report (between `<!-- soak -->` markers), which a
+//! full run keeps as it is.
 //!
 //! Each figure is one function returning a [`Figure`] (a titled table, its notes and its
 //! verdicts against the targets); `main` runs them in order and renders the report. To add
@@ -32,6 +37,7 @@ mod passthrough;
 mod peerlink;
 mod planning;
 mod plant;
+mod soak;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -146,13 +152,43 @@ fn main() -> Result<(), BoxError> {
         }
         None => None,
     };
-    if let Some(bad) =
-        args.iter().find(|a| a.starts_with("--") && !["--quick", "--out", "--only"].contains(&a.as_str()))
-    {
+    const OPTIONS: [&str; 6] = ["--quick", "--out", "--only", "--duration", "--cut-every", "--cut-for"];
+    if let Some(bad) = args.iter().find(|a| a.starts_with("--") && !OPTIONS.contains(&a.as_str())) {
         return Err(format!(
-            "unknown option {bad}; use --quick, --only bus|plan|footprint|pass|agent|link, --out FILE"
+            "unknown option {bad}; use --quick, --only bus|plan|footprint|pass|agent|link|soak, --out FILE, \
+             --duration D, --cut-every D, --cut-for D"
         )
         .into());
+    }
+    let duration_arg = |name: &str, default: Duration| -> Result<Duration, BoxError> {
+        match args.iter().position(|a| a == name) {
+            Some(i) => {
+                let v = args.get(i + 1).ok_or_else(|| format!("{name} needs a duration such as 30m"))?;
+                Ok(humantime::parse_duration(v).map_err(|e| format!("{name} {v}: {e}"))?)
+            }
+            None => Ok(default),
+        }
+    };
+    if only.as_deref() == Some("soak") {
+        let opts = soak::SoakOptions {
+            duration: duration_arg("--duration", Duration::from_secs(3600))?,
+            sample: Duration::from_secs(60),
+            cut_every: duration_arg("--cut-every", Duration::from_secs(300))?,
+            cut_for: duration_arg("--cut-for", Duration::from_secs(30))?,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let load_at_start = loadavg();
+        let fig = runtime.block_on(soak::soak(&opts))?;
+        let section = soak_section(&fig, &load_at_start);
+        print!("{section}");
+        if let Some(path) = out {
+            let old = std::fs::read_to_string(&path).unwrap_or_default();
+            let kept = old.split(SOAK_BEGIN).next().unwrap_or_default().trim_end().to_string();
+            std::fs::write(&path, format!("{kept}\n\n{section}"))
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            eprintln!("bench: wrote the soak section of {}", path.display());
+        }
+        return Ok(());
     }
     let settings = if quick {
         Settings {
@@ -216,13 +252,37 @@ fn main() -> Result<(), BoxError> {
         eprintln!("bench: peer link ...");
         figures.push(peerlink::peer_link(&settings)?);
     }
-    let report = render(&settings, &figures, started.elapsed());
+    let mut report = render(&settings, &figures, started.elapsed());
     print!("{report}");
     if let Some(path) = out {
+        // The soak section is written only by a soak run: keep it.
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        if let Some(at) = old.find(SOAK_BEGIN) {
+            report = format!("{}\n\n{}", report.trim_end(), &old[at..]);
+        }
         std::fs::write(&path, &report).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Where the soak run's section of the report begins (it runs to the end of the file).
+const SOAK_BEGIN: &str = "<!-- soak -->";
+
+/// The soak run's section: its own verdicts, then its table.
+fn soak_section(fig: &Figure, load_at_start: &str) -> String {
+    let mut out = format!("{SOAK_BEGIN}\n");
+    out += &fig.markdown();
+    let _ = write!(out, "\nLoad average (1, 5, 15 min) at the start: {load_at_start}.\n\n");
+    let rows: Vec<Vec<String>> = fig
+        .verdicts
+        .iter()
+        .map(|(what, got, target, met)| {
+            vec![what.clone(), got.clone(), target.clone(), if *met { "met" } else { "**missed**" }.into()]
+        })
+        .collect();
+    out += &table(&["soak", "measured", "target", ""], &rows);
+    out
 }
 
 /// The 1, 5 and 15 minute load averages: how busy the machine was with other work.

@@ -7,7 +7,8 @@
 //!                            #   say "0.0.0.0:502" to serve the plant network); a
 //!                            #   host:port (localhost:5020) takes the name's first IPv4
 //!                            #   address
-//! max_connections = 16       # masters connected at once, 1..=1024, default 16
+//! max_connections = 16       # masters connected at once, 1..=1024, default 16; when
+//!                            #   full, the longest-idle master makes room for a new one
 //! idle_timeout = "60s"       # close a connection silent this long, default 60s, >= 1s
 //! max_in_flight = 2          # pass-through requests one master may have queued per
 //!                            #   bus, 1..=16, default 2; more answer exception 0x06
