@@ -419,9 +419,9 @@ async fn clients_that_never_send_or_never_read_do_not_stall_polling() {
     // A socket that sends nothing, and event streams that are never read.
     let _silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut unread = Vec::new();
-    for _ in 0..4 {
+    for path in ["/api/v1/points/stream", "/api/v1/buses/line/traffic"].repeat(2) {
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        s.write_all(b"GET /api/v1/points/stream HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("send");
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.expect("send");
         unread.push(s);
     }
     // Many changes while nobody reads: each set is a change the streams would carry.
@@ -438,5 +438,93 @@ async fn clients_that_never_send_or_never_read_do_not_stall_polling() {
     // The endpoint still answers others.
     let status: Overview = client(&rig, None).get("/api/v1/status").await.expect("status while others stall");
     assert_eq!(status.buses[0].devices[0].state, "up");
+    rig.stop().await;
+}
+
+/// The next `frame` event of a traffic stream, as JSON.
+async fn frame(events: &mut m2m_gateway::http::client::Events) -> serde_json::Value {
+    loop {
+        let e = events.next().await.expect("read").expect("stream open");
+        if e.kind == "frame" {
+            return serde_json::from_str(&e.data).expect("frame json");
+        }
+    }
+}
+
+/// True when the last two bytes of the hex frame `hex` are its CRC-16/MODBUS.
+fn crc_holds(hex: &str) -> bool {
+    let b = (0..hex.len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect::<Vec<_>>();
+    if b.len() < 4 {
+        return false;
+    }
+    let (body, crc) = b.split_at(b.len() - 2);
+    crc::Crc::<u16>::new(&crc::CRC_16_MODBUS).checksum(body).to_le_bytes() == crc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_traffic_stream_shows_each_frame_with_its_verdict() {
+    let (rig, _dir) = start("127.0.0.1:0").await;
+    let http = client(&rig, None);
+    wait_until("the boiler polled", SECS(10), || rig.value("boiler.temperature").is_some()).await;
+
+    let unknown = http.events("/api/v1/buses/nope/traffic").await.err();
+    match unknown {
+        Some(ClientError::Refused { status: 404, message }) => {
+            assert!(message.contains("no bus \"nope\"") && message.contains("line"), "{message}")
+        }
+        other => panic!("an unknown bus is a 404 that names the buses: {other:?}"),
+    }
+
+    // A healthy device: the request as sent, then its reply taken as ok, with summaries.
+    let mut events = http.events("/api/v1/buses/line/traffic").await.expect("traffic stream");
+    within(SECS(5), "a sent request and its ok reply from the boiler", async {
+        let mut last_sent: Option<serde_json::Value> = None;
+        loop {
+            let f = frame(&mut events).await;
+            if f["dir"] == "tx" && f["verdict"] == "sent" && f["unit"] == 1 {
+                assert_eq!(f["summary"], "unit 1 read holding 0+2", "{f}");
+                assert!(crc_holds(f["bytes"].as_str().expect("hex")), "{f}");
+                assert!(f["at"].as_str().is_some_and(|t| t.ends_with('Z')), "{f}");
+                last_sent = Some(f);
+            } else if f["dir"] == "rx" && f["verdict"] == "ok" && f["unit"] == 1 && last_sent.is_some() {
+                let summary = f["summary"].as_str().expect("summary");
+                assert!(summary.starts_with("unit 1 reply ["), "{f}");
+                assert!(f["bytes"].as_str().expect("hex").starts_with("010304"), "{f}");
+                assert!(crc_holds(f["bytes"].as_str().expect("hex")), "{f}");
+                return;
+            }
+        }
+    })
+    .await;
+
+    // The pump answers with a bad CRC: its replies show as crc_error, never as ok.
+    rig.sim.set_fault(2, Fault::CorruptCrc).expect("fault");
+    let mut corrupt = Vec::new();
+    within(SECS(10), "three crc_error replies from the pump", async {
+        while corrupt.len() < 3 {
+            let f = frame(&mut events).await;
+            let hex = f["bytes"].as_str().expect("hex").to_string();
+            if f["verdict"] == "crc_error" {
+                assert_eq!(f["dir"], "rx", "{f}");
+                assert!(!crc_holds(&hex), "a crc_error frame really fails its CRC: {f}");
+                corrupt.push(hex);
+            } else if f["verdict"] == "ok" && f["unit"] == 2 && !corrupt.is_empty() {
+                panic!("once the pump's replies are corrupt none is taken: {f}");
+            } else {
+                assert!(
+                    !(f["verdict"] == "ok" && corrupt.contains(&hex)),
+                    "a corrupt frame taken as ok: {f}"
+                );
+            }
+        }
+    })
+    .await;
+    wait_until("the bus counts the CRC errors", SECS(5), || {
+        rig.gateway().buses[0].stats().crc_errors.load(Relaxed) >= 3
+    })
+    .await;
     rig.stop().await;
 }
