@@ -133,6 +133,18 @@ enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// Watch a running gateway's traffic on one bus, like a Modbus sniffer: one line per
+    /// frame (time, direction, hex bytes, summary, verdict) until Ctrl-C.
+    Trace {
+        /// The bus, as named in the gateway's configuration.
+        #[arg(long)]
+        bus: String,
+        /// Print each frame as a JSON line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// Run a configuration against simulated devices on virtual serial pairs and show
     /// the live values. No hardware needed.
     Demo {
@@ -337,6 +349,7 @@ fn main() -> ExitCode {
             | Command::Status { .. }
             | Command::Read { .. }
             | Command::Write { .. }
+            | Command::Trace { .. }
     );
     // `run` reads its configuration first: it says how many threads the runtime has,
     // and how to log.
@@ -683,6 +696,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", remote::read(&client, &glob, json).await?);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Trace { bus, json, target } => {
+            let client = target.client()?;
+            let shutdown = shutdown_on_signals()?;
+            let print = |text: &str| {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+            };
+            remote::trace(&client, &bus, json, print, shutdown.cancelled_owned()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Write { point, value, target } => {

@@ -722,6 +722,34 @@ max = 100
         l.starts_with("boiler.level")
     });
 
+    // trace: the bus's frames like a sniffer, one line each, until Ctrl-C.
+    let mut cmd = gateway();
+    cmd.args(["trace", "--bus", "line1", "--url", &url]);
+    let mut trace = Proc::spawn(cmd);
+    let sent = Proc::wait_line(&trace.stdout, Duration::from_secs(5), "with a request sent", |l| {
+        l.contains(" tx 01 03 00 00 00 02 ") && l.ends_with("  sent")
+    });
+    assert!(sent.contains("  unit 1 read holding 0+2  "), "{sent}");
+    assert!(sent.as_bytes()[2] == b':' && sent.as_bytes()[8] == b'.', "the time of day first: {sent}");
+    let ok = Proc::wait_line(&trace.stdout, Duration::from_secs(5), "with its reply taken", |l| {
+        l.contains(" rx 01 03 04 ") && l.ends_with("  ok")
+    });
+    assert!(ok.contains("  unit 1 reply ["), "{ok}");
+    trace.signal("-INT");
+    assert!(trace.wait_exit(Duration::from_secs(3)).success(), "trace ends cleanly on Ctrl-C");
+    let mut cmd = gateway();
+    cmd.args(["trace", "--bus", "line1", "--json", "--url", &url]);
+    let json = Proc::spawn(cmd);
+    let line = Proc::wait_line(&json.stdout, Duration::from_secs(5), "with a JSON frame", |l| {
+        l.starts_with('{') && l.contains(r#""verdict":"ok""#)
+    });
+    let frame: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
+    assert_eq!((frame["dir"].as_str(), frame["unit"].as_u64()), (Some("rx"), Some(1)), "{frame}");
+    assert!(frame["bytes"].as_str().is_some_and(|b| b.starts_with("010304")), "{frame}");
+    let nope = gateway().args(["trace", "--bus", "nope", "--url", &url]).output().expect("run");
+    assert!(!nope.status.success());
+    assert!(err_of(&nope).contains(r#"no bus "nope" (buses: line1)"#), "{}", err_of(&nope));
+
     // Nothing listening: a clear error.
     let nobody = gateway().args(["status", "--url", "http://127.0.0.1:1"]).output().expect("run");
     assert!(!nobody.status.success());

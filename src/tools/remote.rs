@@ -1,6 +1,7 @@
 //! The command line against a running gateway, through its HTTP API: `status` (the
 //! status page in the terminal), `read` (values with quality, age and unit; `--watch`
-//! follows the change stream), `write` (an operator write, token required).
+//! follows the change stream), `write` (an operator write, token required), `trace` (a
+//! bus's traffic monitor, one line per frame, like a Modbus sniffer).
 //!
 //! Where the gateway is: `--url`, else the `[http]` section of `--config` (an unspecified
 //! listen address such as 0.0.0.0 means this machine), else `http://127.0.0.1:8502`, the
@@ -258,15 +259,18 @@ pub async fn status(client: &Client, json: bool) -> Result<String, RemoteError> 
     Ok(render_status(&s))
 }
 
-fn points_path(glob: &str) -> String {
-    let enc: String = glob
-        .bytes()
+/// `text` percent-encoded for a URL path segment or query value.
+fn encode(text: &str) -> String {
+    text.bytes()
         .map(|b| match b {
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
             b => format!("%{b:02X}"),
         })
-        .collect();
-    format!("?glob={enc}")
+        .collect()
+}
+
+fn points_path(glob: &str) -> String {
+    format!("?glob={}", encode(glob))
 }
 
 /// `m2m-gateway read GLOB`: the current values.
@@ -319,6 +323,55 @@ pub async fn watch(
     }
 }
 
+/// One traffic frame as a sniffer line: time (UTC, microseconds), direction, hex bytes,
+/// summary, verdict in words: `03:12:00.123456 tx 01 03 00 00 00 02 c4 0b  unit 1 read
+/// holding 0+2  sent`.
+pub fn render_frame(frame: &serde_json::Value) -> String {
+    let text = |k: &str| frame.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    let at = text("at");
+    // RFC 3339: keep the time of day; the date only matters across midnight.
+    let time = at.split_once('T').map_or(at, |(_, t)| t.trim_end_matches('Z'));
+    let hex = text("bytes");
+    let spaced: Vec<&str> = (0..hex.len()).step_by(2).filter_map(|i| hex.get(i..i + 2)).collect();
+    let bytes = if spaced.is_empty() { "(no bytes)".to_string() } else { spaced.join(" ") };
+    format!("{time} {} {bytes}  {}  {}", text("dir"), text("summary"), text("verdict").replace('_', " "))
+}
+
+/// `m2m-gateway trace --bus NAME`: the bus's traffic, one line (or, with `json`, one JSON
+/// object) per frame, until `stop` or the gateway ends the stream.
+pub async fn trace(
+    client: &Client,
+    bus: &str,
+    json: bool,
+    mut print: impl FnMut(&str),
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), RemoteError> {
+    let mut events = client.events(&format!("/api/v1/buses/{}/traffic", encode(bus))).await?;
+    tokio::pin!(stop);
+    loop {
+        let next = tokio::select! {
+            // Cancel-safe: an event read half-way stays in the stream's buffer.
+            e = events.next() => e?,
+            () = &mut stop => return Ok(()),
+        };
+        let Some(Event { kind, data }) = next else {
+            return Err(RemoteError::Ended);
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&data).map_err(|e| ClientError::Body(e.to_string()))?;
+        match (kind.as_str(), json) {
+            ("frame", true) => print(&format!("{value}\n")),
+            ("frame", false) => print(&(render_frame(&value) + "\n")),
+            ("lagged", true) => print(&format!("{}\n", serde_json::json!({ "lagged": value }))),
+            ("lagged", false) => print(&format!(
+                "-- {} frames missed: this terminal read too slowly --\n",
+                value.get("missed").and_then(|m| m.as_u64()).unwrap_or(0)
+            )),
+            _ => {}
+        }
+    }
+}
+
 /// The value of `write` as typed: a number or true/false (on/off).
 pub fn parse_value(text: &str) -> Result<serde_json::Value, RemoteError> {
     let t = text.trim();
@@ -347,6 +400,21 @@ pub async fn write(client: &Client, point: &str, text: &str) -> Result<String, R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_print_like_a_sniffer() {
+        let frame = serde_json::json!({
+            "at": "2026-12-07T03:12:00.123456Z", "dir": "rx", "bytes": "0183029a2b",
+            "unit": 1, "summary": "unit 1 exception 0x02 illegal data address", "verdict": "crc_error"
+        });
+        assert_eq!(
+            render_frame(&frame),
+            "03:12:00.123456 rx 01 83 02 9a 2b  unit 1 exception 0x02 illegal data address  crc error"
+        );
+        let timeout = serde_json::json!({ "at": "2026-12-07T03:12:00Z", "dir": "rx", "bytes": "",
+            "unit": 2, "summary": "unit 2 no reply", "verdict": "timeout" });
+        assert_eq!(render_frame(&timeout), "03:12:00 rx (no bytes)  unit 2 no reply  timeout");
+    }
 
     #[test]
     fn values_and_ages() {
