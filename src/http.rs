@@ -1,6 +1,7 @@
 //! The local HTTP endpoint (`[http]`): the status page at `/`, Prometheus metrics at
 //! `/metrics`, and the JSON API under `/api/v1/` (status, buses, devices, peers, PLCs,
-//! tunnels, points, operator writes, and server-sent event streams of point changes).
+//! tunnels, points, operator writes, and server-sent event streams of point changes and of
+//! one bus's traffic).
 //!
 //! It is an observer of the running gateway. Invariants:
 //! - bus, poller and link tasks never wait on it: everything here reads atomics

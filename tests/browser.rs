@@ -1,7 +1,7 @@
 //! The status page in a real browser: headless chromium driven over WebDriver
 //! (chromedriver), against a gateway polling the project's simulator on a pty pair. The
 //! page must show the live values, follow their changes, and show a device that stops
-//! answering as failed.
+//! answering as failed, and the traffic monitor list the bus's frames with their verdicts.
 //!
 //! Without chromedriver the test is skipped with a message, unless `CI` is set: CI
 //! installs chromium and chromium-driver (.ci/run), so there a missing driver fails.
@@ -169,6 +169,32 @@ async fn the_status_page_shows_live_values_and_a_failed_device() {
             .await;
         wait_text(&browser, "#health", "degraded health", |t| t.eq_ignore_ascii_case("degraded")).await;
         wait_text(&browser, "#problems", "the problem named", |t| t.contains("device pump")).await;
+
+        // The traffic monitor: started on the bus, it lists the boiler's frames as ok and
+        // the silent pump's requests as timeouts, newest first.
+        browser
+            .find(Locator::Css("#traffic-toggle"))
+            .await
+            .expect("start button")
+            .click()
+            .await
+            .expect("start");
+        wait_text(&browser, "#traffic-toggle", "the stop button", |t| t == "Stop").await;
+        wait_text(
+            &browser,
+            r#"#traffic tr[data-verdict="ok"][data-dir="rx"] td:nth-child(4)"#,
+            "an ok reply",
+            |t| t.starts_with("unit 1 reply"),
+        )
+        .await;
+        wait_text(&browser, r#"#traffic tr[data-verdict="sent"] td:nth-child(4)"#, "a request", |t| {
+            t.starts_with("unit ") && t.contains(" read holding ")
+        })
+        .await;
+        wait_text(&browser, r#"#traffic tr[data-verdict="timeout"] .verdict"#, "the pump's timeouts", |t| {
+            t == "timeout"
+        })
+        .await;
         if let Ok(path) = std::env::var("M2M_SCREENSHOT") {
             let png = browser.screenshot().await.expect("screenshot");
             std::fs::write(path, png).expect("write screenshot");

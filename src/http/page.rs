@@ -1,7 +1,8 @@
 //! The status page at `/`: one HTML file, one stylesheet and one script, compiled into the
 //! binary (`include_str!`), with no CDN, web font or other outside resource, because a
 //! plant network has no internet. The script reads the JSON API (`/api/v1/status` every
-//! two seconds, the point stream for live values), so the page shows nothing the API
+//! two seconds, the point stream for live values, a bus's traffic stream while the
+//! operator has the traffic monitor started), so the page shows nothing the API
 //! does not.
 
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 // The status page's script: polls /api/v1/status, follows /api/v1/points/stream (server-sent
-// events read through fetch, so an access token can go in a header), and renders both.
+// events read through fetch, so an access token can go in a header), and renders both; while
+// the operator has it started, the traffic monitor follows /api/v1/buses/{bus}/traffic.
 // No libraries: the page must work on a plant network without internet.
 "use strict";
 
@@ -92,6 +93,7 @@ function renderStatus(s) {
     el("td", {}, t.name),
     el("td", {}, el("span", { class: "state " + (t.port_open ? "ok" : "bad") }, t.port_open ? "open" : "closed")),
     el("td", {}, fmtBytes(t.sent_bytes)), el("td", {}, fmtBytes(t.received_bytes)), el("td", {}, fmtBytes(t.dropped_bytes)))));
+  busOptions(s.buses.map((b) => b.name));
   $("#server-section").hidden = !s.server;
   if (s.server) {
     $("#server").textContent = `listening on ${s.server.listen} · ${s.server.connections} masters connected · ${s.server.requests} requests · ${s.server.exceptions} exceptions`;
@@ -231,6 +233,71 @@ let filterTimer = null;
 $("#filter").addEventListener("input", () => {
   clearTimeout(filterTimer);
   filterTimer = setTimeout(followPoints, 300);
+});
+
+// Traffic monitor: one bus at a time, only while started (the bus builds trace events only
+// while someone follows them), newest frame first, the last TRAFFIC_ROWS kept.
+const TRAFFIC_ROWS = 200;
+let trafficAbort = null;
+
+function busOptions(names) {
+  const sel = $("#traffic-bus");
+  const have = [...sel.options].map((o) => o.value);
+  if (JSON.stringify(have) === JSON.stringify(names)) return;
+  const chosen = sel.value;
+  sel.replaceChildren(...names.map((n) => el("option", { value: n }, n)));
+  if (names.includes(chosen)) sel.value = chosen;
+  $("#traffic-section").hidden = names.length === 0;
+}
+
+function trafficRow(f) {
+  const hex = (f.bytes.match(/../g) || []).join(" ");
+  const time = f.at.includes("T") ? f.at.split("T")[1].replace("Z", "") : f.at;
+  return el("tr", { class: "v-" + f.verdict, "data-verdict": f.verdict, "data-dir": f.dir },
+    el("td", {}, time), el("td", {}, f.dir), el("td", { class: "bytes" }, hex || "(no bytes)"),
+    el("td", {}, f.summary), el("td", { class: "verdict" }, f.verdict.replace(/_/g, " ")));
+}
+
+function addTraffic(row) {
+  const body = $("#traffic tbody");
+  body.prepend(row);
+  while (body.rows.length > TRAFFIC_ROWS) body.deleteRow(-1);
+}
+
+function stopTraffic(note) {
+  if (trafficAbort) trafficAbort.abort();
+  trafficAbort = null;
+  $("#traffic-toggle").textContent = "Start";
+  $("#traffic-bus").disabled = false;
+  if (note) $("#traffic-note").textContent = note;
+}
+
+async function startTraffic() {
+  const bus = $("#traffic-bus").value;
+  if (!bus) return;
+  const abort = new AbortController();
+  trafficAbort = abort;
+  $("#traffic-toggle").textContent = "Stop";
+  $("#traffic-bus").disabled = true;
+  $("#traffic").dataset.bus = bus;
+  $("#traffic tbody").replaceChildren();
+  $("#traffic-note").textContent = `following bus ${bus}`;
+  try {
+    await readEvents("/api/v1/buses/" + encodeURIComponent(bus) + "/traffic", (type, data) => {
+      if (type === "frame") addTraffic(trafficRow(data));
+      else if (type === "lagged") {
+        addTraffic(el("tr", { class: "lagged" }, el("td", { colspan: "5" }, `${data.missed} frames missed: this page read too slowly`)));
+      }
+    }, abort.signal);
+    if (!abort.signal.aborted) stopTraffic(`the gateway ended the traffic stream of bus ${bus}`);
+  } catch (e) {
+    if (!abort.signal.aborted) stopTraffic(`traffic of bus ${bus} interrupted: ${e.message}`);
+  }
+}
+
+$("#traffic-toggle").addEventListener("click", () => {
+  if (trafficAbort) stopTraffic(`stopped; ${$("#traffic tbody").rows.length} frames kept`);
+  else startTraffic();
 });
 
 pollStatus();
