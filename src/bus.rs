@@ -49,12 +49,13 @@ use crate::serial::rtu;
 
 pub use crate::serial::line::Port;
 use crate::serial::line::open_port;
+use crate::serial::rs485::Mode;
 
 pub mod engine;
 pub mod schedule;
 pub mod trace;
 
-pub use engine::Engine;
+pub use engine::{Engine, Opened};
 pub use trace::{TraceDir, TraceEvent, Verdict};
 
 /// Why a transaction did not produce a response.
@@ -238,11 +239,17 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
     let opener = move || {
         let port = port.clone();
         async move {
-            // Kernel RS-485 mode first: a port that refuses it is not driven at all.
-            if let Some(mode) = rs485 {
-                mode.apply(&port)?;
-            }
-            open_port(&port, &line).await
+            // RS-485 direction control first: a port that refuses it is not driven at all
+            // (and RTS is taken before the traffic handle locks the port).
+            let rts = match rs485 {
+                Some(mode) if mode.mode == Mode::Rts => Some(mode.open_rts(&port)?),
+                Some(mode) => {
+                    mode.apply(&port)?;
+                    None
+                }
+                None => None,
+            };
+            Ok(Opened { port: open_port(&port, &line).await?, rts })
         }
     };
     let framing: Box<dyn Framing> = match bus.protocol {

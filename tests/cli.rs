@@ -855,6 +855,27 @@ fn poll_reads_a_modbus_tcp_device_through_the_bus_engine() {
 
 #[test]
 fn kernel_rs485_on_a_port_that_refuses_it_is_one_clear_error() {
+    rs485_refused_once(
+        "rs485 = \"kernel\"\nrs485_delay_after = \"1ms\"",
+        "kernel RS-485 direction control",
+        "kernel",
+    );
+}
+
+/// A pty has no RTS line (TIOCMSET is refused): userspace direction control is one clear
+/// error naming the port and the option, and the port is not driven.
+#[test]
+fn userspace_rts_on_a_port_that_refuses_it_is_one_clear_error() {
+    rs485_refused_once(
+        "rs485 = \"rts\"\nrs485_delay_before = \"500us\"\nrs485_delay_after = \"1ms\"",
+        "userspace RS-485 direction control: the gateway sets RTS high 500µs before each request and low 1ms after",
+        "direction with RTS",
+    );
+}
+
+/// Runs a gateway with `rs485` keys on a simulator's pty: `check` shows `explained`, and
+/// `run` says once that the port refuses (the line naming the port and `option`).
+fn rs485_refused_once(rs485: &str, explained: &str, option: &str) {
     let (_sim, port) = simulator("1");
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("gateway.toml");
@@ -865,8 +886,7 @@ name = "rs485"
 [[bus]]
 name = "line1"
 port = "{port}"
-rs485 = "kernel"
-rs485_delay_after = "1ms"
+{rs485}
 reopen_max = "100ms"
 [[device]]
 name = "d"
@@ -881,14 +901,14 @@ point = [{{ name = "x", table = "holding", address = 0 }}]
     let out = gateway().args(["check", "--config"]).arg(&config).output().expect("run check");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(shown.contains("kernel RS-485 direction control"), "{shown}");
+    assert!(shown.contains(explained), "{shown}");
     let mut cmd = gateway();
     cmd.args(["run", "--config"]).arg(&config);
     let mut run = Proc::spawn(cmd);
     let line =
         Proc::wait_line(&run.stderr, Duration::from_secs(10), "refusing rs-485", |l| l.contains("RS-485"));
     // The log line names the port, the option and the way out.
-    assert!(line.contains(&port) && line.contains("kernel") && line.contains("remove rs485"), "{line}");
+    assert!(line.contains(&port) && line.contains(option) && line.contains("remove rs485"), "{line}");
     // Said once, not at every reopen attempt (every 100 ms here).
     std::thread::sleep(Duration::from_millis(500));
     let again: Vec<String> = run.stderr.try_iter().filter(|l| l.contains("RS-485")).collect();

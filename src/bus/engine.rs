@@ -28,7 +28,23 @@ use super::{BusError, BusStats, Job, Port};
 use crate::model::Line;
 use crate::serial::framing::{Decoded, Framing, SkipReason};
 use crate::serial::line::sleep_until_precise;
+use crate::serial::rs485::Rts;
 use crate::serial::rtu;
+
+/// What a bus opener hands the engine: the port, and its RTS line when the bus switches
+/// the RS-485 direction itself (`rs485 = "rts"`).
+pub struct Opened {
+    /// The port the traffic goes through.
+    pub port: Box<dyn Port>,
+    /// Userspace direction control, set around each request in `attempt`.
+    pub rts: Option<Rts>,
+}
+
+impl From<Box<dyn Port>> for Opened {
+    fn from(port: Box<dyn Port>) -> Self {
+        Self { port, rts: None }
+    }
+}
 
 /// The bus task's state: the line timing and counters; the port comes and goes.
 pub struct Engine {
@@ -61,6 +77,8 @@ pub struct Engine {
     /// Bytes heard outside a transaction's window (while idle, or before a request).
     stray: Vec<u8>,
     out: Vec<u8>,
+    /// The open port's RTS line, when this bus switches the RS-485 direction itself.
+    rts: Option<Rts>,
     /// Liveness for the watchdog: beaten on every turn of the loop (`health`).
     beat: Arc<crate::health::Beat>,
 }
@@ -164,6 +182,7 @@ impl Engine {
             buf: Vec::with_capacity(512),
             stray: Vec::with_capacity(512),
             out: Vec::with_capacity(260),
+            rts: None,
             beat,
         }
     }
@@ -225,7 +244,7 @@ impl Engine {
     pub async fn run<F, O>(mut self, mut rx: mpsc::Receiver<Job>, open: F, shutdown: CancellationToken)
     where
         F: Fn() -> O + Send,
-        O: std::future::Future<Output = Result<Box<dyn Port>, String>> + Send,
+        O: std::future::Future<Output = Result<Opened, String>> + Send,
     {
         let mut line = Line0 {
             port: None,
@@ -251,10 +270,11 @@ impl Engine {
                 };
                 self.stats.open_attempts.fetch_add(1, Relaxed);
                 match opened {
-                    Ok(p) => {
+                    Ok(opened) => {
                         self.stats.opens.fetch_add(1, Relaxed);
                         info!("serial port open");
-                        line.port = Some(p);
+                        line.port = Some(opened.port);
+                        self.rts = opened.rts;
                         line.proven = false;
                         self.last_activity = Instant::now();
                     }
@@ -365,7 +385,8 @@ impl Engine {
                 self.stats.open_attempts.fetch_add(1, Relaxed);
                 if let Ok(fresh) = open().await {
                     self.stats.opens.fetch_add(1, Relaxed);
-                    *p = fresh;
+                    *p = fresh.port;
+                    self.rts = fresh.rts;
                     self.last_activity = Instant::now();
                     // What the old connection left behind is not this connection's.
                     self.stray.clear();
@@ -570,12 +591,23 @@ impl Engine {
         let not_before = Instant::now() + job.turnaround;
         self.wait_silence(port, not_before, job.timeout.max(self.gap * 4) + job.turnaround).await?;
         self.buf.clear();
+        if let Some(rts) = self.rts.as_mut() {
+            // Userspace RS-485: transmitter on, and the settle time before the first bit.
+            rts.line.set_rts(rts.levels.transmit)?;
+            sleep_until_precise(Instant::now() + rts.delay_before).await;
+        }
         let write_start = Instant::now();
         port.write_all(&self.out).await?;
         let written = Instant::now();
         // The request has left the UART when its last character is on the wire.
         let wire = if self.tcp_device { Duration::ZERO } else { rtu::wire_time(&self.line, self.out.len()) };
         let drained = written.max(write_start + wire);
+        if let Some(rts) = self.rts.as_mut() {
+            // The last stop bit is out (by the line's wire time, not a blocking tcdrain):
+            // hold the line for the delay after, then let go so the device can answer.
+            sleep_until_precise(drained + rts.delay_after).await;
+            rts.line.set_rts(rts.levels.idle)?;
+        }
         self.last_activity = drained;
         debug!(unit = job.unit, request = ?job.request, "sent");
         let verdict = if job.unit == 0 { Verdict::Broadcast } else { Verdict::Sent };
@@ -886,7 +918,7 @@ mod tests {
                 // The far end is gone: reads see EOF, writes fail.
                 let (near, far) = tokio::io::duplex(64);
                 drop(far);
-                Ok(Box::new(near) as Box<dyn Port>)
+                Ok(Opened::from(Box::new(near) as Box<dyn Port>))
             }
         };
         let engine = Engine::new(
@@ -909,5 +941,127 @@ mod tests {
         assert!(opens.load(Relaxed) <= 2, "{} opens for 20 jobs", opens.load(Relaxed));
         shutdown.cancel();
         task.await.expect("bus stops");
+    }
+
+    /// One thing the userspace RS-485 fakes saw, and when.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Seen {
+        Rts(bool),
+        Bytes,
+    }
+
+    type Log = Arc<std::sync::Mutex<Vec<(Seen, Instant)>>>;
+
+    /// An RTS line that records each level it is set to.
+    struct FakeRts(Log);
+
+    impl crate::serial::rs485::RtsLine for FakeRts {
+        fn set_rts(&mut self, asserted: bool) -> std::io::Result<()> {
+            self.0.lock().expect("log").push((Seen::Rts(asserted), Instant::now()));
+            Ok(())
+        }
+    }
+
+    /// A port that records when bytes are written to it.
+    struct FakePort(tokio::io::DuplexStream, Log);
+
+    impl tokio::io::AsyncRead for FakePort {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for FakePort {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.1.lock().expect("log").push((Seen::Bytes, Instant::now()));
+            std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// Userspace RS-485 (`rs485 = "rts"`, inverted here): RTS goes to its transmit level
+    /// `delay_before` ahead of the first byte, and back to idle no earlier than the
+    /// request's last bit on the wire plus `delay_after`, before the reply is listened for.
+    #[tokio::test]
+    async fn userspace_rts_brackets_each_request_with_its_delays() {
+        let log: Log = Arc::default();
+        let mode = crate::serial::rs485::Rs485 {
+            mode: crate::serial::rs485::Mode::Rts,
+            invert_rts: true,
+            delay_before: Duration::from_micros(1500),
+            delay_after: Duration::from_millis(3),
+            rx_during_tx: false,
+        };
+        let (near, far) = tokio::io::duplex(512);
+        let opened = std::sync::Mutex::new(Some(Opened {
+            port: Box::new(FakePort(near, log.clone())),
+            rts: Some(Rts {
+                line: Box::new(FakeRts(log.clone())),
+                levels: mode.rts_levels(),
+                delay_before: mode.delay_before,
+                delay_after: mode.delay_after,
+            }),
+        }));
+        let open = move || {
+            let next = opened.lock().expect("once").take();
+            async move { next.ok_or_else(|| "opened once".to_string()) }
+        };
+        // 1200 baud: the 8-byte request is 73 ms on the wire, far longer than the write.
+        let slow = Line { baud: 1200, ..line() };
+        let engine =
+            Engine::new("b".into(), slow, Box::new(rtu::Rtu), 8, Duration::from_secs(30), Arc::default());
+        let (tx, rx) = mpsc::channel(8);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(engine.run(rx, open, shutdown.clone()));
+        for _ in 0..2 {
+            let (job, reply) = job();
+            tx.send(job).await.expect("bus runs");
+            let got = reply.await.expect("answered");
+            assert!(matches!(got, Err(BusError::Timeout { .. })), "nobody answers: {got:?}");
+        }
+        shutdown.cancel();
+        task.await.expect("bus stops");
+        drop(far);
+        let log = log.lock().expect("log").clone();
+        // Per request: transmit level (low, inverted), the bytes, idle (high).
+        let wire = rtu::wire_time(&slow, 8);
+        let mut rest = &log[..];
+        for _ in 0..2 {
+            assert_eq!(rest[0].0, Seen::Rts(false), "transmit level first: {log:?}");
+            let on = rest[0].1;
+            let bytes: Vec<_> = rest[1..].iter().take_while(|(s, _)| *s == Seen::Bytes).collect();
+            assert!(!bytes.is_empty(), "the request follows: {log:?}");
+            let (off, off_at) = rest[1 + bytes.len()];
+            assert_eq!(off, Seen::Rts(true), "back to idle after the request: {log:?}");
+            assert!(bytes[0].1 >= on + mode.delay_before, "first byte {:?} after RTS", bytes[0].1 - on);
+            assert!(
+                off_at >= on + mode.delay_before + wire + mode.delay_after,
+                "RTS released {:?} after it was raised; the request needs {:?} on the wire",
+                off_at - on,
+                wire
+            );
+            assert!(off_at >= bytes[bytes.len() - 1].1 + mode.delay_after);
+            rest = &rest[2 + bytes.len()..];
+        }
+        assert!(rest.is_empty(), "nothing else: {log:?}");
     }
 }

@@ -32,12 +32,14 @@
 //! rs485 = "off"              # off (default): the adapter switches the RS-485
 //!                            #   direction itself; "kernel": the UART driver drives RTS
 //!                            #   around each transmission (TIOCSRS485), as mbusd -t
-//!                            #   does; a port whose driver refuses it (a pty, most USB
-//!                            #   adapters) is not opened: the error names the port
-//! rs485_invert_rts = false   # kernel mode: true = RTS low while sending, high after
-//! rs485_delay_before = "0ms" # kernel mode: RTS this long before the first bit (whole ms,
-//!                            #   at most 1s)
-//! rs485_delay_after = "0ms"  # kernel mode: RTS kept this long after the last bit
+//!                            #   does; "rts": the gateway sets RTS itself around each
+//!                            #   request (drivers without RS-485 mode); a port that
+//!                            #   refuses it (a pty, most USB adapters) is not opened:
+//!                            #   the error names the port
+//! rs485_invert_rts = false   # kernel/rts: true = RTS low while sending, high after
+//! rs485_delay_before = "0ms" # kernel/rts: RTS this long before the first bit (at most
+//!                            #   1s; kernel: whole ms)
+//! rs485_delay_after = "0ms"  # kernel/rts: RTS kept this long after the last bit
 //! rs485_rx_during_tx = false # kernel mode: receiver on while sending (4-wire); on a
 //!                            #   2-wire line set local_echo too
 //! timeout = "200ms"          # default response timeout of its devices, at least 1ms
@@ -57,7 +59,7 @@ use toml::Spanned;
 
 use super::{Checker, item};
 use crate::model::{Bus, Line, Parity, Protocol};
-use crate::serial::rs485::Rs485;
+use crate::serial::rs485::{Mode, Rs485};
 
 const BAUD: u32 = 19_200;
 const TIMEOUT: Duration = Duration::from_millis(200);
@@ -109,6 +111,7 @@ enum RawProtocol {
 enum RawRs485 {
     Off,
     Kernel,
+    Rts,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -237,23 +240,35 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
     }
 }
 
-/// The kernel RS-485 keys: `rs485 = "kernel"` and its `rs485_*` options (which need it);
-/// only on a serial port.
+/// The RS-485 keys: `rs485 = "kernel"` or `"rts"` and its `rs485_*` options (which need
+/// one of them; `rs485_rx_during_tx` needs the kernel); only on a serial port.
 fn rs485(r: &RawBus, path: &str, check: &mut Checker) -> Option<Rs485> {
-    let on = r.rs485.as_ref().is_some_and(|m| *m.get_ref() == RawRs485::Kernel);
+    let mode = match r.rs485.as_ref().map(Spanned::get_ref) {
+        Some(RawRs485::Kernel) => Some(Mode::Kernel),
+        Some(RawRs485::Rts) => Some(Mode::Rts),
+        Some(RawRs485::Off) | None => None,
+    };
     let options = [
         ("rs485_invert_rts", r.rs485_invert_rts.as_ref().map(Spanned::span)),
         ("rs485_delay_before", r.rs485_delay_before.as_ref().map(Spanned::span)),
         ("rs485_delay_after", r.rs485_delay_after.as_ref().map(Spanned::span)),
         ("rs485_rx_during_tx", r.rs485_rx_during_tx.as_ref().map(Spanned::span)),
     ];
-    if !on {
+    let Some(mode) = mode else {
         for (key, span) in options {
             if let Some(span) = span {
-                check.report(span, path, format!("{key} needs rs485 = \"kernel\""));
+                check.report(span, path, format!("{key} needs rs485 = \"kernel\" or \"rts\""));
             }
         }
         return None;
+    };
+    if let (Mode::Rts, Some(rx)) = (mode, r.rs485_rx_during_tx.as_ref()) {
+        check.report(
+            rx.span(),
+            path,
+            "rs485_rx_during_tx needs rs485 = \"kernel\" (with \"rts\" the receiver is wired, not switched)"
+                .to_string(),
+        );
     }
     let port = r.port.get_ref();
     if port.contains("://") {
@@ -263,12 +278,14 @@ fn rs485(r: &RawBus, path: &str, check: &mut Checker) -> Option<Rs485> {
     let mut delay = |value: Option<&Spanned<String>>, key: &str| {
         let d =
             check.duration_within(value, Duration::ZERO, Duration::ZERO..=Duration::from_secs(1), path, key);
-        if let Some(v) = value.filter(|_| !d.subsec_nanos().is_multiple_of(1_000_000)) {
+        if let Some(v) = value.filter(|_| mode == Mode::Kernel && !d.subsec_nanos().is_multiple_of(1_000_000))
+        {
             check.report(v.span(), path, format!("{key} is set in whole milliseconds (the kernel's unit)"));
         }
         d
     };
     Some(Rs485 {
+        mode,
         invert_rts: r.rs485_invert_rts.as_ref().is_some_and(|b| *b.get_ref()),
         delay_before: delay(r.rs485_delay_before.as_ref(), "rs485_delay_before"),
         delay_after: delay(r.rs485_delay_after.as_ref(), "rs485_delay_after"),

@@ -452,7 +452,18 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
                     if b.frame_gap == t35(&b.line) { "t3.5" } else { "frame gap" },
                     format_args!("{:.2} ms", b.frame_gap.as_secs_f64() * 1000.0),
                 );
-                if let Some(r) = &b.rs485 {
+                if let Some(r) = b.rs485.filter(|r| r.mode == crate::serial::rs485::Mode::Rts) {
+                    let _ = writeln!(
+                        out,
+                        "  userspace RS-485 direction control: the gateway sets RTS {} {:?} before each \
+                         request and {} {:?} after its last bit has left (timed from the line's wire \
+                         time); a port that refuses RTS control is not opened",
+                        if r.invert_rts { "low" } else { "high" },
+                        r.delay_before,
+                        if r.invert_rts { "high" } else { "low" },
+                        r.delay_after,
+                    );
+                } else if let Some(r) = &b.rs485 {
                     let _ = writeln!(
                         out,
                         "  kernel RS-485 direction control: RTS {} while sending, raised {:?} before and \
