@@ -597,7 +597,12 @@ impl Engine {
             sleep_until_precise(Instant::now() + rts.delay_before).await;
         }
         let write_start = Instant::now();
-        port.write_all(&self.out).await?;
+        let wrote = port.write_all(&self.out).await;
+        if let (Err(_), Some(rts)) = (&wrote, self.rts.as_mut()) {
+            // A failed port must not leave our transmitter jamming the line.
+            let _ = rts.line.set_rts(rts.levels.idle);
+        }
+        wrote?;
         let written = Instant::now();
         // The request has left the UART when its last character is on the wire.
         let wire = if self.tcp_device { Duration::ZERO } else { rtu::wire_time(&self.line, self.out.len()) };
@@ -962,8 +967,8 @@ mod tests {
         }
     }
 
-    /// A port that records when bytes are written to it.
-    struct FakePort(tokio::io::DuplexStream, Log);
+    /// A port that records when bytes are written to it (or refuses them, when `.2`).
+    struct FakePort(tokio::io::DuplexStream, Log, bool);
 
     impl tokio::io::AsyncRead for FakePort {
         fn poll_read(
@@ -982,6 +987,9 @@ mod tests {
             buf: &[u8],
         ) -> std::task::Poll<std::io::Result<usize>> {
             self.1.lock().expect("log").push((Seen::Bytes, Instant::now()));
+            if self.2 {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
             std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
         }
         fn poll_flush(
@@ -996,6 +1004,44 @@ mod tests {
         ) -> std::task::Poll<std::io::Result<()>> {
             std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
         }
+    }
+
+    /// A write that fails (the adapter is gone) still sets RTS back to idle: the
+    /// transmitter does not stay on, jamming a line other masters may share.
+    #[tokio::test]
+    async fn userspace_rts_is_released_when_the_write_fails() {
+        let log: Log = Arc::default();
+        let mode =
+            crate::serial::rs485::Rs485 { mode: crate::serial::rs485::Mode::Rts, ..Default::default() };
+        let (near, far) = tokio::io::duplex(512);
+        let opened = std::sync::Mutex::new(Some(Opened {
+            port: Box::new(FakePort(near, log.clone(), true)),
+            rts: Some(Rts {
+                line: Box::new(FakeRts(log.clone())),
+                levels: mode.rts_levels(),
+                delay_before: Duration::ZERO,
+                delay_after: Duration::ZERO,
+            }),
+        }));
+        let open = move || {
+            let next = opened.lock().expect("once").take();
+            async move { next.ok_or_else(|| "opened once".to_string()) }
+        };
+        let engine =
+            Engine::new("b".into(), line(), Box::new(rtu::Rtu), 8, Duration::from_secs(30), Arc::default());
+        let (tx, rx) = mpsc::channel(8);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(engine.run(rx, open, shutdown.clone()));
+        let (job, reply) = job();
+        tx.send(job).await.expect("bus runs");
+        let got = reply.await.expect("answered");
+        assert!(got.is_err(), "the port is gone: {got:?}");
+        shutdown.cancel();
+        task.await.expect("bus stops");
+        drop(far);
+        let seen: Vec<Seen> = log.lock().expect("log").iter().map(|(s, _)| *s).collect();
+        assert_eq!(seen.first(), Some(&Seen::Rts(true)), "{seen:?}");
+        assert_eq!(seen.last(), Some(&Seen::Rts(false)), "released after the failed write: {seen:?}");
     }
 
     /// Userspace RS-485 (`rs485 = "rts"`, inverted here): RTS goes to its transmit level
@@ -1013,7 +1059,7 @@ mod tests {
         };
         let (near, far) = tokio::io::duplex(512);
         let opened = std::sync::Mutex::new(Some(Opened {
-            port: Box::new(FakePort(near, log.clone())),
+            port: Box::new(FakePort(near, log.clone(), false)),
             rts: Some(Rts {
                 line: Box::new(FakeRts(log.clone())),
                 levels: mode.rts_levels(),
