@@ -296,17 +296,8 @@ pub async fn watch(
     mut print: impl FnMut(&str),
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), RemoteError> {
-    let mut events = client.events(&format!("/api/v1/points/stream{}", points_path(glob))).await?;
-    tokio::pin!(stop);
-    loop {
-        let next = tokio::select! {
-            // Cancel-safe: an event read half-way stays in the stream's buffer.
-            e = events.next() => e?,
-            () = &mut stop => return Ok(()),
-        };
-        let Some(Event { kind, data }) = next else {
-            return Err(RemoteError::Ended);
-        };
+    let path = format!("/api/v1/points/stream{}", points_path(glob));
+    follow(client, &path, stop, |Event { kind, data }| {
         let points: Vec<PointView> =
             serde_json::from_str(&data).map_err(|e| ClientError::Body(e.to_string()))?;
         if json {
@@ -320,6 +311,31 @@ pub async fn watch(
                 print(&(render_change(p) + "\n"));
             }
         }
+        Ok(())
+    })
+    .await
+}
+
+/// Follows the event stream at `path`, handing each event to `on_event`, until `stop`
+/// resolves (`Ok`), the gateway ends the stream, or `on_event` fails.
+async fn follow(
+    client: &Client,
+    path: &str,
+    stop: impl std::future::Future<Output = ()>,
+    mut on_event: impl FnMut(Event) -> Result<(), RemoteError>,
+) -> Result<(), RemoteError> {
+    let mut events = client.events(path).await?;
+    tokio::pin!(stop);
+    loop {
+        let next = tokio::select! {
+            // Cancel-safe: an event read half-way stays in the stream's buffer.
+            e = events.next() => e?,
+            () = &mut stop => return Ok(()),
+        };
+        let Some(Event { kind, data }) = next else {
+            return Err(RemoteError::Ended);
+        };
+        on_event(Event { kind, data })?;
     }
 }
 
@@ -346,17 +362,8 @@ pub async fn trace(
     mut print: impl FnMut(&str),
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), RemoteError> {
-    let mut events = client.events(&format!("/api/v1/buses/{}/traffic", encode(bus))).await?;
-    tokio::pin!(stop);
-    loop {
-        let next = tokio::select! {
-            // Cancel-safe: an event read half-way stays in the stream's buffer.
-            e = events.next() => e?,
-            () = &mut stop => return Ok(()),
-        };
-        let Some(Event { kind, data }) = next else {
-            return Err(RemoteError::Ended);
-        };
+    let path = format!("/api/v1/buses/{}/traffic", encode(bus));
+    follow(client, &path, stop, |Event { kind, data }| {
         let value: serde_json::Value =
             serde_json::from_str(&data).map_err(|e| ClientError::Body(e.to_string()))?;
         match (kind.as_str(), json) {
@@ -369,7 +376,9 @@ pub async fn trace(
             )),
             _ => {}
         }
-    }
+        Ok(())
+    })
+    .await
 }
 
 /// The value of `write` as typed: a number or true/false (on/off).
