@@ -27,7 +27,7 @@ use super::trace::{Tap, TraceDir, Verdict, describe_reply, describe_request};
 use super::{BusError, BusStats, Job, Port};
 use crate::model::Line;
 use crate::serial::framing::{Decoded, Framing, SkipReason};
-use crate::serial::line::sleep_until_precise;
+use crate::serial::line::PreciseTimer;
 use crate::serial::rs485::Rts;
 use crate::serial::rtu;
 
@@ -71,6 +71,8 @@ pub struct Engine {
     schedule: Schedule,
     /// The traffic tap (events are built only while someone subscribes).
     tap: Tap,
+    /// Times the line's silences and RS-485 delays.
+    timer: PreciseTimer,
     /// The number of the transaction on the line (attempts of one job share it).
     txn: u64,
     buf: Vec<u8>,
@@ -178,6 +180,7 @@ impl Engine {
             last_activity: Instant::now(),
             schedule: Schedule::new(depth, addressed),
             tap: Tap::default(),
+            timer: PreciseTimer::default(),
             txn: 0,
             buf: Vec::with_capacity(512),
             stray: Vec::with_capacity(512),
@@ -507,7 +510,7 @@ impl Engine {
             // t3.5 at 115200 baud (1.75 ms) to every transaction.
             let read = tokio::select! {
                 // Cancel-safety: `read` is cancel-safe; a dropped sleep only ends early.
-                () = sleep_until_precise(quiet_at) => continue,
+                () = self.timer.sleep_until(quiet_at) => continue,
                 r = port.read(&mut scratch) => r,
             };
             match read {
@@ -594,7 +597,7 @@ impl Engine {
         if let Some(rts) = self.rts.as_mut() {
             // Userspace RS-485: transmitter on, and the settle time before the first bit.
             rts.line.set_rts(rts.levels.transmit)?;
-            sleep_until_precise(Instant::now() + rts.delay_before).await;
+            self.timer.sleep_until(Instant::now() + rts.delay_before).await;
         }
         let write_start = Instant::now();
         let wrote = port.write_all(&self.out).await;
@@ -610,7 +613,7 @@ impl Engine {
         if let Some(rts) = self.rts.as_mut() {
             // The last stop bit is out (by the line's wire time, not a blocking tcdrain):
             // hold the line for the delay after, then let go so the device can answer.
-            sleep_until_precise(drained + rts.delay_after).await;
+            self.timer.sleep_until(drained + rts.delay_after).await;
             rts.line.set_rts(rts.levels.idle)?;
         }
         self.last_activity = drained;
