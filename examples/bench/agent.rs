@@ -27,7 +27,7 @@ pub(crate) async fn agent_mode(s: &Settings) -> Result<Figure, BoxError> {
     let addr = gateway.server_addr.ok_or("gateway server did not start")?;
     let mut eight = None;
     for n in [1, 8] {
-        let l = drive(addr, 1, n, Reads::Same, s).await?;
+        let l = drive(addr, 1, n, Reads::Same, s, None).await?;
         let [a, b, c, d] = l.cells();
         eprintln!("bench:     agent x{n}: {a}/s p50 {b} p99 {c} errors {d}");
         f.rows.push(vec![n.to_string(), a, b, c, d]);

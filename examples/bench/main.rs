@@ -155,7 +155,7 @@ fn main() -> Result<(), BoxError> {
     const OPTIONS: [&str; 6] = ["--quick", "--out", "--only", "--duration", "--cut-every", "--cut-for"];
     if let Some(bad) = args.iter().find(|a| a.starts_with("--") && !OPTIONS.contains(&a.as_str())) {
         return Err(format!(
-            "unknown option {bad}; use --quick, --only bus|plan|footprint|pass|agent|link|soak, --out FILE, \
+            "unknown option {bad}; use --quick, --only bus|plan|footprint|pass|pass-instant|agent|link|soak, --out FILE, \
              --duration D, --cut-every D, --cut-for D"
         )
         .into());
@@ -237,10 +237,13 @@ fn main() -> Result<(), BoxError> {
         eprintln!("bench: footprint ...");
         figures.push(runtime.block_on(footprint::footprint(&settings))?);
     }
-    if wanted("pass") {
+    // `--only pass-instant`: the first like-for-like rows only, to iterate on (and profile)
+    // the relay's own cost.
+    let instant_only = only.as_deref() == Some("pass-instant");
+    if wanted("pass") || instant_only {
         settle();
         eprintln!("bench: modbus-tcp pass-through ...");
-        figures.push(runtime.block_on(passthrough::pass_through(&settings))?);
+        figures.push(runtime.block_on(passthrough::pass_through(&settings, instant_only))?);
     }
     if wanted("agent") {
         settle();
