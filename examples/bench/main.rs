@@ -6,6 +6,11 @@
 //! cargo run --release --example bench -- --quick # smoke run (~2 min), prints only
 //! cargo run --release --example bench -- --out FILE
 //! cargo run --release --example bench -- --quick --only footprint   # bus | plan | footprint | pass | agent | link
+//! cargo run --release --example bench -- --only pass     # one figure, full windows: replaces its
+//!                                                        # section and summary rows in the report
+//! cargo run --release --example bench -- --quick --only pass-instant  # the like-for-like pass-through
+//!                                                        # rows alone (prints; M2M_BENCH_PROFILE attaches
+//!                                                        # perf or strace, see passthrough.rs)
 //! cargo run --release --example bench -- --only soak [--duration 1h] [--cut-every 5m] [--cut-for 30s]
 //! ```
 //!
@@ -143,7 +148,8 @@ fn main() -> Result<(), BoxError> {
     let quick = args.iter().any(|a| a == "--quick");
     let out = match args.iter().position(|a| a == "--out") {
         Some(i) => Some(PathBuf::from(args.get(i + 1).ok_or("--out needs a file name")?)),
-        None if quick => None,
+        // `pass-instant` is for iterating and profiling: it writes no report unless asked.
+        None if quick || args.iter().any(|a| a == "pass-instant") => None,
         None => Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md")),
     };
     let only = match args.iter().position(|a| a == "--only") {
@@ -258,15 +264,79 @@ fn main() -> Result<(), BoxError> {
     let mut report = render(&settings, &figures, started.elapsed());
     print!("{report}");
     if let Some(path) = out {
-        // The soak section is written only by a soak run: keep it.
         let old = std::fs::read_to_string(&path).unwrap_or_default();
-        if let Some(at) = old.find(SOAK_BEGIN) {
+        if only.is_some() && !quick && old.contains("## Summary") {
+            // A figure measured alone replaces its own section and summary rows only.
+            report = update(&old, &figures, &settings.load_at_start);
+        } else if let Some(at) = old.find(SOAK_BEGIN) {
+            // The soak section is written only by a soak run: keep it.
             report = format!("{}\n\n{}", report.trim_end(), &old[at..]);
         }
         std::fs::write(&path, &report).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The report `old` with each of `figures` measured again: its `## title` section
+/// replaced (or added before the soak section), and in the summary the rows whose first
+/// word is that of one of its verdicts replaced by its verdicts. The section says it was
+/// measured alone, and how busy the machine was then.
+fn update(old: &str, figures: &[Figure], load_at_start: &str) -> String {
+    let mut doc = old.to_string();
+    for f in figures {
+        let mut section = f.markdown();
+        let _ = write!(
+            section,
+            "\nThis figure was measured alone (`--only`, full windows); load average (1, 5, 15 min) \
+             at its start: {load_at_start}. The machine section above is from the last full run.\n\n"
+        );
+        let head = format!("## {}\n", f.title);
+        match doc.find(&head) {
+            Some(start) => {
+                let rest = &doc[start + head.len()..];
+                let end = [rest.find("\n## "), rest.find(SOAK_BEGIN)]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .map_or(doc.len(), |e| start + head.len() + e + 1);
+                doc.replace_range(start..end, &section);
+            }
+            None => {
+                let at = doc.find(SOAK_BEGIN).unwrap_or(doc.len());
+                doc.insert_str(at, &section);
+            }
+        }
+        let first_word = |s: &str| s.split([' ', ',']).next().unwrap_or_default().to_string();
+        let keys: Vec<String> = f.verdicts.iter().map(|v| first_word(&v.0)).collect();
+        let rows: Vec<String> = f
+            .verdicts
+            .iter()
+            .map(|(what, got, target, met)| {
+                let verdict = match (target.as_str(), met) {
+                    ("reported", _) => "-",
+                    (_, true) => "met",
+                    (_, false) => "**missed**",
+                };
+                format!("| {what} | {got} | {target} | {verdict} |")
+            })
+            .collect();
+        let Some(summary) = doc.find("## Summary\n") else { continue };
+        let mut lines: Vec<String> = doc[summary..].lines().map(String::from).collect();
+        // The table: from its header to the first line that is not a row.
+        let Some(top) = lines.iter().position(|l| l.starts_with("| figure")) else { continue };
+        let bottom = lines[top..].iter().position(|l| !l.starts_with('|')).map_or(lines.len(), |n| top + n);
+        let ours = |l: &String| keys.contains(&first_word(l.trim_start_matches("| ")));
+        let at = lines[top + 2..bottom].iter().position(ours).map_or(bottom, |n| top + 2 + n);
+        let kept: Vec<String> = lines[top + 2..bottom].iter().filter(|l| !ours(l)).cloned().collect();
+        let before = kept.iter().take_while(|l| lines[top + 2..at].contains(l)).count();
+        let mut table = kept[..before].to_vec();
+        table.extend(rows);
+        table.extend_from_slice(&kept[before..]);
+        lines.splice(top + 2..bottom, table);
+        doc = format!("{}{}\n", &doc[..summary], lines.join("\n"));
+    }
+    doc
 }
 
 /// Where the soak run's section of the report begins (it runs to the end of the file).
