@@ -27,6 +27,10 @@
 //! | 9 | [`gateway`], [`service`] | starts every task of a model under one shutdown token, reloads it; the systemd notify protocol and watchdog |
 //! | 10 | [`tools`], `fuzz_entry` | commissioning reads and the demo; the fuzz targets' entry points |
 
+// Every public item is documented, and `pub` means reachable from outside the crate
+// (an item only the crate uses is `pub(crate)`). Tests and examples are their own crates.
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod backoff;
 pub mod health;
 pub mod loglimit;

@@ -34,14 +34,14 @@ pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
 
 /// Frame type bytes.
 mod ty {
-    pub const HELLO: u8 = 1;
-    pub const BATCH: u8 = 2;
-    pub const ACK: u8 = 3;
-    pub const WRITE: u8 = 4;
-    pub const WRITE_RESULT: u8 = 5;
-    pub const HEARTBEAT: u8 = 6;
-    pub const CLOSE: u8 = 7;
-    pub const TUNNEL: u8 = 8;
+    pub(super) const HELLO: u8 = 1;
+    pub(super) const BATCH: u8 = 2;
+    pub(super) const ACK: u8 = 3;
+    pub(super) const WRITE: u8 = 4;
+    pub(super) const WRITE_RESULT: u8 = 5;
+    pub(super) const HEARTBEAT: u8 = 6;
+    pub(super) const CLOSE: u8 = 7;
+    pub(super) const TUNNEL: u8 = 8;
 }
 
 /// One message between two peers. See docs/PROTOCOL.md for semantics.

@@ -187,14 +187,14 @@ struct DeviceState {
 
 /// The simulated raw devices of one line.
 #[derive(Debug)]
-pub struct RawSim {
+pub(crate) struct RawSim {
     devices: Vec<Device>,
     state: Mutex<Vec<DeviceState>>,
     epoch: Instant,
 }
 
 /// Every problem of the `[[raw]]` entries, one line each naming the entry.
-pub fn check(configs: &[RawSimConfig]) -> Vec<String> {
+pub(crate) fn check(configs: &[RawSimConfig]) -> Vec<String> {
     build(configs).1
 }
 
@@ -293,7 +293,7 @@ impl Device {
 impl RawSim {
     /// The simulated devices of `configs`; entries with problems are left out (use
     /// [`check`] to have them reported).
-    pub fn new(configs: &[RawSimConfig]) -> Self {
+    pub(crate) fn new(configs: &[RawSimConfig]) -> Self {
         let (built, problems) = build(configs);
         for p in problems {
             tracing::warn!(problem = %p, "simulator raw entry skipped");
@@ -319,7 +319,7 @@ impl RawSim {
     }
 
     /// Sets (or clears, with `None`) the fault of the device `name`.
-    pub fn set_fault(&self, name: &str, fault: Option<RawFault>) -> Result<(), SimError> {
+    pub(crate) fn set_fault(&self, name: &str, fault: Option<RawFault>) -> Result<(), SimError> {
         let i = self.index(name)?;
         if let Some(s) = self.lock().get_mut(i) {
             s.fault = fault;
@@ -328,7 +328,7 @@ impl RawSim {
     }
 
     /// The counters of the device `name`.
-    pub fn stats(&self, name: &str) -> Option<RawSimStats> {
+    pub(crate) fn stats(&self, name: &str) -> Option<RawSimStats> {
         let i = self.index(name).ok()?;
         self.lock().get(i).map(|s| s.stats.clone())
     }
@@ -365,7 +365,7 @@ impl RawSim {
 
     /// Serves the line until `shutdown` or end of input. `silence` frames requests;
     /// `turnaround` is the think time before a reply.
-    pub async fn serve<S>(
+    pub(crate) async fn serve<S>(
         &self,
         mut io: S,
         silence: Duration,
