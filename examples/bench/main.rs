@@ -190,7 +190,9 @@ fn main() -> Result<(), BoxError> {
         if let Some(path) = out {
             let old = std::fs::read_to_string(&path).unwrap_or_default();
             let kept = old.split(SOAK_BEGIN).next().unwrap_or_default().trim_end().to_string();
-            std::fs::write(&path, format!("{kept}\n\n{section}"))
+            // What follows the soak section (hand-written analyses) stays.
+            let tail = old.find(SOAK_END).map_or("", |at| &old[at + SOAK_END.len()..]);
+            std::fs::write(&path, format!("{kept}\n\n{section}{tail}"))
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             eprintln!("bench: wrote the soak section of {}", path.display());
         }
@@ -339,8 +341,11 @@ fn update(old: &str, figures: &[Figure], load_at_start: &str) -> String {
     doc
 }
 
-/// Where the soak run's section of the report begins (it runs to the end of the file).
+/// Where the soak run's section of the report begins; a full run keeps everything from
+/// here to the end of the file.
 const SOAK_BEGIN: &str = "<!-- soak -->";
+/// Where the soak run's section ends: hand-written sections after it are kept by both.
+const SOAK_END: &str = "<!-- /soak -->";
 
 /// The soak run's section: its own verdicts, then its table.
 fn soak_section(fig: &Figure, load_at_start: &str) -> String {
@@ -355,6 +360,8 @@ fn soak_section(fig: &Figure, load_at_start: &str) -> String {
         })
         .collect();
     out += &table(&["soak", "measured", "target", ""], &rows);
+    out += "\n";
+    out += SOAK_END;
     out
 }
 
