@@ -187,19 +187,7 @@ impl Observed {
                 }
             }
         }
-        let ports = model
-            .buses
-            .iter()
-            .map(|b| {
-                let protocol = match b.protocol {
-                    model::Protocol::ModbusRtu => "modbus-rtu",
-                    model::Protocol::ModbusAscii => "modbus-ascii",
-                    model::Protocol::ModbusTcp => "modbus-tcp",
-                    model::Protocol::Raw => "raw",
-                };
-                (b.port.clone(), protocol.to_string())
-            })
-            .collect();
+        let ports = model.buses.iter().map(|b| (b.port.clone(), b.protocol.to_string())).collect();
         (points, ports)
     }
 }

@@ -11,8 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use m2m_gateway::model::{Line, LogFormat, Parity, Protocol};
-use m2m_gateway::point::value::{DataType, Table, WordOrder};
+use m2m_gateway::point::names::{self, Named};
+use m2m_gateway::point::value::{Table, TypeName, WordOrder};
 use m2m_gateway::poll::plan;
+use m2m_gateway::serial::framing::ModbusSerial;
 use m2m_gateway::tools::commission::{self, Poll, PollSpec};
 use m2m_gateway::tools::remote;
 use m2m_gateway::{config, gateway::Gateway, service, sim};
@@ -189,54 +191,31 @@ enum CliLogFormat {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum CliProtocol {
-    /// Modbus-RTU (binary frames, CRC).
-    Rtu,
-    /// Modbus-ASCII (`:` hex LRC CR LF frames).
-    Ascii,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum CliParity {
-    None,
-    Even,
-    Odd,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
 enum CliEnd {
     Terminator,
     Fixed,
     Silence,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum CliTable {
-    Coils,
-    Discrete,
-    Holding,
-    Input,
-}
+/// The types `poll --type` decodes registers as.
+const POLL_TYPES: [TypeName; 9] = [
+    TypeName::Bool,
+    TypeName::U16,
+    TypeName::I16,
+    TypeName::U32,
+    TypeName::I32,
+    TypeName::U64,
+    TypeName::I64,
+    TypeName::F32,
+    TypeName::F64,
+];
 
-#[derive(Clone, Copy, ValueEnum)]
-enum CliType {
-    Bool,
-    U16,
-    I16,
-    U32,
-    I32,
-    U64,
-    I64,
-    F32,
-    F64,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum CliOrder {
-    Abcd,
-    Dcba,
-    Badc,
-    Cdab,
+/// A value parser for one of `allowed`, by the names of its type's one table; clap lists
+/// them as possible values, as it did for a `ValueEnum`.
+fn named<T: Named + Send + Sync>(allowed: Vec<T>) -> impl clap::builder::TypedValueParser<Value = T> {
+    use clap::builder::{PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(allowed.iter().map(|v| v.name()).collect::<Vec<_>>())
+        .try_map(move |name| names::parse_among(&name, &allowed))
 }
 
 #[derive(Args)]
@@ -248,8 +227,8 @@ struct PollArgs {
     port: Option<String>,
     /// Field protocol on a serial port (or behind a `tcp://` device server); a
     /// `modbus-tcp://` port speaks Modbus-TCP. Raw devices: see --raw.
-    #[arg(long, value_enum, default_value = "rtu")]
-    protocol: CliProtocol,
+    #[arg(long, value_parser = named(names::all::<ModbusSerial>()), default_value = "rtu")]
+    protocol: ModbusSerial,
     /// Read over Modbus-TCP from this host:port instead of a serial port (e.g. the
     /// gateway's own server: --tcp 127.0.0.1:5020).
     #[arg(long, conflicts_with_all = ["port", "raw", "raw_hex"])]
@@ -258,8 +237,8 @@ struct PollArgs {
     #[arg(long, default_value_t = 19200)]
     baud: u32,
     /// Parity.
-    #[arg(long, value_enum, default_value = "even")]
-    parity: CliParity,
+    #[arg(long, value_parser = named(names::all::<Parity>()), default_value = "even")]
+    parity: Parity,
     /// Stop bits.
     #[arg(long, default_value_t = 1)]
     stop_bits: u8,
@@ -289,8 +268,8 @@ struct PollArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(7..=8))]
     data_bits: u8,
     /// Table to read.
-    #[arg(long, value_enum, default_value = "holding")]
-    table: CliTable,
+    #[arg(long, value_parser = named(names::all::<Table>()), default_value = "holding")]
+    table: Table,
     /// First address (zero-based, as on the wire).
     #[arg(long, default_value_t = 0)]
     address: u16,
@@ -298,11 +277,11 @@ struct PollArgs {
     #[arg(long, default_value_t = 1)]
     count: u16,
     /// Decode registers as this type.
-    #[arg(long = "type", value_enum, default_value = "u16")]
-    data_type: CliType,
+    #[arg(long = "type", value_parser = named(POLL_TYPES.to_vec()), default_value = "u16")]
+    data_type: TypeName,
     /// Word/byte order of multi-register types.
-    #[arg(long, value_enum, default_value = "abcd")]
-    order: CliOrder,
+    #[arg(long, value_parser = named(names::all::<WordOrder>()), default_value = "abcd")]
+    order: WordOrder,
     /// Multiply numbers by this.
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
@@ -727,16 +706,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
-    let line = Line {
-        baud: a.baud,
-        data_bits: a.data_bits,
-        parity: match a.parity {
-            CliParity::None => Parity::None,
-            CliParity::Even => Parity::Even,
-            CliParity::Odd => Parity::Odd,
-        },
-        stop_bits: a.stop_bits,
-    };
+    let line = Line { baud: a.baud, data_bits: a.data_bits, parity: a.parity, stop_bits: a.stop_bits };
     if a.raw.is_some() || a.raw_hex.is_some() {
         return poll_raw(&a, line).await;
     }
@@ -744,10 +714,9 @@ async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
     let tcp_device = a.port.as_deref().is_some_and(|p| p.starts_with("modbus-tcp://"));
     let protocol = match a.protocol {
         _ if tcp_device => Protocol::ModbusTcp,
-        CliProtocol::Rtu => Protocol::ModbusRtu,
-        CliProtocol::Ascii => Protocol::ModbusAscii,
+        framing => framing.protocol(),
     };
-    if tcp_device && matches!(a.protocol, CliProtocol::Ascii) {
+    if tcp_device && a.protocol == ModbusSerial::Ascii {
         anyhow::bail!("--protocol ascii: a modbus-tcp:// port speaks modbus-tcp");
     }
     if tcp_device && unit == 0 {
@@ -761,31 +730,11 @@ async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
         line,
         protocol,
         unit,
-        table: match a.table {
-            CliTable::Coils => Table::Coils,
-            CliTable::Discrete => Table::Discrete,
-            CliTable::Holding => Table::Holding,
-            CliTable::Input => Table::Input,
-        },
+        table: a.table,
         address: a.address,
         count: a.count,
-        data_type: match a.data_type {
-            CliType::Bool => DataType::Bool,
-            CliType::U16 => DataType::U16,
-            CliType::I16 => DataType::I16,
-            CliType::U32 => DataType::U32,
-            CliType::I32 => DataType::I32,
-            CliType::U64 => DataType::U64,
-            CliType::I64 => DataType::I64,
-            CliType::F32 => DataType::F32,
-            CliType::F64 => DataType::F64,
-        },
-        order: match a.order {
-            CliOrder::Abcd => WordOrder::Abcd,
-            CliOrder::Dcba => WordOrder::Dcba,
-            CliOrder::Badc => WordOrder::Badc,
-            CliOrder::Cdab => WordOrder::Cdab,
-        },
+        data_type: a.data_type.data_type(0, 0),
+        order: a.order,
         scale: a.scale,
         timeout: a.timeout,
         retries: a.retries,

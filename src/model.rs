@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::point::value::{DataType, Table, Value, WordOrder};
+pub use crate::serial::framing::Protocol;
 pub use crate::serial::line::{Line, Parity};
 
 /// Shortest reconnect delay of a peer link: its first retry, and the least `reconnect_max`
@@ -65,21 +66,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per event, for log collectors.
     Json,
-}
-
-/// The field protocol spoken on a bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// Modbus RTU (binary frames, CRC-16, t3.5 silence between frames).
-    ModbusRtu,
-    /// Modbus ASCII (`:` hex LRC CR LF frames); same devices and points as RTU.
-    ModbusAscii,
-    /// Modbus-TCP devices reached over TCP (`modbus-tcp://host:port`): MBAP frames, no
-    /// line timing; same devices and points as RTU.
-    ModbusTcp,
-    /// Raw serial devices with their own request/response or streaming protocols
-    /// ([`Bus::raw_devices`]; no Modbus devices).
-    Raw,
 }
 
 /// One serial line, owned by one task.

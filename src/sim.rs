@@ -50,11 +50,10 @@ use tokio_util::sync::CancellationToken;
 use crate::point::value::Table;
 use crate::serial::rtu;
 
+pub(crate) use crate::sim::config::entry_len;
 pub use crate::sim::config::{
-    Fault, GenKind, InitValue, LineConfig, ParityName, RegisterConfig, SimConfig, SimProtocol, SimType,
-    UnitConfig, load, quick,
+    Fault, GenKind, InitValue, LineConfig, RegisterConfig, SimConfig, SimType, UnitConfig, load, quick,
 };
-pub(crate) use crate::sim::config::{entry_len, table_name};
 pub use crate::sim::map::{BusStats, UnitStats};
 pub(crate) use crate::sim::map::{Unit, build as build_units, execute};
 pub use crate::sim::port::{VirtualPort, run_virtual};
@@ -107,7 +106,7 @@ pub enum SimError {
     #[error("unit {0} is not simulated")]
     UnknownUnit(u8),
     /// A register call on a bit table or a bit call on a register table.
-    #[error("unit {unit}: table {} does not hold {wanted}", table_name(*table))]
+    #[error("unit {unit}: table {table} does not hold {wanted}")]
     WrongTable {
         /// Unit.
         unit: u8,
@@ -376,7 +375,7 @@ impl Simulator {
             }),
             timing: config.line,
             pace: true,
-            ascii: config.protocol == SimProtocol::Ascii,
+            ascii: config.protocol == crate::serial::framing::ModbusSerial::Ascii,
             echo: config.echo,
         }
     }
@@ -517,7 +516,7 @@ impl Simulator {
     ) -> Result<(), SimError> {
         let line = self.timing.unwrap_or(LineConfig {
             baud: 9600,
-            parity: ParityName::Even,
+            parity: crate::model::Parity::Even,
             data_bits: 8,
             stop_bits: 1,
             turnaround: Duration::ZERO,
@@ -533,11 +532,7 @@ impl Simulator {
             } else {
                 tokio_serial::StopBits::One
             })
-            .parity(match line.parity {
-                ParityName::None => tokio_serial::Parity::None,
-                ParityName::Even => tokio_serial::Parity::Even,
-                ParityName::Odd => tokio_serial::Parity::Odd,
-            })
+            .parity(line.parity.into())
             .open_native_async()
             .map_err(|e| SimError::Device { path: path.to_path_buf(), message: e.to_string() })?;
         ready(path);

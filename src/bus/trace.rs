@@ -130,12 +130,15 @@ impl Tap {
 }
 
 fn table(req: &Request<'_>) -> &'static str {
+    use crate::point::names::Named;
+    use crate::point::value::Table;
     match req {
-        Request::ReadCoils(..) => "coils",
-        Request::ReadDiscreteInputs(..) => "discrete",
-        Request::ReadInputRegisters(..) => "input",
-        _ => "holding",
+        Request::ReadCoils(..) => Table::Coils,
+        Request::ReadDiscreteInputs(..) => Table::Discrete,
+        Request::ReadInputRegisters(..) => Table::Input,
+        _ => Table::Holding,
     }
+    .name()
 }
 
 /// "unit 1 read holding 0+10", "unit 3 write register 7 = 55", ...

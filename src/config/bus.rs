@@ -76,9 +76,9 @@ const FRAME_GAP_MAX: Duration = Duration::from_secs(1);
 pub(super) struct RawBus {
     name: Spanned<String>,
     port: Spanned<String>,
-    protocol: Option<Spanned<RawProtocol>>,
+    protocol: Option<Spanned<Protocol>>,
     baud: Option<Spanned<i64>>,
-    parity: Option<RawParity>,
+    parity: Option<Parity>,
     data_bits: Option<Spanned<i64>>,
     stop_bits: Option<Spanned<i64>>,
     frame_gap: Option<Spanned<String>>,
@@ -97,29 +97,12 @@ pub(super) struct RawBus {
     reopen_max: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum RawProtocol {
-    ModbusRtu,
-    ModbusAscii,
-    Raw,
-    ModbusTcp,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum RawRs485 {
     Off,
     Kernel,
     Rts,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(super) enum RawParity {
-    None,
-    Even,
-    Odd,
 }
 
 /// Resolves every `[[bus]]`, in file order, with no devices yet.
@@ -175,10 +158,8 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
     let tcp_device = r.port.get_ref().starts_with("modbus-tcp://");
     let protocol = match r.protocol.as_ref().map(|p| *p.get_ref()) {
         None if tcp_device => Protocol::ModbusTcp,
-        None | Some(RawProtocol::ModbusRtu) => Protocol::ModbusRtu,
-        Some(RawProtocol::ModbusAscii) => Protocol::ModbusAscii,
-        Some(RawProtocol::Raw) => Protocol::Raw,
-        Some(RawProtocol::ModbusTcp) => Protocol::ModbusTcp,
+        None => Protocol::ModbusRtu,
+        Some(p) => p,
     };
     if let Some(p) = &r.protocol {
         if tcp_device && protocol != Protocol::ModbusTcp {
@@ -297,7 +278,7 @@ fn rs485(r: &RawBus, path: &str, check: &mut Checker) -> Option<Rs485> {
 /// `stop_bits` 1|2), shared with `[[tunnel]]`; an absent key takes `default`'s value.
 pub(super) fn line(
     baud: Option<&Spanned<i64>>,
-    parity: Option<RawParity>,
+    parity: Option<Parity>,
     data_bits: Option<&Spanned<i64>>,
     stop_bits: Option<&Spanned<i64>>,
     default: Line,
@@ -307,12 +288,7 @@ pub(super) fn line(
     Line {
         baud: check.int(baud, default.baud, 300..=4_000_000, path, "baud"),
         data_bits: check.int(data_bits, default.data_bits, 7..=8, path, "data_bits"),
-        parity: match parity {
-            None => default.parity,
-            Some(RawParity::None) => Parity::None,
-            Some(RawParity::Even) => Parity::Even,
-            Some(RawParity::Odd) => Parity::Odd,
-        },
+        parity: parity.unwrap_or(default.parity),
         stop_bits: check.int(stop_bits, default.stop_bits, 1..=2, path, "stop_bits"),
     }
 }

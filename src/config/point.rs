@@ -34,7 +34,8 @@ use toml::Spanned;
 use super::Checker;
 use super::device::INTERVAL_MIN;
 use crate::model::Point;
-use crate::point::value::{DataType, Table, WordOrder};
+use crate::point::names::Named;
+use crate::point::value::{DataType, Table, TypeName, WordOrder};
 
 /// One `[[device.point]]` (or `[[template.point]]`) as written. `table` and `address`
 /// are required, except in a point that overrides a template's.
@@ -45,7 +46,7 @@ pub(super) struct RawPoint {
     table: Option<Spanned<Table>>,
     address: Option<Spanned<i64>>,
     #[serde(rename = "type")]
-    data_type: Option<Spanned<RawType>>,
+    data_type: Option<Spanned<TypeName>>,
     bit: Option<Spanned<i64>>,
     length: Option<Spanned<i64>>,
     order: Option<WordOrder>,
@@ -82,45 +83,6 @@ impl RawPoint {
             interval: self.interval.clone().or_else(|| base.interval.clone()),
             stale_after: self.stale_after.clone().or_else(|| base.stale_after.clone()),
             unit: self.unit.clone().or_else(|| base.unit.clone()),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum RawType {
-    Bool,
-    U16,
-    I16,
-    U32,
-    I32,
-    U64,
-    I64,
-    F32,
-    F64,
-    Bit,
-    #[serde(rename = "string")]
-    Str,
-}
-
-impl RawType {
-    fn numeric(self) -> bool {
-        !matches!(self, RawType::Bool | RawType::Bit | RawType::Str)
-    }
-
-    fn label(self) -> &'static str {
-        match self {
-            RawType::Bool => "bool",
-            RawType::U16 => "u16",
-            RawType::I16 => "i16",
-            RawType::U32 => "u32",
-            RawType::I32 => "i32",
-            RawType::U64 => "u64",
-            RawType::I64 => "i64",
-            RawType::F32 => "f32",
-            RawType::F64 => "f64",
-            RawType::Bit => "bit",
-            RawType::Str => "string",
         }
     }
 }
@@ -203,33 +165,33 @@ fn resolve(
     let table = *table_key.get_ref();
     let bits_table = matches!(table, Table::Coils | Table::Discrete);
     let raw_type = r.data_type.as_ref().map(|t| *t.get_ref());
-    let ty = raw_type.unwrap_or(if bits_table { RawType::Bool } else { RawType::U16 });
+    let ty = raw_type.unwrap_or(if bits_table { TypeName::Bool } else { TypeName::U16 });
     // Where problems about the type as a whole point at: the type, else the table.
     let type_span = r.data_type.as_ref().map_or(table_key.span(), |t| t.span());
 
-    if bits_table && ty != RawType::Bool {
+    if bits_table && ty != TypeName::Bool {
         check.report(
             type_span.clone(),
             path,
             format!(
                 "type {} needs registers, but table {} holds single bits: use type \"bool\" or a holding/input table",
-                ty.label(),
-                table_label(table)
+                ty.name(),
+                table
             ),
         );
     }
 
     let data_type = match ty {
-        RawType::Bool => DataType::Bool,
-        RawType::U16 => DataType::U16,
-        RawType::I16 => DataType::I16,
-        RawType::U32 => DataType::U32,
-        RawType::I32 => DataType::I32,
-        RawType::U64 => DataType::U64,
-        RawType::I64 => DataType::I64,
-        RawType::F32 => DataType::F32,
-        RawType::F64 => DataType::F64,
-        RawType::Bit => DataType::Bit(match &r.bit {
+        TypeName::Bool => DataType::Bool,
+        TypeName::U16 => DataType::U16,
+        TypeName::I16 => DataType::I16,
+        TypeName::U32 => DataType::U32,
+        TypeName::I32 => DataType::I32,
+        TypeName::U64 => DataType::U64,
+        TypeName::I64 => DataType::I64,
+        TypeName::F32 => DataType::F32,
+        TypeName::F64 => DataType::F64,
+        TypeName::Bit => DataType::Bit(match &r.bit {
             Some(bit) => check.int(Some(bit), 0, 0..=15, path, "bit"),
             None => {
                 check.report(
@@ -240,7 +202,7 @@ fn resolve(
                 0
             }
         }),
-        RawType::Str => DataType::Str(match &r.length {
+        TypeName::Str => DataType::Str(match &r.length {
             Some(length) => {
                 let max = 2 * i64::from(ctx.max_registers);
                 let len = *length.get_ref();
@@ -264,10 +226,10 @@ fn resolve(
             }
         }),
     };
-    if let Some(bit) = r.bit.as_ref().filter(|_| ty != RawType::Bit) {
+    if let Some(bit) = r.bit.as_ref().filter(|_| ty != TypeName::Bit) {
         check.report(bit.span(), path, "bit is only for type = \"bit\"");
     }
-    if let Some(length) = r.length.as_ref().filter(|_| ty != RawType::Str) {
+    if let Some(length) = r.length.as_ref().filter(|_| ty != TypeName::Str) {
         check.report(length.span(), path, "length is only for type = \"string\"");
     }
 
@@ -279,13 +241,13 @@ fn resolve(
         DataType::U64 | DataType::I64 | DataType::F64 => 4,
         DataType::Str(len) => u32::from(len.div_ceil(2)).max(1),
     };
-    if !bits_table && ty != RawType::Str && width > u32::from(ctx.max_registers) {
+    if !bits_table && ty != TypeName::Str && width > u32::from(ctx.max_registers) {
         check.report(
             type_span.clone(),
             path,
             format!(
                 "type {} needs {width} registers, more than the device's max_registers ({})",
-                ty.label(),
+                ty.name(),
                 ctx.max_registers
             ),
         );
@@ -374,7 +336,7 @@ fn address(
 fn finite(
     value: Option<&Spanned<f64>>,
     default: f64,
-    ty: RawType,
+    ty: TypeName,
     path: &str,
     key: &str,
     check: &mut Checker,
@@ -383,8 +345,8 @@ fn finite(
         return default;
     };
     let v = *value.get_ref();
-    if !ty.numeric() {
-        check.report(value.span(), path, format!("{key} applies only to numeric types, not {}", ty.label()));
+    if !ty.is_numeric() {
+        check.report(value.span(), path, format!("{key} applies only to numeric types, not {}", ty.name()));
         default
     } else if !v.is_finite() {
         check.report(value.span(), path, format!("{key} {v} is not a finite number"));
@@ -436,13 +398,4 @@ fn extent_label(e: &Extent, base: u16) -> String {
         Table::Input => ("input register", "input registers"),
     };
     if first == last { format!("{one} {first}") } else { format!("{many} {first}..={last}") }
-}
-
-fn table_label(table: Table) -> &'static str {
-    match table {
-        Table::Coils => "coils",
-        Table::Discrete => "discrete",
-        Table::Holding => "holding",
-        Table::Input => "input",
-    }
 }

@@ -74,7 +74,8 @@ use super::device::INTERVAL_MIN;
 use super::{Checker, item, number};
 use crate::model::{Bus, Protocol, RawCommand, RawDevice, RawMode, RawPoint};
 use crate::point::extract::{self, BinField, BinKind, Extract, TextField, TextKind};
-use crate::point::value::{DataType, Value, WordOrder};
+use crate::point::names;
+use crate::point::value::{DataType, TypeName, Value, WordOrder};
 use crate::serial::checksum::{CheckFormat, Checksum, ChecksumRule};
 use crate::serial::raw::{self, FrameEnd, FrameRule, RawFraming};
 
@@ -612,14 +613,6 @@ fn bin_kind(p: &RawField, path: &str, check: &mut Checker) -> BinKind {
                 0
             }
         }),
-        "u16" => BinKind::Data(DataType::U16),
-        "i16" => BinKind::Data(DataType::I16),
-        "u32" => BinKind::Data(DataType::U32),
-        "i32" => BinKind::Data(DataType::I32),
-        "u64" => BinKind::Data(DataType::U64),
-        "i64" => BinKind::Data(DataType::I64),
-        "f32" => BinKind::Data(DataType::F32),
-        "f64" => BinKind::Data(DataType::F64),
         "string" => BinKind::Data(DataType::Str(match &p.length {
             Some(l) => check.int(Some(l), 1, 1..=MAX_FRAME, path, "length"),
             None => {
@@ -627,6 +620,9 @@ fn bin_kind(p: &RawField, path: &str, check: &mut Checker) -> BinKind {
                 1
             }
         })),
+        numeric if let Some(t) = names::parse::<TypeName>(numeric).filter(|t| t.is_numeric()) => {
+            BinKind::Data(t.data_type(0, 0))
+        }
         other => {
             check.report(
                 span,

@@ -20,45 +20,28 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use serde::Deserialize;
 use toml::Spanned;
 
 use super::globs::{self, Globs};
 use super::{Checker, number};
 use crate::model::{MapTarget, Point};
-use crate::point::value::{DataType, Table, WordOrder};
+use crate::point::value::{DataType, Table, TypeName, WordOrder};
 
-/// `type` of a map entry as written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(super) enum RawType {
-    Bool,
-    U16,
-    I16,
-    U32,
-    I32,
-    U64,
-    I64,
-    F32,
-    F64,
-    String,
-}
-
-impl RawType {
-    fn data_type(self, length: u16) -> DataType {
-        match self {
-            RawType::Bool => DataType::Bool,
-            RawType::U16 => DataType::U16,
-            RawType::I16 => DataType::I16,
-            RawType::U32 => DataType::U32,
-            RawType::I32 => DataType::I32,
-            RawType::U64 => DataType::U64,
-            RawType::I64 => DataType::I64,
-            RawType::F32 => DataType::F32,
-            RawType::F64 => DataType::F64,
-            RawType::String => DataType::Str(length),
-        }
-    }
+crate::point::names::named_subset! {
+    /// `type` of a map entry as written: any type but `bit` (a map entry places whole
+    /// registers or single bits, never one bit of a register).
+    pub(super) struct RawType(TypeName) = [
+        TypeName::Bool,
+        TypeName::U16,
+        TypeName::I16,
+        TypeName::U32,
+        TypeName::I32,
+        TypeName::U64,
+        TypeName::I64,
+        TypeName::F32,
+        TypeName::F64,
+        TypeName::Str,
+    ];
 }
 
 /// The placing keys of one map entry, borrowed from its raw struct.
@@ -143,12 +126,12 @@ impl Layout {
         let offset = number(check, e.offset, 0.0, f64::MIN..=f64::MAX, "finite", path, "offset");
         let length: Option<u16> = e.length.map(|l| check.int(Some(l), 2, 1..=MAX_LENGTH, path, "length"));
         match (e.data_type.map(|t| *t.get_ref()), e.length) {
-            (Some(RawType::String), None) => {
+            (Some(RawType(TypeName::Str)), None) => {
                 if let Some(t) = e.data_type {
                     check.report(t.span(), path, "type \"string\" needs `length`, its size in bytes");
                 }
             }
-            (Some(RawType::String), Some(_)) => {}
+            (Some(RawType(TypeName::Str)), Some(_)) => {}
             (_, Some(l)) => check.report(l.span(), path, "length is only for type = \"string\""),
             _ => {}
         }
@@ -197,12 +180,12 @@ impl Layout {
                         Kind::Plc => format!(
                             "point {:?} at {next} overlaps point {other:?} of map[{j}] in the same {} table",
                             named.name,
-                            table_name(table)
+                            table
                         ),
                         Kind::Unit => format!(
                             "point {:?} at {next} overlaps point {other:?} at {s} of map[{j}] in the same {} table",
                             named.name,
-                            table_name(table)
+                            table
                         ),
                     },
                 );
@@ -295,7 +278,7 @@ impl Layout {
         path: &str,
         check: &mut Checker,
     ) -> Option<DataType> {
-        let written = e.data_type.map(|t| t.get_ref().data_type(length.unwrap_or(2)));
+        let written = e.data_type.map(|t| t.get_ref().0.data_type(0, length.unwrap_or(2)));
         // The type the point's values have: its own, or (received) the entry's.
         let own = named.own.map_or(written, |p| Some(p.data_type))?;
         let is_bool = matches!(own, DataType::Bool | DataType::Bit(_));
@@ -310,7 +293,7 @@ impl Layout {
             return None;
         }
         if matches!(table, Table::Coils | Table::Discrete) {
-            if let Some(t) = e.data_type.filter(|t| !matches!(t.get_ref(), RawType::Bool)) {
+            if let Some(t) = e.data_type.filter(|t| !matches!(t.get_ref(), RawType(TypeName::Bool))) {
                 let msg = match self.kind {
                     Kind::Plc => "coils hold single bits: type must be bool (or left out)",
                     Kind::Unit => {
@@ -362,14 +345,5 @@ impl Layout {
             .iter()
             .find(|(t, s, e, _, _)| *t == table && *s < b && a < *e)
             .map(|(_, _, _, i, p)| (*i, p.as_str()))
-    }
-}
-
-pub(super) fn table_name(t: Table) -> &'static str {
-    match t {
-        Table::Coils => "coils",
-        Table::Discrete => "discrete",
-        Table::Holding => "holding",
-        Table::Input => "input",
     }
 }

@@ -291,10 +291,7 @@ pub(super) fn validate(raw: &RawServer, buses: &[Bus], check: &mut Checker) -> S
             check.report(
                 r.table.span(),
                 &path,
-                format!(
-                    "table {} is read-only: grant coils or holding",
-                    if table == Table::Input { "input" } else { "discrete" }
-                ),
+                format!("table {table} is read-only: grant coils or holding"),
             );
         }
         let start: u16 = check.int(Some(&r.address), 0, 0..=65_535, &path, "address");

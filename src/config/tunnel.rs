@@ -32,7 +32,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::bus::{self, RawParity};
+use super::bus;
 use super::peer::size;
 use super::{Checker, item};
 use crate::model::{Bus, Line, Links, OnLinkDown, Parity, Tunnel};
@@ -55,7 +55,7 @@ pub(super) struct RawTunnel {
     peer: Spanned<String>,
     port: Spanned<String>,
     baud: Option<Spanned<i64>>,
-    parity: Option<RawParity>,
+    parity: Option<crate::model::Parity>,
     data_bits: Option<Spanned<i64>>,
     stop_bits: Option<Spanned<i64>>,
     silence: Option<Spanned<String>>,

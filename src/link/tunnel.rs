@@ -502,11 +502,7 @@ pub fn describe(tunnels: &[Tunnel]) -> String {
     let mut out = String::new();
     for t in tunnels {
         let l = &t.line;
-        let parity = match l.parity {
-            crate::model::Parity::None => 'N',
-            crate::model::Parity::Even => 'E',
-            crate::model::Parity::Odd => 'O',
-        };
+        let parity = l.parity.letter();
         let full = crate::serial::rtu::wire_time(l, t.max_packet);
         let down = match t.on_link_down {
             OnLinkDown::Drop => "dropped".to_string(),

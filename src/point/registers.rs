@@ -17,7 +17,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::point::value::{DataType, Quality, Table, Value, WordOrder};
+use crate::point::names;
+use crate::point::value::{DataType, Quality, TypeName, Value, WordOrder};
 
 /// A value that cannot be decoded from, or encoded to, registers.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -90,20 +91,32 @@ impl DataType {
     }
 }
 
+impl DataType {
+    /// The name of this type as a config writes it.
+    pub fn type_name(&self) -> TypeName {
+        match self {
+            DataType::Bool => TypeName::Bool,
+            DataType::U16 => TypeName::U16,
+            DataType::I16 => TypeName::I16,
+            DataType::U32 => TypeName::U32,
+            DataType::I32 => TypeName::I32,
+            DataType::U64 => TypeName::U64,
+            DataType::I64 => TypeName::I64,
+            DataType::F32 => TypeName::F32,
+            DataType::F64 => TypeName::F64,
+            DataType::Bit(_) => TypeName::Bit,
+            DataType::Str(_) => TypeName::Str,
+        }
+    }
+}
+
 impl fmt::Display for DataType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = self.type_name();
         match self {
-            DataType::Bool => f.write_str("bool"),
-            DataType::U16 => f.write_str("u16"),
-            DataType::I16 => f.write_str("i16"),
-            DataType::U32 => f.write_str("u32"),
-            DataType::I32 => f.write_str("i32"),
-            DataType::U64 => f.write_str("u64"),
-            DataType::I64 => f.write_str("i64"),
-            DataType::F32 => f.write_str("f32"),
-            DataType::F64 => f.write_str("f64"),
-            DataType::Bit(n) => write!(f, "bit({n})"),
-            DataType::Str(n) => write!(f, "string({n})"),
+            DataType::Bit(n) => write!(f, "{name}({n})"),
+            DataType::Str(n) => write!(f, "{name}({n})"),
+            _ => write!(f, "{name}"),
         }
     }
 }
@@ -111,36 +124,9 @@ impl fmt::Display for DataType {
 impl FromStr for WordOrder {
     type Err = CodecError;
 
+    /// Any case: `CDAB` is `cdab`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "abcd" => Ok(WordOrder::Abcd),
-            "dcba" => Ok(WordOrder::Dcba),
-            "badc" => Ok(WordOrder::Badc),
-            "cdab" => Ok(WordOrder::Cdab),
-            _ => Err(CodecError::UnknownOrder(s.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for WordOrder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            WordOrder::Abcd => "abcd",
-            WordOrder::Dcba => "dcba",
-            WordOrder::Badc => "badc",
-            WordOrder::Cdab => "cdab",
-        })
-    }
-}
-
-impl fmt::Display for Table {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Table::Coils => "coils",
-            Table::Discrete => "discrete",
-            Table::Holding => "holding",
-            Table::Input => "input",
-        })
+        names::parse(&s.to_ascii_lowercase()).ok_or_else(|| CodecError::UnknownOrder(s.to_string()))
     }
 }
 
@@ -431,6 +417,7 @@ pub fn value_as_f64(value: &Value) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::point::value::Table;
     use WordOrder::{Abcd, Badc, Cdab, Dcba};
 
     fn dec(t: DataType, o: WordOrder, w: &[u16]) -> Value {

@@ -6,9 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::point::names::Named;
+
 /// One of the four Modbus data tables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Table {
     /// Read/write single bits (FC1 read, FC5/FC15 write).
     Coils,
@@ -18,6 +19,98 @@ pub enum Table {
     Holding,
     /// Read-only 16-bit registers (FC4).
     Input,
+}
+
+impl Named for Table {
+    const NAMES: &'static [(Self, &'static str)] = &[
+        (Table::Coils, "coils"),
+        (Table::Discrete, "discrete"),
+        (Table::Holding, "holding"),
+        (Table::Input, "input"),
+    ];
+}
+crate::point::names::named_impls!(Table);
+
+/// A point's `type` as written: the name of a [`DataType`] without its bit number or
+/// length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TypeName {
+    /// `bool`
+    Bool,
+    /// `u16`
+    U16,
+    /// `i16`
+    I16,
+    /// `u32`
+    U32,
+    /// `i32`
+    I32,
+    /// `u64`
+    U64,
+    /// `i64`
+    I64,
+    /// `f32`
+    F32,
+    /// `f64`
+    F64,
+    /// `bit`, with a bit number
+    Bit,
+    /// `string`, with a length
+    Str,
+}
+
+impl Named for TypeName {
+    const NAMES: &'static [(Self, &'static str)] = &[
+        (TypeName::Bool, "bool"),
+        (TypeName::U16, "u16"),
+        (TypeName::I16, "i16"),
+        (TypeName::U32, "u32"),
+        (TypeName::I32, "i32"),
+        (TypeName::U64, "u64"),
+        (TypeName::I64, "i64"),
+        (TypeName::F32, "f32"),
+        (TypeName::F64, "f64"),
+        (TypeName::Bit, "bit"),
+        (TypeName::Str, "string"),
+    ];
+}
+crate::point::names::named_impls!(TypeName);
+
+impl TypeName {
+    /// The numeric types, `u16` to `f64`.
+    pub const NUMERIC: &'static [TypeName] = &[
+        TypeName::U16,
+        TypeName::I16,
+        TypeName::U32,
+        TypeName::I32,
+        TypeName::U64,
+        TypeName::I64,
+        TypeName::F32,
+        TypeName::F64,
+    ];
+
+    /// True for the numeric types, `u16` to `f64`.
+    pub fn is_numeric(self) -> bool {
+        Self::NUMERIC.contains(&self)
+    }
+
+    /// The data type of this name, with the bit number (for `bit`) and length in bytes
+    /// (for `string`) it needs.
+    pub fn data_type(self, bit: u8, length: u16) -> DataType {
+        match self {
+            TypeName::Bool => DataType::Bool,
+            TypeName::U16 => DataType::U16,
+            TypeName::I16 => DataType::I16,
+            TypeName::U32 => DataType::U32,
+            TypeName::I32 => DataType::I32,
+            TypeName::U64 => DataType::U64,
+            TypeName::I64 => DataType::I64,
+            TypeName::F32 => DataType::F32,
+            TypeName::F64 => DataType::F64,
+            TypeName::Bit => DataType::Bit(bit),
+            TypeName::Str => DataType::Str(length),
+        }
+    }
 }
 
 /// The data type of a point, with its width in registers.
@@ -49,8 +142,7 @@ pub enum DataType {
 
 /// Byte and word order of a multi-register value, named after the wire order of the
 /// bytes of the big-endian value `A B C D` (Modbus' own order is ABCD).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum WordOrder {
     /// Big-endian words, big-endian bytes (the Modbus default).
     #[default]
@@ -62,6 +154,16 @@ pub enum WordOrder {
     /// Little-endian words ("word swap"), big-endian bytes inside each word.
     Cdab,
 }
+
+impl Named for WordOrder {
+    const NAMES: &'static [(Self, &'static str)] = &[
+        (WordOrder::Abcd, "abcd"),
+        (WordOrder::Dcba, "dcba"),
+        (WordOrder::Badc, "badc"),
+        (WordOrder::Cdab, "cdab"),
+    ];
+}
+crate::point::names::named_impls!(WordOrder);
 
 /// A decoded value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

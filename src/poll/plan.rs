@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use tokio_modbus::Request;
 
-use crate::model::{Bus, Device, Line, Model, Parity};
+use crate::model::{Bus, Device, Line, Model};
+use crate::point::names::Named;
 use crate::point::value::Table;
 use crate::serial::pdu::{MAX_READ_BITS, MAX_READ_REGISTERS};
 use crate::serial::rtu::{t35, wire_time};
@@ -363,26 +364,17 @@ pub fn render_templated(model: &Model) -> String {
 fn type_label(t: crate::point::value::DataType) -> String {
     use crate::point::value::DataType;
     match t {
-        DataType::Bool => "bool".into(),
-        DataType::U16 => "u16".into(),
-        DataType::I16 => "i16".into(),
-        DataType::U32 => "u32".into(),
-        DataType::I32 => "i32".into(),
-        DataType::U64 => "u64".into(),
-        DataType::I64 => "i64".into(),
-        DataType::F32 => "f32".into(),
-        DataType::F64 => "f64".into(),
-        DataType::Bit(b) => format!("bit {b}"),
-        DataType::Str(n) => format!("string {n}"),
+        DataType::Bit(b) => format!("{} {b}", t.type_name()),
+        DataType::Str(n) => format!("{} {n}", t.type_name()),
+        _ => t.type_name().to_string(),
     }
 }
 
+/// A table as the plan names it (one coil table, but "coil" reads better in a row).
 fn table_label(table: Table) -> &'static str {
     match table {
         Table::Coils => "coil",
-        Table::Discrete => "discrete",
-        Table::Holding => "holding",
-        Table::Input => "input",
+        other => other.name(),
     }
 }
 
@@ -400,12 +392,7 @@ fn percent(load: f64) -> String {
 
 /// `8N1`, `8E1`, `7O2`.
 fn framing(line: &Line) -> String {
-    let parity = match line.parity {
-        Parity::None => 'N',
-        Parity::Even => 'E',
-        Parity::Odd => 'O',
-    };
-    format!("{}{parity}{}", line.data_bits, line.stop_bits)
+    format!("{}{}{}", line.data_bits, line.parity.letter(), line.stop_bits)
 }
 
 /// The columns of one read's line in the rendered plan.
@@ -561,7 +548,7 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Gateway, Point, Protocol};
+    use crate::model::{Gateway, Parity, Point, Protocol};
     use crate::point::value::{DataType, WordOrder};
 
     const SEC: Duration = Duration::from_secs(1);

@@ -8,7 +8,60 @@
 
 use tokio_modbus::Request;
 
+use crate::point::names::Named;
 use crate::serial::pdu::PduError;
+
+/// The field protocol spoken on a bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Modbus RTU (binary frames, CRC-16, t3.5 silence between frames).
+    ModbusRtu,
+    /// Modbus ASCII (`:` hex LRC CR LF frames); same devices and points as RTU.
+    ModbusAscii,
+    /// Modbus-TCP devices reached over TCP (`modbus-tcp://host:port`): MBAP frames, no
+    /// line timing; same devices and points as RTU.
+    ModbusTcp,
+    /// Raw serial devices with their own request/response or streaming protocols
+    /// (`model::Bus::raw_devices`; no Modbus devices).
+    Raw,
+}
+
+impl Named for Protocol {
+    const NAMES: &'static [(Self, &'static str)] = &[
+        (Protocol::ModbusRtu, "modbus-rtu"),
+        (Protocol::ModbusAscii, "modbus-ascii"),
+        (Protocol::Raw, "raw"),
+        (Protocol::ModbusTcp, "modbus-tcp"),
+    ];
+}
+crate::point::names::named_impls!(Protocol);
+
+/// A Modbus framing on a serial line by its short name, as the simulator's `protocol`
+/// and `poll --protocol` write it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModbusSerial {
+    /// Modbus-RTU (binary frames, CRC).
+    #[default]
+    Rtu,
+    /// Modbus-ASCII (`:` hex LRC CR LF frames).
+    Ascii,
+}
+
+impl Named for ModbusSerial {
+    const NAMES: &'static [(Self, &'static str)] =
+        &[(ModbusSerial::Rtu, "rtu"), (ModbusSerial::Ascii, "ascii")];
+}
+crate::point::names::named_impls!(ModbusSerial);
+
+impl ModbusSerial {
+    /// The bus protocol of this framing.
+    pub fn protocol(self) -> Protocol {
+        match self {
+            ModbusSerial::Rtu => Protocol::ModbusRtu,
+            ModbusSerial::Ascii => Protocol::ModbusAscii,
+        }
+    }
+}
 
 /// How one field protocol frames requests and finds replies.
 pub trait Framing: Send + Sync + std::fmt::Debug + 'static {
@@ -68,4 +121,21 @@ pub enum SkipReason {
     Mismatch,
     /// Bytes that do not start any frame we know.
     Noise,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::point::names;
+
+    #[test]
+    fn protocol_names_read_back() {
+        for (p, n) in Protocol::NAMES {
+            assert_eq!(names::parse::<Protocol>(n), Some(*p));
+        }
+        assert_eq!(Protocol::NAMES.len(), 4);
+        assert_eq!(Protocol::ModbusTcp.to_string(), "modbus-tcp");
+        assert_eq!(ModbusSerial::Ascii.to_string(), "ascii");
+        assert_eq!(ModbusSerial::Ascii.protocol(), Protocol::ModbusAscii);
+    }
 }

@@ -11,6 +11,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
+use crate::point::names::Named;
+
 /// Parity of a serial line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Parity {
@@ -20,6 +22,33 @@ pub enum Parity {
     Even,
     /// Odd parity.
     Odd,
+}
+
+impl Named for Parity {
+    const NAMES: &'static [(Self, &'static str)] =
+        &[(Parity::None, "none"), (Parity::Even, "even"), (Parity::Odd, "odd")];
+}
+crate::point::names::named_impls!(Parity);
+
+impl From<Parity> for tokio_serial::Parity {
+    fn from(parity: Parity) -> Self {
+        match parity {
+            Parity::None => tokio_serial::Parity::None,
+            Parity::Even => tokio_serial::Parity::Even,
+            Parity::Odd => tokio_serial::Parity::Odd,
+        }
+    }
+}
+
+impl Parity {
+    /// The letter of the parity in the usual `8E1` shorthand.
+    pub fn letter(self) -> char {
+        match self {
+            Parity::None => 'N',
+            Parity::Even => 'E',
+            Parity::Odd => 'O',
+        }
+    }
 }
 
 /// Character framing of a serial line.
@@ -64,11 +93,7 @@ pub async fn open_port(port: &str, line: &Line) -> Result<Box<dyn Port>, String>
 /// Opens the serial port at `path` with the line settings, by path every time, so a
 /// re-plugged adapter (or a re-pointed `/dev/serial/by-id` link) is found again.
 pub fn open_serial(path: &str, line: &Line) -> Result<Box<dyn Port>, String> {
-    let parity = match line.parity {
-        Parity::None => tokio_serial::Parity::None,
-        Parity::Even => tokio_serial::Parity::Even,
-        Parity::Odd => tokio_serial::Parity::Odd,
-    };
+    let parity = line.parity.into();
     let data_bits =
         if line.data_bits == 7 { tokio_serial::DataBits::Seven } else { tokio_serial::DataBits::Eight };
     let stop_bits =
@@ -295,4 +320,18 @@ async fn timerfd_sleep(deadline: Instant) -> std::io::Result<()> {
     // Readable means expired: the expiry count itself is not needed.
     let _expired = fd.readable().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod parity_tests {
+    use super::*;
+    use crate::point::names;
+
+    #[test]
+    fn parity_names_and_letters() {
+        let all: Vec<(String, char)> =
+            names::all::<Parity>().into_iter().map(|p| (p.to_string(), p.letter())).collect();
+        assert_eq!(all, [("none".into(), 'N'), ("even".into(), 'E'), ("odd".into(), 'O')]);
+        assert_eq!(names::parse::<Parity>("odd"), Some(Parity::Odd));
+    }
 }

@@ -56,7 +56,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::{Bus, Line, Model, Parity};
-use crate::point::value::{DataType, Table, WordOrder};
+use crate::point::value::{DataType, Table, TypeName, WordOrder};
+use crate::serial::framing::ModbusSerial;
 use crate::sim::{SimError, build_units};
 
 /// A simulation: the optional line timing and the simulated units.
@@ -71,7 +72,7 @@ pub struct SimConfig {
     pub units: Vec<UnitConfig>,
     /// How the units frame their messages: `"rtu"` (default) or `"ascii"`.
     #[serde(default)]
-    pub protocol: SimProtocol,
+    pub protocol: ModbusSerial,
     /// Raw serial devices (`[[raw]]`, see `sim/raw.rs`); a line simulates either Modbus
     /// units or raw devices.
     #[serde(default)]
@@ -82,17 +83,6 @@ pub struct SimConfig {
     pub echo: bool,
 }
 
-/// The Modbus framing of the simulated units.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SimProtocol {
-    /// Modbus RTU.
-    #[default]
-    Rtu,
-    /// Modbus ASCII.
-    Ascii,
-}
-
 /// `[line]`: character framing whose timing the simulator emulates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,7 +91,7 @@ pub struct LineConfig {
     pub baud: u32,
     /// `"none" | "even" | "odd"` (default even, as the Modbus spec says).
     #[serde(default = "default_parity")]
-    pub parity: ParityName,
+    pub parity: Parity,
     /// 7 or 8 (default 8).
     #[serde(default = "default_data_bits")]
     pub data_bits: u8,
@@ -113,8 +103,8 @@ pub struct LineConfig {
     pub turnaround: Duration,
 }
 
-fn default_parity() -> ParityName {
-    ParityName::Even
+fn default_parity() -> Parity {
+    Parity::Even
 }
 fn default_data_bits() -> u8 {
     8
@@ -129,29 +119,8 @@ fn default_count() -> u16 {
 impl LineConfig {
     /// The line as the RTU timing functions take it.
     pub fn line(&self) -> Line {
-        Line {
-            baud: self.baud,
-            data_bits: self.data_bits,
-            parity: match self.parity {
-                ParityName::None => Parity::None,
-                ParityName::Even => Parity::Even,
-                ParityName::Odd => Parity::Odd,
-            },
-            stop_bits: self.stop_bits,
-        }
+        Line { baud: self.baud, data_bits: self.data_bits, parity: self.parity, stop_bits: self.stop_bits }
     }
-}
-
-/// Parity as written in the config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ParityName {
-    /// No parity bit.
-    None,
-    /// Even parity.
-    Even,
-    /// Odd parity.
-    Odd,
 }
 
 /// `[[unit]]`: one simulated slave.
@@ -236,35 +205,35 @@ pub enum GenKind {
     Toggle,
 }
 
-/// Encoding of a generated register value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SimType {
-    /// One register.
-    U16,
-    /// One register, two's complement.
-    I16,
-    /// Two registers.
-    U32,
-    /// Two registers.
-    I32,
-    /// Four registers.
-    U64,
-    /// Four registers.
-    I64,
-    /// IEEE-754 single, two registers.
-    F32,
-    /// IEEE-754 double, four registers.
-    F64,
+crate::point::names::named_subset! {
+    /// Encoding of a generated register value: a numeric type, `u16` to `f64`.
+    pub struct SimType(TypeName) = [
+        TypeName::U16,
+        TypeName::I16,
+        TypeName::U32,
+        TypeName::I32,
+        TypeName::U64,
+        TypeName::I64,
+        TypeName::F32,
+        TypeName::F64,
+    ];
+}
+
+#[allow(missing_docs)] // each is the type of its name
+impl SimType {
+    pub const U16: SimType = SimType(TypeName::U16);
+    pub const I16: SimType = SimType(TypeName::I16);
+    pub const U32: SimType = SimType(TypeName::U32);
+    pub const I32: SimType = SimType(TypeName::I32);
+    pub const U64: SimType = SimType(TypeName::U64);
+    pub const I64: SimType = SimType(TypeName::I64);
+    pub const F32: SimType = SimType(TypeName::F32);
+    pub const F64: SimType = SimType(TypeName::F64);
 }
 
 impl SimType {
     pub(crate) fn words(self) -> u16 {
-        match self {
-            SimType::U16 | SimType::I16 => 1,
-            SimType::U32 | SimType::I32 | SimType::F32 => 2,
-            SimType::U64 | SimType::I64 | SimType::F64 => 4,
-        }
+        self.0.data_type(0, 0).width()
     }
     pub(crate) fn max(self) -> f64 {
         match self {
@@ -386,20 +355,16 @@ impl SimConfig {
     pub fn from_bus(bus: &Bus) -> SimConfig {
         let line = LineConfig {
             baud: bus.line.baud,
-            parity: match bus.line.parity {
-                Parity::None => ParityName::None,
-                Parity::Even => ParityName::Even,
-                Parity::Odd => ParityName::Odd,
-            },
+            parity: bus.line.parity,
             data_bits: bus.line.data_bits,
             stop_bits: bus.line.stop_bits,
             turnaround: Duration::from_millis(2),
         };
         let units = bus.devices.iter().map(device_unit).collect();
         let protocol = if bus.protocol == crate::model::Protocol::ModbusAscii {
-            SimProtocol::Ascii
+            ModbusSerial::Ascii
         } else {
-            SimProtocol::Rtu
+            ModbusSerial::Rtu
         };
         SimConfig { line: Some(line), units, protocol, raw: Vec::new(), echo: false }
     }
@@ -503,16 +468,6 @@ fn device_unit(device: &crate::model::Device) -> UnitConfig {
 
 pub(crate) fn is_bits(table: Table) -> bool {
     matches!(table, Table::Coils | Table::Discrete)
-}
-
-/// The table's name as the config spells it.
-pub(crate) fn table_name(table: Table) -> &'static str {
-    match table {
-        Table::Coils => "coils",
-        Table::Discrete => "discrete",
-        Table::Holding => "holding",
-        Table::Input => "input",
-    }
 }
 
 fn secs(s: u32) -> Duration {

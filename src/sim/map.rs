@@ -13,7 +13,7 @@ use tokio_modbus::Response;
 
 use crate::point::value::{Table, WordOrder};
 use crate::serial::pdu;
-use crate::sim::{Fault, GenKind, InitValue, RegisterConfig, SimConfig, SimType, entry_len, table_name};
+use crate::sim::{Fault, GenKind, InitValue, RegisterConfig, SimConfig, SimType, entry_len};
 
 /// Exception code: function not supported.
 pub(crate) const ILLEGAL_FUNCTION: u8 = 0x01;
@@ -86,6 +86,8 @@ fn encode(v: f64, ty: SimType, order: WordOrder) -> Vec<u16> {
         SimType::I64 => (r as i64).to_be_bytes().to_vec(),
         SimType::F32 => (v as f32).to_be_bytes().to_vec(),
         SimType::F64 => v.to_be_bytes().to_vec(),
+        // Not a SimType (it deserializes only the numeric types).
+        _ => Vec::new(),
     };
     match order {
         WordOrder::Abcd => {}
@@ -372,12 +374,7 @@ pub(crate) fn build(config: &SimConfig) -> (BTreeMap<u8, Unit>, Vec<String>) {
         let mut unit = Unit { fault: uc.fault, ..Unit::default() };
         for (i, r) in uc.registers.iter().enumerate() {
             if let Err(p) = add_entry(&mut unit, r) {
-                problems.push(format!(
-                    "unit {u} register #{} ({} {}): {p}",
-                    i + 1,
-                    table_name(r.table),
-                    r.address
-                ));
+                problems.push(format!("unit {u} register #{} ({} {}): {p}", i + 1, r.table, r.address));
             }
         }
         units.insert(u, unit);
@@ -417,7 +414,7 @@ fn add_entry(unit: &mut Unit, r: &RegisterConfig) -> Result<(), String> {
                         InitValue::Bool(b) => b.to_string(),
                         InitValue::Int(n) => n.to_string(),
                     };
-                    return Err(format!("value {v} does not fit the {} table", table_name(r.table)));
+                    return Err(format!("value {v} does not fit the {} table", r.table));
                 }
             });
         }

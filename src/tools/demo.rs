@@ -28,7 +28,7 @@ use crate::gateway::{Gateway, GatewayError};
 use crate::image::Image;
 use crate::link::tls::{self, Fingerprint, TlsError};
 use crate::model::{self, Dial, Links, MapTarget, Model, OnBad, Peer, SendMode, SendRule, VirtualUnit};
-use crate::point::value::{DataType, Table, WordOrder};
+use crate::point::value::{DataType, Table, TypeName, WordOrder};
 use crate::server::ServerError;
 use crate::sim::{SimConfig, SimError, Simulator, VirtualPort};
 
@@ -195,9 +195,10 @@ fn demo_unit(model: &Model, local: &str) -> VirtualUnit {
 pub fn poll_lines(unit: &VirtualUnit, addr: std::net::SocketAddr) -> Vec<String> {
     let count = |t: Table| unit.targets.iter().filter(|x| x.table == t).count();
     let mut out = Vec::new();
-    for (table, kind, n) in
-        [("holding", "f32", count(Table::Holding)), ("discrete", "bool", count(Table::Discrete))]
-    {
+    for (table, kind, n) in [
+        (Table::Holding, TypeName::F32, count(Table::Holding)),
+        (Table::Discrete, TypeName::Bool, count(Table::Discrete)),
+    ] {
         if n > 0 {
             out.push(format!(
                 "m2m-gateway poll --tcp {addr} --unit {} --table {table} --address 0 --count {n} --type {kind}",

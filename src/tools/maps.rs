@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::model::{MapTarget, Model, VirtualUnit};
-use crate::point::value::Table;
 
 /// The header row of a tag list.
 pub const CSV_HEADER: [&str; 10] =
@@ -31,15 +30,6 @@ pub enum MapsError {
     },
 }
 
-fn table_name(t: Table) -> &'static str {
-    match t {
-        Table::Coils => "coils",
-        Table::Discrete => "discrete",
-        Table::Holding => "holding",
-        Table::Input => "input",
-    }
-}
-
 /// The rows of one virtual unit's tag list (header not included): the targets in map
 /// order, then the status block's registers.
 pub fn tag_rows(v: &VirtualUnit) -> Vec<[String; 10]> {
@@ -54,7 +44,7 @@ pub fn tag_rows(v: &VirtualUnit) -> Vec<[String; 10]> {
             [
                 t.address.to_string(),
                 t.width().to_string(),
-                table_name(t.table).to_owned(),
+                t.table.to_string(),
                 t.data_type.to_string(),
                 format!("{:?}", t.order).to_lowercase(),
                 t.scale.to_string(),
@@ -70,9 +60,9 @@ pub fn tag_rows(v: &VirtualUnit) -> Vec<[String; 10]> {
             [
                 (u32::from(s) + u32::from(offset)).to_string(),
                 "1".to_owned(),
-                "input".to_owned(),
-                "u16".to_owned(),
-                "abcd".to_owned(),
+                crate::point::value::Table::Input.to_string(),
+                crate::point::value::TypeName::U16.to_string(),
+                crate::point::value::WordOrder::Abcd.to_string(),
                 "1".to_owned(),
                 "0".to_owned(),
                 point,
@@ -168,6 +158,7 @@ pub fn describe_received(model: &Model) -> String {
 mod tests {
     use super::*;
     use crate::model::OnBad;
+    use crate::point::value::Table;
     use crate::point::value::{DataType, WordOrder};
 
     fn target(point: &str, table: Table, address: u16, data_type: DataType, unit: Option<&str>) -> MapTarget {
