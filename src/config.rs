@@ -31,6 +31,7 @@
 mod bus;
 mod device;
 mod document;
+pub mod duration;
 mod gateway;
 mod globs;
 mod host;
@@ -57,10 +58,9 @@ use toml::Spanned;
 pub use host::Machine;
 
 use crate::model::Model;
+use duration::DurationError;
 
-/// The longest duration any key accepts: ten years. Beyond it a deadline
-/// (`Instant::now() + d`) or a back-off doubling could overflow and panic at run time.
-pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+pub use duration::MAX_DURATION;
 
 /// Everything that can go wrong loading a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -390,31 +390,10 @@ impl Checker {
         let Some(value) = value else {
             return default;
         };
-        let (min, max) = (*range.start(), *range.end());
-        match humantime::parse_duration(value.get_ref()) {
-            Ok(d) if range.contains(&d) => d,
-            Ok(d) if d > max => {
-                self.report(
-                    value.span(),
-                    path,
-                    format!(
-                        "{key} {} is above the maximum of {}",
-                        humantime::format_duration(d),
-                        humantime::format_duration(max)
-                    ),
-                );
-                default
-            }
-            Ok(d) => {
-                self.report(
-                    value.span(),
-                    path,
-                    format!(
-                        "{key} {} is below the minimum of {}",
-                        humantime::format_duration(d),
-                        humantime::format_duration(min)
-                    ),
-                );
+        match duration::parse(value.get_ref(), range) {
+            Ok(d) => d,
+            Err(e @ (DurationError::Above { .. } | DurationError::Below { .. })) => {
+                self.report(value.span(), path, format!("{key} {e}"));
                 default
             }
             Err(e) => {

@@ -308,14 +308,13 @@ struct PollArgs {
 /// A duration argument ("500ms", "2s"), at most the longest duration a config may hold,
 /// so that deadlines computed from it cannot overflow.
 fn duration(text: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if d > config::MAX_DURATION {
-        return Err(format!(
-            "{text} is above the maximum of {}",
-            humantime::format_duration(config::MAX_DURATION)
-        ));
-    }
-    Ok(d)
+    use config::duration::{self, DurationError};
+    duration::parse(text, Duration::ZERO..=config::MAX_DURATION).map_err(|e| match e {
+        DurationError::Above { max, .. } => {
+            format!("{text} is above the maximum of {}", humantime::format_duration(max))
+        }
+        other => other.to_string(),
+    })
 }
 
 fn main() -> ExitCode {

@@ -99,7 +99,7 @@ pub struct LineConfig {
     #[serde(default = "default_stop_bits")]
     pub stop_bits: u8,
     /// Device think time between the request and the first reply byte (default 0).
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration::serde_any")]
     pub turnaround: Duration,
 }
 
@@ -169,7 +169,7 @@ pub struct RegisterConfig {
     #[serde(default)]
     pub max: Option<f64>,
     /// Counter/toggle: time per step; ramp/sine: time per cycle.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration::serde_any::option")]
     pub period: Option<Duration>,
     /// Counter increment, or the largest random-walk move per read.
     #[serde(default)]
@@ -289,8 +289,12 @@ impl FromStr for Fault {
         Ok(match (name.unwrap_or(""), arg) {
             ("silent", None) => Fault::Silent,
             ("corrupt-crc", None) => Fault::CorruptCrc,
-            ("late", Some(d)) => Fault::Late(humantime::parse_duration(d).map_err(|_| bad())?),
-            ("queued", Some(d)) => Fault::Queued(humantime::parse_duration(d).map_err(|_| bad())?),
+            ("late", Some(d)) => Fault::Late(
+                crate::config::duration::parse(d, Duration::ZERO..=Duration::MAX).map_err(|_| bad())?,
+            ),
+            ("queued", Some(d)) => Fault::Queued(
+                crate::config::duration::parse(d, Duration::ZERO..=Duration::MAX).map_err(|_| bad())?,
+            ),
             ("wrong-unit", a) => Fault::WrongUnit(u8::try_from(num(a)?).map_err(|_| bad())?),
             ("noise", a) => Fault::NoiseBefore(usize::try_from(num(a)?).map_err(|_| bad())?),
             ("exception", a) => Fault::Exception(u8::try_from(num(a)?).map_err(|_| bad())?),

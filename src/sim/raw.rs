@@ -56,7 +56,7 @@ pub struct RawSimConfig {
     #[serde(default)]
     pub request_prefix: Option<String>,
     /// Talk by itself this often.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration::serde_any::option")]
     pub period: Option<Duration>,
     /// Reply template with `{value...}` placeholders.
     #[serde(default)]
@@ -71,7 +71,7 @@ pub struct RawSimConfig {
     #[serde(default = "default_max")]
     pub max: f64,
     /// One cycle of the moving value.
-    #[serde(default = "default_wave", with = "humantime_serde")]
+    #[serde(default = "default_wave", with = "crate::config::duration::serde_any")]
     pub wave: Duration,
     /// Checksum name (as the gateway's `checksum`).
     #[serde(default)]
