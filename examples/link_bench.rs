@@ -119,7 +119,7 @@ fn start_b(a: &Site, b: &Site, shutdown: &CancellationToken) -> Gateway {
 /// A (site-a), dialing B at `addr` and sending it every point on any change.
 fn start_a(a: &Site, b: &Site, addr: SocketAddr, shutdown: &CancellationToken) -> Gateway {
     let every = SendRule {
-        points: vec!["*".into()],
+        points: m2m_gateway::model::PointGlobs::new(vec!["*".into()]).expect("a glob"),
         matched: vec![],
         mode: SendMode::Change {
             deadband: 0.0,

@@ -499,14 +499,14 @@ impl Gateway {
         for p in &links.peers {
             let bad = |reason: String| GatewayError::Peer { peer: p.name.clone(), reason };
             let running = self.parts.peers.iter().find(|r| r.model.name == p.name);
-            let rules = || Rules::new(&p.name, &p.send).map_err(|e| bad(e.to_string()));
+            let rules = || Rules::new(&p.send);
             let plan = match running {
                 Some(r)
                     if links_same
                         && same(&link_settings(&r.model), &link_settings(p))
                         && sinks_key(old, &p.name) == sinks_key(new, &p.name) =>
                 {
-                    if same(&r.model.send, &p.send) { PeerPlan::Keep } else { PeerPlan::Forwarder(rules()?) }
+                    if same(&r.model.send, &p.send) { PeerPlan::Keep } else { PeerPlan::Forwarder(rules()) }
                 }
                 _ => {
                     let fingerprint: Fingerprint = p.fingerprint.parse().map_err(|e| bad(format!("{e}")))?;
@@ -519,8 +519,8 @@ impl Gateway {
                             SpoolHandle::open(&p.spool, limits).map_err(|e| bad(e.to_string()))?
                         }
                     };
-                    let grants = Grants::new(&p.grants).map_err(|e| bad(format!("grant: {e}")))?;
-                    PeerPlan::Start(PreparedPeer { fingerprint, spool, rules: rules()?, grants })
+                    let grants = Grants::new(&p.grants);
+                    PeerPlan::Start(PreparedPeer { fingerprint, spool, rules: rules(), grants })
                 }
             };
             peers.push(plan);
@@ -864,17 +864,13 @@ impl Gateway {
                 changes.added.push(format!("plc {}", p.name));
             }
             let part = Part::new(&shutdown);
-            match plc::start(p, image.clone(), spool, &part.token, &part.tracker) {
-                Ok(h) => {
-                    let counts = h.clone();
-                    part.tracker.spawn(
-                        summarise(every, part.token.clone(), move || counts.counts(), plc::summary)
-                            .instrument(info_span!("plc", plc = %p.name)),
-                    );
-                    self.parts.plcs.push(PlcPart { model: p.clone(), part, handle: h });
-                }
-                Err(e) => error!(plc = %p.name, error = %e, "plc sink not started"),
-            }
+            let h = plc::start(p, image.clone(), spool, &part.token, &part.tracker);
+            let counts = h.clone();
+            part.tracker.spawn(
+                summarise(every, part.token.clone(), move || counts.counts(), plc::summary)
+                    .instrument(info_span!("plc", plc = %p.name)),
+            );
+            self.parts.plcs.push(PlcPart { model: p.clone(), part, handle: h });
         }
         self.plcs = self.parts.plcs.iter().map(|p| p.handle.clone()).collect();
 

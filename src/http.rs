@@ -252,14 +252,7 @@ pub fn spawn(
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Option<SocketAddr> {
-    let grants = match Grants::new(&prepared.grants) {
-        Ok(g) => g,
-        Err(e) => {
-            // Config compiled these globs already; this cannot happen short of a bug.
-            warn!(error = %e, "http write grants do not compile; nothing is writable through http");
-            Grants::default()
-        }
-    };
+    let grants = Grants::new(&prepared.grants);
     let load = Load { ratio: seen.buses.iter().map(|_| AtomicU64::new(0)).collect() };
     let app = Arc::new(App { seen, token: prepared.token, grants, load, shutdown: shutdown.clone() });
     let addr = prepared.listener.local_addr().ok();

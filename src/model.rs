@@ -321,11 +321,53 @@ pub struct Peer {
     pub writeback: Vec<WriteBack>,
 }
 
+/// Point-name globs (`globset` syntax: `boiler.*`, `{pump,fan}.run`), compiled once when
+/// the configuration is validated; the forwarders and grant checks match names against
+/// the compiled set, never re-parsing a pattern.
+#[derive(Debug, Clone)]
+pub struct PointGlobs {
+    written: Vec<String>,
+    set: globset::GlobSet,
+}
+
+impl PointGlobs {
+    /// Compiles `globs` into one set.
+    pub fn new(globs: Vec<String>) -> Result<Self, globset::Error> {
+        let mut builder = globset::GlobSetBuilder::new();
+        for glob in &globs {
+            builder.add(globset::Glob::new(glob)?);
+        }
+        Ok(Self { set: builder.build()?, written: globs })
+    }
+
+    /// No globs: matches nothing.
+    pub fn none() -> Self {
+        Self { written: Vec::new(), set: globset::GlobSet::empty() }
+    }
+
+    /// True when any of the globs matches the point name.
+    pub fn is_match(&self, name: &str) -> bool {
+        self.set.is_match(name)
+    }
+
+    /// The globs as written.
+    pub fn written(&self) -> &[String] {
+        &self.written
+    }
+}
+
+/// Equal when written alike (the same globs compile to the same set).
+impl PartialEq for PointGlobs {
+    fn eq(&self, other: &Self) -> bool {
+        self.written == other.written
+    }
+}
+
 /// Which local points go to a peer, and when.
 #[derive(Debug, Clone)]
 pub struct SendRule {
-    /// Point name globs as written (`boiler.*`).
-    pub points: Vec<String>,
+    /// Point name globs (`boiler.*`).
+    pub points: PointGlobs,
     /// The local points this rule sends (full names, model order): what the globs
     /// matched, less the points an earlier rule of the same peer already sends.
     pub matched: Vec<String>,
@@ -355,8 +397,8 @@ pub enum SendMode {
 /// A write a peer may make into a local point.
 #[derive(Debug, Clone)]
 pub struct Grant {
-    /// Local point name globs as written.
-    pub points: Vec<String>,
+    /// Local point name globs.
+    pub points: PointGlobs,
     /// The local points granted (full names, model order): all holding registers or
     /// coils, numeric whenever `min` or `max` is set.
     pub matched: Vec<String>,
@@ -586,8 +628,8 @@ pub enum Deliver {
 /// One `[[plc.map]]`: local points written into a PLC, and when.
 #[derive(Debug, Clone)]
 pub struct PlcMap {
-    /// Point globs as written.
-    pub points: Vec<String>,
+    /// Point globs.
+    pub points: PointGlobs,
     /// Each matched point with where and how it is written (model order, consecutive
     /// addresses from the entry's `address`).
     pub targets: Vec<MapTarget>,

@@ -51,7 +51,7 @@ use crate::backoff::Backoff;
 use crate::image::Image;
 use crate::model::{Deliver, MapTarget, Plc, PlcWatchdog, SendRule};
 use crate::point::value::{Sample, Table};
-use crate::spool::forward::{Forwarder, RuleError, Rules};
+use crate::spool::forward::{Forwarder, Rules};
 use crate::spool::{SpoolHandle, SpoolerError};
 
 /// Most registers in one FC16 write.
@@ -291,7 +291,7 @@ pub fn describe(plc: &Plc) -> String {
 }
 
 /// The send rules of a PLC's map, for its [`Forwarder`] (one rule per map entry).
-pub fn rules(plc: &Plc) -> Result<Rules, RuleError> {
+pub fn rules(plc: &Plc) -> Rules {
     let rules: Vec<SendRule> = plc
         .map
         .iter()
@@ -301,7 +301,7 @@ pub fn rules(plc: &Plc) -> Result<Rules, RuleError> {
             mode: m.mode,
         })
         .collect();
-    Rules::new(&plc.name, &rules)
+    Rules::new(&rules)
 }
 
 /// Live counters of one PLC sink.
@@ -399,8 +399,8 @@ pub fn start(
     spool: SpoolHandle,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
-) -> Result<PlcHandle, RuleError> {
-    let rules = rules(plc)?;
+) -> PlcHandle {
+    let rules = rules(plc);
     let (connected, connected_rx) = watch::channel(false);
     let fwd = Forwarder::new(&plc.name, rules, image, spool.clone()).resend_on_connect(connected_rx);
     tracker.spawn(fwd.run(shutdown.clone()));
@@ -419,7 +419,7 @@ pub fn start(
         }),
     };
     tracker.spawn(sender.run(shutdown.clone()).instrument(info_span!("plc", plc = %plc.name)));
-    Ok(PlcHandle { name: plc.name.clone(), stats, spool })
+    PlcHandle { name: plc.name.clone(), stats, spool }
 }
 
 /// How a session ended.

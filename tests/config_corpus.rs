@@ -202,7 +202,7 @@ fn peers_resolve_defaults_paths_and_rules() {
     let [periodic, change] = &b.send[..] else {
         panic!("two send rules expected");
     };
-    assert_eq!(periodic.points, ["boiler.alarm", "drive.*"]);
+    assert_eq!(periodic.points.written(), ["boiler.alarm", "drive.*"]);
     assert_eq!(periodic.matched, ["boiler.alarm", "drive.speed_setpoint", "drive.enable"]);
     assert_eq!(periodic.mode, SendMode::Periodic { interval: Duration::from_secs(10) });
     assert_eq!(change.matched, ["boiler.temp", "boiler.setpoint"]);
@@ -216,7 +216,7 @@ fn peers_resolve_defaults_paths_and_rules() {
     };
     assert_eq!(speed.matched, ["drive.speed_setpoint"]);
     assert_eq!((speed.min, speed.max), (Some(0.0), Some(150.5)));
-    assert_eq!(enable.points, ["drive.enable"]);
+    assert_eq!(enable.points.written(), ["drive.enable"]);
     assert_eq!((enable.min, enable.max), (None, None));
     assert_eq!(b.writeback[0].from, "pump.speed");
     assert_eq!(b.writeback[0].to, "boiler.setpoint");

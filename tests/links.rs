@@ -19,7 +19,8 @@ use m2m_gateway::link::PeerWriteError;
 use m2m_gateway::link::proto::{Frame, FrameCodec, VERSION};
 use m2m_gateway::link::tls::{self, Identity};
 use m2m_gateway::model::{
-    self, Device, Dial, Grant, Line, Links, Model, Parity, Peer, Point, Protocol, SendMode, SendRule,
+    self, Device, Dial, Grant, Line, Links, Model, Parity, Peer, Point, PointGlobs, Protocol, SendMode,
+    SendRule,
 };
 use m2m_gateway::point::value::{DataType, Quality, Sample, Table, Value, WordOrder};
 use proxy::Proxy;
@@ -68,7 +69,7 @@ impl Site {
 
 fn change(points: &[&str], deadband: f64, pct: f64, max_silence: Duration) -> SendRule {
     SendRule {
-        points: points.iter().map(|s| s.to_string()).collect(),
+        points: PointGlobs::new(points.iter().map(|s| s.to_string()).collect()).expect("globs"),
         matched: vec![],
         mode: SendMode::Change { deadband, deadband_percent: pct, max_silence },
     }
@@ -289,7 +290,7 @@ async fn periodic_mode_sends_unchanged_values() {
     logs();
     let (a, b) = (Site::new(), Site::new());
     let rules = vec![SendRule {
-        points: vec!["dev.per".into()],
+        points: PointGlobs::new(vec!["dev.per".into()]).expect("a glob"),
         matched: vec![],
         mode: SendMode::Periodic { interval: Duration::from_millis(100) },
     }];
@@ -734,9 +735,10 @@ async fn grants_refuse_outside_writes_and_allowed_writes_reach_the_device() {
     let device = spawn_rtu_device(7);
     let shutdown = CancellationToken::new();
     let mut b_peer = peer("site-a", a.fp(), Dial::Accept, vec![]);
+    let glob = |g: &str| PointGlobs::new(vec![g.into()]).expect("a glob");
     b_peer.grants = vec![
-        Grant { points: vec!["dev.sp*".into()], matched: vec![], min: Some(0.0), max: Some(100.0) },
-        Grant { points: vec!["dev.flag".into()], matched: vec![], min: None, max: None },
+        Grant { points: glob("dev.sp*"), matched: vec![], min: Some(0.0), max: Some(100.0) },
+        Grant { points: glob("dev.flag"), matched: vec![], min: None, max: None },
     ];
     let bus = rtu_bus(
         &device.path,

@@ -182,7 +182,7 @@ impl Sink {
         let spool = SpoolHandle::open(&plc.spool, SpoolLimits::default()).expect("spool");
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let handle = plc::start(plc, image.clone(), spool, &shutdown, &tracker).expect("plc sink");
+        let handle = plc::start(plc, image.clone(), spool, &shutdown, &tracker);
         Sink { image, handle, shutdown, tracker }
     }
 

@@ -13,7 +13,7 @@ use serde::de::{Deserializer, SeqAccess, Visitor};
 use toml::Spanned;
 
 use super::Checker;
-use crate::model::Point;
+use crate::model::{Point, PointGlobs};
 
 /// `points` as written: one glob or a list of them.
 #[derive(Debug)]
@@ -57,6 +57,22 @@ pub(super) fn written(globs: &Spanned<Globs>) -> Vec<(&str, Range<usize>)> {
     match globs.get_ref() {
         Globs::One(glob) => vec![(glob.as_str(), globs.span())],
         Globs::Many(list) => list.iter().map(|g| (g.get_ref().as_str(), g.span())).collect(),
+    }
+}
+
+/// The globs of `points`, compiled into one set; a set that cannot be compiled (every
+/// glob of it is also checked, and reported, by [`resolve`]) is reported and matches
+/// nothing.
+pub(super) fn compile(globs: &Spanned<Globs>, path: &str, check: &mut Checker) -> PointGlobs {
+    let written: Vec<String> = written(globs).into_iter().map(|(g, _)| g.to_owned()).collect();
+    match PointGlobs::new(written.clone()) {
+        Ok(set) => set,
+        Err(e) => {
+            if written.iter().all(|g| globset::Glob::new(g).is_ok()) {
+                check.report(globs.span(), path, format!("points globs cannot be compiled: {e}"));
+            }
+            PointGlobs::none()
+        }
     }
 }
 

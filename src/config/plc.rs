@@ -253,7 +253,7 @@ fn maps(raw: &[RawMap], points: &[&Point], plc: &str, check: &mut Checker) -> Ve
             anchor: r.points.span(),
         };
         out.push(PlcMap {
-            points: globs::written(&r.points).into_iter().map(|(g, _)| g.to_owned()).collect(),
+            points: globs::compile(&r.points, &path, check),
             targets,
             mode: resolve_mode(&keys, &path, check),
         });

@@ -81,7 +81,7 @@ pub(super) fn validate(raw: &[RawSend], points: &[&Point], peer: &str, check: &m
             }
         }
         rules.push(SendRule {
-            points: globs::written(&r.points).into_iter().map(|(g, _)| g.to_owned()).collect(),
+            points: globs::compile(&r.points, &path, check),
             matched,
             mode: mode(r, &path, check),
         });

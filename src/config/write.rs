@@ -128,12 +128,7 @@ pub(super) fn grants(raw: &[RawGrant], points: &[&Point], peer: &str, check: &mu
                 }
             }
         }
-        grants.push(Grant {
-            points: globs::written(&r.points).into_iter().map(|(g, _)| g.to_owned()).collect(),
-            matched,
-            min,
-            max,
-        });
+        grants.push(Grant { points: globs::compile(&r.points, &path, check), matched, min, max });
     }
     grants
 }

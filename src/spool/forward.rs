@@ -22,7 +22,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
@@ -30,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, instrument, warn};
 
 use crate::image::{Changes, Image};
-use crate::model::{SendMode, SendRule};
+use crate::model::{PointGlobs, SendMode, SendRule};
 use crate::point::registers::value_as_f64;
 use crate::point::value::{Quality, Sample, Value};
 use crate::spool::SpoolHandle;
@@ -42,47 +41,16 @@ pub const MAX_SAMPLES: usize = 2000;
 /// Most (estimated) bytes in one batch, well under the 1 MiB frame limit.
 pub const MAX_BYTES: usize = 256 << 10;
 
-/// A send rule's point globs could not be compiled.
-#[derive(Debug, thiserror::Error)]
-#[error("peer {peer}: invalid point glob {glob:?}: {source}")]
-pub struct RuleError {
-    /// The peer.
-    pub peer: String,
-    /// The glob.
-    pub glob: String,
-    /// Why.
-    pub source: globset::Error,
-}
-
 /// A peer's compiled send rules.
 #[derive(Debug, Clone)]
 pub struct Rules {
-    rules: Vec<(GlobSet, SendMode)>,
+    rules: Vec<(PointGlobs, SendMode)>,
 }
 
 impl Rules {
-    /// Compiles the globs of `rules` (for `peer`, named in errors).
-    pub fn new(peer: &str, rules: &[SendRule]) -> Result<Self, RuleError> {
-        let rules = rules
-            .iter()
-            .map(|r| {
-                let mut b = GlobSetBuilder::new();
-                for g in &r.points {
-                    b.add(Glob::new(g).map_err(|source| RuleError {
-                        peer: peer.to_string(),
-                        glob: g.clone(),
-                        source,
-                    })?);
-                }
-                let set = b.build().map_err(|source| RuleError {
-                    peer: peer.to_string(),
-                    glob: r.points.join(","),
-                    source,
-                })?;
-                Ok((set, r.mode))
-            })
-            .collect::<Result<_, RuleError>>()?;
-        Ok(Self { rules })
+    /// The rules of a peer (their globs were compiled with the configuration).
+    pub fn new(rules: &[SendRule]) -> Self {
+        Self { rules: rules.iter().map(|r| (r.points.clone(), r.mode)).collect() }
     }
 
     /// Index of the first rule matching `point`. Points received from peers
@@ -461,42 +429,29 @@ mod tests {
 
     #[test]
     fn first_matching_rule_wins() {
-        let rules = Rules::new(
-            "p",
-            &[
-                SendRule {
-                    points: vec!["boiler.temp*".into()],
-                    matched: vec![],
-                    mode: SendMode::Periodic { interval: Duration::from_secs(1) },
+        let globs = |g: &[&str]| PointGlobs::new(g.iter().map(|g| g.to_string()).collect()).expect("globs");
+        let rules = Rules::new(&[
+            SendRule {
+                points: globs(&["boiler.temp*"]),
+                matched: vec![],
+                mode: SendMode::Periodic { interval: Duration::from_secs(1) },
+            },
+            SendRule {
+                points: globs(&["boiler.*", "pump.*"]),
+                matched: vec![],
+                mode: SendMode::Change {
+                    deadband: 0.0,
+                    deadband_percent: 0.0,
+                    max_silence: Duration::from_secs(60),
                 },
-                SendRule {
-                    points: vec!["boiler.*".into(), "pump.*".into()],
-                    matched: vec![],
-                    mode: SendMode::Change {
-                        deadband: 0.0,
-                        deadband_percent: 0.0,
-                        max_silence: Duration::from_secs(60),
-                    },
-                },
-            ],
-        )
-        .expect("rules");
+            },
+        ]);
         assert_eq!(rules.rule_for("boiler.temp1"), Some(0));
         assert_eq!(rules.rule_for("boiler.pressure"), Some(1));
         assert_eq!(rules.rule_for("pump.on"), Some(1));
         assert_eq!(rules.rule_for("fan.on"), None);
         assert_eq!(rules.rule_for("site-a/boiler.temp1"), None, "never relayed");
-        assert!(
-            Rules::new(
-                "p",
-                &[SendRule {
-                    points: vec!["a[".into()],
-                    matched: vec![],
-                    mode: SendMode::Periodic { interval: Duration::from_secs(1) }
-                }]
-            )
-            .is_err()
-        );
+        assert!(PointGlobs::new(vec!["a[".into()]).is_err());
     }
 
     #[tokio::test]
@@ -507,15 +462,11 @@ mod tests {
                 .expect("spool");
         let image = Arc::new(Image::new());
         let id = image.register("d.n", Duration::from_secs(60));
-        let rules = Rules::new(
-            "p",
-            &[SendRule {
-                points: vec!["*".into()],
-                matched: vec![],
-                mode: SendMode::Change { deadband: 0.0, deadband_percent: 0.0, max_silence: Duration::ZERO },
-            }],
-        )
-        .expect("rules");
+        let rules = Rules::new(&[SendRule {
+            points: PointGlobs::new(vec!["*".into()]).expect("globs"),
+            matched: vec![],
+            mode: SendMode::Change { deadband: 0.0, deadband_percent: 0.0, max_silence: Duration::ZERO },
+        }]);
         let fwd = Forwarder::new("p", rules, image.clone(), spool.clone());
         // More change batches than the broadcast keeps, before the forwarder runs.
         const N: i64 = 5000;

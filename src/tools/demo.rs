@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 use crate::gateway::{Gateway, GatewayError};
 use crate::image::Image;
 use crate::link::tls::{self, Fingerprint, TlsError};
-use crate::model::{self, Dial, Links, MapTarget, Model, OnBad, Peer, SendMode, SendRule, VirtualUnit};
+use crate::model::{
+    self, Dial, Links, MapTarget, Model, OnBad, Peer, PointGlobs, SendMode, SendRule, VirtualUnit,
+};
 use crate::point::value::{DataType, Table, TypeName, WordOrder};
 use crate::server::ServerError;
 use crate::sim::{SimConfig, SimError, Simulator, VirtualPort};
@@ -250,8 +252,10 @@ fn start_peer(
     let peer = Gateway::start(&b_model, shutdown.child_token())?;
     let addr = peer.listen_addr().map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
     let matched = model.buses.iter().flat_map(|b| &b.devices).flat_map(|d| &d.points).map(|p| p.name.clone());
+    let all = PointGlobs::new(vec!["*".to_string()])
+        .map_err(|e| GatewayError::Peer { peer: b_name.to_string(), reason: e.to_string() })?;
     let everything = SendRule {
-        points: vec!["*".to_string()],
+        points: all,
         matched: matched.collect(),
         mode: SendMode::Change { deadband: 0.0, deadband_percent: 0.0, max_silence: Duration::from_secs(60) },
     };
