@@ -211,24 +211,8 @@ pub(super) fn validate(
             );
         }
 
-        let spool_max_bytes = match &r.spool_max {
-            None => SPOOL_MAX,
-            Some(s) => match size(s.get_ref()) {
-                Ok(n) if n >= SPOOL_MAX_MIN => n,
-                Ok(n) => {
-                    check.report(
-                        s.span(),
-                        &path,
-                        format!("spool_max {:?} ({n} bytes) is below the minimum of 1MiB", s.get_ref()),
-                    );
-                    SPOOL_MAX
-                }
-                Err(e) => {
-                    check.report(s.span(), &path, format!("spool_max {e}"));
-                    SPOOL_MAX
-                }
-            },
-        };
+        let (spool_max_bytes, spool_max_age) =
+            spool_limits(r.spool_max.as_ref(), r.spool_max_age.as_ref(), &path, check);
 
         peers.push(Peer {
             name: name.to_owned(),
@@ -236,13 +220,7 @@ pub(super) fn validate(
             dial,
             spool,
             spool_max_bytes,
-            spool_max_age: check.duration(
-                r.spool_max_age.as_ref(),
-                SPOOL_MAX_AGE,
-                SPOOL_MAX_AGE_MIN,
-                &path,
-                "spool_max_age",
-            ),
+            spool_max_age,
             heartbeat: check.duration_within(
                 r.heartbeat.as_ref(),
                 HEARTBEAT,
@@ -360,6 +338,35 @@ pub(super) fn size(text: &str) -> Result<u64, String> {
     }
     // Finite, non-negative and below u64::MAX: the cast is exact up to f64's precision.
     Ok(bytes as u64)
+}
+
+/// The spool limits of a `[[peer]]` or `[[plc]]`: `spool_max` (a size, at least 1MiB;
+/// default 64MiB) and `spool_max_age` (at least 1s; default 7d), as bytes and age.
+pub(super) fn spool_limits(
+    max: Option<&Spanned<String>>,
+    max_age: Option<&Spanned<String>>,
+    path: &str,
+    check: &mut Checker,
+) -> (u64, Duration) {
+    let max_bytes = match max {
+        None => SPOOL_MAX,
+        Some(s) => match size(s.get_ref()) {
+            Ok(n) if n >= SPOOL_MAX_MIN => n,
+            Ok(n) => {
+                check.report(
+                    s.span(),
+                    path,
+                    format!("spool_max {:?} ({n} bytes) is below the minimum of 1MiB", s.get_ref()),
+                );
+                SPOOL_MAX
+            }
+            Err(e) => {
+                check.report(s.span(), path, format!("spool_max {e}"));
+                SPOOL_MAX
+            }
+        },
+    };
+    (max_bytes, check.duration(max_age, SPOOL_MAX_AGE, SPOOL_MAX_AGE_MIN, path, "spool_max_age"))
 }
 
 #[cfg(test)]

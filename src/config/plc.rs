@@ -51,14 +51,12 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::globs::{self, Globs};
-use super::peer::{host_port, size};
+use super::peer::{self, host_port};
 use super::regmap::{Entry, Kind, Layout, RawType};
 use super::send::{ModeKeys, RawMode, resolve_mode};
 use super::{Checker, item, path_key};
 use crate::model::{Deliver, Plc, PlcMap, PlcWatchdog, Point};
 use crate::point::value::{Table, WordOrder};
-
-use super::peer::{SPOOL_MAX, SPOOL_MAX_AGE, SPOOL_MAX_AGE_MIN, SPOOL_MAX_MIN};
 
 const TIMEOUT: Duration = Duration::from_secs(1);
 const TIMEOUT_MIN: Duration = Duration::from_millis(10);
@@ -171,24 +169,8 @@ pub(super) fn validate(
             let span = r.spool.as_ref().map_or(r.name.span(), |s| s.span());
             check.report(span, &path, format!("spool {} is already the spool of {other}", spool.display()));
         }
-        let spool_max_bytes = match &r.spool_max {
-            None => SPOOL_MAX,
-            Some(s) => match size(s.get_ref()) {
-                Ok(n) if n >= SPOOL_MAX_MIN => n,
-                Ok(n) => {
-                    check.report(
-                        s.span(),
-                        &path,
-                        format!("spool_max {:?} ({n} bytes) is below the minimum of 1MiB", s.get_ref()),
-                    );
-                    SPOOL_MAX
-                }
-                Err(e) => {
-                    check.report(s.span(), &path, format!("spool_max {e}"));
-                    SPOOL_MAX
-                }
-            },
-        };
+        let (spool_max_bytes, spool_max_age) =
+            peer::spool_limits(r.spool_max.as_ref(), r.spool_max_age.as_ref(), &path, check);
         if r.map.is_empty() {
             check.report(r.name.span(), &path, "has no [[plc.map]]: map at least one point");
         }
@@ -212,13 +194,7 @@ pub(super) fn validate(
             },
             spool,
             spool_max_bytes,
-            spool_max_age: check.duration(
-                r.spool_max_age.as_ref(),
-                SPOOL_MAX_AGE,
-                SPOOL_MAX_AGE_MIN,
-                &path,
-                "spool_max_age",
-            ),
+            spool_max_age,
             watchdog,
             map,
         });
