@@ -48,6 +48,13 @@ enum Command {
         #[arg(long)]
         pid_file: Option<PathBuf>,
     },
+    #[command(flatten)]
+    Tool(Tool),
+}
+
+/// Every command but `run`: they need no configured runtime (see `main`).
+#[derive(Subcommand)]
+enum Tool {
     /// Tell a running gateway to reload its configuration (sends it SIGHUP). Under
     /// systemd, `systemctl reload m2m-gateway` does the same.
     Reload {
@@ -317,26 +324,39 @@ fn duration(text: &str) -> Result<Duration, String> {
     })
 }
 
+/// What `main` runs: the gateway with its configuration loaded (before the runtime, whose
+/// threads and logging it sets), or another command.
+enum Job {
+    Run { config: PathBuf, pid_file: Option<PathBuf>, model: Box<m2m_gateway::model::Model> },
+    Tool(Tool),
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // One-shot commands print their result; their info logs would only be noise.
     let quiet = matches!(
         cli.command,
-        Command::Poll(_)
-            | Command::Check { .. }
-            | Command::Status { .. }
-            | Command::Read { .. }
-            | Command::Write { .. }
-            | Command::Trace { .. }
+        Command::Tool(
+            Tool::Poll(_)
+                | Tool::Check { .. }
+                | Tool::Status { .. }
+                | Tool::Read { .. }
+                | Tool::Write { .. }
+                | Tool::Trace { .. }
+        )
     );
     // `run` reads its configuration first: it says how many threads the runtime has,
     // and how to log.
-    let model = match &cli.command {
-        Command::Run { config, .. } => match load_for_run(config) {
-            Ok(model) => Some(model),
+    let job = match cli.command {
+        Command::Run { config, pid_file } => match load_for_run(&config) {
+            Ok(model) => Job::Run { config, pid_file, model: Box::new(model) },
             Err(code) => return code,
         },
-        _ => None,
+        Command::Tool(tool) => Job::Tool(tool),
+    };
+    let model = match &job {
+        Job::Run { model, .. } => Some(model),
+        Job::Tool(_) => None,
     };
     let format = match cli.log_format {
         Some(CliLogFormat::Text) => LogFormat::Text,
@@ -355,11 +375,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = match (model, cli.command) {
-        (Some(model), Command::Run { config, pid_file }) => {
-            runtime.block_on(run(&config, model, pid_file.as_deref()))
-        }
-        (_, command) => runtime.block_on(dispatch(command)),
+    let outcome = match job {
+        Job::Run { config, pid_file, model } => runtime.block_on(run(&config, *model, pid_file.as_deref())),
+        Job::Tool(tool) => runtime.block_on(dispatch(tool)),
     };
     match outcome {
         Ok(code) => code,
@@ -577,16 +595,10 @@ fn send_reload(pid: Option<i32>, pid_file: Option<PathBuf>) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
-    match command {
-        // `main` loads the configuration before the runtime it configures and calls
-        // `run` itself; this is the same, on whatever runtime it is given.
-        Command::Run { config, pid_file } => match load_for_run(&config) {
-            Ok(model) => run(&config, model, pid_file.as_deref()).await,
-            Err(code) => Ok(code),
-        },
-        Command::Reload { pid, pid_file } => send_reload(pid, pid_file),
-        Command::Check { config, map_csv } => {
+async fn dispatch(tool: Tool) -> anyhow::Result<ExitCode> {
+    match tool {
+        Tool::Reload { pid, pid_file } => send_reload(pid, pid_file),
+        Tool::Check { config, map_csv } => {
             let model = match load_for_run(&config) {
                 Ok(m) => m,
                 Err(code) => return Ok(code),
@@ -620,13 +632,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Poll(args) => poll(args).await,
-        Command::Keygen { dir, force } => {
+        Tool::Poll(args) => poll(args).await,
+        Tool::Keygen { dir, force } => {
             let id = m2m_gateway::link::tls::keygen(&dir, force)?;
             println!("{}", id.fingerprint);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Simulate { config, units, registers, link, device, tcp } => {
+        Tool::Simulate { config, units, registers, link, device, tcp } => {
             let cfg = match config {
                 Some(path) => sim::load(&path)?,
                 None => sim::quick(&units, registers),
@@ -657,11 +669,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { target, json } => {
+        Tool::Status { target, json } => {
             print!("{}", remote::status(&target.client()?, json).await?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Read { glob, watch, json, target } => {
+        Tool::Read { glob, watch, json, target } => {
             let client = target.client()?;
             if watch {
                 let shutdown = shutdown_on_signals()?;
@@ -676,7 +688,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Trace { bus, json, target } => {
+        Tool::Trace { bus, json, target } => {
             let client = target.client()?;
             let shutdown = shutdown_on_signals()?;
             let print = |text: &str| {
@@ -687,11 +699,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote::trace(&client, &bus, json, print, shutdown.cancelled_owned()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Write { point, value, target } => {
+        Tool::Write { point, value, target } => {
             print!("{}", remote::write(&target.client()?, &point, &value).await?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { config, duration, every } => {
+        Tool::Demo { config, duration, every } => {
             let model = match load(&config) {
                 Ok(m) => m,
                 Err(code) => return Ok(code),
