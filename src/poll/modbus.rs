@@ -21,6 +21,7 @@ use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
+use crate::backoff::Backoff;
 use crate::bus::{BusError, BusHandle, Job, Priority};
 use crate::image::{Image, PointId, Raw};
 use crate::model::{Bus, Device};
@@ -30,6 +31,44 @@ use crate::poll::plan::{self, Read};
 
 /// First pause before re-probing a device that stopped answering.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+
+/// When a device that stopped answering is probed next: the shared [`Backoff`], from
+/// [`FIRST_BACKOFF`] doubling up to the device's `backoff_max`, reset only by an answer.
+/// Sans-I/O: every method takes `now`.
+#[derive(Debug, Clone)]
+struct Probe {
+    backoff: Backoff,
+    /// When the next probe is due.
+    at: Instant,
+    /// The pause that led to `at`: a probe that gets no verdict (port down, queue full)
+    /// is tried again after the same pause.
+    wait: Duration,
+}
+
+impl Probe {
+    fn new(backoff_max: Duration, now: Instant) -> Self {
+        Self { backoff: Backoff::new(FIRST_BACKOFF, backoff_max), at: now, wait: FIRST_BACKOFF }
+    }
+
+    /// A read went unanswered at `now` (the device just stopped answering, or a probe
+    /// did): the next probe waits the back-off's delay, and the one after twice that.
+    fn unanswered(&mut self, now: Instant) {
+        self.at = self.backoff.failed(now);
+        self.wait = self.at - now;
+    }
+
+    /// A probe was sent at `now`: if it gets no verdict, the next is due after the same
+    /// pause.
+    fn sent(&mut self, now: Instant) {
+        self.at = now + self.wait;
+    }
+
+    /// The device answered: the next time it stops, probing starts again at the first
+    /// pause.
+    fn answered(&mut self) {
+        self.backoff.proven();
+    }
+}
 
 struct ReadState {
     read: Read,
@@ -82,8 +121,7 @@ struct DeviceState {
     ids: Vec<PointId>,
     reads: Vec<ReadState>,
     online: bool,
-    backoff: Duration,
-    probe_at: Instant,
+    probe: Probe,
 }
 
 /// The poller of one bus.
@@ -127,8 +165,7 @@ impl Poller {
                 device: d.clone(),
                 retries: bus.retries,
                 online: true,
-                backoff: FIRST_BACKOFF,
-                probe_at: now,
+                probe: Probe::new(d.backoff_max, now),
             })
             .collect::<Vec<DeviceState>>();
         for d in &devices {
@@ -171,7 +208,7 @@ impl Poller {
                 let due_at = if dev.online {
                     rs.next_due
                 } else if r == 0 {
-                    dev.probe_at
+                    dev.probe.at
                 } else {
                     continue;
                 };
@@ -195,8 +232,8 @@ impl Poller {
                 // Fixed rate; a read that fell behind restarts from now instead of bursting.
                 rs.next_due = (rs.next_due + rs.read.interval).max(now);
                 if !dev.online {
-                    dev.probe_at = now + dev.backoff;
-                    next = next.min(dev.probe_at);
+                    dev.probe.sent(now);
+                    next = next.min(dev.probe.at);
                 } else {
                     next = next.min(rs.next_due);
                 }
@@ -229,7 +266,7 @@ impl Poller {
                 if !dev.online {
                     info!(device = %dev.device.name, unit = dev.device.unit, "device answers again");
                     dev.online = true;
-                    dev.backoff = FIRST_BACKOFF;
+                    dev.probe.answered();
                     let now = Instant::now();
                     dev.reads.iter_mut().for_each(|rs| rs.next_due = now);
                 }
@@ -277,13 +314,10 @@ impl Poller {
                     warn!(device = %dev.device.name, unit = dev.device.unit, "device stopped answering; backing off");
                     dev.online = false;
                     dev.health.online.store(false, Relaxed);
-                    dev.backoff = FIRST_BACKOFF;
                     self.image.fail(dev.ids.iter().copied(), Quality::CommFail);
                     self.image.fail_raw(&dev.device.name, None);
-                } else {
-                    dev.backoff = (dev.backoff * 2).min(dev.device.backoff_max.max(FIRST_BACKOFF));
                 }
-                dev.probe_at = Instant::now() + dev.backoff;
+                dev.probe.unanswered(Instant::now());
             }
             Err(BusError::PortDown(_)) => {
                 self.image.fail(dev.ids.iter().copied(), Quality::CommFail);
@@ -348,4 +382,60 @@ fn decode(dev: &DeviceState, r: usize, rsp: &Response) -> Vec<(PointId, Sample)>
             (dev.ids[slot.point], Sample { value, at, quality })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn an_offline_device_is_probed_at_doubling_pauses_up_to_its_max() {
+        let t0 = Instant::now();
+        let mut p = Probe::new(S(10), t0);
+        let mut now = t0;
+        let mut pauses = Vec::new();
+        for _ in 0..6 {
+            p.unanswered(now); // stopped answering, then each probe times out
+            pauses.push(p.at - now);
+            now = p.at;
+        }
+        assert_eq!(pauses, [S(1), S(2), S(4), S(8), S(10), S(10)]);
+    }
+
+    #[test]
+    fn a_probe_without_verdict_is_retried_after_the_same_pause() {
+        let t0 = Instant::now();
+        let mut p = Probe::new(S(60), t0);
+        p.unanswered(t0);
+        p.unanswered(t0 + S(1)); // pause now 2s
+        let sent = t0 + S(3);
+        p.sent(sent); // port down: no timeout, so no doubling
+        assert_eq!(p.at - sent, S(2));
+        p.sent(sent + S(2));
+        assert_eq!(p.at - (sent + S(2)), S(2));
+    }
+
+    #[test]
+    fn an_answer_resets_the_pauses_for_the_next_outage() {
+        let t0 = Instant::now();
+        let mut p = Probe::new(S(60), t0);
+        for i in 0..5 {
+            p.unanswered(t0 + S(i));
+        }
+        p.answered();
+        let later = t0 + S(100);
+        p.unanswered(later);
+        assert_eq!(p.at - later, S(1), "a new outage starts at the first pause");
+    }
+
+    #[test]
+    fn a_max_below_the_first_pause_is_the_first_pause() {
+        let t0 = Instant::now();
+        let mut p = Probe::new(Duration::from_millis(200), t0);
+        p.unanswered(t0);
+        p.unanswered(t0);
+        assert_eq!(p.at - t0, S(1));
+    }
 }
