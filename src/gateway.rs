@@ -305,11 +305,9 @@ impl Changes {
     }
 }
 
-/// Equality of model parts. The model is plain data whose `Debug` form shows every
-/// field (compiled patterns by their text), so two parts are the same configuration
-/// exactly when their `Debug` forms are equal.
-fn same<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
-    format!("{a:?}") == format!("{b:?}")
+/// Equality of model parts: the typed values (compiled patterns compare by their text).
+fn same<T: PartialEq>(a: &T, b: &T) -> bool {
+    a == b
 }
 
 /// A bus's own settings (everything but its devices).

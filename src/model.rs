@@ -13,7 +13,7 @@ pub use crate::serial::line::{Line, Parity};
 pub const RECONNECT_MIN: Duration = Duration::from_millis(200);
 
 /// The whole validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Model {
     /// Gateway-wide settings.
     pub gateway: Gateway,
@@ -30,7 +30,7 @@ pub struct Model {
 }
 
 /// The local HTTP endpoint (`[http]`): status page, Prometheus metrics, JSON API.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Http {
     /// Address the listening socket binds (port 0: any free port, for tests).
     pub listen: std::net::SocketAddr,
@@ -45,7 +45,7 @@ pub struct Http {
 }
 
 /// Gateway-wide settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Gateway {
     /// This gateway's name; peers see its points as `name/point`.
     pub name: String,
@@ -69,7 +69,7 @@ pub enum LogFormat {
 }
 
 /// One serial line, owned by one task.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Bus {
     /// Unique bus name.
     pub name: String,
@@ -109,7 +109,7 @@ pub struct Bus {
 }
 
 /// A field device speaking its own serial protocol (a scale, a reader, a GPS, a meter).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RawDevice {
     /// Unique device name (shared namespace with Modbus devices); points are `device.point`.
     pub name: String,
@@ -150,7 +150,7 @@ pub enum RawMode {
 }
 
 /// One value taken from a raw device's frames.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RawPoint {
     /// Full name, `device.point`.
     pub name: String,
@@ -161,7 +161,7 @@ pub struct RawPoint {
 }
 
 /// A writable point of a raw device: writing it sends a formatted command.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RawCommand {
     /// Full name, `device.command`.
     pub name: String,
@@ -169,7 +169,7 @@ pub struct RawCommand {
     /// checksum rule is applied to the result.
     pub template: String,
     /// The reply must match this regex for the write to succeed.
-    pub ok: Option<regex::bytes::Regex>,
+    pub ok: Option<crate::point::extract::Pattern>,
     /// Wait for a reply frame (false: send and return; the device answers nothing).
     pub reply: bool,
     /// Response timeout.
@@ -177,7 +177,7 @@ pub struct RawCommand {
 }
 
 /// One field device (a Modbus unit) on a bus.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Device {
     /// Unique device name; point names are `device.point`.
     pub name: String,
@@ -202,7 +202,7 @@ pub struct Device {
 }
 
 /// One typed value read from a device.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Point {
     /// Full name, `device.point`.
     pub name: String,
@@ -228,7 +228,7 @@ pub struct Point {
 
 /// This gateway's identity and listening socket for peer links. With no peers, nothing
 /// listens and nothing dials (the section may exist before any peer is paired).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Links {
     /// Directory holding `cert.pem` and `key.pem` (made by `m2m-gateway keygen`).
     pub identity_dir: std::path::PathBuf,
@@ -247,7 +247,7 @@ pub struct Links {
 
 /// A local serial port bridged to the serial port of a tunnel of the same name on a
 /// peer gateway (`[[tunnel]]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Tunnel {
     /// Tunnel name, the same on both gateways.
     pub name: String,
@@ -293,7 +293,7 @@ pub enum Dial {
 }
 
 /// A peer gateway.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Peer {
     /// The peer's gateway name (its points appear here as `name/point`).
     pub name: String,
@@ -364,7 +364,7 @@ impl PartialEq for PointGlobs {
 }
 
 /// Which local points go to a peer, and when.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SendRule {
     /// Point name globs (`boiler.*`).
     pub points: PointGlobs,
@@ -395,7 +395,7 @@ pub enum SendMode {
 }
 
 /// A write a peer may make into a local point.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Grant {
     /// Local point name globs.
     pub points: PointGlobs,
@@ -419,7 +419,7 @@ pub enum OnLoss {
 }
 
 /// A received point that drives a write into a local device point.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WriteBack {
     /// Point name at the peer (without the `peer/` prefix).
     pub from: String,
@@ -433,7 +433,7 @@ pub struct WriteBack {
 }
 
 /// The local Modbus-TCP server (`[server]`): which unit ids it answers and how.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Server {
     /// Address the listening socket binds (port 0: any free port, for tests).
     pub listen: std::net::SocketAddr,
@@ -457,7 +457,7 @@ pub struct Server {
 
 /// A unit id answered from a register map over the image: local and received points
 /// encoded like `[[plc.map]]`, read at once; writes go to the owner of each point.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VirtualUnit {
     /// The unit id masters use (1..=255).
     pub unit: u8,
@@ -499,7 +499,7 @@ pub enum OnBad {
 }
 
 /// One unit id a master can address, and where its answers come from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServedUnit {
     /// The unit id masters use (1..=255); may differ from the device's own unit id.
     pub unit: u8,
@@ -580,7 +580,7 @@ impl WriteGrant {
 
 /// A Modbus-TCP device (`[[plc]]`) that receives chosen local points as writes into its
 /// holding registers and coils, through its own on-disk spool.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Plc {
     /// Unique PLC name (logs, spool file).
     pub name: String,
@@ -626,7 +626,7 @@ pub enum Deliver {
 }
 
 /// One `[[plc.map]]`: local points written into a PLC, and when.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PlcMap {
     /// Point globs.
     pub points: PointGlobs,

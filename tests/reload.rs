@@ -206,3 +206,51 @@ async fn a_reload_rebuilds_the_routes_with_the_unit_table() {
     );
     rig.stop().await;
 }
+
+/// A PLC sink (at a listener the test holds, so nothing else can take its port) beside
+/// the bus, the device and the server of `V1`.
+fn with_plc(listener: &std::net::TcpListener, spool: &std::path::Path, timeout: &str) -> String {
+    format!(
+        r#"{V1}
+[[plc]]
+name = "p"
+address = "{}"
+timeout = "{timeout}"
+spool = "{}"
+[[plc.map]]
+points = ["boiler.*"]
+table = "holding"
+address = 0
+"#,
+        listener.local_addr().expect("bound"),
+        spool.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_configuration_restarts_nothing_and_a_changed_section_only_itself() {
+    common::logs();
+    let plc = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the plc's port");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = dir.path().join("plc-p.db");
+    let v1 = with_plc(&plc, &spool, "1s");
+    let mut rig = Rig::start(SIM, &v1);
+    let port = rig.port.path().display().to_string();
+    let bus = rig.gateway().buses[0].clone();
+    wait_until("the bus polls", S, || bus.stats().transactions.load(Relaxed) > 0).await;
+
+    // The same text parsed again: new values (compiled globs, new strings), equal ones.
+    let gateway = rig.gateway.as_mut().expect("running");
+    let changes = gateway.reload(&model(&v1, &port)).await.expect("reload");
+    assert!(changes.is_empty(), "an unchanged configuration changed {changes:?}");
+
+    // Only the PLC's timeout changes: only the PLC sink restarts.
+    let changes = gateway.reload(&model(&with_plc(&plc, &spool, "2s"), &port)).await.expect("reload");
+    assert_eq!(changes.restarted, vec!["plc p: its settings changed".to_string()], "{changes:?}");
+    assert!(
+        changes.added.is_empty() && changes.removed.is_empty() && changes.updated.is_empty(),
+        "{changes:?}"
+    );
+    assert_eq!(bus.stats().opens.load(Relaxed), 1, "the line was not reopened");
+    rig.stop().await;
+}

@@ -390,7 +390,7 @@ fn compile(
     pattern: &Spanned<String>,
     path: &str,
     key: &str,
-) -> Option<regex::bytes::Regex> {
+) -> Option<extract::Pattern> {
     extract::compile_regex(pattern.get_ref())
         .map_err(|e| {
             check.report(

@@ -183,14 +183,32 @@ pub struct BinField {
     pub point: usize,
 }
 
-/// How points are taken from a reply frame.
+/// A compiled byte regex that compares by its pattern text (so configurations holding
+/// one compare as values); it derefs to the [`Regex`].
 #[derive(Debug, Clone)]
+pub struct Pattern(Regex);
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl std::ops::Deref for Pattern {
+    type Target = Regex;
+    fn deref(&self) -> &Regex {
+        &self.0
+    }
+}
+
+/// How points are taken from a reply frame.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Extract {
     /// Captures of a regex matched anywhere in the frame (bytes, so any frame can be
     /// matched; `(?-u)` lets `.` match bytes that are not UTF-8).
     Regex {
         /// The compiled pattern.
-        re: Regex,
+        re: Pattern,
         /// The fields.
         fields: Vec<TextField>,
     },
@@ -211,8 +229,9 @@ impl Extract {
 }
 
 /// Compiles a pattern; the error names it and carries the regex crate's message.
-pub fn compile_regex(pattern: &str) -> Result<Regex, ExtractError> {
+pub fn compile_regex(pattern: &str) -> Result<Pattern, ExtractError> {
     Regex::new(pattern)
+        .map(Pattern)
         .map_err(|e| ExtractError::Regex { pattern: pattern.to_string(), message: e.to_string() })
 }
 
@@ -347,5 +366,18 @@ pub fn extract(rule: &Extract, frame: &[u8]) -> Result<Vec<(usize, Value)>, Extr
                 .collect()
         }
         Extract::Binary { fields } => fields.iter().map(|f| Ok((f.point, bin_value(f, frame)?))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_compare_by_their_text() {
+        let a = compile_regex(r"T=(\d+)").expect("compiles");
+        assert_eq!(a, compile_regex(r"T=(\d+)").expect("compiles"), "compiled twice, equal");
+        assert_ne!(a, compile_regex(r"T=(\d*)").expect("compiles"));
+        assert!(a.is_match(b"T=12"), "derefs to the regex");
     }
 }
