@@ -94,7 +94,11 @@ impl tokio_modbus::server::Service for PlcService {
 /// A simulated PLC serving `state` on `addr` (port 0: any); returns the bound address
 /// and the server task (abort it to take the PLC away, connections included).
 async fn serve_plc(addr: SocketAddr, state: Shared) -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind(addr).await.expect("bind plc");
+    serve_plc_on(TcpListener::bind(addr).await.expect("bind plc"), state)
+}
+
+/// The same, on a socket the test already holds.
+fn serve_plc_on(listener: TcpListener, state: Shared) -> (SocketAddr, JoinHandle<()>) {
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         let server = Server::new(listener);
@@ -357,8 +361,11 @@ async fn deliver_all_writes_every_value_in_order() {
 #[tokio::test]
 async fn the_spool_survives_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // A port nothing listens on yet.
-    let addr = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
+    // A port nothing listens on yet (bound, so nothing else can take it: connects are
+    // refused until the PLC listens on it below).
+    let held = tokio::net::TcpSocket::new_v4().expect("socket");
+    held.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = held.local_addr().expect("addr");
     let spool = dir.path().join("plc.db");
     let plc = plc_model(addr, &spool, "");
     let sink = Sink::start(&plc, image_with_values());
@@ -370,7 +377,7 @@ async fn the_spool_survives_a_restart() {
     let sink = Sink::start(&plc, Arc::new(Image::new()));
     assert!(pending(&sink) >= 5, "the backlog is still on disk");
     let state = Shared::default();
-    let (_, server) = serve_plc(addr, state.clone()).await;
+    let (_, server) = serve_plc_on(held.listen(16).expect("listen"), state.clone());
     wait_until("spooled values at the plc", SECS(10), || {
         holding(&state, 100) == Some(1234) && coil(&state, 10) == Some(true)
     })

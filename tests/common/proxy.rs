@@ -1,7 +1,12 @@
 //! A TCP forwarder the link tests can cut and restore, standing for a network that fails.
+//!
+//! It holds its listening socket from [`Proxy::reserve`] to the end of the test, so its
+//! port can never be taken by anything else (no bind, drop and rebind). While cut, it
+//! accepts each connection and closes it at once: the dialer's connection fails, as on a
+//! network that is down.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -11,61 +16,63 @@ pub struct Proxy {
     /// Where peers connect.
     pub addr: SocketAddr,
     target: SocketAddr,
-    stop: Option<CancellationToken>,
+    /// The socket, until the first start moves it into the accept loop.
+    listener: Option<std::net::TcpListener>,
+    /// While forwarding: the token that cuts the forwarded connections.
+    up: Arc<Mutex<Option<CancellationToken>>>,
+    /// Ends the accept loop when the proxy is dropped.
+    end: CancellationToken,
 }
 
 impl Proxy {
-    /// Reserves a port without listening yet.
+    /// Listens on a port of its own, cut (nothing is forwarded until [`Proxy::start`]).
     pub fn reserve(target: SocketAddr) -> Self {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        Self { addr, target, stop: None }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let (up, end) = (Arc::default(), CancellationToken::new());
+        Self { addr, target, listener: Some(listener), up, end }
     }
 
-    /// Listens and forwards (again, after [`Proxy::kill`]).
+    /// Forwards (again, after [`Proxy::kill`]).
     pub async fn start(&mut self) {
-        // The killed accept loop drops its socket when it next runs: retry briefly.
-        let end = tokio::time::Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match TcpListener::bind(self.addr).await {
-                Ok(l) => break l,
-                Err(e) => {
-                    assert!(
-                        tokio::time::Instant::now() < end,
-                        "cannot rebind the proxy on {}: {e}",
-                        self.addr
-                    );
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        };
-        let stop = CancellationToken::new();
-        let (s, target) = (stop.clone(), self.target);
-        tokio::spawn(async move {
-            loop {
-                let (mut down, _) = tokio::select! {
-                    r = listener.accept() => r.expect("accept"),
-                    () = s.cancelled() => return,
-                };
-                let s = s.clone();
-                tokio::spawn(async move {
-                    let Ok(mut up) = TcpStream::connect(target).await else {
-                        return;
+        if let Some(std) = self.listener.take() {
+            let listener = TcpListener::from_std(std).expect("tokio listener");
+            let (up, end, target) = (self.up.clone(), self.end.clone(), self.target);
+            tokio::spawn(async move {
+                loop {
+                    let (mut down, _) = tokio::select! {
+                        r = listener.accept() => r.expect("accept"),
+                        () = end.cancelled() => return,
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                        () = s.cancelled() => {}
-                    }
-                });
-            }
-        });
-        self.stop = Some(stop);
+                    // Cut: the connection is closed at once (dropped here).
+                    let Some(cut) = up.lock().expect("lock").clone() else { continue };
+                    tokio::spawn(async move {
+                        let Ok(mut up) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                            () = cut.cancelled() => {}
+                        }
+                    });
+                }
+            });
+        }
+        *self.up.lock().expect("lock") = Some(CancellationToken::new());
     }
 
-    /// Cuts every forwarded connection and stops listening.
+    /// Cuts every forwarded connection and refuses new ones until the next start.
     pub fn kill(&mut self) {
-        if let Some(s) = self.stop.take() {
-            s.cancel();
+        if let Some(cut) = self.up.lock().expect("lock").take() {
+            cut.cancel();
         }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.kill();
+        self.end.cancel();
     }
 }
