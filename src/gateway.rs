@@ -1218,8 +1218,8 @@ fn received_sinks(model: &Model, peer: &str, plc_spools: &[SpoolHandle]) -> Vec<
 
 /// What a peer's link feeds to PLC sinks (the PLCs that map points received from it),
 /// as a comparable key: a change restarts the link.
-fn sinks_key(model: &Model, peer: &str) -> String {
-    let mut sinks: Vec<(String, String, Vec<String>)> = model
+fn sinks_key(model: &Model, peer: &str) -> Vec<(String, std::path::PathBuf, Vec<String>)> {
+    let mut sinks: Vec<(String, std::path::PathBuf, Vec<String>)> = model
         .plcs
         .iter()
         .filter_map(|p| {
@@ -1231,11 +1231,11 @@ fn sinks_key(model: &Model, peer: &str) -> String {
                 .map(|t| t.point.clone())
                 .collect();
             points.sort();
-            (!points.is_empty()).then(|| (p.name.clone(), p.spool.display().to_string(), points))
+            (!points.is_empty()).then(|| (p.name.clone(), p.spool.clone(), points))
         })
         .collect();
     sinks.sort();
-    format!("{sinks:?}")
+    sinks
 }
 
 /// The listener's tables for `peers`: each dialing-in peer's route, pinned by TLS.
