@@ -22,6 +22,10 @@
 //! - the port is opened by path and reopened with back-off (100 ms doubling up to
 //!   `reopen_max`) when it fails; peer packets arriving while it is closed are dropped
 //!   and counted.
+//!
+//! The timing rules are plain state that takes `now` (`Packetizer`: where a packet
+//! ends; `PortState`: when the port is opened again and which failures are news), unit-
+//! tested with injected time; the task's loop only does the I/O.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -289,20 +293,132 @@ async fn write_port(wr: &mut Option<WriteHalf<Box<dyn Port>>>, data: &[u8]) -> s
     }
 }
 
+/// Cuts the bytes read from the port into packets: a packet ends `silence` after its
+/// last byte, or at `max_packet` bytes. Sans-I/O: every method that depends on time takes
+/// `now`.
+#[derive(Debug)]
+struct Packetizer {
+    max_packet: usize,
+    silence: Duration,
+    packet: BytesMut,
+    last_byte: Instant,
+}
+
+impl Packetizer {
+    fn new(max_packet: usize, silence: Duration, now: Instant) -> Self {
+        Self { max_packet: max_packet.max(1), silence, packet: BytesMut::new(), last_byte: now }
+    }
+
+    /// Bytes read at `now`: the packets they fill to `max_packet`, in order (the rest
+    /// stays open).
+    fn read(&mut self, mut data: &[u8], now: Instant) -> Vec<Bytes> {
+        self.last_byte = now;
+        let mut full = Vec::new();
+        while !data.is_empty() {
+            let take = (self.max_packet - self.packet.len()).min(data.len());
+            self.packet.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.packet.len() >= self.max_packet {
+                full.push(self.packet.split().freeze());
+            }
+        }
+        full
+    }
+
+    /// When the open packet ends by silence (`None`: no packet is open).
+    fn silence_end(&self) -> Option<Instant> {
+        (!self.packet.is_empty()).then(|| self.last_byte + self.silence)
+    }
+
+    /// The open packet, if its silence has passed at `now`.
+    fn timed_out(&mut self, now: Instant) -> Option<Bytes> {
+        self.silence_end().filter(|end| now >= *end).map(|_| self.packet.split().freeze())
+    }
+
+    /// The open packet, cut short (the port failed).
+    fn flush(&mut self) -> Option<Bytes> {
+        (!self.packet.is_empty()).then(|| self.packet.split().freeze())
+    }
+}
+
+/// When the tunnel's port is opened again, and which failures are news. Sans-I/O.
+///
+/// The back-off (100 ms doubling up to `reopen_max`) is reset only by a port that carried
+/// a byte: a device server that accepts and closes at once is not retried every 100 ms
+/// for ever, and its repeated failure is logged once.
+#[derive(Debug)]
+struct PortState {
+    backoff: Backoff,
+    next_open: Instant,
+    /// The open port has carried a byte.
+    proven: bool,
+    /// The last open error (a repeat is not logged again).
+    last_error: String,
+    /// The last failure of a port that carried nothing (empty after a port that worked).
+    last_failure: String,
+}
+
+impl PortState {
+    fn new(reopen_max: Duration, now: Instant) -> Self {
+        Self {
+            backoff: Backoff::new(REOPEN_MIN, reopen_max),
+            next_open: now,
+            proven: false,
+            last_error: String::new(),
+            last_failure: String::new(),
+        }
+    }
+
+    /// True when a closed port may be opened at `now`.
+    fn open_due(&self, now: Instant) -> bool {
+        now >= self.next_open
+    }
+
+    /// The port opened; true when that is news (the first open, or after a port that
+    /// worked), false after a port that failed without carrying anything.
+    fn opened(&mut self) -> bool {
+        let news = self.proven || self.last_failure.is_empty();
+        self.proven = false;
+        self.last_error.clear();
+        news
+    }
+
+    /// Opening failed at `now` with `error`: the delay to log when the error is new
+    /// (`None`: a repeat).
+    fn open_failed(&mut self, error: String, now: Instant) -> Option<Duration> {
+        let delay = self.backoff.delay();
+        let news = error != self.last_error;
+        self.last_error = error;
+        self.next_open = self.backoff.failed(now);
+        news.then_some(delay)
+    }
+
+    /// The open port carried a byte (either way).
+    fn carried(&mut self) {
+        self.proven = true;
+    }
+
+    /// The open port failed at `now` with `error`: whether that is news (the port had
+    /// worked, or the error is new) and the delay before the next open.
+    fn failed(&mut self, error: String, now: Instant) -> (bool, Duration) {
+        if self.proven {
+            self.backoff.proven();
+        }
+        let news = self.proven || error != self.last_failure;
+        let delay = self.backoff.delay();
+        // After a port that worked, the next open is news again.
+        self.last_failure = if self.proven { String::new() } else { error };
+        self.next_open = self.backoff.failed(now);
+        (news, delay)
+    }
+}
+
 impl Task {
     async fn run(mut self, shutdown: CancellationToken) {
         let mut port_rd: Option<ReadHalf<Box<dyn Port>>> = None;
         let mut port_wr: Option<WriteHalf<Box<dyn Port>>> = None;
-        // Reset only by a port that carried a byte (`proven` below).
-        let mut backoff = Backoff::new(REOPEN_MIN, self.t.reopen_max);
-        let mut next_open = Instant::now();
-        let mut last_error = String::new();
-        // The open port has carried a byte: a port that fails before that (a device
-        // server that accepts and closes) keeps its back-off and warns once.
-        let mut proven = false;
-        let mut last_failure = String::new();
-        let mut packet = BytesMut::new();
-        let mut last_byte = Instant::now();
+        let mut state = PortState::new(self.t.reopen_max, Instant::now());
+        let mut packets = Packetizer::new(self.t.max_packet, self.t.silence, Instant::now());
         let mut rbuf = vec![0u8; self.t.max_packet.clamp(64, 4096)];
         // Peer packets waiting for the port, with the offset written of the first.
         let mut wq: VecDeque<Bytes> = VecDeque::new();
@@ -310,7 +426,7 @@ impl Task {
         let mut failed: Option<String> = None;
         info!(port = %self.t.port, max_packet = self.t.max_packet, silence = ?self.t.silence, "tunnel started");
         loop {
-            if port_rd.is_none() && Instant::now() >= next_open {
+            if port_rd.is_none() && state.open_due(Instant::now()) {
                 let opened = tokio::select! {
                     // Cancel-safe: an open abandoned half-way (a TCP connect) is dropped.
                     r = crate::serial::line::open_port(&self.t.port, &self.t.line) => r,
@@ -322,52 +438,43 @@ impl Task {
                         (port_rd, port_wr) = (Some(rd), Some(wr));
                         self.counters.port_open.store(true, Relaxed);
                         self.counters.opens.fetch_add(1, Relaxed);
-                        if proven || last_failure.is_empty() {
+                        if state.opened() {
                             info!("tunnel port open");
                         } else {
                             debug!("tunnel port open");
                         }
-                        proven = false;
-                        last_error.clear();
                     }
                     Err(e) => {
-                        if e != last_error {
-                            warn!(error = %e, retry_in = ?backoff.delay(), "cannot open tunnel port");
+                        if let Some(retry_in) = state.open_failed(e.clone(), Instant::now()) {
+                            warn!(error = %e, retry_in = ?retry_in, "cannot open tunnel port");
                         }
-                        last_error = e;
-                        next_open = backoff.failed(Instant::now());
                     }
                 }
             }
-            let silence_end = last_byte + self.t.silence;
+            let silence_end = packets.silence_end();
             tokio::select! {
                 // Cancel-safe: read either completes with bytes or reads nothing.
                 r = read_port(&mut port_rd, &mut rbuf) => match r {
                     Ok(0) => failed = Some("end of file".into()),
                     Ok(n) => {
-                        last_byte = Instant::now();
-                        proven = true;
-                        let mut data = &rbuf[..n];
-                        while !data.is_empty() {
-                            let take = (self.t.max_packet - packet.len()).min(data.len());
-                            packet.extend_from_slice(&data[..take]);
-                            data = &data[take..];
-                            if packet.len() >= self.t.max_packet {
-                                self.emit(packet.split().freeze());
-                            }
+                        state.carried();
+                        for packet in packets.read(&rbuf[..n], Instant::now()) {
+                            self.emit(packet);
                         }
                     }
                     Err(e) => failed = Some(e.to_string()),
                 },
                 // Cancel-safe: a timer.
-                () = sleep_until(silence_end), if !packet.is_empty() => {
-                    self.emit(packet.split().freeze());
+                () = sleep_until(silence_end.unwrap_or_else(Instant::now)), if silence_end.is_some() => {
+                    if let Some(packet) = packets.timed_out(Instant::now()) {
+                        self.emit(packet);
+                    }
                 }
                 // Cancel-safe: `write` either writes some bytes or none.
                 r = write_port(&mut port_wr, wq.front().map_or(&[][..], |b| &b[..])), if !wq.is_empty() => match r {
                     Ok(0) => failed = Some("port takes no more bytes".into()),
                     Ok(n) => {
-                        proven = true;
+                        state.carried();
                         wq_bytes -= n;
                         self.counters.bytes_in.fetch_add(n as u64, Relaxed);
                         if let Some(front) = wq.front_mut() {
@@ -393,29 +500,24 @@ impl Task {
                 // Cancel-safe: a timer.
                 () = sleep(RETRY), if !self.backlog.is_empty() => self.drain(),
                 // Cancel-safe: a timer.
-                () = sleep_until(next_open), if port_rd.is_none() => {}
+                () = sleep_until(state.next_open), if port_rd.is_none() => {}
                 () = shutdown.cancelled() => break,
             }
             if let Some(e) = failed.take() {
-                if proven {
-                    backoff.proven();
-                }
-                if proven || e != last_failure {
-                    warn!(error = %e, retry_in = ?backoff.delay(), "tunnel port failed; reopening");
+                let (news, retry_in) = state.failed(e.clone(), Instant::now());
+                if news {
+                    warn!(error = %e, retry_in = ?retry_in, "tunnel port failed; reopening");
                 } else {
-                    debug!(error = %e, retry_in = ?backoff.delay(), "tunnel port failed again right after opening");
+                    debug!(error = %e, retry_in = ?retry_in, "tunnel port failed again right after opening");
                 }
-                // After a port that worked, the next open is news again.
-                last_failure = if proven { String::new() } else { e };
                 (port_rd, port_wr) = (None, None);
                 self.counters.port_open.store(false, Relaxed);
-                if !packet.is_empty() {
-                    self.emit(packet.split().freeze());
+                if let Some(packet) = packets.flush() {
+                    self.emit(packet);
                 }
                 let lost: usize = wq.drain(..).map(|b| b.len()).sum();
                 self.counters.dropped_in.fetch_add(lost as u64, Relaxed);
                 wq_bytes = 0;
-                next_open = backoff.failed(Instant::now());
             }
         }
         self.counters.port_open.store(false, Relaxed);
@@ -553,11 +655,74 @@ mod tests {
         );
     }
 
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn a_packet_ends_at_max_packet_or_after_its_silence() {
+        let t0 = Instant::now();
+        let mut p = Packetizer::new(4, MS(5), t0);
+        assert_eq!(p.silence_end(), None, "no packet open");
+        let full = p.read(b"abcdefghij", t0);
+        assert_eq!(full, [Bytes::from_static(b"abcd"), Bytes::from_static(b"efgh")]);
+        assert_eq!(p.silence_end(), Some(t0 + MS(5)), "\"ij\" waits for its silence");
+        assert_eq!(p.timed_out(t0 + MS(4)), None, "not yet");
+        let later = t0 + MS(3);
+        assert!(p.read(b"k", later).is_empty());
+        assert_eq!(p.silence_end(), Some(later + MS(5)), "a new byte restarts the silence");
+        assert_eq!(p.timed_out(later + MS(5)), Some(Bytes::from_static(b"ijk")));
+        assert_eq!((p.silence_end(), p.flush()), (None, None));
+        assert!(p.read(b"x", later).is_empty());
+        assert_eq!(p.flush(), Some(Bytes::from_static(b"x")), "a failing port cuts the packet short");
+    }
+
     /// A device server that accepts every connection and closes it at once: the port
     /// opens fine and fails at the first read. It was reopened every 100 ms for ever
     /// (the back-off restarted at each open), with a WARN and an INFO each time.
+    #[test]
+    fn a_port_that_fails_right_after_opening_backs_off_and_is_logged_once() {
+        let t0 = Instant::now();
+        let mut s = PortState::new(Duration::from_secs(30), t0);
+        assert!(s.open_due(t0));
+        let mut now = t0;
+        let mut delays = Vec::new();
+        let mut news = Vec::new();
+        for _ in 0..5 {
+            news.push(s.opened());
+            let (warn, _) = s.failed("end of file".into(), now);
+            news.push(warn);
+            delays.push(s.next_open - now);
+            assert!(!s.open_due(now));
+            now = s.next_open;
+        }
+        assert_eq!(delays, [MS(100), MS(200), MS(400), MS(800), MS(1600)]);
+        assert_eq!(
+            news[..4],
+            [true, true, false, false],
+            "the first open and failure are news; repeats are not"
+        );
+        // A port that carries a byte has proven itself: back to the first delay, and news.
+        assert!(!s.opened());
+        s.carried();
+        let (warn, retry_in) = s.failed("end of file".into(), now);
+        assert!(warn);
+        assert_eq!((retry_in, s.next_open - now), (MS(100), MS(100)));
+        assert!(s.opened(), "the open after a port that worked is news");
+    }
+
+    #[test]
+    fn a_port_that_will_not_open_warns_once_per_error_with_growing_delays() {
+        let t0 = Instant::now();
+        let mut s = PortState::new(MS(300), t0);
+        assert_eq!(s.open_failed("no such file".into(), t0), Some(MS(100)));
+        assert_eq!(s.open_failed("no such file".into(), t0), None, "a repeat is not logged");
+        assert_eq!(s.next_open - t0, MS(200));
+        assert_eq!(s.open_failed("permission denied".into(), t0), Some(MS(300)), "a new error is");
+        assert_eq!(s.next_open - t0, MS(300), "capped at reopen_max");
+    }
+
+    /// The task is wired to the state: a port that accepts and drops is opened again.
     #[tokio::test]
-    async fn a_port_that_fails_right_after_opening_backs_off() {
+    async fn a_failing_port_is_reopened() {
         let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = server.local_addr().expect("addr");
         let accepts = tokio::spawn(async move {
@@ -584,10 +749,11 @@ mod tests {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let handle = spawn(&tunnel, Arc::new(TunnelHub::default()), shutdown.clone(), &tracker);
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        // With back-off: opens at about 0, 0.1, 0.3, 0.7 s; without: every 0.1 s.
-        let opens = handle.stats().opens;
-        assert!((1..=5).contains(&opens), "{opens} opens in 1.2 s");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handle.stats().opens < 2 {
+            assert!(Instant::now() < deadline, "the port was not reopened");
+            tokio::time::sleep(MS(10)).await;
+        }
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;
