@@ -204,19 +204,6 @@ enum CliEnd {
     Silence,
 }
 
-/// The types `poll --type` decodes registers as.
-const POLL_TYPES: [TypeName; 9] = [
-    TypeName::Bool,
-    TypeName::U16,
-    TypeName::I16,
-    TypeName::U32,
-    TypeName::I32,
-    TypeName::U64,
-    TypeName::I64,
-    TypeName::F32,
-    TypeName::F64,
-];
-
 /// A value parser for one of `allowed`, by the names of its type's one table; clap lists
 /// them as possible values, as it did for a `ValueEnum`.
 fn named<T: Named + Send + Sync>(allowed: Vec<T>) -> impl clap::builder::TypedValueParser<Value = T> {
@@ -284,7 +271,7 @@ struct PollArgs {
     #[arg(long, default_value_t = 1)]
     count: u16,
     /// Decode registers as this type.
-    #[arg(long = "type", value_parser = named(POLL_TYPES.to_vec()), default_value = "u16")]
+    #[arg(long = "type", value_parser = named(names::all_where(|t| !matches!(t, TypeName::Bit | TypeName::Str))), default_value = "u16")]
     data_type: TypeName,
     /// Word/byte order of multi-register types.
     #[arg(long, value_parser = named(names::all::<WordOrder>()), default_value = "abcd")]

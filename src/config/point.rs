@@ -181,17 +181,9 @@ fn resolve(
         );
     }
 
-    let data_type = match ty {
-        TypeName::Bool => DataType::Bool,
-        TypeName::U16 => DataType::U16,
-        TypeName::I16 => DataType::I16,
-        TypeName::U32 => DataType::U32,
-        TypeName::I32 => DataType::I32,
-        TypeName::U64 => DataType::U64,
-        TypeName::I64 => DataType::I64,
-        TypeName::F32 => DataType::F32,
-        TypeName::F64 => DataType::F64,
-        TypeName::Bit => DataType::Bit(match &r.bit {
+    // The bit number and string length only the types that take them need.
+    let bit = if ty == TypeName::Bit {
+        match &r.bit {
             Some(bit) => check.int(Some(bit), 0, 0..=15, path, "bit"),
             None => {
                 check.report(
@@ -201,8 +193,12 @@ fn resolve(
                 );
                 0
             }
-        }),
-        TypeName::Str => DataType::Str(match &r.length {
+        }
+    } else {
+        0
+    };
+    let length = if ty == TypeName::Str {
+        match &r.length {
             Some(length) => {
                 let max = 2 * i64::from(ctx.max_registers);
                 let len = *length.get_ref();
@@ -224,8 +220,11 @@ fn resolve(
                 check.report(type_span.clone(), path, "type \"string\" needs `length`, its size in bytes");
                 0
             }
-        }),
+        }
+    } else {
+        0
     };
+    let data_type = ty.data_type(bit, length);
     if let Some(bit) = r.bit.as_ref().filter(|_| ty != TypeName::Bit) {
         check.report(bit.span(), path, "bit is only for type = \"bit\"");
     }

@@ -30,18 +30,7 @@ use crate::point::value::{DataType, Table, TypeName, WordOrder};
 crate::point::names::named_subset! {
     /// `type` of a map entry as written: any type but `bit` (a map entry places whole
     /// registers or single bits, never one bit of a register).
-    pub(super) struct RawType(TypeName) = [
-        TypeName::Bool,
-        TypeName::U16,
-        TypeName::I16,
-        TypeName::U32,
-        TypeName::I32,
-        TypeName::U64,
-        TypeName::I64,
-        TypeName::F32,
-        TypeName::F64,
-        TypeName::Str,
-    ];
+    pub(super) struct RawType(TypeName) where |t| t != TypeName::Bit;
 }
 
 /// The placing keys of one map entry, borrowed from its raw struct.

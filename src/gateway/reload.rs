@@ -9,7 +9,7 @@
 use crate::image::Image;
 use crate::link::Grants;
 use crate::link::tls::{self, Fingerprint};
-use crate::model::{Bus, Model, Peer, Tunnel};
+use crate::model::{Bus, Model, Peer, Plc, Tunnel};
 use crate::point::value::Quality;
 use crate::server::{self};
 use crate::spool::SpoolHandle;
@@ -313,6 +313,15 @@ fn fail_removed_points(image: &Image, old: &Bus, new: Option<&Bus>) {
     image.fail(ids, Quality::CommFail);
 }
 
+/// The points of `plc`'s map received from `peer`.
+pub(super) fn received_from<'a>(plc: &'a Plc, peer: &'a str) -> impl Iterator<Item = String> + 'a {
+    plc.map
+        .iter()
+        .flat_map(|m| &m.targets)
+        .filter(move |t| t.received().is_some_and(|(from, _)| from == peer))
+        .map(|t| t.point.clone())
+}
+
 /// What a peer's link feeds to PLC sinks (the PLCs that map points received from it),
 /// as a comparable key: a change restarts the link.
 fn sinks_key(model: &Model, peer: &str) -> Vec<(String, std::path::PathBuf, Vec<String>)> {
@@ -320,13 +329,7 @@ fn sinks_key(model: &Model, peer: &str) -> Vec<(String, std::path::PathBuf, Vec<
         .plcs
         .iter()
         .filter_map(|p| {
-            let mut points: Vec<String> = p
-                .map
-                .iter()
-                .flat_map(|m| &m.targets)
-                .filter(|t| t.received().is_some_and(|(from, _)| from == peer))
-                .map(|t| t.point.clone())
-                .collect();
+            let mut points: Vec<String> = received_from(p, peer).collect();
             points.sort();
             (!points.is_empty()).then(|| (p.name.clone(), p.spool.clone(), points))
         })

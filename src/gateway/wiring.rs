@@ -33,7 +33,7 @@ use crate::spool::SpoolHandle;
 use crate::spool::forward::{Forwarder, Rules};
 use crate::writer::{WriteError, Writer};
 
-use super::reload::{PeerPlan, Prepared, PreparedPeer, same};
+use super::reload::{PeerPlan, Prepared, PreparedPeer, received_from, same};
 use super::{BusPart, Changes, Gateway, ListenerPart, Part, PeerPart, PlcPart, ServerPart, TunnelPart};
 
 impl Gateway {
@@ -469,13 +469,7 @@ fn received_sinks(model: &Model, peer: &str, plc_spools: &[SpoolHandle]) -> Vec<
         .iter()
         .zip(plc_spools)
         .filter_map(|(p, spool)| {
-            let points: HashSet<String> = p
-                .map
-                .iter()
-                .flat_map(|m| &m.targets)
-                .filter(|t| t.received().is_some_and(|(from, _)| from == peer))
-                .map(|t| t.point.clone())
-                .collect();
+            let points: HashSet<String> = received_from(p, peer).collect();
             (!points.is_empty()).then(|| ReceivedSink {
                 name: format!("plc {}", p.name),
                 points,

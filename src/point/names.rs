@@ -50,7 +50,12 @@ pub fn unknown<'a>(name: &str, names: impl IntoIterator<Item = &'a str>) -> Stri
 
 /// Every value of `T`, in table order.
 pub fn all<T: Named>() -> Vec<T> {
-    T::NAMES.iter().map(|(v, _)| *v).collect()
+    all_where(|_| true)
+}
+
+/// The values of `T` that `accepts` admits, in table order.
+pub fn all_where<T: Named>(accepts: impl Fn(T) -> bool) -> Vec<T> {
+    T::NAMES.iter().map(|(v, _)| *v).filter(|v| accepts(*v)).collect()
 }
 
 /// Deserializes one of `allowed` from its name, as serde's derive would deserialize a
@@ -104,21 +109,18 @@ macro_rules! named_impls {
     };
 }
 
-/// Declares a newtype over a [`Named`] type that deserializes only the listed values
-/// (for a key that accepts part of a table, e.g. a map entry's `type`, which has no
-/// `bit`).
+/// Declares a newtype over a [`Named`] type that deserializes only the values `accepts`
+/// admits (for a key that takes part of a table, e.g. a map entry's `type`, which has no
+/// `bit`); its unknown-name message lists those values' names, in table order.
 macro_rules! named_subset {
-    ($(#[$doc:meta])* $vis:vis struct $name:ident($inner:ty) = [$($value:expr),+ $(,)?];) => {
+    ($(#[$doc:meta])* $vis:vis struct $name:ident($inner:ty) where $accepts:expr;) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         $vis struct $name(pub $inner);
-        impl $name {
-            /// The values this key accepts, in the order its error message lists them.
-            pub const ALLOWED: &'static [$inner] = &[$($value),+];
-        }
         impl<'de> ::serde::Deserialize<'de> for $name {
             fn deserialize<D: ::serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                $crate::point::names::deserialize_among(d, Self::ALLOWED).map($name)
+                let allowed = $crate::point::names::all_where::<$inner>($accepts);
+                $crate::point::names::deserialize_among(d, &allowed).map($name)
             }
         }
     };

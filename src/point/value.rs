@@ -77,21 +77,9 @@ impl Named for TypeName {
 crate::point::names::named_impls!(TypeName);
 
 impl TypeName {
-    /// The numeric types, `u16` to `f64`.
-    pub const NUMERIC: &'static [TypeName] = &[
-        TypeName::U16,
-        TypeName::I16,
-        TypeName::U32,
-        TypeName::I32,
-        TypeName::U64,
-        TypeName::I64,
-        TypeName::F32,
-        TypeName::F64,
-    ];
-
     /// True for the numeric types, `u16` to `f64`.
     pub fn is_numeric(self) -> bool {
-        Self::NUMERIC.contains(&self)
+        !matches!(self, TypeName::Bool | TypeName::Bit | TypeName::Str)
     }
 
     /// The data type of this name, with the bit number (for `bit`) and length in bytes

@@ -207,16 +207,7 @@ pub enum GenKind {
 
 crate::point::names::named_subset! {
     /// Encoding of a generated register value: a numeric type, `u16` to `f64`.
-    pub struct SimType(TypeName) = [
-        TypeName::U16,
-        TypeName::I16,
-        TypeName::U32,
-        TypeName::I32,
-        TypeName::U64,
-        TypeName::I64,
-        TypeName::F32,
-        TypeName::F64,
-    ];
+    pub struct SimType(TypeName) where TypeName::is_numeric;
 }
 
 #[allow(missing_docs)] // each is the type of its name
