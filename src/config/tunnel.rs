@@ -7,7 +7,9 @@
 //!                            #   same name toward us
 //! peer = "site-b"            # required: a configured [[peer]]
 //! port = "/dev/ttyUSB1"      # required: serial device path or "tcp://host:port"; unique,
-//!                            #   not the port of a [[bus]]
+//!                            #   not the port of a [[bus]] (nor the host:port of a
+//!                            #   modbus-tcp:// bus); never "modbus-tcp://" (a tunnel
+//!                            #   carries raw serial bytes, not Modbus-TCP)
 //! baud = 9600                # default 9600, 300..=4000000
 //! parity = "none"            # none|even|odd, default none (8N1)
 //! data_bits = 8              # 7|8, default 8
@@ -78,7 +80,10 @@ pub(super) fn validate(raw: &[RawTunnel], links: Option<&mut Links>, buses: &[Bu
         .as_ref()
         .map_or_else(HashSet::new, |l| l.peers.iter().map(|p| p.name.clone()).collect::<HashSet<_>>());
     let has_link = links.is_some();
-    let bus_ports: HashMap<&str, &str> = buses.iter().map(|b| (b.port.as_str(), b.name.as_str())).collect();
+    // A bus reaches its port as a serial path or a TCP endpoint: a modbus-tcp:// bus holds
+    // the same host:port a tcp:// tunnel would connect to.
+    let bus_ports: HashMap<String, &str> =
+        buses.iter().map(|b| (endpoint(&b.port), b.name.as_str())).collect();
     let mut names: HashSet<&str> = HashSet::new();
     let mut ports: HashMap<&str, &str> = HashMap::new();
     let mut tunnels = Vec::with_capacity(raw.len());
@@ -103,7 +108,15 @@ pub(super) fn validate(raw: &[RawTunnel], links: Option<&mut Links>, buses: &[Bu
             check.report(r.port.span(), &path, "port is empty");
         } else if let Some(Err(e)) = port.strip_prefix("tcp://").map(bus::tcp_port) {
             check.report(r.port.span(), &path, e);
-        } else if let Some(bus) = bus_ports.get(port.as_str()) {
+        } else if port.starts_with("modbus-tcp://") {
+            check.report(
+                r.port.span(),
+                &path,
+                format!(
+                    "port {port:?} is a Modbus-TCP device: a tunnel carries raw serial bytes, so its port is a serial device path or \"tcp://host:port\" (a serial device server)"
+                ),
+            );
+        } else if let Some(bus) = bus_ports.get(&endpoint(port)) {
             check.report(r.port.span(), &path, format!("port {port:?} is already used by bus {bus:?}"));
         } else if let Some(other) = ports.insert(port, r.name.get_ref()) {
             check.report(r.port.span(), &path, format!("port {port:?} is already used by tunnel {other:?}"));
@@ -113,6 +126,11 @@ pub(super) fn validate(raw: &[RawTunnel], links: Option<&mut Links>, buses: &[Bu
     if let Some(links) = links {
         links.tunnels = tunnels;
     }
+}
+
+/// Where a port leads: its path, or `tcp://host:port` for either TCP scheme.
+fn endpoint(port: &str) -> String {
+    port.strip_prefix("modbus-tcp://").map_or_else(|| port.to_owned(), |addr| format!("tcp://{addr}"))
 }
 
 fn one(r: &RawTunnel, path: &str, check: &mut Checker) -> Tunnel {
