@@ -406,3 +406,33 @@ pass = "meter"
     shutdown.cancel();
     gateway.shutdown(SECS(2)).await;
 }
+
+/// A connection reset while the device works on a request: the request is sent again on
+/// the new connection at once. The late-reply hold a serial line needs (a reply may still
+/// come up to four timeouts later) does not apply: nothing of the old connection can
+/// arrive on the new one.
+#[tokio::test]
+async fn a_reset_mid_request_is_sent_again_at_once_not_after_the_late_reply_hold() {
+    let rig = start().await;
+    wait_until("polled", SECS(3), || rig.gateway.image.good_value("boiler.t").is_some()).await;
+    let mut pass = rig.master(20).await;
+    // Unit 2 answers 150 ms late (its timeout is 300 ms): the reset comes first.
+    rig.sim.set_fault(2, Fault::Late(Duration::from_millis(150))).expect("fault");
+    for round in 1..=3u64 {
+        let asked = rig.sim.stats(2).requests;
+        let connections = rig.sim.bus_stats().tcp_connections;
+        let started = std::time::Instant::now();
+        let read = pass.read_holding_registers(0, 2);
+        let reset = async {
+            wait_until("the device has the request", SECS(3), || rig.sim.stats(2).requests > asked).await;
+            rig.sim.reset_connections();
+        };
+        let (got, ()) = within(SECS(10), "answer", async { tokio::join!(read, reset) }).await;
+        assert_eq!(got.expect("transport"), Ok(vec![1000, 1001]), "round {round}");
+        let took = started.elapsed();
+        // Sent again at once: about 150 ms + 150 ms. Held, it took 4 x 300 ms + 150 ms.
+        assert!(took < Duration::from_millis(900), "round {round}: answered after {took:?}");
+        assert!(rig.sim.bus_stats().tcp_connections > connections, "round {round}: reconnected");
+    }
+    rig.stop().await;
+}

@@ -236,6 +236,17 @@ impl Engine {
         self
     }
 
+    /// A new connection to a Modbus-TCP device is open: no reply to a request sent on the
+    /// old one can arrive on it, so no unit is held for one, and what the old connection
+    /// left behind is not this one's (a serial line, or a device server's, still carries
+    /// the late reply: its ledger is kept).
+    fn fresh_connection(&mut self) {
+        if self.tcp_device {
+            self.schedule.ledger.connection_lost();
+            self.stray.clear();
+        }
+    }
+
     /// Who a reply from `unit` can be told apart as (see [`schedule`]).
     fn key(&self, unit: u8) -> Key {
         self.framing.replies_name_unit().then_some(unit)
@@ -276,6 +287,7 @@ impl Engine {
                     Ok(opened) => {
                         self.stats.opens.fetch_add(1, Relaxed);
                         info!("serial port open");
+                        self.fresh_connection();
                         line.port = Some(opened.port);
                         self.rts = opened.rts;
                         line.proven = false;
@@ -391,8 +403,7 @@ impl Engine {
                     *p = fresh.port;
                     self.rts = fresh.rts;
                     self.last_activity = Instant::now();
-                    // What the old connection left behind is not this connection's.
-                    self.stray.clear();
+                    self.fresh_connection();
                     outcome = self.transaction(p.as_mut(), job).await;
                     self.stray.append(&mut self.buf);
                 }

@@ -229,6 +229,17 @@ impl<T> Ledger<T> {
         false
     }
 
+    /// The connection the requests went out on is gone and a new one is open (a
+    /// Modbus-TCP device): nothing sent on the old one can be answered on the new one, so
+    /// every open entry is dropped, and so is every entry given up on. What was learned
+    /// of each key's delays stays.
+    pub fn connection_lost(&mut self) {
+        for state in self.keys.values_mut() {
+            state.pending.clear();
+            state.expired = None;
+        }
+    }
+
     /// The longest send-to-reply time learned for `key` so far.
     pub fn learned(&self, key: Key) -> Duration {
         self.keys.get(&key).map_or(Duration::ZERO, |s| s.learned)
@@ -466,6 +477,25 @@ mod tests {
         // The unit stays held for another transaction: two replies may still come.
         assert!(l.blocked(Some(4), t0 + ms(300)));
         assert_eq!(l.judge(Some(4), 8, t0 + ms(300)), Judged::Late);
+    }
+
+    /// A Modbus-TCP device's connection was replaced: the request sent on the old one can
+    /// no longer be answered, so its unit is free at once, and its reply is nobody's.
+    #[test]
+    fn a_lost_connection_frees_every_unit_at_once() {
+        let t0 = Instant::now();
+        let mut l = Ledger::default();
+        l.sent(Some(1), 1, T, (), t0);
+        l.sent(Some(2), 2, T, (), t0);
+        assert!(l.stray(Some(2), t0 + ms(250)), "unit 2 was late once");
+        l.sent(Some(2), 3, T, (), t0 + ms(300));
+        assert!(l.blocked(Some(1), t0 + T));
+        l.connection_lost();
+        assert!(!l.blocked(Some(1), t0 + T));
+        assert!(!l.blocked(Some(2), t0 + ms(300)));
+        assert!(!l.any_pending());
+        assert_eq!(l.candidates(t0 + ms(300)).count(), 0, "no late reply is expected");
+        assert_eq!(l.learned(Some(2)), ms(250), "what was learned stays");
     }
 
     #[test]
