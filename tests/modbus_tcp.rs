@@ -436,3 +436,31 @@ async fn a_reset_mid_request_is_sent_again_at_once_not_after_the_late_reply_hold
     }
     rig.stop().await;
 }
+
+/// A reply whose transaction id belonged to a request the bus gave up on is a late reply,
+/// counted as one (`late_replies`, as on a serial bus), not as a foreign frame or noise.
+#[tokio::test]
+async fn a_reply_to_a_timed_out_request_is_counted_as_a_late_reply() {
+    let rig = start().await;
+    wait_until("polled", SECS(3), || rig.gateway.image.good_value("boiler.t").is_some()).await;
+    let mut pass = rig.master(20).await;
+    let stats = || rig.gateway.buses[0].stats().snapshot();
+    // The meter answers 450 ms late (its timeout is 300 ms); unit 1's polls go on
+    // meanwhile, each with a newer transaction id.
+    let before = stats();
+    rig.sim.set_fault(2, Fault::Late(Duration::from_millis(450))).expect("fault");
+    assert_eq!(
+        pass.read_holding_registers(0, 1).await.expect("transport"),
+        Err(ExceptionCode::GatewayTargetDevice)
+    );
+    wait_until("the late reply is counted", SECS(3), || {
+        stats().late_replies.load(Relaxed) > before.late_replies.load(Relaxed)
+    })
+    .await;
+    // (Unit 1's polls wait behind the meter's answer on the one connection: some of
+    // theirs come late too, and count as late replies as well.)
+    let after = stats();
+    assert_eq!(after.foreign_frames.load(Relaxed), before.foreign_frames.load(Relaxed), "not foreign");
+    assert_eq!(after.noise_bytes.load(Relaxed), before.noise_bytes.load(Relaxed), "not noise");
+    rig.stop().await;
+}

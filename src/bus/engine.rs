@@ -544,6 +544,7 @@ impl Engine {
         let now = Instant::now();
         while !self.stray.is_empty() {
             let (mut hit, mut waiting, mut skip, mut any) = (None, false, usize::MAX, false);
+            let mut ours = None;
             for (key, e) in self.schedule.ledger.candidates(now) {
                 any = true;
                 match self.framing.decode(e.what.0, &e.what.1, &self.stray, silent) {
@@ -552,8 +553,21 @@ impl Engine {
                         break;
                     }
                     Decoded::Incomplete => waiting = true,
+                    Decoded::Skip { len, why: SkipReason::Late } => ours = Some(len),
                     Decoded::Skip { len, .. } => skip = skip.min(len.max(1)),
                 }
+            }
+            if let (None, Some(len)) = (hit, ours) {
+                // A reply the framing knows for ours by its transaction id, to a request
+                // given up on: late, whichever unit's entry it answers.
+                let len = len.min(self.stray.len());
+                self.tap.emit(TraceDir::Rx, &self.stray[..len], None, Verdict::LateReplyDiscarded, || {
+                    "late reply, discarded".into()
+                });
+                self.stats.late_replies.fetch_add(1, Relaxed);
+                debug!("late reply discarded");
+                self.stray.drain(..len);
+                continue;
             }
             if let Some((key, len)) = hit {
                 let len = len.min(self.stray.len());
@@ -779,16 +793,27 @@ impl Engine {
                     }
                     Decoded::Skip { len, why } => {
                         let len = len.min(self.buf.len());
-                        let late = matches!(why, SkipReason::Foreign | SkipReason::Mismatch) && {
-                            let frame = self.buf[..len].to_vec();
-                            self.attribute(&frame)
+                        let late = match why {
+                            // The framing knows it for ours (a Modbus-TCP transaction id):
+                            // counted, and the ledger left as it is (the id says which
+                            // request it answers; its unit's oldest entry may be this one).
+                            SkipReason::Late => {
+                                self.stats.late_replies.fetch_add(1, Relaxed);
+                                debug!(unit = job.unit, "late reply to an earlier request discarded");
+                                true
+                            }
+                            SkipReason::Foreign | SkipReason::Mismatch => {
+                                let frame = self.buf[..len].to_vec();
+                                self.attribute(&frame)
+                            }
+                            SkipReason::Crc | SkipReason::Noise => false,
                         };
                         let tv = match why {
                             _ if late => Verdict::LateReplyDiscarded,
                             SkipReason::Crc => Verdict::CrcError,
                             SkipReason::Foreign => Verdict::WrongUnit,
                             SkipReason::Mismatch => Verdict::Mismatch,
-                            SkipReason::Noise => Verdict::Noise,
+                            SkipReason::Noise | SkipReason::Late => Verdict::Noise,
                         };
                         let shown = if why == SkipReason::Crc { self.buf.len() } else { len };
                         self.tap.emit(
@@ -824,7 +849,7 @@ impl Engine {
                             let counter = match why {
                                 SkipReason::Crc => &self.stats.crc_errors,
                                 SkipReason::Foreign | SkipReason::Mismatch => &self.stats.foreign_frames,
-                                SkipReason::Noise => &self.stats.noise_bytes,
+                                SkipReason::Noise | SkipReason::Late => &self.stats.noise_bytes,
                             };
                             if why != SkipReason::Noise {
                                 debug!(unit = job.unit, ?why, "frame discarded");

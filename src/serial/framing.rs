@@ -121,6 +121,9 @@ pub enum SkipReason {
     Mismatch,
     /// Bytes that do not start any frame we know.
     Noise,
+    /// A reply to an earlier request of ours, which the framing tells apart (a Modbus-TCP
+    /// transaction id we issued before the current one): a late reply.
+    Late,
 }
 
 #[cfg(test)]

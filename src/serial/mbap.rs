@@ -8,8 +8,9 @@
 //! asked and a reply that fits the request is taken as the answer.
 //!
 //! Invariants:
-//! - a late answer to an earlier transaction (its id is not the current one), or any
-//!   other foreign frame, is skipped whole while the timeout keeps running: never data;
+//! - a late answer to an earlier transaction (its id is one of the [`RECENT`] issued before
+//!   the current one) is skipped whole as [`SkipReason::Late`], any other foreign frame as
+//!   [`SkipReason::Foreign`], while the timeout keeps running: never data;
 //! - a retry resends the same frame, with the same transaction id: it is the same
 //!   transaction, and an answer to the first attempt arriving late is a valid answer to
 //!   the retry (the request was the same);
@@ -28,11 +29,18 @@ use crate::serial::pdu::PduError;
 /// Bytes of an MBAP header, unit id included.
 const HEADER: usize = 7;
 
+/// How many transaction ids before the current one a reply may carry and still be our
+/// late reply (at one transaction per millisecond, the last second's): an id further back,
+/// or never issued, is someone else's frame.
+pub const RECENT: u16 = 1024;
+
 /// Modbus-TCP (MBAP) framing for a bus of Modbus-TCP devices.
 #[derive(Debug, Default)]
 pub struct Mbap {
     /// The transaction id of the request last encoded.
     current: AtomicU16,
+    /// Ids issued so far, up to [`RECENT`].
+    issued: AtomicU16,
 }
 
 impl Mbap {
@@ -49,6 +57,7 @@ impl Framing for Mbap {
         // Only the bus task encodes and decodes: a plain increment is race-free.
         let tid = self.current.load(Relaxed).wrapping_add(1);
         self.current.store(tid, Relaxed);
+        self.issued.store(self.issued.load(Relaxed).saturating_add(1).min(RECENT), Relaxed);
         out.extend_from_slice(&tid.to_be_bytes());
         out.extend_from_slice(&[0, 0]);
         // At most 253 PDU bytes (encode_request checks): the length fits.
@@ -72,8 +81,16 @@ impl Framing for Mbap {
         }
         let tid = u16::from_be_bytes([buf[0], buf[1]]);
         let protocol = u16::from_be_bytes([buf[2], buf[3]]);
-        if tid != self.current() || protocol != 0 {
+        if protocol != 0 {
             return Decoded::Skip { len: total, why: SkipReason::Foreign };
+        }
+        if tid != self.current() {
+            let back = self.current().wrapping_sub(tid);
+            let ours = back <= self.issued.load(Relaxed).saturating_sub(1);
+            return Decoded::Skip {
+                len: total,
+                why: if ours { SkipReason::Late } else { SkipReason::Foreign },
+            };
         }
         crate::serial::rtu::check_reply(unit, request, buf[HEADER - 1], &buf[HEADER..total], total)
     }
@@ -108,7 +125,12 @@ mod tests {
         let mut buf = reply(1, 7, &[3, 4, 0, 1, 0, 2]);
         buf.extend(reply(2, 7, &[3, 4, 0, 3, 0, 4]));
         let Decoded::Skip { len, why } = m.decode(7, &req, &buf, false) else { panic!("stale answer taken") };
-        assert_eq!((len, why), (13, SkipReason::Foreign));
+        assert_eq!((len, why), (13, SkipReason::Late), "an id we issued before: a late reply");
+        // An id never issued is someone else's.
+        assert!(matches!(
+            m.decode(7, &req, &reply(3, 7, &[3, 4, 0, 1, 0, 2]), false),
+            Decoded::Skip { why: SkipReason::Foreign, .. }
+        ));
         assert_eq!(
             m.decode(7, &req, &buf[len..], false),
             Decoded::Reply { len: 13, reply: Ok(Response::ReadHoldingRegisters(vec![3, 4])) }
@@ -134,10 +156,16 @@ mod tests {
 
     #[test]
     fn the_transaction_id_wraps() {
-        let m = Mbap { current: AtomicU16::new(u16::MAX) };
+        let m = Mbap { current: AtomicU16::new(u16::MAX), issued: AtomicU16::new(RECENT) };
         let mut out = Vec::new();
         m.encode(1, &Request::ReadCoils(0, 1), &mut out).expect("encodes");
         assert_eq!(&out[..2], [0, 0]);
         assert_eq!(m.current(), 0);
+        // The id before the wrap is still recognised as ours.
+        let late = [0xFF, 0xFF, 0, 0, 0, 4, 1, 1, 1, 1];
+        assert!(matches!(
+            m.decode(1, &Request::ReadCoils(0, 1), &late, false),
+            Decoded::Skip { why: SkipReason::Late, .. }
+        ));
     }
 }
