@@ -28,7 +28,10 @@
 //! `modbus-tcp://host:port` is a Modbus-TCP device (`serial::mbap` frames it): the same
 //! engine, with no line timing (no wire time, frame gap 0 by default), and a request
 //! whose connection turns out to be lost (a device that closed an idle connection, a
-//! reset) is sent once more on a fresh connection before it fails.
+//! reset) is sent once more on a fresh connection before it fails. A modbus-tcp bus with
+//! `max_in_flight` > 1 is the one exception to "one transaction at a time": its task
+//! keeps up to that many requests outstanding on the connection, matched by transaction
+//! id (`engine/pipelined.rs`, `inflight.rs`).
 
 pub mod pass;
 
@@ -52,6 +55,7 @@ use crate::serial::line::open_port;
 use crate::serial::rs485::Mode;
 
 pub mod engine;
+pub mod inflight;
 pub mod schedule;
 pub mod trace;
 
@@ -271,7 +275,8 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
             } else {
                 engine::BURST_GAP
             })
-            .with_tcp_device(bus.protocol == Protocol::ModbusTcp);
+            .with_tcp_device(bus.protocol == Protocol::ModbusTcp)
+            .with_max_in_flight(bus.max_in_flight);
     let handle = BusHandle {
         name: Arc::from(bus.name.as_str()),
         tx,

@@ -96,6 +96,9 @@ pub struct Bus {
     pub queue_depth: usize,
     /// Longest wait between attempts to reopen a port that failed.
     pub reopen_max: Duration,
+    /// Requests kept outstanding at once on a Modbus-TCP device's connection (1: one
+    /// transaction at a time, as on a line; only a modbus-tcp bus has more).
+    pub max_in_flight: usize,
     /// Kernel RS-485 direction control (`rs485 = "kernel"`), applied at each open;
     /// `None`: the adapter switches direction itself.
     pub rs485: Option<crate::serial::rs485::Rs485>,

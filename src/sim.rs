@@ -144,6 +144,10 @@ struct State {
     units: std::collections::BTreeMap<u8, Unit>,
     bus: BusStats,
     exchanges: std::collections::VecDeque<Exchange>,
+    /// Modbus-TCP connections work on their requests in parallel (sim/tcp.rs).
+    tcp_parallel: bool,
+    /// Requests read and not yet answered, per Modbus-TCP connection, added up.
+    tcp_outstanding: u64,
 }
 
 /// One answered request as the simulated line saw it (recorded with `[line]` only).
@@ -368,6 +372,8 @@ impl Simulator {
                     units,
                     bus: BusStats::default(),
                     exchanges: std::collections::VecDeque::new(),
+                    tcp_parallel: false,
+                    tcp_outstanding: 0,
                 }),
                 epoch: Instant::now(),
                 raw,
@@ -383,6 +389,23 @@ impl Simulator {
     /// A handle on the shared state.
     pub fn handle(&self) -> SimHandle {
         SimHandle { shared: self.shared.clone() }
+    }
+
+    /// True when Modbus-TCP requests are worked on in parallel ([`SimHandle::set_tcp_parallel`]).
+    pub(crate) fn tcp_parallel(&self) -> bool {
+        self.shared.lock().tcp_parallel
+    }
+
+    /// A Modbus-TCP request was read (`+1`) or answered (`-1`): keeps the count of
+    /// requests outstanding and its high-water mark (`BusStats::tcp_most_outstanding`).
+    pub(crate) fn tcp_outstanding(&self, up: bool) {
+        let mut st = self.shared.lock();
+        if up {
+            st.tcp_outstanding += 1;
+            st.bus.tcp_most_outstanding = st.bus.tcp_most_outstanding.max(st.tcp_outstanding);
+        } else {
+            st.tcp_outstanding = st.tcp_outstanding.saturating_sub(1);
+        }
     }
 
     /// Watches [`SimHandle::reset_connections`], and counts the connection (simtcp.rs).
@@ -816,6 +839,15 @@ impl SimHandle {
     /// Bus-wide counters.
     pub fn bus_stats(&self) -> BusStats {
         self.shared.lock().bus
+    }
+
+    /// Modbus-TCP connections (`Simulator::serve_tcp`) work on every request as it
+    /// arrives, each answered after its own delay (the `late` fault), so replies can
+    /// leave out of order, as a device that pipelines does; off (the default), each
+    /// connection answers one request at a time, in order. Applies to requests read
+    /// from now on.
+    pub fn set_tcp_parallel(&self, parallel: bool) {
+        self.shared.lock().tcp_parallel = parallel;
     }
 
     /// Resets every open Modbus-TCP connection (`Simulator::serve_tcp`), as a device

@@ -710,6 +710,7 @@ fn rtu_bus(path: &str, points: Vec<Point>) -> model::Bus {
         retries: 1,
         queue_depth: 16,
         reopen_max: Duration::from_secs(1),
+        max_in_flight: 1,
         broadcast: false,
         rs485: None,
         raw_devices: Vec::new(),

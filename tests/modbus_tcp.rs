@@ -464,3 +464,146 @@ async fn a_reply_to_a_timed_out_request_is_counted_as_a_late_reply() {
     assert_eq!(after.noise_bytes.load(Relaxed), before.noise_bytes.load(Relaxed), "not noise");
     rig.stop().await;
 }
+
+/// The rig with `max_in_flight = 4` on the bus, both devices polled only once, and the
+/// simulator working on requests in parallel (a device that pipelines).
+async fn start_pipelined() -> TcpRig {
+    let sim = Simulator::new(common::sim_config(SIM));
+    let handle = sim.handle();
+    handle.set_tcp_parallel(true);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = format!("modbus-tcp://{}", listener.local_addr().expect("addr"));
+    let shutdown = CancellationToken::new();
+    tokio::spawn(sim.serve_tcp(listener, shutdown.clone()));
+    let config = GATEWAY
+        .replace("retries = 0\n", "retries = 0\nmax_in_flight = 4\ntimeout = \"1s\"\n")
+        .replace("timeout = \"100ms\"\n", "")
+        .replace("interval = \"50ms\"", "interval = \"1h\"")
+        .replace("timeout = \"300ms\"\n", "")
+        .replace(
+            "[[server.unit]]\nunit = 10\nagent = \"boiler\"",
+            "[[server.unit]]\nunit = 10\npass = \"boiler\"",
+        );
+    let model = common::model(&config, &port);
+    assert_eq!(model.buses[0].max_in_flight, 4);
+    let gateway = Gateway::start(&model, shutdown.clone()).expect("gateway starts");
+    let server = gateway.server_addr.expect("server");
+    let rig = TcpRig { sim: handle, gateway, shutdown, server };
+    wait_until("polled", SECS(3), || {
+        rig.gateway.image.good_value("boiler.t").is_some()
+            && rig.gateway.image.good_value("meter.e").is_some()
+    })
+    .await;
+    rig
+}
+
+/// With `max_in_flight = 4`, eight masters have several requests at the device at once,
+/// every answer is the right one although the device answers out of order, and a master
+/// on a prompt unit is answered while a slow unit's request is still outstanding.
+#[tokio::test]
+async fn pipelined_requests_are_outstanding_together_and_matched_out_of_order() {
+    let rig = start_pipelined().await;
+    // Unit 1 (the boiler, TCP unit 10) takes 300 ms per request; unit 2 answers at once.
+    rig.sim.set_fault(1, Fault::Late(Duration::from_millis(300))).expect("fault");
+    let asked = rig.sim.stats(1).requests;
+    let mut slow = rig.master(10).await;
+    let slow = tokio::spawn(async move { slow.read_holding_registers(0, 4).await.expect("transport") });
+    wait_until("the slow request is at the device", SECS(3), || rig.sim.stats(1).requests > asked).await;
+    let mut fast = rig.master(20).await;
+    assert_eq!(fast.read_holding_registers(0, 2).await.expect("transport"), Ok(vec![1000, 1001]));
+    assert!(!slow.is_finished(), "the prompt unit's reply overtook the slow one's");
+    assert_eq!(slow.await.expect("joins"), Ok(vec![100, 101, 102, 103]));
+    // Eight masters, four per unit, five reads each: each gets its own unit's values.
+    let mut tasks = Vec::new();
+    for m in 0..8u16 {
+        let (unit, want) = if m % 2 == 0 { (10, vec![100, 101]) } else { (20, vec![1000, 1001]) };
+        let mut ctx = rig.master(unit).await;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..5 {
+                assert_eq!(ctx.read_holding_registers(0, 2).await.expect("transport"), Ok(want.clone()));
+            }
+        }));
+    }
+    for t in tasks {
+        within(SECS(20), "masters done", t).await.expect("master's reads");
+    }
+    let seen = rig.sim.bus_stats().tcp_most_outstanding;
+    assert!((2..=4).contains(&seen), "the device had {seen} requests at once (at most max_in_flight)");
+    let stats = rig.gateway.buses[0].stats().snapshot();
+    assert_eq!(stats.timeouts.load(Relaxed), 0);
+    assert_eq!(stats.foreign_frames.load(Relaxed), 0);
+    rig.stop().await;
+}
+
+/// One transaction at a time stays the default: the device never has two requests.
+#[tokio::test]
+async fn without_max_in_flight_the_device_gets_one_request_at_a_time() {
+    let rig = start().await;
+    rig.sim.set_tcp_parallel(true);
+    wait_until("polled", SECS(3), || rig.gateway.image.good_value("boiler.t").is_some()).await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut ctx = rig.master(20).await;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..5 {
+                assert_eq!(ctx.read_holding_registers(0, 1).await.expect("transport"), Ok(vec![1000]));
+            }
+        }));
+    }
+    for t in tasks {
+        within(SECS(20), "masters done", t).await.expect("master's reads");
+    }
+    assert_eq!(rig.sim.bus_stats().tcp_most_outstanding, 1);
+    rig.stop().await;
+}
+
+/// Pipelined: a reply to a request given up on is discarded and counted as late, and
+/// the next request to that unit gets the fresh value.
+#[tokio::test]
+async fn pipelined_a_late_reply_is_discarded_and_counted() {
+    let rig = start_pipelined().await;
+    let mut pass = rig.master(20).await;
+    rig.sim.set_register(2, Table::Holding, 0, 111).expect("set");
+    rig.sim.set_fault(2, Fault::Late(Duration::from_millis(1300))).expect("fault");
+    assert_eq!(
+        pass.read_holding_registers(0, 1).await.expect("transport"),
+        Err(ExceptionCode::GatewayTargetDevice)
+    );
+    let stats = || rig.gateway.buses[0].stats().snapshot();
+    let before = stats();
+    rig.sim.set_register(2, Table::Holding, 0, 222).expect("set");
+    rig.sim.clear_fault(2).expect("fault");
+    assert_eq!(pass.read_holding_registers(0, 1).await.expect("transport"), Ok(vec![222]));
+    wait_until("the late reply is counted", SECS(3), || {
+        stats().late_replies.load(Relaxed) > before.late_replies.load(Relaxed)
+    })
+    .await;
+    assert_eq!(stats().foreign_frames.load(Relaxed), 0);
+    rig.stop().await;
+}
+
+/// Pipelined: a reset with four requests outstanding fails all four (0x0B to each
+/// master), and the bus reconnects and serves the next requests.
+#[tokio::test]
+async fn pipelined_a_reset_fails_every_outstanding_request_and_recovers() {
+    let rig = start_pipelined().await;
+    rig.sim.set_fault(1, Fault::Late(Duration::from_millis(800))).expect("fault");
+    let asked = rig.sim.stats(1).requests;
+    let connections = rig.sim.bus_stats().tcp_connections;
+    let mut tasks = Vec::new();
+    for a in 0..4u16 {
+        let mut ctx = rig.master(10).await;
+        tasks.push(tokio::spawn(async move { ctx.read_holding_registers(a, 1).await.expect("transport") }));
+    }
+    wait_until("four requests at the device", SECS(3), || rig.sim.stats(1).requests >= asked + 4).await;
+    rig.sim.reset_connections();
+    for t in tasks {
+        let got = within(SECS(3), "failed at the reset", t).await.expect("joins");
+        assert_eq!(got, Err(ExceptionCode::GatewayTargetDevice));
+    }
+    rig.sim.clear_fault(1).expect("fault");
+    let mut pass = rig.master(10).await;
+    assert_eq!(pass.read_holding_registers(0, 2).await.expect("transport"), Ok(vec![100, 101]));
+    assert!(rig.sim.bus_stats().tcp_connections > connections, "reconnected");
+    rig.stop().await;
+}

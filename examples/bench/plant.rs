@@ -65,6 +65,7 @@ pub(crate) fn one_bus(line: Line, devices: Vec<Device>) -> Model {
             retries: 1,
             queue_depth: 64,
             reopen_max: Duration::from_secs(1),
+            max_in_flight: 1,
             broadcast: false,
             rs485: None,
             devices,

@@ -21,6 +21,8 @@ use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
+mod pipelined;
+
 use super::pass::PassQueue;
 use super::schedule::{Judged, Key, Schedule};
 use super::trace::{Tap, TraceDir, Verdict, describe_reply, describe_request};
@@ -63,6 +65,9 @@ pub struct Engine {
     local_echo: bool,
     /// A Modbus-TCP device: no wire time, and a lost connection is retried once.
     tcp_device: bool,
+    /// Requests kept outstanding at once (a Modbus-TCP device that pipelines: more than
+    /// one runs [`Engine::run_pipelined`] instead of the one-at-a-time loop).
+    max_in_flight: usize,
     /// The silence after which a frame still short of its known length is dead.
     dead_after: Duration,
     /// When the line last carried a byte (ours or anyone's).
@@ -176,6 +181,7 @@ impl Engine {
             gap: rtu::t35(&line),
             local_echo: false,
             tcp_device: false,
+            max_in_flight: 1,
             dead_after: rtu::t35(&line).max(BURST_GAP),
             last_activity: Instant::now(),
             schedule: Schedule::new(depth, addressed),
@@ -216,6 +222,13 @@ impl Engine {
     /// request whose proven connection fails is sent once more on a new connection.
     pub fn with_tcp_device(mut self, tcp: bool) -> Self {
         self.tcp_device = tcp;
+        self
+    }
+
+    /// Keeps up to `n` requests outstanding on a Modbus-TCP device's connection (only
+    /// with [`Engine::with_tcp_device`]; 1, the default, is one transaction at a time).
+    pub fn with_max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
         self
     }
 
@@ -260,6 +273,9 @@ impl Engine {
         F: Fn() -> O + Send,
         O: std::future::Future<Output = Result<Opened, String>> + Send,
     {
+        if self.tcp_device && self.max_in_flight > 1 {
+            return self.run_pipelined(rx, open, shutdown).await;
+        }
         let mut line = Line0 {
             port: None,
             backoff: Duration::from_millis(100),
@@ -904,6 +920,16 @@ impl Engine {
 
 /// A master's request on the line: its master's in-flight count drops when this does.
 struct Running(Arc<PassQueue>);
+
+/// One of several masters' requests on a pipelining bus: its masters' in-flight counts
+/// drop when this does.
+struct RunningOne(Arc<PassQueue>, Vec<crate::bus::pass::MasterId>);
+
+impl Drop for RunningOne {
+    fn drop(&mut self) {
+        self.0.finish_for(&self.1);
+    }
+}
 
 impl Drop for Running {
     fn drop(&mut self) {

@@ -138,12 +138,17 @@ impl PassQueue {
                 if queue.is_empty() {
                     queues.remove(&master);
                 }
-                running.clear();
-                running.push(master);
+                // Running until `finish`; more than one taken at once only on a bus that
+                // pipelines (`finish_for` then ends each).
+                let mut masters = vec![master];
                 *last = master;
-                let shared =
-                    if is_read(&job.request) { share(queues, waiting, running, &job) } else { Vec::new() };
-                return Some(Taken { job, shared });
+                let shared = if is_read(&job.request) {
+                    share(queues, waiting, &mut masters, &job)
+                } else {
+                    Vec::new()
+                };
+                running.extend_from_slice(&masters);
+                return Some(Taken { job, shared, masters });
             }
             if queue.is_empty() {
                 queues.remove(&master);
@@ -155,6 +160,17 @@ impl PassQueue {
     /// The request taken last is over (its outcome is about to be sent).
     pub fn finish(&self) {
         self.state().running.clear();
+    }
+
+    /// One of several requests taken is over (a bus that pipelines): its `masters`
+    /// ([`Taken::masters`]) are running one request fewer.
+    pub fn finish_for(&self, masters: &[MasterId]) {
+        let mut s = self.state();
+        for m in masters {
+            if let Some(i) = s.running.iter().position(|r| r == m) {
+                s.running.swap_remove(i);
+            }
+        }
     }
 
     /// Waits until a request comes in (returns at once if one came in since the last
@@ -180,6 +196,8 @@ pub struct Taken {
     pub job: Job,
     /// Where the same answer goes too (identical reads of other masters).
     pub shared: Vec<oneshot::Sender<Result<Response, BusError>>>,
+    /// The masters waiting for it (none for a poll or a write from the gateway).
+    pub masters: Vec<MasterId>,
 }
 
 impl Taken {
@@ -197,7 +215,8 @@ impl Taken {
     }
 }
 
-fn is_read(request: &Request<'_>) -> bool {
+/// FC1–4: plain reads (shared between masters; pipelined together to one unit).
+pub(crate) fn is_read(request: &Request<'_>) -> bool {
     matches!(
         request,
         Request::ReadCoils(..)

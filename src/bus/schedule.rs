@@ -356,9 +356,20 @@ impl Schedule {
     /// The transaction to run at `now`, and whether it is a master's; `None` when nothing
     /// may run (nothing waits, or every waiting job's unit may still answer late).
     pub fn next(&mut self, now: Instant, pass: &PassQueue) -> Option<(Taken, bool)> {
+        self.next_where(now, pass, |_| true)
+    }
+
+    /// [`Schedule::next`], with only units `ready` accepts eligible (a bus that pipelines:
+    /// a unit with a write outstanding gets nothing more until it is answered).
+    pub fn next_where(
+        &mut self,
+        now: Instant,
+        pass: &PassQueue,
+        ready: impl Fn(u8) -> bool,
+    ) -> Option<(Taken, bool)> {
         self.ledger.expire(now);
         let (ledger, addressed) = (&self.ledger, self.addressed);
-        let held = |unit: u8| ledger.pending(addressed.then_some(unit)) > 0;
+        let held = |unit: u8| ledger.pending(addressed.then_some(unit)) > 0 || !ready(unit);
         let mut kept = Vec::new();
         let mut picked = None;
         while let Some(q) = self.heap.pop() {
@@ -388,7 +399,7 @@ impl Schedule {
                 self.heap.extend(picked);
                 Some((taken, true))
             }
-            (None, Some(q)) => Some((Taken { job: q.job, shared: Vec::new() }, false)),
+            (None, Some(q)) => Some((Taken { job: q.job, shared: Vec::new(), masters: Vec::new() }, false)),
             (None, None) => None,
         }
     }

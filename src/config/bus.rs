@@ -7,7 +7,8 @@
 //!                            #   TCP to a serial device server (NPort, ser2net); or
 //!                            #   "modbus-tcp://host:port" (port usually 502): Modbus-TCP
 //!                            #   devices (meters, drives, PLCs), MBAP frames, one
-//!                            #   transaction at a time, reconnect with back-off
+//!                            #   transaction at a time (see max_in_flight), reconnect
+//!                            #   with back-off
 //! protocol = "modbus-rtu"    # modbus-rtu|modbus-ascii|raw|modbus-tcp, default modbus-rtu
 //!                            #   (modbus-tcp for a modbus-tcp:// port, the only protocol
 //!                            #   it speaks); a raw bus carries [[raw_device]]s only (see
@@ -46,6 +47,9 @@
 //! retries = 1                # default 1, 0..=10
 //! queue_depth = 64           # default 64, 1..=65536
 //! reopen_max = "30s"         # default 30s, at least 100ms
+//! max_in_flight = 1          # modbus-tcp:// buses only: requests outstanding at once on
+//!                            #   the connection, default 1 (one transaction at a time),
+//!                            #   1..=16; more only for devices that pipeline
 //! ```
 //!
 //! A bus without devices is allowed (it is opened and idles); devices are attached to
@@ -69,6 +73,11 @@ const QUEUE_DEPTH: usize = 64;
 const REOPEN_MAX: Duration = Duration::from_secs(30);
 const REOPEN_MAX_MIN: Duration = Duration::from_millis(100);
 const FRAME_GAP_MAX: Duration = Duration::from_secs(1);
+/// Most requests a modbus-tcp bus keeps outstanding on its connection (`max_in_flight`).
+/// Modbus-TCP devices that pipeline at all queue a handful of requests per connection
+/// (gateways and PLCs commonly 4 to 16; many meters 1); beyond 16, a device that falls
+/// behind only makes every outstanding request time out together.
+pub(crate) const MAX_IN_FLIGHT: i64 = 16;
 
 /// One `[[bus]]` as written.
 #[derive(Debug, Deserialize)]
@@ -95,6 +104,7 @@ pub(super) struct RawBus {
     retries: Option<Spanned<i64>>,
     queue_depth: Option<Spanned<i64>>,
     reopen_max: Option<Spanned<String>>,
+    max_in_flight: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -194,6 +204,17 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
     let default = Line { baud: BAUD, data_bits: 8, parity: Parity::Even, stop_bits: 1 };
     let line =
         line(r.baud.as_ref(), r.parity, r.data_bits.as_ref(), r.stop_bits.as_ref(), default, path, check);
+    let max_in_flight = match &r.max_in_flight {
+        Some(n) if !tcp_device => {
+            check.report(
+                n.span(),
+                path,
+                "max_in_flight applies only to a modbus-tcp:// bus (a serial line, or RTU frames over tcp://, carries one request at a time)",
+            );
+            1
+        }
+        n => check.int(n.as_ref(), 1, 1..=MAX_IN_FLIGHT, path, "max_in_flight"),
+    };
     if let (Some(bits), 7, Protocol::ModbusRtu) = (&r.data_bits, line.data_bits, protocol) {
         check.report(bits.span(), path, "data_bits 7 cannot carry modbus-rtu frames, which need 8 data bits");
     }
@@ -214,6 +235,7 @@ fn one(r: &RawBus, path: &str, check: &mut Checker) -> Bus {
         retries: check.int(r.retries.as_ref(), RETRIES, 0..=10, path, "retries"),
         queue_depth: check.int(r.queue_depth.as_ref(), QUEUE_DEPTH, 1..=65_536, path, "queue_depth"),
         reopen_max: check.duration(r.reopen_max.as_ref(), REOPEN_MAX, REOPEN_MAX_MIN, path, "reopen_max"),
+        max_in_flight,
         broadcast: r.broadcast,
         rs485: rs485(r, path, check),
         devices: Vec::new(),

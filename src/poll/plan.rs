@@ -422,9 +422,14 @@ pub fn render(model: &Model, plans: &[BusPlan]) -> String {
         let bus = model.buses.iter().find(|b| b.name == plan.bus);
         match bus {
             Some(b) if b.protocol == crate::model::Protocol::ModbusTcp => {
+                let pace = if b.max_in_flight > 1 {
+                    format!("up to {} requests outstanding at once", b.max_in_flight)
+                } else {
+                    "one transaction at a time".to_owned()
+                };
                 let _ = writeln!(
                     out,
-                    "bus {} ({}, modbus-tcp device(s), one transaction at a time; line times do not apply)",
+                    "bus {} ({}, modbus-tcp device(s), {pace}; line times do not apply)",
                     b.name, b.port
                 );
             }
@@ -610,6 +615,7 @@ mod tests {
                 retries: 1,
                 queue_depth: 16,
                 reopen_max: Duration::from_secs(30),
+                max_in_flight: 1,
                 devices,
                 broadcast: false,
                 rs485: None,

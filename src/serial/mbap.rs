@@ -52,35 +52,20 @@ impl Mbap {
 
 impl Framing for Mbap {
     fn encode(&self, unit: u8, request: &Request<'_>, out: &mut Vec<u8>) -> Result<(), PduError> {
-        let mut pdu = Vec::with_capacity(crate::serial::pdu::MAX_PDU);
-        crate::serial::pdu::encode_request(request, &mut pdu)?;
         // Only the bus task encodes and decodes: a plain increment is race-free.
         let tid = self.current.load(Relaxed).wrapping_add(1);
+        encode_with_id(tid, unit, request, out)?;
         self.current.store(tid, Relaxed);
         self.issued.store(self.issued.load(Relaxed).saturating_add(1).min(RECENT), Relaxed);
-        out.extend_from_slice(&tid.to_be_bytes());
-        out.extend_from_slice(&[0, 0]);
-        // At most 253 PDU bytes (encode_request checks): the length fits.
-        out.extend_from_slice(&u16::try_from(pdu.len() + 1).unwrap_or(u16::MAX).to_be_bytes());
-        out.push(unit);
-        out.extend_from_slice(&pdu);
         Ok(())
     }
 
     fn decode(&self, unit: u8, request: &Request<'_>, buf: &[u8], _silent: bool) -> Decoded {
-        if buf.len() < 6 {
-            return Decoded::Incomplete;
-        }
-        let length = usize::from(u16::from_be_bytes([buf[4], buf[5]]));
-        if !(2..=254).contains(&length) {
-            return Decoded::Skip { len: buf.len(), why: SkipReason::Noise };
-        }
-        let total = 6 + length;
-        if buf.len() < total {
-            return Decoded::Incomplete;
-        }
-        let tid = u16::from_be_bytes([buf[0], buf[1]]);
-        let protocol = u16::from_be_bytes([buf[2], buf[3]]);
+        let (tid, protocol, total) = match header(buf) {
+            Header::Incomplete => return Decoded::Incomplete,
+            Header::Noise => return Decoded::Skip { len: buf.len(), why: SkipReason::Noise },
+            Header::Frame { tid, protocol, len, .. } => (tid, protocol, len),
+        };
         if protocol != 0 {
             return Decoded::Skip { len: total, why: SkipReason::Foreign };
         }
@@ -93,6 +78,61 @@ impl Framing for Mbap {
             };
         }
         crate::serial::rtu::check_reply(unit, request, buf[HEADER - 1], &buf[HEADER..total], total)
+    }
+}
+
+/// Encodes `request` for `unit` as one MBAP frame carrying transaction id `tid` (a bus
+/// that pipelines picks its own ids: `bus::inflight`).
+pub fn encode_with_id(tid: u16, unit: u8, request: &Request<'_>, out: &mut Vec<u8>) -> Result<(), PduError> {
+    let mut pdu = Vec::with_capacity(crate::serial::pdu::MAX_PDU);
+    crate::serial::pdu::encode_request(request, &mut pdu)?;
+    out.extend_from_slice(&tid.to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+    // At most 253 PDU bytes (encode_request checks): the length fits.
+    out.extend_from_slice(&u16::try_from(pdu.len() + 1).unwrap_or(u16::MAX).to_be_bytes());
+    out.push(unit);
+    out.extend_from_slice(&pdu);
+    Ok(())
+}
+
+/// The MBAP header of the frame at the start of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header {
+    /// Not all of the frame is there yet.
+    Incomplete,
+    /// A length no Modbus reply can have: the stream is out of step, drop it all.
+    Noise,
+    /// A whole frame of `len` bytes (header included; the PDU is `buf[7..len]`).
+    Frame {
+        /// Transaction id.
+        tid: u16,
+        /// Protocol id (0 is Modbus).
+        protocol: u16,
+        /// Unit id.
+        unit: u8,
+        /// Bytes of the frame.
+        len: usize,
+    },
+}
+
+/// Cuts the first frame out of `buf` by its MBAP header.
+pub fn header(buf: &[u8]) -> Header {
+    if buf.len() < 6 {
+        return Header::Incomplete;
+    }
+    let length = usize::from(u16::from_be_bytes([buf[4], buf[5]]));
+    if !(2..=254).contains(&length) {
+        return Header::Noise;
+    }
+    let len = 6 + length;
+    if buf.len() < len {
+        return Header::Incomplete;
+    }
+    Header::Frame {
+        tid: u16::from_be_bytes([buf[0], buf[1]]),
+        protocol: u16::from_be_bytes([buf[2], buf[3]]),
+        unit: buf[HEADER - 1],
+        len,
     }
 }
 

@@ -662,6 +662,7 @@ count = 16
             retries: 1,
             queue_depth: 16,
             reopen_max: Duration::from_secs(30),
+            max_in_flight: 1,
             devices: vec![device],
             broadcast: false,
             rs485: None,

@@ -134,6 +134,10 @@ pub struct BusStats {
     pub garbage_bytes: u64,
     /// Modbus-TCP connections accepted (`Simulator::serve_tcp`).
     pub tcp_connections: u64,
+    /// The most Modbus-TCP requests read and not yet answered at one time (all
+    /// connections): above 1 only when a master pipelines and the connections work in
+    /// parallel (`SimHandle::set_tcp_parallel`).
+    pub tcp_most_outstanding: u64,
 }
 
 #[derive(Debug, Default)]

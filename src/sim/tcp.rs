@@ -4,7 +4,10 @@
 //!
 //! Each connection is served in its own task, one request at a time in arrival order,
 //! as a single-threaded device would: a `late` fault delays that answer and everything
-//! behind it on the connection. The MBAP unit id selects the unit; unit 0 is applied as
+//! behind it on the connection. With [`SimHandle::set_tcp_parallel`](crate::simulate::SimHandle::set_tcp_parallel)
+//! a connection works on every request as it arrives and answers each after its own
+//! delay, out of order when the delays differ, as a device that pipelines does (the
+//! high-water mark of requests outstanding is counted). The MBAP unit id selects the unit; unit 0 is applied as
 //! a broadcast (no answer), and a unit that is not simulated does not answer, as on a
 //! line. `corrupt-crc` and `noise` faults do not apply (MBAP has no check to break and
 //! cannot resynchronise); `wrong-unit` answers with the other unit id.
@@ -73,8 +76,21 @@ impl Simulator {
         let mut resets = self.tcp_connected();
         let (rd, mut wr) = stream.into_split();
         let mut input = FramedRead::new(rd, mbap_codec());
+        // Parallel mode: replies decided, each sent once its own delay has passed.
+        let mut later = futures::stream::FuturesUnordered::<
+            std::pin::Pin<Box<dyn Future<Output = Vec<u8>> + Send>>,
+        >::new();
         loop {
             let frame = tokio::select! {
+                // Cancel-safe: a reply not yet due stays in the set.
+                Some(out) = later.next(), if !later.is_empty() => {
+                    let out: Vec<u8> = out;
+                    self.tcp_outstanding(false);
+                    if wr.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 // Cancel-safe: FramedRead keeps a partial frame buffered.
                 f = input.next() => match f {
                     Some(Ok(f)) => f,
@@ -95,21 +111,35 @@ impl Simulator {
             let mut rtu = frame[6..].to_vec();
             rtu.extend_from_slice(&[0, 0]);
             let Some(Decision { unit, pdu, delay, .. }) = self.decide(&rtu) else { continue };
+            if self.tcp_parallel() {
+                self.tcp_outstanding(true);
+                let out = reply(&frame, unit, &pdu);
+                later.push(Box::pin(async move {
+                    tokio::time::sleep(delay).await;
+                    out
+                }));
+                continue;
+            }
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 _ = resets.changed() => return reset(input, wr),
                 () = shutdown.cancelled() => return,
             }
-            let mut out = Vec::with_capacity(7 + pdu.len());
-            out.extend_from_slice(&frame[..4]);
-            out.extend_from_slice(&u16::try_from(pdu.len() + 1).unwrap_or(u16::MAX).to_be_bytes());
-            out.push(unit);
-            out.extend_from_slice(&pdu);
-            if wr.write_all(&out).await.is_err() {
+            if wr.write_all(&reply(&frame, unit, &pdu)).await.is_err() {
                 return;
             }
         }
     }
+}
+
+/// The MBAP reply to the request `frame`: its transaction and protocol ids, `unit`, `pdu`.
+fn reply(frame: &[u8], unit: u8, pdu: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(7 + pdu.len());
+    out.extend_from_slice(&frame[..4]);
+    out.extend_from_slice(&u16::try_from(pdu.len() + 1).unwrap_or(u16::MAX).to_be_bytes());
+    out.push(unit);
+    out.extend_from_slice(pdu);
+    out
 }
 
 /// Closes a connection with a reset (RST), as a device that reboots does.

@@ -173,6 +173,7 @@ fn commissioning_bus(port: &str, line: Line, timeout: Duration) -> Bus {
         retries: 0,
         queue_depth: 1,
         reopen_max: Duration::from_secs(1),
+        max_in_flight: 1,
         devices: Vec::new(),
         broadcast: false,
         rs485: None,

@@ -1,0 +1,330 @@
+//! The bus task's loop for a Modbus-TCP device that pipelines (`max_in_flight` > 1): one
+//! task still owns the connection, and keeps up to `max_in_flight` requests outstanding
+//! on it, matched to their replies by MBAP transaction id ([`InFlight`], sans-I/O).
+//!
+//! Invariants:
+//! - what runs next is chosen by the same [`Schedule`](super::Schedule) as on a line
+//!   (writes first, masters in turn, a waiting poll after a streak of masters), whenever a
+//!   slot is free; a unit with a write outstanding gets nothing more until it is answered;
+//! - a reply is taken only for the open request whose id and unit it carries, and only if
+//!   it fits that request's function; anything else is counted (late, foreign, noise) and
+//!   discarded, never data;
+//! - each request times out on its own and is resent under its id while retries last;
+//! - a lost connection fails every open request (`BusError::Timeout`: the master gets
+//!   0x0B, a poll marks its points failed) and the bus reconnects with back-off;
+//! - at shutdown, open requests get `BusError::Closed`; every job taken gets exactly one
+//!   outcome.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tokio_modbus::Response;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, instrument, warn};
+
+use super::{Engine, Line0, Opened, RunningOne};
+use crate::bus::inflight::{Expired, InFlight, Lookup};
+use crate::bus::pass::Taken;
+use crate::bus::trace::{TraceDir, Verdict, describe_reply, describe_request};
+use crate::bus::{BusError, Job};
+use crate::serial::framing::Decoded;
+use crate::serial::mbap;
+
+/// A request on the connection: who waits for it, and its frame (for a resend).
+struct Flight {
+    taken: Taken,
+    frame: Vec<u8>,
+    _running: Option<RunningOne>,
+}
+
+/// What woke the loop.
+enum Woke {
+    Job(Option<Job>),
+    Other,
+    Shutdown,
+    Read(std::io::Result<usize>),
+}
+
+impl Engine {
+    /// Runs until shutdown, pipelining up to `max_in_flight` requests on the connection.
+    #[instrument(name = "bus", skip_all, fields(bus = %self.name))]
+    pub(super) async fn run_pipelined<F, O>(
+        mut self,
+        mut rx: mpsc::Receiver<Job>,
+        open: F,
+        shutdown: CancellationToken,
+    ) where
+        F: Fn() -> O + Send,
+        O: std::future::Future<Output = Result<Opened, String>> + Send,
+    {
+        let mut line = Line0 {
+            port: None,
+            backoff: Duration::from_millis(100),
+            next_open: Instant::now(),
+            last_error: String::from("not opened yet"),
+            proven: false,
+        };
+        let mut flights: InFlight<Flight> = InFlight::new(self.max_in_flight);
+        let mut scratch = [0u8; 1024];
+        let mut busy_since: Option<Instant> = None;
+        info!(max_in_flight = self.max_in_flight, "pipelining requests on the connection");
+        loop {
+            if line.port.is_none() && Instant::now() >= line.next_open {
+                self.beat.busy(Instant::now().into_std(), super::OPEN_LIMIT);
+                let opened = tokio::select! {
+                    // Cancel-safe: an open abandoned half-way (a TCP connect) is dropped.
+                    r = open() => r,
+                    () = shutdown.cancelled() => break,
+                };
+                self.stats.open_attempts.fetch_add(1, Relaxed);
+                match opened {
+                    Ok(opened) => {
+                        self.stats.opens.fetch_add(1, Relaxed);
+                        info!("connection open");
+                        line.port = Some(opened.port);
+                        line.proven = false;
+                        self.buf.clear();
+                    }
+                    Err(e) => {
+                        if e != line.last_error {
+                            warn!(error = %e, retry_in = %humantime::format_duration(line.backoff), "cannot connect");
+                        }
+                        line.last_error = e;
+                        line.next_open = Instant::now() + line.backoff;
+                        line.backoff = (line.backoff * 2).min(self.reopen_max);
+                    }
+                }
+            }
+            while self.schedule.has_room() {
+                match rx.try_recv() {
+                    Ok(job) => self.schedule.push(job),
+                    Err(_) => break,
+                }
+            }
+            // Fill the free slots.
+            while flights.has_room() {
+                let now = Instant::now();
+                let Some((taken, master)) = self.schedule.next_where(now, &self.pass, |u| flights.ready(u))
+                else {
+                    break;
+                };
+                let running = master.then(|| RunningOne(self.pass.clone(), taken.masters.clone()));
+                if taken.abandoned() {
+                    continue;
+                }
+                self.schedule.ran(taken.job.priority);
+                let Some(port) = line.port.as_mut() else {
+                    taken.answer(Err(BusError::PortDown(line.last_error.clone())));
+                    continue;
+                };
+                let job = &taken.job;
+                let exclusive = !crate::bus::pass::is_read(&job.request);
+                let mut frame = Vec::with_capacity(260);
+                // The id is only known once the slot is taken: encode with a placeholder
+                // id, then write the real one in.
+                if let Err(e) = mbap::encode_with_id(0, job.unit, &job.request, &mut frame) {
+                    taken.answer(Err(BusError::Invalid(e)));
+                    continue;
+                }
+                let (unit, timeout, retries) = (job.unit, job.timeout, job.retries);
+                let flight = Flight { taken, frame, _running: running };
+                let tid = flights.start(unit, exclusive, timeout, retries, flight, now);
+                let Some(o) = flights.get_mut(tid) else { continue };
+                o.item.frame[..2].copy_from_slice(&tid.to_be_bytes());
+                let (frame, request) = (o.item.frame.clone(), o.item.taken.job.request.clone());
+                busy_since.get_or_insert(now);
+                if let Err(e) = port.write_all(&frame).await {
+                    self.connection_lost(&mut line, &mut flights, &mut busy_since, e.to_string());
+                    break;
+                }
+                debug!(unit, tid, request = ?request, "sent");
+                self.tap.emit(TraceDir::Tx, &frame, Some(unit), Verdict::Sent, || {
+                    describe_request(unit, &request)
+                });
+            }
+            self.stats.queue_depth.store(self.schedule.len() + self.pass.len(), Relaxed);
+            // Wait for a reply, a deadline, work, or the next connection attempt.
+            let deadline = flights.next_deadline();
+            let next_open = line.port.is_none().then_some(line.next_open);
+            let wake_at = match (deadline, next_open) {
+                (Some(d), Some(o)) => Some(d.min(o)),
+                (d, o) => d.or(o),
+            };
+            let timer = async move {
+                match wake_at {
+                    Some(at) => sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let room = self.schedule.has_room();
+            let read = async {
+                match line.port.as_mut() {
+                    Some(p) => p.read(&mut scratch).await,
+                    None => std::future::pending().await,
+                }
+            };
+            self.beat.idle(Instant::now().into_std());
+            let woke = tokio::select! {
+                // Cancel-safe: a job not yet received stays in the channel.
+                job = rx.recv(), if room => Woke::Job(job),
+                // Cancel-safe: a notification not taken is kept for the next wait.
+                () = self.pass.arrived() => Woke::Other,
+                () = shutdown.cancelled() => Woke::Shutdown,
+                // Cancel-safe: `read` is; bytes read are handled below.
+                r = read => Woke::Read(r),
+                () = timer => Woke::Other,
+                // Cancel-safe: a timer. Wake to beat even when nothing happens (the watchdog).
+                () = tokio::time::sleep(self.beat.tick()) => Woke::Other,
+            };
+            match woke {
+                Woke::Job(Some(job)) => self.schedule.push(job),
+                Woke::Job(None) | Woke::Shutdown => break,
+                Woke::Other => {}
+                Woke::Read(Ok(n)) if n > 0 => {
+                    self.buf.extend_from_slice(&scratch[..n]);
+                    self.sort_replies(&mut flights, &mut line);
+                }
+                Woke::Read(Ok(_)) => {
+                    let e = std::io::Error::from(std::io::ErrorKind::UnexpectedEof).to_string();
+                    self.connection_lost(&mut line, &mut flights, &mut busy_since, e);
+                }
+                Woke::Read(Err(e)) => {
+                    self.connection_lost(&mut line, &mut flights, &mut busy_since, e.to_string());
+                }
+            }
+            let now = Instant::now();
+            for expired in flights.expire(now) {
+                match expired {
+                    Expired::Resend(tid) => {
+                        self.stats.timeouts.fetch_add(1, Relaxed);
+                        let Some(o) = flights.get(tid) else { continue };
+                        let (unit, frame) = (o.unit, o.item.frame.clone());
+                        debug!(unit, tid, "no reply in time; sending again");
+                        self.tap.emit(TraceDir::Rx, &[], Some(unit), Verdict::Timeout, || {
+                            format!("unit {unit} no reply in time, sending again")
+                        });
+                        if let Some(p) = line.port.as_mut()
+                            && let Err(e) = p.write_all(&frame).await
+                        {
+                            self.connection_lost(&mut line, &mut flights, &mut busy_since, e.to_string());
+                            break;
+                        }
+                    }
+                    Expired::Failed(o) => {
+                        self.stats.timeouts.fetch_add(1, Relaxed);
+                        let unit = o.unit;
+                        debug!(unit, tid = o.tid, "no valid reply");
+                        self.tap.emit(TraceDir::Rx, &[], Some(unit), Verdict::Timeout, || {
+                            format!("unit {unit} no reply in time")
+                        });
+                        o.item.taken.answer(Err(BusError::Timeout { attempts: o.attempts }));
+                    }
+                }
+            }
+            if flights.is_empty()
+                && let Some(since) = busy_since.take()
+            {
+                self.stats.busy_ns.fetch_add(since.elapsed().as_nanos() as u64, Relaxed);
+            }
+        }
+        for o in flights.reset() {
+            o.item.taken.answer(Err(BusError::Closed));
+        }
+        self.pass.close();
+        info!("bus stopped");
+    }
+
+    /// Takes every whole frame out of the receive buffer and gives each to its request,
+    /// or counts it as discarded.
+    fn sort_replies(&mut self, flights: &mut InFlight<Flight>, line: &mut Line0) {
+        loop {
+            let (tid, protocol, unit, len) = match mbap::header(&self.buf) {
+                mbap::Header::Incomplete => return,
+                mbap::Header::Noise => {
+                    self.stats.noise_bytes.fetch_add(self.buf.len() as u64, Relaxed);
+                    let n = self.buf.len();
+                    self.tap.emit(TraceDir::Rx, &self.buf, None, Verdict::Noise, || {
+                        format!("{n} bytes that are not Modbus-TCP, discarded")
+                    });
+                    self.buf.clear();
+                    return;
+                }
+                mbap::Header::Frame { tid, protocol, unit, len } => (tid, protocol, unit, len),
+            };
+            let who = if protocol == 0 { flights.lookup(tid, unit) } else { Lookup::Foreign };
+            let fits = match who {
+                Lookup::Open => flights.get(tid).map(|o| {
+                    let req = &o.item.taken.job.request;
+                    crate::serial::rtu::check_reply(unit, req, unit, &self.buf[7..len], len)
+                }),
+                _ => None,
+            };
+            match (who, fits) {
+                (Lookup::Open, Some(Decoded::Reply { reply, .. })) => {
+                    let Some(done) = flights.finish(tid) else { continue };
+                    if !line.proven {
+                        line.proven = true;
+                        line.backoff = Duration::from_millis(100);
+                    }
+                    let tv = if reply.is_ok() { Verdict::Ok } else { Verdict::Exception };
+                    self.tap.emit(TraceDir::Rx, &self.buf[..len], Some(unit), tv, || {
+                        describe_reply(unit, &reply)
+                    });
+                    self.stats.transactions.fetch_add(1, Relaxed);
+                    let outcome: Result<Response, BusError> = reply.map_err(|code| {
+                        self.stats.exceptions.fetch_add(1, Relaxed);
+                        debug!(unit, ?code, "exception reply");
+                        BusError::Exception(code)
+                    });
+                    self.stats.shared_answers.fetch_add(done.item.taken.shared.len() as u64, Relaxed);
+                    done.item.taken.answer(outcome);
+                }
+                (Lookup::Late, _) => {
+                    self.stats.late_replies.fetch_add(1, Relaxed);
+                    debug!(unit, tid, "late reply to a request given up on, discarded");
+                    self.tap.emit(
+                        TraceDir::Rx,
+                        &self.buf[..len],
+                        Some(unit),
+                        Verdict::LateReplyDiscarded,
+                        || "late reply to an earlier request, discarded".into(),
+                    );
+                }
+                _ => {
+                    self.stats.foreign_frames.fetch_add(1, Relaxed);
+                    debug!(unit, tid, "frame matching no outstanding request, discarded");
+                    self.tap.emit(TraceDir::Rx, &self.buf[..len], Some(unit), Verdict::Mismatch, || {
+                        "frame matching no outstanding request, discarded".into()
+                    });
+                }
+            }
+            self.buf.drain(..len);
+        }
+    }
+
+    /// The connection failed: every open request fails (the device did not answer it),
+    /// and the bus reconnects with back-off.
+    fn connection_lost(
+        &mut self,
+        line: &mut Line0,
+        flights: &mut InFlight<Flight>,
+        busy_since: &mut Option<Instant>,
+        error: String,
+    ) {
+        let open = flights.reset();
+        if !open.is_empty() {
+            warn!(error = %error, failed = open.len(), "connection lost with requests outstanding; they fail, reconnecting");
+        }
+        for o in open {
+            o.item.taken.answer(Err(BusError::Timeout { attempts: o.attempts }));
+        }
+        if let Some(since) = busy_since.take() {
+            self.stats.busy_ns.fetch_add(since.elapsed().as_nanos() as u64, Relaxed);
+        }
+        self.buf.clear();
+        line.failed(error, self.reopen_max);
+    }
+}
