@@ -228,6 +228,18 @@ impl Drop for Pymodbus {
     }
 }
 
+/// Starts pymodbus' Modbus-TCP server on a free port.
+fn pymodbus_server() -> (Pymodbus, u16) {
+    let port = free_port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/pymodbus_slave.py");
+    let child = Command::new("python3")
+        .args([script, &format!("mbap:{port}")])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("python3 runs");
+    (Pymodbus(child), port)
+}
+
 fn pymodbus_available() -> bool {
     let ok = Command::new("python3")
         .args(["-c", "import pymodbus"])
@@ -245,15 +257,7 @@ async fn a_third_party_modbus_tcp_server_is_polled_and_written() {
         eprintln!("skipped: pymodbus is not installed (pip install pymodbus)");
         return;
     }
-    let port = free_port();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/pymodbus_slave.py");
-    let _server = Pymodbus(
-        Command::new("python3")
-            .args([script, &format!("mbap:{port}")])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("python3 runs"),
-    );
+    let (_server, port) = pymodbus_server();
     let gateway_toml = r#"
 [gateway]
 name = "pym"
@@ -606,4 +610,77 @@ async fn pipelined_a_reset_fails_every_outstanding_request_and_recovers() {
     assert_eq!(pass.read_holding_registers(0, 2).await.expect("transport"), Ok(vec![100, 101]));
     assert!(rig.sim.bus_stats().tcp_connections > connections, "reconnected");
     rig.stop().await;
+}
+
+/// pymodbus' server (3.16) does not pipeline: of requests that arrive together it answers
+/// the first and drops the rest. Pointed at it, `max_in_flight = 4` (a misconfiguration)
+/// costs timeouts (0x0B), never a wrong value: every answer a master gets is its own
+/// registers', and no reply is taken for another request.
+#[tokio::test]
+async fn a_server_that_cannot_pipeline_gives_timeouts_never_wrong_values() {
+    if !pymodbus_available() {
+        eprintln!("skipped: pymodbus is not installed (pip install pymodbus)");
+        return;
+    }
+    let (_server, port) = pymodbus_server();
+    let gateway_toml = r#"
+[gateway]
+name = "pym"
+[[bus]]
+name = "plc"
+port = "{port}"
+timeout = "300ms"
+retries = 0
+reopen_max = "200ms"
+max_in_flight = 4
+
+[[device]]
+name = "dev"
+bus = "plc"
+unit = 1
+interval = "200ms"
+point = [{ name = "h0", table = "holding", address = 0 }]
+
+[server]
+listen = "127.0.0.1:0"
+
+[[server.unit]]
+unit = 5
+pass = "dev"
+"#;
+    let model = common::model(gateway_toml, &format!("modbus-tcp://127.0.0.1:{port}"));
+    let shutdown = CancellationToken::new();
+    let gateway = Gateway::start(&model, shutdown.clone()).expect("gateway starts");
+    wait_until("pymodbus polled", SECS(20), || gateway.image.good_value("dev.h0").is_some()).await;
+    let addr = gateway.server_addr.expect("server");
+    let mut tasks = Vec::new();
+    for m in 0..8u16 {
+        let mut ctx = within(SECS(2), "connect", tokio_modbus::client::tcp::connect_slave(addr, Slave(5)))
+            .await
+            .expect("connects");
+        tasks.push(tokio::spawn(async move {
+            let mut answered = 0;
+            for k in 0..5u16 {
+                let at = m * 30 + k;
+                match ctx.read_holding_registers(at, 2).await.expect("transport") {
+                    Ok(values) => {
+                        assert_eq!(values, vec![1000 + at, 1001 + at], "master {m}, read {k}");
+                        answered += 1;
+                    }
+                    Err(code) => assert_eq!(code, ExceptionCode::GatewayTargetDevice, "master {m}, read {k}"),
+                }
+            }
+            answered
+        }));
+    }
+    let mut answered = 0;
+    for t in tasks {
+        answered += within(SECS(30), "masters done", t).await.expect("master's reads");
+    }
+    let stats = gateway.buses[0].stats().snapshot();
+    assert!(answered > 0, "some requests were answered");
+    assert!(stats.timeouts.load(Relaxed) > 0, "pymodbus dropped requests sent together");
+    assert_eq!(stats.foreign_frames.load(Relaxed), 0);
+    shutdown.cancel();
+    gateway.shutdown(SECS(2)).await;
 }

@@ -23,7 +23,9 @@
 //! With one pass-through transaction on the line at a time, a master that pipelines gets
 //! no more of the line than one that does not; and since the bus runs a waiting poll after
 //! a short streak of pass-through transactions (bus.rs), masters together cannot starve
-//! the polls either.
+//! the polls either. On a bus that pipelines (a Modbus-TCP device with `max_in_flight`),
+//! several requests are running at once, each ended by [`PassQueue::finish_for`] with the
+//! masters it was taken for; a master's running requests all count against its limit.
 //!
 //! Invariants: a request whose master has gone (connection closed, reply receiver
 //! dropped) is skipped, never sent; every request taken in gets exactly one outcome on
@@ -83,7 +85,8 @@ impl PassQueue {
         if s.closed {
             return Err(BusError::Closed);
         }
-        let running = usize::from(s.running.contains(&master));
+        // Several of its requests may be running at once on a bus that pipelines.
+        let running = s.running.iter().filter(|m| **m == master).count();
         let State { queues, waiting, .. } = &mut *s;
         let queue = queues.entry(master).or_default();
         let before = queue.len();
@@ -227,7 +230,7 @@ pub(crate) fn is_read(request: &Request<'_>) -> bool {
 }
 
 /// Takes the reads identical to `job` off the heads of the other masters' queues (the
-/// only one in `running` is `job`'s); their masters are running too.
+/// first in `running` is `job`'s master); their masters are running too.
 fn share(
     queues: &mut BTreeMap<MasterId, VecDeque<Job>>,
     waiting: &mut usize,
@@ -368,6 +371,32 @@ mod tests {
         // Another master is not affected by master 7's limit.
         let (other, _rx4) = job(4);
         q.submit(8, other, 2).expect("own limit");
+    }
+
+    /// A bus that pipelines runs several of one master's requests at once: each counts
+    /// against the master's limit until it is finished, whichever finishes first.
+    #[test]
+    fn several_running_requests_of_one_master_each_count_until_finished() {
+        let q = PassQueue::default();
+        let mut keep = Vec::new();
+        for unit in [1, 2, 3] {
+            let (j, rx) = job(unit);
+            keep.push(rx);
+            q.submit(7, j, 3).expect("room");
+        }
+        let first = q.take(|_| true).expect("waiting");
+        let second = q.take(|_| true).expect("waiting");
+        assert_eq!((first.masters.clone(), second.masters.clone()), (vec![7], vec![7]));
+        let (more, _rx) = job(4);
+        assert_eq!(q.submit(7, more, 3), Err(BusError::QueueFull), "two running + one waiting");
+        q.finish_for(&second.masters);
+        let (more, _rx) = job(4);
+        q.submit(7, more, 3).expect("one running + one waiting + this one");
+        let (more, _rx) = job(5);
+        assert_eq!(q.submit(7, more, 3), Err(BusError::QueueFull));
+        q.finish_for(&first.masters);
+        let (more, _rx) = job(5);
+        q.submit(7, more, 3).expect("room once the first is over too");
     }
 
     #[test]

@@ -206,11 +206,12 @@ impl Engine {
                         self.tap.emit(TraceDir::Rx, &[], Some(unit), Verdict::Timeout, || {
                             format!("unit {unit} no reply in time, sending again")
                         });
+                        // After a lost connection the rest are failed already (Resend
+                        // finds nothing) or fail below (Failed): each still gets its outcome.
                         if let Some(p) = line.port.as_mut()
                             && let Err(e) = p.write_all(&frame).await
                         {
                             self.connection_lost(&mut line, &mut flights, &mut busy_since, e.to_string());
-                            break;
                         }
                     }
                     Expired::Failed(o) => {
