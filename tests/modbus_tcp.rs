@@ -613,7 +613,7 @@ async fn pipelined_a_reset_fails_every_outstanding_request_and_recovers() {
 }
 
 /// pymodbus' server (3.16) does not pipeline: of requests that arrive together it answers
-/// the first and drops the rest. Pointed at it, `max_in_flight = 4` (a misconfiguration)
+/// the first and drops the rest (or answers one of them twice). Pointed at it, `max_in_flight = 4` (a misconfiguration)
 /// costs timeouts (0x0B), never a wrong value: every answer a master gets is its own
 /// registers', and no reply is taken for another request.
 #[tokio::test]
@@ -677,10 +677,9 @@ pass = "dev"
     for t in tasks {
         answered += within(SECS(30), "masters done", t).await.expect("master's reads");
     }
-    let stats = gateway.buses[0].stats().snapshot();
+    // (How many time out varies from run to run; pymodbus also answers some requests
+    // twice, and the second copy, matching nothing outstanding, is discarded.)
     assert!(answered > 0, "some requests were answered");
-    assert!(stats.timeouts.load(Relaxed) > 0, "pymodbus dropped requests sent together");
-    assert_eq!(stats.foreign_frames.load(Relaxed), 0);
     shutdown.cancel();
     gateway.shutdown(SECS(2)).await;
 }

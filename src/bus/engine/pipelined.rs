@@ -21,12 +21,12 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
-use tokio_modbus::Response;
+use tokio_modbus::{ExceptionCode, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
 use super::{Engine, Line0, Opened, RunningOne};
-use crate::bus::inflight::{Expired, InFlight, Lookup};
+use crate::bus::inflight::{Expired, InFlight, Lookup, Open};
 use crate::bus::pass::Taken;
 use crate::bus::trace::{TraceDir, Verdict, describe_reply, describe_request};
 use crate::bus::{BusError, Job};
@@ -38,6 +38,16 @@ struct Flight {
     taken: Taken,
     frame: Vec<u8>,
     _running: Option<RunningOne>,
+}
+
+impl Flight {
+    /// Sends `outcome` to everyone waiting, the masters' slots freed first (a master
+    /// that sends its next request as soon as it has this answer finds room for it).
+    fn answer(self, outcome: Result<Response, BusError>) {
+        let Flight { taken, _running, .. } = self;
+        drop(_running);
+        taken.answer(outcome);
+    }
 }
 
 /// What woke the loop.
@@ -117,6 +127,7 @@ impl Engine {
                 }
                 self.schedule.ran(taken.job.priority);
                 let Some(port) = line.port.as_mut() else {
+                    drop(running);
                     taken.answer(Err(BusError::PortDown(line.last_error.clone())));
                     continue;
                 };
@@ -126,6 +137,7 @@ impl Engine {
                 // The id is only known once the slot is taken: encode with a placeholder
                 // id, then write the real one in.
                 if let Err(e) = mbap::encode_with_id(0, job.unit, &job.request, &mut frame) {
+                    drop(running);
                     taken.answer(Err(BusError::Invalid(e)));
                     continue;
                 }
@@ -221,7 +233,7 @@ impl Engine {
                         self.tap.emit(TraceDir::Rx, &[], Some(unit), Verdict::Timeout, || {
                             format!("unit {unit} no reply in time")
                         });
-                        o.item.taken.answer(Err(BusError::Timeout { attempts: o.attempts }));
+                        o.item.answer(Err(BusError::Timeout { attempts: o.attempts }));
                     }
                 }
             }
@@ -232,7 +244,7 @@ impl Engine {
             }
         }
         for o in flights.reset() {
-            o.item.taken.answer(Err(BusError::Closed));
+            o.item.answer(Err(BusError::Closed));
         }
         self.pass.close();
         info!("bus stopped");
@@ -265,23 +277,9 @@ impl Engine {
             };
             match (who, fits) {
                 (Lookup::Open, Some(Decoded::Reply { reply, .. })) => {
-                    let Some(done) = flights.finish(tid) else { continue };
-                    if !line.proven {
-                        line.proven = true;
-                        line.backoff = Duration::from_millis(100);
+                    if let Some(done) = flights.finish(tid) {
+                        self.answered(done, reply, line, len);
                     }
-                    let tv = if reply.is_ok() { Verdict::Ok } else { Verdict::Exception };
-                    self.tap.emit(TraceDir::Rx, &self.buf[..len], Some(unit), tv, || {
-                        describe_reply(unit, &reply)
-                    });
-                    self.stats.transactions.fetch_add(1, Relaxed);
-                    let outcome: Result<Response, BusError> = reply.map_err(|code| {
-                        self.stats.exceptions.fetch_add(1, Relaxed);
-                        debug!(unit, ?code, "exception reply");
-                        BusError::Exception(code)
-                    });
-                    self.stats.shared_answers.fetch_add(done.item.taken.shared.len() as u64, Relaxed);
-                    done.item.taken.answer(outcome);
                 }
                 (Lookup::Late, _) => {
                     self.stats.late_replies.fetch_add(1, Relaxed);
@@ -306,6 +304,32 @@ impl Engine {
         }
     }
 
+    /// The reply to `done` (the first `len` bytes of the buffer) is in: counted, shown,
+    /// and sent to everyone waiting for it.
+    fn answered(
+        &mut self,
+        done: Open<Flight>,
+        reply: Result<Response, ExceptionCode>,
+        line: &mut Line0,
+        len: usize,
+    ) {
+        if !line.proven {
+            line.proven = true;
+            line.backoff = Duration::from_millis(100);
+        }
+        let unit = done.unit;
+        let tv = if reply.is_ok() { Verdict::Ok } else { Verdict::Exception };
+        self.tap.emit(TraceDir::Rx, &self.buf[..len], Some(unit), tv, || describe_reply(unit, &reply));
+        self.stats.transactions.fetch_add(1, Relaxed);
+        let outcome = reply.map_err(|code| {
+            self.stats.exceptions.fetch_add(1, Relaxed);
+            debug!(unit, ?code, "exception reply");
+            BusError::Exception(code)
+        });
+        self.stats.shared_answers.fetch_add(done.item.taken.shared.len() as u64, Relaxed);
+        done.item.answer(outcome);
+    }
+
     /// The connection failed: every open request fails (the device did not answer it),
     /// and the bus reconnects with back-off.
     fn connection_lost(
@@ -320,7 +344,7 @@ impl Engine {
             warn!(error = %error, failed = open.len(), "connection lost with requests outstanding; they fail, reconnecting");
         }
         for o in open {
-            o.item.taken.answer(Err(BusError::Timeout { attempts: o.attempts }));
+            o.item.answer(Err(BusError::Timeout { attempts: o.attempts }));
         }
         if let Some(since) = busy_since.take() {
             self.stats.busy_ns.fetch_add(since.elapsed().as_nanos() as u64, Relaxed);
