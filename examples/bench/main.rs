@@ -5,7 +5,7 @@
 //! cargo run --release --example bench            # full run (~9 min), writes docs/BENCHMARKS.md
 //! cargo run --release --example bench -- --quick # smoke run (~2 min), prints only
 //! cargo run --release --example bench -- --out FILE
-//! cargo run --release --example bench -- --quick --only footprint   # bus | plan | footprint | pass | agent | link
+//! cargo run --release --example bench -- --quick --only footprint   # bus | plan | footprint | pass | agent | link | pipeline
 //! cargo run --release --example bench -- --only pass     # one figure, full windows: replaces its
 //!                                                        # section and summary rows in the report
 //! cargo run --release --example bench -- --quick --only pass-instant  # the like-for-like pass-through
@@ -40,6 +40,7 @@ mod footprint;
 mod line;
 mod passthrough;
 mod peerlink;
+mod pipeline;
 mod planning;
 mod plant;
 mod soak;
@@ -153,15 +154,17 @@ fn main() -> Result<(), BoxError> {
         None => Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md")),
     };
     let only = match args.iter().position(|a| a == "--only") {
-        Some(i) => {
-            Some(args.get(i + 1).ok_or("--only needs bus, plan, footprint, pass, agent or link")?.clone())
-        }
+        Some(i) => Some(
+            args.get(i + 1)
+                .ok_or("--only needs bus, plan, footprint, pass, agent, link or pipeline")?
+                .clone(),
+        ),
         None => None,
     };
     const OPTIONS: [&str; 6] = ["--quick", "--out", "--only", "--duration", "--cut-every", "--cut-for"];
     if let Some(bad) = args.iter().find(|a| a.starts_with("--") && !OPTIONS.contains(&a.as_str())) {
         return Err(format!(
-            "unknown option {bad}; use --quick, --only bus|plan|footprint|pass|pass-instant|agent|link|soak, --out FILE, \
+            "unknown option {bad}; use --quick, --only bus|plan|footprint|pass|pass-instant|agent|link|pipeline|soak, --out FILE, \
              --duration D, --cut-every D, --cut-for D"
         )
         .into());
@@ -257,6 +260,11 @@ fn main() -> Result<(), BoxError> {
         settle();
         eprintln!("bench: agent mode ...");
         figures.push(runtime.block_on(agent::agent_mode(&settings))?);
+    }
+    if wanted("pipeline") {
+        settle();
+        eprintln!("bench: modbus-tcp device bus, max_in_flight ...");
+        figures.push(runtime.block_on(pipeline::pipelining(&settings))?);
     }
     if wanted("link") {
         settle();
