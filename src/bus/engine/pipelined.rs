@@ -353,3 +353,102 @@ impl Engine {
         line.failed(error, self.reopen_max);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{BusStats, Priority};
+    use crate::model::{Line, Parity};
+    use std::sync::Arc;
+    use tokio::io::DuplexStream;
+    use tokio::sync::oneshot;
+
+    type Outcome = oneshot::Receiver<Result<Response, BusError>>;
+
+    fn read(unit: u8, at: u16) -> (Job, Outcome) {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            unit,
+            request: tokio_modbus::Request::ReadHoldingRegisters(at, 1),
+            priority: Priority::Write,
+            timeout: Duration::from_secs(5),
+            turnaround: Duration::ZERO,
+            retries: 0,
+            reply,
+        };
+        (job, rx)
+    }
+
+    /// Reads one MBAP request off the device's end: (tid, unit, address).
+    async fn request(dev: &mut DuplexStream) -> (u16, u8, u16) {
+        let mut f = [0u8; 12];
+        dev.read_exact(&mut f).await.expect("a request");
+        (u16::from_be_bytes([f[0], f[1]]), f[6], u16::from_be_bytes([f[8], f[9]]))
+    }
+
+    async fn answer(dev: &mut DuplexStream, tid: u16, unit: u8, value: u16) {
+        let mut f = tid.to_be_bytes().to_vec();
+        f.extend_from_slice(&[0, 0, 0, 5, unit, 3, 2]);
+        f.extend_from_slice(&value.to_be_bytes());
+        dev.write_all(&f).await.expect("answer");
+    }
+
+    /// Three requests are written before any is answered; answered last-first, each gets
+    /// its own value; a frame with an id nobody sent is counted and never taken.
+    #[tokio::test]
+    async fn requests_go_out_together_and_replies_find_their_own_request() {
+        let (near, mut dev) = tokio::io::duplex(4096);
+        let port = std::sync::Mutex::new(Some(near));
+        let open = move || {
+            let next = port.lock().expect("once").take();
+            async move {
+                next.map(|p| Opened::from(Box::new(p) as Box<dyn crate::bus::Port>))
+                    .ok_or_else(|| "opened once".to_string())
+            }
+        };
+        let stats = Arc::new(BusStats::default());
+        let line = Line { baud: 115_200, data_bits: 8, parity: Parity::None, stop_bits: 1 };
+        let engine = Engine::new(
+            "b".into(),
+            line,
+            Box::new(crate::serial::mbap::Mbap::default()),
+            8,
+            Duration::from_secs(30),
+            stats.clone(),
+        )
+        .with_tcp_device(true)
+        .with_max_in_flight(3);
+        let (tx, rx) = mpsc::channel(8);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(engine.run(rx, open, shutdown.clone()));
+        let mut outcomes = Vec::new();
+        for (unit, at) in [(1, 10), (2, 20), (1, 30), (3, 40)] {
+            let (job, rx) = read(unit, at);
+            tx.send(job).await.expect("bus runs");
+            outcomes.push(rx);
+        }
+        let mut sent = Vec::new();
+        for _ in 0..3 {
+            sent.push(request(&mut dev).await);
+        }
+        let ids: Vec<u16> = sent.iter().map(|s| s.0).collect();
+        assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), 3, "distinct ids: {ids:?}");
+        // Nobody sent id 999: discarded.
+        answer(&mut dev, 999, 1, 7).await;
+        for &(tid, unit, at) in sent.iter().rev() {
+            answer(&mut dev, tid, unit, at + 1000).await;
+        }
+        // The fourth goes out once a slot is free.
+        let (tid, unit, at) = request(&mut dev).await;
+        assert_eq!((unit, at), (3, 40));
+        answer(&mut dev, tid, unit, at + 1000).await;
+        for (rx, want) in outcomes.into_iter().zip([1010, 1020, 1030, 1040]) {
+            let got = rx.await.expect("answered");
+            assert_eq!(got, Ok(Response::ReadHoldingRegisters(vec![want])));
+        }
+        assert_eq!(stats.foreign_frames.load(Relaxed), 1);
+        assert_eq!(stats.transactions.load(Relaxed), 4);
+        shutdown.cancel();
+        task.await.expect("bus stops");
+    }
+}
