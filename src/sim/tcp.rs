@@ -111,7 +111,7 @@ impl Simulator {
             let mut rtu = frame[6..].to_vec();
             rtu.extend_from_slice(&[0, 0]);
             let Some(Decision { unit, pdu, delay, .. }) = self.decide(&rtu) else { continue };
-            if self.tcp_parallel() {
+            if self.tcp_parallel() && !delay.is_zero() {
                 self.tcp_outstanding(true);
                 let out = reply(&frame, unit, &pdu);
                 later.push(Box::pin(async move {
@@ -120,10 +120,19 @@ impl Simulator {
                 }));
                 continue;
             }
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                _ = resets.changed() => return reset(input, wr),
-                () = shutdown.cancelled() => return,
+            if self.tcp_parallel() {
+                // Answered at once: outstanding only while it is worked on.
+                self.tcp_outstanding(true);
+                self.tcp_outstanding(false);
+            }
+            // A timer, even of zero, waits for the next 1 ms tick: an instant device
+            // answers without one.
+            if !delay.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = resets.changed() => return reset(input, wr),
+                    () = shutdown.cancelled() => return,
+                }
             }
             if wr.write_all(&reply(&frame, unit, &pdu)).await.is_err() {
                 return;
