@@ -89,7 +89,8 @@ pub(crate) async fn pipelining(s: &Settings) -> Result<Figure, BoxError> {
     }
     f.notes.push(
         "\"most at the device\" is the simulator's count of requests it had read and not yet \
-         answered at one time: 1 with max_in_flight 1 (one transaction at a time), up to 4 with 4."
+         answered at one time: 1 with max_in_flight 1 (one transaction at a time), and with an \
+         instant device (it answers each request before reading the next); up to 4 with 4."
             .into(),
     );
     Ok(f)
