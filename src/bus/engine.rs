@@ -923,11 +923,11 @@ struct Running(Arc<PassQueue>);
 
 /// One of several masters' requests on a pipelining bus: its masters' in-flight counts
 /// drop when this does.
-struct RunningOne(Arc<PassQueue>, Vec<crate::bus::pass::MasterId>);
+struct RunningOne(Arc<PassQueue>, crate::bus::pass::MasterId, Vec<crate::bus::pass::MasterId>);
 
 impl Drop for RunningOne {
     fn drop(&mut self) {
-        self.0.finish_for(&self.1);
+        self.0.finish_for(self.1, &self.2);
     }
 }
 

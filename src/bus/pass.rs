@@ -143,15 +143,16 @@ impl PassQueue {
                 }
                 // Running until `finish`; more than one taken at once only on a bus that
                 // pipelines (`finish_for` then ends each).
-                let mut masters = vec![master];
+                running.push(master);
                 *last = master;
+                let mut sharers = Vec::new();
                 let shared = if is_read(&job.request) {
-                    share(queues, waiting, &mut masters, &job)
+                    share(queues, waiting, master, &mut sharers, &job)
                 } else {
                     Vec::new()
                 };
-                running.extend_from_slice(&masters);
-                return Some(Taken { job, shared, masters });
+                running.extend_from_slice(&sharers);
+                return Some(Taken { job, shared, master: Some(master), sharers });
             }
             if queue.is_empty() {
                 queues.remove(&master);
@@ -165,11 +166,11 @@ impl PassQueue {
         self.state().running.clear();
     }
 
-    /// One of several requests taken is over (a bus that pipelines): its `masters`
-    /// ([`Taken::masters`]) are running one request fewer.
-    pub fn finish_for(&self, masters: &[MasterId]) {
+    /// One of several requests taken is over (a bus that pipelines): its `master` and
+    /// `sharers` ([`Taken::master`], [`Taken::sharers`]) are running one request fewer.
+    pub fn finish_for(&self, master: MasterId, sharers: &[MasterId]) {
         let mut s = self.state();
-        for m in masters {
+        for m in std::iter::once(&master).chain(sharers) {
             if let Some(i) = s.running.iter().position(|r| r == m) {
                 s.running.swap_remove(i);
             }
@@ -199,8 +200,10 @@ pub struct Taken {
     pub job: Job,
     /// Where the same answer goes too (identical reads of other masters).
     pub shared: Vec<oneshot::Sender<Result<Response, BusError>>>,
-    /// The masters waiting for it (none for a poll or a write from the gateway).
-    pub masters: Vec<MasterId>,
+    /// The master it was taken for (none for a poll or a write from the gateway).
+    pub master: Option<MasterId>,
+    /// The masters sharing its answer ([`Taken::shared`]'s).
+    pub sharers: Vec<MasterId>,
 }
 
 impl Taken {
@@ -229,25 +232,25 @@ pub(crate) fn is_read(request: &Request<'_>) -> bool {
     )
 }
 
-/// Takes the reads identical to `job` off the heads of the other masters' queues (the
-/// first in `running` is `job`'s master); their masters are running too.
+/// Takes the reads identical to `job` (taken for `taker`) off the heads of the other
+/// masters' queues; their masters go into `sharers`.
 fn share(
     queues: &mut BTreeMap<MasterId, VecDeque<Job>>,
     waiting: &mut usize,
-    running: &mut Vec<MasterId>,
+    taker: MasterId,
+    sharers: &mut Vec<MasterId>,
     job: &Job,
 ) -> Vec<oneshot::Sender<Result<Response, BusError>>> {
     let mut shared = Vec::new();
-    let taker = running.first().copied();
     queues.retain(|master, queue| {
-        if Some(*master) != taker
+        if *master != taker
             && queue
                 .front()
                 .is_some_and(|j| j.unit == job.unit && j.request == job.request && !j.reply.is_closed())
             && let Some(twin) = queue.pop_front()
         {
             *waiting -= 1;
-            running.push(*master);
+            sharers.push(*master);
             shared.push(twin.reply);
         }
         !queue.is_empty()
@@ -386,15 +389,15 @@ mod tests {
         }
         let first = q.take(|_| true).expect("waiting");
         let second = q.take(|_| true).expect("waiting");
-        assert_eq!((first.masters.clone(), second.masters.clone()), (vec![7], vec![7]));
+        assert_eq!((first.master, second.master), (Some(7), Some(7)));
         let (more, _rx) = job(4);
         assert_eq!(q.submit(7, more, 3), Err(BusError::QueueFull), "two running + one waiting");
-        q.finish_for(&second.masters);
+        q.finish_for(7, &second.sharers);
         let (more, _rx) = job(4);
         q.submit(7, more, 3).expect("one running + one waiting + this one");
         let (more, _rx) = job(5);
         assert_eq!(q.submit(7, more, 3), Err(BusError::QueueFull));
-        q.finish_for(&first.masters);
+        q.finish_for(7, &first.sharers);
         let (more, _rx) = job(5);
         q.submit(7, more, 3).expect("room once the first is over too");
     }

@@ -399,7 +399,9 @@ impl Schedule {
                 self.heap.extend(picked);
                 Some((taken, true))
             }
-            (None, Some(q)) => Some((Taken { job: q.job, shared: Vec::new(), masters: Vec::new() }, false)),
+            (None, Some(q)) => {
+                Some((Taken { job: q.job, shared: Vec::new(), master: None, sharers: Vec::new() }, false))
+            }
             (None, None) => None,
         }
     }

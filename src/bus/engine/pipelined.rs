@@ -117,11 +117,15 @@ impl Engine {
             // Fill the free slots.
             while flights.has_room() {
                 let now = Instant::now();
-                let Some((taken, master)) = self.schedule.next_where(now, &self.pass, |u| flights.ready(u))
+                let Some((mut taken, master)) =
+                    self.schedule.next_where(now, &self.pass, |u| flights.ready(u))
                 else {
                     break;
                 };
-                let running = master.then(|| RunningOne(self.pass.clone(), taken.masters.clone()));
+                let running = taken
+                    .master
+                    .filter(|_| master)
+                    .map(|m| RunningOne(self.pass.clone(), m, std::mem::take(&mut taken.sharers)));
                 if taken.abandoned() {
                     continue;
                 }
