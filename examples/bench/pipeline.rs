@@ -81,7 +81,7 @@ pub(crate) async fn pipelining(s: &Settings) -> Result<Figure, BoxError> {
     }
     for (device, gain) in gains {
         f.verdicts.push((
-            format!("modbus-tcp bus, {device} device, 8 masters: max_in_flight 4 vs 1"),
+            format!("pipelining: modbus-tcp bus, {device} device, 8 masters, max_in_flight 4 vs 1"),
             format!("{gain:.2}x"),
             "reported".into(),
             true,
