@@ -683,3 +683,30 @@ pass = "dev"
     shutdown.cancel();
     gateway.shutdown(SECS(2)).await;
 }
+
+/// Pipelined: writes to one unit go one at a time, in order. While a master's write is at
+/// the device, another master's write to the same unit waits (the device sees no second
+/// request for that unit) and lands after it; a read of another unit goes by meanwhile.
+#[tokio::test]
+async fn pipelined_writes_to_one_unit_go_one_at_a_time_in_order() {
+    let rig = start_pipelined().await;
+    rig.sim.set_fault(2, Fault::Late(Duration::from_millis(300))).expect("fault");
+    let asked = rig.sim.stats(2).requests;
+    let mut first = rig.master(20).await;
+    let mut second = rig.master(20).await;
+    let mut other = rig.master(10).await;
+    let first = tokio::spawn(async move { first.write_single_register(2, 1).await.expect("transport") });
+    wait_until("the first write is at the device", SECS(3), || rig.sim.stats(2).requests > asked).await;
+    let second = tokio::spawn(async move { second.write_single_register(2, 2).await.expect("transport") });
+    // Another unit is not held by the write.
+    assert_eq!(other.read_holding_registers(0, 1).await.expect("transport"), Ok(vec![100]));
+    while !first.is_finished() {
+        assert_eq!(rig.sim.stats(2).requests, asked + 1, "a second request reached unit 2 during its write");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(first.await.expect("joins"), Ok(()));
+    assert_eq!(within(SECS(3), "second write", second).await.expect("joins"), Ok(()));
+    assert_eq!(rig.sim.stats(2).requests, asked + 2);
+    assert_eq!(rig.sim.register(2, Table::Holding, 2), Some(2), "the later write lands last");
+    rig.stop().await;
+}
