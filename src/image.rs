@@ -153,7 +153,10 @@ impl Image {
                 .filter_map(|id| {
                     let entry = inner.entries.get(id.0 as usize)?;
                     let value = entry.sample.as_ref().and_then(|s| s.value.clone());
-                    Some((id, Sample { value, at, quality }))
+                    // A received point keeps its relay path: the failure is news from
+                    // the same route.
+                    let via = entry.sample.as_ref().and_then(|s| s.via.clone());
+                    Some((id, Sample { value, at, quality, via }))
                 })
                 .collect()
         };
@@ -345,7 +348,7 @@ mod tests {
     use super::*;
 
     fn good(v: i64) -> Sample {
-        Sample { value: Some(Value::Int(v)), at: SystemTime::now(), quality: Quality::Good }
+        Sample { value: Some(Value::Int(v)), at: SystemTime::now(), quality: Quality::Good, via: None }
     }
 
     #[test]

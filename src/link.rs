@@ -1161,12 +1161,15 @@ mod tests {
         );
         let t = std::time::UNIX_EPOCH;
         let mk = |i: usize| {
-            (format!("p{i}"), Sample { value: Some(Value::Int(i as i64)), at: t, quality: Quality::Good })
+            (
+                format!("p{i}"),
+                Sample { value: Some(Value::Int(i as i64)), at: t, quality: Quality::Good, via: None },
+            )
         };
         let batch: Vec<_> = (0..18).map(mk).collect();
         let text = BatchValues(&batch).to_string();
         assert!(text.starts_with("p0=0;p1=1;") && text.ends_with("p15=15;+2 more"), "{text}");
-        let none = [("x".to_string(), Sample { value: None, at: t, quality: Quality::CommFail })];
+        let none = [("x".to_string(), Sample { value: None, at: t, quality: Quality::CommFail, via: None })];
         assert_eq!(BatchValues(&none).to_string(), "x=-");
     }
 }

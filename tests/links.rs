@@ -116,7 +116,7 @@ fn at(micros: u64) -> SystemTime {
 }
 
 fn sample(v: Value, t: SystemTime, q: Quality) -> Sample {
-    Sample { value: Some(v), at: t, quality: q }
+    Sample { value: Some(v), at: t, quality: q, via: None }
 }
 
 fn set(image: &Image, point: &str, s: Sample) {

@@ -170,7 +170,7 @@ address = 10
 }
 
 fn good(v: Value) -> Sample {
-    Sample { value: Some(v), at: SystemTime::now(), quality: Quality::Good }
+    Sample { value: Some(v), at: SystemTime::now(), quality: Quality::Good, via: None }
 }
 
 /// An image with the test points, and a running sink of `plc` into it.

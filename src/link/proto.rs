@@ -5,7 +5,8 @@
 //! ```text
 //! frame   = u32 BE length (bytes after this field, >= 1) | u8 type | body
 //! str     = u16 BE byte length | UTF-8 bytes
-//! samples = u32 BE count | count × (str point | i64 BE unix µs | quality | value)
+//! samples = u32 BE count | count × (str point | i64 BE unix µs | quality | value) | [paths]
+//! paths   = u16 BE n | n × (u8 hops | hops × str) | count × u16 BE index   (version 2)
 //! quality = u8 0 good | 1 stale | 2 comm_fail | 3 exception + u8 code
 //! value   = u8 0 none | 1 bool + u8 (0/1) | 2 i64 | 3 u64 | 4 f64 (IEEE bits) | 5 str
 //! tunnel  = str name | u32 BE length | length bytes          (frame type 8)
@@ -26,8 +27,8 @@ pub use crate::spool::block::{ProtoError, decode_samples, encode_samples, sample
 use crate::spool::block::{Reader, put_str, put_value};
 
 /// Protocol version carried in [`Frame::Hello`]; peers with a different version are
-/// refused.
-pub const VERSION: u16 = 1;
+/// refused. Version 2 added the relay path table to the sample block.
+pub const VERSION: u16 = 2;
 
 /// Default limit for one frame (type byte + body): 1 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
@@ -359,7 +360,7 @@ mod tests {
     }
 
     fn sample(value: Option<Value>, micros: i64, quality: Quality) -> Sample {
-        Sample { value, at: at(micros), quality }
+        Sample { value, at: at(micros), quality, via: None }
     }
 
     fn all_frames() -> Vec<Frame> {
@@ -377,6 +378,13 @@ mod tests {
                     ("f".into(), sample(Some(Value::Float(-1.5)), 0, Quality::Exception(2))),
                     ("ünïcode".into(), sample(Some(Value::Text("héllo".into())), 5, Quality::Good)),
                     ("none".into(), sample(None, 6, Quality::CommFail)),
+                    (
+                        "relayed".into(),
+                        Sample {
+                            via: Some(vec![std::sync::Arc::from("site-a"), "hub".into()].into()),
+                            ..sample(Some(Value::Float(3.5)), 7, Quality::Good)
+                        },
+                    ),
                 ],
             },
             Frame::Batch { seq: 8, samples: vec![] },
@@ -589,8 +597,8 @@ mod tests {
     fn version_check() {
         assert!(check_version(VERSION).is_ok());
         assert_eq!(
-            check_version(2).expect_err("mismatch").to_string(),
-            "protocol version mismatch: peer speaks version 2, we speak 1"
+            check_version(1).expect_err("mismatch").to_string(),
+            "protocol version mismatch: peer speaks version 1, we speak 2"
         );
     }
 }

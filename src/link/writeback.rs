@@ -210,7 +210,12 @@ mod tests {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(wb.run(shutdown.clone()));
         for i in 0..5 {
-            let sample = Sample { value: Some(Value::Int(i)), at: SystemTime::now(), quality: Quality::Good };
+            let sample = Sample {
+                value: Some(Value::Int(i)),
+                at: SystemTime::now(),
+                quality: Quality::Good,
+                via: None,
+            };
             offer.offer([("pump.speed", &sample)]);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

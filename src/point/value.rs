@@ -193,4 +193,12 @@ pub struct Sample {
     pub at: std::time::SystemTime,
     /// Quality of the value.
     pub quality: Quality,
+    /// For a point received from a peer: the gateways the value has passed through,
+    /// origin first, ending with the peer that delivered it here (`None`: a local
+    /// point, or a value on its way to the first hop). Relaying never sends a value to
+    /// a gateway on this path, and a receiver drops a value whose path names it (a loop).
+    pub via: Option<Via>,
 }
+
+/// A relay path: gateway names, origin first (see [`Sample::via`]).
+pub type Via = std::sync::Arc<[std::sync::Arc<str>]>;

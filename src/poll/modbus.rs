@@ -379,7 +379,7 @@ fn decode(dev: &DeviceState, r: usize, rsp: &Response) -> Vec<(PointId, Sample)>
                 }
             };
             let quality = if value.is_some() { Quality::Good } else { Quality::Exception(0x04) };
-            (dev.ids[slot.point], Sample { value, at, quality })
+            (dev.ids[slot.point], Sample { value, at, quality, via: None })
         })
         .collect()
 }

@@ -239,7 +239,7 @@ pub fn apply_frame(device: &RawDevice, ids: &[PointId], frame: &[u8], image: &Im
             stats.frames.fetch_add(1, Relaxed);
             let at = SystemTime::now();
             image.update(values.into_iter().filter_map(|(i, value)| {
-                Some((*ids.get(i)?, Sample { value: Some(value), at, quality: Quality::Good }))
+                Some((*ids.get(i)?, Sample { value: Some(value), at, quality: Quality::Good, via: None }))
             }));
         }
         Err(e) => {

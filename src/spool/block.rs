@@ -1,24 +1,37 @@
-//! The sample block: `u32 count | count × sample`, the one sample format shared by the
-//! spool (which stores exactly these bytes) and the peer wire format
+//! The sample block: `u32 count | count × sample | [paths]`, the one sample format
+//! shared by the spool (which stores exactly these bytes) and the peer wire format
 //! (`crate::link::proto`, whose batch frames carry them), with the bounds-checked
 //! [`Reader`] and the codec error both use.
 //!
 //! ```text
-//! samples = u32 BE count | count × (str point | i64 BE unix µs | quality | value)
+//! samples = u32 BE count | count × (str point | i64 BE unix µs | quality | value) | [paths]
 //! str     = u16 BE byte length | UTF-8 bytes
 //! quality = u8 0 good | 1 stale | 2 comm_fail | 3 exception + u8 code
 //! value   = u8 0 none | 1 bool + u8 (0/1) | 2 i64 | 3 u64 | 4 f64 (IEEE bits) | 5 str
+//! paths   = u16 BE n (>= 1) | n × (u8 hops (>= 1) | hops × str gateway)
+//!           | count × u16 BE index (0: no path, i: the i-th path of the table)
 //! ```
 //!
+//! The path table (protocol version 2) carries the relay path of relayed samples
+//! ([`Sample::via`]). It is written only when some sample has a path, so a block of
+//! local samples is byte for byte a version-1 block, and every version-1 block (an old
+//! spool file's) decodes as a block without paths.
+//!
 //! Invariants: decoding never panics and never allocates from an untrusted length before
-//! checking it (a sample count only pre-allocates what the body can actually hold); every
-//! error names the frame type and the byte offset inside the body.
+//! checking it (a sample or path count only pre-allocates what the body can actually
+//! hold); every error names the frame type and the byte offset inside the body; a
+//! gateway name in a path is never empty and never holds `/` (it prefixes point names).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, BytesMut};
 
-use crate::point::value::{Quality, Sample, Value};
+use crate::point::value::{Quality, Sample, Value, Via};
+
+/// Most gateways one relay path may name (the `u8 hops` of the path table).
+pub const MAX_HOPS: usize = u8::MAX as usize;
 
 /// Smallest possible encoded sample (empty point name, tag `none`, quality `good`):
 /// bounds how many samples a body can hold, so a forged count cannot make us allocate.
@@ -115,6 +128,16 @@ pub enum ProtoError {
         /// Our protocol version.
         ours: u16,
     },
+    /// A relay path that breaks the rules of the path table.
+    #[error("bad relay path in {frame} frame at body offset {offset}: {what}")]
+    BadPath {
+        /// Frame type name.
+        frame: &'static str,
+        /// What is wrong.
+        what: String,
+        /// Offset of the field in the body.
+        offset: usize,
+    },
     /// The stream ended inside a frame.
     #[error("connection closed inside a frame ({0} bytes of an incomplete frame)")]
     EofInFrame(usize),
@@ -146,6 +169,51 @@ pub fn encode_samples(samples: &[(String, Sample)], dst: &mut BytesMut) -> Resul
             }
         }
         put_value(dst, sample.value.as_ref())?;
+    }
+    encode_paths(samples, dst)
+}
+
+/// The path table of a block, when some sample has a relay path.
+fn encode_paths(samples: &[(String, Sample)], dst: &mut BytesMut) -> Result<(), ProtoError> {
+    let via = |s: &Sample| s.via.as_ref().filter(|v| !v.is_empty()).cloned();
+    if !samples.iter().any(|(_, s)| via(s).is_some()) {
+        return Ok(());
+    }
+    let mut table: Vec<Via> = Vec::new();
+    let mut index: HashMap<Via, u16> = HashMap::new();
+    let mut indices = Vec::with_capacity(samples.len());
+    for (_, s) in samples {
+        let Some(v) = via(s) else {
+            indices.push(0);
+            continue;
+        };
+        if v.len() > MAX_HOPS {
+            return Err(ProtoError::TooLong { what: "relay path", len: v.len(), max: MAX_HOPS });
+        }
+        let i = match index.get(&v) {
+            Some(i) => *i,
+            None => {
+                let i = u16::try_from(table.len() + 1).map_err(|_| ProtoError::TooLong {
+                    what: "relay path table",
+                    len: table.len() + 1,
+                    max: u16::MAX as usize,
+                })?;
+                table.push(v.clone());
+                index.insert(v, i);
+                i
+            }
+        };
+        indices.push(i);
+    }
+    dst.put_u16(table.len() as u16);
+    for path in &table {
+        dst.put_u8(path.len() as u8);
+        for gateway in path.iter() {
+            put_str(dst, gateway, "relay path gateway")?;
+        }
+    }
+    for i in indices {
+        dst.put_u16(i);
     }
     Ok(())
 }
@@ -320,9 +388,58 @@ impl<'a> Reader<'a> {
                 from_micros(micros).ok_or(ProtoError::TimeRange { frame: self.frame, micros, offset })?;
             let quality = self.quality()?;
             let value = self.value()?;
-            out.push((point, Sample { value, at, quality }));
+            out.push((point, Sample { value, at, quality, via: None }));
+        }
+        // The block ends the body: bytes after the samples are its path table.
+        if self.pos < self.buf.len() {
+            self.paths(&mut out)?;
         }
         Ok(out)
+    }
+
+    /// Reads the path table after the samples of `out` and sets their paths.
+    fn paths(&mut self, out: &mut [(String, Sample)]) -> Result<(), ProtoError> {
+        let offset = self.pos;
+        let n = usize::from(self.u16("path count")?);
+        if n == 0 {
+            return Err(self.bad_path("an empty path table is written as no table", offset));
+        }
+        // A path is at least 3 bytes (one hop, an empty name is refused below).
+        let mut table: Vec<Via> = Vec::with_capacity(n.min((self.buf.len() - self.pos) / 3));
+        for _ in 0..n {
+            let offset = self.pos;
+            let hops = usize::from(self.u8("path length")?);
+            if hops == 0 {
+                return Err(self.bad_path("a path names at least one gateway", offset));
+            }
+            let mut path = Vec::with_capacity(hops.min((self.buf.len() - self.pos) / 2));
+            for _ in 0..hops {
+                let offset = self.pos;
+                let gateway = self.string("relay path gateway")?;
+                if gateway.is_empty() || gateway.contains('/') {
+                    return Err(
+                        self.bad_path(format!("gateway name {gateway:?} is empty or holds '/'"), offset)
+                    );
+                }
+                path.push(Arc::<str>::from(gateway));
+            }
+            table.push(path.into());
+        }
+        for (_, sample) in out.iter_mut() {
+            let offset = self.pos;
+            let i = usize::from(self.u16("path index")?);
+            if i > n {
+                return Err(
+                    self.bad_path(format!("path index {i} beyond the {n} paths of the table"), offset)
+                );
+            }
+            sample.via = i.checked_sub(1).map(|i| table[i].clone());
+        }
+        Ok(())
+    }
+
+    fn bad_path(&self, what: impl Into<String>, offset: usize) -> ProtoError {
+        ProtoError::BadPath { frame: self.frame, what: what.into(), offset }
     }
 
     pub(crate) fn finish(&self) -> Result<(), ProtoError> {
@@ -332,5 +449,105 @@ impl<'a> Reader<'a> {
         } else {
             Err(ProtoError::TrailingBytes { frame: self.frame, count, offset: self.pos })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn via(hops: &[&str]) -> Option<Via> {
+        Some(hops.iter().map(|h| Arc::<str>::from(*h)).collect::<Vec<_>>().into())
+    }
+
+    fn sample(v: i64, via: Option<Via>) -> Sample {
+        Sample { value: Some(Value::Int(v)), at: from_micros(2).expect("time"), quality: Quality::Good, via }
+    }
+
+    /// A version-1 block as docs/PROTOCOL.md shows it: one sample `p` = int -1 at 2 µs.
+    const V1_BLOCK: [u8; 25] =
+        [0, 0, 0, 1, 0, 1, b'p', 0, 0, 0, 0, 0, 0, 0, 2, 0, 2, 255, 255, 255, 255, 255, 255, 255, 255];
+
+    #[test]
+    fn a_version_1_block_decodes_without_paths_and_local_blocks_stay_version_1() {
+        let decoded = decode_samples(&V1_BLOCK).expect("v1 block");
+        assert_eq!(
+            decoded,
+            vec![("p".to_string(), Sample { value: Some(Value::Int(-1)), ..sample(0, None) })]
+        );
+        let mut again = BytesMut::new();
+        encode_samples(&decoded, &mut again).expect("encode");
+        assert_eq!(&again[..], &V1_BLOCK[..], "no path: no table, the version-1 bytes");
+    }
+
+    #[test]
+    fn paths_round_trip_through_a_shared_table() {
+        let samples = vec![
+            ("x".to_string(), sample(1, via(&["site-a"]))),
+            ("y".to_string(), sample(2, None)),
+            ("z".to_string(), sample(3, via(&["site-a", "hub-b"]))),
+            ("w".to_string(), sample(4, via(&["site-a"]))),
+        ];
+        let mut block = BytesMut::new();
+        encode_samples(&samples, &mut block).expect("encode");
+        assert_eq!(decode_samples(&block).expect("decode"), samples);
+        // The table after the 4 samples: 2 distinct paths, then one index per sample.
+        let mut local = BytesMut::new();
+        let plain: Vec<_> =
+            samples.iter().map(|(p, s)| (p.clone(), Sample { via: None, ..s.clone() })).collect();
+        encode_samples(&plain, &mut local).expect("encode");
+        #[rustfmt::skip]
+        let table = [
+            0, 2,                                           // 2 paths
+            1, 0, 6, b's', b'i', b't', b'e', b'-', b'a',    // [site-a]
+            2, 0, 6, b's', b'i', b't', b'e', b'-', b'a', 0, 5, b'h', b'u', b'b', b'-', b'b',
+            0, 1, 0, 0, 0, 2, 0, 1,                         // indices
+        ];
+        assert_eq!(&block[..local.len()], &local[..]);
+        assert_eq!(&block[local.len()..], &table[..]);
+        // An empty path is no path.
+        let empty = vec![("x".to_string(), sample(1, via(&[])))];
+        let mut b = BytesMut::new();
+        encode_samples(&empty, &mut b).expect("encode");
+        assert_eq!(decode_samples(&b).expect("decode")[0].1.via, None);
+    }
+
+    #[test]
+    fn bad_path_tables_are_named_errors() {
+        let with = |tail: &[u8]| {
+            let mut b = V1_BLOCK.to_vec();
+            b.extend_from_slice(tail);
+            decode_samples(&b).expect_err("bad table").to_string()
+        };
+        assert_eq!(
+            with(&[0, 0]),
+            "bad relay path in samples frame at body offset 25: an empty path table is written as no table"
+        );
+        assert_eq!(
+            with(&[0, 1, 0]),
+            "bad relay path in samples frame at body offset 27: a path names at least one gateway"
+        );
+        assert!(
+            with(&[0, 1, 1, 0, 3, b'a', b'/', b'b', 0, 1])
+                .contains("gateway name \"a/b\" is empty or holds '/'")
+        );
+        assert!(with(&[0, 1, 1, 0, 0, 0, 1]).contains("gateway name \"\""));
+        assert_eq!(
+            with(&[0, 1, 1, 0, 1, b'a', 0, 2]),
+            "bad relay path in samples frame at body offset 31: path index 2 beyond the 1 paths of the table"
+        );
+        assert!(with(&[0, 1, 1, 0, 1, b'a']).starts_with("truncated samples frame: path index"));
+        assert!(with(&[0, 1, 1, 0, 1, b'a', 0, 1, 9]).starts_with("1 trailing bytes"));
+        // A forged path count with nothing behind it: truncated, not a large allocation.
+        assert!(with(&[0xff, 0xff]).starts_with("truncated samples frame: path length"));
+    }
+
+    #[test]
+    fn over_long_paths_are_refused_on_encode() {
+        let hops: Vec<String> = (0..=MAX_HOPS).map(|i| format!("g{i}")).collect();
+        let long = via(&hops.iter().map(String::as_str).collect::<Vec<_>>());
+        let mut b = BytesMut::new();
+        let e = encode_samples(&[("x".to_string(), sample(1, long))], &mut b).expect_err("too long");
+        assert_eq!(e.to_string(), "cannot encode relay path: 256 bytes, at most 255");
     }
 }

@@ -402,7 +402,7 @@ mod tests {
     use std::time::SystemTime;
 
     fn s(v: Value, q: Quality) -> Sample {
-        Sample { value: Some(v), at: SystemTime::now(), quality: q }
+        Sample { value: Some(v), at: SystemTime::now(), quality: q, via: None }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! acknowledged by one peer, and the high-water mark of batches applied *from* that
 //! peer.
 //!
-//! On-disk format (schema version 1):
+//! On-disk format (schema version 2):
 //!
 //! ```text
 //! batches(seq INTEGER PRIMARY KEY, at_us INTEGER NOT NULL, samples INTEGER NOT NULL,
@@ -11,11 +11,18 @@
 //!     at_us   wall-clock unix µs when the batch was appended (for max_age)
 //!     samples number of samples in `bytes` (so counters need no decoding)
 //!     bytes   the proto sample block (`proto::encode_samples`): one format only
+//!             (version 2 may end with a relay path table; see spool/block.rs)
 //! meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL)
 //!     schema_version, next_seq, dropped_batches, dropped_samples, applied,
 //!     received:<peer> (sink spools only: the peer batch seq last appended, see
 //!     `append_received`; an older build ignores the row)
 //! ```
+//!
+//! Versions: schema 1 differs only in its blocks, which never carry a path table, and
+//! every version-1 block is a valid version-2 block. Opening a schema-1 file marks it
+//! version 2 (one meta row, nothing rewritten) and delivers what it holds; a build that
+//! only reads version 1 then refuses the file by its version instead of meeting a
+//! path table it cannot decode.
 //!
 //! Durability: WAL journal with `synchronous=FULL`. In WAL mode `NORMAL` only syncs
 //! at checkpoints, so a power cut can roll back the last committed transactions; with
@@ -43,7 +50,9 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use crate::point::value::Sample;
 use crate::spool::block::{self as proto, ProtoError};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+/// The older schema this build upgrades on open (see the header).
+const SCHEMA_VERSION_1: i64 = 1;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Drops recur at every append while a peer stays away: ERROR at most this often, with
 /// what was dropped since the last ERROR; debug in between.
@@ -182,7 +191,7 @@ pub fn inspect(path: &Path) -> Result<(), SpoolError> {
     let found: i64 = conn
         .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
         .map_err(err("not a spool file (cannot read its schema version)"))?;
-    if found != SCHEMA_VERSION {
+    if found != SCHEMA_VERSION && found != SCHEMA_VERSION_1 {
         return Err(SpoolError::Schema { path: path.to_path_buf(), found });
     }
     Ok(())
@@ -213,7 +222,7 @@ impl Spool {
                  samples INTEGER NOT NULL, bytes BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              INSERT OR IGNORE INTO meta(key, value) VALUES
-                 ('schema_version', 1), ('next_seq', 1), ('dropped_batches', 0),
+                 ('schema_version', 2), ('next_seq', 1), ('dropped_batches', 0),
                  ('dropped_samples', 0), ('applied', 0);
              COMMIT;",
         )
@@ -224,7 +233,11 @@ impl Spool {
                 .map_err(err("cannot read meta"))
         };
         let found = meta("schema_version")?;
-        if found != SCHEMA_VERSION {
+        if found == SCHEMA_VERSION_1 {
+            conn.execute("UPDATE meta SET value = ?1 WHERE key = 'schema_version'", [SCHEMA_VERSION])
+                .map_err(err("cannot upgrade the spool to schema version 2"))?;
+            tracing::info!(path = %path.display(), "spool file of the previous version upgraded; its batches are kept and sent");
+        } else if found != SCHEMA_VERSION {
             return Err(SpoolError::Schema { path: path.to_path_buf(), found });
         }
         let next_seq = meta("next_seq")? as u64;
@@ -624,6 +637,7 @@ mod tests {
                         value: Some(Value::Int(base + i as i64)),
                         at: UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_000 + i as u64),
                         quality: Quality::Good,
+                        via: None,
                     },
                 )
             })
@@ -650,6 +664,57 @@ mod tests {
         conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", []).expect("update");
         drop(conn);
         assert!(matches!(inspect(&path), Err(SpoolError::Schema { found: 99, .. })));
+    }
+
+    /// A spool file exactly as the previous version (schema 1) left it: its pending
+    /// batches are read and delivered after the upgrade, and new batches follow them.
+    #[test]
+    fn a_schema_1_file_is_upgraded_and_its_batches_delivered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("peer.spool");
+        // The schema-1 DDL and meta rows, and two version-1 blocks written byte by byte
+        // (one sample `p` = int -1 at 2 µs, good; then `q` = int 7 at 3 µs).
+        let conn = Connection::open(&path).expect("create");
+        conn.execute_batch(
+            "CREATE TABLE batches(seq INTEGER PRIMARY KEY, at_us INTEGER NOT NULL,
+                 samples INTEGER NOT NULL, bytes BLOB NOT NULL);
+             CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT INTO meta(key, value) VALUES ('schema_version', 1), ('next_seq', 8),
+                 ('dropped_batches', 0), ('dropped_samples', 0), ('applied', 41);",
+        )
+        .expect("schema 1");
+        let v1 = |name: u8, at: u8, v: [u8; 8]| {
+            let mut b = vec![0, 0, 0, 1, 0, 1, name, 0, 0, 0, 0, 0, 0, 0, at, 0, 2];
+            b.extend_from_slice(&v);
+            b
+        };
+        for (seq, block) in [(6i64, v1(b'p', 2, [0xff; 8])), (7, v1(b'q', 3, 7i64.to_be_bytes()))] {
+            conn.execute(
+                "INSERT INTO batches(seq, at_us, samples, bytes) VALUES (?1, ?2, 1, ?3)",
+                params![seq, unix_micros(SystemTime::now()), block],
+            )
+            .expect("insert");
+        }
+        drop(conn);
+        inspect(&path).expect("check accepts the previous version");
+        let mut s = Spool::open(&path, SpoolLimits::default()).expect("open the old file");
+        assert_eq!((s.pending().batches, s.applied(), s.next_seq()), (2, 41, 8));
+        let got = s.read_from(0, 10).expect("read");
+        let at = |us| UNIX_EPOCH + Duration::from_micros(us);
+        let good = |v, t| Sample { value: Some(Value::Int(v)), at: at(t), quality: Quality::Good, via: None };
+        assert_eq!(
+            got,
+            vec![(6, vec![("p".to_string(), good(-1, 2))]), (7, vec![("q".to_string(), good(7, 3))])]
+        );
+        // The raw blocks go to the socket unchanged: still valid (path-less) blocks.
+        assert_eq!(s.read_raw_from(0, 10).expect("raw")[1].1, v1(b'q', 3, 7i64.to_be_bytes()));
+        assert_eq!(s.append(&batch(1, 0)).expect("append"), 8);
+        drop(s);
+        let conn = Connection::open(&path).expect("open");
+        let version: i64 = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION, "marked version 2 so an older build refuses it clearly");
     }
 
     #[test]
