@@ -152,7 +152,7 @@ async fn wait_connected(gb: &Gateway) {
 }
 
 fn good(v: f64, at: SystemTime) -> Sample {
-    Sample { value: Some(Value::Float(v)), at, quality: Quality::Good }
+    Sample { value: Some(Value::Float(v)), at, quality: Quality::Good, via: None }
 }
 
 /// TCP payload bytes both ways of the established connections to `port` (TLS records:

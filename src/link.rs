@@ -8,6 +8,12 @@
 //! of unacked batches, applies the peer's batches into the image under `peer/point`,
 //! answers its writes through the grants, and watches for a dead peer.
 //!
+//! A sample the peer relays (it carries a path, [`Sample::via`]) is stored under its
+//! origin's name (`origin/point`, the path's first hop), with the peer appended to its
+//! path. A sample whose path already names this gateway (or the peer) has gone round a
+//! loop: it is dropped, never stored or relayed, counted, and logged at most once a
+//! minute.
+//!
 //! Invariants:
 //! - receive path: apply, then `set_applied` (durable), then `Ack`; a batch with
 //!   `seq <= applied` is a duplicate: dropped, counted, and acked again;
@@ -60,6 +66,8 @@ use crate::model::{Grant, Peer};
 use crate::point::registers::value_as_f64;
 use crate::point::value::{Quality, Sample, Value};
 use crate::spool::SpoolHandle;
+use crate::spool::block::MAX_HOPS;
+use crate::spool::forward::RelayCounters;
 use crate::writer::Writer;
 
 /// Most unacked batches in flight.
@@ -90,6 +98,8 @@ const REMOTE_STALE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Most distinct point names one peer may create in our image: a bound on the memory a
 /// (buggy, but authenticated) peer can make us hold. Far above any real plant.
 pub const MAX_PEER_POINTS: usize = 100_000;
+/// Dropped relay loops are logged at most this often (with the count since).
+const LOOP_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// The TLS stream of a link (client side when we dial, server side when we accept).
 pub type Stream = TlsStream<TcpStream>;
@@ -116,6 +126,11 @@ pub struct LinkStats {
     pub samples_applied: u64,
     /// Peer batches dropped as duplicates (already applied).
     pub duplicates_dropped: u64,
+    /// Received samples relayed to the peer.
+    pub samples_relayed: u64,
+    /// Samples refused as a relay loop: not relayed to the peer because it is on their
+    /// path, or received from it with this gateway on their path (dropped).
+    pub loop_refused: u64,
     /// Peer writes refused by the grants.
     pub writes_refused: u64,
     /// Our batches waiting in the spool for an ack.
@@ -211,6 +226,7 @@ pub struct LinkHandle {
     spool: SpoolHandle,
     writes: mpsc::Sender<WriteCmd>,
     tunnels: Arc<TunnelHub>,
+    relay: Arc<RelayCounters>,
 }
 
 impl std::fmt::Debug for LinkHandle {
@@ -257,6 +273,11 @@ impl LinkHandle {
         self.counters.connected.load(Relaxed)
     }
 
+    /// The relaying counters the peer's forwarder shares with this link.
+    pub fn relay_counters(&self) -> Arc<RelayCounters> {
+        self.relay.clone()
+    }
+
     /// The hook serial tunnels to this peer use (see link/tunnel.rs).
     pub fn tunnels(&self) -> &Arc<TunnelHub> {
         &self.tunnels
@@ -275,6 +296,8 @@ impl LinkHandle {
             batches_applied: c.applied.load(Relaxed),
             samples_applied: c.samples_applied.load(Relaxed),
             duplicates_dropped: c.duplicates.load(Relaxed),
+            samples_relayed: self.relay.relayed.load(Relaxed),
+            loop_refused: self.relay.loop_refused.load(Relaxed),
             writes_refused: c.refused.load(Relaxed),
             spool_pending: s.pending_batches.load(Relaxed),
             last_seq: *self.spool.appended().borrow(),
@@ -373,6 +396,8 @@ pub struct Link {
     /// Local sinks (PLCs) fed with the peer's points: each gets every received sample
     /// of the points it maps, in its spool, before the batch is acked.
     pub sinks: Vec<ReceivedSink>,
+    /// Relaying counters, shared with the peer's forwarder.
+    pub relay: Arc<RelayCounters>,
 }
 
 /// A local sink fed from the peer: the received points it maps (full `peer/point`
@@ -407,6 +432,7 @@ pub fn spawn(link: Link, dialer: Dialer, shutdown: CancellationToken, tracker: &
         spool: link.spool.clone(),
         writes: writes_tx,
         tunnels: tunnels.clone(),
+        relay: link.relay.clone(),
     };
     let span = info_span!("link", peer = %link.peer.name);
     let sinks =
@@ -422,6 +448,7 @@ pub fn spawn(link: Link, dialer: Dialer, shutdown: CancellationToken, tracker: &
         tunnels,
         sinks,
         beat: crate::health::beat(format!("link to {}", link_name)),
+        loops: LoopLog::default(),
     };
     tracker.spawn(task.run(dialer).instrument(span));
     handle
@@ -441,6 +468,28 @@ struct Task {
     sinks: Vec<Sink>,
     /// Liveness for the watchdog: beaten on every turn of every wait (`health`).
     beat: Arc<crate::health::Beat>,
+    /// Relay loops dropped, for the rate-limited log.
+    loops: LoopLog,
+}
+
+/// Received samples dropped as relay loops, logged at most every [`LOOP_LOG_EVERY`].
+#[derive(Debug, Default)]
+struct LoopLog {
+    logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl LoopLog {
+    /// Records `n` dropped samples (the first one named); true when a line is due now,
+    /// then `unlogged` holds how many to report.
+    fn record(&mut self, n: u64, now: Instant) -> bool {
+        self.unlogged += n;
+        if self.logged.is_some_and(|at| now.duration_since(at) < LOOP_LOG_EVERY) {
+            return false;
+        }
+        self.logged = Some(now);
+        true
+    }
 }
 
 /// How a session ended.
@@ -864,26 +913,52 @@ impl Task {
         }
     }
 
-    /// Puts a received batch into the image under `peer/point` and offers it to
-    /// write-back. Logs it at debug level (seq, size, the first values).
+    /// Puts a received batch into the image (a local point of the peer under
+    /// `peer/point`, a relayed one under `origin/point`) and offers it to write-back.
+    /// Drops samples that went round a relay loop. Logs it at debug level (seq, size,
+    /// the first values).
     fn apply(&mut self, seq: u64, samples: &[(String, Sample)]) {
         debug!(seq, samples = samples.len(), values = %BatchValues(samples), "batch applied");
-        let peer = &self.link.peer.name;
-        let image = &self.link.image;
+        let peer: Arc<str> = Arc::from(self.link.peer.name.as_str());
+        let local: Arc<str> = Arc::from(self.link.local_name.as_str());
         let mut refused = 0usize;
-        let updates: Vec<(PointId, Sample)> = samples
+        let mut looped: Option<(&str, &Sample)> = None;
+        let mut loops = 0u64;
+        // (full name, sample as stored) of every sample kept.
+        let mut kept: Vec<(String, Sample)> = Vec::with_capacity(samples.len());
+        for (point, sample) in samples {
+            let (name, via) = match sample.via.as_ref().filter(|v| !v.is_empty()) {
+                None => (format!("{peer}/{point}"), Arc::from([peer.clone()])),
+                Some(via) => {
+                    let on_path = via.iter().any(|hop| **hop == *local || *hop == peer);
+                    if on_path || via.len() >= MAX_HOPS {
+                        loops += 1;
+                        looped = looped.or(Some((point, sample)));
+                        continue;
+                    }
+                    let mut path = via.to_vec();
+                    path.push(peer.clone());
+                    (format!("{}/{point}", via[0]), path.into())
+                }
+            };
+            kept.push((name, Sample { via: Some(via), ..sample.clone() }));
+        }
+        if loops > 0 {
+            self.counters_relay_loops(loops, looped);
+        }
+        let image = &self.link.image;
+        let updates: Vec<(PointId, Sample)> = kept
             .iter()
-            .filter_map(|(point, sample)| {
-                let name = format!("{peer}/{point}");
-                let id = match self.names.get(&name) {
+            .filter_map(|(name, sample)| {
+                let id = match self.names.get(name) {
                     Some(id) => *id,
                     None if self.names.len() >= MAX_PEER_POINTS => {
                         refused += 1;
                         return None;
                     }
                     None => {
-                        let id = image.register(&name, REMOTE_STALE);
-                        self.names.insert(name, id);
+                        let id = image.register(name, REMOTE_STALE);
+                        self.names.insert(name.clone(), id);
                         id
                     }
                 };
@@ -901,15 +976,38 @@ impl Task {
         image.update(updates);
         for sink in &mut self.sinks {
             if sink.mark.is_some_and(|m| seq > m) {
-                sink.pending.extend(samples.iter().filter_map(|(point, sample)| {
-                    let name = format!("{peer}/{point}");
-                    sink.config.points.contains(&name).then(|| (name, sample.clone()))
-                }));
+                sink.pending
+                    .extend(kept.iter().filter(|(name, _)| sink.config.points.contains(name)).cloned());
             }
         }
-        self.link.writeback.offer(samples.iter().map(|(p, s)| (p.as_str(), s)));
+        // Write-back follows the peer's own points; relayed ones are not the peer's.
+        self.link
+            .writeback
+            .offer(samples.iter().filter(|(_, s)| s.via.is_none()).map(|(p, s)| (p.as_str(), s)));
         self.counters.applied.fetch_add(1, Relaxed);
-        self.counters.samples_applied.fetch_add(samples.len() as u64, Relaxed);
+        self.counters.samples_applied.fetch_add(kept.len() as u64, Relaxed);
+    }
+
+    /// Counts received samples dropped as relay loops; logs at most every
+    /// [`LOOP_LOG_EVERY`], naming the first one and its path.
+    fn counters_relay_loops(&mut self, n: u64, first: Option<(&str, &Sample)>) {
+        self.link.relay.loop_refused.fetch_add(n, Relaxed);
+        if !self.loops.record(n, Instant::now()) {
+            return;
+        }
+        let dropped = std::mem::take(&mut self.loops.unlogged);
+        let (point, path) = first.map_or((String::new(), String::new()), |(p, s)| {
+            let hops = s.via.iter().flat_map(|v| v.iter()).map(|h| &**h).collect::<Vec<_>>();
+            (p.to_string(), hops.join(" -> "))
+        });
+        warn!(
+            dropped,
+            point,
+            path,
+            "peer relayed values that already passed through this gateway or the peer (a relay loop); \
+             dropped, not stored or relayed again. Check the [[peer.send]] rules that name received points \
+             on the gateways along the path (logged at most every {LOOP_LOG_EVERY:?})"
+        );
     }
 
     /// A write asked by the peer: grants, then the writer, answered by `WriteResult`.

@@ -250,6 +250,8 @@ async fn metrics_after_a_dead_device_a_cut_link_and_refused_writes() {
         "batches_applied_total",
         "values_applied_total",
         "duplicates_dropped_total",
+        "relayed_values_total",
+        "loop_refused_values_total",
         "writes_refused_total",
         "spool_dropped_values_total",
     ] {

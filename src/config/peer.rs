@@ -235,7 +235,7 @@ pub(super) fn validate(
                 &path,
                 "reconnect_max",
             ),
-            send: send::validate(&r.send, &points, &path, check),
+            send: send::validate(&r.send, &points, &send::SendTo { name, path: &path, own_name }, check),
             grants: write::grants(&r.grant, &points, &path, check),
             writeback: write::writebacks(&r.writeback, &points, &path, &mut targets, check),
         });

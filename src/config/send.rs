@@ -3,7 +3,9 @@
 //! ```toml
 //! [[peer.send]]              # zero or more; a point in several rules: the first wins
 //! points = ["boiler.*", "meter.energy_import"]  # required: point globs (or one glob);
-//!                            #   each must match a configured point
+//!                            #   each must match a configured point. A glob with a
+//!                            #   `/` names received points ("line-3/*"): they are
+//!                            #   relayed onward (a hub); bare globs never match them
 //! mode = "change"            # change | periodic, default change
 //! deadband = 0.5             # change: absolute, >= 0, default 0 (any change)
 //! deadband_percent = 1.0     # change: percent of the last sent value, 0..=100, default 0
@@ -14,6 +16,11 @@
 //!
 //! Keys of the other mode are errors, not ignored. A glob whose every point is already
 //! sent by an earlier rule is an error too: first-wins would make it dead.
+//!
+//! A received-point glob (`origin/point`) cannot be checked against configured points
+//! (they arrive at run time), so it must parse, have both halves, and not name points
+//! received from the peer it is sent to, or from this gateway itself: either would send
+//! values back towards their origin, a loop the run-time path check would refuse anyway.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -47,15 +54,47 @@ pub(super) enum RawMode {
     Periodic,
 }
 
-/// Resolves the send rules of one peer (`peer` is its item path).
-pub(super) fn validate(raw: &[RawSend], points: &[&Point], peer: &str, check: &mut Checker) -> Vec<SendRule> {
+/// Who the rules are for: the peer's name and item path, and this gateway's name.
+pub(super) struct SendTo<'a> {
+    /// The peer's name.
+    pub name: &'a str,
+    /// Its item path (`peer "site-b"`).
+    pub path: &'a str,
+    /// This gateway's name (`gateway.name`).
+    pub own_name: &'a str,
+}
+
+/// Resolves the send rules of one peer.
+pub(super) fn validate(
+    raw: &[RawSend],
+    points: &[&Point],
+    to: &SendTo,
+    check: &mut Checker,
+) -> Vec<SendRule> {
     // Point name -> index of the rule that sends it.
     let mut claimed: HashMap<&str, usize> = HashMap::new();
     let mut rules = Vec::with_capacity(raw.len());
     for (i, r) in raw.iter().enumerate() {
-        let path = format!("{peer} send[{i}]");
+        let path = format!("{} send[{i}]", to.path);
         let mut matched = Vec::new();
-        for m in globs::resolve(&r.points, points, &path, check) {
+        let written = globs::written(&r.points);
+        if written.is_empty() {
+            check.report(
+                r.points.span(),
+                &path,
+                "points is empty: name at least one point (or glob, like \"boiler.*\")",
+            );
+        }
+        for (glob, span) in written.iter().filter(|(g, _)| g.contains('/')) {
+            received_glob(glob, span.clone(), to, &path, check);
+        }
+        let local = written.into_iter().filter(|(g, _)| !g.contains('/'));
+        let resolved = local.map(|(glob, span)| globs::Matched {
+            glob: glob.to_owned(),
+            span: span.clone(),
+            points: globs::resolve_one(glob, span, points, &path, check),
+        });
+        for m in resolved.collect::<Vec<_>>() {
             let mut fresh = 0;
             let mut earlier = None;
             for p in &m.points {
@@ -87,6 +126,40 @@ pub(super) fn validate(raw: &[RawSend], points: &[&Point], peer: &str, check: &m
         });
     }
     rules
+}
+
+/// Checks one received-point glob (`origin/point`) of a rule sent to `to`.
+fn received_glob(glob: &str, span: std::ops::Range<usize>, to: &SendTo, path: &str, check: &mut Checker) {
+    let Some((origin, _)) = glob.split_once('/').filter(|(o, p)| !o.is_empty() && !p.is_empty()) else {
+        check.report(
+            span,
+            path,
+            format!("points glob {glob:?} is not \"peer/point\": a received-point glob names the gateway the values come from, then the point (\"line-3/*\")"),
+        );
+        return;
+    };
+    if let Err(e) = globset::Glob::new(glob) {
+        check.report(span, path, format!("points glob {glob:?} is not valid: {}", e.kind()));
+        return;
+    }
+    let literal = !origin.contains(['*', '?', '[', '{']);
+    if literal && origin == to.name {
+        check.report(
+            span,
+            path,
+            format!(
+                "points glob {glob:?} sends points received from {origin} back to {origin}: a relay loop (a value is never sent back towards its origin); remove the glob, or send it to another peer"
+            ),
+        );
+    } else if literal && origin == to.own_name {
+        check.report(
+            span,
+            path,
+            format!(
+                "points glob {glob:?} names points received from this gateway itself ({origin}): there are none (a value that comes back here is dropped as a loop); name this gateway's own points without a prefix"
+            ),
+        );
+    }
 }
 
 fn mode(r: &RawSend, path: &str, check: &mut Checker) -> SendMode {

@@ -30,7 +30,7 @@ use crate::poll::modbus::{DeviceHealth, Poller};
 use crate::poll::raw::{self, SerialDevices};
 use crate::server::{Owners, Server, WriteFailure};
 use crate::spool::SpoolHandle;
-use crate::spool::forward::{Forwarder, Rules};
+use crate::spool::forward::{Forwarder, RelayCounters, Rules};
 use crate::writer::{WriteError, Writer};
 
 use super::reload::{PeerPlan, Prepared, PreparedPeer, received_from, same};
@@ -144,6 +144,7 @@ impl Gateway {
                             &image,
                             p.spool.clone(),
                             p.connected.clone(),
+                            p.handle.relay_counters(),
                             &shutdown,
                         );
                         p.model = peer.clone();
@@ -361,8 +362,16 @@ fn start_peer(ctx: &LinkCtx<'_>, peer: &Peer, p: PreparedPeer) -> Option<PeerPar
     if !offer.is_empty() {
         part.tracker.spawn(wb.run(part.token.clone()));
     }
-    let forwarder =
-        start_forwarder(peer, p.rules, ctx.image, p.spool.clone(), connected_rx.clone(), ctx.shutdown);
+    let relay = Arc::new(RelayCounters::default());
+    let forwarder = start_forwarder(
+        peer,
+        p.rules,
+        ctx.image,
+        p.spool.clone(),
+        connected_rx.clone(),
+        relay.clone(),
+        ctx.shutdown,
+    );
     let handle = link::spawn(
         Link {
             local_name: ctx.local_name.to_string(),
@@ -375,6 +384,7 @@ fn start_peer(ctx: &LinkCtx<'_>, peer: &Peer, p: PreparedPeer) -> Option<PeerPar
             connected,
             max_frame: crate::link::proto::DEFAULT_MAX_FRAME,
             sinks: received_sinks(ctx.model, &peer.name, ctx.plc_spools),
+            relay,
         },
         dialer,
         part.token.clone(),
@@ -403,10 +413,14 @@ fn start_forwarder(
     image: &Arc<Image>,
     spool: SpoolHandle,
     connected: watch::Receiver<bool>,
+    relay: Arc<RelayCounters>,
     parent: &CancellationToken,
 ) -> Part {
     let part = Part::new(parent);
-    let fwd = Forwarder::new(&peer.name, rules, image.clone(), spool).resend_on_connect(connected);
+    // A peer's rules relay the received points they name (a hub), counted in `relay`.
+    let fwd = Forwarder::new(&peer.name, rules.relaying(), image.clone(), spool)
+        .resend_on_connect(connected)
+        .relay_counters(relay);
     part.tracker.spawn(fwd.run(part.token.clone()));
     part
 }

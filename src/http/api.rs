@@ -165,6 +165,10 @@ pub struct PeerView {
     pub duplicates_dropped: u64,
     /// The peer's writes refused.
     pub writes_refused: u64,
+    /// Received values relayed to the peer.
+    pub values_relayed: u64,
+    /// Values refused as a relay loop (not sent to the peer, or dropped from it).
+    pub loop_refused: u64,
     /// Batches waiting in the spool.
     pub spool_pending_batches: u64,
     /// Values in them.
@@ -294,6 +298,8 @@ pub(super) fn overview(app: &App) -> Overview {
                 batches_applied: s.batches_applied,
                 duplicates_dropped: s.duplicates_dropped,
                 writes_refused: s.writes_refused,
+                values_relayed: s.samples_relayed,
+                loop_refused: s.loop_refused,
                 spool_pending_batches: s.spool_pending,
                 spool_pending_values: s.spool_pending_values,
                 spool_pending_bytes: s.spool_pending_bytes,

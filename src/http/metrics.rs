@@ -306,6 +306,20 @@ pub(super) fn render(app: &App) -> String {
     );
     peer(
         &mut out,
+        "m2m_gateway_peer_relayed_values_total",
+        Counter,
+        "Values received from other peers and relayed to this peer (hub).",
+        |s| Some(s.samples_relayed as f64),
+    );
+    peer(
+        &mut out,
+        "m2m_gateway_peer_loop_refused_values_total",
+        Counter,
+        "Values refused as a relay loop: not relayed to this peer because it is on their path, or received from it with this gateway on their path (dropped).",
+        |s| Some(s.loop_refused as f64),
+    );
+    peer(
+        &mut out,
         "m2m_gateway_peer_writes_refused_total",
         Counter,
         "The peer's writes refused by the grants.",

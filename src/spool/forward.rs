@@ -14,19 +14,28 @@
 //! backlog), because the receiving side marks our points comm_fail while the link is
 //! down; the fresh values make them good again without waiting for `max_silence`.
 //!
+//! Relaying (hubs): a peer's rules may name received points (`site-a/*`, any glob with a
+//! `/`); those globs match only received points, and bare globs only local ones, so a
+//! received value is relayed only when a rule names it. A relayed sample keeps its
+//! origin name (it goes out as the origin's own point name, its path in
+//! [`Sample::via`]), its sample time and quality. It is never sent to a gateway on its
+//! path (that would send it back towards its origin): such a sample is counted as
+//! loop-refused and warned about once per point.
+//!
 //! Deadbands: a number is sent when it moved by more than every configured band — the
 //! absolute `deadband` and `deadband_percent` of the last sent value (0 disables a band;
 //! both 0 means "any change"). Booleans and text are sent whenever they differ.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, instrument, warn};
+use tracing::{debug, error, info, instrument, warn};
 
 use crate::image::{Changes, Image};
 use crate::model::{PointGlobs, SendMode, SendRule};
@@ -44,28 +53,59 @@ pub const MAX_BYTES: usize = 256 << 10;
 /// A peer's compiled send rules.
 #[derive(Debug, Clone)]
 pub struct Rules {
-    rules: Vec<(PointGlobs, SendMode)>,
+    /// Per rule: the globs of local points, the globs of received points (with a `/`),
+    /// and the mode.
+    rules: Vec<(PointGlobs, PointGlobs, SendMode)>,
+    /// Received points may match (a peer's rules); off for sinks fed another way.
+    relay: bool,
+}
+
+/// Counters of one peer's relaying, shared by its forwarder and its link.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    /// Received samples relayed to the peer.
+    pub relayed: AtomicU64,
+    /// Samples refused as a loop: not relayed to the peer because it is on their path,
+    /// or received from it with this gateway on their path (dropped).
+    pub loop_refused: AtomicU64,
 }
 
 impl Rules {
-    /// The rules of a peer (their globs were compiled with the configuration).
+    /// The rules of a peer (their globs were compiled with the configuration), each
+    /// split into its local-point globs and its received-point globs (with a `/`).
     pub fn new(rules: &[SendRule]) -> Self {
-        Self { rules: rules.iter().map(|r| (r.points.clone(), r.mode)).collect() }
+        let part = |r: &SendRule, received: bool| {
+            let globs: Vec<String> =
+                r.points.written().iter().filter(|g| g.contains('/') == received).cloned().collect();
+            // Every glob compiled with the configuration, so any subset compiles too.
+            PointGlobs::new(globs).unwrap_or_else(|_| PointGlobs::none())
+        };
+        Self { rules: rules.iter().map(|r| (part(r, false), part(r, true), r.mode)).collect(), relay: false }
     }
 
-    /// Index of the first rule matching `point`. Points received from peers
-    /// (`peer/point`) match no rule: values are never relayed, so two peers sending
-    /// `*` to each other cannot loop.
+    /// Lets globs that name received points (`site-a/*`) relay them: a peer's rules.
+    pub fn relaying(mut self) -> Self {
+        self.relay = true;
+        self
+    }
+
+    /// Index of the first rule matching `point`. A local point matches the globs
+    /// without `/`; a point received from a peer (`peer/point`) only the globs with a
+    /// `/`, and only when relaying: a bare `*` never relays, so two peers sending `*` to
+    /// each other cannot loop.
     pub fn rule_for(&self, point: &str) -> Option<usize> {
         if point.contains('/') {
-            return None;
+            if !self.relay {
+                return None;
+            }
+            return self.rules.iter().position(|(_, received, _)| received.is_match(point));
         }
-        self.rules.iter().position(|(set, _)| set.is_match(point))
+        self.rules.iter().position(|(local, _, _)| local.is_match(point))
     }
 
     /// The mode of rule `i`.
     pub fn mode(&self, i: usize) -> Option<SendMode> {
-        self.rules.get(i).map(|r| r.1)
+        self.rules.get(i).map(|r| r.2)
     }
 }
 
@@ -128,6 +168,10 @@ pub struct Forwarder {
     batch: Vec<(String, Sample)>,
     batch_bytes: usize,
     flush_at: Option<Instant>,
+    /// Relaying counters (shared with the peer's link).
+    relay: Arc<RelayCounters>,
+    /// Received points already warned about as loops (once per point).
+    loop_warned: HashSet<Arc<str>>,
 }
 
 impl Forwarder {
@@ -149,7 +193,16 @@ impl Forwarder {
             batch: Vec::new(),
             batch_bytes: 0,
             flush_at: None,
+            relay: Arc::default(),
+            loop_warned: HashSet::new(),
         }
+    }
+
+    /// Counts relayed and loop-refused samples in `counters` (shared with the peer's
+    /// link, which adds the loops it receives).
+    pub fn relay_counters(mut self, counters: Arc<RelayCounters>) -> Self {
+        self.relay = counters;
+        self
     }
 
     /// Re-sends every current value of the change rules each time `link_up` turns
@@ -349,7 +402,39 @@ impl Forwarder {
         }
     }
 
+    /// A received point on its way onward: the origin's own point name with the path
+    /// kept, or `None` when the peer is on the path (a loop: counted, warned once).
+    fn relayed(&mut self, name: &str, sample: Sample) -> Option<(String, Sample)> {
+        let via = sample.via.clone().filter(|v| !v.is_empty())?;
+        if via.iter().any(|hop| **hop == *self.peer) {
+            self.relay.loop_refused.fetch_add(1, Relaxed);
+            if self.loop_warned.insert(Arc::from(name)) {
+                let path = via.iter().map(|h| &**h).collect::<Vec<_>>().join(" -> ");
+                info!(
+                    point = name,
+                    path,
+                    "not relaying {name} to {peer}: its value came through {peer} (path {path}); a relay never sends a value back along its path",
+                    peer = self.peer,
+                );
+            }
+            return None;
+        }
+        // Received points are stored as origin/point: the origin is the path's first hop.
+        let point = name.strip_prefix(&*via[0]).and_then(|p| p.strip_prefix('/'))?;
+        self.relay.relayed.fetch_add(1, Relaxed);
+        Some((point.to_string(), sample))
+    }
+
     fn push(&mut self, name: &str, sample: Sample) {
+        let (name, sample) = if name.contains('/') {
+            match self.relayed(name, sample) {
+                Some(relayed) => relayed,
+                None => return,
+            }
+        } else {
+            (name.to_string(), sample)
+        };
+        let name = name.as_str();
         // Point name, time, quality, value tag and a number: a close upper estimate.
         self.batch_bytes += name.len()
             + 24
@@ -451,7 +536,96 @@ mod tests {
         assert_eq!(rules.rule_for("pump.on"), Some(1));
         assert_eq!(rules.rule_for("fan.on"), None);
         assert_eq!(rules.rule_for("site-a/boiler.temp1"), None, "never relayed");
+        assert_eq!(rules.clone().relaying().rule_for("site-a/boiler.temp1"), None, "bare globs never relay");
         assert!(PointGlobs::new(vec!["a[".into()]).is_err());
+    }
+
+    fn change_rule(points: &[&str]) -> SendRule {
+        SendRule {
+            points: PointGlobs::new(points.iter().map(|p| p.to_string()).collect()).expect("globs"),
+            matched: vec![],
+            mode: SendMode::Change { deadband: 0.0, deadband_percent: 0.0, max_silence: Duration::ZERO },
+        }
+    }
+
+    #[test]
+    fn only_globs_with_a_slash_relay_and_only_when_relaying() {
+        let rules = Rules::new(&[change_rule(&["*"]), change_rule(&["line-3/*", "*/pump.*"])]);
+        assert_eq!(rules.rule_for("line-3/temp"), None, "sinks fed another way never relay");
+        let rules = rules.relaying();
+        assert_eq!(rules.rule_for("boiler.t"), Some(0));
+        assert_eq!(rules.rule_for("line-3/temp"), Some(1));
+        assert_eq!(rules.rule_for("site-x/pump.on"), Some(1));
+        assert_eq!(rules.rule_for("site-x/valve"), None);
+    }
+
+    /// Waits until `spool` holds `n` samples and returns them.
+    async fn spooled(spool: &SpoolHandle, n: usize) -> Vec<(String, Sample)> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let batches = spool.read_raw_from(0, 1000).await.expect("read");
+            let got: Vec<_> = batches
+                .iter()
+                .flat_map(|(_, b)| crate::spool::block::decode_samples(b).expect("decode"))
+                .collect();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "only {} of {n} samples spooled", got.len());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn relays_keep_origin_time_and_path_and_never_go_back_along_the_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = |name: &str| {
+            SpoolHandle::open(&dir.path().join(name), crate::spool::journal::SpoolLimits::default())
+                .expect("spool")
+        };
+        let (to_c, to_a) = (open("c.spool"), open("a.spool"));
+        let image = Arc::new(Image::new());
+        let local = image.register("boiler.t", Duration::from_secs(60));
+        let received = image.register("site-a/x", Duration::from_secs(60));
+        let via: crate::point::value::Via = vec![Arc::<str>::from("site-a")].into();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let relayed = Sample { via: Some(via.clone()), at, ..s(Value::Float(2.5), Quality::Good) };
+        image.update([(local, s(Value::Int(1), Quality::Good)), (received, relayed.clone())]);
+        let rules = |g: &[&str]| Rules::new(&[change_rule(g)]).relaying();
+        let (count_c, count_a) = (Arc::new(RelayCounters::default()), Arc::new(RelayCounters::default()));
+        let shutdown = CancellationToken::new();
+        let c = Forwarder::new("site-c", rules(&["*", "site-a/*"]), image.clone(), to_c.clone())
+            .relay_counters(count_c.clone());
+        let a = Forwarder::new("site-a", rules(&["*", "*/*"]), image.clone(), to_a.clone())
+            .relay_counters(count_a.clone());
+        let tasks = [tokio::spawn(c.run(shutdown.clone())), tokio::spawn(a.run(shutdown.clone()))];
+        let mut got = spooled(&to_c, 2).await;
+        got.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(got[0].0, "boiler.t");
+        assert_eq!(got[1], ("x".to_string(), relayed), "the origin's own name, time, quality and path");
+        assert_eq!(count_c.relayed.load(Relaxed), 1);
+        let got = spooled(&to_a, 1).await;
+        assert_eq!(
+            got.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["boiler.t"],
+            "never back to site-a"
+        );
+        // A new value of the received point is refused again, counted each time.
+        image.update([(
+            received,
+            Sample { value: Some(Value::Float(3.0)), ..image.get("site-a/x").expect("x") },
+        )]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count_a.loop_refused.load(Relaxed) < 2 {
+            assert!(Instant::now() < deadline, "second loop refusal never counted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(count_a.relayed.load(Relaxed), 0);
+        shutdown.cancel();
+        for t in tasks {
+            t.await.expect("forwarder");
+        }
+        assert_eq!(spooled(&to_a, 1).await.len(), 1);
     }
 
     #[tokio::test]
