@@ -9,6 +9,7 @@ mod config_corpus;
 mod deliver;
 mod docs;
 mod http;
+mod hubs;
 mod late_replies;
 mod layers;
 mod link_processes;

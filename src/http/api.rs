@@ -388,7 +388,8 @@ pub struct PointView {
     pub at: String,
     /// Engineering unit.
     pub unit: Option<String>,
-    /// Where it comes from: `device boiler on bus line1`, or `peer site-b`.
+    /// Where it comes from: `device boiler on bus line1`, `peer site-b`, or for a
+    /// relayed value `peer site-a via site-b` (the gateways it passed through).
     pub origin: String,
     /// An `[[http.grant]]` covers it: operators may write it.
     pub writable: bool,
@@ -399,7 +400,13 @@ pub(super) fn view(app: &App, name: &str, sample: &Sample) -> PointView {
     let info = app.seen.points.get(name);
     let origin = match (info, name.split_once('/')) {
         (Some(i), _) => format!("device {} on bus {}", i.device, i.bus),
-        (None, Some((peer, _))) => format!("peer {peer}"),
+        (None, Some((peer, _))) => match sample.via.as_deref() {
+            Some([_, hops @ ..]) if !hops.is_empty() => {
+                let hops: Vec<&str> = hops.iter().map(|h| &**h).collect();
+                format!("peer {peer} via {}", hops.join(" -> "))
+            }
+            _ => format!("peer {peer}"),
+        },
         (None, None) => "unknown".into(),
     };
     PointView {

@@ -413,7 +413,7 @@ impl Forwarder {
                 info!(
                     point = name,
                     path,
-                    "not relaying {name} to {peer}: its value came through {peer} (path {path}); a relay never sends a value back along its path",
+                    "not relaying {name} to {peer}: {peer} is on its path ({path}); a relay never sends a value back along its path",
                     peer = self.peer,
                 );
             }
