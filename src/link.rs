@@ -1231,6 +1231,18 @@ mod tests {
     }
 
     #[test]
+    fn relay_loops_are_logged_at_most_once_a_minute_with_the_count_since() {
+        let t0 = Instant::now();
+        let mut log = LoopLog::default();
+        assert!(log.record(3, t0), "the first loop is logged at once");
+        assert_eq!(std::mem::take(&mut log.unlogged), 3);
+        assert!(!log.record(1, t0 + Duration::from_secs(1)));
+        assert!(!log.record(2, t0 + Duration::from_secs(59)));
+        assert!(log.record(1, t0 + LOOP_LOG_EVERY));
+        assert_eq!(log.unlogged, 4, "the line reports every drop since the last one");
+    }
+
+    #[test]
     fn summary_and_batch_values_read_well() {
         let since =
             LinkStats { batches_sent: 10, batches_applied: 4, samples_applied: 40, ..Default::default() };

@@ -220,8 +220,11 @@ async fn values_arrive_with_types_times_and_qualities() {
         sent.iter().all(|(p, _)| gb.image.get(&format!("site-a/{p}")).is_some())
     })
     .await;
+    // Received points carry the path they came by: here, straight from site-a.
+    let from_a: m2m_gateway::point::value::Via = vec![std::sync::Arc::from("site-a")].into();
     for (p, s) in &sent {
-        assert_eq!(gb.image.get(&format!("site-a/{p}")).as_ref(), Some(s), "{p}");
+        let want = Sample { via: Some(from_a.clone()), ..s.clone() };
+        assert_eq!(gb.image.get(&format!("site-a/{p}")), Some(want), "{p}");
     }
     let (sa, sb) = (ga.link("site-b").expect("link").stats(), gb.link("site-a").expect("link").stats());
     assert!(sa.connected && sb.connected);
@@ -969,7 +972,8 @@ async fn a_new_connection_of_a_peer_replaces_its_old_session() {
             other => panic!("expected an ack, got {other:?}"),
         }
     }
-    assert_eq!(gb.image.get("site-c/dev.x"), Some(s));
+    let from_c: m2m_gateway::point::value::Via = vec![std::sync::Arc::from("site-c")].into();
+    assert_eq!(gb.image.get("site-c/dev.x"), Some(Sample { via: Some(from_c), ..s }));
     // A resend of the same batch is a duplicate: acked again, not applied again.
     second
         .send(Frame::Batch {
@@ -987,6 +991,62 @@ async fn a_new_connection_of_a_peer_replaces_its_old_session() {
     }
     assert_eq!(lc.stats().duplicates_dropped, 1);
     assert_eq!(gb.image.get("site-c/dev.x").and_then(|s| s.value), Some(Value::Int(42)));
+    shutdown.cancel();
+    gb.shutdown(Duration::from_secs(3)).await;
+}
+
+#[tokio::test]
+async fn a_relayed_sample_keeps_its_origin_and_one_that_went_round_a_loop_is_dropped() {
+    logs();
+    let (b, c) = (Site::new(), Site::new());
+    let shutdown = CancellationToken::new();
+    let gb = Gateway::start(
+        &model("site-b", vec![], b.links(true, vec![peer("site-c", c.fp(), Dial::Accept, vec![])])),
+        shutdown.child_token(),
+    )
+    .expect("start b");
+    let b_addr = gb.listen_addr().expect("addr");
+    let mut f = Framed::new(tls_client(&c, &b, b_addr).await, FrameCodec::default());
+    f.send(Frame::Hello { version: VERSION, name: "site-c".into(), resume: 0 }).await.expect("hello");
+    let via = |hops: &[&str]| -> Option<m2m_gateway::point::value::Via> {
+        Some(hops.iter().map(|h| std::sync::Arc::<str>::from(*h)).collect::<Vec<_>>().into())
+    };
+    let relayed = |v: i64, t: u64, hops: &[&str]| Sample {
+        via: via(hops),
+        ..sample(Value::Int(v), at(t), Quality::Good)
+    };
+    let batch = |seq: u64, samples: Vec<(String, Sample)>| Frame::Batch { seq, samples };
+    // site-c relays site-a's x, its own z, and a y whose path already holds site-b.
+    f.send(batch(
+        1,
+        vec![
+            ("x".into(), relayed(5, 7, &["site-a"])),
+            ("y".into(), relayed(6, 8, &["site-a", "site-b", "site-d"])),
+            ("z".into(), sample(Value::Int(9), at(9), Quality::Stale)),
+        ],
+    ))
+    .await
+    .expect("batch");
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout_at(end, f.next()).await {
+            Ok(Some(Ok(Frame::Ack { seq: 1 }))) => break,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+    // Under its origin's name, with site-a's time and the sender added to its path.
+    assert_eq!(gb.image.get("site-a/x"), Some(relayed(5, 7, &["site-a", "site-c"])));
+    assert_eq!(
+        gb.image.get("site-c/z"),
+        Some(Sample { via: via(&["site-c"]), ..sample(Value::Int(9), at(9), Quality::Stale) })
+    );
+    // The loop is cut here: never stored (under any name), counted.
+    let names: Vec<String> = gb.image.snapshot().iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(names, ["site-a/x", "site-c/z"]);
+    let lc = gb.link("site-c").expect("link").clone();
+    assert_eq!(lc.stats().loop_refused, 1);
+    assert_eq!(lc.stats().samples_applied, 2);
     shutdown.cancel();
     gb.shutdown(Duration::from_secs(3)).await;
 }
@@ -1029,6 +1089,8 @@ async fn hello_with_another_version_or_name_is_closed_with_the_reason() {
     let b_addr = gb.listen_addr().expect("addr");
     for (version, name, why) in [
         (VERSION + 1, "site-c", "protocol version mismatch"),
+        // A gateway built before relay paths (version 1) is told both versions.
+        (1, "site-c", "protocol version mismatch: peer speaks version 1, we speak 2"),
         (VERSION, "site-x", "pinned for peer \"site-c\""),
     ] {
         let mut f = Framed::new(tls_client(&c, &b, b_addr).await, FrameCodec::default());
