@@ -241,8 +241,9 @@ fn width_mask(width: usize) -> u32 {
     if width >= 4 { u32::MAX } else { (1u32 << (8 * width)) - 1 }
 }
 
-/// The peer link's input after TLS: frames (the hello first), as the link reads them;
-/// every frame that decodes encodes back to the same bytes' meaning.
+/// The peer link's input after TLS: frames (the hello first), as the link reads them,
+/// batches with their relay path tables (protocol version 2); every frame that decodes
+/// encodes back to the same bytes' meaning.
 pub fn peer_frames(data: &[u8]) {
     let mut codec = proto::FrameCodec::new(4096);
     let mut buf = BytesMut::from(data);
@@ -283,7 +284,7 @@ pub fn spool_block(data: &[u8]) {
             assert_eq!(back.len(), samples.len());
             for ((n1, s1), (n2, s2)) in back.iter().zip(&samples) {
                 assert_eq!(n1, n2);
-                assert_eq!((s1.at, s1.quality), (s2.at, s2.quality));
+                assert_eq!((s1.at, s1.quality, &s1.via), (s2.at, s2.quality, &s2.via));
                 // NaN != NaN: compare the encodings instead of the values.
                 assert_eq!(format!("{:?}", s1.value), format!("{:?}", s2.value));
             }

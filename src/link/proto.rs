@@ -441,6 +441,19 @@ mod tests {
             2, 255, 255, 255, 255, 255, 255, 255, 255, // int -1
         ];
         assert_eq!(&encode_all(&[batch])[..], &expected);
+        // The same sample relayed from its origin "a": the path table follows (PROTOCOL.md).
+        let via: crate::point::value::Via = vec![std::sync::Arc::from("a")].into();
+        let relayed = Frame::Batch {
+            seq: 1,
+            samples: vec![(
+                "p".into(),
+                Sample { via: Some(via), ..sample(Some(Value::Int(-1)), 2, Quality::Good) },
+            )],
+        };
+        let mut with_path = expected.to_vec();
+        with_path[3] = 42;
+        with_path.extend_from_slice(&[0, 1, 1, 0, 1, b'a', 0, 1]);
+        assert_eq!(&encode_all(&[relayed])[..], &with_path[..]);
     }
 
     #[test]
