@@ -313,12 +313,23 @@ fn fail_removed_points(image: &Image, old: &Bus, new: Option<&Bus>) {
     image.fail(ids, Quality::CommFail);
 }
 
-/// The points of `plc`'s map received from `peer`.
-pub(super) fn received_from<'a>(plc: &'a Plc, peer: &'a str) -> impl Iterator<Item = String> + 'a {
+/// Whether the link to `peer` may carry points of origin `from`: its own, and those of an
+/// origin no `[[peer]]` is named after (they can only arrive relayed, through a hub).
+pub(super) fn carries(model: &Model, peer: &str, from: &str) -> bool {
+    from == peer || !model.links.iter().flat_map(|l| &l.peers).any(|p| p.name == from)
+}
+
+/// The points of `plc`'s map the link to `peer` brings: received from it, or relayed
+/// through it (see [`carries`]).
+pub(super) fn received_from<'a>(
+    model: &'a Model,
+    plc: &'a Plc,
+    peer: &'a str,
+) -> impl Iterator<Item = String> + 'a {
     plc.map
         .iter()
         .flat_map(|m| &m.targets)
-        .filter(move |t| t.received().is_some_and(|(from, _)| from == peer))
+        .filter(move |t| t.received().is_some_and(|(from, _)| carries(model, peer, from)))
         .map(|t| t.point.clone())
 }
 
@@ -329,7 +340,7 @@ fn sinks_key(model: &Model, peer: &str) -> Vec<(String, std::path::PathBuf, Vec<
         .plcs
         .iter()
         .filter_map(|p| {
-            let mut points: Vec<String> = received_from(p, peer).collect();
+            let mut points: Vec<String> = received_from(model, p, peer).collect();
             points.sort();
             (!points.is_empty()).then(|| (p.name.clone(), p.spool.clone(), points))
         })

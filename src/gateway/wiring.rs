@@ -476,14 +476,15 @@ impl Owners for PointOwners {
     }
 }
 
-/// The PLCs that map points received from `peer`, as sinks of its link.
+/// The PLCs that map points received from `peer` (or relayed through it), as sinks of
+/// its link.
 fn received_sinks(model: &Model, peer: &str, plc_spools: &[SpoolHandle]) -> Vec<ReceivedSink> {
     model
         .plcs
         .iter()
         .zip(plc_spools)
         .filter_map(|(p, spool)| {
-            let points: HashSet<String> = received_from(p, peer).collect();
+            let points: HashSet<String> = received_from(model, p, peer).collect();
             (!points.is_empty()).then(|| ReceivedSink {
                 name: format!("plc {}", p.name),
                 points,
