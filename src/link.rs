@@ -1068,12 +1068,20 @@ impl std::fmt::Display for BatchValues<'_> {
 }
 
 /// One-line health summary of a link, for the periodic info log: state, then the
-/// batch counters since `since` (`elapsed` ago), then the spool as it is now.
+/// batch counters since `since` (`elapsed` ago), then the spool as it is now; a hub's
+/// link adds what it relayed and refused as loops since `since`.
 pub fn summary(now: &LinkStats, since: &LinkStats, elapsed: Duration) -> String {
     let secs = elapsed.as_secs_f64().max(1e-9);
     let applied = now.batches_applied.saturating_sub(since.batches_applied);
     let samples = now.samples_applied.saturating_sub(since.samples_applied);
-    format!(
+    let relayed = now.samples_relayed.saturating_sub(since.samples_relayed);
+    let loops = now.loop_refused.saturating_sub(since.loop_refused);
+    let relaying = if relayed > 0 || loops > 0 {
+        format!("; relayed {relayed} values, {loops} refused as relay loops")
+    } else {
+        String::new()
+    };
+    let line = format!(
         "{}, {} sessions; batches sent {}, acked {}, applied {} ({samples} values, {:.1} values/s), \
          duplicates dropped {}, writes refused {}; spool pending {} (last seq {}), dropped since start {} ({} values)",
         if now.connected { "connected" } else { "not connected" },
@@ -1088,7 +1096,8 @@ pub fn summary(now: &LinkStats, since: &LinkStats, elapsed: Duration) -> String 
         now.last_seq,
         now.spool_dropped,
         now.spool_dropped_samples,
-    )
+    );
+    line + &relaying
 }
 
 async fn recv_incoming(dialer: &mut Dialer) -> Option<Incoming> {
@@ -1269,6 +1278,10 @@ mod tests {
             line.contains("duplicates dropped 1") && line.contains("spool pending 3 (last seq 99)"),
             "{line}"
         );
+        assert!(!line.contains("relay"), "no relaying, no relay counters: {line}");
+        let hub = LinkStats { samples_relayed: 12, loop_refused: 3, ..now };
+        let line = summary(&hub, &since, Duration::from_secs(10));
+        assert!(line.ends_with("; relayed 12 values, 3 refused as relay loops"), "{line}");
         let t = std::time::UNIX_EPOCH;
         let mk = |i: usize| {
             (
