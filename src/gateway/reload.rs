@@ -348,3 +348,53 @@ fn sinks_key(model: &Model, peer: &str) -> Vec<(String, std::path::PathBuf, Vec<
     sinks.sort();
     sinks
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP1: &str =
+        "3F:A2:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:01:23:45:67:89:AB:CD:EF:10:32:54:76:98:9C";
+    const FP2: &str =
+        "4F:A2:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:01:23:45:67:89:AB:CD:EF:10:32:54:76:98:9C";
+
+    #[test]
+    fn a_link_feeds_sinks_its_own_points_and_those_only_a_hub_can_bring() {
+        let text = format!(
+            r#"[gateway]
+name = "site-c"
+
+[link]
+identity = "id"
+data_dir = "data"
+listen = "127.0.0.1:7700"
+
+[[peer]]
+name = "hub-b"
+fingerprint = "{FP1}"
+
+[[peer]]
+name = "site-a"
+fingerprint = "{FP2}"
+
+[[plc]]
+name = "line-plc"
+address = "127.0.0.1:502"
+spool = "plc.db"
+
+[[plc.map]]
+points = ["hub-b/y", "line-3/x", "site-a/z"]
+table = "holding"
+address = 0
+type = "u16"
+"#
+        );
+        let model = crate::config::parse(&text, "c.toml").expect("config");
+        assert!(carries(&model, "hub-b", "hub-b"));
+        assert!(carries(&model, "hub-b", "line-3"), "no [[peer]] line-3: only a hub brings its points");
+        assert!(!carries(&model, "hub-b", "site-a"), "site-a's points come over site-a's own link");
+        assert!(carries(&model, "site-a", "site-a"));
+        let key = format!("{:?}", sinks_key(&model, "hub-b"));
+        assert!(key.contains("hub-b/y") && key.contains("line-3/x") && !key.contains("site-a/z"), "{key}");
+    }
+}
