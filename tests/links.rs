@@ -198,6 +198,54 @@ async fn pair_with(
     (ga, gb, shutdown)
 }
 
+/// A spool file exactly as a version-1 build left it (schema 1, version-1 blocks): the
+/// batches waiting for site-b, one sample `dev.old` each, int `values[i]` at `i+1` µs.
+fn version_1_spool(path: &std::path::Path, values: &[i64]) {
+    std::fs::create_dir_all(path.parent().expect("dir")).expect("data dir");
+    let conn = rusqlite::Connection::open(path).expect("create");
+    conn.execute_batch(
+        "CREATE TABLE batches(seq INTEGER PRIMARY KEY, at_us INTEGER NOT NULL,
+             samples INTEGER NOT NULL, bytes BLOB NOT NULL);
+         CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+         INSERT INTO meta(key, value) VALUES ('schema_version', 1), ('dropped_batches', 0),
+             ('dropped_samples', 0), ('applied', 0);",
+    )
+    .expect("schema 1");
+    for (i, v) in values.iter().enumerate() {
+        let mut block = vec![0, 0, 0, 1, 0, 7];
+        block.extend_from_slice(b"dev.old");
+        block.extend_from_slice(&(i as i64 + 1).to_be_bytes());
+        block.extend_from_slice(&[0, 2]);
+        block.extend_from_slice(&v.to_be_bytes());
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros() as i64;
+        conn.execute(
+            "INSERT INTO batches(seq, at_us, samples, bytes) VALUES (?1, ?2, 1, ?3)",
+            rusqlite::params![i as i64 + 1, now, block],
+        )
+        .expect("batch");
+    }
+    let next = values.len() as i64 + 1;
+    conn.execute("INSERT INTO meta(key, value) VALUES ('next_seq', ?1)", [next]).expect("next_seq");
+}
+
+#[tokio::test]
+async fn batches_spooled_by_a_version_1_build_are_delivered_after_the_upgrade() {
+    logs();
+    let (a, b) = (Site::new(), Site::new());
+    version_1_spool(&a.dir.path().join("data").join("site-b.spool"), &[11, 22, 33]);
+    let (ga, gb, shutdown) = pair_with(&a, &b, vec![any_change()], |_| {}, |x| x).await;
+    let lb = gb.link("site-a").expect("link").clone();
+    wait_until("the old backlog applied at b", DEADLINE, || lb.stats().batches_applied >= 3).await;
+    let got = gb.image.get("site-a/dev.old").expect("delivered");
+    assert_eq!((got.value, got.at), (Some(Value::Int(33)), at(3)), "the last of the backlog, its own time");
+    wait_until("a's spool drained", DEADLINE, || ga.link("site-b").expect("link").stats().spool_pending == 0)
+        .await;
+    assert_eq!(lb.stats().samples_applied, 3);
+    shutdown.cancel();
+    ga.shutdown(Duration::from_secs(3)).await;
+    gb.shutdown(Duration::from_secs(3)).await;
+}
+
 #[tokio::test]
 async fn values_arrive_with_types_times_and_qualities() {
     logs();
