@@ -64,7 +64,7 @@ use crate::link::tunnel::TunnelHub;
 use crate::link::writeback::Offer;
 use crate::model::{Grant, Peer};
 use crate::point::registers::value_as_f64;
-use crate::point::value::{Quality, Sample, Value};
+use crate::point::value::{Quality, Sample, Value, Via};
 use crate::spool::SpoolHandle;
 use crate::spool::block::MAX_HOPS;
 use crate::spool::forward::RelayCounters;
@@ -924,11 +924,16 @@ impl Task {
         let mut refused = 0usize;
         let mut looped: Option<(&str, &Sample)> = None;
         let mut loops = 0u64;
+        // The path of the peer's own points, and the last relayed path seen with its
+        // extension: samples of one route share one path (one table entry on the wire),
+        // so a batch allocates a path once, not once per sample.
+        let direct: Via = Arc::from([peer.clone()]);
+        let mut extended: Option<(Via, Via)> = None;
         // (full name, sample as stored) of every sample kept.
         let mut kept: Vec<(String, Sample)> = Vec::with_capacity(samples.len());
         for (point, sample) in samples {
             let (name, via) = match sample.via.as_ref().filter(|v| !v.is_empty()) {
-                None => (format!("{peer}/{point}"), Arc::from([peer.clone()])),
+                None => (format!("{peer}/{point}"), direct.clone()),
                 Some(via) => {
                     let on_path = via.iter().any(|hop| **hop == *local || *hop == peer);
                     if on_path || via.len() >= MAX_HOPS {
@@ -936,12 +941,21 @@ impl Task {
                         looped = looped.or(Some((point, sample)));
                         continue;
                     }
-                    let mut path = via.to_vec();
-                    path.push(peer.clone());
-                    (format!("{}/{point}", via[0]), path.into())
+                    let path = match &extended {
+                        Some((from, to)) if Arc::ptr_eq(from, via) => to.clone(),
+                        _ => {
+                            let mut path = via.to_vec();
+                            path.push(peer.clone());
+                            let path: Via = path.into();
+                            extended = Some((via.clone(), path.clone()));
+                            path
+                        }
+                    };
+                    (format!("{}/{point}", via[0]), path)
                 }
             };
-            kept.push((name, Sample { via: Some(via), ..sample.clone() }));
+            let (value, at, quality) = (sample.value.clone(), sample.at, sample.quality);
+            kept.push((name, Sample { value, at, quality, via: Some(via) }));
         }
         if loops > 0 {
             self.counters_relay_loops(loops, looped);
