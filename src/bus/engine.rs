@@ -129,7 +129,7 @@ enum Woke {
 }
 
 /// The port and its reopen back-off.
-struct Line0 {
+struct PortSlot {
     port: Option<Box<dyn Port>>,
     backoff: Duration,
     next_open: Instant,
@@ -140,7 +140,22 @@ struct Line0 {
     proven: bool,
 }
 
-impl Line0 {
+impl PortSlot {
+    /// Opening the port failed: said once per new reason, and tried again after the
+    /// back-off, which doubles up to `reopen_max`.
+    fn open_failed(&mut self, e: String, reopen_max: Duration) {
+        if e != self.last_error {
+            warn!(
+                error = %e,
+                retry_in = %humantime::format_duration(self.backoff),
+                "cannot open the bus's port; trying again after the back-off"
+            );
+        }
+        self.last_error = e;
+        self.next_open = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(reopen_max);
+    }
+
     /// The port failed: drop it and schedule the reopen.
     fn failed(&mut self, e: String, reopen_max: Duration) {
         if self.proven {
@@ -148,7 +163,7 @@ impl Line0 {
             self.next_open = Instant::now();
         } else {
             if e != self.last_error {
-                warn!(error = %e, retry_in = ?self.backoff, "serial port fails as soon as it is open; reopening with back-off");
+                warn!(error = %e, retry_in = %humantime::format_duration(self.backoff), "serial port fails as soon as it is open; reopening with back-off");
             }
             self.next_open = Instant::now() + self.backoff;
             self.backoff = (self.backoff * 2).min(reopen_max);
@@ -276,7 +291,7 @@ impl Engine {
         if self.tcp_device && self.max_in_flight > 1 {
             return self.run_pipelined(rx, open, shutdown).await;
         }
-        let mut line = Line0 {
+        let mut line = PortSlot {
             port: None,
             backoff: Duration::from_millis(100),
             next_open: Instant::now(),
@@ -309,23 +324,10 @@ impl Engine {
                         line.proven = false;
                         self.last_activity = Instant::now();
                     }
-                    Err(e) => {
-                        if e != line.last_error {
-                            warn!(error = %e, retry_in = ?line.backoff, "cannot open serial port");
-                        }
-                        line.last_error = e;
-                        line.next_open = Instant::now() + line.backoff;
-                        line.backoff = (line.backoff * 2).min(self.reopen_max);
-                    }
+                    Err(e) => line.open_failed(e, self.reopen_max),
                 }
             }
-            // Take what is waiting, up to the bound, so priorities can act on it.
-            while self.schedule.has_room() {
-                match rx.try_recv() {
-                    Ok(job) => self.schedule.push(job),
-                    Err(_) => break,
-                }
-            }
+            self.take_waiting(&mut rx);
             self.stats.queue_depth.store(self.schedule.len() + self.pass.len(), Relaxed);
             let next = self.schedule.next(Instant::now(), &self.pass);
             let (taken, master) = match next {
@@ -884,6 +886,17 @@ impl Engine {
 }
 
 impl Engine {
+    /// Takes the requests waiting on the channel into the schedule, up to its bound, so
+    /// priorities can act on them.
+    fn take_waiting(&mut self, rx: &mut mpsc::Receiver<Job>) {
+        while self.schedule.has_room() {
+            match rx.try_recv() {
+                Ok(job) => self.schedule.push(job),
+                Err(_) => break,
+            }
+        }
+    }
+
     /// A frame from `job`'s unit arrived unreadable (cut short, or a bad CRC): it is the
     /// unit's reply to its oldest open request. If that is this transaction's, the attempt
     /// is over and the retry may go at once ([`Heard::Garbled`]); if it was an earlier

@@ -25,7 +25,7 @@ use tokio_modbus::{ExceptionCode, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
-use super::{Engine, Line0, Opened, RunningOne};
+use super::{Engine, Opened, PortSlot, RunningOne};
 use crate::bus::inflight::{Expired, InFlight, Lookup, Open};
 use crate::bus::pass::Taken;
 use crate::bus::trace::{TraceDir, Verdict, describe_reply, describe_request};
@@ -70,7 +70,7 @@ impl Engine {
         F: Fn() -> O + Send,
         O: std::future::Future<Output = Result<Opened, String>> + Send,
     {
-        let mut line = Line0 {
+        let mut line = PortSlot {
             port: None,
             backoff: Duration::from_millis(100),
             next_open: Instant::now(),
@@ -98,22 +98,10 @@ impl Engine {
                         line.proven = false;
                         self.buf.clear();
                     }
-                    Err(e) => {
-                        if e != line.last_error {
-                            warn!(error = %e, retry_in = %humantime::format_duration(line.backoff), "cannot connect");
-                        }
-                        line.last_error = e;
-                        line.next_open = Instant::now() + line.backoff;
-                        line.backoff = (line.backoff * 2).min(self.reopen_max);
-                    }
+                    Err(e) => line.open_failed(e, self.reopen_max),
                 }
             }
-            while self.schedule.has_room() {
-                match rx.try_recv() {
-                    Ok(job) => self.schedule.push(job),
-                    Err(_) => break,
-                }
-            }
+            self.take_waiting(&mut rx);
             // Fill the free slots.
             while flights.has_room() {
                 let now = Instant::now();
@@ -256,7 +244,7 @@ impl Engine {
 
     /// Takes every whole frame out of the receive buffer and gives each to its request,
     /// or counts it as discarded.
-    fn sort_replies(&mut self, flights: &mut InFlight<Flight>, line: &mut Line0) {
+    fn sort_replies(&mut self, flights: &mut InFlight<Flight>, line: &mut PortSlot) {
         loop {
             let (tid, protocol, unit, len) = match mbap::header(&self.buf) {
                 mbap::Header::Incomplete => return,
@@ -314,7 +302,7 @@ impl Engine {
         &mut self,
         done: Open<Flight>,
         reply: Result<Response, ExceptionCode>,
-        line: &mut Line0,
+        line: &mut PortSlot,
         len: usize,
     ) {
         if !line.proven {
@@ -338,7 +326,7 @@ impl Engine {
     /// and the bus reconnects with back-off.
     fn connection_lost(
         &mut self,
-        line: &mut Line0,
+        line: &mut PortSlot,
         flights: &mut InFlight<Flight>,
         busy_since: &mut Option<Instant>,
         error: String,
