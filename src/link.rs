@@ -37,9 +37,10 @@ pub mod listener;
 pub mod proto;
 pub mod tls;
 pub mod tunnel;
+mod window;
 pub mod writeback;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -61,6 +62,7 @@ use crate::backoff::Backoff;
 use crate::image::{Image, PointId};
 use crate::link::proto::{Frame, FrameCodec, ProtoError};
 use crate::link::tunnel::TunnelHub;
+use crate::link::window::{Liveness, SendWindow};
 use crate::link::writeback::Offer;
 use crate::model::{Grant, Peer};
 use crate::point::registers::value_as_f64;
@@ -706,13 +708,9 @@ impl Task {
         self.set_connected(true);
         info!(%from, resume, applied, pending = spool.counters().pending_batches.load(Relaxed), "link up");
 
-        let heartbeat = self.link.peer.heartbeat.max(Duration::from_millis(10));
-        let dead_after = heartbeat * 3;
+        let mut alive = Liveness::new(self.link.peer.heartbeat, Instant::now());
         let mut appended = spool.appended();
-        let mut sent_upto = resume;
-        let mut inflight: VecDeque<u64> = VecDeque::new();
-        let mut more = true;
-        let mut last_rx = Instant::now();
+        let mut window = SendWindow::new(WINDOW, resume);
         let mut next_id = 1u64;
         let mut pending: HashMap<u64, oneshot::Sender<Result<(), String>>> = HashMap::new();
         let permits = Arc::new(Semaphore::new(WRITES_AT_ONCE));
@@ -722,22 +720,21 @@ impl Task {
             // wakes at least every tick.
             self.beat.busy(std::time::Instant::now(), SESSION_STEP);
             // Fill the window from the spool.
-            if more && inflight.len() < WINDOW {
+            if let Some((after, room)) = window.wanted() {
                 appended.borrow_and_update();
-                let room = WINDOW - inflight.len();
-                match spool.read_raw_from(sent_upto, room).await {
+                match spool.read_raw_from(after, room).await {
                     Ok(batches) => {
-                        more = batches.len() == room;
+                        window.read(room, batches.len());
                         for (seq, block) in batches {
-                            sent_upto = seq;
                             if let Err(e) =
                                 proto::encode_batch_raw(seq, &block, self.link.max_frame, &mut buf)
                             {
                                 error!(seq, error = %e, "spooled batch cannot be sent; skipping it (data lost)");
+                                window.passed(seq, false);
                                 continue;
                             }
                             out.raw(buf.split().freeze());
-                            inflight.push_back(seq);
+                            window.passed(seq, true);
                             self.counters.sent.fetch_add(1, Relaxed);
                         }
                     }
@@ -779,7 +776,7 @@ impl Task {
                                 break;
                             }
                             Some(Ok(f)) => {
-                                last_rx = Instant::now();
+                                alive.heard(Instant::now());
                                 match f {
                                     Frame::Batch { seq, samples } => {
                                         ack_due = true;
@@ -794,16 +791,13 @@ impl Task {
                                     Frame::Ack { seq } => {
                                         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
                                         self.counters.last_ack_ms.store(now.map_or(1, |d| d.as_millis() as u64).max(1), Relaxed);
-                                        while inflight.front().is_some_and(|s| *s <= seq) {
-                                            inflight.pop_front();
-                                            self.counters.acked.fetch_add(1, Relaxed);
-                                        }
+                                        let freed = window.acked(seq);
+                                        self.counters.acked.fetch_add(freed as u64, Relaxed);
                                         if let Err(e) = spool.ack(seq).await {
                                             error!(error = %e, "cannot drop acknowledged batches; closing the link");
                                             ending = Some(End::Lost);
-                                break;
+                                            break;
                                         }
-                                        more = true;
                                     }
                                     Frame::Write { id, point, value } => {
                                         self.peer_write(id, point, value, out, &permits);
@@ -841,9 +835,9 @@ impl Task {
                     }
                 }
                 // Cancel-safe: watch::changed only marks the version seen.
-                r = appended.changed(), if !more => {
+                r = appended.changed(), if window.waits_for_spool() => {
                     if r.is_ok() {
-                        more = true;
+                        window.spool_grew();
                     }
                 }
                 // Cancel-safe: mpsc::recv.
@@ -862,8 +856,11 @@ impl Task {
                     return End::Lost;
                 }
                 // Cancel-safe: a timer.
-                () = sleep_until(last_rx + dead_after) => {
-                    warn!(silent_for = ?dead_after, "no frame from peer for 3 heartbeats; peer is dead, reconnecting");
+                () = sleep_until(alive.dead_at()) => {
+                    warn!(
+                        silent_for = %humantime::format_duration(alive.dead_after()),
+                        "no frame from peer for 3 heartbeats; peer is dead, reconnecting"
+                    );
                     return End::Lost;
                 }
                 // Cancel-safe: mpsc::recv; only armed when the listener feeds us.
