@@ -567,7 +567,16 @@ impl Task {
             } else if matches!(end, End::Lost | End::Mismatch) {
                 // Nothing vouches for the peer's values any more; they turn good again
                 // as the peer re-sends them (it re-sends everything on reconnect).
-                let n = self.link.image.fail(self.names.values().copied(), Quality::CommFail);
+                // Only the points whose value came last through this link: one that another
+                // route (the origin's own link, another hub) delivered since is not ours.
+                let image = &self.link.image;
+                let peer = self.link.peer.name.as_str();
+                let ours = self.names.iter().filter(|(name, _)| {
+                    image
+                        .get(name)
+                        .is_none_or(|s| s.via.as_ref().is_none_or(|v| v.last().is_some_and(|h| &**h == peer)))
+                });
+                let n = image.fail(ours.map(|(_, id)| *id), Quality::CommFail);
                 if n > 0 {
                     warn!(points = n, "link down: the peer's points are marked comm_fail");
                 }
@@ -921,6 +930,7 @@ impl Task {
         let mut refused = 0usize;
         let mut looped: Option<(&str, &Sample)> = None;
         let mut loops = 0u64;
+        let mut superseded = 0u64;
         // The path of the peer's own points, and the last relayed path seen with its
         // extension: samples of one route share one path (one table entry on the wire),
         // so a batch allocates a path once, not once per sample.
@@ -938,6 +948,21 @@ impl Task {
                         looped = looped.or(Some((point, sample)));
                         continue;
                     }
+                    // A point that another route (the origin's own link, another hub)
+                    // keeps good is that route's: a relayed value replaces it only when
+                    // good and newer. So a hub's backlog, replayed after an outage, or its
+                    // comm_fail when it loses the origin, never overwrites a live value.
+                    let name = format!("{}/{point}", via[0]);
+                    let elsewhere_good = |now: &Sample| {
+                        now.quality == Quality::Good
+                            && now.via.as_ref().and_then(|v| v.last()).is_some_and(|hop| *hop != peer)
+                    };
+                    if self.link.image.get(&name).is_some_and(|now| {
+                        elsewhere_good(&now) && (sample.quality != Quality::Good || now.at >= sample.at)
+                    }) {
+                        superseded += 1;
+                        continue;
+                    }
                     let path = match &extended {
                         Some((from, to)) if Arc::ptr_eq(from, via) => to.clone(),
                         _ => {
@@ -948,7 +973,7 @@ impl Task {
                             path
                         }
                     };
-                    (format!("{}/{point}", via[0]), path)
+                    (name, path)
                 }
             };
             let (value, at, quality) = (sample.value.clone(), sample.at, sample.quality);
@@ -956,6 +981,9 @@ impl Task {
         }
         if loops > 0 {
             self.counters_relay_loops(loops, looped);
+        }
+        if superseded > 0 {
+            debug!(superseded, "relayed values older than what another route delivered; dropped");
         }
         let image = &self.link.image;
         let updates: Vec<(PointId, Sample)> = kept
