@@ -120,6 +120,19 @@ enum Heard {
     Garbled,
 }
 
+/// Writes `frame` to the port, or fails when the port does not take it within `limit`
+/// (a device server whose TCP window stays shut, a UART held by flow control): a write
+/// never holds the bus longer than a request's timeout, and the port is reopened.
+pub(super) async fn write_frame(port: &mut dyn Port, frame: &[u8], limit: Duration) -> std::io::Result<()> {
+    match tokio::time::timeout(limit, port.write_all(frame)).await {
+        Ok(wrote) => wrote,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the port did not take the request within {}", humantime::format_duration(limit)),
+        )),
+    }
+}
+
 /// What ended an idle wait.
 enum Woke {
     Job(Option<Job>),
@@ -643,7 +656,7 @@ impl Engine {
             self.timer.sleep_until(Instant::now() + rts.delay_before).await;
         }
         let write_start = Instant::now();
-        let wrote = port.write_all(&self.out).await;
+        let wrote = write_frame(port, &self.out, job.timeout).await;
         if let (Err(_), Some(rts)) = (&wrote, self.rts.as_mut()) {
             // A failed port must not leave our transmitter jamming the line.
             let _ = rts.line.set_rts(rts.levels.idle);
@@ -965,6 +978,16 @@ fn broadcast_echo(req: &Request<'_>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_port_that_takes_no_bytes_fails_the_write_after_the_limit() {
+        // A pipe with room for 4 bytes whose far end never reads: a device server whose
+        // TCP window stays shut.
+        let (mut port, _device) = tokio::io::duplex(4);
+        let err = write_frame(&mut port, &[0u8; 16], Duration::from_millis(50)).await.expect_err("stuck");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(err.to_string(), "the port did not take the request within 50ms");
+    }
     use crate::bus::Priority;
     use crate::model::Parity;
     use std::sync::atomic::AtomicUsize;

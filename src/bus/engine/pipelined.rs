@@ -18,14 +18,14 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_modbus::{ExceptionCode, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
-use super::{Engine, Opened, PortSlot, RunningOne};
+use super::{Engine, Opened, PortSlot, RunningOne, write_frame};
 use crate::bus::inflight::{Expired, InFlight, Lookup, Open};
 use crate::bus::pass::Taken;
 use crate::bus::trace::{TraceDir, Verdict, describe_reply, describe_request};
@@ -140,7 +140,7 @@ impl Engine {
                 o.item.frame[..2].copy_from_slice(&tid.to_be_bytes());
                 let (frame, request) = (o.item.frame.clone(), o.item.taken.job.request.clone());
                 busy_since.get_or_insert(now);
-                if let Err(e) = port.write_all(&frame).await {
+                if let Err(e) = write_frame(port.as_mut(), &frame, timeout).await {
                     self.connection_lost(&mut line, &mut flights, &mut busy_since, e.to_string());
                     break;
                 }
@@ -212,8 +212,9 @@ impl Engine {
                         });
                         // After a lost connection the rest are failed already (Resend
                         // finds nothing) or fail below (Failed): each still gets its outcome.
+                        let limit = o.item.taken.job.timeout;
                         if let Some(p) = line.port.as_mut()
-                            && let Err(e) = p.write_all(&frame).await
+                            && let Err(e) = write_frame(p.as_mut(), &frame, limit).await
                         {
                             self.connection_lost(&mut line, &mut flights, &mut busy_since, e.to_string());
                         }
@@ -352,7 +353,7 @@ mod tests {
     use crate::bus::{BusStats, Priority};
     use crate::model::{Line, Parity};
     use std::sync::Arc;
-    use tokio::io::DuplexStream;
+    use tokio::io::{AsyncWriteExt, DuplexStream};
     use tokio::sync::oneshot;
 
     type Outcome = oneshot::Receiver<Result<Response, BusError>>;
