@@ -525,12 +525,9 @@ where
     }
 }
 
-#[tokio::test]
-async fn garbage_and_oversized_frames_close_only_that_connection() {
-    logs();
-    let (a, b, c) = (Site::new(), Site::new(), Site::new());
-    let shutdown = CancellationToken::new();
-    let gb = Gateway::start(
+/// site-b with no points of its own, accepting site-a and site-c (each pinned).
+fn accepting_a_and_c(a: &Site, b: &Site, c: &Site, shutdown: &CancellationToken) -> Gateway {
+    Gateway::start(
         &model(
             "site-b",
             vec![],
@@ -544,7 +541,31 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
         ),
         shutdown.child_token(),
     )
-    .expect("start b");
+    .expect("start b")
+}
+
+/// Sends one batch as a (fake) peer and waits for its ack.
+async fn deliver<S>(f: &mut Framed<S, FrameCodec>, seq: u64, samples: Vec<(String, Sample)>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    f.send(Frame::Batch { seq, samples }).await.expect("batch");
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout_at(end, f.next()).await {
+            Ok(Some(Ok(Frame::Ack { seq: acked }))) if acked == seq => return,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected the ack of {seq}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn garbage_and_oversized_frames_close_only_that_connection() {
+    logs();
+    let (a, b, c) = (Site::new(), Site::new(), Site::new());
+    let shutdown = CancellationToken::new();
+    let gb = accepting_a_and_c(&a, &b, &c, &shutdown);
     let b_addr = gb.listen_addr().expect("addr");
     let ga = Gateway::start(
         &model(
@@ -1063,26 +1084,17 @@ async fn a_relayed_sample_keeps_its_origin_and_one_that_went_round_a_loop_is_dro
         via: via(hops),
         ..sample(Value::Int(v), at(t), Quality::Good)
     };
-    let batch = |seq: u64, samples: Vec<(String, Sample)>| Frame::Batch { seq, samples };
     // site-c relays site-a's x, its own z, and a y whose path already holds site-b.
-    f.send(batch(
+    deliver(
+        &mut f,
         1,
         vec![
             ("x".into(), relayed(5, 7, &["site-a"])),
             ("y".into(), relayed(6, 8, &["site-a", "site-b", "site-d"])),
             ("z".into(), sample(Value::Int(9), at(9), Quality::Stale)),
         ],
-    ))
-    .await
-    .expect("batch");
-    let end = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        match tokio::time::timeout_at(end, f.next()).await {
-            Ok(Some(Ok(Frame::Ack { seq: 1 }))) => break,
-            Ok(Some(Ok(_))) => {}
-            other => panic!("expected an ack, got {other:?}"),
-        }
-    }
+    )
+    .await;
     // Under its origin's name, with site-a's time and the sender added to its path.
     assert_eq!(gb.image.get("site-a/x"), Some(relayed(5, 7, &["site-a", "site-c"])));
     assert_eq!(
@@ -1243,21 +1255,7 @@ async fn a_relayed_value_never_overwrites_a_newer_one_the_origin_delivered_itsel
     logs();
     let (a, b, c) = (Site::new(), Site::new(), Site::new());
     let shutdown = CancellationToken::new();
-    let gb = Gateway::start(
-        &model(
-            "site-b",
-            vec![],
-            b.links(
-                true,
-                vec![
-                    peer("site-a", a.fp(), Dial::Accept, vec![]),
-                    peer("site-c", c.fp(), Dial::Accept, vec![]),
-                ],
-            ),
-        ),
-        shutdown.child_token(),
-    )
-    .expect("start b");
+    let gb = accepting_a_and_c(&a, &b, &c, &shutdown);
     let b_addr = gb.listen_addr().expect("addr");
     let hello = |name: &str| Frame::Hello { version: VERSION, name: name.into(), resume: 0 };
     let mut fa = Framed::new(tls_client(&a, &b, b_addr).await, FrameCodec::default());
@@ -1267,40 +1265,25 @@ async fn a_relayed_value_never_overwrites_a_newer_one_the_origin_delivered_itsel
     let via = |hops: &[&str]| -> Option<m2m_gateway::point::value::Via> {
         Some(hops.iter().map(|h| std::sync::Arc::<str>::from(*h)).collect::<Vec<_>>().into())
     };
-    // Sends one batch and waits for its ack.
-    async fn deliver<S>(f: &mut Framed<S, FrameCodec>, seq: u64, point: &str, s: Sample)
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        f.send(Frame::Batch { seq, samples: vec![(point.into(), s)] }).await.expect("batch");
-        let end = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            match tokio::time::timeout_at(end, f.next()).await {
-                Ok(Some(Ok(Frame::Ack { seq: acked }))) if acked == seq => return,
-                Ok(Some(Ok(_))) => {}
-                other => panic!("expected the ack of {seq}, got {other:?}"),
-            }
-        }
-    }
     let x = || gb.image.get("site-a/x").map(|s| (s.value, s.quality, s.via));
     // site-a's own link delivers x = 2 at t = 10.
-    deliver(&mut fa, 1, "x", sample(Value::Int(2), at(10), Quality::Good)).await;
+    deliver(&mut fa, 1, vec![("x".into(), sample(Value::Int(2), at(10), Quality::Good))]).await;
     assert_eq!(x(), Some((Some(Value::Int(2)), Quality::Good, via(&["site-a"]))));
     // A hub's backlog (older) and its comm_fail (it lost site-a) do not overwrite it.
     let relayed =
         |v: i64, t: u64, q: Quality| Sample { via: via(&["site-a"]), ..sample(Value::Int(v), at(t), q) };
-    deliver(&mut fc, 1, "x", relayed(1, 5, Quality::Good)).await;
-    deliver(&mut fc, 2, "x", relayed(1, 30, Quality::CommFail)).await;
+    deliver(&mut fc, 1, vec![("x".into(), relayed(1, 5, Quality::Good))]).await;
+    deliver(&mut fc, 2, vec![("x".into(), relayed(1, 30, Quality::CommFail))]).await;
     assert_eq!(x(), Some((Some(Value::Int(2)), Quality::Good, via(&["site-a"]))));
     // A newer good value through the hub is the freshest: it is taken.
-    deliver(&mut fc, 3, "x", relayed(3, 40, Quality::Good)).await;
+    deliver(&mut fc, 3, vec![("x".into(), relayed(3, 40, Quality::Good))]).await;
     assert_eq!(x(), Some((Some(Value::Int(3)), Quality::Good, via(&["site-a", "site-c"]))));
     // The origin's next value comes by its own link; then the hub's link is lost: the
     // points it alone brings (site-d's y) turn comm_fail, but x is not the hub's any
     // more and stays good.
-    deliver(&mut fa, 2, "x", sample(Value::Int(5), at(50), Quality::Good)).await;
+    deliver(&mut fa, 2, vec![("x".into(), sample(Value::Int(5), at(50), Quality::Good))]).await;
     let y = Sample { via: via(&["site-d"]), ..sample(Value::Int(7), at(50), Quality::Good) };
-    deliver(&mut fc, 4, "y", y).await;
+    deliver(&mut fc, 4, vec![("y".into(), y)]).await;
     drop(fc);
     let y_quality = || gb.image.get("site-d/y").map(|s| s.quality);
     wait_until("site-d/y comm_fail", DEADLINE, || y_quality() == Some(Quality::CommFail)).await;
