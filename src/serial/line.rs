@@ -217,13 +217,7 @@ impl AsyncWrite for Tty {
 /// busy buses cost no more CPU than one. Never wakes early; cancel-safe (dropping it
 /// closes the timer). Falls back to the tokio timer if a timerfd cannot be made.
 pub async fn sleep_until_precise(deadline: Instant) {
-    if deadline <= Instant::now() {
-        return;
-    }
-    if let Err(e) = timerfd_sleep(deadline).await {
-        debug!(error = %e, "no timerfd; using the 1 ms timer");
-        sleep_until(deadline).await;
-    }
+    PreciseTimer::default().sleep_until(deadline).await;
 }
 
 /// A precise timer to sleep on again and again (a bus has one): one Linux timerfd,
@@ -298,28 +292,6 @@ impl PreciseTimer {
             }
         }
     }
-}
-
-async fn timerfd_sleep(deadline: Instant) -> std::io::Result<()> {
-    use rustix::time::{Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec};
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Ok(());
-    }
-    let flags = TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC;
-    let fd = rustix::time::timerfd_create(TimerfdClockId::Monotonic, flags)?;
-    let it_value = Timespec::try_from(left).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-    let spec = Itimerspec { it_interval: Timespec { tv_sec: 0, tv_nsec: 0 }, it_value };
-    rustix::time::timerfd_settime(&fd, TimerfdTimerFlags::empty(), &spec)?;
-    #[expect(
-        deprecated,
-        reason = "the safe constructor is deprecated because an arbitrary AsRawFd may swap or close \
-                  its fd; an OwnedFd cannot, which is the I/O-safety the unsafe replacement asks for"
-    )]
-    let fd = tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)?;
-    // Readable means expired: the expiry count itself is not needed.
-    let _expired = fd.readable().await?;
-    Ok(())
 }
 
 #[cfg(test)]
