@@ -133,36 +133,37 @@ pub(crate) async fn drive(
     Ok(Load { rps, p50: pick(0.5), p99: pick(0.99), errors, cpu_per_request, switches_per_request })
 }
 
+/// The sum over every thread of a process of what `count` reads from the thread's
+/// `/proc/PID/task/TID/<file>` (0 for a process that is gone).
+fn per_thread(pid: u32, file: &str, count: impl Fn(&str) -> u64) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join(file)).ok())
+        .map(|text| count(&text))
+        .sum()
+}
+
 /// Time every thread of a process has spent on a CPU so far, to the nanosecond (the
 /// scheduler's own count, `/proc/PID/task/*/schedstat`; `/proc/PID/stat`'s user and
 /// system times are samples at each 4 ms tick, which overcharge a process that wakes
 /// and sleeps thousands of times a second).
 fn run_time(pid: u32) -> Duration {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Duration::ZERO;
-    };
-    let ns: u64 = tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    Duration::from_nanos(ns)
+    Duration::from_nanos(per_thread(pid, "schedstat", |s| {
+        s.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0)
+    }))
 }
 
-/// Context switches of every thread of a process so far.
+/// Context switches (voluntary and not) of every thread of a process so far.
 fn context_switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
-        .flat_map(|status| {
-            status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum()
+    per_thread(pid, "status", |status| {
+        status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum()
+    })
 }
 
 const LINE: Line = Line { baud: 115_200, data_bits: 8, parity: Parity::None, stop_bits: 1 };
