@@ -356,7 +356,12 @@ fn ours_config(device: &Path, port: u16, frame_gap: Duration, threads: Option<us
 struct Profile(Child);
 
 impl Profile {
-    fn start(pid: u32, relay: &str, slave: Slave, ours: Option<&Ours>) -> Result<Option<Self>, BoxError> {
+    async fn start(
+        pid: u32,
+        relay: &str,
+        slave: Slave,
+        ours: Option<&Ours>,
+    ) -> Result<Option<Self>, BoxError> {
         let Ok(command) = std::env::var("M2M_BENCH_PROFILE") else {
             return Ok(None);
         };
@@ -374,7 +379,7 @@ impl Profile {
             .spawn()
             .map_err(|e| format!("cannot start {program} ({e})"))?;
         // Let it attach before the load starts.
-        std::thread::sleep(Duration::from_millis(500));
+        tokio::time::sleep(Duration::from_millis(500)).await;
         Ok(Some(Profile(child)))
     }
 }
@@ -412,7 +417,7 @@ async fn measure_ours(s: &Settings, setup: Ours) -> Result<([Load; 3], String), 
     let child = footprint::RunChild::spawn(&bin, &config)?;
     block_in_place(|| child.wait_for("modbus-tcp server listening", Duration::from_secs(10)))?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let perf = Profile::start(child.pid(), "ours", setup.slave, Some(&setup))?;
+    let perf = Profile::start(child.pid(), "ours", setup.slave, Some(&setup)).await?;
     let loads = drive_all(addr, s, child.pid()).await?;
     drop(perf);
     child.stop();
@@ -533,7 +538,7 @@ async fn measure_relay(s: &Settings, slave: Slave) -> Result<([Load; 3], String)
         }
         return Err(format!("modbus-relay exited ({status}): {}", err.trim()).into());
     }
-    let perf = Profile::start(child.0.id(), "modbus-relay", slave, None)?;
+    let perf = Profile::start(child.0.id(), "modbus-relay", slave, None).await?;
     let loads = drive_all(addr, s, child.0.id()).await?;
     drop(perf);
     drop(child);
