@@ -51,7 +51,7 @@ use crate::serial::pdu::PduError;
 use crate::serial::rtu;
 
 pub use crate::serial::line::Port;
-use crate::serial::line::open_port;
+use crate::serial::line::{PortKind, open_port};
 use crate::serial::rs485::Mode;
 
 pub mod engine;
@@ -77,8 +77,9 @@ pub enum BusError {
     /// The bus queue is full; the transaction was not queued.
     #[error("bus queue full")]
     QueueFull,
-    /// The serial port is not open (unplugged, or failing to open).
-    #[error("serial port is down: {0}")]
+    /// The bus's port is not open (a serial port unplugged or failing to open, a
+    /// connection refused or lost).
+    #[error("bus port is down: {0}")]
     PortDown(String),
     /// The request cannot be encoded.
     #[error("invalid request: {0}")]
@@ -265,17 +266,15 @@ pub fn spawn(bus: &Bus, shutdown: CancellationToken, tracker: &tokio_util::task:
         )),
     };
     let silence = bus.raw_devices.iter().map(|d| d.silence).max().unwrap_or_default();
+    let port_kind = PortKind::of(&bus.port);
     let engine =
         Engine::new(bus.name.clone(), bus.line, framing, bus.queue_depth, bus.reopen_max, stats.clone())
             .with_frame_gap(bus.frame_gap)
             .with_local_echo(bus.local_echo)
             .with_silence(silence)
-            .with_burst_gap(if bus.port.starts_with("tcp://") || bus.port.starts_with("modbus-tcp://") {
-                engine::TCP_BURST_GAP
-            } else {
-                engine::BURST_GAP
-            })
+            .with_burst_gap(if port_kind.is_tcp() { engine::TCP_BURST_GAP } else { engine::BURST_GAP })
             .with_tcp_device(bus.protocol == Protocol::ModbusTcp)
+            .with_port_kind(port_kind)
             .with_max_in_flight(bus.max_in_flight);
     let handle = BusHandle {
         name: Arc::from(bus.name.as_str()),

@@ -1,10 +1,10 @@
-//! Liveness of the core tasks, for the systemd watchdog: each bus engine and each link
-//! task holds a [`Beat`] and, on every turn of its loop, promises when it will beat
-//! again (soon when idle, after the longest possible transaction when busy). The
-//! watchdog pinger ([`crate::service`]) pings systemd only while no promise is broken,
-//! so a task that is wedged (a deadlock, an await that never ends, a blocked thread)
-//! stops the pings and systemd restarts the service; a timer that merely survives is
-//! not taken for progress.
+//! Liveness of the core tasks, for the systemd watchdog: each bus engine, each link task
+//! and the Modbus-TCP server's accept loop holds a [`Beat`] and, on every turn of its
+//! loop, promises when it will beat again (soon when idle, after the longest possible
+//! transaction when busy). The watchdog pinger ([`crate::service`]) pings systemd only
+//! while no promise is broken, so a task that is wedged (a deadlock, an await that never
+//! ends, a blocked thread) stops the pings and systemd restarts the service; a timer that
+//! merely survives is not taken for progress.
 //!
 //! Invariants:
 //! - a beat is registered when its task is built and leaves the registry when the task
@@ -121,7 +121,7 @@ pub fn init(tick: Duration) {
     let _ = REGISTRY.set(Registry::new(tick));
 }
 
-/// The process-wide registry (the bus engines and link tasks register here).
+/// The process-wide registry (every watched task registers here).
 pub fn registry() -> &'static Registry {
     REGISTRY.get_or_init(|| Registry::new(DEFAULT_TICK))
 }
@@ -131,25 +131,44 @@ pub fn beat(name: String) -> Arc<Beat> {
     registry().register(name, Instant::now())
 }
 
-/// TESTING ONLY: the environment variable naming a bus whose engine is made to hang, as
-/// `BUS` or `BUS:DELAY` (`line1:2s`: two seconds after the engine starts). It exists so
-/// that the watchdog can be tested end to end; never set it on a plant.
+/// TESTING ONLY: the environment variable naming a watched task that is made to hang, by
+/// its beat's name, as `TASK` or `TASK:DELAY` (`bus line1:2s`: two seconds after the
+/// engine of bus line1 starts; `modbus-tcp server`). It exists so that the watchdog can be
+/// tested end to end; never set it on a plant.
+pub const HANG_ENV: &str = "M2M_GATEWAY_TEST_HANG";
+
+/// The earlier name of [`HANG_ENV`], naming a bus only (`line1:2s`); still read, with a
+/// deprecation warning.
 pub const HANG_BUS_ENV: &str = "M2M_GATEWAY_TEST_HANG_BUS";
 
-/// When the engine of bus `bus` must hang (the test fault hook, [`HANG_BUS_ENV`], read
-/// once): the delay after its start.
-pub fn hang_after(bus: &str) -> Option<Duration> {
+/// When the task whose beat is named `task` must hang (the test fault hook, [`HANG_ENV`],
+/// read once): the delay after its start.
+pub fn hang_after(task: &str) -> Option<Duration> {
     static HANG: OnceLock<Option<(String, Duration)>> = OnceLock::new();
     let hang = HANG.get_or_init(|| {
-        let text = std::env::var(HANG_BUS_ENV).ok()?;
-        let (name, delay) = match text.split_once(':') {
+        let text = std::env::var(HANG_ENV).ok().or_else(|| {
+            // The earlier name, for a bus only: `line1:2s`.
+            let bus = std::env::var(HANG_BUS_ENV).ok()?;
+            tracing::warn!("{HANG_BUS_ENV} is deprecated: set {HANG_ENV}=\"bus {bus}\" instead");
+            Some(format!("bus {bus}"))
+        })?;
+        let (name, delay) = match text.rsplit_once(':') {
             Some((name, delay)) => (name, humantime::parse_duration(delay).ok()?),
             None => (text.as_str(), Duration::ZERO),
         };
-        tracing::warn!("{HANG_BUS_ENV} is set: the engine of bus {name} will hang (a test fault hook)");
+        tracing::warn!("{HANG_ENV} is set: the task {name} will hang (a test fault hook)");
         Some((name.to_string(), delay))
     });
-    hang.as_ref().filter(|(name, _)| name == bus).map(|(_, d)| *d)
+    hang.as_ref().filter(|(name, _)| name == task).map(|(_, d)| *d)
+}
+
+/// The test fault hook in a task's loop: at `at` (from [`hang_after`]), wedges the task
+/// for ever, as a deadlock would.
+pub async fn hang_if_due(at: Option<tokio::time::Instant>) {
+    if at.is_some_and(|at| tokio::time::Instant::now() >= at) {
+        tracing::warn!("test fault hook: this task hangs now");
+        std::future::pending::<()>().await;
+    }
 }
 
 #[cfg(test)]

@@ -3,10 +3,10 @@
 //!
 //! A [`PassQueue`] belongs to a bus; it is a data structure, not a task. Server
 //! connections put their masters' requests in (`submit`); the bus engine takes the next
-//! one when a pass-through transaction is due (`take`) and says when it is over
-//! (`finish`). The request taken comes from the next master in turn that has one waiting
-//! for a unit the bus can serve now. With no task in between, a request costs one hand-off
-//! to the bus and one back.
+//! one when a pass-through transaction is due (`take`) and answers it
+//! ([`Taken::answer`]). The request taken comes from the next master in turn that has one
+//! waiting for a unit the bus can serve now. With no task in between, a request costs one
+//! hand-off to the bus and one back.
 //!
 //! Reads are shared: when the bus takes a read (FC1-4), the identical reads (same unit,
 //! function, address and quantity) waiting at the head of other masters' queues are
@@ -24,17 +24,20 @@
 //! no more of the line than one that does not; and since the bus runs a waiting poll after
 //! a short streak of pass-through transactions (bus.rs), masters together cannot starve
 //! the polls either. On a bus that pipelines (a Modbus-TCP device with `max_in_flight`),
-//! several requests are running at once, each ended by [`PassQueue::finish_for`] with the
-//! masters it was taken for; a master's running requests all count against its limit.
+//! several requests are running at once; a master's running requests all count against
+//! its limit.
 //!
 //! Invariants: a request whose master has gone (connection closed, reply receiver
 //! dropped) is skipped, never sent; every request taken in gets exactly one outcome on
 //! its reply channel, or the channel is dropped when the bus stops (`close`), which the
-//! server reads as "bus closed".
+//! server reads as "bus closed". A request taken holds its masters' in-flight slots until
+//! it is answered or dropped ([`Taken`]), and [`Taken::answer`] frees them *before* it
+//! sends: a master that sends its next request the instant it has an answer finds room
+//! for it, never "busy".
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, oneshot};
 use tokio_modbus::{Request, Response};
@@ -118,9 +121,9 @@ impl PassQueue {
     /// Takes the next live request whose unit `ready` accepts, from the first master
     /// after the last one served (in id order, wrapping) that has one at the head of its
     /// queue, with the identical reads at the head of other queues (whose masters get
-    /// the same answer: [`Taken::answer`]); they are running until
-    /// [`finish`](Self::finish). Requests of masters that have gone are dropped on the way.
-    pub fn take(&self, ready: impl Fn(u8) -> bool) -> Option<Taken> {
+    /// the same answer: [`Taken::answer`]); they are running until it is answered or
+    /// dropped. Requests of masters that have gone are dropped on the way.
+    pub fn take(self: &Arc<Self>, ready: impl Fn(u8) -> bool) -> Option<Taken> {
         let mut s = self.state();
         let State { queues, running, last, waiting, .. } = &mut *s;
         let mut cursor = *last;
@@ -141,18 +144,18 @@ impl PassQueue {
                 if queue.is_empty() {
                     queues.remove(&master);
                 }
-                // Running until `finish`; more than one taken at once only on a bus that
-                // pipelines (`finish_for` then ends each).
-                running.push(master);
+                // Running until answered; more than one taken at once only on a bus that
+                // pipelines.
                 *last = master;
-                let mut sharers = Vec::new();
+                let mut masters = vec![master];
                 let shared = if is_read(&job.request) {
-                    share(queues, waiting, master, &mut sharers, &job)
+                    share(queues, waiting, master, &mut masters, &job)
                 } else {
                     Vec::new()
                 };
-                running.extend_from_slice(&sharers);
-                return Some(Taken { job, shared, master: Some(master), sharers });
+                running.extend_from_slice(&masters);
+                let slots = Some(Slots { queue: self.clone(), masters });
+                return Some(Taken { job, shared, slots });
             }
             if queue.is_empty() {
                 queues.remove(&master);
@@ -161,16 +164,10 @@ impl PassQueue {
         None
     }
 
-    /// The request taken last is over (its outcome is about to be sent).
-    pub fn finish(&self) {
-        self.state().running.clear();
-    }
-
-    /// One of several requests taken is over (a bus that pipelines): its `master` and
-    /// `sharers` ([`Taken::master`], [`Taken::sharers`]) are running one request fewer.
-    pub fn finish_for(&self, master: MasterId, sharers: &[MasterId]) {
+    /// A request of each of `masters` is over: they are running one request fewer.
+    fn release(&self, masters: &[MasterId]) {
         let mut s = self.state();
-        for m in std::iter::once(&master).chain(sharers) {
+        for m in masters {
             if let Some(i) = s.running.iter().position(|r| r == m) {
                 s.running.swap_remove(i);
             }
@@ -193,27 +190,54 @@ impl PassQueue {
     }
 }
 
-/// A request taken for the line, and the masters sharing its answer.
+/// A request taken for the line, and the masters sharing its answer. The masters it was
+/// taken for are running it (it holds one of each one's in-flight slots) until it is
+/// answered or dropped.
 #[derive(Debug)]
 pub struct Taken {
     /// The request to run.
     pub job: Job,
     /// Where the same answer goes too (identical reads of other masters).
     pub shared: Vec<oneshot::Sender<Result<Response, BusError>>>,
-    /// The master it was taken for (none for a poll or a write from the gateway).
-    pub master: Option<MasterId>,
-    /// The masters sharing its answer ([`Taken::shared`]'s).
-    pub sharers: Vec<MasterId>,
+    /// The masters' slots it holds (none for a poll or a write from the gateway).
+    slots: Option<Slots>,
+}
+
+/// The in-flight slots of the masters a request was taken for (the taker first, then
+/// the sharers): freed when this is dropped.
+#[derive(Debug)]
+struct Slots {
+    queue: Arc<PassQueue>,
+    masters: Vec<MasterId>,
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        self.queue.release(&self.masters);
+    }
 }
 
 impl Taken {
+    /// A job of the gateway's own (a poll, a write): no master's slot.
+    pub fn own(job: Job) -> Self {
+        Self { job, shared: Vec::new(), slots: None }
+    }
+
+    /// The master it was taken for (none for the gateway's own jobs).
+    pub fn master(&self) -> Option<MasterId> {
+        self.slots.as_ref().and_then(|s| s.masters.first().copied())
+    }
+
     /// Nobody waits for the answer any more.
     pub fn abandoned(&self) -> bool {
         self.job.reply.is_closed() && self.shared.iter().all(oneshot::Sender::is_closed)
     }
 
-    /// Sends `outcome` to every master waiting for it.
-    pub fn answer(self, outcome: Result<Response, BusError>) {
+    /// Frees the masters' slots, then sends `outcome` to every master waiting for it (in
+    /// that order: a master that sends its next request as soon as it has this answer
+    /// must find room for it, not be refused as busy).
+    pub fn answer(mut self, outcome: Result<Response, BusError>) {
+        drop(self.slots.take());
         for other in self.shared {
             let _ = other.send(outcome.clone());
         }
@@ -233,7 +257,7 @@ pub(crate) fn is_read(request: &Request<'_>) -> bool {
 }
 
 /// Takes the reads identical to `job` (taken for `taker`) off the heads of the other
-/// masters' queues; their masters go into `sharers`.
+/// masters' queues; their masters are added to `sharers`.
 fn share(
     queues: &mut BTreeMap<MasterId, VecDeque<Job>>,
     waiting: &mut usize,
@@ -282,7 +306,7 @@ mod tests {
 
     #[test]
     fn identical_reads_at_the_heads_of_queues_share_one_transaction() {
-        let q = PassQueue::default();
+        let q = Arc::new(PassQueue::default());
         let mut keep = Vec::new();
         let mut put = |master, unit, request| {
             let (mut j, rx) = job(unit);
@@ -307,30 +331,27 @@ mod tests {
         first.answer(Ok(Response::ReadHoldingRegisters(vec![7; 10])));
         assert_eq!(a.try_recv().expect("answered"), Ok(Response::ReadHoldingRegisters(vec![7; 10])));
         assert_eq!(b.try_recv().expect("answered"), Ok(Response::ReadHoldingRegisters(vec![7; 10])));
-        q.finish();
         // Writes are never shared.
         let units: Vec<(u8, usize)> = std::iter::from_fn(|| {
             let t = q.take(|_| true)?;
-            q.finish();
             Some((t.job.unit, t.shared.len()))
         })
         .collect();
         assert_eq!(units, [(5, 0), (6, 0), (5, 0), (5, 1)], "{units:?}");
     }
 
-    fn drain(q: &PassQueue) -> Vec<u8> {
+    fn drain(q: &Arc<PassQueue>) -> Vec<u8> {
         let mut order = Vec::new();
         while let Some(t) = q.take(|_| true) {
             order.push(t.job.unit);
             order.extend(t.shared.iter().map(|_| 0));
-            q.finish();
         }
         order
     }
 
     #[test]
     fn masters_take_turns() {
-        let q = PassQueue::default();
+        let q = Arc::new(PassQueue::default());
         let mut keep = Vec::new();
         for (master, unit) in [(1, 10), (1, 11), (1, 12), (2, 20), (3, 30), (3, 31)] {
             let (j, rx) = job(unit);
@@ -343,7 +364,7 @@ mod tests {
 
     #[test]
     fn requests_of_gone_masters_are_skipped() {
-        let q = PassQueue::default();
+        let q = Arc::new(PassQueue::default());
         let (gone, rx) = job(1);
         let (live, _rx) = job(2);
         q.submit(5, gone, 8).expect("room");
@@ -355,7 +376,7 @@ mod tests {
 
     #[test]
     fn a_master_is_held_to_its_in_flight_limit_counting_the_running_request() {
-        let q = PassQueue::default();
+        let q = Arc::new(PassQueue::default());
         let mut keep = Vec::new();
         for unit in [1, 2] {
             let (j, rx) = job(unit);
@@ -367,7 +388,6 @@ mod tests {
         let running = q.take(|_| true).expect("waiting");
         let (third, _rx3) = job(3);
         assert_eq!(q.submit(7, third, 2), Err(BusError::QueueFull), "one running + one waiting");
-        q.finish();
         drop(running);
         let (third, _rx3) = job(3);
         q.submit(7, third, 2).expect("room once the running one is over");
@@ -380,7 +400,7 @@ mod tests {
     /// against the master's limit until it is finished, whichever finishes first.
     #[test]
     fn several_running_requests_of_one_master_each_count_until_finished() {
-        let q = PassQueue::default();
+        let q = Arc::new(PassQueue::default());
         let mut keep = Vec::new();
         for unit in [1, 2, 3] {
             let (j, rx) = job(unit);
@@ -389,22 +409,22 @@ mod tests {
         }
         let first = q.take(|_| true).expect("waiting");
         let second = q.take(|_| true).expect("waiting");
-        assert_eq!((first.master, second.master), (Some(7), Some(7)));
+        assert_eq!((first.master(), second.master()), (Some(7), Some(7)));
         let (more, _rx) = job(4);
         assert_eq!(q.submit(7, more, 3), Err(BusError::QueueFull), "two running + one waiting");
-        q.finish_for(7, &second.sharers);
+        drop(second);
         let (more, _rx) = job(4);
         q.submit(7, more, 3).expect("one running + one waiting + this one");
         let (more, _rx) = job(5);
         assert_eq!(q.submit(7, more, 3), Err(BusError::QueueFull));
-        q.finish_for(7, &first.sharers);
+        drop(first);
         let (more, _rx) = job(5);
         q.submit(7, more, 3).expect("room once the first is over too");
     }
 
     #[test]
     fn a_unit_that_is_not_ready_is_passed_over_without_losing_its_turn_order() {
-        let q = PassQueue::default();
+        let q = Arc::new(PassQueue::default());
         let mut keep = Vec::new();
         for (master, unit) in [(1, 9), (2, 20), (3, 8), (3, 31)] {
             let (j, rx) = job(unit);
@@ -412,14 +432,13 @@ mod tests {
             q.submit(master, j, 8).expect("room");
         }
         let got = q.take(|u| u != 9 && u != 8).map(|t| t.job.unit);
-        q.finish();
         assert_eq!(got, Some(20));
         assert_eq!(drain(&q), [8, 9, 31]);
     }
 
     #[test]
     fn a_closed_queue_refuses_and_drops_what_waits() {
-        let q = PassQueue::default();
+        let q = Arc::new(PassQueue::default());
         let (j, mut rx) = job(1);
         q.submit(1, j, 8).expect("room");
         q.close();

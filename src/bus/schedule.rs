@@ -36,6 +36,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -353,9 +354,9 @@ impl Schedule {
         self.streak = if priority == Priority::PassThrough { self.streak + 1 } else { 0 };
     }
 
-    /// The transaction to run at `now`, and whether it is a master's; `None` when nothing
-    /// may run (nothing waits, or every waiting job's unit may still answer late).
-    pub fn next(&mut self, now: Instant, pass: &PassQueue) -> Option<(Taken, bool)> {
+    /// The transaction to run at `now` (a master's, or the gateway's own); `None` when
+    /// nothing may run (nothing waits, or every waiting job's unit may still answer late).
+    pub fn next(&mut self, now: Instant, pass: &Arc<PassQueue>) -> Option<Taken> {
         self.next_where(now, pass, |_| true)
     }
 
@@ -364,9 +365,9 @@ impl Schedule {
     pub fn next_where(
         &mut self,
         now: Instant,
-        pass: &PassQueue,
+        pass: &Arc<PassQueue>,
         ready: impl Fn(u8) -> bool,
-    ) -> Option<(Taken, bool)> {
+    ) -> Option<Taken> {
         self.ledger.expire(now);
         let (ledger, addressed) = (&self.ledger, self.addressed);
         let held = |unit: u8| ledger.pending(addressed.then_some(unit)) > 0 || !ready(unit);
@@ -397,11 +398,9 @@ impl Schedule {
         match (from_master, picked) {
             (Some(taken), picked) => {
                 self.heap.extend(picked);
-                Some((taken, true))
+                Some(taken)
             }
-            (None, Some(q)) => {
-                Some((Taken { job: q.job, shared: Vec::new(), master: None, sharers: Vec::new() }, false))
-            }
+            (None, Some(q)) => Some(Taken::own(q.job)),
             (None, None) => None,
         }
     }
@@ -569,16 +568,16 @@ mod tests {
     #[test]
     fn a_held_unit_waits_and_the_others_go_by() {
         let t0 = Instant::now();
-        let (pass, mut keep) = (PassQueue::default(), Vec::new());
+        let (pass, mut keep) = (Arc::new(PassQueue::default()), Vec::new());
         let mut s = Schedule::new(8, true);
         s.ledger.sent(Some(1), 1, T, (1, Request::ReadHoldingRegisters(0, 1)), t0);
         s.push(job_at(1, Priority::Write, 0, &mut keep));
         s.push(job_at(2, Priority::Poll { deadline: t0 }, 0, &mut keep));
-        let (first, master) = s.next(t0 + T, &pass).expect("unit 2 runs");
-        assert_eq!((first.job.unit, master), (2, false));
+        let first = s.next(t0 + T, &pass).expect("unit 2 runs");
+        assert_eq!((first.job.unit, first.master()), (2, None));
         assert!(s.next(t0 + T, &pass).is_none(), "unit 1 is held");
         assert_eq!(s.len(), 1);
-        let (second, _) = s.next(t0 + T * 4, &pass).expect("released after four timeouts");
+        let second = s.next(t0 + T * 4, &pass).expect("released after four timeouts");
         assert_eq!(second.job.unit, 1);
     }
 
@@ -586,7 +585,7 @@ mod tests {
     #[test]
     fn a_bus_without_addresses_is_held_whole() {
         let t0 = Instant::now();
-        let (pass, mut keep) = (PassQueue::default(), Vec::new());
+        let (pass, mut keep) = (Arc::new(PassQueue::default()), Vec::new());
         let mut s = Schedule::new(8, false);
         s.ledger.sent(None, 1, T, (1, Request::Custom(0, vec![1].into())), t0);
         s.push(job_at(2, Priority::Write, 0, &mut keep));
@@ -598,17 +597,16 @@ mod tests {
     #[test]
     fn masters_cannot_starve_polls() {
         let t0 = Instant::now();
-        let (pass, mut keep) = (PassQueue::default(), Vec::new());
+        let (pass, mut keep) = (Arc::new(PassQueue::default()), Vec::new());
         let mut s = Schedule::new(8, true);
         for m in 0..4u16 {
             pass.submit(u64::from(m), job_at(2, Priority::PassThrough, m, &mut keep), 4).expect("queued");
         }
         s.push(job_at(1, Priority::Poll { deadline: t0 }, 0, &mut keep));
         let mut order = Vec::new();
-        while let Some((taken, master)) = s.next(t0, &pass) {
+        while let Some(taken) = s.next(t0, &pass) {
             s.ran(taken.job.priority);
-            order.push(if master { 'm' } else { 'p' });
-            pass.finish();
+            order.push(if taken.master().is_some() { 'm' } else { 'p' });
         }
         let want: Vec<char> = std::iter::repeat_n('m', PASS_THROUGH_STREAK as usize)
             .chain(['p'])

@@ -69,6 +69,44 @@ pub struct Line {
 pub trait Port: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Port for T {}
 
+/// What a bus's `port` names, for the words its log lines use and its timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortKind {
+    /// A serial device path.
+    Serial,
+    /// `tcp://host:port`: a serial device server carrying the line's bytes.
+    DeviceServer,
+    /// `modbus-tcp://host:port`: a Modbus-TCP device.
+    ModbusTcp,
+}
+
+impl PortKind {
+    /// The kind of `port` (as [`open_port`] reads it).
+    pub fn of(port: &str) -> Self {
+        if port.starts_with("tcp://") {
+            Self::DeviceServer
+        } else if port.starts_with("modbus-tcp://") {
+            Self::ModbusTcp
+        } else {
+            Self::Serial
+        }
+    }
+
+    /// The port in an operator's words: `serial port open`, `connection open`.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Self::Serial => "serial port",
+            Self::DeviceServer => "device server connection",
+            Self::ModbusTcp => "connection",
+        }
+    }
+
+    /// A TCP connection (its bytes come in segments, not at the line's pace).
+    pub fn is_tcp(self) -> bool {
+        self != Self::Serial
+    }
+}
+
 /// Longest wait for a serial device server to accept a TCP connection.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -93,6 +131,12 @@ pub async fn open_port(port: &str, line: &Line) -> Result<Box<dyn Port>, String>
 /// Opens the serial port at `path` with the line settings, by path every time, so a
 /// re-plugged adapter (or a re-pointed `/dev/serial/by-id` link) is found again.
 pub fn open_serial(path: &str, line: &Line) -> Result<Box<dyn Port>, String> {
+    open_tty(path, line).map_err(|e| format!("{path}: {e}"))
+}
+
+/// Opens the serial port at `path` with the line settings: the one opener of the gateway's
+/// buses and of the simulator serving a real port.
+pub fn open_tty(path: &str, line: &Line) -> std::io::Result<Box<dyn Port>> {
     let parity = line.parity.into();
     let data_bits =
         if line.data_bits == 7 { tokio_serial::DataBits::Seven } else { tokio_serial::DataBits::Eight };
@@ -107,7 +151,6 @@ pub fn open_serial(path: &str, line: &Line) -> Result<Box<dyn Port>, String> {
         .map_err(std::io::Error::from)
         .and_then(Tty::new)
         .map(|s| Box::new(s) as Box<dyn Port>)
-        .map_err(|e| format!("{path}: {e}"))
 }
 
 /// A serial device as a bus port, registered with tokio's reactor for readability only.
@@ -298,6 +341,13 @@ impl PreciseTimer {
 mod parity_tests {
     use super::*;
     use crate::point::names;
+
+    #[test]
+    fn a_port_is_named_as_what_it_is() {
+        let kinds = ["/dev/ttyUSB0", "tcp://10.0.0.9:4001", "modbus-tcp://10.0.0.9:502"].map(PortKind::of);
+        assert_eq!(kinds.map(PortKind::noun), ["serial port", "device server connection", "connection"]);
+        assert_eq!(kinds.map(PortKind::is_tcp), [false, true, true]);
+    }
 
     #[test]
     fn parity_names_and_letters() {

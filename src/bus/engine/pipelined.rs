@@ -25,7 +25,8 @@ use tokio_modbus::{ExceptionCode, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
-use super::{Engine, Opened, PortSlot, RunningOne, write_frame};
+use super::Engine;
+use super::port::{Opened, PortSlot, write_frame};
 use crate::bus::inflight::{Expired, InFlight, Lookup, Open};
 use crate::bus::pass::Taken;
 use crate::bus::trace::{TraceDir, Verdict, describe_reply, describe_request};
@@ -33,20 +34,17 @@ use crate::bus::{BusError, Job};
 use crate::serial::framing::Decoded;
 use crate::serial::mbap;
 
-/// A request on the connection: who waits for it, and its frame (for a resend).
+/// A request on the connection: who waits for it (holding its masters' in-flight slots
+/// until answered: [`Taken::answer`]), and its frame (for a resend).
 struct Flight {
     taken: Taken,
     frame: Vec<u8>,
-    _running: Option<RunningOne>,
 }
 
 impl Flight {
-    /// Sends `outcome` to everyone waiting, the masters' slots freed first (a master
-    /// that sends its next request as soon as it has this answer finds room for it).
+    /// Sends `outcome` to everyone waiting, the masters' slots freed first.
     fn answer(self, outcome: Result<Response, BusError>) {
-        let Flight { taken, _running, .. } = self;
-        drop(_running);
-        taken.answer(outcome);
+        self.taken.answer(outcome);
     }
 }
 
@@ -70,56 +68,29 @@ impl Engine {
         F: Fn() -> O + Send,
         O: std::future::Future<Output = Result<Opened, String>> + Send,
     {
-        let mut line = PortSlot {
-            port: None,
-            backoff: Duration::from_millis(100),
-            next_open: Instant::now(),
-            last_error: String::from("not opened yet"),
-            proven: false,
-        };
+        let mut line = PortSlot::new(self.port_kind);
         let mut flights: InFlight<Flight> = InFlight::new(self.max_in_flight);
         let mut scratch = [0u8; 1024];
         let mut busy_since: Option<Instant> = None;
         info!(max_in_flight = self.max_in_flight, "pipelining requests on the connection");
         loop {
-            if line.port.is_none() && Instant::now() >= line.next_open {
-                self.beat.busy(Instant::now().into_std(), super::OPEN_LIMIT);
-                let opened = tokio::select! {
-                    // Cancel-safe: an open abandoned half-way (a TCP connect) is dropped.
-                    r = open() => r,
-                    () = shutdown.cancelled() => break,
-                };
-                self.stats.open_attempts.fetch_add(1, Relaxed);
-                match opened {
-                    Ok(opened) => {
-                        self.stats.opens.fetch_add(1, Relaxed);
-                        info!("connection open");
-                        line.port = Some(opened.port);
-                        line.proven = false;
-                        self.buf.clear();
-                    }
-                    Err(e) => line.open_failed(e, self.reopen_max),
-                }
+            match self.open_when_due(&mut line, &open, &shutdown).await {
+                None => break,
+                Some(true) => self.buf.clear(),
+                Some(false) => {}
             }
             self.take_waiting(&mut rx);
             // Fill the free slots.
             while flights.has_room() {
                 let now = Instant::now();
-                let Some((mut taken, master)) =
-                    self.schedule.next_where(now, &self.pass, |u| flights.ready(u))
-                else {
+                let Some(taken) = self.schedule.next_where(now, &self.pass, |u| flights.ready(u)) else {
                     break;
                 };
-                let running = taken
-                    .master
-                    .filter(|_| master)
-                    .map(|m| RunningOne(self.pass.clone(), m, std::mem::take(&mut taken.sharers)));
                 if taken.abandoned() {
                     continue;
                 }
                 self.schedule.ran(taken.job.priority);
                 let Some(port) = line.port.as_mut() else {
-                    drop(running);
                     taken.answer(Err(BusError::PortDown(line.last_error.clone())));
                     continue;
                 };
@@ -129,12 +100,11 @@ impl Engine {
                 // The id is only known once the slot is taken: encode with a placeholder
                 // id, then write the real one in.
                 if let Err(e) = mbap::encode_with_id(0, job.unit, &job.request, &mut frame) {
-                    drop(running);
                     taken.answer(Err(BusError::Invalid(e)));
                     continue;
                 }
                 let (unit, timeout, retries) = (job.unit, job.timeout, job.retries);
-                let flight = Flight { taken, frame, _running: running };
+                let flight = Flight { taken, frame };
                 let tid = flights.start(unit, exclusive, timeout, retries, flight, now);
                 let Some(o) = flights.get_mut(tid) else { continue };
                 o.item.frame[..2].copy_from_slice(&tid.to_be_bytes());
