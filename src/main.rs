@@ -12,7 +12,7 @@ use tracing::{error, info};
 
 use m2m_gateway::model::{Line, LogFormat, Parity, Protocol};
 use m2m_gateway::point::names::{self, Named};
-use m2m_gateway::point::value::{Table, TypeName, WordOrder};
+use m2m_gateway::point::value::{DataType, Table, WordOrder};
 use m2m_gateway::poll::plan;
 use m2m_gateway::serial::framing::ModbusSerial;
 use m2m_gateway::tools::commission::{self, Poll, PollSpec};
@@ -271,8 +271,8 @@ struct PollArgs {
     #[arg(long, default_value_t = 1)]
     count: u16,
     /// Decode registers as this type.
-    #[arg(long = "type", value_parser = named(names::all_where(|t| !matches!(t, TypeName::Bit | TypeName::Str))), default_value = "u16")]
-    data_type: TypeName,
+    #[arg(long = "type", value_parser = named(names::all_where(|t| !matches!(t, DataType::Bit(_) | DataType::Str(_)))), default_value = "u16")]
+    data_type: DataType,
     /// Word/byte order of multi-register types.
     #[arg(long, value_parser = named(names::all::<WordOrder>()), default_value = "abcd")]
     order: WordOrder,
@@ -731,7 +731,7 @@ async fn poll(a: PollArgs) -> anyhow::Result<ExitCode> {
         table: a.table,
         address: a.address,
         count: a.count,
-        data_type: a.data_type.data_type(0, 0),
+        data_type: a.data_type,
         order: a.order,
         scale: a.scale,
         timeout: a.timeout,

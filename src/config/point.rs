@@ -35,7 +35,7 @@ use super::Checker;
 use super::device::INTERVAL_MIN;
 use crate::model::Point;
 use crate::point::names::Named;
-use crate::point::value::{DataType, Table, TypeName, WordOrder};
+use crate::point::value::{DataType, Table, WordOrder};
 
 /// One `[[device.point]]` (or `[[template.point]]`) as written. `table` and `address`
 /// are required, except in a point that overrides a template's.
@@ -46,7 +46,7 @@ pub(super) struct RawPoint {
     table: Option<Spanned<Table>>,
     address: Option<Spanned<i64>>,
     #[serde(rename = "type")]
-    data_type: Option<Spanned<TypeName>>,
+    data_type: Option<Spanned<DataType>>,
     bit: Option<Spanned<i64>>,
     length: Option<Spanned<i64>>,
     order: Option<WordOrder>,
@@ -165,11 +165,11 @@ fn resolve(
     let table = *table_key.get_ref();
     let bits_table = matches!(table, Table::Coils | Table::Discrete);
     let raw_type = r.data_type.as_ref().map(|t| *t.get_ref());
-    let ty = raw_type.unwrap_or(if bits_table { TypeName::Bool } else { TypeName::U16 });
+    let ty = raw_type.unwrap_or(if bits_table { DataType::Bool } else { DataType::U16 });
     // Where problems about the type as a whole point at: the type, else the table.
     let type_span = r.data_type.as_ref().map_or(table_key.span(), |t| t.span());
 
-    if bits_table && ty != TypeName::Bool {
+    if bits_table && ty != DataType::Bool {
         check.report(
             type_span.clone(),
             path,
@@ -182,7 +182,7 @@ fn resolve(
     }
 
     // The bit number and string length only the types that take them need.
-    let bit = if ty == TypeName::Bit {
+    let bit = if matches!(ty, DataType::Bit(_)) {
         match &r.bit {
             Some(bit) => check.int(Some(bit), 0, 0..=15, path, "bit"),
             None => {
@@ -197,7 +197,7 @@ fn resolve(
     } else {
         0
     };
-    let length = if ty == TypeName::Str {
+    let length = if matches!(ty, DataType::Str(_)) {
         match &r.length {
             Some(length) => {
                 let max = 2 * i64::from(ctx.max_registers);
@@ -224,11 +224,15 @@ fn resolve(
     } else {
         0
     };
-    let data_type = ty.data_type(bit, length);
-    if let Some(bit) = r.bit.as_ref().filter(|_| ty != TypeName::Bit) {
+    let data_type = match ty {
+        DataType::Bit(_) => DataType::Bit(bit),
+        DataType::Str(_) => DataType::Str(length),
+        t => t,
+    };
+    if let Some(bit) = r.bit.as_ref().filter(|_| !matches!(ty, DataType::Bit(_))) {
         check.report(bit.span(), path, "bit is only for type = \"bit\"");
     }
-    if let Some(length) = r.length.as_ref().filter(|_| ty != TypeName::Str) {
+    if let Some(length) = r.length.as_ref().filter(|_| !matches!(ty, DataType::Str(_))) {
         check.report(length.span(), path, "length is only for type = \"string\"");
     }
 
@@ -240,7 +244,7 @@ fn resolve(
         DataType::U64 | DataType::I64 | DataType::F64 => 4,
         DataType::Str(len) => u32::from(len.div_ceil(2)).max(1),
     };
-    if !bits_table && ty != TypeName::Str && width > u32::from(ctx.max_registers) {
+    if !bits_table && !matches!(ty, DataType::Str(_)) && width > u32::from(ctx.max_registers) {
         check.report(
             type_span.clone(),
             path,
@@ -335,7 +339,7 @@ fn address(
 fn finite(
     value: Option<&Spanned<f64>>,
     default: f64,
-    ty: TypeName,
+    ty: DataType,
     path: &str,
     key: &str,
     check: &mut Checker,

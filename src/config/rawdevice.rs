@@ -75,7 +75,7 @@ use super::{Checker, item, number};
 use crate::model::{Bus, Protocol, RawCommand, RawDevice, RawMode, RawPoint};
 use crate::point::extract::{self, BinField, BinKind, Extract, TextField, TextKind};
 use crate::point::names;
-use crate::point::value::{DataType, TypeName, Value, WordOrder};
+use crate::point::value::{DataType, Value, WordOrder};
 use crate::serial::checksum::{CheckFormat, Checksum, ChecksumRule};
 use crate::serial::raw::{self, FrameEnd, FrameRule, RawFraming};
 
@@ -620,8 +620,8 @@ fn bin_kind(p: &RawField, path: &str, check: &mut Checker) -> BinKind {
                 1
             }
         })),
-        numeric if let Some(t) = names::parse::<TypeName>(numeric).filter(|t| t.is_numeric()) => {
-            BinKind::Data(t.data_type(0, 0))
+        numeric if let Some(t) = names::parse::<DataType>(numeric).filter(|t| t.is_numeric()) => {
+            BinKind::Data(t)
         }
         other => {
             check.report(

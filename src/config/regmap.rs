@@ -25,12 +25,12 @@ use toml::Spanned;
 use super::globs::{self, Globs};
 use super::{Checker, number};
 use crate::model::{MapTarget, Point};
-use crate::point::value::{DataType, Table, TypeName, WordOrder};
+use crate::point::value::{DataType, Table, WordOrder};
 
 crate::point::names::named_subset! {
     /// `type` of a map entry as written: any type but `bit` (a map entry places whole
     /// registers or single bits, never one bit of a register).
-    pub(super) struct RawType(TypeName) where |t| t != TypeName::Bit;
+    pub(super) struct RawType(DataType) where |t| !matches!(t, DataType::Bit(_));
 }
 
 /// The placing keys of one map entry, borrowed from its raw struct.
@@ -115,12 +115,12 @@ impl Layout {
         let offset = number(check, e.offset, 0.0, f64::MIN..=f64::MAX, "finite", path, "offset");
         let length: Option<u16> = e.length.map(|l| check.int(Some(l), 2, 1..=MAX_LENGTH, path, "length"));
         match (e.data_type.map(|t| *t.get_ref()), e.length) {
-            (Some(RawType(TypeName::Str)), None) => {
+            (Some(RawType(DataType::Str(_))), None) => {
                 if let Some(t) = e.data_type {
                     check.report(t.span(), path, "type \"string\" needs `length`, its size in bytes");
                 }
             }
-            (Some(RawType(TypeName::Str)), Some(_)) => {}
+            (Some(RawType(DataType::Str(_))), Some(_)) => {}
             (_, Some(l)) => check.report(l.span(), path, "length is only for type = \"string\""),
             _ => {}
         }
@@ -267,7 +267,10 @@ impl Layout {
         path: &str,
         check: &mut Checker,
     ) -> Option<DataType> {
-        let written = e.data_type.map(|t| t.get_ref().0.data_type(0, length.unwrap_or(2)));
+        let written = e.data_type.map(|t| match t.get_ref().0 {
+            DataType::Str(_) => DataType::Str(length.unwrap_or(2)),
+            t => t,
+        });
         // The type the point's values have: its own, or (received) the entry's.
         let own = named.own.map_or(written, |p| Some(p.data_type))?;
         let is_bool = matches!(own, DataType::Bool | DataType::Bit(_));
@@ -282,7 +285,7 @@ impl Layout {
             return None;
         }
         if matches!(table, Table::Coils | Table::Discrete) {
-            if let Some(t) = e.data_type.filter(|t| !matches!(t.get_ref(), RawType(TypeName::Bool))) {
+            if let Some(t) = e.data_type.filter(|t| !matches!(t.get_ref(), RawType(DataType::Bool))) {
                 let msg = match self.kind {
                     Kind::Plc => "coils hold single bits: type must be bool (or left out)",
                     Kind::Unit => {

@@ -101,7 +101,7 @@ pub(super) fn grants(raw: &[RawGrant], points: &[&Point], peer: &str, check: &mu
                     continue;
                 }
                 if let Some((span, key)) = limit.clone()
-                    && !numeric(p.data_type)
+                    && !p.data_type.is_numeric()
                     && !limit_reported
                 {
                     limit_reported = true;
@@ -220,10 +220,6 @@ fn writable(p: &Point) -> Result<(), &'static str> {
         Table::Input => Err("an input register, which is read-only"),
         Table::Discrete => Err("a discrete input, which is read-only"),
     }
-}
-
-fn numeric(t: DataType) -> bool {
-    !matches!(t, DataType::Bool | DataType::Bit(_) | DataType::Str(_))
 }
 
 /// A point name as the peer names it: `device.point`.

@@ -11,15 +11,22 @@
 
 use std::fmt;
 
-/// A closed set of values, each with one name.
-pub trait Named: Copy + PartialEq + Sized + 'static {
-    /// Every value with its name, in the order an error message lists them.
+/// A closed set of values (an enum), each variant with one name. A name names a variant:
+/// a variant with a payload (a point type's `Bit(n)`) is in the table once, with any
+/// payload, and every value of it has that name.
+pub trait Named: Copy + Sized + 'static {
+    /// Every variant with its name, in the order an error message lists them.
     const NAMES: &'static [(Self, &'static str)];
 
     /// This value's name.
     fn name(self) -> &'static str {
-        Self::NAMES.iter().find(|(v, _)| *v == self).map_or("?", |(_, n)| n)
+        Self::NAMES.iter().find(|(v, _)| same_variant(*v, self)).map_or("?", |(_, n)| n)
     }
+}
+
+/// True if `a` and `b` are the same variant, whatever their payloads.
+fn same_variant<T>(a: T, b: T) -> bool {
+    std::mem::discriminant(&a) == std::mem::discriminant(&b)
 }
 
 /// The value named `name`, if the table has it.
@@ -31,7 +38,7 @@ pub fn parse<T: Named>(name: &str) -> Option<T> {
 /// listing the names of `allowed`.
 pub fn parse_among<T: Named>(name: &str, allowed: &[T]) -> Result<T, String> {
     match parse::<T>(name) {
-        Some(v) if allowed.contains(&v) => Ok(v),
+        Some(v) if allowed.iter().any(|a| same_variant(*a, v)) => Ok(v),
         _ => Err(unknown(name, allowed.iter().map(|v| v.name()))),
     }
 }
@@ -156,8 +163,8 @@ mod tests {
         assert_eq!(Abc::C.name(), "c");
     }
 
-    /// Every value of `T` once, every name once, and each name reads back as its value.
-    pub(crate) fn table_is_one_to_one<T: Named + std::fmt::Debug>(count: usize) {
+    /// Every variant of `T` once, every name once, and each name reads back as its value.
+    pub(crate) fn table_is_one_to_one<T: Named + PartialEq + std::fmt::Debug>(count: usize) {
         let names: std::collections::HashSet<&str> = T::NAMES.iter().map(|(_, n)| *n).collect();
         assert_eq!(names.len(), count, "{} names", std::any::type_name::<T>());
         assert_eq!(T::NAMES.len(), count);
@@ -169,26 +176,28 @@ mod tests {
 
     #[test]
     fn point_tables_are_one_to_one() {
-        use crate::point::value::{Table, TypeName, WordOrder};
+        use crate::point::value::{DataType, Table, WordOrder};
         table_is_one_to_one::<Table>(4);
         table_is_one_to_one::<WordOrder>(4);
-        table_is_one_to_one::<TypeName>(11);
+        table_is_one_to_one::<DataType>(11);
+        assert_eq!(DataType::Bit(7).name(), "bit", "a name names a variant, whatever its payload");
+        assert_eq!(DataType::Str(12).name(), "string");
         table_is_one_to_one::<Abc>(3);
     }
 
     #[test]
     fn serde_and_display_use_the_table() {
-        use crate::point::value::{Table, TypeName, WordOrder};
+        use crate::point::value::{DataType, Table, WordOrder};
         #[derive(serde::Deserialize)]
         struct Keys {
             table: Table,
             order: WordOrder,
-            r#type: TypeName,
+            r#type: DataType,
         }
         let k: Keys =
             toml::from_str("table = 'input'\norder = 'cdab'\ntype = 'string'").expect("valid names");
-        assert_eq!((k.table, k.order, k.r#type), (Table::Input, WordOrder::Cdab, TypeName::Str));
-        assert_eq!(TypeName::Str.to_string(), "string");
+        assert_eq!((k.table, k.order, k.r#type), (Table::Input, WordOrder::Cdab, DataType::Str(0)));
+        assert_eq!(Table::Input.to_string(), "input");
         let bad = toml::from_str::<Keys>("table = 'hodling'\norder = 'abcd'\ntype = 'u16'").map(|_| ());
         let msg = bad.expect_err("unknown table").message().to_string();
         assert_eq!(msg, "unknown variant `hodling`, expected one of `coils`, `discrete`, `holding`, `input`");

@@ -17,8 +17,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::point::names;
-use crate::point::value::{DataType, Quality, TypeName, Value, WordOrder};
+use crate::point::names::{self, Named};
+use crate::point::value::{DataType, Quality, Value, WordOrder};
 
 /// A value that cannot be decoded from, or encoded to, registers.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -91,28 +91,9 @@ impl DataType {
     }
 }
 
-impl DataType {
-    /// The name of this type as a config writes it.
-    pub fn type_name(&self) -> TypeName {
-        match self {
-            DataType::Bool => TypeName::Bool,
-            DataType::U16 => TypeName::U16,
-            DataType::I16 => TypeName::I16,
-            DataType::U32 => TypeName::U32,
-            DataType::I32 => TypeName::I32,
-            DataType::U64 => TypeName::U64,
-            DataType::I64 => TypeName::I64,
-            DataType::F32 => TypeName::F32,
-            DataType::F64 => TypeName::F64,
-            DataType::Bit(_) => TypeName::Bit,
-            DataType::Str(_) => TypeName::Str,
-        }
-    }
-}
-
 impl fmt::Display for DataType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = self.type_name();
+        let name = self.name();
         match self {
             DataType::Bit(n) => write!(f, "{name}({n})"),
             DataType::Str(n) => write!(f, "{name}({n})"),

@@ -31,76 +31,6 @@ impl Named for Table {
 }
 crate::point::names::named_impls!(Table);
 
-/// A point's `type` as written: the name of a [`DataType`] without its bit number or
-/// length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TypeName {
-    /// `bool`
-    Bool,
-    /// `u16`
-    U16,
-    /// `i16`
-    I16,
-    /// `u32`
-    U32,
-    /// `i32`
-    I32,
-    /// `u64`
-    U64,
-    /// `i64`
-    I64,
-    /// `f32`
-    F32,
-    /// `f64`
-    F64,
-    /// `bit`, with a bit number
-    Bit,
-    /// `string`, with a length
-    Str,
-}
-
-impl Named for TypeName {
-    const NAMES: &'static [(Self, &'static str)] = &[
-        (TypeName::Bool, "bool"),
-        (TypeName::U16, "u16"),
-        (TypeName::I16, "i16"),
-        (TypeName::U32, "u32"),
-        (TypeName::I32, "i32"),
-        (TypeName::U64, "u64"),
-        (TypeName::I64, "i64"),
-        (TypeName::F32, "f32"),
-        (TypeName::F64, "f64"),
-        (TypeName::Bit, "bit"),
-        (TypeName::Str, "string"),
-    ];
-}
-crate::point::names::named_impls!(TypeName);
-
-impl TypeName {
-    /// True for the numeric types, `u16` to `f64`.
-    pub fn is_numeric(self) -> bool {
-        !matches!(self, TypeName::Bool | TypeName::Bit | TypeName::Str)
-    }
-
-    /// The data type of this name, with the bit number (for `bit`) and length in bytes
-    /// (for `string`) it needs.
-    pub fn data_type(self, bit: u8, length: u16) -> DataType {
-        match self {
-            TypeName::Bool => DataType::Bool,
-            TypeName::U16 => DataType::U16,
-            TypeName::I16 => DataType::I16,
-            TypeName::U32 => DataType::U32,
-            TypeName::I32 => DataType::I32,
-            TypeName::U64 => DataType::U64,
-            TypeName::I64 => DataType::I64,
-            TypeName::F32 => DataType::F32,
-            TypeName::F64 => DataType::F64,
-            TypeName::Bit => DataType::Bit(bit),
-            TypeName::Str => DataType::Str(length),
-        }
-    }
-}
-
 /// The data type of a point, with its width in registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DataType {
@@ -126,6 +56,39 @@ pub enum DataType {
     Bit(u8),
     /// A fixed-length string of this many bytes (two per register, padding trimmed).
     Str(u16),
+}
+
+impl Named for DataType {
+    /// `bit` and `string` name every bit number and length: the table's `Bit(0)` and
+    /// `Str(0)` stand for their variants (a name names a variant, see [`Named`]).
+    const NAMES: &'static [(Self, &'static str)] = &[
+        (DataType::Bool, "bool"),
+        (DataType::U16, "u16"),
+        (DataType::I16, "i16"),
+        (DataType::U32, "u32"),
+        (DataType::I32, "i32"),
+        (DataType::U64, "u64"),
+        (DataType::I64, "i64"),
+        (DataType::F32, "f32"),
+        (DataType::F64, "f64"),
+        (DataType::Bit(0), "bit"),
+        (DataType::Str(0), "string"),
+    ];
+}
+
+impl DataType {
+    /// True for the numeric types, `u16` to `f64`.
+    pub fn is_numeric(self) -> bool {
+        !matches!(self, DataType::Bool | DataType::Bit(_) | DataType::Str(_))
+    }
+}
+
+impl<'de> Deserialize<'de> for DataType {
+    /// A `type` key as written, by name only: `bit` reads as `Bit(0)` and `string` as
+    /// `Str(0)`, the bit number and length coming from their own keys.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::point::names::deserialize_among(d, &crate::point::names::all::<DataType>())
+    }
 }
 
 /// Byte and word order of a multi-register value, named after the wire order of the

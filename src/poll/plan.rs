@@ -364,9 +364,9 @@ pub fn render_templated(model: &Model) -> String {
 fn type_label(t: crate::point::value::DataType) -> String {
     use crate::point::value::DataType;
     match t {
-        DataType::Bit(b) => format!("{} {b}", t.type_name()),
-        DataType::Str(n) => format!("{} {n}", t.type_name()),
-        _ => t.type_name().to_string(),
+        DataType::Bit(b) => format!("{} {b}", t.name()),
+        DataType::Str(n) => format!("{} {n}", t.name()),
+        _ => t.name().to_string(),
     }
 }
 

@@ -56,7 +56,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::{Bus, Line, Model, Parity};
-use crate::point::value::{DataType, Table, TypeName, WordOrder};
+use crate::point::value::{DataType, Table, WordOrder};
 use crate::serial::framing::ModbusSerial;
 use crate::sim::{SimError, build_units};
 
@@ -207,24 +207,24 @@ pub enum GenKind {
 
 crate::point::names::named_subset! {
     /// Encoding of a generated register value: a numeric type, `u16` to `f64`.
-    pub struct SimType(TypeName) where TypeName::is_numeric;
+    pub struct SimType(DataType) where DataType::is_numeric;
 }
 
 #[allow(missing_docs)] // each is the type of its name
 impl SimType {
-    pub const U16: SimType = SimType(TypeName::U16);
-    pub const I16: SimType = SimType(TypeName::I16);
-    pub const U32: SimType = SimType(TypeName::U32);
-    pub const I32: SimType = SimType(TypeName::I32);
-    pub const U64: SimType = SimType(TypeName::U64);
-    pub const I64: SimType = SimType(TypeName::I64);
-    pub const F32: SimType = SimType(TypeName::F32);
-    pub const F64: SimType = SimType(TypeName::F64);
+    pub const U16: SimType = SimType(DataType::U16);
+    pub const I16: SimType = SimType(DataType::I16);
+    pub const U32: SimType = SimType(DataType::U32);
+    pub const I32: SimType = SimType(DataType::I32);
+    pub const U64: SimType = SimType(DataType::U64);
+    pub const I64: SimType = SimType(DataType::I64);
+    pub const F32: SimType = SimType(DataType::F32);
+    pub const F64: SimType = SimType(DataType::F64);
 }
 
 impl SimType {
     pub(crate) fn words(self) -> u16 {
-        self.0.data_type(0, 0).width()
+        self.0.width()
     }
     pub(crate) fn max(self) -> f64 {
         match self {

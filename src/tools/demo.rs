@@ -30,7 +30,7 @@ use crate::link::tls::{self, Fingerprint, TlsError};
 use crate::model::{
     self, Dial, Links, MapTarget, Model, OnBad, Peer, PointGlobs, SendMode, SendRule, VirtualUnit,
 };
-use crate::point::value::{DataType, Table, TypeName, WordOrder};
+use crate::point::value::{DataType, Table, WordOrder};
 use crate::server::ServerError;
 use crate::sim::{SimConfig, SimError, Simulator, VirtualPort};
 
@@ -198,8 +198,8 @@ pub fn poll_lines(unit: &VirtualUnit, addr: std::net::SocketAddr) -> Vec<String>
     let count = |t: Table| unit.targets.iter().filter(|x| x.table == t).count();
     let mut out = Vec::new();
     for (table, kind, n) in [
-        (Table::Holding, TypeName::F32, count(Table::Holding)),
-        (Table::Discrete, TypeName::Bool, count(Table::Discrete)),
+        (Table::Holding, DataType::F32, count(Table::Holding)),
+        (Table::Discrete, DataType::Bool, count(Table::Discrete)),
     ] {
         if n > 0 {
             out.push(format!(

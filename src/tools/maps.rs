@@ -61,7 +61,7 @@ pub fn tag_rows(v: &VirtualUnit) -> Vec<[String; 10]> {
                 (u32::from(s) + u32::from(offset)).to_string(),
                 "1".to_owned(),
                 crate::point::value::Table::Input.to_string(),
-                crate::point::value::TypeName::U16.to_string(),
+                crate::point::value::DataType::U16.to_string(),
                 crate::point::value::WordOrder::Abcd.to_string(),
                 "1".to_owned(),
                 "0".to_owned(),
