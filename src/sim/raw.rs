@@ -431,15 +431,11 @@ impl RawSim {
                             buf.drain(..buf.len() - INPUT_CAP);
                         }
                     }
-                    // EIO: a pty master whose slave side nobody holds; wait for a reopen.
-                    Ok(Err(e)) if e.raw_os_error() == Some(5) => {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    Ok(Err(e)) => {
+                        if super::read_failed(e, &shutdown).await? {
+                            return Ok(());
                         }
                     }
-                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Ok(Err(e)) => return Err(e.into()),
                 },
             }
             if buf.is_empty() {
