@@ -88,6 +88,7 @@ fn peer(name: &str, id: &Identity, dial: Dial, send: Vec<SendRule>) -> Peer {
         send,
         grants: vec![],
         writeback: vec![],
+        accept_relayed: m2m_gateway::model::PointGlobs::none(),
     }
 }
 

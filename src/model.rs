@@ -322,11 +322,16 @@ pub struct Peer {
     pub grants: Vec<Grant>,
     /// Received points that drive writes into local devices.
     pub writeback: Vec<WriteBack>,
+    /// Origins (gateway names, as globs) whose values this peer may relay to us
+    /// (`accept_relayed`); none by default: a relayed sample of any other origin is
+    /// refused. The peer's own points are always accepted.
+    pub accept_relayed: PointGlobs,
 }
 
 /// Point-name globs (`globset` syntax: `boiler.*`, `{pump,fan}.run`), compiled once when
 /// the configuration is validated; the forwarders and grant checks match names against
-/// the compiled set, never re-parsing a pattern.
+/// the compiled set, never re-parsing a pattern. Also the origin globs of a peer's
+/// `accept_relayed` (gateway names: `site-a`, `line-*`).
 #[derive(Debug, Clone)]
 pub struct PointGlobs {
     written: Vec<String>,

@@ -144,7 +144,9 @@ fn a_hub_relays_with_origin_time_and_quality_and_a_ring_is_cut() {
         "{}{}{}[server]\nlisten = \"127.0.0.1:{server}\"\n\n[[server.unit]]\nunit = 10\n\n\
          [[server.unit.map]]\npoints = \"site-a/dev.x\"\ntable = \"holding\"\naddress = 0\ntype = \"u16\"\n",
         head("site-c", lc, hc),
-        peer("hub-b", &fb, None, &[]),
+        // site-c takes site-a's values relayed by hub-b (accept_relayed).
+        peer("hub-b", &fb, None, &[])
+            .replace("reconnect_max", "accept_relayed = [\"site-a\"]\nreconnect_max"),
         peer("site-a", &fa, Some(la), &["[\"*/*\"]"]),
     );
     let cfg = |name: &str, text: &str| write(&root.join(format!("{name}.toml")), text);

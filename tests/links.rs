@@ -92,7 +92,14 @@ fn peer(name: &str, fp: String, dial: Dial, send: Vec<SendRule>) -> Peer {
         send,
         grants: vec![],
         writeback: vec![],
+        accept_relayed: PointGlobs::none(),
     }
+}
+
+/// `p`, which may relay to us the values of the origins `globs` (`accept_relayed`).
+fn relaying(mut p: Peer, globs: &[&str]) -> Peer {
+    p.accept_relayed = PointGlobs::new(globs.iter().map(|g| g.to_string()).collect()).expect("globs");
+    p
 }
 
 fn model(name: &str, buses: Vec<model::Bus>, links: Links) -> Model {
@@ -509,6 +516,24 @@ async fn tls_client(
     tokio_rustls::TlsConnector::from(cfg).connect(tls::server_name(), tcp).await.expect("handshake")
 }
 
+/// A session with `server` at `addr` as the fake peer `site` calling itself `name`:
+/// TLS made, hello sent.
+async fn session_as(
+    site: &Site,
+    server: &Site,
+    addr: SocketAddr,
+    name: &str,
+) -> Framed<tokio_rustls::client::TlsStream<TcpStream>, FrameCodec> {
+    let mut f = Framed::new(tls_client(site, server, addr).await, FrameCodec::default());
+    f.send(Frame::Hello { version: VERSION, name: name.into(), resume: 0 }).await.expect("hello");
+    f
+}
+
+/// A relay path through these gateways, origin first.
+fn via(hops: &[&str]) -> Option<m2m_gateway::point::value::Via> {
+    Some(hops.iter().map(|h| std::sync::Arc::<str>::from(*h)).collect::<Vec<_>>().into())
+}
+
 /// Reads until the peer closes; returns the frames seen.
 async fn frames_until_closed<S>(framed: &mut Framed<S, FrameCodec>) -> Vec<Frame>
 where
@@ -525,7 +550,15 @@ where
     }
 }
 
-/// site-b with no points of its own, accepting site-a and site-c (each pinned).
+/// site-b with no points of its own, accepting site-a and site-c (each pinned); site-c
+/// may relay site-a's and site-d's values (a hub).
+/// site-b, accepting site-c, which may relay the origins `relays`.
+fn accepting_c(b: &Site, c: &Site, relays: &[&str], shutdown: &CancellationToken) -> Gateway {
+    let c_peer = relaying(peer("site-c", c.fp(), Dial::Accept, vec![]), relays);
+    Gateway::start(&model("site-b", vec![], b.links(true, vec![c_peer])), shutdown.child_token())
+        .expect("start b")
+}
+
 fn accepting_a_and_c(a: &Site, b: &Site, c: &Site, shutdown: &CancellationToken) -> Gateway {
     Gateway::start(
         &model(
@@ -535,7 +568,7 @@ fn accepting_a_and_c(a: &Site, b: &Site, c: &Site, shutdown: &CancellationToken)
                 true,
                 vec![
                     peer("site-a", a.fp(), Dial::Accept, vec![]),
-                    peer("site-c", c.fp(), Dial::Accept, vec![]),
+                    relaying(peer("site-c", c.fp(), Dial::Accept, vec![]), &["site-a", "site-d"]),
                 ],
             ),
         ),
@@ -1069,17 +1102,9 @@ async fn a_relayed_sample_keeps_its_origin_and_one_that_went_round_a_loop_is_dro
     logs();
     let (b, c) = (Site::new(), Site::new());
     let shutdown = CancellationToken::new();
-    let gb = Gateway::start(
-        &model("site-b", vec![], b.links(true, vec![peer("site-c", c.fp(), Dial::Accept, vec![])])),
-        shutdown.child_token(),
-    )
-    .expect("start b");
+    let gb = accepting_c(&b, &c, &["site-a"], &shutdown);
     let b_addr = gb.listen_addr().expect("addr");
-    let mut f = Framed::new(tls_client(&c, &b, b_addr).await, FrameCodec::default());
-    f.send(Frame::Hello { version: VERSION, name: "site-c".into(), resume: 0 }).await.expect("hello");
-    let via = |hops: &[&str]| -> Option<m2m_gateway::point::value::Via> {
-        Some(hops.iter().map(|h| std::sync::Arc::<str>::from(*h)).collect::<Vec<_>>().into())
-    };
+    let mut f = session_as(&c, &b, b_addr, "site-c").await;
     let relayed = |v: i64, t: u64, hops: &[&str]| Sample {
         via: via(hops),
         ..sample(Value::Int(v), at(t), Quality::Good)
@@ -1107,6 +1132,56 @@ async fn a_relayed_sample_keeps_its_origin_and_one_that_went_round_a_loop_is_dro
     let lc = gb.link("site-c").expect("link").clone();
     assert_eq!(lc.stats().loop_refused, 1);
     assert_eq!(lc.stats().samples_applied, 2);
+    shutdown.cancel();
+    gb.shutdown(Duration::from_secs(3)).await;
+}
+
+#[tokio::test]
+async fn relayed_values_of_an_origin_the_peer_may_not_relay_are_refused_but_acked() {
+    logs();
+    let (b, c) = (Site::new(), Site::new());
+    let shutdown = CancellationToken::new();
+    // site-b trusts hub site-c for site-a and the line-* gateways only.
+    let gb = accepting_c(&b, &c, &["site-a", "line-*"], &shutdown);
+    let b_addr = gb.listen_addr().expect("addr");
+    let mut f = session_as(&c, &b, b_addr, "site-c").await;
+    let relayed =
+        |v: i64, q: Quality, hops: &[&str]| Sample { via: via(hops), ..sample(Value::Int(v), at(7), q) };
+    let lc = gb.link("site-c").expect("link").clone();
+    // Allowed origins, site-c's own point, and site-x (not listed) twice: one value, and
+    // a comm_fail as a hub sends it when it loses the origin. Every batch is acked.
+    deliver(
+        &mut f,
+        1,
+        vec![
+            ("x".into(), relayed(1, Quality::Good, &["site-a"])),
+            ("y".into(), relayed(2, Quality::Good, &["line-3", "hub-z"])),
+            ("fake".into(), relayed(666, Quality::Good, &["site-x"])),
+            ("own".into(), sample(Value::Int(4), at(7), Quality::Good)),
+            ("down".into(), Sample { value: None, ..relayed(0, Quality::CommFail, &["site-x"]) }),
+            ("spoof".into(), relayed(667, Quality::Good, &["site-xy", "site-a"])),
+        ],
+    )
+    .await;
+    let mut names: Vec<String> = gb.image.snapshot().iter().map(|(n, _)| n.to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["line-3/y", "site-a/x", "site-c/own"], "refused values are never stored");
+    assert_eq!(gb.image.get("site-a/x"), Some(relayed(1, Quality::Good, &["site-a", "site-c"])));
+    let stats = lc.stats();
+    assert_eq!((stats.relayed_refused, stats.samples_applied, stats.loop_refused), (3, 3, 0));
+    // A comm_fail alone for a refused origin is refused too, and still acked.
+    deliver(
+        &mut f,
+        2,
+        vec![("x".into(), Sample { value: None, ..relayed(0, Quality::CommFail, &["site-x"]) })],
+    )
+    .await;
+    assert_eq!(gb.image.get("site-x/x"), None);
+    assert_eq!(gb.image.get("site-a/x").map(|s| s.quality), Some(Quality::Good));
+    assert_eq!(lc.stats().relayed_refused, 4);
+    // A loop is counted as a loop, whatever its origin.
+    deliver(&mut f, 3, vec![("z".into(), relayed(5, Quality::Good, &["site-x", "site-b"]))]).await;
+    assert_eq!((lc.stats().relayed_refused, lc.stats().loop_refused), (4, 1));
     shutdown.cancel();
     gb.shutdown(Duration::from_secs(3)).await;
 }
@@ -1257,14 +1332,8 @@ async fn a_relayed_value_never_overwrites_a_newer_one_the_origin_delivered_itsel
     let shutdown = CancellationToken::new();
     let gb = accepting_a_and_c(&a, &b, &c, &shutdown);
     let b_addr = gb.listen_addr().expect("addr");
-    let hello = |name: &str| Frame::Hello { version: VERSION, name: name.into(), resume: 0 };
-    let mut fa = Framed::new(tls_client(&a, &b, b_addr).await, FrameCodec::default());
-    fa.send(hello("site-a")).await.expect("hello a");
-    let mut fc = Framed::new(tls_client(&c, &b, b_addr).await, FrameCodec::default());
-    fc.send(hello("site-c")).await.expect("hello c");
-    let via = |hops: &[&str]| -> Option<m2m_gateway::point::value::Via> {
-        Some(hops.iter().map(|h| std::sync::Arc::<str>::from(*h)).collect::<Vec<_>>().into())
-    };
+    let mut fa = session_as(&a, &b, b_addr, "site-a").await;
+    let mut fc = session_as(&c, &b, b_addr, "site-c").await;
     let x = || gb.image.get("site-a/x").map(|s| (s.value, s.quality, s.via));
     // site-a's own link delivers x = 2 at t = 10.
     deliver(&mut fa, 1, vec![("x".into(), sample(Value::Int(2), at(10), Quality::Good))]).await;
@@ -1288,6 +1357,63 @@ async fn a_relayed_value_never_overwrites_a_newer_one_the_origin_delivered_itsel
     let y_quality = || gb.image.get("site-d/y").map(|s| s.quality);
     wait_until("site-d/y comm_fail", DEADLINE, || y_quality() == Some(Quality::CommFail)).await;
     assert_eq!(x(), Some((Some(Value::Int(5)), Quality::Good, via(&["site-a"]))));
+    shutdown.cancel();
+    gb.shutdown(Duration::from_secs(3)).await;
+}
+
+#[tokio::test]
+async fn a_peer_removed_by_a_reload_leaves_what_it_delivered_comm_fail_and_nothing_else() {
+    site_c_reloaded_away(false).await;
+}
+
+#[tokio::test]
+async fn a_peer_whose_link_a_reload_restarts_has_its_values_comm_fail_until_it_sends_them_again() {
+    site_c_reloaded_away(true).await;
+}
+
+/// site-b gets site-a's own point from site-a, and site-c's own point and one of site-a's
+/// relayed from site-c; then a reload takes site-c out of the configuration, or changes
+/// its pinned fingerprint (`rotated`: a rotation gone wrong, it never connects again).
+/// Nothing will update what site-c delivered, so it must not be served as good; what
+/// site-a delivered itself is untouched.
+async fn site_c_reloaded_away(rotated: bool) {
+    logs();
+    let (a, b, c) = (Site::new(), Site::new(), Site::new());
+    let shutdown = CancellationToken::new();
+    let mut gb = accepting_a_and_c(&a, &b, &c, &shutdown);
+    let b_addr = gb.listen_addr().expect("addr");
+    let mut fa = session_as(&a, &b, b_addr, "site-a").await;
+    deliver(&mut fa, 1, vec![("v".into(), sample(Value::Int(1), at(5), Quality::Good))]).await;
+    let mut fc = session_as(&c, &b, b_addr, "site-c").await;
+    let relayed = Sample { via: via(&["site-a"]), ..sample(Value::Int(2), at(6), Quality::Good) };
+    deliver(
+        &mut fc,
+        1,
+        vec![("own".into(), sample(Value::Int(3), at(6), Quality::Good)), ("w".into(), relayed)],
+    )
+    .await;
+    let image = gb.image.clone();
+    let quality = |name: &str| image.get(name).map(|s| s.quality);
+    for name in ["site-a/v", "site-c/own", "site-a/w"] {
+        assert_eq!(quality(name), Some(Quality::Good), "{name}");
+    }
+
+    let mut peers = vec![peer("site-a", a.fp(), Dial::Accept, vec![])];
+    if rotated {
+        peers.push(relaying(peer("site-c", a.fp(), Dial::Accept, vec![]), &["site-a", "site-d"]));
+    }
+    let changes = gb.reload(&model("site-b", vec![], b.links(true, peers))).await.expect("reload");
+    let (listed, said) = if rotated {
+        (&changes.restarted, "peer site-c: 2 values it delivered marked comm_fail until it sends them again")
+    } else {
+        (&changes.removed, "peer site-c: 2 values it delivered marked comm_fail")
+    };
+    assert!(listed.iter().any(|r| r.starts_with("link to peer site-c")), "{changes:?}");
+    assert!(changes.updated.contains(&said.to_string()), "{changes:?}");
+    assert_eq!(quality("site-c/own"), Some(Quality::CommFail));
+    assert_eq!(quality("site-a/w"), Some(Quality::CommFail));
+    assert_eq!(image.get("site-a/w").and_then(|s| s.value), Some(Value::Int(2)), "the last value is kept");
+    assert_eq!(quality("site-a/v"), Some(Quality::Good), "delivered by site-a itself");
     shutdown.cancel();
     gb.shutdown(Duration::from_secs(3)).await;
 }

@@ -16,6 +16,13 @@
 //! heartbeat = "5s"           # default 5s, 100ms..=60s; 3 missed: the link is down
 //! reconnect_max = "5s"       # the dialing side's back-off between attempts doubles from
 //!                            #   200ms up to this (with jitter); default 5s, 200ms..=10m
+//! accept_relayed = ["site-a", "line-*"]
+//!                            # origins (gateway names, globs) whose values this peer may
+//!                            #   relay to us (it is their hub); default none: relayed
+//!                            #   values of any other origin are refused, counted and
+//!                            #   logged. The peer's own points are always accepted.
+//!                            #   Not empty strings, not a point ("site-a/*"), not this
+//!                            #   gateway's name nor the peer's (never relayed to us)
 //!
 //! [[peer.send]]              # zero or more; see config/send.rs
 //! [[peer.grant]]             # zero or more; see config/write.rs
@@ -35,7 +42,7 @@ use super::link::{self, RawLink};
 use super::send::{self, RawSend};
 use super::write::{self, RawGrant, RawWriteBack};
 use super::{Checker, gateway, item, path_key};
-use crate::model::{Bus, Dial, Links, Peer, Point};
+use crate::model::{Bus, Dial, Links, Peer, Point, PointGlobs};
 use crate::point::value::{DataType, Table, WordOrder};
 
 const MIB: u64 = 1024 * 1024;
@@ -64,6 +71,7 @@ pub(super) struct RawPeer {
     spool_max_age: Option<Spanned<String>>,
     heartbeat: Option<Spanned<String>>,
     reconnect_max: Option<Spanned<String>>,
+    accept_relayed: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     send: Vec<RawSend>,
     #[serde(default)]
@@ -238,12 +246,66 @@ pub(super) fn validate(
             send: send::validate(&r.send, &points, &send::SendTo { name, path: &path, own_name }, check),
             grants: write::grants(&r.grant, &points, &path, check),
             writeback: write::writebacks(&r.writeback, &points, &path, &mut targets, check),
+            accept_relayed: accept_relayed(
+                r.accept_relayed.as_deref().unwrap_or_default(),
+                name,
+                own_name,
+                &path,
+                check,
+            ),
         });
     }
     if let Some(links) = links.as_mut() {
         links.peers = peers;
     }
     links
+}
+
+/// Compiles `accept_relayed` of peer `peer`: origin globs over gateway names. Reports an
+/// entry that can never match a relayed origin (empty, a point name, uppercase, this
+/// gateway or the peer itself: their values are never relayed to us) or does not parse;
+/// a reported entry matches nothing.
+fn accept_relayed(
+    raw: &[Spanned<String>],
+    peer: &str,
+    own_name: &str,
+    path: &str,
+    check: &mut Checker,
+) -> PointGlobs {
+    let mut globs = Vec::with_capacity(raw.len());
+    for entry in raw {
+        let text = entry.get_ref().as_str();
+        let literal = !text.contains(['*', '?', '[', '{']);
+        let problem = if text.is_empty() {
+            Some("accept_relayed: an entry is empty: name an origin gateway (\"site-a\") or a glob of them (\"line-*\")".to_string())
+        } else if let Some((origin, _)) = text.split_once('/') {
+            Some(format!(
+                "accept_relayed: {text:?} names points: entries are origin gateway names (write {origin:?})"
+            ))
+        } else if text.chars().any(|c| c.is_ascii_uppercase()) {
+            Some(format!(
+                "accept_relayed: {text:?} has uppercase letters: gateway names are lowercase, so it would never match"
+            ))
+        } else if literal && text == own_name {
+            Some(format!(
+                "accept_relayed: {text:?} is this gateway's own name: its values are never relayed back to it (they are dropped as a relay loop)"
+            ))
+        } else if literal && text == peer {
+            Some(format!(
+                "accept_relayed: {text:?} is the peer itself: its own points are always accepted, only other origins are relayed"
+            ))
+        } else if let Err(e) = globset::Glob::new(text) {
+            Some(format!("accept_relayed: {text:?} is not a valid glob: {}", e.kind()))
+        } else {
+            None
+        };
+        match problem {
+            Some(message) => check.report(entry.span(), path, message),
+            None => globs.push(text.to_owned()),
+        }
+    }
+    // Every glob kept parsed on its own; a set of them builds.
+    PointGlobs::new(globs).unwrap_or_else(|_| PointGlobs::none())
 }
 
 /// Normalises a certificate fingerprint to 32 uppercase hex pairs joined by `:`.

@@ -203,6 +203,16 @@ impl Gateway {
                         "the gateway name, identity or data directory changed"
                     };
                     changes.restarted.push(format!("link to peer {name}: {why}"));
+                    // Nothing vouches for what it delivered until the new link's session
+                    // is up (the peer re-sends everything then), as when a link is cut;
+                    // values of origins it may no longer relay stay so.
+                    let n = fail_delivered_by(&self.image, &name);
+                    if n > 0 {
+                        changes.updated.push(format!(
+                            "peer {name}: {} it delivered marked comm_fail until it sends them again",
+                            values(n)
+                        ));
+                    }
                     // Kept in the list until `apply` takes its spool.
                     kept.push(p);
                 }
@@ -210,6 +220,14 @@ impl Gateway {
                     p.forwarder.stop(&format!("forwarder to {name}")).await;
                     p.part.stop(&format!("link to {name}")).await;
                     changes.removed.push(format!("link to peer {name}"));
+                    // Nothing will update what it delivered: masters and PLCs must not be
+                    // served those values as good (as a removed device's points).
+                    let n = fail_delivered_by(&self.image, &name);
+                    if n > 0 {
+                        changes
+                            .updated
+                            .push(format!("peer {name}: {} it delivered marked comm_fail", values(n)));
+                    }
                 }
             }
         }
@@ -313,10 +331,35 @@ fn fail_removed_points(image: &Image, old: &Bus, new: Option<&Bus>) {
     image.fail(ids, Quality::CommFail);
 }
 
+/// `1 value`, `2 values`.
+fn values(n: usize) -> String {
+    if n == 1 { "1 value".into() } else { format!("{n} values") }
+}
+
+/// Marks `comm_fail` the values whose last hop was `peer` (its own points, and those it
+/// relayed). Returns how many turned `comm_fail`.
+fn fail_delivered_by(image: &Image, peer: &str) -> usize {
+    let delivered = |s: &crate::point::value::Sample| {
+        s.quality != Quality::CommFail
+            && s.via.as_ref().is_some_and(|v| v.last().is_some_and(|hop| **hop == *peer))
+    };
+    let ids: Vec<_> = image
+        .snapshot()
+        .into_iter()
+        .filter(|(_, s)| delivered(s))
+        .filter_map(|(n, _)| image.id(&n))
+        .collect();
+    image.fail(ids, Quality::CommFail)
+}
+
 /// Whether the link to `peer` may carry points of origin `from`: its own, and those of an
-/// origin no `[[peer]]` is named after (they can only arrive relayed, through a hub).
+/// origin no `[[peer]]` is named after (they can only arrive relayed, through a hub)
+/// that its `accept_relayed` lists.
 pub(super) fn carries(model: &Model, peer: &str, from: &str) -> bool {
-    from == peer || !model.links.iter().flat_map(|l| &l.peers).any(|p| p.name == from)
+    let peers = || model.links.iter().flat_map(|l| &l.peers);
+    from == peer
+        || (!peers().any(|p| p.name == from)
+            && peers().any(|p| p.name == peer && p.accept_relayed.is_match(from)))
 }
 
 /// The points of `plc`'s map the link to `peer` brings: received from it, or relayed
@@ -372,6 +415,7 @@ listen = "127.0.0.1:7700"
 [[peer]]
 name = "hub-b"
 fingerprint = "{FP1}"
+accept_relayed = ["line-*", "site-a"]
 
 [[peer]]
 name = "site-a"
@@ -383,7 +427,7 @@ address = "127.0.0.1:502"
 spool = "plc.db"
 
 [[plc.map]]
-points = ["hub-b/y", "line-3/x", "site-a/z"]
+points = ["hub-b/y", "line-3/x", "site-a/z", "site-x/w"]
 table = "holding"
 address = 0
 type = "u16"
@@ -393,8 +437,10 @@ type = "u16"
         assert!(carries(&model, "hub-b", "hub-b"));
         assert!(carries(&model, "hub-b", "line-3"), "no [[peer]] line-3: only a hub brings its points");
         assert!(!carries(&model, "hub-b", "site-a"), "site-a's points come over site-a's own link");
+        assert!(!carries(&model, "hub-b", "site-x"), "hub-b may not relay site-x's points");
         assert!(carries(&model, "site-a", "site-a"));
         let key = format!("{:?}", sinks_key(&model, "hub-b"));
         assert!(key.contains("hub-b/y") && key.contains("line-3/x") && !key.contains("site-a/z"), "{key}");
+        assert!(!key.contains("site-x/w"), "{key}");
     }
 }

@@ -169,6 +169,8 @@ pub struct PeerView {
     pub values_relayed: u64,
     /// Values refused as a relay loop (not sent to the peer, or dropped from it).
     pub loop_refused: u64,
+    /// Values the peer relayed of an origin its `accept_relayed` does not list (refused).
+    pub relayed_refused: u64,
     /// Batches waiting in the spool.
     pub spool_pending_batches: u64,
     /// Values in them.
@@ -300,6 +302,7 @@ pub(super) fn overview(app: &App) -> Overview {
                 writes_refused: s.writes_refused,
                 values_relayed: s.samples_relayed,
                 loop_refused: s.loop_refused,
+                relayed_refused: s.relayed_refused,
                 spool_pending_batches: s.spool_pending,
                 spool_pending_values: s.spool_pending_values,
                 spool_pending_bytes: s.spool_pending_bytes,

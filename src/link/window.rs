@@ -1,5 +1,5 @@
 //! A link session's timing and flow rules as plain state: the window of batches sent and
-//! not yet acknowledged, and whether the peer is still alive. The session loop (link.rs)
+//! not yet acknowledged, and whether the peer is still alive. The session loop (link/session.rs)
 //! does the I/O and asks these what to do; they take `now` and never sleep, so their rules
 //! are unit-tested without a clock or a socket.
 //!

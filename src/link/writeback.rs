@@ -196,8 +196,13 @@ mod tests {
     async fn a_failing_target_warns_once_not_per_batch() {
         let buf = Buf::default();
         let w = buf.clone();
-        let sub = tracing_subscriber::fmt().with_ansi(false).with_writer(move || w.clone()).finish();
+        let sub = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || w.clone())
+            .finish();
         let _guard = tracing::subscriber::set_default(sub);
+        let log = || String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
         let rule = WriteBack {
             from: "pump.speed".into(),
             to: "nowhere.setpoint".into(),
@@ -217,11 +222,17 @@ mod tests {
                 via: None,
             };
             offer.offer([("pump.speed", &sample)]);
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // Each value tried (and failed) before the next is offered.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while log().matches("write-back failed").count() <= i as usize {
+                assert!(tokio::time::Instant::now() < deadline, "value {i} never tried:\n{}", log());
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
         shutdown.cancel();
         task.await.expect("write-back task stops");
-        let log = String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+        let log = log();
+        assert_eq!(log.matches("write-back failed again").count(), 4, "{log}");
         assert_eq!(log.lines().filter(|l| l.contains("WARN")).count(), 1, "{log}");
     }
 }

@@ -144,6 +144,7 @@ fn demo_peer(name: &str, fingerprint: Fingerprint, dial: Dial, send: Vec<SendRul
         send,
         grants: vec![],
         writeback: vec![],
+        accept_relayed: PointGlobs::none(),
     }
 }
 

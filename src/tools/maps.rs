@@ -122,10 +122,12 @@ pub fn write_tag_lists(model: &Model, dir: &Path) -> Result<Vec<PathBuf>, MapsEr
 }
 
 /// For each PLC and virtual unit that maps received points: a line per peer naming the
-/// points it expects from it, and a `warning:` line for each peer name no `[[peer]]` is
-/// configured for (its points arrive only if a hub relays them under that origin).
+/// points it expects from it; for each peer name no `[[peer]]` is configured for (its
+/// points arrive only if a hub relays them under that origin), a `note:` naming the hubs
+/// whose `accept_relayed` lists it, or a `warning:` when none does (they never arrive).
 pub fn describe_received(model: &Model) -> String {
-    let peers: Vec<&str> = model.links.iter().flat_map(|l| &l.peers).map(|p| p.name.as_str()).collect();
+    let all = || model.links.iter().flat_map(|l| &l.peers);
+    let peers: Vec<&str> = all().map(|p| p.name.as_str()).collect();
     let mut out = String::new();
     let mut one = |what: String, targets: &mut dyn Iterator<Item = &MapTarget>| {
         let mut by_peer: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
@@ -138,10 +140,20 @@ pub fn describe_received(model: &Model) -> String {
         for (peer, points) in by_peer {
             out.push_str(&format!("{what} expects from {peer}: {}\n", points.join(", ")));
             if !peers.contains(&peer) {
-                out.push_str(&format!(
-                    "warning: {what} expects points from {peer:?}, but no [[peer]] is named {peer:?}: \
-                     they arrive only if a peer relays them (a hub whose [[peer.send]] names \"{peer}/...\")\n"
-                ));
+                let hubs: Vec<&str> =
+                    all().filter(|p| p.accept_relayed.is_match(peer)).map(|p| p.name.as_str()).collect();
+                if hubs.is_empty() {
+                    out.push_str(&format!(
+                        "warning: {what} expects points from {peer:?}, but no [[peer]] is named {peer:?} \
+                         and no [[peer]]'s accept_relayed lists it: they never arrive (a hub relaying them \
+                         needs \"{peer}\" in the accept_relayed of its [[peer]])\n"
+                    ));
+                } else {
+                    out.push_str(&format!(
+                        "note: {what} expects points from {peer:?} relayed by {} (accept_relayed)\n",
+                        hubs.join(" or ")
+                    ));
+                }
             }
         }
     };
@@ -157,6 +169,29 @@ pub fn describe_received(model: &Model) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn received_points_of_an_origin_no_hub_may_relay_are_warned_about() {
+        const FP: &str =
+            "3F:A2:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:01:23:45:67:89:AB:CD:EF:10:32:54:76:98:9C";
+        let text = format!(
+            "[gateway]\nname = \"site-c\"\n[link]\nidentity = \"id\"\ndata_dir = \"data\"\n\
+             listen = \"127.0.0.1:7700\"\n[[peer]]\nname = \"hub-b\"\nfingerprint = \"{FP}\"\n\
+             accept_relayed = [\"line-*\"]\n[[plc]]\nname = \"p\"\naddress = \"127.0.0.1:502\"\n\
+             [[plc.map]]\npoints = [\"line-3/x\", \"site-x/y\"]\ntable = \"holding\"\naddress = 0\ntype = \"u16\"\n"
+        );
+        let model = crate::config::parse(&text, "c.toml").expect("config");
+        let out = describe_received(&model);
+        assert!(
+            out.contains("note: plc \"p\" expects points from \"line-3\" relayed by hub-b (accept_relayed)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("warning: plc \"p\" expects points from \"site-x\", but no [[peer]] is named \"site-x\" and no [[peer]]'s accept_relayed lists it"),
+            "{out}"
+        );
+        assert!(!out.contains("warning: plc \"p\" expects points from \"line-3\""), "{out}");
+    }
     use crate::model::OnBad;
     use crate::point::value::Table;
     use crate::point::value::{DataType, WordOrder};
