@@ -11,6 +11,8 @@
 //! Why no client registry crate: the values already live in the gateway's own atomics;
 //! a registry would hold a second copy of every counter to be kept in step. The text is
 //! written here by one small writer and checked by `promtool check metrics` in the tests.
+//! The per-bus, per-peer, per-PLC and per-tunnel families are tables of rows ([`Row`]:
+//! name, type, help, getter), one sample per object.
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -97,6 +99,25 @@ fn l(k: &'static str, v: &str) -> (&'static str, String) {
     (k, v.to_string())
 }
 
+/// A counter or gauge read from an integer.
+fn n(v: u64) -> Option<f64> {
+    Some(v as f64)
+}
+
+/// A sample's labels.
+type Labels = Vec<(&'static str, String)>;
+
+/// One family of a per-object table: name, type, help, and the value it reads from one
+/// object's stats (`None`: no sample for that object).
+type Row<S> = (&'static str, Kind, &'static str, fn(&S) -> Option<f64>);
+
+/// One family per row, each with a sample per object, labelled with the object's labels.
+fn per<S>(out: &mut Out, objects: &[(Labels, S)], rows: &[Row<S>]) {
+    for (name, kind, help, get) in rows {
+        out.family(name, *kind, help, objects, |(labels, s)| Some((labels.clone(), get(s)?)));
+    }
+}
+
 /// The whole exposition.
 pub(super) fn render(app: &App) -> String {
     let mut out = Out(String::with_capacity(16 * 1024));
@@ -120,122 +141,67 @@ pub(super) fn render(app: &App) -> String {
     );
 
     // Buses.
-    let buses: Vec<_> = seen.buses.iter().enumerate().collect();
-    let bus_counter = |out: &mut Out, name: &str, help: &str, get: fn(&crate::bus::BusStats) -> u64| {
-        out.family(name, Counter, help, buses.iter(), |(_, b)| {
-            Some((vec![l("bus", b.name())], get(b.stats()) as f64))
-        });
-    };
-    bus_counter(
-        &mut out,
-        "m2m_gateway_bus_transactions_total",
-        "Transactions completed with a reply (data or exception).",
-        |s| s.transactions.load(Relaxed),
-    );
-    bus_counter(
-        &mut out,
-        "m2m_gateway_bus_timeouts_total",
-        "Attempts that got no valid reply in time.",
-        |s| s.timeouts.load(Relaxed),
-    );
-    bus_counter(&mut out, "m2m_gateway_bus_crc_errors_total", "Frames dropped for a bad CRC or LRC.", |s| {
-        s.crc_errors.load(Relaxed)
-    });
-    bus_counter(
-        &mut out,
-        "m2m_gateway_bus_late_replies_total",
-        "Replies that came after their request's timeout; never taken as another request's answer.",
-        |s| s.late_replies.load(Relaxed),
-    );
-    bus_counter(
-        &mut out,
-        "m2m_gateway_bus_framing_errors_total",
-        "Valid frames that did not answer the request (another unit or function, wrong length); dropped.",
-        |s| s.foreign_frames.load(Relaxed),
-    );
-    bus_counter(
-        &mut out,
-        "m2m_gateway_bus_exceptions_total",
-        "Exception replies from devices on the bus.",
-        |s| s.exceptions.load(Relaxed),
-    );
-    bus_counter(
-        &mut out,
-        "m2m_gateway_bus_noise_bytes_total",
-        "Bytes discarded as noise or stale input.",
-        |s| s.noise_bytes.load(Relaxed),
-    );
-    bus_counter(
-        &mut out,
-        "m2m_gateway_bus_port_opens_total",
-        "Times the port was opened; more than one means it was reopened.",
-        |s| s.opens.load(Relaxed),
-    );
-    bus_counter(
-        &mut out,
-        "m2m_gateway_bus_queue_full_total",
-        "Transactions refused because the bus queue was full.",
-        |s| s.queue_full.load(Relaxed),
-    );
-    bus_counter(
-        &mut out,
-        "m2m_gateway_bus_shared_reads_total",
-        "Masters' pass-through reads answered by another master's identical read.",
-        |s| s.shared_answers.load(Relaxed),
-    );
-    out.family(
-        "m2m_gateway_bus_busy_seconds_total",
-        Counter,
-        "Time the line was busy with transactions.",
-        buses.iter(),
-        |(_, b)| Some((vec![l("bus", b.name())], b.stats().busy_ns.load(Relaxed) as f64 / 1e9)),
-    );
+    let buses: Vec<_> = seen.buses.iter().map(|b| (vec![l("bus", b.name())], b.stats())).collect();
+    #[rustfmt::skip]
+    per(&mut out, &buses, &[
+        ("m2m_gateway_bus_transactions_total", Counter,
+            "Transactions completed with a reply (data or exception).", |s| n(s.transactions.load(Relaxed))),
+        ("m2m_gateway_bus_timeouts_total", Counter,
+            "Attempts that got no valid reply in time.", |s| n(s.timeouts.load(Relaxed))),
+        ("m2m_gateway_bus_crc_errors_total", Counter,
+            "Frames dropped for a bad CRC or LRC.", |s| n(s.crc_errors.load(Relaxed))),
+        ("m2m_gateway_bus_late_replies_total", Counter,
+            "Replies that came after their request's timeout; never taken as another request's answer.",
+            |s| n(s.late_replies.load(Relaxed))),
+        ("m2m_gateway_bus_framing_errors_total", Counter,
+            "Valid frames that did not answer the request (another unit or function, wrong length); dropped.",
+            |s| n(s.foreign_frames.load(Relaxed))),
+        ("m2m_gateway_bus_exceptions_total", Counter,
+            "Exception replies from devices on the bus.", |s| n(s.exceptions.load(Relaxed))),
+        ("m2m_gateway_bus_noise_bytes_total", Counter,
+            "Bytes discarded as noise or stale input.", |s| n(s.noise_bytes.load(Relaxed))),
+        ("m2m_gateway_bus_port_opens_total", Counter,
+            "Times the port was opened; more than one means it was reopened.", |s| n(s.opens.load(Relaxed))),
+        ("m2m_gateway_bus_queue_full_total", Counter,
+            "Transactions refused because the bus queue was full.", |s| n(s.queue_full.load(Relaxed))),
+        ("m2m_gateway_bus_shared_reads_total", Counter,
+            "Masters' pass-through reads answered by another master's identical read.",
+            |s| n(s.shared_answers.load(Relaxed))),
+        ("m2m_gateway_bus_busy_seconds_total", Counter,
+            "Time the line was busy with transactions.", |s| Some(s.busy_ns.load(Relaxed) as f64 / 1e9)),
+    ]);
+    let bus_handles: Vec<_> = seen.buses.iter().enumerate().collect();
     out.family(
         "m2m_gateway_bus_line_busy_ratio",
         Gauge,
         "Share of the last few seconds the line was busy (0..1).",
-        buses.iter(),
+        bus_handles.iter(),
         |(i, b)| Some((vec![l("bus", b.name())], app.load.get(*i))),
     );
     out.family(
         "m2m_gateway_bus_queue_depth",
         Gauge,
         "Transactions waiting for the bus task.",
-        buses.iter(),
+        bus_handles.iter(),
         |(_, b)| Some((vec![l("bus", b.name())], b.queued() as f64)),
     );
 
     // Devices.
-    let devs = &seen.devices;
-    let dl = |d: &crate::poll::modbus::DeviceHealth| vec![l("bus", &d.bus), l("device", &d.name)];
-    out.family(
-        "m2m_gateway_device_up",
-        Gauge,
-        "1 while the device answers; 0 while it does not and is only probed, with back-off.",
-        devs.iter(),
-        |d| Some((dl(d), if d.online.load(Relaxed) { 1.0 } else { 0.0 })),
-    );
-    out.family(
-        "m2m_gateway_device_last_answer_age_seconds",
-        Gauge,
-        "Time since the device last answered a read (absent until it first does).",
-        devs.iter(),
-        |d| Some((dl(d), age(d.last_answer()?))),
-    );
-    out.family(
-        "m2m_gateway_device_reads_answered_total",
-        Counter,
-        "Reads the device answered (data or exception).",
-        devs.iter(),
-        |d| Some((dl(d), d.answered.load(Relaxed) as f64)),
-    );
-    out.family(
-        "m2m_gateway_device_reads_failed_total",
-        Counter,
-        "Reads that got no answer in time, or found the port down.",
-        devs.iter(),
-        |d| Some((dl(d), d.failed.load(Relaxed) as f64)),
-    );
+    let devs: Vec<_> =
+        seen.devices.iter().map(|d| (vec![l("bus", &d.bus), l("device", &d.name)], d)).collect();
+    #[rustfmt::skip]
+    per(&mut out, &devs, &[
+        ("m2m_gateway_device_up", Gauge,
+            "1 while the device answers; 0 while it does not and is only probed, with back-off.",
+            |d| n(u64::from(d.online.load(Relaxed)))),
+        ("m2m_gateway_device_last_answer_age_seconds", Gauge,
+            "Time since the device last answered a read (absent until it first does).",
+            |d| Some(age(d.last_answer()?))),
+        ("m2m_gateway_device_reads_answered_total", Counter,
+            "Reads the device answered (data or exception).", |d| n(d.answered.load(Relaxed))),
+        ("m2m_gateway_device_reads_failed_total", Counter,
+            "Reads that got no answer in time, or found the port down.", |d| n(d.failed.load(Relaxed))),
+    ]);
     let counts = quality_counts(app);
     out.family(
         "m2m_gateway_device_points",
@@ -248,227 +214,96 @@ pub(super) fn render(app: &App) -> String {
     );
 
     // Peers.
-    let peers: Vec<_> = seen.links.iter().map(|(n, h)| (n.as_str(), h.stats())).collect();
-    let peer = |out: &mut Out,
-                name: &str,
-                kind: Kind,
-                help: &str,
-                get: fn(&crate::link::LinkStats) -> Option<f64>| {
-        out.family(name, kind, help, peers.iter(), |(n, s)| Some((vec![l("peer", n)], get(s)?)));
-    };
-    peer(&mut out, "m2m_gateway_peer_connected", Gauge, "1 while a session with the peer is up.", |s| {
-        Some(f64::from(u8::from(s.connected)))
-    });
-    peer(&mut out, "m2m_gateway_peer_sessions_total", Counter, "Sessions established with the peer.", |s| {
-        Some(s.sessions as f64)
-    });
-    peer(
-        &mut out,
-        "m2m_gateway_peer_connect_failures_total",
-        Counter,
-        "Attempts that never got to a session (connect, TLS or hello failed).",
-        |s| Some(s.failed_attempts as f64),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_batches_sent_total",
-        Counter,
-        "Batches sent (resends count again).",
-        |s| Some(s.batches_sent as f64),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_batches_acked_total",
-        Counter,
-        "Our batches the peer acknowledged.",
-        |s| Some(s.batches_acked as f64),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_batches_applied_total",
-        Counter,
-        "The peer's batches applied into the image.",
-        |s| Some(s.batches_applied as f64),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_values_applied_total",
-        Counter,
-        "Values in the peer's applied batches.",
-        |s| Some(s.samples_applied as f64),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_duplicates_dropped_total",
-        Counter,
-        "The peer's batches dropped as already applied.",
-        |s| Some(s.duplicates_dropped as f64),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_relayed_values_total",
-        Counter,
-        "Values received from other peers and relayed to this peer (hub).",
-        |s| Some(s.samples_relayed as f64),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_loop_refused_values_total",
-        Counter,
-        "Values refused as a relay loop: not relayed to this peer because it is on their path, or received from it with this gateway on their path (dropped).",
-        |s| Some(s.loop_refused as f64),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_writes_refused_total",
-        Counter,
-        "The peer's writes refused by the grants.",
-        |s| Some(s.writes_refused as f64),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_spool_pending_batches",
-        Gauge,
-        "Batches waiting in the spool for the peer's ack.",
-        |s| Some(s.spool_pending as f64),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_spool_pending_values",
-        Gauge,
-        "Values in the batches waiting in the spool.",
-        |s| Some(s.spool_pending_values as f64),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_spool_pending_bytes",
-        Gauge,
-        "Bytes of the batches waiting in the spool.",
-        |s| Some(s.spool_pending_bytes as f64),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_spool_oldest_pending_age_seconds",
-        Gauge,
-        "Age of the oldest batch waiting in the spool (absent when none waits).",
-        |s| Some(age(s.spool_oldest?)),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_last_ack_age_seconds",
-        Gauge,
-        "Time since the peer last acknowledged a batch (absent until it first does).",
-        |s| Some(age(s.last_ack?)),
-    );
-    peer(
-        &mut out,
-        "m2m_gateway_peer_spool_dropped_values_total",
-        Counter,
-        "Values the spool dropped to its limits since the spool file was created (data lost).",
-        |s| Some(s.spool_dropped_samples as f64),
-    );
+    let peers: Vec<_> = seen.links.iter().map(|(name, h)| (vec![l("peer", name)], h.stats())).collect();
+    #[rustfmt::skip]
+    per(&mut out, &peers, &[
+        ("m2m_gateway_peer_connected", Gauge,
+            "1 while a session with the peer is up.", |s| n(u64::from(s.connected))),
+        ("m2m_gateway_peer_sessions_total", Counter,
+            "Sessions established with the peer.", |s| n(s.sessions)),
+        ("m2m_gateway_peer_connect_failures_total", Counter,
+            "Attempts that never got to a session (connect, TLS or hello failed).", |s| n(s.failed_attempts)),
+        ("m2m_gateway_peer_batches_sent_total", Counter,
+            "Batches sent (resends count again).", |s| n(s.batches_sent)),
+        ("m2m_gateway_peer_batches_acked_total", Counter,
+            "Our batches the peer acknowledged.", |s| n(s.batches_acked)),
+        ("m2m_gateway_peer_batches_applied_total", Counter,
+            "The peer's batches applied into the image.", |s| n(s.batches_applied)),
+        ("m2m_gateway_peer_values_applied_total", Counter,
+            "Values in the peer's applied batches.", |s| n(s.samples_applied)),
+        ("m2m_gateway_peer_duplicates_dropped_total", Counter,
+            "The peer's batches dropped as already applied.", |s| n(s.duplicates_dropped)),
+        ("m2m_gateway_peer_relayed_values_total", Counter,
+            "Values received from other peers and relayed to this peer (hub).", |s| n(s.samples_relayed)),
+        ("m2m_gateway_peer_loop_refused_values_total", Counter,
+            "Values refused as a relay loop: not relayed to this peer because it is on their path, or received from it with this gateway on their path (dropped).",
+            |s| n(s.loop_refused)),
+        ("m2m_gateway_peer_relayed_refused_values_total", Counter,
+            "Values this peer relayed of an origin its accept_relayed does not list: refused, never stored, served or relayed on.",
+            |s| n(s.relayed_refused)),
+        ("m2m_gateway_peer_writes_refused_total", Counter,
+            "The peer's writes refused by the grants.", |s| n(s.writes_refused)),
+        ("m2m_gateway_peer_spool_pending_batches", Gauge,
+            "Batches waiting in the spool for the peer's ack.", |s| n(s.spool_pending)),
+        ("m2m_gateway_peer_spool_pending_values", Gauge,
+            "Values in the batches waiting in the spool.", |s| n(s.spool_pending_values)),
+        ("m2m_gateway_peer_spool_pending_bytes", Gauge,
+            "Bytes of the batches waiting in the spool.", |s| n(s.spool_pending_bytes)),
+        ("m2m_gateway_peer_spool_oldest_pending_age_seconds", Gauge,
+            "Age of the oldest batch waiting in the spool (absent when none waits).", |s| Some(age(s.spool_oldest?))),
+        ("m2m_gateway_peer_last_ack_age_seconds", Gauge,
+            "Time since the peer last acknowledged a batch (absent until it first does).", |s| Some(age(s.last_ack?))),
+        ("m2m_gateway_peer_spool_dropped_values_total", Counter,
+            "Values the spool dropped to its limits since the spool file was created (data lost).",
+            |s| n(s.spool_dropped_samples)),
+    ]);
 
     // PLC sinks.
-    let plcs: Vec<_> = seen.plcs.iter().map(|p| (p.name.as_str(), p.counts())).collect();
-    let plc = |out: &mut Out, name: &str, kind: Kind, help: &str, get: fn(&crate::plc::PlcCounts) -> u64| {
-        out.family(name, kind, help, plcs.iter(), |(n, c)| Some((vec![l("plc", n)], get(c) as f64)));
-    };
-    plc(&mut out, "m2m_gateway_plc_connected", Gauge, "1 while connected to the PLC.", |c| {
-        u64::from(c.connected)
-    });
-    plc(&mut out, "m2m_gateway_plc_connects_total", Counter, "Connections made to the PLC.", |c| c.connects);
-    plc(
-        &mut out,
-        "m2m_gateway_plc_write_requests_total",
-        Counter,
-        "Write requests the PLC confirmed.",
-        |c| c.requests,
-    );
-    plc(&mut out, "m2m_gateway_plc_values_written_total", Counter, "Values written to the PLC.", |c| {
-        c.values
-    });
-    plc(
-        &mut out,
-        "m2m_gateway_plc_values_dropped_total",
-        Counter,
-        "Values dropped: refused by the PLC or not encodable.",
-        |c| c.dropped,
-    );
-    plc(
-        &mut out,
-        "m2m_gateway_plc_watchdog_writes_total",
-        Counter,
-        "Watchdog writes the PLC confirmed.",
-        |c| c.watchdog,
-    );
-    plc(
-        &mut out,
-        "m2m_gateway_plc_spool_pending_batches",
-        Gauge,
-        "Batches waiting in the PLC's spool.",
-        |c| c.spool_pending,
-    );
-    plc(
-        &mut out,
-        "m2m_gateway_plc_spool_dropped_values_total",
-        Counter,
-        "Values the PLC's spool dropped to its limits since it was created (data lost).",
-        |c| c.spool_dropped,
-    );
+    let plcs: Vec<_> = seen.plcs.iter().map(|p| (vec![l("plc", &p.name)], p.counts())).collect();
+    #[rustfmt::skip]
+    per(&mut out, &plcs, &[
+        ("m2m_gateway_plc_connected", Gauge, "1 while connected to the PLC.", |c| n(u64::from(c.connected))),
+        ("m2m_gateway_plc_connects_total", Counter, "Connections made to the PLC.", |c| n(c.connects)),
+        ("m2m_gateway_plc_write_requests_total", Counter, "Write requests the PLC confirmed.", |c| n(c.requests)),
+        ("m2m_gateway_plc_values_written_total", Counter, "Values written to the PLC.", |c| n(c.values)),
+        ("m2m_gateway_plc_values_dropped_total", Counter,
+            "Values dropped: refused by the PLC or not encodable.", |c| n(c.dropped)),
+        ("m2m_gateway_plc_watchdog_writes_total", Counter,
+            "Watchdog writes the PLC confirmed.", |c| n(c.watchdog)),
+        ("m2m_gateway_plc_spool_pending_batches", Gauge,
+            "Batches waiting in the PLC's spool.", |c| n(c.spool_pending)),
+        ("m2m_gateway_plc_spool_dropped_values_total", Counter,
+            "Values the PLC's spool dropped to its limits since it was created (data lost).",
+            |c| n(c.spool_dropped)),
+    ]);
 
     // Tunnels.
-    let tunnels: Vec<_> = seen.tunnels.iter().map(|t| (t.name(), t.stats())).collect();
-    let tun = |out: &mut Out,
-               name: &str,
-               kind: Kind,
-               help: &str,
-               get: fn(&crate::link::tunnel::TunnelStats) -> u64| {
-        out.family(name, kind, help, tunnels.iter(), |(n, s)| Some((vec![l("tunnel", n)], get(s) as f64)));
-    };
-    tun(&mut out, "m2m_gateway_tunnel_port_open", Gauge, "1 while the tunnel's serial port is open.", |s| {
-        u64::from(s.port_open)
-    });
-    tun(&mut out, "m2m_gateway_tunnel_port_opens_total", Counter, "Times the serial port was opened.", |s| {
-        s.opens
-    });
-    tun(
-        &mut out,
-        "m2m_gateway_tunnel_sent_bytes_total",
-        Counter,
-        "Bytes read from the port and sent to the peer.",
-        |s| s.bytes_out,
-    );
-    tun(&mut out, "m2m_gateway_tunnel_sent_packets_total", Counter, "Packets sent to the peer.", |s| {
-        s.packets_out
-    });
-    tun(
-        &mut out,
-        "m2m_gateway_tunnel_received_bytes_total",
-        Counter,
-        "Bytes from the peer written to the port.",
-        |s| s.bytes_in,
-    );
-    tun(
-        &mut out,
-        "m2m_gateway_tunnel_received_packets_total",
-        Counter,
-        "Packets from the peer written to the port.",
-        |s| s.packets_in,
-    );
+    let tunnels: Vec<_> = seen.tunnels.iter().map(|t| (vec![l("tunnel", t.name())], t.stats())).collect();
+    #[rustfmt::skip]
+    per(&mut out, &tunnels, &[
+        ("m2m_gateway_tunnel_port_open", Gauge,
+            "1 while the tunnel's serial port is open.", |s| n(u64::from(s.port_open))),
+        ("m2m_gateway_tunnel_port_opens_total", Counter, "Times the serial port was opened.", |s| n(s.opens)),
+        ("m2m_gateway_tunnel_sent_bytes_total", Counter,
+            "Bytes read from the port and sent to the peer.", |s| n(s.bytes_out)),
+        ("m2m_gateway_tunnel_sent_packets_total", Counter, "Packets sent to the peer.", |s| n(s.packets_out)),
+        ("m2m_gateway_tunnel_received_bytes_total", Counter,
+            "Bytes from the peer written to the port.", |s| n(s.bytes_in)),
+        ("m2m_gateway_tunnel_received_packets_total", Counter,
+            "Packets from the peer written to the port.", |s| n(s.packets_in)),
+    ]);
     out.family(
         "m2m_gateway_tunnel_dropped_bytes_total",
         Counter,
         "Bytes that never reached the other side, by direction.",
-        tunnels.iter().flat_map(|(n, s)| [(*n, "to_peer", s.dropped_out), (*n, "from_peer", s.dropped_in)]),
-        |(n, dir, v)| Some((vec![l("tunnel", n), l("direction", dir)], *v as f64)),
+        tunnels.iter().flat_map(|(t, s)| [(t, "to_peer", s.dropped_out), (t, "from_peer", s.dropped_in)]),
+        |(t, dir, v)| Some(([t.as_slice(), &[l("direction", dir)]].concat(), *v as f64)),
     );
-    tun(
-        &mut out,
-        "m2m_gateway_tunnel_buffered_bytes",
-        Gauge,
-        "Bytes waiting in the buffer for the link.",
-        |s| s.buffered,
-    );
+    #[rustfmt::skip]
+    per(&mut out, &tunnels, &[
+        ("m2m_gateway_tunnel_buffered_bytes", Gauge,
+            "Bytes waiting in the buffer for the link.", |s| n(s.buffered)),
+    ]);
 
     // The Modbus-TCP server.
     if let Some((_, s)) = &seen.server {
@@ -563,6 +398,14 @@ mod tests {
         assert_eq!(
             out.0,
             "# HELP m_x_total Help.\n# TYPE m_x_total counter\nm_x_total{bus=\"a\\\"b\\\\c\\nd\"} 3\nm_x_total{bus=\"e\"} 0.25\n"
+        );
+        let mut out = Out(String::new());
+        let rows: &[Row<Option<u64>>] =
+            &[("m_a", Kind::Gauge, "A.", |v| n((*v)?)), ("m_none", Kind::Gauge, "Never.", |_| None)];
+        per(&mut out, &[(vec![l("peer", "x")], Some(2)), (vec![l("peer", "y")], None)], rows);
+        assert_eq!(
+            out.0, "# HELP m_a A.\n# TYPE m_a gauge\nm_a{peer=\"x\"} 2\n",
+            "absent values, absent families"
         );
         assert_eq!(number(f64::NAN), "0");
         assert_eq!(number(1e20), "100000000000000000000");

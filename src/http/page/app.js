@@ -59,7 +59,9 @@ function renderStatus(s) {
   h.className = "badge " + g.health;
   $("#version").textContent = g.version;
   const devices = s.buses.reduce((n, b) => n + b.devices.length, 0);
-  $("#summary").textContent = `up ${fmtAge(g.uptime_seconds)} · ${s.buses.length} buses · ${devices} devices · ${g.points} points · ${s.peers.length} peers`;
+  const count = (n, one, many = one + "s") => `${n} ${n === 1 ? one : many}`;
+  $("#summary").textContent = [`up ${fmtAge(g.uptime_seconds)}`, count(s.buses.length, "bus", "buses"),
+    count(devices, "device"), count(g.points, "point"), count(s.peers.length, "peer")].join(" · ");
   $("#problems").replaceChildren(...g.problems.map((p) => el("li", {}, p)));
 
   $("#buses").replaceChildren(...s.buses.map((b) => {
@@ -84,7 +86,8 @@ function renderStatus(s) {
     el("td", {}, `${p.spool_pending_batches} batches, ${p.spool_pending_values} values, ${fmtBytes(p.spool_pending_bytes)}`),
     el("td", {}, p.spool_oldest_age_seconds == null ? "–" : fmtAge(p.spool_oldest_age_seconds)),
     el("td", {}, fmtAge(p.last_ack_age_seconds)),
-    el("td", {}, `${p.batches_sent} / ${p.batches_acked}`))));
+    el("td", {}, `${p.batches_sent} / ${p.batches_acked}`),
+    el("td", { class: "relay" }, `${p.values_relayed} relayed · ${p.loop_refused} loops cut · ${p.relayed_refused} refused`))));
   show("#plcs", s.plcs.map((p) => el("tr", { "data-plc": p.name },
     el("td", {}, p.name),
     el("td", {}, el("span", { class: "state " + (p.connected ? "ok" : "bad") }, p.connected ? "up" : "down")),
