@@ -77,74 +77,47 @@
 //! validated; every request on a live connection gets exactly one answer; every task
 //! here stops at shutdown (a relayed transaction on the line finishes, its answer is
 //! dropped).
+//!
+//! Files: server/route.rs routes each request by unit id (the checks, agent reads,
+//! virtual units, relaying to a bus), server/slots.rs admits masters to the
+//! `max_connections` slots, server/describe.rs says in words what `check` shows,
+//! server/mbap.rs frames MBAP, server/vunit.rs serves virtual units.
 
+mod describe;
 pub mod mbap;
+mod route;
+mod slots;
+mod vunit;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until};
-use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, error, info, info_span, instrument, warn};
+use tracing::{Instrument, debug, info, info_span, instrument, warn};
 
-mod vunit;
-
+pub use describe::{describe, describe_server};
+pub use route::Tables;
+pub use slots::{Admission, Slots};
 pub use vunit::{Owners, WriteFailure};
 
+use crate::bus::BusHandle;
 use crate::bus::pass::MasterId;
-use crate::bus::{BusError, BusHandle, Job, Priority};
-use crate::image::{Image, Raw, RawMiss};
+use crate::image::Image;
 use crate::loglimit::SharedLimiter;
-use crate::model::{self, Model, ServeMode, WriteGrant};
-use crate::point::value::Table;
-use crate::serial::pdu;
+use crate::model::{self, Model};
 use crate::server::mbap::{Frame, MbapCodec};
-use vunit::{SharedVUnit, VUnit};
-
-/// What `check` shows for a virtual unit: its register map, one line per point
-/// (address, table, type, order, scale, point, engineering unit), then the status block.
-pub fn describe(v: &model::VirtualUnit) -> String {
-    let mut out = format!(
-        "virtual unit {} ({} point(s), on_bad {}):\n",
-        v.unit,
-        v.targets.len(),
-        if v.on_bad == model::OnBad::Last { "last" } else { "exception" }
-    );
-    for t in &v.targets {
-        let end = u32::from(t.address) + u32::from(t.width()) - 1;
-        out.push_str(&format!(
-            "  {:<8} {:>5}..={:<5} {:<10} {} scale {} offset {}  {}{}\n",
-            format!("{:?}", t.table).to_lowercase(),
-            t.address,
-            end,
-            t.data_type.to_string(),
-            format!("{:?}", t.order).to_lowercase(),
-            t.scale,
-            t.offset,
-            t.point,
-            t.eng_unit.as_deref().map(|u| format!(" [{u}]")).unwrap_or_default()
-        ));
-    }
-    if let Some(s) = v.status {
-        out.push_str(&format!(
-            "  input    {s:>5}..={:<5} status: heartbeat, link bits ({}), point quality bits\n",
-            u32::from(s) + u32::from(v.status_len()) - 1,
-            v.peers().join(", ")
-        ));
-    }
-    out
-}
+use route::{Answer, Shared};
+use slots::{Masters, SharedMasters, lock};
 
 /// The least pause a bus keeps after a broadcast before its next request: the serial
 /// line spec's "turnaround delay" (typically 100 to 200 ms), which lets the slowest
@@ -153,101 +126,6 @@ pub const BROADCAST_TURNAROUND: Duration = Duration::from_millis(100);
 
 /// Requests of one connection being answered at once; more wait in the socket.
 pub const MAX_PENDING: usize = 16;
-
-/// The connected masters, and which one gives way when a new one arrives and all slots
-/// are taken. Sans I/O: the caller passes `now` and closes the connection it is told to.
-#[derive(Debug)]
-pub struct Slots {
-    capacity: usize,
-    masters: HashMap<MasterId, Activity>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Activity {
-    /// The last request (or the connect).
-    last: Instant,
-    /// A request of it is being answered.
-    busy: bool,
-}
-
-/// What becomes of a new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    /// A free slot.
-    Free,
-    /// The slot of this master, idle this long: close it.
-    Reclaimed(MasterId, Duration),
-    /// Every master is being answered: refuse the newcomer.
-    Full,
-}
-
-impl Slots {
-    /// Room for `capacity` masters.
-    pub fn new(capacity: usize) -> Self {
-        Self { capacity: capacity.max(1), masters: HashMap::new() }
-    }
-
-    /// Admits `master`, reclaiming the longest-idle slot when full.
-    pub fn admit(&mut self, master: MasterId, now: Instant) -> Admission {
-        let verdict = if self.masters.len() < self.capacity {
-            Admission::Free
-        } else {
-            match self.masters.iter().filter(|(_, a)| !a.busy).min_by_key(|(id, a)| (a.last, **id)) {
-                Some((&id, a)) => Admission::Reclaimed(id, now.saturating_duration_since(a.last)),
-                None => return Admission::Full,
-            }
-        };
-        if let Admission::Reclaimed(id, _) = verdict {
-            self.masters.remove(&id);
-        }
-        self.masters.insert(master, Activity { last: now, busy: false });
-        verdict
-    }
-
-    /// `master` sent a request at `now`; it is busy until [`Slots::answered`].
-    pub fn request(&mut self, master: MasterId, now: Instant) {
-        if let Some(a) = self.masters.get_mut(&master) {
-            a.last = now;
-            a.busy = true;
-        }
-    }
-
-    /// Every request of `master` so far is answered.
-    pub fn answered(&mut self, master: MasterId) {
-        if let Some(a) = self.masters.get_mut(&master) {
-            a.busy = false;
-        }
-    }
-
-    /// `master` disconnected.
-    pub fn remove(&mut self, master: MasterId) {
-        self.masters.remove(&master);
-    }
-
-    /// Masters connected.
-    pub fn len(&self) -> usize {
-        self.masters.len()
-    }
-
-    /// No master connected.
-    pub fn is_empty(&self) -> bool {
-        self.masters.is_empty()
-    }
-}
-
-/// The slot table with each connection's close switch, shared by the accept loop and
-/// the connections.
-struct Masters {
-    slots: Slots,
-    close: HashMap<MasterId, (CancellationToken, SocketAddr)>,
-}
-
-type SharedMasters = Arc<Mutex<Masters>>;
-
-fn lock(m: &SharedMasters) -> std::sync::MutexGuard<'_, Masters> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// Why the server cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -268,6 +146,14 @@ pub fn listen(config: &model::Server) -> Result<TcpListener, ServerError> {
     let std_listener = std::net::TcpListener::bind(config.listen).map_err(bind_err)?;
     std_listener.set_nonblocking(true).map_err(bind_err)?;
     TcpListener::from_std(std_listener).map_err(bind_err)
+}
+
+/// A master id never given before in this process: the buses' pass-through queues outlive
+/// a server restarted by a reload, and a request taken for an old master may still be on
+/// the line, so a new master must not inherit its in-flight slot.
+fn new_master_id() -> MasterId {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Relaxed)
 }
 
 /// Counters of the server, readable while it runs (the status page and `/metrics`).
@@ -310,64 +196,6 @@ impl ServerStats {
             let c = usize::from(*code);
             self.exceptions.get(c).unwrap_or(&self.exceptions[0]).fetch_add(1, Relaxed);
         }
-    }
-}
-
-/// Where one served unit's requests go.
-struct Route {
-    /// The served unit id.
-    unit: u8,
-    /// The declared device (agent units read its part of the image), or for a
-    /// `[[server.route]]` what logs call it.
-    device: Arc<str>,
-    mode: ServeMode,
-    /// Writes need no grant (a `[[server.route]]` with `writable = true`).
-    writable: bool,
-    /// Unit 0 of a `[[server.route]]` with `broadcast = true`: writes go out as a
-    /// broadcast, nothing else is served.
-    broadcast: bool,
-    /// The device's own unit id on its bus.
-    device_unit: u8,
-    timeout: Duration,
-    turnaround: Duration,
-    retries: u8,
-    bus: BusHandle,
-    grants: Vec<WriteGrant>,
-}
-
-/// What the connections share.
-struct Shared {
-    routes: HashMap<u8, Route>,
-    /// Units answered from a register map (`[[server.unit.map]]`).
-    virtuals: HashMap<u8, SharedVUnit>,
-    image: Arc<Image>,
-    idle_timeout: Duration,
-    /// Requests a master may have waiting or running on one bus.
-    max_in_flight: usize,
-}
-
-/// The routing and unit tables every connection reads, swapped whole on a reload
-/// ([`Server::tables`]): each request is served with the tables current when it arrives.
-#[derive(Clone)]
-pub struct Tables(Arc<std::sync::RwLock<Arc<Shared>>>);
-
-impl Tables {
-    fn current(&self) -> Arc<Shared> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Replaces the tables with those of `config` over `buses` (as [`Server::new`]
-    /// builds them); the listening socket and the connections stay as they are.
-    pub fn replace(
-        &self,
-        config: &model::Server,
-        model: &Model,
-        buses: &[BusHandle],
-        owners: Arc<dyn Owners>,
-    ) {
-        let image = self.current().image.clone();
-        let shared = Arc::new(Shared::new(config, model, buses, image, owners));
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = shared;
     }
 }
 
@@ -417,98 +245,6 @@ impl Server {
     }
 }
 
-impl Shared {
-    /// The routes of `config` to `buses` and its virtual units writing through `owners`;
-    /// a unit whose bus or device is missing is logged and left unserved.
-    fn new(
-        config: &model::Server,
-        model: &Model,
-        buses: &[BusHandle],
-        image: Arc<Image>,
-        owners: Arc<dyn Owners>,
-    ) -> Self {
-        let mut routes = HashMap::new();
-        for served in &config.units {
-            let found = model.buses.iter().find(|b| b.name == served.bus).and_then(|bus| {
-                let device = bus.devices.iter().find(|d| d.name == served.device)?;
-                let handle = buses.iter().find(|h| h.name() == bus.name)?;
-                Some((bus, device, handle))
-            });
-            let Some((bus, device, handle)) = found else {
-                error!(
-                    unit = served.unit,
-                    bus = %served.bus,
-                    device = %served.device,
-                    "no such running bus or device; unit not served"
-                );
-                continue;
-            };
-            routes.insert(
-                served.unit,
-                Route {
-                    unit: served.unit,
-                    device: Arc::from(device.name.as_str()),
-                    mode: served.mode,
-                    writable: false,
-                    broadcast: false,
-                    device_unit: device.unit,
-                    timeout: device.timeout,
-                    turnaround: device.turnaround,
-                    retries: bus.retries,
-                    bus: handle.clone(),
-                    grants: config.grants.iter().filter(|g| g.unit == served.unit).copied().collect(),
-                },
-            );
-        }
-        for route in &config.routes {
-            let Some(handle) = buses.iter().find(|h| h.name() == route.bus) else {
-                error!(bus = %route.bus, "no such running bus; route not served");
-                continue;
-            };
-            let retries = model.buses.iter().find(|b| b.name == route.bus).map_or(0, |b| b.retries);
-            let broadcast = route.broadcast.then_some(0);
-            for unit in route.units.iter().copied().chain(broadcast) {
-                let device_unit = if unit == 0 { 0 } else { route.bus_unit(unit) };
-                routes.insert(
-                    unit,
-                    Route {
-                        unit,
-                        device: Arc::from(format!("{} unit {device_unit}", route.bus)),
-                        mode: ServeMode::Pass,
-                        writable: route.writable,
-                        broadcast: unit == 0,
-                        device_unit,
-                        timeout: route.timeout,
-                        turnaround: if unit == 0 {
-                            route.turnaround.max(BROADCAST_TURNAROUND)
-                        } else {
-                            route.turnaround
-                        },
-                        retries,
-                        bus: handle.clone(),
-                        grants: config.grants.iter().filter(|g| g.unit == unit).copied().collect(),
-                    },
-                );
-            }
-        }
-        let virtuals = config
-            .virtual_units
-            .iter()
-            .map(|v| {
-                let grants = config.grants.iter().filter(|g| g.unit == v.unit).copied().collect();
-                (v.unit, Arc::new(VUnit::new(v.clone(), owners.clone(), grants)))
-            })
-            .collect();
-        Shared {
-            routes,
-            virtuals,
-            image,
-            idle_timeout: config.idle_timeout,
-            max_in_flight: config.max_in_flight,
-        }
-    }
-}
-
 impl Server {
     /// The address actually bound (the port chosen when the configured one was 0).
     pub fn local_addr(&self) -> SocketAddr {
@@ -526,10 +262,15 @@ impl Server {
         info!(addr = %self.local, "modbus-tcp server listening on {}", self.local);
         let masters: SharedMasters =
             Arc::new(Mutex::new(Masters { slots: Slots::new(self.max_connections), close: HashMap::new() }));
-        let mut next_master: MasterId = 0;
         let log = self.log.clone();
         let mut flush = log.ticker();
+        // Watched by the systemd watchdog: an accept loop that stops turning (a deadlock)
+        // stops the pings, and systemd restarts the gateway.
+        let beat = crate::health::beat("modbus-tcp server".into());
+        let hang_at = crate::health::hang_after(beat.name()).map(|d| tokio::time::Instant::now() + d);
         loop {
+            crate::health::hang_if_due(hang_at).await;
+            beat.idle(std::time::Instant::now());
             let accepted = tokio::select! {
                 // Cancel-safe: accept loses no connection when dropped.
                 a = self.listener.accept() => a,
@@ -540,6 +281,8 @@ impl Server {
                     continue;
                 }
                 () = shutdown.cancelled() => break,
+                // Cancel-safe: a timer; wakes the loop to beat.
+                () = tokio::time::sleep(beat.tick()) => continue,
             };
             let (stream, peer) = match accepted {
                 Ok(a) => a,
@@ -552,8 +295,7 @@ impl Server {
                     continue;
                 }
             };
-            next_master += 1;
-            let master = next_master;
+            let master = new_master_id();
             let close = shutdown.child_token();
             {
                 let mut m = lock(&masters);
@@ -611,12 +353,6 @@ impl Server {
             );
         }
     }
-}
-
-/// What to send for one request.
-enum Answer {
-    Now(Frame),
-    Later(BoxFuture<'static, Frame>),
 }
 
 /// Serves one master until it leaves (a master that half-closes still gets the answers
@@ -709,305 +445,5 @@ async fn connection(
         // The master has been busy until now: a relayed request that took longer than
         // the idle timeout must not close the connection under its answer.
         last_heard = Instant::now();
-    }
-}
-
-/// The coils/registers a write request changes: table, first address, count.
-fn write_span(req: &Request<'_>) -> Option<(Table, u16, usize)> {
-    Some(match req {
-        Request::WriteSingleCoil(a, _) => (Table::Coils, *a, 1),
-        Request::WriteMultipleCoils(a, bits) => (Table::Coils, *a, bits.len()),
-        Request::WriteSingleRegister(a, _) | Request::MaskWriteRegister(a, _, _) => (Table::Holding, *a, 1),
-        Request::WriteMultipleRegisters(a, words) | Request::ReadWriteMultipleRegisters(_, _, a, words) => {
-            (Table::Holding, *a, words.len())
-        }
-        _ => return None,
-    })
-}
-
-/// The exception a master gets for a bus outcome that is not a response.
-fn exception_for(e: &BusError) -> ExceptionCode {
-    match e {
-        BusError::Exception(code) => *code,
-        BusError::Timeout { .. } => ExceptionCode::GatewayTargetDevice,
-        BusError::QueueFull => ExceptionCode::ServerDeviceBusy,
-        BusError::PortDown(_) | BusError::Closed => ExceptionCode::GatewayPathUnavailable,
-        BusError::Invalid(_) => ExceptionCode::IllegalDataValue,
-    }
-}
-
-/// Function codes that write (FC23 included: it writes before it reads).
-fn is_write(function: u8) -> bool {
-    matches!(function, 5 | 6 | 15 | 16 | 22 | 23)
-}
-
-impl Route {
-    /// Whether the unit offers `function` at all: the spec's first check (0x01), made
-    /// before the PDU is judged (0x03, then 0x02). Writing is a function only a unit with
-    /// grants offers; an agent unit reads FC1-4 and nothing else; a pass unit offers what
-    /// its device offers (the device judges).
-    fn serves(&self, function: u8) -> bool {
-        if self.broadcast {
-            return matches!(function, 5 | 6 | 15 | 16);
-        }
-        if is_write(function) {
-            return self.writable || !self.grants.is_empty();
-        }
-        match self.mode {
-            ServeMode::Pass => true,
-            ServeMode::Agent { .. } => matches!(function, 1..=4),
-        }
-    }
-
-    /// `Ok` when grants cover every address of the write.
-    fn may_write(&self, table: Table, start: u16, count: usize) -> Result<(), ExceptionCode> {
-        if self.writable {
-            return Ok(());
-        }
-        let covered = (usize::from(start)..usize::from(start) + count).all(|a| {
-            u16::try_from(a).is_ok_and(|a| self.grants.iter().any(|g| g.covers(self.unit, table, a)))
-        });
-        if covered { Ok(()) } else { Err(ExceptionCode::IllegalDataAddress) }
-    }
-}
-
-impl Shared {
-    fn handle(&self, master: MasterId, frame: Frame) -> Answer {
-        if let Some(v) = self.virtuals.get(&frame.unit) {
-            return self.virtual_unit(v, frame);
-        }
-        let Some(route) = self.routes.get(&frame.unit) else {
-            return Answer::Now(frame.exception(ExceptionCode::GatewayPathUnavailable));
-        };
-        // The spec's order: function (0x01), then quantity and length (0x03), then
-        // address (0x02), then execution.
-        if !frame.pdu.first().is_some_and(|f| route.serves(*f)) {
-            return Answer::Now(frame.exception(ExceptionCode::IllegalFunction));
-        }
-        let request = match mbap::decode_request(&frame.pdu) {
-            Ok(r) => r,
-            Err(code) => return Answer::Now(frame.exception(code)),
-        };
-        if let Some((table, start, count)) = write_span(&request) {
-            if let Err(code) = route.may_write(table, start, count) {
-                debug!(unit = frame.unit, ?table, start, count, "write refused");
-                return Answer::Now(frame.exception(code));
-            }
-            return relay(route, master, frame, request, self.max_in_flight);
-        }
-        match route.mode {
-            ServeMode::Pass => relay(route, master, frame, request, self.max_in_flight),
-            ServeMode::Agent { max_age } => Answer::Now(self.agent_read(route, &frame, &request, max_age)),
-        }
-    }
-
-    /// Answers a request to a virtual unit: reads now, writes once carried out.
-    fn virtual_unit(&self, v: &SharedVUnit, frame: Frame) -> Answer {
-        if !frame.pdu.first().is_some_and(|f| v.serves(*f)) {
-            return Answer::Now(frame.exception(ExceptionCode::IllegalFunction));
-        }
-        let request = match mbap::decode_request(&frame.pdu) {
-            Ok(r) => r,
-            Err(code) => return Answer::Now(frame.exception(code)),
-        };
-        let encode = |frame: &Frame, rsp: &Response| {
-            let mut pdu = Vec::with_capacity(pdu::MAX_PDU);
-            pdu::encode_response(rsp, &mut pdu);
-            frame.answer(pdu)
-        };
-        let Some(response) = vunit::write_response(&request) else {
-            return Answer::Now(match v.read(&self.image, &request) {
-                Ok(rsp) => encode(&frame, &rsp),
-                Err(code) => frame.exception(code),
-            });
-        };
-        let planned = match v.plan_write(&request) {
-            Ok(p) => p,
-            Err(code) => return Answer::Now(frame.exception(code)),
-        };
-        let v = v.clone();
-        Answer::Later(Box::pin(async move {
-            match v.write(planned).await {
-                Ok(()) => encode(&frame, &response),
-                Err(code) => frame.exception(code),
-            }
-        }))
-    }
-
-    /// Answers a read from the raw cache of the image.
-    fn agent_read(&self, route: &Route, frame: &Frame, req: &Request<'_>, max_age: Duration) -> Frame {
-        let (table, start, count) = match req {
-            Request::ReadCoils(a, q) => (Table::Coils, *a, *q),
-            Request::ReadDiscreteInputs(a, q) => (Table::Discrete, *a, *q),
-            Request::ReadHoldingRegisters(a, q) => (Table::Holding, *a, *q),
-            Request::ReadInputRegisters(a, q) => (Table::Input, *a, *q),
-            _ => return frame.exception(ExceptionCode::IllegalFunction),
-        };
-        let rsp = match self.image.read_raw(&route.device, table, start, count, max_age) {
-            Ok(Raw::Bits(b)) if table == Table::Coils => Response::ReadCoils(b),
-            Ok(Raw::Bits(b)) => Response::ReadDiscreteInputs(b),
-            Ok(Raw::Words(w)) if table == Table::Holding => Response::ReadHoldingRegisters(w),
-            Ok(Raw::Words(w)) => Response::ReadInputRegisters(w),
-            Err(RawMiss::NotPolled) => return frame.exception(ExceptionCode::IllegalDataAddress),
-            Err(RawMiss::NotFresh) => return frame.exception(ExceptionCode::GatewayTargetDevice),
-        };
-        let mut pdu = Vec::with_capacity(pdu::MAX_PDU);
-        pdu::encode_response(&rsp, &mut pdu);
-        frame.answer(pdu)
-    }
-}
-
-/// Queues a request for the route's device on its bus; the answer comes later.
-fn relay(
-    route: &Route,
-    master: MasterId,
-    frame: Frame,
-    request: Request<'static>,
-    max_in_flight: usize,
-) -> Answer {
-    // Bit replies are padded to whole bytes; answer exactly the bits asked for.
-    let bits = match request {
-        Request::ReadCoils(_, q) | Request::ReadDiscreteInputs(_, q) => usize::from(q),
-        _ => usize::MAX,
-    };
-    let (reply, rx) = oneshot::channel();
-    let job = Job {
-        unit: route.device_unit,
-        request,
-        priority: Priority::PassThrough,
-        timeout: route.timeout,
-        turnaround: route.turnaround,
-        retries: route.retries,
-        reply,
-    };
-    if let Err(e) = route.bus.pass_through(master, job, max_in_flight) {
-        return Answer::Now(frame.exception(exception_for(&e)));
-    }
-    Answer::Later(Box::pin(async move {
-        match rx.await.unwrap_or(Err(BusError::Closed)) {
-            Ok(mut rsp) => {
-                if let Response::ReadCoils(b) | Response::ReadDiscreteInputs(b) = &mut rsp {
-                    b.truncate(bits);
-                }
-                let mut pdu = Vec::with_capacity(pdu::MAX_PDU);
-                pdu::encode_response(&rsp, &mut pdu);
-                frame.answer(pdu)
-            }
-            Err(e) => frame.exception(exception_for(&e)),
-        }
-    }))
-}
-
-/// What `check` shows of the server: where it listens, the units it serves and the
-/// routes, in words.
-pub fn describe_server(config: &model::Server) -> String {
-    use std::fmt::Write;
-    let mut out = format!(
-        "server on {} (at most {} masters, {} pass-through request(s) each per bus)\n",
-        config.listen, config.max_connections, config.max_in_flight
-    );
-    let grants = |unit: u8| config.grants.iter().filter(|g| g.unit == unit).count();
-    for u in &config.units {
-        let how = match u.mode {
-            ServeMode::Agent { max_age } => format!("agent for {} (values up to {max_age:?} old)", u.device),
-            ServeMode::Pass => format!("passed through to {} on bus {}", u.device, u.bus),
-        };
-        let _ = writeln!(out, "  unit {}: {how}, {} write grant(s)", u.unit, grants(u.unit));
-    }
-    for r in &config.routes {
-        let to = match r.unit_offset {
-            0 => "the same unit ids".to_owned(),
-            o if o > 0 => format!("unit id - {o}"),
-            o => format!("unit id + {}", -o),
-        };
-        let writes = if r.writable {
-            "writable".to_owned()
-        } else {
-            let n: usize = r.units.iter().map(|u| grants(*u)).sum();
-            if n == 0 { "read-only".to_owned() } else { format!("{n} write grant(s)") }
-        };
-        let _ = writeln!(
-            out,
-            "  units {} ({} ids) routed to bus {} as {to}, {writes}, timeout {:?}",
-            ranges(&r.units),
-            r.units.len(),
-            r.bus,
-            r.timeout
-        );
-        if r.broadcast {
-            let _ = writeln!(
-                out,
-                "  unit 0: writes (FC5/6/15/16) broadcast on bus {}, answered with their echo",
-                r.bus
-            );
-        }
-    }
-    out
-}
-
-/// `[1, 2, 3, 7]` as `"1-3,7"`.
-fn ranges(units: &[u8]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < units.len() {
-        let mut j = i;
-        while j + 1 < units.len() && units[j + 1] == units[j] + 1 {
-            j += 1;
-        }
-        parts.push(if i == j { units[i].to_string() } else { format!("{}-{}", units[i], units[j]) });
-        i = j + 1;
-    }
-    parts.join(",")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MS: fn(u64) -> Duration = Duration::from_millis;
-
-    #[test]
-    fn when_full_the_longest_idle_master_gives_way() {
-        let t0 = Instant::now();
-        let mut s = Slots::new(3);
-        assert_eq!(s.admit(1, t0), Admission::Free);
-        assert_eq!(s.admit(2, t0 + MS(1)), Admission::Free);
-        assert_eq!(s.admit(3, t0 + MS(2)), Admission::Free);
-        // 1 asked something recently and was answered; 2 has been quiet since connecting.
-        s.request(1, t0 + MS(5000));
-        s.answered(1);
-        s.request(3, t0 + MS(6000));
-        s.answered(3);
-        assert_eq!(s.admit(4, t0 + MS(8400)), Admission::Reclaimed(2, MS(8399)));
-        assert_eq!(s.len(), 3);
-        // Next the least recent requester, 1.
-        assert_eq!(s.admit(5, t0 + MS(8500)), Admission::Reclaimed(1, MS(3500)));
-    }
-
-    #[test]
-    fn a_master_being_answered_is_never_reclaimed() {
-        let t0 = Instant::now();
-        let mut s = Slots::new(2);
-        s.admit(1, t0);
-        s.admit(2, t0);
-        s.request(1, t0 + MS(1));
-        // 1 is older-idle by its request time than nothing: only 2 is idle.
-        assert_eq!(s.admit(3, t0 + MS(10)), Admission::Reclaimed(2, MS(10)));
-        s.request(3, t0 + MS(11));
-        // Both busy: the newcomer is refused and nothing changes.
-        assert_eq!(s.admit(4, t0 + MS(20)), Admission::Full);
-        assert_eq!(s.len(), 2);
-        s.answered(1);
-        assert_eq!(s.admit(5, t0 + MS(30)), Admission::Reclaimed(1, MS(29)));
-        s.remove(3);
-        s.remove(5);
-        assert!(s.is_empty());
-    }
-
-    #[test]
-    fn unit_ranges_read_as_written() {
-        assert_eq!(ranges(&[1, 2, 3, 7, 9, 10]), "1-3,7,9-10");
-        assert_eq!(ranges(&[5]), "5");
-        assert_eq!(ranges(&[]), "");
     }
 }

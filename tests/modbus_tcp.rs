@@ -21,31 +21,6 @@ use tokio_util::sync::CancellationToken;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-/// Unit 1: polled every 50 ms; unit 2: polled once an hour, so what it sees is ours.
-const SIM: &str = r#"
-[[unit]]
-unit = 1
-[[unit.register]]
-table = "holding"
-address = 0
-values = [100, 101, 102, 103]
-[[unit.register]]
-table = "coils"
-address = 0
-values = [1, 0, 1]
-
-[[unit]]
-unit = 2
-[[unit.register]]
-table = "holding"
-address = 0
-values = [1000, 1001, 1002, 1003]
-[[unit.register]]
-table = "input"
-address = 0
-values = [7, 8]
-"#;
-
 const GATEWAY: &str = r#"
 [gateway]
 name = "tcpdev"
@@ -100,7 +75,7 @@ struct TcpRig {
 }
 
 async fn start() -> TcpRig {
-    let sim = Simulator::new(common::sim_config(SIM));
+    let sim = Simulator::new(common::sim_config(&common::sim::boiler_meter_dead()));
     let handle = sim.handle();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = format!("modbus-tcp://{}", listener.local_addr().expect("addr"));
@@ -154,9 +129,9 @@ async fn a_modbus_tcp_device_is_polled_served_and_written_like_a_serial_one() {
     assert_eq!(pass.read_input_registers(0, 2).await.expect("transport"), Ok(vec![7, 8]));
     assert_eq!(pass.write_single_register(2, 77).await.expect("transport"), Ok(()));
     assert_eq!(rig.sim.register(2, Table::Holding, 2), Some(77));
-    // The device's own exception comes back as it is.
+    // The device's own exception comes back as it is (the meter has 130 registers).
     assert_eq!(
-        pass.read_holding_registers(50, 1).await.expect("transport"),
+        pass.read_holding_registers(400, 1).await.expect("transport"),
         Err(ExceptionCode::IllegalDataAddress)
     );
     // One connection did all of it.
@@ -170,7 +145,9 @@ async fn a_late_answer_with_a_stale_transaction_id_is_never_taken_as_data() {
     wait_until("polled", SECS(3), || rig.gateway.image.good_value("boiler.t").is_some()).await;
     let mut pass = rig.master(20).await;
     // The device answers 800 ms late: the gateway gives up after 300 ms, and holds the
-    // unit's next request for another 300 ms (the late-reply quarantine of any bus).
+    // unit's next request until the late answer comes (at most four timeouts): the device
+    // works on one request at a time, so a request sent meanwhile would wait behind the
+    // late one at the device and time out as well.
     rig.sim.set_register(2, Table::Holding, 0, 111).expect("set");
     rig.sim.set_fault(2, Fault::Late(Duration::from_millis(800))).expect("fault");
     assert_eq!(
@@ -184,9 +161,9 @@ async fn a_late_answer_with_a_stale_transaction_id_is_never_taken_as_data() {
         s.foreign_frames.load(Relaxed) + s.late_replies.load(Relaxed) + s.noise_bytes.load(Relaxed)
     };
     let before = discarded();
-    // The value changes and the device is prompt again. The next request goes out before
-    // the late answer (111, under the old transaction id) arrives; that answer must be
-    // skipped and the fresh one taken.
+    // The value changes and the device is prompt again. The next request waits for the
+    // late answer (111, under the old transaction id), which is discarded, never taken as
+    // data; the fresh value is.
     rig.sim.set_register(2, Table::Holding, 0, 222).expect("set");
     rig.sim.clear_fault(2).expect("fault");
     assert_eq!(pass.read_holding_registers(0, 1).await.expect("transport"), Ok(vec![222]));
@@ -213,11 +190,6 @@ async fn a_reset_connection_is_reconnected_and_the_request_sent_again() {
     rig.stop().await;
 }
 
-/// A free port on 127.0.0.1 for a child process to bind (closed again before it does).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 /// pymodbus' Modbus-TCP server (tests/interop/pymodbus_slave.py), killed on drop.
 struct Pymodbus(Child);
 
@@ -228,16 +200,28 @@ impl Drop for Pymodbus {
     }
 }
 
-/// Starts pymodbus' Modbus-TCP server on a free port.
-fn pymodbus_server() -> (Pymodbus, u16) {
-    let port = free_port();
+/// Starts pymodbus' Modbus-TCP server on a port it binds itself (port 0) and prints;
+/// `None` (the test skipped, said on stderr) when pymodbus is not installed outside CI.
+fn pymodbus_server() -> Option<(Pymodbus, u16)> {
+    use std::io::BufRead;
+    if !pymodbus_available() {
+        eprintln!("skipped: pymodbus is not installed (pip install pymodbus)");
+        return None;
+    }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/pymodbus_slave.py");
-    let child = Command::new("python3")
-        .args([script, &format!("mbap:{port}")])
-        .stdout(Stdio::null())
+    let mut child = Command::new("python3")
+        .args([script, "mbap:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .expect("python3 runs");
-    (Pymodbus(child), port)
+    let stdout = child.stdout.take().expect("stdout");
+    let server = Pymodbus(child);
+    // The one line it prints once it listens (it dies, closing stdout, if it cannot).
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line).expect("read pymodbus' stdout");
+    let port = line.trim().strip_prefix("listening on ").and_then(|p| p.parse().ok());
+    Some((server, port.unwrap_or_else(|| panic!("pymodbus did not say where it listens: {line:?}"))))
 }
 
 fn pymodbus_available() -> bool {
@@ -253,11 +237,9 @@ fn pymodbus_available() -> bool {
 
 #[tokio::test]
 async fn a_third_party_modbus_tcp_server_is_polled_and_written() {
-    if !pymodbus_available() {
-        eprintln!("skipped: pymodbus is not installed (pip install pymodbus)");
+    let Some((_server, port)) = pymodbus_server() else {
         return;
-    }
-    let (_server, port) = pymodbus_server();
+    };
     let gateway_toml = r#"
 [gateway]
 name = "pym"
@@ -472,7 +454,7 @@ async fn a_reply_to_a_timed_out_request_is_counted_as_a_late_reply() {
 /// The rig with `max_in_flight = 4` on the bus, both devices polled only once, and the
 /// simulator working on requests in parallel (a device that pipelines).
 async fn start_pipelined() -> TcpRig {
-    let sim = Simulator::new(common::sim_config(SIM));
+    let sim = Simulator::new(common::sim_config(&common::sim::boiler_meter_dead()));
     let handle = sim.handle();
     handle.set_tcp_parallel(true);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -618,11 +600,9 @@ async fn pipelined_a_reset_fails_every_outstanding_request_and_recovers() {
 /// registers', and no reply is taken for another request.
 #[tokio::test]
 async fn a_server_that_cannot_pipeline_gives_timeouts_never_wrong_values() {
-    if !pymodbus_available() {
-        eprintln!("skipped: pymodbus is not installed (pip install pymodbus)");
+    let Some((_server, port)) = pymodbus_server() else {
         return;
-    }
-    let (_server, port) = pymodbus_server();
+    };
     let gateway_toml = r#"
 [gateway]
 name = "pym"

@@ -21,56 +21,6 @@ use tokio_util::sync::CancellationToken;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-/// Unit 1: a boiler polled every 50 ms; unit 2: a meter with 130 registers and 2000
-/// coils, polled once an hour (so the requests it sees are ours); unit 3: a silent one.
-fn sim() -> String {
-    let words: Vec<String> = (0..130).map(|i| (1000 + i).to_string()).collect();
-    let coils: Vec<&str> = (0..2000).map(|i| if i % 3 == 0 { "1" } else { "0" }).collect();
-    format!(
-        r#"
-[[unit]]
-unit = 1
-[[unit.register]]
-table = "holding"
-address = 0
-values = [100, 101, 102, 103]
-[[unit.register]]
-table = "coils"
-address = 0
-values = [1, 0, 1]
-
-[[unit]]
-unit = 2
-[[unit.register]]
-table = "holding"
-address = 0
-values = [{}]
-[[unit.register]]
-table = "input"
-address = 0
-values = [7, 8]
-[[unit.register]]
-table = "coils"
-address = 0
-values = [{}]
-[[unit.register]]
-table = "discrete"
-address = 0
-values = [1, 1, 0]
-
-[[unit]]
-unit = 3
-fault = "silent"
-[[unit.register]]
-table = "holding"
-address = 0
-values = [0]
-"#,
-        words.join(", "),
-        coils.join(", ")
-    )
-}
-
 const GATEWAY: &str = r#"
 [gateway]
 name = "test"
@@ -156,7 +106,7 @@ fn gateway_toml(extra: &str) -> String {
 }
 
 fn start(extra: &str) -> (Rig, SocketAddr) {
-    let rig = Rig::start(&sim(), &gateway_toml(extra));
+    let rig = Rig::start(&common::sim::boiler_meter_dead(), &gateway_toml(extra));
     let addr = rig.gateway().server_addr.expect("server listening");
     (rig, addr)
 }
@@ -528,7 +478,7 @@ async fn device_server(
 
 #[tokio::test]
 async fn bus_behind_a_serial_device_server() {
-    let simulator = Simulator::new(common::sim_config(&sim()));
+    let simulator = Simulator::new(common::sim_config(&common::sim::boiler_meter_dead()));
     let sim = simulator.handle();
     let (port, mut conn_rx, stop) = device_server(simulator).await;
     let text = gateway_toml("");
@@ -564,7 +514,8 @@ async fn bus_behind_a_serial_device_server() {
 /// queued, a waiting poll still runs after every `PASS_THROUGH_STREAK` of them.
 #[tokio::test]
 async fn queued_polls_interleave_with_a_flood_of_pass_through() {
-    let (port, _conns, stop) = device_server(Simulator::new(common::sim_config(&sim()))).await;
+    let (port, _conns, stop) =
+        device_server(Simulator::new(common::sim_config(&common::sim::boiler_meter_dead()))).await;
     let model = common::model(&gateway_toml(""), &format!("tcp://127.0.0.1:{port}"));
     let shutdown = CancellationToken::new();
     let tracker = tokio_util::task::TaskTracker::new();
@@ -851,4 +802,25 @@ async fn local_echo_is_taken_off_and_never_taken_for_the_reply() {
     assert_eq!(stats.crc_errors.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(stats.foreign_frames.load(std::sync::atomic::Ordering::Relaxed), 0);
     rig.stop().await;
+}
+
+#[tokio::test]
+async fn poll_at_a_port_that_is_not_modbus_tcp_says_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An HTTP server (the status page's port, say): it answers 400 to the request and closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf).await;
+        let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
+    });
+    let (ok, out, err) = poll_tcp(addr, &["--unit", "1", "--address", "0"]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains(&format!("{addr}: unit 1: the answer is not Modbus-TCP: is this a Modbus-TCP server?")),
+        "{err}"
+    );
+    server.await.expect("server");
 }

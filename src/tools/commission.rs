@@ -278,6 +278,17 @@ async fn tcp_read(
             c.set_slave(tokio_modbus::Slave(spec.unit));
             match timeout(spec.timeout, c.call(request.clone())).await {
                 Err(_) => Err(fail(format!("unit {}: no reply within {:?}", spec.unit, spec.timeout))),
+                // What came back is no Modbus-TCP frame (tokio-util says "bytes remaining on
+                // stream" when the other end closes after bytes it cannot frame): something
+                // else listens there, which its message alone does not say.
+                Ok(Err(tokio_modbus::Error::Transport(e)))
+                    if e.kind() == std::io::ErrorKind::InvalidData || e.to_string() == "bytes remaining on stream" =>
+                {
+                    Err(fail(format!(
+                        "unit {}: the answer is not Modbus-TCP: is this a Modbus-TCP server? (a peer link port or the status page answers like this)",
+                        spec.unit
+                    )))
+                }
                 Ok(Err(e)) => Err(fail(format!("unit {}: {e}", spec.unit))),
                 Ok(Ok(Err(code))) => Err(PollError::Exception { unit: spec.unit, code }),
                 Ok(Ok(Ok(rsp))) => Ok(rsp),

@@ -1,8 +1,10 @@
 //! Shared test rig: a simulator on a real pseudo-terminal pair and a gateway polling it.
 #![allow(dead_code)]
 
+pub mod blocking;
 pub mod procs;
 pub mod proxy;
+pub mod sim;
 
 use std::future::Future;
 use std::time::Duration;

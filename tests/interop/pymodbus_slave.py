@@ -7,7 +7,9 @@ Usage: socat pty,link=/tmp/a,raw,echo=0 pty,link=/tmp/b,raw,echo=0 &
        python3 tests/interop/pymodbus_slave.py tcp:5030     # then port = "tcp://127.0.0.1:5030"
        python3 tests/interop/pymodbus_slave.py /tmp/a --ascii  # Modbus ASCII slave
        python3 tests/interop/pymodbus_slave.py mbap:5031    # Modbus-TCP: poll --tcp 127.0.0.1:5031
+       python3 tests/interop/pymodbus_slave.py mbap:0       # a free port: prints "listening on PORT"
 """
+import asyncio
 import logging
 import sys
 
@@ -17,7 +19,7 @@ from pymodbus.datastore import (
     ModbusSequentialDataBlock,
     ModbusServerContext,
 )
-from pymodbus.server import StartSerialServer, StartTcpServer
+from pymodbus.server import ModbusTcpServer, StartSerialServer
 
 logging.basicConfig(level=logging.DEBUG if "-v" in sys.argv else logging.WARNING)
 
@@ -32,12 +34,20 @@ def device():
     )
 
 
+async def serve_tcp(port, framer):
+    """Port 0: bind a free port, and print it (`listening on PORT`) once it listens."""
+    server = ModbusTcpServer(ctx, address=("127.0.0.1", port), framer=framer)
+    await server.serve_forever(background=True)
+    print(f"listening on {server.transport.sockets[0].getsockname()[1]}", flush=True)
+    await server.serving
+
+
 ctx = ModbusServerContext(devices={1: device(), 2: device()}, single=False)
 where = sys.argv[1]
 if where.startswith("mbap:"):
-    StartTcpServer(ctx, address=("127.0.0.1", int(where[5:])))
+    asyncio.run(serve_tcp(int(where[5:]), FramerType.SOCKET))
 elif where.startswith("tcp:"):
-    StartTcpServer(ctx, address=("127.0.0.1", int(where[4:])), framer=FramerType.RTU)
+    asyncio.run(serve_tcp(int(where[4:]), FramerType.RTU))
 else:
     framer = FramerType.ASCII if "--ascii" in sys.argv else FramerType.RTU
     StartSerialServer(ctx, framer=framer, port=where, baudrate=9600, parity="N")
