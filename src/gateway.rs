@@ -37,6 +37,7 @@ use crate::point::value::Quality;
 use crate::poll::modbus::DeviceHealth;
 use crate::poll::raw::SerialDevices;
 use crate::server::{self, Owners, ServerError, ServerStats};
+use crate::sockets::Sockets;
 use crate::spool::SpoolHandle;
 use crate::writer::Writer;
 
@@ -181,6 +182,8 @@ pub struct Gateway {
     parts: Parts,
     /// When the gateway started (reloads do not change it).
     started: std::time::SystemTime,
+    /// Listening sockets handed over already bound, taken by address.
+    sockets: Sockets,
 }
 
 /// One independently restartable piece of the gateway: its tasks watch `token` (a
@@ -309,11 +312,22 @@ impl Changes {
 }
 
 impl Gateway {
-    /// Starts every task of `model`. Must be called inside a tokio runtime. Fails only
-    /// on what it needs from the machine (the Modbus-TCP server socket; for peer links
-    /// the identity, data directory, spool files and listening socket; the PLC spools);
-    /// then nothing has been started.
+    /// Starts every task of `model`, binding every listening socket itself. Must be called
+    /// inside a tokio runtime. Fails only on what it needs from the machine (the Modbus-TCP
+    /// server socket; for peer links the identity, data directory, spool files and
+    /// listening socket; the PLC spools); then nothing has been started.
     pub fn start(model: &Model, shutdown: CancellationToken) -> Result<Self, GatewayError> {
+        Self::start_on(model, Sockets::default(), shutdown)
+    }
+
+    /// As [`Gateway::start`], with listening sockets already bound (by the service manager,
+    /// or by the caller): a `listen` address that one of `sockets` is bound to uses it,
+    /// now and after every reload, and is never bound a second time.
+    pub fn start_on(
+        model: &Model,
+        sockets: Sockets,
+        shutdown: CancellationToken,
+    ) -> Result<Self, GatewayError> {
         let empty = Model {
             gateway: model.gateway.clone(),
             buses: Vec::new(),
@@ -323,7 +337,7 @@ impl Gateway {
             http: None,
         };
         // Bound first: a taken port fails the start before anything runs.
-        let http = model.http.as_ref().map(crate::http::prepare).transpose()?.flatten();
+        let http = model.http.as_ref().map(|h| crate::http::prepare(h, &sockets)).transpose()?.flatten();
         let mut gateway = Self {
             image: Arc::new(Image::new()),
             buses: Vec::new(),
@@ -342,12 +356,14 @@ impl Gateway {
             model: empty,
             parts: Parts::default(),
             started: std::time::SystemTime::now(),
+            sockets,
         };
         let prepared = gateway.prepare(model)?;
         gateway.apply(model, prepared, &mut Changes::default());
         gateway.model = model.clone();
         gateway.start_http(model, http);
         gateway.tracker.spawn(sweep(gateway.image.clone(), gateway.shutdown.clone()));
+        gateway.warn_unnamed_sockets();
         info!(
             gateway = %model.gateway.name,
             buses = model.buses.len(),
@@ -361,6 +377,22 @@ impl Gateway {
         Ok(gateway)
     }
 
+    /// Says which handed-over sockets the running configuration does not listen on:
+    /// connections to them wait unanswered (the service manager keeps them open).
+    fn warn_unnamed_sockets(&self) {
+        let m = &self.model;
+        let listen: Vec<SocketAddr> = (m.server.iter().map(|s| s.listen))
+            .chain(m.links.iter().filter_map(|l| l.listen))
+            .chain(m.http.iter().map(|h| h.listen))
+            .collect();
+        for addr in self.sockets.unnamed(&listen) {
+            warn!(
+                "the socket on {addr} was handed over (socket activation) but no listen address of the configuration names it: \
+                 connections to it are not answered (name it in a listen address, or remove it from the socket unit)"
+            );
+        }
+    }
+
     /// The configuration running now.
     pub fn model(&self) -> &Model {
         &self.model
@@ -372,7 +404,8 @@ impl Gateway {
     ///   whose devices alone changed keeps its line and engine, and only its poller
     ///   restarts; an unchanged bus is not touched (no gap in its polls);
     /// - the points of a removed device (or bus) stay known and are marked `comm_fail`,
-    ///   so masters and peers see they are no longer read;
+    ///   so masters and peers see they are no longer read; so are the values a removed
+    ///   peer delivered last;
     /// - the writer and the Modbus-TCP server's unit table are swapped in place; the
     ///   server's socket and its masters' connections stay (a changed `listen` or
     ///   `max_connections` rebinds it);
@@ -396,13 +429,14 @@ impl Gateway {
             changes.updated.push("worker_threads: takes effect at the next restart".into());
         }
         self.model = model.clone();
+        self.warn_unnamed_sockets();
         // The HTTP endpoint shows what runs now: it restarts on its port (a moment without
         // it; its socket cannot be bound twice). Failing to bind keeps everything else.
         if let Some(http) = self.parts.http.take() {
             http.stop("http endpoint").await;
         }
         self.http_addr = None;
-        match model.http.as_ref().map(crate::http::prepare).transpose() {
+        match model.http.as_ref().map(|h| crate::http::prepare(h, &self.sockets)).transpose() {
             Ok(http) => self.start_http(model, http.flatten()),
             Err(e) => error!(error = %e, "http endpoint not restarted after the reload"),
         }

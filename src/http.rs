@@ -54,6 +54,7 @@ use crate::model::{self, Model};
 use crate::plc::PlcHandle;
 use crate::poll::modbus::DeviceHealth;
 use crate::server::ServerStats;
+use crate::sockets::Sockets;
 use crate::writer::Writer;
 
 pub use api::{
@@ -103,17 +104,12 @@ pub struct Prepared {
     grants: Vec<model::Grant>,
 }
 
-/// Binds the socket and reads the token of `config`. A bind failure of an endpoint that
+/// Binds the socket (or takes the one handed over on that address) and reads the token of `config`. A bind failure of an endpoint that
 /// was not configured (the defaults) is logged and gives `Ok(None)`: the gateway runs
 /// without it.
-pub fn prepare(config: &model::Http) -> Result<Option<Prepared>, HttpError> {
+pub fn prepare(config: &model::Http, sockets: &Sockets) -> Result<Option<Prepared>, HttpError> {
     let token = config.token_file.as_deref().map(Token::read).transpose()?;
-    let bind = || -> std::io::Result<TcpListener> {
-        let std = std::net::TcpListener::bind(config.listen)?;
-        std.set_nonblocking(true)?;
-        TcpListener::from_std(std)
-    };
-    match bind() {
+    match sockets.listen(config.listen) {
         Ok(listener) => Ok(Some(Prepared { listener, token, grants: config.grants.clone() })),
         Err(source) if !config.required => {
             warn!(

@@ -16,7 +16,7 @@
 //!
 //! | layer | modules | what they own |
 //! |---|---|---|
-//! | 1 | [`point`], [`backoff`], [`health`], [`loglimit`] | typed values, their register encodings, fields of raw replies; reconnect back-off; liveness beats of the core tasks; rate limits for log lines others can cause |
+//! | 1 | [`point`], [`backoff`], [`health`], [`loglimit`], [`sockets`] | typed values, their register encodings, fields of raw replies; reconnect back-off; liveness beats of the core tasks; rate limits for log lines others can cause; listening sockets, bound here or handed over (systemd socket activation) |
 //! | 2 | [`serial`], [`image`] | bytes on a line (framings, PDUs, checksums); the live point values |
 //! | 3 | [`model`] | the validated configuration every task runs from |
 //! | 4 | [`config`], [`bus`], [`spool`] | TOML to model; one task per line; the on-disk spool per peer |
@@ -26,15 +26,20 @@
 //! | 8 | [`http`] | observers: status page, Prometheus metrics, JSON API, operator writes |
 //! | 9 | [`gateway`], [`service`] | starts every task of a model under one shutdown token, reloads it; the systemd notify protocol and watchdog |
 //! | 10 | [`tools`], `fuzz_entry` | commissioning reads and the demo; the fuzz targets' entry points |
+//!
+//! The binary (`src/main.rs`, with `src/main/cli.rs` for what the command line accepts
+//! and `src/main/tools.rs` for the one-shot commands) sits above them all.
 
 // Every public item is documented, and `pub` means reachable from outside the crate
 // (an item only the crate uses is `pub(crate)`). Tests and examples are their own crates.
 #![warn(missing_docs, unreachable_pub)]
+#![forbid(unsafe_code)]
 
 pub mod backoff;
 pub mod health;
 pub mod loglimit;
 pub mod point;
+pub mod sockets;
 
 pub mod image;
 pub mod serial;

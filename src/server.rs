@@ -116,6 +116,7 @@ use crate::image::Image;
 use crate::loglimit::SharedLimiter;
 use crate::model::{self, Model};
 use crate::server::mbap::{Frame, MbapCodec};
+use crate::sockets::Sockets;
 use route::{Answer, Shared};
 use slots::{Masters, SharedMasters, lock};
 
@@ -141,11 +142,9 @@ pub enum ServerError {
 
 /// Binds the configured listening socket (first, so that a port already taken fails
 /// before anything else starts). Must be called inside a tokio runtime.
-pub fn listen(config: &model::Server) -> Result<TcpListener, ServerError> {
-    let bind_err = |source| ServerError::Bind { addr: config.listen, source };
-    let std_listener = std::net::TcpListener::bind(config.listen).map_err(bind_err)?;
-    std_listener.set_nonblocking(true).map_err(bind_err)?;
-    TcpListener::from_std(std_listener).map_err(bind_err)
+/// A socket handed over already bound to that address is used instead.
+pub fn listen(config: &model::Server, sockets: &Sockets) -> Result<TcpListener, ServerError> {
+    sockets.listen(config.listen).map_err(|source| ServerError::Bind { addr: config.listen, source })
 }
 
 /// A master id never given before in this process: the buses' pass-through queues outlive

@@ -57,6 +57,15 @@ point = [ { name = "speed", table = "holding", address = 0, unit = "rpm" } ]
 
 [http]
 listen = "127.0.0.1:0"
+
+[link]
+identity = "{dir}/id"
+data_dir = "{dir}/data"
+
+[[peer]]
+name = "site-b"
+fingerprint = "3F:A2:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:01:23:45:67:89:AB:CD:EF:10:32:54:76:98:9C"
+dial = "127.0.0.1:1"
 "#;
 
 /// chromedriver on a free port, in its own process group with the browsers it starts;
@@ -74,16 +83,30 @@ impl Drop for Driver {
 
 /// Starts chromedriver, or says why the test cannot run (`None`: skip).
 fn driver() -> Option<Driver> {
-    let port =
-        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    // Port 0: chromedriver binds a free port itself and says which.
     let child = Command::new("chromedriver")
-        .arg(format!("--port={port}"))
+        .arg("--port=0")
         .process_group(0)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn();
     match child {
-        Ok(c) => Some(Driver(c, port)),
+        Ok(mut c) => {
+            use std::io::BufRead;
+            let mut out = std::io::BufReader::new(c.stdout.take().expect("stdout"));
+            let mut said = Vec::new();
+            let mut line = String::new();
+            while out.read_line(&mut line).is_ok_and(|n| n > 0) {
+                let port = line.trim_end().split("started successfully on port ").nth(1);
+                if let Some(port) = port.and_then(|p| p.trim_end_matches('.').parse().ok()) {
+                    // Its later lines are drained, so it never writes into a closed pipe.
+                    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+                    return Some(Driver(c, port));
+                }
+                said.push(std::mem::take(&mut line));
+            }
+            panic!("chromedriver exited without saying its port: {said:?}");
+        }
         Err(e) if std::env::var_os("CI").is_none() => {
             println!(
                 "SKIPPED browser test: chromedriver not runnable ({e}); apt-get install chromium chromium-driver"
@@ -120,7 +143,10 @@ async fn the_status_page_shows_live_values_and_a_failed_device() {
     let Some(driver) = driver() else {
         return;
     };
-    let rig = Rig::start(SIM, GATEWAY);
+    // A peer that never answers: the page shows it down, with its counters.
+    let dir = tempfile::tempdir().expect("tempdir");
+    m2m_gateway::link::tls::keygen(&dir.path().join("id"), false).expect("keygen");
+    let rig = Rig::start(SIM, &GATEWAY.replace("{dir}", &dir.path().display().to_string()));
     let addr = rig.gateway().http_addr.expect("http endpoint");
     wait_until("the boiler polled", Duration::from_secs(10), || rig.value("boiler.temperature").is_some())
         .await;
@@ -155,6 +181,15 @@ async fn the_status_page_shows_live_values_and_a_failed_device() {
         wait_text(&browser, temp, "the live temperature", |t| t == "21.5").await;
         wait_text(&browser, r#"tr[data-point="boiler.temperature"] .unit"#, "the unit", |t| t == "°C").await;
         wait_text(&browser, "#gw-name", "the gateway name", |t| t == "plant-a").await;
+        wait_text(&browser, "#summary", "the counts", |t| {
+            t.ends_with(" · 1 bus · 2 devices · 2 points · 1 peer")
+        })
+        .await;
+        wait_text(&browser, r#"tr[data-peer="site-b"] .state"#, "the peer down", |t| t == "down").await;
+        wait_text(&browser, r#"tr[data-peer="site-b"] .relay"#, "the relay counters", |t| {
+            t == "0 relayed · 0 loops cut · 0 refused"
+        })
+        .await;
         wait_text(&browser, r#"[data-device="pump"] .state"#, "the pump up", |t| t == "up").await;
 
         // The value changes at the device: the page follows without a reload.

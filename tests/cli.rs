@@ -1,12 +1,10 @@
 //! The command line as users run it: the built binary as child processes, talking to the
 //! project's simulator (also a child process) over a virtual serial pair.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_m2m-gateway");
+use crate::common::procs::{BIN, Proc};
 
 fn gateway() -> Command {
     let mut cmd = Command::new(BIN);
@@ -14,85 +12,12 @@ fn gateway() -> Command {
     cmd
 }
 
-/// A child process whose output lines arrive on channels, read with deadlines.
-struct Proc {
-    child: Child,
-    stdout: mpsc::Receiver<String>,
-    stderr: mpsc::Receiver<String>,
-}
-
-fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command) -> Self {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn m2m-gateway");
-        let stdout = lines(child.stdout.take().expect("stdout"));
-        let stderr = lines(child.stderr.take().expect("stderr"));
-        Proc { child, stdout, stderr }
-    }
-
-    /// The first line on `rx` for which `pick` holds, within `limit`.
-    fn wait_line(
-        rx: &mpsc::Receiver<String>,
-        limit: Duration,
-        what: &str,
-        pick: impl Fn(&str) -> bool,
-    ) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if pick(&line) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no line {what} within {limit:?}"),
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill").args([sig, &self.child.id().to_string()]).status().expect("kill");
-        assert!(status.success());
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("process did not exit within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `m2m-gateway simulate` on a virtual pair; returns the process and the device path.
 fn simulator(units: &str) -> (Proc, String) {
     let mut cmd = gateway();
     cmd.args(["simulate", "--units", units, "--registers", "20"]);
-    let sim = Proc::spawn(cmd);
-    let path =
-        Proc::wait_line(&sim.stdout, Duration::from_secs(10), "with the device path", |l| l.starts_with('/'));
+    let mut sim = Proc::command("m2m-gateway", cmd);
+    let path = sim.next_out("with the device path", |l| l.starts_with('/'));
     (sim, path)
 }
 
@@ -307,11 +232,11 @@ fn simulate_on_a_real_port_says_so() {
     let (_sim, port) = simulator("1");
     let mut cmd = gateway();
     cmd.args(["simulate", "--device", &port]);
-    let mut device = Proc::spawn(cmd);
-    let line = Proc::wait_line(&device.stdout, Duration::from_secs(10), "saying where it serves", |_| true);
+    let mut device = Proc::command("m2m-gateway", cmd);
+    let line = device.next_out("saying where it serves", |_| true);
     assert_eq!(line, format!("serving on {port}"));
-    device.signal("-TERM");
-    assert!(device.wait_exit(Duration::from_secs(5)).success());
+    device.signal("TERM");
+    assert!(device.wait_exit().success());
 }
 
 #[test]
@@ -328,19 +253,16 @@ fn run_polls_and_stops_within_a_second_on_sigterm() {
     let mut cmd = gateway();
     // One worker thread runs everything (and still stops in time).
     cmd.args(["run", "--config"]).arg(&config);
-    let mut run = Proc::spawn(cmd);
-    Proc::wait_line(&run.stderr, Duration::from_secs(10), "saying the port is open", |l| {
-        l.contains("serial port open")
-    });
+    let mut run = Proc::command("m2m-gateway", cmd);
+    run.next_err("saying the port is open", |l| l.contains("serial port open"));
     // The quick simulation has no boiler/meter/pump maps, so reads may be answered with
     // exceptions: what matters here is that transactions complete and are summarised.
-    let summary = Proc::wait_line(&run.stderr, Duration::from_secs(10), "with a bus summary", |l| {
-        l.contains("transactions (") && !l.contains(" 0 transactions")
-    });
+    let summary = run
+        .next_err("with a bus summary", |l| l.contains("transactions (") && !l.contains(" 0 transactions"));
     assert!(summary.contains("line busy"), "{summary}");
     let asked = Instant::now();
-    run.signal("-TERM");
-    let status = run.wait_exit(Duration::from_secs(3));
+    run.signal("TERM");
+    let status = run.wait_exit();
     assert!(status.success(), "exit status {status:?}");
     assert!(asked.elapsed() < Duration::from_secs(1), "took {:?} to stop", asked.elapsed());
 }
@@ -350,15 +272,14 @@ fn demo_prints_poll_lines_that_read_the_far_sites_values_on_a_virtual_unit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cmd = gateway();
     cmd.args(["demo", "--config"]).arg(shipped_config(dir.path())).args(["--for", "0s", "--every", "1s"]);
-    let mut demo = Proc::spawn(cmd);
-    let limit = Duration::from_secs(15);
-    Proc::wait_line(&demo.stdout, limit, "announcing the virtual unit", |l| {
+    let mut demo = Proc::command("m2m-gateway", cmd);
+    demo.next_out("announcing the virtual unit", |l| {
         l.starts_with("demo: site-b serves site-a's values as virtual unit 1 on 127.0.0.1:")
     });
     // The register map (as `check` prints it), up to the poll lines.
     let mut map = Vec::new();
     let holding = loop {
-        let line = Proc::wait_line(&demo.stdout, limit, "with the holding poll line", |_| true);
+        let line = demo.next_out("with the holding poll line", |_| true);
         if line.starts_with("  m2m-gateway poll --tcp 127.0.0.1:") {
             break line;
         }
@@ -366,8 +287,7 @@ fn demo_prints_poll_lines_that_read_the_far_sites_values_on_a_virtual_unit() {
     };
     let mapped = |table: &str| map.iter().filter(|l| l.starts_with(&format!("  {table} "))).count();
     assert!(map.iter().any(|l| l.contains("site-a/boiler.flow_temp [degC]")), "{map:?}");
-    let discrete =
-        Proc::wait_line(&demo.stdout, limit, "with the discrete poll line", |l| l.starts_with("  "));
+    let discrete = demo.next_out("with the discrete poll line", |l| l.starts_with("  "));
     assert!(holding.contains("--table holding") && holding.contains("--type f32"), "{holding}");
     assert!(discrete.contains("--table discrete") && discrete.contains("--type bool"), "{discrete}");
     // Every number and bool of gateway.toml the map lists (its string point is left out).
@@ -402,8 +322,8 @@ fn demo_prints_poll_lines_that_read_the_far_sites_values_on_a_virtual_unit() {
             assert!(values.iter().all(serde_json::Value::is_boolean), "{values:?}");
         }
     }
-    demo.signal("-TERM");
-    assert!(demo.wait_exit(Duration::from_secs(5)).success());
+    demo.signal("TERM");
+    assert!(demo.wait_exit().success());
 }
 
 #[test]
@@ -412,10 +332,10 @@ fn demo_takes_a_zero_interval_and_an_endless_duration() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cmd = gateway();
     cmd.args(["demo", "--config"]).arg(shipped_config(dir.path())).args(["--for", "0s", "--every", "0s"]);
-    let mut demo = Proc::spawn(cmd);
-    Proc::wait_line(&demo.stdout, Duration::from_secs(15), "with a value table", |l| l.starts_with("== "));
-    demo.signal("-TERM");
-    let status = demo.wait_exit(Duration::from_secs(5));
+    let mut demo = Proc::command("m2m-gateway", cmd);
+    demo.next_out("with a value table", |l| l.starts_with("== "));
+    demo.signal("TERM");
+    let status = demo.wait_exit();
     assert!(status.success(), "exit status {status:?}");
     // A duration past what deadlines can hold is refused up front, with the reason.
     let out = gateway().args(["demo", "--for", "300000000000y"]).output().expect("run demo");
@@ -532,10 +452,8 @@ fn listen_accepts_localhost_in_check_and_run() {
     std::fs::write(&config, text.replace(SHIPPED_LISTEN, "listen = \"localhost:0\"")).expect("write");
     let mut cmd = gateway();
     cmd.args(["run", "--config"]).arg(&config);
-    let mut run = Proc::spawn(cmd);
-    let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "saying the server listens", |l| {
-        l.contains("modbus-tcp server listening on")
-    });
+    let mut run = Proc::command("m2m-gateway", cmd);
+    let line = run.next_err("saying the server listens", |l| l.contains("modbus-tcp server listening on"));
     let addr: std::net::SocketAddr = line
         .rsplit("addr=")
         .next()
@@ -543,8 +461,8 @@ fn listen_accepts_localhost_in_check_and_run() {
         .unwrap_or_else(|| panic!("no address in {line}"));
     assert!(addr.ip().is_loopback() && addr.is_ipv4(), "{addr}");
     std::net::TcpStream::connect(addr).expect("the server accepts on localhost");
-    run.signal("-TERM");
-    assert!(run.wait_exit(Duration::from_secs(3)).success());
+    run.signal("TERM");
+    assert!(run.wait_exit().success());
 }
 
 #[test]
@@ -600,22 +518,20 @@ fn run_polls_devices_made_from_an_included_template() {
     .expect("write config");
     let mut cmd = gateway();
     cmd.args(["run", "--config"]).arg(&config);
-    let mut run = Proc::spawn(cmd);
+    let mut run = Proc::command("m2m-gateway", cmd);
     // Both devices answer (the quick simulation serves units 1 and 2): transactions, no
     // timeouts and no exceptions.
-    let summary = Proc::wait_line(&run.stderr, Duration::from_secs(10), "with a bus summary", |l| {
-        l.contains("transactions (") && !l.contains(" 0 transactions")
-    });
+    let summary = run
+        .next_err("with a bus summary", |l| l.contains("transactions (") && !l.contains(" 0 transactions"));
     assert!(summary.contains(" 0 timeouts") && summary.contains(" 0 exceptions"), "{summary}");
-    run.signal("-TERM");
-    assert!(run.wait_exit(Duration::from_secs(3)).success());
+    run.signal("TERM");
+    assert!(run.wait_exit().success());
 }
 
 /// The URL the gateway's log gives for its HTTP endpoint.
-fn http_url(run: &Proc) -> String {
-    let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "with the http address", |l| {
-        l.contains("status page, metrics and API on http://")
-    });
+fn http_url(run: &mut Proc) -> String {
+    let line =
+        run.next_err("with the http address", |l| l.contains("status page, metrics and API on http://"));
     let at = line.find("http://").expect("url in the line");
     line[at..].trim_end_matches('/').to_string()
 }
@@ -655,8 +571,8 @@ max = 100
     std::fs::write(&config, text).expect("config");
     let mut cmd = gateway();
     cmd.args(["run", "--config"]).arg(&config);
-    let run = Proc::spawn(cmd);
-    let url = http_url(&run);
+    let mut run = Proc::command("m2m-gateway", cmd);
+    let url = http_url(&mut run);
     let cli = |args: &[&str]| gateway().args(args).args(["--url", &url]).output().expect("run the command");
     let out_of = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
     let err_of = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
@@ -714,35 +630,26 @@ max = 100
     // --watch prints the values, then follows.
     let mut cmd = gateway();
     cmd.args(["read", "boiler.level", "--watch", "--url", &url]);
-    let watch = Proc::spawn(cmd);
-    Proc::wait_line(&watch.stdout, Duration::from_secs(5), "with the table header", |l| {
-        l.starts_with("POINT")
-    });
-    Proc::wait_line(&watch.stdout, Duration::from_secs(5), "with the level", |l| {
-        l.starts_with("boiler.level")
-    });
+    let mut watch = Proc::command("m2m-gateway", cmd);
+    watch.next_out("with the table header", |l| l.starts_with("POINT"));
+    watch.next_out("with the level", |l| l.starts_with("boiler.level"));
 
     // trace: the bus's frames like a sniffer, one line each, until Ctrl-C.
     let mut cmd = gateway();
     cmd.args(["trace", "--bus", "line1", "--url", &url]);
-    let mut trace = Proc::spawn(cmd);
-    let sent = Proc::wait_line(&trace.stdout, Duration::from_secs(5), "with a request sent", |l| {
-        l.contains(" tx 01 03 00 00 00 02 ") && l.ends_with("  sent")
-    });
+    let mut trace = Proc::command("m2m-gateway", cmd);
+    let sent = trace
+        .next_out("with a request sent", |l| l.contains(" tx 01 03 00 00 00 02 ") && l.ends_with("  sent"));
     assert!(sent.contains("  unit 1 read holding 0+2  "), "{sent}");
     assert!(sent.as_bytes()[2] == b':' && sent.as_bytes()[8] == b'.', "the time of day first: {sent}");
-    let ok = Proc::wait_line(&trace.stdout, Duration::from_secs(5), "with its reply taken", |l| {
-        l.contains(" rx 01 03 04 ") && l.ends_with("  ok")
-    });
+    let ok = trace.next_out("with its reply taken", |l| l.contains(" rx 01 03 04 ") && l.ends_with("  ok"));
     assert!(ok.contains("  unit 1 reply ["), "{ok}");
-    trace.signal("-INT");
-    assert!(trace.wait_exit(Duration::from_secs(3)).success(), "trace ends cleanly on Ctrl-C");
+    trace.signal("INT");
+    assert!(trace.wait_exit().success(), "trace ends cleanly on Ctrl-C");
     let mut cmd = gateway();
     cmd.args(["trace", "--bus", "line1", "--json", "--url", &url]);
-    let json = Proc::spawn(cmd);
-    let line = Proc::wait_line(&json.stdout, Duration::from_secs(5), "with a JSON frame", |l| {
-        l.starts_with('{') && l.contains(r#""verdict":"ok""#)
-    });
+    let mut json = Proc::command("m2m-gateway", cmd);
+    let line = json.next_out("with a JSON frame", |l| l.starts_with('{') && l.contains(r#""verdict":"ok""#));
     let frame: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
     assert_eq!((frame["dir"].as_str(), frame["unit"].as_u64()), (Some("rx"), Some(1)), "{frame}");
     assert!(frame["bytes"].as_str().is_some_and(|b| b.starts_with("010304")), "{frame}");
@@ -773,10 +680,8 @@ fn logs_as_json_lines_and_without_timestamps_under_journald() {
     // [gateway] log_format = "json": one JSON object per line, fields at the top level.
     let mut cmd = gateway();
     cmd.args(["run", "--config"]).arg(write("json.toml", "log_format = \"json\""));
-    let run = Proc::spawn(cmd);
-    let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "saying it started", |l| {
-        l.contains("gateway started")
-    });
+    let mut run = Proc::command("m2m-gateway", cmd);
+    let line = run.next_err("saying it started", |l| l.contains("gateway started"));
     let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(v["message"], "gateway started", "{line}");
     assert_eq!(v["level"], "INFO");
@@ -788,10 +693,8 @@ fn logs_as_json_lines_and_without_timestamps_under_journald() {
     let mut cmd = gateway();
     cmd.env("JOURNAL_STREAM", "8:12345").args(["--log-format", "text", "run", "--config"]);
     cmd.arg(write("text.toml", "log_format = \"json\""));
-    let run = Proc::spawn(cmd);
-    let line = Proc::wait_line(&run.stderr, Duration::from_secs(10), "saying it started", |l| {
-        l.contains("gateway started")
-    });
+    let mut run = Proc::command("m2m-gateway", cmd);
+    let line = run.next_err("saying it started", |l| l.contains("gateway started"));
     assert!(line.trim_start().starts_with("INFO "), "no timestamp under journald: {line:?}");
     assert!(!line.contains('\u{1b}'), "no colours when stderr is not a terminal: {line:?}");
     assert!(line.contains("http=none"), "{line}");
@@ -804,10 +707,8 @@ fn simulator_from(dir: &std::path::Path, sim_toml: &str, extra: &[&str]) -> (Pro
     std::fs::write(&path, sim_toml).expect("write simulation");
     let mut cmd = gateway();
     cmd.args(["simulate", "--config"]).arg(&path).args(extra);
-    let sim = Proc::spawn(cmd);
-    let first = Proc::wait_line(&sim.stdout, Duration::from_secs(10), "with the address", |l| {
-        l.starts_with('/') || l.starts_with("modbus-tcp://")
-    });
+    let mut sim = Proc::command("m2m-gateway", cmd);
+    let first = sim.next_out("with the address", |l| l.starts_with('/') || l.starts_with("modbus-tcp://"));
     (sim, first)
 }
 
@@ -904,17 +805,16 @@ point = [{{ name = "x", table = "holding", address = 0 }}]
     assert!(shown.contains(explained), "{shown}");
     let mut cmd = gateway();
     cmd.args(["run", "--config"]).arg(&config);
-    let mut run = Proc::spawn(cmd);
-    let line =
-        Proc::wait_line(&run.stderr, Duration::from_secs(10), "refusing rs-485", |l| l.contains("RS-485"));
+    let mut run = Proc::command("m2m-gateway", cmd);
+    let line = run.next_err("refusing rs-485", |l| l.contains("RS-485"));
     // The log line names the port, the option and the way out.
     assert!(line.contains(&port) && line.contains(option) && line.contains("remove rs485"), "{line}");
     // Said once, not at every reopen attempt (every 100 ms here).
     std::thread::sleep(Duration::from_millis(500));
-    let again: Vec<String> = run.stderr.try_iter().filter(|l| l.contains("RS-485")).collect();
-    assert!(again.is_empty(), "repeated: {again:?}");
-    run.signal("-TERM");
-    assert!(run.wait_exit(Duration::from_secs(3)).success());
+    let said: Vec<String> = run.stderr().into_iter().filter(|l| l.contains("RS-485")).collect();
+    assert_eq!(said.len(), 1, "repeated: {said:?}");
+    run.signal("TERM");
+    assert!(run.wait_exit().success());
 }
 
 #[test]

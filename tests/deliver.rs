@@ -8,42 +8,12 @@
 use crate::common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::procs::{DEADLINE, Proc, field, free_port, keygen, path, write};
-
-/// One Modbus-TCP request: the answer's PDU (`Err(code)` for an exception).
-fn modbus(addr: SocketAddr, unit: u8, pdu: &[u8]) -> Result<Vec<u8>, u8> {
-    let mut s = TcpStream::connect(addr).expect("connect to site-b's modbus-tcp server");
-    s.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
-    let mut frame = vec![0x12, 0x34, 0, 0];
-    frame.extend_from_slice(&(pdu.len() as u16 + 1).to_be_bytes());
-    frame.push(unit);
-    frame.extend_from_slice(pdu);
-    s.write_all(&frame).expect("send");
-    let mut head = [0u8; 7];
-    s.read_exact(&mut head).expect("answer header");
-    assert_eq!(&head[..2], &[0x12, 0x34], "transaction id echoed");
-    let len = usize::from(u16::from_be_bytes([head[4], head[5]])) - 1;
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).expect("answer body");
-    if body[0] & 0x80 != 0 {
-        return Err(body[1]);
-    }
-    Ok(body)
-}
-
-/// FC3/FC4: registers.
-fn read_words(addr: SocketAddr, unit: u8, fc: u8, start: u16, count: u16) -> Result<Vec<u16>, u8> {
-    let mut pdu = vec![fc];
-    pdu.extend_from_slice(&start.to_be_bytes());
-    pdu.extend_from_slice(&count.to_be_bytes());
-    let body = modbus(addr, unit, &pdu)?;
-    assert_eq!(usize::from(body[1]), usize::from(count) * 2, "byte count");
-    Ok(body[2..].chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect())
-}
+use common::blocking::{modbus, read_words, wait_for};
+use common::procs::{Proc, bound, field, keygen, path, write};
 
 /// FC1: coils.
 fn read_coils(addr: SocketAddr, unit: u8, start: u16, count: u16) -> Result<Vec<bool>, u8> {
@@ -60,18 +30,6 @@ fn write_register(addr: SocketAddr, unit: u8, address: u16, value: u16) -> Resul
     pdu.extend_from_slice(&address.to_be_bytes());
     pdu.extend_from_slice(&value.to_be_bytes());
     modbus(addr, unit, &pdu)
-}
-
-/// Polls `f` until it returns `Some`, at most [`DEADLINE`] x 2.
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + DEADLINE * 2;
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(Instant::now() < end, "no {what} within {:?}", DEADLINE * 2);
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 const SIM: &str = r#"
@@ -243,12 +201,12 @@ fn site_b_serves_site_a_values_on_a_virtual_unit_and_writes_back_through_the_gra
     let sim_cfg = write(&root.join("sim.toml"), SIM);
     let mut sim = Proc::spawn("simulate", &["simulate", "-c", path(&sim_cfg)], "warn");
     let tty = sim.wait_out("the virtual port path", |l| l.first().cloned());
-    let (port, server_port) = (free_port(), free_port());
+    let ((peers, port), (masters, server_port)) = (bound(), bound());
     let server: SocketAddr = format!("127.0.0.1:{server_port}").parse().expect("addr");
     let a_cfg = write(&root.join("a.toml"), &site_a(&s.fp_b, port, &tty));
     let b_cfg = write(&root.join("b.toml"), &site_b(&s.fp_a, port, server_port));
 
-    let mut b = Proc::spawn("site-b", &["run", "-c", path(&b_cfg)], "info");
+    let mut b = Proc::spawn_on("site-b", &["run", "-c", path(&b_cfg)], "info", &[], &[&peers, &masters]);
     listening(&mut b, port);
     // Nothing received yet: the values are not known, which is not zero.
     assert_eq!(read_words(server, 10, 3, 0, 2), Err(0x0B), "never received answers 0x0B");
@@ -402,7 +360,7 @@ fn a_plc_at_site_b_receives_every_value_of_site_a_in_order_across_kills() {
     );
     let mut sim = Proc::spawn("simulate", &["simulate", "-c", path(&sim_cfg)], "warn");
     let tty = sim.wait_out("the virtual port path", |l| l.first().cloned());
-    let port = free_port();
+    let (peers, port) = bound();
     let (plc, written) = plc_server();
     let a_cfg = write(
         &root.join("a.toml"),
@@ -481,7 +439,7 @@ type = "u16"
         ),
     );
     let b_log = "info,m2m_gateway::link=debug";
-    let run_b = || Proc::spawn("site-b", &["run", "-c", path(&b_cfg)], b_log);
+    let run_b = || Proc::spawn_on("site-b", &["run", "-c", path(&b_cfg)], b_log, &[], &[&peers]);
     let run_a = || Proc::spawn("site-a", &["run", "-c", path(&a_cfg)], "info");
     let count = || written.lock().expect("lock").len();
     let grows = |what: &str, by: usize| {

@@ -6,6 +6,11 @@
 //! received point (`*/*`) towards site-a, closing a ring that no single configuration
 //! can see. site-c serves the relayed point on a virtual Modbus-TCP unit.
 //!
+//! site-c starts without `accept_relayed` for hub-b: hub-b may relay nothing to it, so
+//! site-a's values are refused there (never stored nor served; counted and logged with
+//! the key to change). A reload adding `accept_relayed = ["site-a"]` lets them in; at the
+//! end a reload taking it away again turns the relayed point `comm_fail`.
+//!
 //! What must hold: site-c has `site-a/dev.x` (not `hub-b/site-a/dev.x`) with site-a's
 //! sample time and quality, readable over Modbus-TCP; neither hub-b nor site-c ever
 //! sends site-a's value back to site-a (their loop counters rise instead, again when
@@ -15,24 +20,12 @@
 //!
 //! Every wait has a deadline; every child is killed when the test ends, pass or fail.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
 
 use crate::common;
 
-use common::procs::{DEADLINE, Proc, free_port, keygen, path, write};
-
-/// `GET path` on `addr`; the body of a 200 answer.
-fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200").then(|| body.to_string())
-}
+use common::blocking::{http_get, read_words, wait_for};
+use common::procs::{Proc, bound, keygen, path, write};
 
 /// A point as `GET /api/v1/points/NAME` shows it (`None`: no value yet).
 fn point(addr: SocketAddr, name: &str) -> Option<serde_json::Value> {
@@ -53,37 +46,6 @@ fn metric(addr: SocketAddr, series: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
 }
 
-/// FC3 read of `count` holding registers of `unit` at `addr`.
-fn read_holding(addr: SocketAddr, unit: u8, start: u16, count: u16) -> Result<Vec<u16>, u8> {
-    let mut s = TcpStream::connect(addr).map_err(|_| 0xff)?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let mut frame = vec![0, 1, 0, 0, 0, 6, unit, 3];
-    frame.extend_from_slice(&start.to_be_bytes());
-    frame.extend_from_slice(&count.to_be_bytes());
-    s.write_all(&frame).expect("send");
-    let mut head = [0u8; 7];
-    s.read_exact(&mut head).expect("answer header");
-    let len = usize::from(u16::from_be_bytes([head[4], head[5]])) - 1;
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).expect("answer body");
-    if body[0] & 0x80 != 0 {
-        return Err(body[1]);
-    }
-    Ok(body[2..].chunks(2).map(|w| u16::from_be_bytes([w[0], w[1]])).collect())
-}
-
-/// Polls `f` until it returns `Some`, at most [`DEADLINE`] x 2.
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + DEADLINE * 2;
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(Instant::now() < end, "no {what} within {:?}", DEADLINE * 2);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The `[link]`, `[http]` and `[gateway]` sections every gateway of the ring has.
 fn head(name: &str, listen: u16, http: u16) -> String {
     format!(
@@ -94,9 +56,17 @@ fn head(name: &str, listen: u16, http: u16) -> String {
 
 /// A `[[peer]]` (dialing `dial` when given), with its send rules.
 fn peer(name: &str, fp: &str, dial: Option<u16>, send: &[&str]) -> String {
+    relaying_peer(name, fp, dial, send, None)
+}
+
+/// A `[[peer]]` as [`peer`] makes it, with `accept_relayed = <accept>` when given.
+fn relaying_peer(name: &str, fp: &str, dial: Option<u16>, send: &[&str], accept: Option<&str>) -> String {
     let mut s = format!(
         "[[peer]]\nname = \"{name}\"\nfingerprint = \"{fp}\"\nheartbeat = \"300ms\"\nreconnect_max = \"500ms\"\n"
     );
+    if let Some(origins) = accept {
+        s += &format!("accept_relayed = {origins}\n");
+    }
     if let Some(port) = dial {
         s += &format!("dial = \"127.0.0.1:{port}\"\n");
     }
@@ -118,7 +88,8 @@ fn a_hub_relays_with_origin_time_and_quality_and_a_ring_is_cut() {
     );
     let mut sim = Proc::spawn("simulate", &["simulate", "-c", path(&sim_cfg)], "warn");
     let tty = sim.wait_out("the virtual port path", |l| l.first().cloned());
-    let [la, lb, lc, ha, hb, hc, server] = std::array::from_fn(|_| free_port());
+    let [(sa, la), (sb, lb), (sc, lc), (sha, ha), (shb, hb), (shc, hc), (ss, server)] =
+        std::array::from_fn(|_| bound());
     let addr = |port: u16| -> SocketAddr { format!("127.0.0.1:{port}").parse().expect("addr") };
     let (http_a, http_b, http_c) = (addr(ha), addr(hb), addr(hc));
 
@@ -139,23 +110,52 @@ fn a_hub_relays_with_origin_time_and_quality_and_a_ring_is_cut() {
         peer("site-a", &fa, None, &["[\"*/*\"]"]),
         peer("site-c", &fc, Some(lc), &["[\"site-a/*\"]"]),
     );
-    // site-c: closes the ring towards site-a and serves the relayed point.
-    let c_cfg = format!(
-        "{}{}{}[server]\nlisten = \"127.0.0.1:{server}\"\n\n[[server.unit]]\nunit = 10\n\n\
-         [[server.unit.map]]\npoints = \"site-a/dev.x\"\ntable = \"holding\"\naddress = 0\ntype = \"u16\"\n",
-        head("site-c", lc, hc),
-        // site-c takes site-a's values relayed by hub-b (accept_relayed).
-        peer("hub-b", &fb, None, &[])
-            .replace("reconnect_max", "accept_relayed = [\"site-a\"]\nreconnect_max"),
-        peer("site-a", &fa, Some(la), &["[\"*/*\"]"]),
-    );
+    // site-c: closes the ring towards site-a and serves the relayed point; it accepts
+    // from hub-b the relayed origins `accept` lists (none without it).
+    let c_text = |accept: Option<&str>| {
+        format!(
+            "{}{}{}[server]\nlisten = \"127.0.0.1:{server}\"\n\n[[server.unit]]\nunit = 10\n\n\
+             [[server.unit.map]]\npoints = \"site-a/dev.x\"\ntable = \"holding\"\naddress = 0\ntype = \"u16\"\n",
+            head("site-c", lc, hc),
+            relaying_peer("hub-b", &fb, None, &[], accept),
+            peer("site-a", &fa, Some(la), &["[\"*/*\"]"]),
+        )
+    };
     let cfg = |name: &str, text: &str| write(&root.join(format!("{name}.toml")), text);
-    let (a_cfg, b_cfg, c_cfg) = (cfg("a", &a_cfg), cfg("b", &b_cfg), cfg("c", &c_cfg));
-    let run =
-        |name: &'static str, cfg: &std::path::Path| Proc::spawn(name, &["run", "-c", path(cfg)], "info");
-    let mut c = run("site-c", &c_cfg);
-    let mut b = run("hub-b", &b_cfg);
-    let mut a = run("site-a", &a_cfg);
+    let (a_cfg, b_cfg, c_cfg) = (cfg("a", &a_cfg), cfg("b", &b_cfg), cfg("c", &c_text(None)));
+    let run = |name: &'static str, cfg: &std::path::Path, sockets: &[&std::net::TcpListener]| {
+        Proc::spawn_on(name, &["run", "-c", path(cfg)], "info", &[], sockets)
+    };
+    let mut c = run("site-c", &c_cfg, &[&sc, &shc, &ss]);
+    let mut b = run("hub-b", &b_cfg, &[&sb, &shb]);
+    let mut a = run("site-a", &a_cfg, &[&sa, &sha]);
+
+    // hub-b may relay nothing to site-c yet: site-a's values are refused there, counted,
+    // logged with the key to change, and never stored or served.
+    let untrusted =
+        |at: SocketAddr| metric(at, r#"m2m_gateway_peer_relayed_refused_values_total{peer="hub-b"}"#);
+    wait_for("site-c refusing site-a's values relayed by hub-b", || (untrusted(http_c) >= 1.0).then_some(()));
+    const REFUSED_LINE: &str = "peer hub-b relayed values of site-a, which its accept_relayed does not list: \
+                                refused (add \"site-a\" to accept_relayed of [[peer]] hub-b to accept them)";
+    c.wait_err("the refusal logged", |l| {
+        l.iter().find(|l| l.contains(REFUSED_LINE) && l.contains("ERROR")).cloned()
+    });
+    assert!(point(http_c, "site-a/dev.x").is_none(), "a refused value is never stored");
+    assert!(!names(http_c).iter().any(|n| n.starts_with("site-a/")), "{:?}", names(http_c));
+    assert_eq!(read_words(addr(server), 10, 3, 0, 1), Err(0x0B), "nor served (never received)");
+    let peers: serde_json::Value =
+        serde_json::from_str(&http_get(http_c, "/api/v1/peers").expect("peers")).expect("peers json");
+    let hub = peers.as_array().and_then(|l| l.iter().find(|p| p["name"] == "hub-b")).expect("hub-b");
+    assert!(hub["relayed_refused"].as_u64() >= Some(1), "{hub}");
+    // The operator lists site-a for hub-b and reloads: hub-b reconnects and re-sends.
+    let reloads = |c: &mut Proc, n: usize| {
+        c.wait_err("the reload", |l| {
+            (l.iter().filter(|l| l.contains("reload done")).count() >= n).then_some(())
+        })
+    };
+    write(&c_cfg, &c_text(Some("[\"site-a\"]")));
+    c.signal("HUP");
+    reloads(&mut c, 1);
 
     // site-c has site-a's point under its origin's name, site-a's time, good.
     let at_c = wait_for("site-a/dev.x good at site-c", || {
@@ -173,7 +173,7 @@ fn a_hub_relays_with_origin_time_and_quality_and_a_ring_is_cut() {
         names(http_c)
     );
     // A SCADA at site-c reads it from the virtual unit.
-    let words = wait_for("the relayed value over Modbus-TCP", || read_holding(addr(server), 10, 0, 1).ok());
+    let words = wait_for("the relayed value over Modbus-TCP", || read_words(addr(server), 10, 3, 0, 1).ok());
     assert_eq!(words, [1234]);
     assert!(metric(http_b, r#"m2m_gateway_peer_relayed_values_total{peer="site-c"}"#) >= 1.0);
 
@@ -196,7 +196,7 @@ fn a_hub_relays_with_origin_time_and_quality_and_a_ring_is_cut() {
     wait_for("site-c's loop counter to rise", || (refused(http_c) > c_before).then_some(()));
 
     // site-a back: good again at site-c; site-a never stored a copy of its own point.
-    let mut a = run("site-a", &a_cfg);
+    let mut a = run("site-a", &a_cfg, &[&sa, &sha]);
     wait_for("good again at site-c", || point(http_c, "site-a/dev.x").filter(|p| p["quality"] == "good"));
     wait_for("site-a's http api", || http_get(http_a, "/api/v1/points"));
     let at_a_names = names(http_a);
@@ -208,11 +208,30 @@ fn a_hub_relays_with_origin_time_and_quality_and_a_ring_is_cut() {
     );
     let logs = b.stderr().join("\n") + &c.stderr().join("\n");
     assert!(logs.contains("not relaying site-a/dev.x to site-a"), "the refusal is logged:\n{logs}");
+
+    // hub-b may no longer relay site-a's values: the one it relayed turns comm_fail at
+    // site-c, and what hub-b re-sends is refused again.
+    let refused_before = untrusted(http_c);
+    write(&c_cfg, &c_text(Some("[\"line-*\"]")));
+    c.signal("HUP");
+    reloads(&mut c, 2);
+    wait_for("site-a/dev.x comm_fail at site-c after the reload", || {
+        point(http_c, "site-a/dev.x").filter(|p| p["quality"] == "comm_fail")
+    });
+    wait_for("hub-b's re-sent values refused", || {
+        http_get(http_c, "/metrics")?;
+        (untrusted(http_c) > refused_before).then_some(())
+    });
+    assert_eq!(point(http_c, "site-a/dev.x").expect("kept")["quality"], "comm_fail", "never good again");
+    c.wait_err("the refusal logged again by the new link", |l| {
+        (l.iter().filter(|l| l.contains(REFUSED_LINE)).count() >= 2).then_some(())
+    });
     eprintln!(
-        "relayed to site-c: {}; loops refused: hub-b {}, site-c {}",
+        "relayed to site-c: {}; loops refused: hub-b {}, site-c {}; relayed refused at site-c: {}",
         metric(http_b, r#"m2m_gateway_peer_relayed_values_total{peer="site-c"}"#),
         refused(http_b),
         refused(http_c),
+        untrusted(http_c),
     );
     for p in [&mut a, &mut b, &mut c] {
         p.terminate();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// Bottom up, as in `src/lib.rs`.
 const LAYERS: &[&[&str]] = &[
-    &["point", "backoff", "health", "loglimit"],
+    &["point", "backoff", "health", "loglimit", "sockets"],
     &["serial", "image"],
     &["model"],
     &["config", "bus", "spool"],

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::common;
 
-use common::procs::{Proc, field, free_port, keygen, path, write};
+use common::procs::{Proc, bound, field, keygen, path, write};
 
 /// One applied batch as site-b logged it.
 #[derive(Debug)]
@@ -58,7 +58,7 @@ fn two_processes_forward_values_and_survive_sigkill_mid_backlog() {
     let mut sim = Proc::spawn("simulate", &["simulate", "-c", path(&sim_cfg)], "warn");
     let tty = sim.wait_out("the virtual port path", |l| l.first().cloned());
 
-    let port = free_port();
+    let (peers, port) = bound();
     let b_cfg = write(
         &root.join("b.toml"),
         &format!(
@@ -122,7 +122,7 @@ address = 0
         ),
     );
     let b_log = "info,m2m_gateway::link=debug";
-    let run_b = || Proc::spawn("site-b", &["run", "-c", path(&b_cfg)], b_log);
+    let run_b = || Proc::spawn_on("site-b", &["run", "-c", path(&b_cfg)], b_log, &[], &[&peers]);
     let run_a = || Proc::spawn("site-a", &["run", "-c", path(&a_cfg)], "info");
 
     // B first: it says where it listens.
@@ -211,7 +211,7 @@ fn a_flood_of_failed_handshakes_logs_a_few_lines_and_a_summary() {
     let root = dir.path();
     keygen(&root.join("b-id"));
     let fp_a = keygen(&root.join("a-id"));
-    let port = free_port();
+    let (peers, port) = bound();
     let cfg = write(
         &root.join("b.toml"),
         &format!(
@@ -219,7 +219,7 @@ fn a_flood_of_failed_handshakes_logs_a_few_lines_and_a_summary() {
              listen = \"127.0.0.1:{port}\"\n\n[[peer]]\nname = \"site-a\"\nfingerprint = \"{fp_a}\"\n"
         ),
     );
-    let mut b = Proc::spawn("site-b", &["run", "-c", path(&cfg)], "info");
+    let mut b = Proc::spawn_on("site-b", &["run", "-c", path(&cfg)], "info", &[], &[&peers]);
     b.wait_err("the listener up", |l| l.iter().find(|l| l.contains("listening")).cloned());
     let before = b.stderr().len();
     const FLOOD: usize = 3_000;

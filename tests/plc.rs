@@ -281,17 +281,14 @@ async fn a_point_out_of_range_logs_one_error_not_one_per_sample() {
     let sink = Sink::start(&plc, image_with_values());
     wait_until("values at the plc", SECS(5), || holding(&state, 100) == Some(1234)).await;
     // d.a is a u16 target: negative values do not fit.
+    let dropped = || sink.handle.stats.dropped.load(std::sync::atomic::Ordering::Relaxed);
     for i in 1..=5 {
         sink.set("d.a", Value::Int(-i));
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        wait_until("the value dropped", SECS(5), || dropped() == i as u64).await;
     }
     sink.set("d.a", Value::UInt(7));
     wait_until("d.a written again", SECS(5), || holding(&state, 100) == Some(7)).await;
-    assert_eq!(
-        sink.handle.stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
-        5,
-        "every value counted"
-    );
+    assert_eq!(dropped(), 5, "every value counted");
     sink.stop().await;
     server.abort();
     let log = String::from_utf8_lossy(&buf.0.lock().expect("log buffer")).into_owned();
@@ -324,13 +321,13 @@ async fn outage(deliver: &str) -> Vec<u16> {
     wait_until("first values acked", SECS(5), || pending() == 0).await;
     server.abort();
     let _ = server.await;
+    // Each value on disk before the next, and all 20 before the PLC returns: a value still
+    // on its way to the spool would be delivered after the reconnect as a new change (not
+    // an outage's backlog).
     for v in 1..=20u64 {
         sink.set("d.a", Value::UInt(v));
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        wait_until("the value spooled", SECS(5), || pending() >= v).await;
     }
-    // All 20 on disk before the PLC returns: a value still on its way to the spool would
-    // be delivered after the reconnect as a new change (not an outage's backlog).
-    wait_until("backlog spooled", SECS(5), || pending() >= 20).await;
     let from = log(&state).len();
     let (_, server) = serve_plc(addr, state.clone()).await;
     wait_until("latest value after the outage", SECS(10), || holding(&state, 100) == Some(20)).await;

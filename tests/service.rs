@@ -9,7 +9,8 @@ use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::procs::{DEADLINE, Proc, free_port, keygen, path, write};
+use crate::common::blocking::modbus_on;
+use crate::common::procs::{DEADLINE, Proc, bound, keygen, path, write};
 
 /// Datagrams received on `sock` until `until`.
 fn receive(sock: &UnixDatagram, until: Instant) -> Vec<String> {
@@ -79,7 +80,7 @@ address = 0
         &[
             ("NOTIFY_SOCKET", path(&sock_path)),
             ("WATCHDOG_USEC", "400000"),
-            ("M2M_GATEWAY_TEST_HANG_BUS", "line1:1500ms"),
+            ("M2M_GATEWAY_TEST_HANG", "bus line1:1500ms"),
         ],
     );
     let first = receive_until(&sock, "READY=1", |d| d.lines().any(|l| l == "READY=1"));
@@ -115,6 +116,42 @@ address = 0
     gw.terminate();
     let last = receive(&sock, Instant::now() + Duration::from_millis(100));
     assert!(last.iter().any(|d| d.contains("STOPPING=1")), "no STOPPING=1 at shutdown: {last:?}");
+}
+
+#[test]
+fn the_watchdog_also_stops_when_the_modbus_tcp_servers_accept_loop_hangs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let sock_path = root.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind the notify socket");
+    let (masters, port) = bound();
+    let cfg = write(
+        &root.join("gw.toml"),
+        &format!(
+            "[gateway]\nname = \"svc\"\n\n[[bus]]\nname = \"line1\"\nport = \"/nonexistent/ttyUSB9\"\n\n\
+             [[device]]\nname = \"meter\"\nbus = \"line1\"\nunit = 1\n\n[[device.point]]\nname = \"v\"\ntable = \"holding\"\naddress = 0\n\n\
+             [server]\nlisten = \"127.0.0.1:{port}\"\n\n[[server.unit]]\nunit = 1\npass = \"meter\"\n"
+        ),
+    );
+    let env = [
+        ("NOTIFY_SOCKET", path(&sock_path)),
+        ("WATCHDOG_USEC", "400000"),
+        ("M2M_GATEWAY_TEST_HANG", "modbus-tcp server:1s"),
+    ];
+    let mut gw = Proc::spawn_on("gateway", &["run", "-c", path(&cfg)], "info", &env, &[&masters]);
+    receive_until(&sock, "a watchdog ping", |d| d.lines().any(|l| l == "WATCHDOG=1"));
+    gw.wait_err("the wedge report", |l| {
+        l.iter().find(|l| l.contains("modbus-tcp server") && l.contains("watchdog pings stopped")).cloned()
+    });
+    sock.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 4096];
+    while sock.recv(&mut buf).is_ok() {}
+    sock.set_nonblocking(false).expect("blocking");
+    let after = receive(&sock, Instant::now() + Duration::from_millis(1000));
+    assert!(
+        !after.iter().any(|d| d.lines().any(|l| l == "WATCHDOG=1")),
+        "watchdog pings went on while the server hung: {after:?}"
+    );
 }
 
 /// The time of day, in seconds, of a log line (`2026-01-01T10:11:12.123456Z ...`).
@@ -208,11 +245,11 @@ fn sighup_reload_restarts_only_what_changed() {
     let (_sim2, tty2) = sim("sim-two", "1");
     let (mut sim3, tty3) = sim("sim-three", "1,2");
     let ttys = [tty1, tty2, tty3];
-    let (pb, pc) = (free_port(), free_port());
+    let ((lb, pb), (lc, pc)) = (bound(), bound());
     let b_cfg = peer(root, "site-b", pb, &fp_a);
     let c_cfg = peer(root, "site-c", pc, &fp_a);
-    let mut b = Proc::spawn("site-b", &["run", "-c", path(&b_cfg)], "info");
-    let mut c = Proc::spawn("site-c", &["run", "-c", path(&c_cfg)], "info");
+    let mut b = Proc::spawn_on("site-b", &["run", "-c", path(&b_cfg)], "info", &[], &[&lb]);
+    let mut c = Proc::spawn_on("site-c", &["run", "-c", path(&c_cfg)], "info", &[], &[&lc]);
     for p in [&mut b, &mut c] {
         p.wait_err("the listening line", |l| {
             l.iter().any(|l| l.contains("listening for peers")).then_some(())
@@ -300,4 +337,70 @@ fn sighup_reload_restarts_only_what_changed() {
     a.terminate();
     b.terminate();
     c.terminate();
+}
+
+#[test]
+fn a_socket_held_by_the_service_manager_takes_a_masters_connect_while_the_gateway_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_sim, tty) = sim("device", "1");
+    // The test plays systemd: it binds the sockets and keeps them across the restart.
+    let ((masters, port), (spare, spare_port)) = (bound(), bound());
+    let cfg = write(
+        &dir.path().join("gw.toml"),
+        &format!(
+            "[gateway]\nname = \"gw\"\n\n[[bus]]\nname = \"line\"\nport = \"{tty}\"\nbaud = 115200\nparity = \"none\"\nstop_bits = 2\n\n\
+             [[device]]\nname = \"dev\"\nbus = \"line\"\nunit = 1\ninterval = \"1s\"\n\n[[device.point]]\nname = \"r0\"\ntable = \"holding\"\naddress = 0\n\n\
+             [server]\nlisten = \"127.0.0.1:{port}\"\n\n[[server.unit]]\nunit = 1\npass = \"dev\"\n"
+        ),
+    );
+    let run = || Proc::spawn_on("gateway", &["run", "-c", path(&cfg)], "info", &[], &[&masters, &spare]);
+    let mut gw = run();
+    gw.wait_err("the unused socket named", |l| {
+        l.iter().find(|l| l.contains(&format!("127.0.0.1:{spare_port} was handed over"))).cloned()
+    });
+    let answered = |s: &mut std::net::TcpStream| {
+        s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let end = Instant::now() + DEADLINE;
+        loop {
+            // 0x0B until the bus has opened its port; never a refused or dropped connection.
+            match modbus_on(s, 1, &[3, 0, 0, 0, 1]).expect("an answer on the connection") {
+                Ok(pdu) if pdu[..2] == [3, 2] => return,
+                other => assert!(Instant::now() < end, "no normal answer, last {other:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    answered(&mut std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"));
+
+    // The gateway dies; a master connects while it is down: the held socket queues it,
+    // and the restarted gateway answers on that very connection.
+    gw.kill9();
+    let mut waiting = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect while it is down");
+    let mut gw = run();
+    answered(&mut waiting);
+
+    // A reload that takes the server away: the held socket is named as unanswered.
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    write(&cfg, &text[..text.find("[server]").expect("a [server] section")]);
+    gw.signal("HUP");
+    gw.wait_err("the socket named after the reload", |l| {
+        l.iter()
+            .find(|l| {
+                l.contains(&format!("socket on 127.0.0.1:{port} was handed over"))
+                    && l.contains("connections to it are not answered")
+            })
+            .cloned()
+    });
+}
+
+#[test]
+fn a_descriptor_handed_over_that_is_not_a_socket_stops_the_start_and_says_which() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write(&dir.path().join("gw.toml"), "[gateway]\nname = \"gw\"\n");
+    // LISTEN_FDS=1, but descriptor 3 of the child is closed.
+    let mut gw = Proc::spawn_env("gateway", &["run", "-c", path(&cfg)], "info", &[("LISTEN_FDS", "1")]);
+    let line = gw.wait_err("the error", |l| l.iter().find(|l| l.contains("socket activation")).cloned());
+    assert!(line.contains("descriptor 3 (of LISTEN_FDS=1) is not a listening TCP socket"), "{line}");
+    let status = gw.wait_exit();
+    assert!(!status.success(), "a start with a bad handed-over socket fails: {status}");
 }

@@ -64,7 +64,7 @@ impl Gateway {
         // The Modbus-TCP server: a new socket only when the address or the limit changed.
         let server_socket = match (&new.server, &self.parts.server) {
             (Some(cfg), Some(running)) if cfg.listen == running.config.listen => None,
-            (Some(cfg), _) => Some(server::listen(cfg)?),
+            (Some(cfg), _) => Some(server::listen(cfg, &self.sockets)?),
             (None, _) => None,
         };
         let plc_spools = self.open_plc_spools(new)?;
@@ -114,10 +114,7 @@ impl Gateway {
         let listen_socket = match (links.listen, &self.parts.listener) {
             (Some(addr), Some(_)) if old.links.as_ref().and_then(|o| o.listen) == Some(addr) => None,
             (Some(addr), _) => {
-                let listen = |source| GatewayError::Listen { addr, source };
-                let std = std::net::TcpListener::bind(addr).map_err(listen)?;
-                std.set_nonblocking(true).map_err(listen)?;
-                Some(tokio::net::TcpListener::from_std(std).map_err(listen)?)
+                Some(self.sockets.listen(addr).map_err(|source| GatewayError::Listen { addr, source })?)
             }
             (None, _) => None,
         };
