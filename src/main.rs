@@ -37,6 +37,8 @@ enum Job {
         pid_file: Option<PathBuf>,
         model: Box<m2m_gateway::model::Model>,
         sockets: Sockets,
+        /// Why descriptors named by `LISTEN_FDS` were not taken (logged once logging is up).
+        ignored: Option<String>,
     },
     Tool(Tool),
 }
@@ -61,15 +63,15 @@ fn main() -> ExitCode {
         Command::Run { config, pid_file } => {
             // Sockets systemd holds for us (socket activation): read before any thread
             // starts, since reading unsets LISTEN_FDS and LISTEN_PID.
-            let sockets = match Sockets::from_env() {
-                Ok(sockets) => sockets,
+            let (sockets, ignored) = match Sockets::from_env() {
+                Ok(handed) => handed,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::FAILURE;
                 }
             };
             match load_for_run(&config) {
-                Ok(model) => Job::Run { config, pid_file, model: Box::new(model), sockets },
+                Ok(model) => Job::Run { config, pid_file, model: Box::new(model), sockets, ignored },
                 Err(code) => return code,
             }
         }
@@ -97,7 +99,10 @@ fn main() -> ExitCode {
         }
     };
     let outcome = match job {
-        Job::Run { config, pid_file, model, sockets } => {
+        Job::Run { config, pid_file, model, sockets, ignored } => {
+            if let Some(why) = ignored {
+                tracing::warn!("{why}");
+            }
             runtime.block_on(run(&config, *model, sockets, pid_file.as_deref()))
         }
         Job::Tool(tool) => runtime.block_on(tools::dispatch(tool)),

@@ -49,22 +49,36 @@ impl Sockets {
         Ok(Self(handed.into()))
     }
 
-    /// The sockets the service manager handed over (`LISTEN_FDS`, starting at descriptor 3;
-    /// ignored when `LISTEN_PID` names another process, taken when it is absent, as
-    /// listenfd does for tools that exec through a wrapper). Reads and then unsets those
-    /// variables, so call it before any thread starts.
-    pub fn from_env() -> Result<Self, HandedError> {
+    /// The sockets the service manager handed over (`LISTEN_FDS`, starting at descriptor 3),
+    /// as systemd's `sd_listen_fds` reads them: only when `LISTEN_PID` is this process's
+    /// pid. `LISTEN_FDS` without `LISTEN_PID` (inherited from a shell, or set by a wrapper)
+    /// hands nothing over: its descriptors are left alone, and the second value says so for
+    /// the log. Reads and then unsets those variables, so call it before any thread starts.
+    pub fn from_env() -> Result<(Self, Option<String>), HandedError> {
+        let pid = std::env::var("LISTEN_PID").ok();
         // listenfd's extension: the first descriptor may be given (systemd's is always 3).
         let first = std::env::var("LISTEN_FDS_FIRST_FD").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+        // Unsets the variables; ignores them when LISTEN_PID names another process.
         let mut fds = listenfd::ListenFd::from_env();
         let count = fds.len();
+        if pid.as_deref().is_none_or(str::is_empty) {
+            let ignored = (count > 0).then(|| {
+                format!(
+                    "LISTEN_FDS={count} is set without LISTEN_PID: no service manager handed sockets to \
+                     this process (systemd always sets both), so descriptors {first}.. are left alone \
+                     and every listen address is bound here"
+                )
+            });
+            return Ok((Self::default(), ignored));
+        }
         let mut listeners = Vec::new();
         for i in 0..count {
             let bad = |source| HandedError { fd: first + i, count, source };
             let not_tcp = || bad(std::io::Error::other("not a TCP stream socket"));
             listeners.push(fds.take_tcp_listener(i).map_err(bad)?.ok_or_else(not_tcp)?);
         }
-        Self::new(listeners).map_err(|source| HandedError { fd: first, count, source })
+        let sockets = Self::new(listeners).map_err(|source| HandedError { fd: first, count, source })?;
+        Ok((sockets, None))
     }
 
     /// A listener on `addr`: the handed-over socket bound to it, or else a new socket bound

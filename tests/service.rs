@@ -393,14 +393,41 @@ fn a_socket_held_by_the_service_manager_takes_a_masters_connect_while_the_gatewa
     });
 }
 
+/// `run -c CFG` with `LISTEN_FDS=1` and descriptor 3 closed; `LISTEN_PID` the gateway's own
+/// pid when `own_pid` (as systemd sets it), else not set at all.
+fn run_with_listen_fds(cfg: &Path, own_pid: bool) -> Proc {
+    let mut sh = std::process::Command::new("/bin/sh");
+    let pid = if own_pid { "LISTEN_PID=$$ " } else { "" };
+    sh.args(["-c", &format!("{pid}LISTEN_FDS=1 exec \"$0\" \"$@\""), crate::common::procs::BIN, "run", "-c"])
+        .arg(cfg)
+        .env_remove("LISTEN_PID")
+        .env("RUST_LOG", "info");
+    Proc::command("gateway", sh)
+}
+
 #[test]
 fn a_descriptor_handed_over_that_is_not_a_socket_stops_the_start_and_says_which() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = write(&dir.path().join("gw.toml"), "[gateway]\nname = \"gw\"\n");
-    // LISTEN_FDS=1, but descriptor 3 of the child is closed.
-    let mut gw = Proc::spawn_env("gateway", &["run", "-c", path(&cfg)], "info", &[("LISTEN_FDS", "1")]);
+    let mut gw = run_with_listen_fds(&cfg, true);
     let line = gw.wait_err("the error", |l| l.iter().find(|l| l.contains("socket activation")).cloned());
     assert!(line.contains("descriptor 3 (of LISTEN_FDS=1) is not a listening TCP socket"), "{line}");
     let status = gw.wait_exit();
     assert!(!status.success(), "a start with a bad handed-over socket fails: {status}");
+}
+
+/// `LISTEN_FDS` without `LISTEN_PID` (inherited, not handed over by a service manager) is
+/// no hand-over, as for systemd's own `sd_listen_fds`: the gateway says so, touches no
+/// descriptor and binds its addresses itself.
+#[test]
+fn listen_fds_without_listen_pid_hands_nothing_over_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg =
+        write(&dir.path().join("gw.toml"), "[gateway]\nname = \"gw\"\n[http]\nlisten = \"127.0.0.1:0\"\n");
+    let mut gw = run_with_listen_fds(&cfg, false);
+    let said = gw.next_err("the notice", |l| l.contains("LISTEN_FDS"));
+    assert!(said.contains("LISTEN_FDS=1 is set without LISTEN_PID") && said.contains("left alone"), "{said}");
+    gw.next_err("the endpoint listening on a port it bound", |l| l.contains("on http://127.0.0.1:"));
+    gw.signal("TERM");
+    assert!(gw.wait_exit().success(), "{:?}", gw.stderr());
 }
