@@ -364,10 +364,12 @@ impl PointGlobs {
     }
 }
 
-/// Equal when written alike (the same globs compile to the same set).
+/// Equal when they hold the same globs, in any order and however often each is written
+/// (they match the same names), so a reload that only reorders a list restarts nothing.
 impl PartialEq for PointGlobs {
     fn eq(&self, other: &Self) -> bool {
-        self.written == other.written
+        use std::collections::BTreeSet;
+        self.written.iter().collect::<BTreeSet<_>>() == other.written.iter().collect::<BTreeSet<_>>()
     }
 }
 
@@ -711,4 +713,18 @@ pub fn encode(target: &MapTarget, value: &Value) -> Result<Encoded, String> {
     )
     .map(Encoded::Words)
     .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_are_equal_as_sets_so_reordering_a_list_changes_nothing() {
+        let globs = |g: &[&str]| PointGlobs::new(g.iter().map(|s| s.to_string()).collect()).expect("globs");
+        assert_eq!(globs(&["site-a", "line-*"]), globs(&["line-*", "site-a", "site-a"]));
+        assert_ne!(globs(&["site-a"]), globs(&["site-a", "line-*"]));
+        assert_ne!(globs(&["site-a"]), PointGlobs::none());
+        assert_eq!(globs(&[]), PointGlobs::none());
+    }
 }
