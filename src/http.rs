@@ -109,7 +109,7 @@ pub struct Prepared {
 /// without it.
 pub fn prepare(config: &model::Http, sockets: &Sockets) -> Result<Option<Prepared>, HttpError> {
     let token = config.token_file.as_deref().map(Token::read).transpose()?;
-    match sockets.listen(config.listen) {
+    match sockets.listen(config.listen, "[http]") {
         Ok(listener) => Ok(Some(Prepared { listener, token, grants: config.grants.clone() })),
         Err(source) if !config.required => {
             warn!(

@@ -144,7 +144,9 @@ pub enum ServerError {
 /// before anything else starts). Must be called inside a tokio runtime.
 /// A socket handed over already bound to that address is used instead.
 pub fn listen(config: &model::Server, sockets: &Sockets) -> Result<TcpListener, ServerError> {
-    sockets.listen(config.listen).map_err(|source| ServerError::Bind { addr: config.listen, source })
+    sockets
+        .listen(config.listen, "[server]")
+        .map_err(|source| ServerError::Bind { addr: config.listen, source })
 }
 
 /// A master id never given before in this process: the buses' pass-through queues outlive

@@ -25,6 +25,12 @@ pub struct Sockets(Arc<[Handed]>);
 struct Handed {
     addr: SocketAddr,
     listener: std::net::TcpListener,
+    /// An IPv6 wildcard socket that takes IPv4 too (systemd's default for
+    /// `ListenStream=502`; not with `BindIPv6Only=ipv6-only`).
+    dual_stack: bool,
+    /// The section that listens on it (`[server]`): one socket serves one section, as
+    /// one address could be bound only once.
+    taken_by: std::sync::Mutex<Option<&'static str>>,
 }
 
 /// A socket the service manager handed over that cannot be used.
@@ -44,7 +50,14 @@ impl Sockets {
     pub fn new(listeners: impl IntoIterator<Item = std::net::TcpListener>) -> std::io::Result<Self> {
         let mut handed = Vec::new();
         for listener in listeners {
-            handed.push(Handed { addr: listener.local_addr()?, listener });
+            let addr = listener.local_addr()?;
+            let dual_stack = match addr {
+                SocketAddr::V6(v6) if v6.ip().is_unspecified() => {
+                    !socket2::SockRef::from(&listener).only_v6()?
+                }
+                _ => false,
+            };
+            handed.push(Handed { addr, listener, dual_stack, taken_by: Default::default() });
         }
         Ok(Self(handed.into()))
     }
@@ -81,13 +94,27 @@ impl Sockets {
         Ok((sockets, None))
     }
 
-    /// A listener on `addr`: the handed-over socket bound to it, or else a new socket bound
-    /// here. Must be called inside a tokio runtime.
-    pub fn listen(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-        let std = match self.0.iter().find(|h| same(h.addr, addr)) {
+    /// A listener on `addr` for `section` (`[server]`, named in errors): the handed-over
+    /// socket bound to it, or else a new socket bound here. A handed-over socket another
+    /// section already listens on is refused (`AddrInUse`), as a second bind would be.
+    /// Must be called inside a tokio runtime.
+    pub fn listen(
+        &self,
+        addr: SocketAddr,
+        section: &'static str,
+    ) -> std::io::Result<tokio::net::TcpListener> {
+        let std = match self.pick(addr) {
             Some(h) => {
+                let mut taken_by = h.taken_by.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(other) = taken_by.filter(|other| *other != section) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        format!("the socket handed over on {} already serves {other}", h.addr),
+                    ));
+                }
+                *taken_by = Some(section);
                 tracing::info!(
-                    "listening on {} with the socket handed over already bound (socket activation)",
+                    "{section} listening on {} with the socket handed over already bound (socket activation)",
                     h.addr
                 );
                 h.listener.try_clone()?
@@ -101,30 +128,69 @@ impl Sockets {
     /// Handed-over sockets that none of the `listen` addresses takes: they stay open
     /// (the service manager holds them anyway) and connections to them wait unanswered.
     pub fn unnamed(&self, listen: &[SocketAddr]) -> Vec<SocketAddr> {
-        self.0.iter().filter(|h| !listen.iter().any(|l| same(h.addr, *l))).map(|h| h.addr).collect()
+        let named: Vec<&Handed> = listen.iter().filter_map(|l| self.pick(*l)).collect();
+        self.0.iter().filter(|h| !named.iter().any(|n| std::ptr::eq(*n, *h))).map(|h| h.addr).collect()
     }
-}
 
-/// `listen` names the socket bound to `bound`: the same address, or both the wildcard
-/// address of either family on the same port (systemd's `ListenStream=502` binds `[::]:502`,
-/// which also takes IPv4, while a config may say `0.0.0.0:502`).
-fn same(bound: SocketAddr, listen: SocketAddr) -> bool {
-    bound == listen
-        || (bound.port() == listen.port() && bound.ip().is_unspecified() && listen.ip().is_unspecified())
+    /// The handed-over socket a section listening on `listen` takes: the one bound to that
+    /// very address, else for `0.0.0.0:P` a dual-stack `[::]:P` (systemd's `ListenStream=P`,
+    /// which takes IPv4 too). Never an IPv4 socket for an IPv6 address, nor an IPv6-only one
+    /// for an IPv4 address: those would leave the other family's clients unanswered.
+    fn pick(&self, listen: SocketAddr) -> Option<&Handed> {
+        let wildcard_v4 = matches!(listen, SocketAddr::V4(v4) if v4.ip().is_unspecified());
+        self.0
+            .iter()
+            .find(|h| h.addr == listen)
+            .or_else(|| self.0.iter().find(|h| wildcard_v4 && h.dual_stack && h.addr.port() == listen.port()))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A handed socket claiming to be bound to `addr` (what `pick` reads is the address).
+    fn handed(addr: &str, dual_stack: bool) -> Handed {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        Handed { addr: addr.parse().expect("addr"), listener, dual_stack, taken_by: Default::default() }
+    }
+
+    fn picked(sockets: &Sockets, listen: &str) -> Option<String> {
+        sockets.pick(listen.parse().expect("addr")).map(|h| h.addr.to_string())
+    }
+
     #[test]
-    fn a_listen_address_takes_the_handed_socket_on_that_address_and_a_wildcard_either_family() {
-        let a: SocketAddr = "127.0.0.1:502".parse().expect("addr");
-        assert!(same(a, a));
-        assert!(!same(a, "127.0.0.1:503".parse().expect("addr")));
-        assert!(!same(a, "0.0.0.0:502".parse().expect("addr")));
-        assert!(same("[::]:502".parse().expect("addr"), "0.0.0.0:502".parse().expect("addr")));
-        assert!(!same("[::]:502".parse().expect("addr"), "0.0.0.0:503".parse().expect("addr")));
+    fn a_listen_address_takes_its_own_socket_first_and_a_dual_stack_wildcard_only_for_ipv4_any() {
+        let both = Sockets(vec![handed("[::]:502", true), handed("0.0.0.0:502", false)].into());
+        assert_eq!(picked(&both, "0.0.0.0:502").as_deref(), Some("0.0.0.0:502"), "its own socket first");
+        assert_eq!(picked(&both, "[::]:502").as_deref(), Some("[::]:502"));
+        assert_eq!(picked(&both, "0.0.0.0:503"), None);
+        assert_eq!(picked(&both, "127.0.0.1:502"), None, "a specific address is bound here");
+
+        let dual = Sockets(vec![handed("[::]:502", true)].into());
+        assert_eq!(picked(&dual, "0.0.0.0:502").as_deref(), Some("[::]:502"), "[::] takes IPv4 too");
+        let v6_only = Sockets(vec![handed("[::]:502", false)].into());
+        assert_eq!(picked(&v6_only, "0.0.0.0:502"), None, "an IPv6-only socket would leave IPv4 unanswered");
+        let v4 = Sockets(vec![handed("0.0.0.0:502", false)].into());
+        assert_eq!(picked(&v4, "[::]:502"), None, "an IPv4 socket would leave IPv6 unanswered");
+
+        let any: SocketAddr = "0.0.0.0:502".parse().expect("addr");
+        assert_eq!(both.unnamed(&[any]), vec!["[::]:502".parse::<SocketAddr>().expect("addr")]);
+        assert!(dual.unnamed(&[any]).is_empty());
+        assert_eq!(v6_only.unnamed(&[any]).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_handed_socket_serves_one_section() {
+        let bound = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = bound.local_addr().expect("addr");
+        let sockets = Sockets::new([bound]).expect("sockets");
+        let server = sockets.listen(addr, "[server]").expect("handed socket");
+        let e = sockets.listen(addr, "[http]").expect_err("a second section on the same socket");
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+        assert_eq!(e.to_string(), format!("the socket handed over on {addr} already serves [server]"));
+        drop(server);
+        sockets.listen(addr, "[server]").expect("the same section again, after a restart");
     }
 
     #[tokio::test]
@@ -134,15 +200,15 @@ mod tests {
         let sockets = Sockets::new([bound]).expect("sockets");
         assert_eq!(sockets.unnamed(&["127.0.0.1:1".parse().expect("addr")]), vec![addr]);
         assert!(sockets.unnamed(&[addr]).is_empty());
-        let first = sockets.listen(addr).expect("handed socket");
+        let first = sockets.listen(addr, "[server]").expect("handed socket");
         assert_eq!(first.local_addr().expect("addr"), addr);
         drop(first);
         // The endpoint restarted: the port is still ours, and a client's connect is taken.
-        let again = sockets.listen(addr).expect("handed socket again");
+        let again = sockets.listen(addr, "[server]").expect("handed socket again");
         let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (_, from) = again.accept().await.expect("accept");
         assert_eq!(from, client.local_addr().expect("addr"));
-        let other = sockets.listen("127.0.0.1:0".parse().expect("addr")).expect("bound here");
+        let other = sockets.listen("127.0.0.1:0".parse().expect("addr"), "[http]").expect("bound here");
         assert_ne!(other.local_addr().expect("addr"), addr);
     }
 }

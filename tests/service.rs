@@ -431,3 +431,23 @@ fn listen_fds_without_listen_pid_hands_nothing_over_and_says_so() {
     gw.signal("TERM");
     assert!(gw.wait_exit().success(), "{:?}", gw.stderr());
 }
+
+/// One handed-over socket serves one section: `[server]` and `[http]` naming the same
+/// address stop the start (as a second bind would), rather than sharing the socket and
+/// splitting its connections between a Modbus server and a web server.
+#[test]
+fn two_sections_on_one_handed_socket_stop_the_start_and_say_which() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (socket, port) = bound();
+    let cfg = write(
+        &dir.path().join("gw.toml"),
+        &format!(
+            "[gateway]\nname = \"gw\"\n\n[server]\nlisten = \"127.0.0.1:{port}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n"
+        ),
+    );
+    let mut gw = Proc::spawn_on("gateway", &["run", "-c", path(&cfg)], "info", &[], &[&socket]);
+    let status = gw.wait_exit();
+    assert!(!status.success(), "two sections on one socket must not start: {status}");
+    let said = gw.stderr().join("\n");
+    assert!(said.contains(&format!("the socket handed over on 127.0.0.1:{port} already serves [")), "{said}");
+}

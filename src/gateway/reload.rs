@@ -113,9 +113,11 @@ impl Gateway {
         }
         let listen_socket = match (links.listen, &self.parts.listener) {
             (Some(addr), Some(_)) if old.links.as_ref().and_then(|o| o.listen) == Some(addr) => None,
-            (Some(addr), _) => {
-                Some(self.sockets.listen(addr).map_err(|source| GatewayError::Listen { addr, source })?)
-            }
+            (Some(addr), _) => Some(
+                self.sockets
+                    .listen(addr, "[link]")
+                    .map_err(|source| GatewayError::Listen { addr, source })?,
+            ),
             (None, _) => None,
         };
         Ok(Prepared {
