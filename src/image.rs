@@ -163,6 +163,32 @@ impl Image {
         self.update(failed)
     }
 
+    /// Marks `quality` every point whose sample `which` picks, keeping its last value and
+    /// relay path, in one step under the lock: a sample another writer stores meanwhile
+    /// is judged as it is then, never failed for what it was a moment before. Returns how
+    /// many changed.
+    pub fn fail_where(&self, quality: Quality, which: impl Fn(&Sample) -> bool) -> usize {
+        let (now, at) = (Instant::now(), SystemTime::now());
+        let mut changed = Vec::new();
+        {
+            let mut inner = self.write();
+            for entry in &mut inner.entries {
+                let Some(sample) = entry.sample.as_mut().filter(|s| s.quality != quality && which(s)) else {
+                    continue;
+                };
+                sample.quality = quality;
+                sample.at = at;
+                entry.updated = now;
+                changed.push((entry.name.clone(), sample.clone()));
+            }
+        }
+        let n = changed.len();
+        if n > 0 {
+            let _ = self.changes.send(Arc::new(Changes { samples: changed }));
+        }
+        n
+    }
+
     /// Marks every good sample older than its staleness limit as stale, and publishes
     /// those transitions so forwarders learn of them. Returns how many went stale.
     pub fn sweep_stale(&self) -> usize {
@@ -349,6 +375,23 @@ mod tests {
 
     fn good(v: i64) -> Sample {
         Sample { value: Some(Value::Int(v)), at: SystemTime::now(), quality: Quality::Good, via: None }
+    }
+
+    #[test]
+    fn fail_where_fails_the_picked_samples_keeping_value_and_path_and_publishes_them() {
+        let image = Image::new();
+        let via: crate::point::value::Via = vec![Arc::from("site-c")].into();
+        let ids = ["p/a", "p/b", "q/c"].map(|n| image.register(n, Duration::from_secs(5)));
+        let from_c = Sample { via: Some(via.clone()), ..good(1) };
+        image.update([(ids[0], from_c.clone()), (ids[1], from_c), (ids[2], good(3))]);
+        let mut changes = image.subscribe();
+        let picked = |s: &Sample| s.via.is_some();
+        assert_eq!(image.fail_where(Quality::CommFail, picked), 2);
+        let a = image.get("p/a").expect("a");
+        assert_eq!((a.value, a.quality, a.via), (Some(Value::Int(1)), Quality::CommFail, Some(via)));
+        assert_eq!(image.get("q/c").map(|s| s.quality), Some(Quality::Good));
+        assert_eq!(changes.try_recv().expect("published").samples.len(), 2);
+        assert_eq!(image.fail_where(Quality::CommFail, picked), 0, "already failed: no change");
     }
 
     #[test]

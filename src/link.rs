@@ -79,6 +79,19 @@ use crate::spool::SpoolHandle;
 use crate::spool::forward::RelayCounters;
 use crate::writer::Writer;
 
+/// Marks `comm_fail` the received values whose last hop was `peer` (its own points, and
+/// those it relayed) that `which` also picks, atomically in the image (a value another
+/// route delivers meanwhile is not failed). Returns how many turned `comm_fail`.
+pub(crate) fn fail_delivered_by(
+    image: &Image,
+    peer: &str,
+    which: impl Fn(&crate::point::value::Sample) -> bool,
+) -> usize {
+    image.fail_where(crate::point::value::Quality::CommFail, |s| {
+        s.via.as_ref().is_some_and(|v| v.last().is_some_and(|hop| **hop == *peer)) && which(s)
+    })
+}
+
 /// Most unacked batches in flight.
 pub const WINDOW: usize = 64;
 /// Frames waiting for the socket before the peer is declared not reading.

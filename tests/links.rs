@@ -1367,15 +1367,22 @@ async fn a_peer_removed_by_a_reload_leaves_what_it_delivered_comm_fail_and_nothi
 }
 
 #[tokio::test]
-async fn a_peer_whose_link_a_reload_restarts_has_its_values_comm_fail_until_it_sends_them_again() {
+async fn a_peer_whose_link_a_reload_restarts_keeps_its_values_until_it_is_late_and_loses_unlisted_origins_at_once()
+ {
     site_c_reloaded_away(true).await;
 }
 
 /// site-b gets site-a's own point from site-a, and site-c's own point and one of site-a's
-/// relayed from site-c; then a reload takes site-c out of the configuration, or changes
-/// its pinned fingerprint (`rotated`: a rotation gone wrong, it never connects again).
-/// Nothing will update what site-c delivered, so it must not be served as good; what
-/// site-a delivered itself is untouched.
+/// relayed from site-c; then a reload takes site-c out of the configuration, or
+/// (`rotated`) changes its pinned fingerprint, a rotation gone wrong: it never connects
+/// again, and its accept_relayed no longer lists site-a.
+/// - Removed: nothing will update what site-c delivered, so it turns comm_fail at once.
+/// - Rotated: site-a's value relayed by site-c turns comm_fail at once (it will never be
+///   taken from site-c again); site-c's own point stays as it was while the new link comes
+///   up (a reload is no gap), and turns comm_fail once site-c is later than a silent peer
+///   may be (3 heartbeats).
+///
+/// What site-a delivered itself is untouched.
 async fn site_c_reloaded_away(rotated: bool) {
     logs();
     let (a, b, c) = (Site::new(), Site::new(), Site::new());
@@ -1400,20 +1407,34 @@ async fn site_c_reloaded_away(rotated: bool) {
 
     let mut peers = vec![peer("site-a", a.fp(), Dial::Accept, vec![])];
     if rotated {
-        peers.push(relaying(peer("site-c", a.fp(), Dial::Accept, vec![]), &["site-a", "site-d"]));
+        peers.push(relaying(peer("site-c", a.fp(), Dial::Accept, vec![]), &["site-d"]));
     }
     let changes = gb.reload(&model("site-b", vec![], b.links(true, peers))).await.expect("reload");
     let (listed, said) = if rotated {
-        (&changes.restarted, "peer site-c: 2 values it delivered marked comm_fail until it sends them again")
+        (
+            &changes.restarted,
+            "peer site-c: 1 value it relayed of origins its accept_relayed no longer lists marked comm_fail",
+        )
     } else {
         (&changes.removed, "peer site-c: 2 values it delivered marked comm_fail")
     };
     assert!(listed.iter().any(|r| r.starts_with("link to peer site-c")), "{changes:?}");
     assert!(changes.updated.contains(&said.to_string()), "{changes:?}");
-    assert_eq!(quality("site-c/own"), Some(Quality::CommFail));
     assert_eq!(quality("site-a/w"), Some(Quality::CommFail));
     assert_eq!(image.get("site-a/w").and_then(|s| s.value), Some(Value::Int(2)), "the last value is kept");
+    // (Checked now: the fake site-a sends no heartbeats, so its own link dies later.)
     assert_eq!(quality("site-a/v"), Some(Quality::Good), "delivered by site-a itself");
+    if rotated {
+        assert_eq!(quality("site-c/own"), Some(Quality::Good), "kept while the new link comes up");
+        drop(fc);
+        wait_until("site-c/own comm_fail once site-c is late", DEADLINE, || {
+            quality("site-c/own") == Some(Quality::CommFail)
+        })
+        .await;
+    } else {
+        assert_eq!(quality("site-c/own"), Some(Quality::CommFail));
+    }
+    assert_eq!(image.get("site-c/own").and_then(|s| s.value), Some(Value::Int(3)), "the last value is kept");
     shutdown.cancel();
     gb.shutdown(Duration::from_secs(3)).await;
 }

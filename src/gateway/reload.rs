@@ -7,10 +7,10 @@
 //! the old configuration running untouched.
 
 use crate::image::Image;
-use crate::link::Grants;
 use crate::link::tls::{self, Fingerprint};
+use crate::link::{self, Grants};
 use crate::model::{Bus, Model, Peer, Plc, Tunnel};
-use crate::point::value::Quality;
+use crate::point::value::{Quality, Sample};
 use crate::server::{self};
 use crate::spool::SpoolHandle;
 use crate::spool::forward::Rules;
@@ -181,6 +181,7 @@ impl Gateway {
             }
         }
         parts.tunnels = kept;
+        let new_peer = |name: &str| new.links.as_ref().and_then(|l| l.peers.iter().find(|p| p.name == name));
         let mut kept = Vec::new();
         for p in std::mem::take(&mut parts.peers) {
             let name = p.model.name.clone();
@@ -202,13 +203,18 @@ impl Gateway {
                         "the gateway name, identity or data directory changed"
                     };
                     changes.restarted.push(format!("link to peer {name}: {why}"));
-                    // Nothing vouches for what it delivered until the new link's session
-                    // is up (the peer re-sends everything then), as when a link is cut;
-                    // values of origins it may no longer relay stay so.
-                    let n = fail_delivered_by(&self.image, &name);
+                    // What it delivered stays as it is while the new link comes up (the
+                    // peer re-sends everything then; the link fails it if the peer is not
+                    // back in time), but values it relayed of origins its accept_relayed
+                    // no longer lists will never come again.
+                    let accepted = |s: &Sample| {
+                        let origin = s.via.as_ref().filter(|v| v.len() > 1).map(|v| &*v[0]);
+                        origin.is_none_or(|o| new_peer(&name).is_some_and(|p| p.accept_relayed.is_match(o)))
+                    };
+                    let n = link::fail_delivered_by(&self.image, &name, |s| !accepted(s));
                     if n > 0 {
                         changes.updated.push(format!(
-                            "peer {name}: {} it delivered marked comm_fail until it sends them again",
+                            "peer {name}: {} it relayed of origins its accept_relayed no longer lists marked comm_fail",
                             values(n)
                         ));
                     }
@@ -221,7 +227,7 @@ impl Gateway {
                     changes.removed.push(format!("link to peer {name}"));
                     // Nothing will update what it delivered: masters and PLCs must not be
                     // served those values as good (as a removed device's points).
-                    let n = fail_delivered_by(&self.image, &name);
+                    let n = link::fail_delivered_by(&self.image, &name, |_| true);
                     if n > 0 {
                         changes
                             .updated
@@ -333,22 +339,6 @@ fn fail_removed_points(image: &Image, old: &Bus, new: Option<&Bus>) {
 /// `1 value`, `2 values`.
 fn values(n: usize) -> String {
     if n == 1 { "1 value".into() } else { format!("{n} values") }
-}
-
-/// Marks `comm_fail` the values whose last hop was `peer` (its own points, and those it
-/// relayed). Returns how many turned `comm_fail`.
-fn fail_delivered_by(image: &Image, peer: &str) -> usize {
-    let delivered = |s: &crate::point::value::Sample| {
-        s.quality != Quality::CommFail
-            && s.via.as_ref().is_some_and(|v| v.last().is_some_and(|hop| **hop == *peer))
-    };
-    let ids: Vec<_> = image
-        .snapshot()
-        .into_iter()
-        .filter(|(_, s)| delivered(s))
-        .filter_map(|(n, _)| image.id(&n))
-        .collect();
-    image.fail(ids, Quality::CommFail)
 }
 
 /// Whether the link to `peer` may carry points of origin `from`: its own, and those of an

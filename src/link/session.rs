@@ -38,7 +38,7 @@ use crate::link::{
     CONNECT_TIMEOUT, Dialer, HELLO_TIMEOUT, Incoming, Link, MISMATCH_BACKOFF, OUT_LIMIT, ReceivedSink,
     STABLE, Stream, WINDOW,
 };
-use crate::point::value::{Quality, Sample, Value};
+use crate::point::value::{Sample, Value};
 
 /// First reconnect delay; doubles up to the peer's `reconnect_max`.
 const BACKOFF_MIN: Duration = crate::model::RECONNECT_MIN;
@@ -100,7 +100,14 @@ impl Task {
         let mut backoff =
             Backoff::new(BACKOFF_MIN, self.link.peer.reconnect_max).with_jitter().with_stable(STABLE);
         let mut next: Option<Incoming> = None;
+        // Values the peer delivered before this task started (a reload restarted the link)
+        // are vouched for by no session yet. The peer re-sends them when it is back; if
+        // it is not back within the time a silent peer is declared dead, they turn
+        // comm_fail, as if the old link had been cut then. (`None`: a session came up.)
+        let dead_after = Liveness::new(self.link.peer.heartbeat, Instant::now()).dead_after();
+        let mut unvouched = Some(Instant::now() + dead_after);
         loop {
+            self.fail_unvouched(&mut unvouched);
             let incoming = match &mut dialer {
                 Dialer::Connect { addr, tls } => {
                     let (addr, tls) = (addr.clone(), tls.clone());
@@ -136,13 +143,18 @@ impl Task {
                             () = self.shutdown.cancelled() => return,
                             // Wake to beat even when no peer calls (the watchdog).
                             () = tokio::time::sleep(self.beat.tick()) => {}
+                            () = until_opt(unvouched) => {}
                         }
+                        self.fail_unvouched(&mut unvouched);
                     },
                 },
             };
             let mut end = End::Lost;
             let sessions = self.counters.sessions.load(Relaxed);
             if let Some((stream, from)) = incoming {
+                // The session vouches for what the peer sends from now on; losing it
+                // fails what the peer delivered (below).
+                unvouched = None;
                 backoff.connected(Instant::now());
                 // The handshake is bounded by its own timeouts; the session loop beats.
                 self.beat.busy(std::time::Instant::now(), 2 * CONNECT_TIMEOUT);
@@ -156,14 +168,7 @@ impl Task {
                 // as the peer re-sends them (it re-sends everything on reconnect).
                 // Only the points whose value came last through this link: one that another
                 // route (the origin's own link, another hub) delivered since is not ours.
-                let image = &self.link.image;
-                let peer = self.link.peer.name.as_str();
-                let ours = self.names.iter().filter(|(name, _)| {
-                    image
-                        .get(name)
-                        .is_none_or(|s| s.via.as_ref().is_none_or(|v| v.last().is_some_and(|h| &**h == peer)))
-                });
-                let n = image.fail(ours.map(|(_, id)| *id), Quality::CommFail);
+                let n = super::fail_delivered_by(&self.link.image, &self.link.peer.name, |_| true);
                 if n > 0 {
                     warn!(points = n, "link down: the peer's points are marked comm_fail");
                 }
@@ -189,7 +194,24 @@ impl Task {
                     Some(cmd) = self.writes.recv() => refuse_down(cmd),
                     () = self.shutdown.cancelled() => return,
                     () = tokio::time::sleep(self.beat.tick()) => {}
+                    () = until_opt(unvouched) => {}
                 }
+                self.fail_unvouched(&mut unvouched);
+            }
+        }
+    }
+
+    /// Once `unvouched` has passed with no session up: marks `comm_fail` what the peer
+    /// delivered before this task started, and says so.
+    fn fail_unvouched(&self, unvouched: &mut Option<Instant>) {
+        if unvouched.is_some_and(|at| Instant::now() >= at) {
+            *unvouched = None;
+            let n = super::fail_delivered_by(&self.link.image, &self.link.peer.name, |_| true);
+            if n > 0 {
+                warn!(
+                    points = n,
+                    "the peer is not back since its link restarted: its points are marked comm_fail"
+                );
             }
         }
     }
@@ -562,4 +584,12 @@ async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Incoming,
         .map_err(|_| format!("tls handshake timed out after {CONNECT_TIMEOUT:?}"))?
         .map_err(|e| format!("tls handshake: {e}"))?;
     Ok((TlsStream::Client(tls), from))
+}
+
+/// Sleeps until `at`; never wakes when `None`.
+async fn until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
