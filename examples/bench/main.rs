@@ -415,7 +415,9 @@ fn render(settings: &Settings, figures: &[Figure], took: Duration) -> String {
          The field devices are the crate's own simulator on pseudo-terminal pairs, emulating\n\
          the wire time of every byte at the line's baud rate and framing, the t3.5 silence\n\
          after each request and a fixed 2 ms device turnaround, except where a figure says\n\
-         its device answers at once (the Modbus-TCP figures).\n\n",
+         its device answers at once (the Modbus-TCP figures). The anchor, modbus-relay, is\n\
+         installed into `target/tools` by `cargo install` on the first run (on Debian it needs\n\
+         `apt-get install libudev-dev pkg-config`).\n\n",
     );
     out += "## Machine\n\n";
     let rows: Vec<Vec<String>> =
