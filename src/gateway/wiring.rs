@@ -155,12 +155,17 @@ impl Gateway {
                             changes.added.push(format!("link to peer {}", peer.name));
                         }
                         drop(running);
-                        if let Some(p) = start_peer(&ctx, peer, prepared) {
-                            self.parts.peers.push(p);
+                        match start_peer(&ctx, peer, prepared) {
+                            Some(p) => self.parts.peers.push(p),
+                            // No link task will vouch for (or fail) what it delivered.
+                            None => {
+                                crate::link::fail_delivered_by(&self.image, &peer.name, |_| true);
+                            }
                         }
                     }
                     (_, None) => {
                         error!(peer = %peer.name, "internal: a kept link is not running; link not started");
+                        crate::link::fail_delivered_by(&self.image, &peer.name, |_| true);
                     }
                 }
             }

@@ -103,7 +103,8 @@ impl Task {
         // Values the peer delivered before this task started (a reload restarted the link)
         // are vouched for by no session yet. The peer re-sends them when it is back; if
         // it is not back within the time a silent peer is declared dead, they turn
-        // comm_fail, as if the old link had been cut then. (`None`: a session came up.)
+        // comm_fail, as if the old link had been cut then. (`None`: a session vouched for
+        // them and failed them when it ended, or the grace is over.)
         let dead_after = Liveness::new(self.link.peer.heartbeat, Instant::now()).dead_after();
         let mut unvouched = Some(Instant::now() + dead_after);
         loop {
@@ -152,9 +153,6 @@ impl Task {
             let mut end = End::Lost;
             let sessions = self.counters.sessions.load(Relaxed);
             if let Some((stream, from)) = incoming {
-                // The session vouches for what the peer sends from now on; losing it
-                // fails what the peer delivered (below).
-                unvouched = None;
                 backoff.connected(Instant::now());
                 // The handshake is bounded by its own timeouts; the session loop beats.
                 self.beat.busy(std::time::Instant::now(), 2 * CONNECT_TIMEOUT);
@@ -162,15 +160,28 @@ impl Task {
                 self.set_connected(false);
             }
             if self.counters.sessions.load(Relaxed) == sessions {
+                // No session came up (a connection that failed before its hello vouches
+                // for nothing): the grace, if one runs, runs on.
                 self.counters.failed.fetch_add(1, Relaxed);
-            } else if matches!(end, End::Lost | End::Mismatch) {
-                // Nothing vouches for the peer's values any more; they turn good again
-                // as the peer re-sends them (it re-sends everything on reconnect).
-                // Only the points whose value came last through this link: one that another
-                // route (the origin's own link, another hub) delivered since is not ours.
-                let n = super::fail_delivered_by(&self.link.image, &self.link.peer.name, |_| true);
-                if n > 0 {
-                    warn!(points = n, "link down: the peer's points are marked comm_fail");
+            } else {
+                // A session vouched for the peer's values while it lasted.
+                unvouched = None;
+                match &end {
+                    End::Lost | End::Mismatch => {
+                        // Nothing vouches for them any more; they turn good again as the
+                        // peer re-sends them (it re-sends everything on reconnect). Only
+                        // the points whose value came last through this link: one that
+                        // another route (the origin's own link, a hub) delivered since is
+                        // not ours.
+                        let n = super::fail_delivered_by(&self.link.image, &self.link.peer.name, |_| true);
+                        if n > 0 {
+                            warn!(points = n, "link down: the peer's points are marked comm_fail");
+                        }
+                    }
+                    // The peer's new connection takes over; should it never come up as a
+                    // session, the values fail once the grace is over.
+                    End::Replaced(_) => unvouched = Some(Instant::now() + dead_after),
+                    End::Shutdown => {}
                 }
             }
             match end {
