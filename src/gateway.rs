@@ -87,6 +87,9 @@ pub enum GatewayError {
         /// What is wrong.
         reason: String,
     },
+    /// Two sections would listen on one socket the service manager handed over.
+    #[error("socket activation: {0}")]
+    SharedSocket(String),
     /// The listening socket could not be opened.
     #[error("peer links: cannot listen on {addr}: {source}")]
     Listen {
@@ -336,6 +339,7 @@ impl Gateway {
             plcs: Vec::new(),
             http: None,
         };
+        sockets.check_shared(&listen_addrs(model)).map_err(GatewayError::SharedSocket)?;
         // Bound first: a taken port fails the start before anything runs.
         let http = model.http.as_ref().map(|h| crate::http::prepare(h, &sockets)).transpose()?.flatten();
         let mut gateway = Self {
@@ -380,11 +384,7 @@ impl Gateway {
     /// Says which handed-over sockets the running configuration does not listen on:
     /// connections to them wait unanswered (the service manager keeps them open).
     fn warn_unnamed_sockets(&self) {
-        let m = &self.model;
-        let listen: Vec<SocketAddr> = (m.server.iter().map(|s| s.listen))
-            .chain(m.links.iter().filter_map(|l| l.listen))
-            .chain(m.http.iter().map(|h| h.listen))
-            .collect();
+        let listen: Vec<SocketAddr> = listen_addrs(&self.model).into_iter().map(|(_, a)| a).collect();
         for addr in self.sockets.unnamed(&listen) {
             warn!(
                 "the socket on {addr} was handed over (socket activation) but no listen address of the configuration names it: \
@@ -421,6 +421,7 @@ impl Gateway {
     /// Everything that can fail (identity, spools, sockets) is opened before anything
     /// is stopped: on an error the old configuration keeps running untouched.
     pub async fn reload(&mut self, model: &Model) -> Result<Changes, GatewayError> {
+        self.sockets.check_shared(&listen_addrs(model)).map_err(GatewayError::SharedSocket)?;
         let prepared = self.prepare(model)?;
         let mut changes = Changes::default();
         self.stop_changed(model, &prepared, &mut changes).await;
@@ -511,4 +512,12 @@ impl Gateway {
             warn!(grace = %humantime::format_duration(grace), "tasks still running after the grace period; leaving them");
         }
     }
+}
+
+/// The address each listening section of `model` names: `[server]`, `[link]`, `[http]`.
+fn listen_addrs(model: &Model) -> Vec<(&'static str, SocketAddr)> {
+    (model.server.iter().map(|s| ("[server]", s.listen)))
+        .chain(model.links.iter().filter_map(|l| Some(("[link]", l.listen?))))
+        .chain(model.http.iter().map(|h| ("[http]", h.listen)))
+        .collect()
 }

@@ -28,9 +28,6 @@ struct Handed {
     /// An IPv6 wildcard socket that takes IPv4 too (systemd's default for
     /// `ListenStream=502`; not with `BindIPv6Only=ipv6-only`).
     dual_stack: bool,
-    /// The section that listens on it (`[server]`): one socket serves one section, as
-    /// one address could be bound only once.
-    taken_by: std::sync::Mutex<Option<&'static str>>,
 }
 
 /// A socket the service manager handed over that cannot be used.
@@ -57,7 +54,7 @@ impl Sockets {
                 }
                 _ => false,
             };
-            handed.push(Handed { addr, listener, dual_stack, taken_by: Default::default() });
+            handed.push(Handed { addr, listener, dual_stack });
         }
         Ok(Self(handed.into()))
     }
@@ -94,25 +91,11 @@ impl Sockets {
         Ok((sockets, None))
     }
 
-    /// A listener on `addr` for `section` (`[server]`, named in errors): the handed-over
-    /// socket bound to it, or else a new socket bound here. A handed-over socket another
-    /// section already listens on is refused (`AddrInUse`), as a second bind would be.
-    /// Must be called inside a tokio runtime.
-    pub fn listen(
-        &self,
-        addr: SocketAddr,
-        section: &'static str,
-    ) -> std::io::Result<tokio::net::TcpListener> {
+    /// A listener on `addr` for `section` (`[server]`, for the log): the handed-over socket
+    /// bound to it, or else a new socket bound here. Must be called inside a tokio runtime.
+    pub fn listen(&self, addr: SocketAddr, section: &str) -> std::io::Result<tokio::net::TcpListener> {
         let std = match self.pick(addr) {
             Some(h) => {
-                let mut taken_by = h.taken_by.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(other) = taken_by.filter(|other| *other != section) {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::AddrInUse,
-                        format!("the socket handed over on {} already serves {other}", h.addr),
-                    ));
-                }
-                *taken_by = Some(section);
                 tracing::info!(
                     "{section} listening on {} with the socket handed over already bound (socket activation)",
                     h.addr
@@ -123,6 +106,26 @@ impl Sockets {
         };
         std.set_nonblocking(true)?;
         tokio::net::TcpListener::from_std(std)
+    }
+
+    /// Checks that no two sections of one configuration (`[server]` and its `listen`, ...)
+    /// would take the same handed-over socket: both would accept on it and the kernel
+    /// would split the connections between them, where a second bind of one address
+    /// fails. Says which sections and which socket.
+    pub fn check_shared(&self, listens: &[(&str, SocketAddr)]) -> Result<(), String> {
+        for (i, (a, first)) in listens.iter().enumerate() {
+            for (b, second) in &listens[i + 1..] {
+                if let (Some(x), Some(y)) = (self.pick(*first), self.pick(*second))
+                    && std::ptr::eq(x, y)
+                {
+                    return Err(format!(
+                        "{a} (listen {first}) and {b} (listen {second}) would both take the socket handed over on {}: give each its own address",
+                        x.addr
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Handed-over sockets that none of the `listen` addresses takes: they stay open
@@ -152,7 +155,7 @@ mod tests {
     /// A handed socket claiming to be bound to `addr` (what `pick` reads is the address).
     fn handed(addr: &str, dual_stack: bool) -> Handed {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        Handed { addr: addr.parse().expect("addr"), listener, dual_stack, taken_by: Default::default() }
+        Handed { addr: addr.parse().expect("addr"), listener, dual_stack }
     }
 
     fn picked(sockets: &Sockets, listen: &str) -> Option<String> {
@@ -180,17 +183,22 @@ mod tests {
         assert_eq!(v6_only.unnamed(&[any]).len(), 1);
     }
 
-    #[tokio::test]
-    async fn one_handed_socket_serves_one_section() {
-        let bound = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = bound.local_addr().expect("addr");
-        let sockets = Sockets::new([bound]).expect("sockets");
-        let server = sockets.listen(addr, "[server]").expect("handed socket");
-        let e = sockets.listen(addr, "[http]").expect_err("a second section on the same socket");
-        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
-        assert_eq!(e.to_string(), format!("the socket handed over on {addr} already serves [server]"));
-        drop(server);
-        sockets.listen(addr, "[server]").expect("the same section again, after a restart");
+    #[test]
+    fn two_sections_that_would_take_one_handed_socket_are_named() {
+        let sockets = Sockets(vec![handed("[::]:502", true), handed("127.0.0.1:8502", false)].into());
+        let at = |a: &str| a.parse::<SocketAddr>().expect("addr");
+        let distinct = [
+            ("[server]", at("0.0.0.0:502")),
+            ("[http]", at("127.0.0.1:8502")),
+            ("[link]", at("0.0.0.0:7700")),
+        ];
+        assert_eq!(sockets.check_shared(&distinct), Ok(()));
+        let shared =
+            [("[server]", at("0.0.0.0:502")), ("[http]", at("127.0.0.1:8502")), ("[link]", at("[::]:502"))];
+        assert_eq!(
+            sockets.check_shared(&shared),
+            Err("[server] (listen 0.0.0.0:502) and [link] (listen [::]:502) would both take the socket handed over on [::]:502: give each its own address".into())
+        );
     }
 
     #[tokio::test]

@@ -449,5 +449,8 @@ fn two_sections_on_one_handed_socket_stop_the_start_and_say_which() {
     let status = gw.wait_exit();
     assert!(!status.success(), "two sections on one socket must not start: {status}");
     let said = gw.stderr().join("\n");
-    assert!(said.contains(&format!("the socket handed over on 127.0.0.1:{port} already serves [")), "{said}");
+    let why = format!(
+        "socket activation: [server] (listen 127.0.0.1:{port}) and [http] (listen 127.0.0.1:{port}) would both take the socket handed over on 127.0.0.1:{port}"
+    );
+    assert!(said.contains(&why), "{said}");
 }
