@@ -119,26 +119,32 @@ impl Image {
     pub fn update(&self, samples: impl IntoIterator<Item = (PointId, Sample)>) -> usize {
         let now = Instant::now();
         let mut changed = Vec::new();
-        {
-            let mut inner = self.write();
-            for (id, sample) in samples {
-                let Some(entry) = inner.entries.get_mut(id.0 as usize) else {
-                    continue;
-                };
-                let differs = entry
-                    .sample
-                    .as_ref()
-                    .is_none_or(|old| old.value != sample.value || old.quality != sample.quality);
-                entry.updated = now;
-                if differs {
-                    changed.push((entry.name.clone(), sample.clone()));
-                }
-                entry.sample = Some(sample);
+        let mut inner = self.write();
+        for (id, sample) in samples {
+            let Some(entry) = inner.entries.get_mut(id.0 as usize) else {
+                continue;
+            };
+            let differs = entry
+                .sample
+                .as_ref()
+                .is_none_or(|old| old.value != sample.value || old.quality != sample.quality);
+            entry.updated = now;
+            if differs {
+                changed.push((entry.name.clone(), sample.clone()));
             }
+            entry.sample = Some(sample);
         }
+        self.publish(changed)
+    }
+
+    /// Sends `changed` to the subscribers; called with the write lock still held, so they
+    /// see changes in the order the image took them (a `comm_fail` published after the
+    /// good value that replaced it would leave forwarders with the wrong last word).
+    /// Returns how many there were.
+    fn publish(&self, changed: Vec<(Arc<str>, Sample)>) -> usize {
         let n = changed.len();
         if n > 0 {
-            // No receiver is not an error: nobody forwards values yet.
+            // No receiver is not an error: nobody forwards values yet. Never blocks.
             let _ = self.changes.send(Arc::new(Changes { samples: changed }));
         }
         n
@@ -170,49 +176,37 @@ impl Image {
     pub fn fail_where(&self, quality: Quality, which: impl Fn(&Sample) -> bool) -> usize {
         let (now, at) = (Instant::now(), SystemTime::now());
         let mut changed = Vec::new();
-        {
-            let mut inner = self.write();
-            for entry in &mut inner.entries {
-                let Some(sample) = entry.sample.as_mut().filter(|s| s.quality != quality && which(s)) else {
-                    continue;
-                };
-                sample.quality = quality;
-                sample.at = at;
-                entry.updated = now;
-                changed.push((entry.name.clone(), sample.clone()));
-            }
+        let mut inner = self.write();
+        for entry in &mut inner.entries {
+            let Some(sample) = entry.sample.as_mut().filter(|s| s.quality != quality && which(s)) else {
+                continue;
+            };
+            sample.quality = quality;
+            sample.at = at;
+            entry.updated = now;
+            changed.push((entry.name.clone(), sample.clone()));
         }
-        let n = changed.len();
-        if n > 0 {
-            let _ = self.changes.send(Arc::new(Changes { samples: changed }));
-        }
-        n
+        self.publish(changed)
     }
 
     /// Marks every good sample older than its staleness limit as stale, and publishes
     /// those transitions so forwarders learn of them. Returns how many went stale.
     pub fn sweep_stale(&self) -> usize {
         let now = Instant::now();
-        let stale: Vec<(Arc<str>, Sample)> = {
-            let mut inner = self.write();
-            inner
-                .entries
-                .iter_mut()
-                .filter_map(|e| {
-                    let current = e.current(now)?;
-                    let sample = e.sample.as_mut()?;
-                    (current.quality == Quality::Stale && sample.quality == Quality::Good).then(|| {
-                        sample.quality = Quality::Stale;
-                        (e.name.clone(), sample.clone())
-                    })
+        let mut inner = self.write();
+        let stale: Vec<(Arc<str>, Sample)> = inner
+            .entries
+            .iter_mut()
+            .filter_map(|e| {
+                let current = e.current(now)?;
+                let sample = e.sample.as_mut()?;
+                (current.quality == Quality::Stale && sample.quality == Quality::Good).then(|| {
+                    sample.quality = Quality::Stale;
+                    (e.name.clone(), sample.clone())
                 })
-                .collect()
-        };
-        let n = stale.len();
-        if n > 0 {
-            let _ = self.changes.send(Arc::new(Changes { samples: stale }));
-        }
-        n
+            })
+            .collect();
+        self.publish(stale)
     }
 
     /// The current sample of a point by name.
