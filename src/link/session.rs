@@ -213,7 +213,8 @@ impl Task {
     }
 
     /// Once `unvouched` has passed with no session up: marks `comm_fail` what the peer
-    /// delivered before this task started, and says so.
+    /// delivered before (the link restarted, or its session was replaced by a connection
+    /// that never came up), and says so.
     fn fail_unvouched(&self, unvouched: &mut Option<Instant>) {
         if unvouched.is_some_and(|at| Instant::now() >= at) {
             *unvouched = None;
@@ -221,7 +222,7 @@ impl Task {
             if n > 0 {
                 warn!(
                     points = n,
-                    "the peer is not back since its link restarted: its points are marked comm_fail"
+                    "no session with the peer since its link restarted or reconnected: its points are marked comm_fail until it sends them again"
                 );
             }
         }
