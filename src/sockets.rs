@@ -85,7 +85,9 @@ impl Sockets {
         for i in 0..count {
             let bad = |source| HandedError { fd: first + i, count, source };
             let not_tcp = || bad(std::io::Error::other("not a TCP stream socket"));
-            listeners.push(fds.take_tcp_listener(i).map_err(bad)?.ok_or_else(not_tcp)?);
+            let listener = fds.take_tcp_listener(i).map_err(bad)?.ok_or_else(not_tcp)?;
+            listening(&listener).map_err(bad)?;
+            listeners.push(listener);
         }
         let sockets = Self::new(listeners).map_err(|source| HandedError { fd: first, count, source })?;
         Ok((sockets, None))
@@ -148,6 +150,16 @@ impl Sockets {
     }
 }
 
+/// Fails unless `socket` is listening: a unit with `Accept=yes` hands over each accepted
+/// connection instead, which no section can serve.
+fn listening(socket: &std::net::TcpListener) -> std::io::Result<()> {
+    if socket2::SockRef::from(socket).is_listener()? {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("it is a connection (the socket unit needs Accept=no, the default)"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +193,16 @@ mod tests {
         assert_eq!(both.unnamed(&[any]), vec!["[::]:502".parse::<SocketAddr>().expect("addr")]);
         assert!(dual.unnamed(&[any]).is_empty());
         assert_eq!(v6_only.unnamed(&[any]).len(), 1);
+    }
+
+    #[test]
+    fn a_connection_handed_over_is_refused_and_a_listener_taken() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        assert!(listening(&listener).is_ok());
+        let stream = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let connection: std::net::TcpListener = socket2::Socket::from(stream).into();
+        let e = listening(&connection).expect_err("a connection");
+        assert!(e.to_string().contains("Accept=no"), "{e}");
     }
 
     #[test]
