@@ -104,10 +104,25 @@ impl Sockets {
                 );
                 h.listener.try_clone()?
             }
-            None => std::net::TcpListener::bind(addr)?,
+            None => std::net::TcpListener::bind(addr).map_err(|e| self.why_taken(addr, e))?,
         };
         std.set_nonblocking(true)?;
         tokio::net::TcpListener::from_std(std)
+    }
+
+    /// A bind of `addr` that failed because a handed-over socket holds its port (`[::]:P`
+    /// asked while only `0.0.0.0:P` was handed over): says which socket and what to write.
+    fn why_taken(&self, addr: SocketAddr, e: std::io::Error) -> std::io::Error {
+        match self.0.iter().find(|h| h.addr.port() == addr.port()) {
+            Some(h) if e.kind() == std::io::ErrorKind::AddrInUse => std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{e}: the socket handed over on {} holds this port and cannot serve {addr}; listen on {} instead",
+                    h.addr, h.addr
+                ),
+            ),
+            _ => e,
+        }
     }
 
     /// Checks that no two sections of one configuration (`[server]` and its `listen`, ...)
@@ -203,6 +218,23 @@ mod tests {
         let connection: std::net::TcpListener = socket2::Socket::from(stream).into();
         let e = listening(&connection).expect_err("a connection");
         assert!(e.to_string().contains("Accept=no"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_bind_refused_for_the_port_of_a_handed_socket_says_which() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = held.local_addr().expect("addr").port();
+        let sockets = Sockets(vec![handed(&format!("127.0.0.2:{port}"), false)].into());
+        // The handed socket claims 127.0.0.2; the port is really held on 127.0.0.1.
+        let e = sockets
+            .listen(format!("127.0.0.1:{port}").parse().expect("addr"), "[server]")
+            .expect_err("taken");
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(
+            e.to_string().contains(&format!("the socket handed over on 127.0.0.2:{port} holds this port")),
+            "{e}"
+        );
+        drop(held);
     }
 
     #[test]
