@@ -26,6 +26,24 @@ fn receive(sock: &UnixDatagram, until: Instant) -> Vec<String> {
 }
 
 /// Waits for a datagram for which `cond` holds; returns every datagram seen up to it.
+/// The gateway reports that `task` hangs, and from then on sends no watchdog ping for
+/// `quiet`.
+fn pings_stop_after_the_wedge(gw: &mut Proc, sock: &UnixDatagram, task: &str, quiet: Duration) {
+    gw.wait_err("the wedge report", |l| {
+        l.iter().find(|l| l.contains(task) && l.contains("watchdog pings stopped")).cloned()
+    });
+    // What was sent before the report is in the socket already: take it first.
+    sock.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 4096];
+    while sock.recv(&mut buf).is_ok() {}
+    sock.set_nonblocking(false).expect("blocking");
+    let after = receive(sock, Instant::now() + quiet);
+    assert!(
+        !after.iter().any(|d| d.lines().any(|l| l == "WATCHDOG=1")),
+        "watchdog pings went on while {task} hung: {after:?}"
+    );
+}
+
 fn receive_until(sock: &UnixDatagram, what: &str, cond: impl Fn(&str) -> bool) -> Vec<String> {
     let end = Instant::now() + DEADLINE;
     let mut got = Vec::new();
@@ -98,21 +116,8 @@ address = 0
             seen.push(d);
         }
     }
-    // The engine hangs: the gateway says so and stops pinging.
-    gw.wait_err("the wedge report", |l| {
-        l.iter().find(|l| l.contains("bus line1") && l.contains("watchdog pings stopped")).cloned()
-    });
-    // What was sent before the report is in the socket already: take it first.
-    sock.set_nonblocking(true).expect("nonblocking");
-    let mut buf = [0u8; 4096];
-    while sock.recv(&mut buf).is_ok() {}
-    sock.set_nonblocking(false).expect("blocking");
-    // Fifteen ping intervals without a ping.
-    let after = receive(&sock, Instant::now() + Duration::from_millis(1500));
-    assert!(
-        !after.iter().any(|d| d.lines().any(|l| l == "WATCHDOG=1")),
-        "watchdog pings went on while the bus engine hung: {after:?}"
-    );
+    // The engine hangs: the gateway says so and stops pinging (fifteen ping intervals).
+    pings_stop_after_the_wedge(&mut gw, &sock, "bus line1", Duration::from_millis(1500));
     gw.terminate();
     let last = receive(&sock, Instant::now() + Duration::from_millis(100));
     assert!(last.iter().any(|d| d.contains("STOPPING=1")), "no STOPPING=1 at shutdown: {last:?}");
@@ -140,18 +145,7 @@ fn the_watchdog_also_stops_when_the_modbus_tcp_servers_accept_loop_hangs() {
     ];
     let mut gw = Proc::spawn_on("gateway", &["run", "-c", path(&cfg)], "info", &env, &[&masters]);
     receive_until(&sock, "a watchdog ping", |d| d.lines().any(|l| l == "WATCHDOG=1"));
-    gw.wait_err("the wedge report", |l| {
-        l.iter().find(|l| l.contains("modbus-tcp server") && l.contains("watchdog pings stopped")).cloned()
-    });
-    sock.set_nonblocking(true).expect("nonblocking");
-    let mut buf = [0u8; 4096];
-    while sock.recv(&mut buf).is_ok() {}
-    sock.set_nonblocking(false).expect("blocking");
-    let after = receive(&sock, Instant::now() + Duration::from_millis(1000));
-    assert!(
-        !after.iter().any(|d| d.lines().any(|l| l == "WATCHDOG=1")),
-        "watchdog pings went on while the server hung: {after:?}"
-    );
+    pings_stop_after_the_wedge(&mut gw, &sock, "modbus-tcp server", Duration::from_millis(1000));
 }
 
 /// The time of day, in seconds, of a log line (`2026-01-01T10:11:12.123456Z ...`).
